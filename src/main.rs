@@ -1,5 +1,6 @@
 //! The `zmesh` binary: one CLI for the node agent, the CA, the proxy and operator tools.
 
+mod agent;
 mod cmd;
 
 use clap::{Parser, Subcommand};

@@ -1,0 +1,503 @@
+//! A directory of ordinary Kubernetes YAML manifests (Namespace and Pod objects, several per
+//! file) as the cluster state source: the default for running without a cluster.
+//!
+//! A file is accepted or rejected whole. A rejected file is reported with its path and
+//! reason, and the objects it held the last time it was valid stay in force, so a typo never
+//! un-enrolls a namespace or forgets a pod.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::core::v1::{Namespace, Pod};
+use serde::Deserialize;
+use tokio::sync::{mpsc, watch};
+
+use super::cluster_state::{
+    ClusterState, NamespaceInfo, PodInfo, CGROUP_ANNOTATION, NETNS_ANNOTATION,
+};
+
+/// Why a manifest file (or one object in it) was not taken.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{file}: cannot read: {reason}")]
+    Unreadable { file: PathBuf, reason: String },
+    #[error("{file}: document {document}: invalid YAML: {reason}")]
+    InvalidYaml {
+        file: PathBuf,
+        document: usize,
+        reason: String,
+    },
+    #[error("{file}: document {document}: kind {kind:?} is not supported (only v1 Namespace and Pod)")]
+    UnknownKind {
+        file: PathBuf,
+        document: usize,
+        kind: String,
+    },
+    #[error("{file}: document {document}: {kind} is invalid: {reason}")]
+    InvalidObject {
+        file: PathBuf,
+        document: usize,
+        kind: &'static str,
+        reason: String,
+    },
+    #[error("{file}: document {document}: {kind} is missing {field}")]
+    MissingField {
+        file: PathBuf,
+        document: usize,
+        kind: &'static str,
+        field: &'static str,
+    },
+    #[error("{file}: {kind} {name} is also defined in {other_file}; the first definition is kept")]
+    Duplicate {
+        file: PathBuf,
+        other_file: PathBuf,
+        kind: &'static str,
+        name: String,
+    },
+    #[error("{file}: pod {pod} has IP {ip}, already used by pod {other_pod}; pod {pod} is skipped")]
+    DuplicateIp {
+        file: PathBuf,
+        pod: String,
+        ip: IpAddr,
+        other_pod: String,
+    },
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+struct FileObjects {
+    namespaces: Vec<NamespaceInfo>,
+    pods: Vec<PodInfo>,
+}
+
+/// Parses one manifest file's text. All-or-nothing: any bad document rejects the file.
+fn parse_file(file: &Path, text: &str) -> Result<FileObjects, ManifestError> {
+    let mut objects = FileObjects::default();
+    for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+        let document_number = index + 1;
+        let value =
+            serde_yaml_ng::Value::deserialize(document).map_err(|e| ManifestError::InvalidYaml {
+                file: file.to_owned(),
+                document: document_number,
+                reason: e.to_string(),
+            })?;
+        if value.is_null() {
+            continue; // an empty document, e.g. after a trailing "---"
+        }
+        let api_version = value.get("apiVersion").and_then(|v| v.as_str());
+        let kind = value.get("kind").and_then(|v| v.as_str()).unwrap_or("");
+        let invalid = |kind: &'static str, e: serde_yaml_ng::Error| ManifestError::InvalidObject {
+            file: file.to_owned(),
+            document: document_number,
+            kind,
+            reason: e.to_string(),
+        };
+        let missing = |kind: &'static str, field: &'static str| ManifestError::MissingField {
+            file: file.to_owned(),
+            document: document_number,
+            kind,
+            field,
+        };
+        match (api_version, kind) {
+            (Some("v1"), "Namespace") => {
+                let ns: Namespace =
+                    serde_yaml_ng::from_value(value).map_err(|e| invalid("Namespace", e))?;
+                let name = ns
+                    .metadata
+                    .name
+                    .ok_or_else(|| missing("Namespace", "metadata.name"))?;
+                objects.namespaces.push(NamespaceInfo {
+                    name,
+                    labels: ns.metadata.labels.unwrap_or_default(),
+                });
+            }
+            (Some("v1"), "Pod") => {
+                let pod: Pod = serde_yaml_ng::from_value(value).map_err(|e| invalid("Pod", e))?;
+                objects
+                    .pods
+                    .push(pod_info(pod).map_err(|field| missing("Pod", field))?);
+            }
+            _ => {
+                return Err(ManifestError::UnknownKind {
+                    file: file.to_owned(),
+                    document: document_number,
+                    kind: match api_version {
+                        Some(v) => format!("{v}/{kind}"),
+                        None => format!("(no apiVersion)/{kind}"),
+                    },
+                })
+            }
+        }
+    }
+    Ok(objects)
+}
+
+/// Keeps the fields the agent needs; `Err` names a required field that is missing or bad.
+fn pod_info(pod: Pod) -> Result<PodInfo, &'static str> {
+    let meta = pod.metadata;
+    let name = meta.name.ok_or("metadata.name")?;
+    let spec = pod.spec.ok_or("spec")?;
+    let status = pod.status.unwrap_or_default();
+    let mut ips = Vec::new();
+    for ip in status
+        .pod_ips
+        .unwrap_or_default()
+        .into_iter()
+        .map(|p| p.ip)
+        .chain(status.pod_ip)
+    {
+        let ip: IpAddr = ip.parse().map_err(|_| "a valid status.podIP")?;
+        if !ips.contains(&ip) {
+            ips.push(ip);
+        }
+    }
+    let annotations = meta.annotations.unwrap_or_default();
+    Ok(PodInfo {
+        namespace: meta.namespace.unwrap_or_else(|| "default".into()),
+        name,
+        node: spec.node_name,
+        ips,
+        service_account: spec
+            .service_account_name
+            .unwrap_or_else(|| "default".into()),
+        host_network: spec.host_network.unwrap_or(false),
+        labels: meta.labels.unwrap_or_default(),
+        netns_path: annotations.get(NETNS_ANNOTATION).map(PathBuf::from),
+        cgroup_path: annotations.get(CGROUP_ANNOTATION).map(PathBuf::from),
+    })
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct FileEntry {
+    fingerprint: (SystemTime, u64),
+    /// The objects of the last valid version of the file.
+    last_good: Option<FileObjects>,
+}
+
+/// Reads a manifest directory incrementally: only changed files are parsed again.
+#[derive(Debug, Default)]
+pub struct ManifestDir {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileEntry>,
+}
+
+impl ManifestDir {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        Self {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    /// Rescans the directory. Returns the new state (or `None` when nothing changed) and the
+    /// problems found in files that changed since the last scan.
+    pub fn rescan(&mut self) -> (Option<ClusterState>, Vec<ManifestError>) {
+        let mut errors = Vec::new();
+        let mut changed = false;
+        let present = match list_manifests(&self.dir) {
+            Ok(files) => files,
+            Err(reason) => {
+                // The directory itself is gone or unreadable: keep the last good state.
+                errors.push(ManifestError::Unreadable {
+                    file: self.dir.clone(),
+                    reason,
+                });
+                return (None, errors);
+            }
+        };
+        let before = self.files.len();
+        self.files.retain(|path, _| present.contains_key(path));
+        changed |= self.files.len() != before;
+        for (path, fingerprint) in present {
+            if self
+                .files
+                .get(&path)
+                .is_some_and(|e| e.fingerprint == fingerprint)
+            {
+                continue;
+            }
+            let parsed = std::fs::read_to_string(&path)
+                .map_err(|e| ManifestError::Unreadable {
+                    file: path.clone(),
+                    reason: e.to_string(),
+                })
+                .and_then(|text| parse_file(&path, &text));
+            let entry = self.files.entry(path).or_insert(FileEntry {
+                fingerprint,
+                last_good: None,
+            });
+            entry.fingerprint = fingerprint;
+            match parsed {
+                Ok(objects) => {
+                    if entry.last_good.as_ref() != Some(&objects) {
+                        entry.last_good = Some(objects);
+                        changed = true;
+                    }
+                }
+                Err(e) => errors.push(e),
+            }
+        }
+        if !changed {
+            return (None, errors);
+        }
+        let (state, merge_errors) = self.merge();
+        errors.extend(merge_errors);
+        (Some(state), errors)
+    }
+
+    /// Combines all files' last good objects; the first definition (in path order) wins.
+    fn merge(&self) -> (ClusterState, Vec<ManifestError>) {
+        let mut errors = Vec::new();
+        let mut namespaces: BTreeMap<String, (NamespaceInfo, &Path)> = BTreeMap::new();
+        let mut pods: BTreeMap<(String, String), (PodInfo, &Path)> = BTreeMap::new();
+        let mut ip_owner: HashMap<IpAddr, String> = HashMap::new();
+        for (path, entry) in &self.files {
+            let Some(objects) = &entry.last_good else {
+                continue;
+            };
+            for ns in &objects.namespaces {
+                if let Some((_, other)) = namespaces.get(&ns.name) {
+                    errors.push(ManifestError::Duplicate {
+                        file: path.clone(),
+                        other_file: other.to_path_buf(),
+                        kind: "Namespace",
+                        name: ns.name.clone(),
+                    });
+                    continue;
+                }
+                namespaces.insert(ns.name.clone(), (ns.clone(), path));
+            }
+            for pod in &objects.pods {
+                let key = (pod.namespace.clone(), pod.name.clone());
+                let pod_name = format!("{}/{}", pod.namespace, pod.name);
+                if let Some((_, other)) = pods.get(&key) {
+                    errors.push(ManifestError::Duplicate {
+                        file: path.clone(),
+                        other_file: other.to_path_buf(),
+                        kind: "Pod",
+                        name: pod_name,
+                    });
+                    continue;
+                }
+                if let Some((ip, owner)) = pod
+                    .ips
+                    .iter()
+                    .find_map(|ip| ip_owner.get(ip).map(|owner| (*ip, owner)))
+                {
+                    errors.push(ManifestError::DuplicateIp {
+                        file: path.clone(),
+                        pod: pod_name,
+                        ip,
+                        other_pod: owner.clone(),
+                    });
+                    continue;
+                }
+                for ip in &pod.ips {
+                    ip_owner.insert(*ip, pod_name.clone());
+                }
+                pods.insert(key, (pod.clone(), path));
+            }
+        }
+        let state = ClusterState::new(
+            namespaces.into_values().map(|(n, _)| n),
+            pods.into_values().map(|(p, _)| p),
+        );
+        (state, errors)
+    }
+}
+
+fn list_manifests(dir: &Path) -> Result<BTreeMap<PathBuf, (SystemTime, u64)>, String> {
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(|e| e.to_string())? {
+        let entry = entry.map_err(|e| e.to_string())?;
+        let path = entry.path();
+        let is_yaml = matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        );
+        // Editors write temporary and hidden files next to the real ones.
+        let hidden = entry.file_name().to_string_lossy().starts_with('.');
+        if !is_yaml || hidden {
+            continue;
+        }
+        let Ok(meta) = entry.metadata() else { continue };
+        if meta.is_file() {
+            let modified = meta.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            files.insert(path, (modified, meta.len()));
+        }
+    }
+    Ok(files)
+}
+
+/// Watches a manifest directory and publishes each new state. Problems are sent on `errors`
+/// (with file and reason) and logged; the last good state stays published.
+pub fn watch_dir(
+    dir: PathBuf,
+    poll: Duration,
+) -> (
+    watch::Receiver<std::sync::Arc<ClusterState>>,
+    mpsc::UnboundedReceiver<ManifestError>,
+) {
+    let mut manifests = ManifestDir::new(dir);
+    let (initial, initial_errors) = manifests.rescan();
+    let (state_tx, state_rx) = watch::channel(std::sync::Arc::new(initial.unwrap_or_default()));
+    let (error_tx, error_rx) = mpsc::unbounded_channel();
+    let report = move |errors: Vec<ManifestError>| {
+        for e in errors {
+            tracing::warn!(target: "manifests", "skipped: {e}");
+            let _ = error_tx.send(e);
+        }
+    };
+    report(initial_errors);
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(poll);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticker.tick().await;
+            let (state, errors) = manifests.rescan();
+            report(errors);
+            if let Some(state) = state {
+                if state_tx.send(std::sync::Arc::new(state)).is_err() {
+                    return; // nobody listens any more
+                }
+            }
+        }
+    });
+    (state_rx, error_rx)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels:
+    io.cilium/mtls-enabled: "true"
+---
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  namespace: shop
+  annotations:
+    zmesh.io/netns: /run/netns/web
+spec:
+  nodeName: node1
+  serviceAccountName: web-sa
+  containers: [{name: app, image: app}]
+status:
+  podIP: 10.1.0.5
+---
+"#;
+
+    fn write(dir: &Path, name: &str, text: &str) {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+
+    /// Makes the next write visible even when it lands in the same mtime tick.
+    fn touch_later(dir: &Path, name: &str, text: &str) {
+        let path = dir.join(name);
+        std::fs::write(&path, text).unwrap();
+        let t = SystemTime::now() + Duration::from_secs(5);
+        let f = std::fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(t).unwrap();
+    }
+
+    #[test]
+    fn loads_namespaces_and_pods() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", GOOD);
+        let mut m = ManifestDir::new(dir.path());
+        let (state, errors) = m.rescan();
+        assert!(errors.is_empty(), "{errors:?}");
+        let state = state.unwrap();
+        let pod = state.pods().next().unwrap();
+        assert_eq!(pod.name, "web");
+        assert_eq!(pod.service_account, "web-sa");
+        assert_eq!(pod.node.as_deref(), Some("node1"));
+        assert_eq!(pod.ips, vec!["10.1.0.5".parse::<IpAddr>().unwrap()]);
+        assert_eq!(pod.netns_path, Some(PathBuf::from("/run/netns/web")));
+        assert!(state.is_enrolled(pod));
+        // Unchanged directory: nothing new to publish.
+        assert_eq!(m.rescan(), (None, vec![]));
+    }
+
+    #[test]
+    fn each_bad_file_is_reported_and_the_last_good_version_stays() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", GOOD);
+        let mut m = ManifestDir::new(dir.path());
+        let good = m.rescan().0.unwrap();
+
+        let cases: &[(&str, fn(&ManifestError) -> bool)] = &[
+            ("kind: Pod\napiVersion: v1\nmetadata: {name: [unclosed", |e| {
+                matches!(e, ManifestError::InvalidYaml { .. })
+            }),
+            ("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: x}\n", |e| {
+                matches!(e, ManifestError::UnknownKind { kind, .. } if kind == "apps/v1/Deployment")
+            }),
+            ("apiVersion: v1\nkind: Pod\nmetadata: {namespace: shop}\nspec: {containers: []}\n", |e| {
+                matches!(e, ManifestError::MissingField { field: "metadata.name", .. })
+            }),
+            ("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n", |e| {
+                matches!(e, ManifestError::MissingField { field: "spec", .. })
+            }),
+            ("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec: {containers: 5}\n", |e| {
+                matches!(e, ManifestError::InvalidObject { kind: "Pod", .. })
+            }),
+            ("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\nspec: {containers: []}\nstatus: {podIP: not-an-ip}\n", |e| {
+                matches!(e, ManifestError::MissingField { field: "a valid status.podIP", .. })
+            }),
+        ];
+        for (text, expected) in cases {
+            // Break the file that holds the good objects: they must stay in force.
+            touch_later(dir.path(), "a.yaml", text);
+            let (state, errors) = m.rescan();
+            assert_eq!(state, None, "state must not change for {text:?}");
+            assert_eq!(errors.len(), 1, "{text:?}: {errors:?}");
+            assert!(expected(&errors[0]), "{text:?}: {:?}", errors[0]);
+            assert!(errors[0].to_string().contains("a.yaml"));
+            touch_later(dir.path(), "a.yaml", GOOD);
+            assert_eq!(m.rescan(), (None, vec![]));
+        }
+        // After all that, the state is the good one.
+        let (state, _) = m.merge();
+        assert_eq!(state, good);
+    }
+
+    #[test]
+    fn duplicate_pod_ips_keep_the_first_pod() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", GOOD);
+        write(
+            dir.path(),
+            "b.yaml",
+            "apiVersion: v1\nkind: Pod\nmetadata: {name: thief, namespace: shop}\nspec: {containers: []}\nstatus: {podIP: 10.1.0.5}\n",
+        );
+        let mut m = ManifestDir::new(dir.path());
+        let (state, errors) = m.rescan();
+        let state = state.unwrap();
+        assert_eq!(state.pods().count(), 1);
+        assert_eq!(state.pods().next().unwrap().name, "web");
+        assert!(
+            matches!(&errors[..], [ManifestError::DuplicateIp { pod, other_pod, .. }] if pod == "shop/thief" && other_pod == "shop/web"),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn removing_a_file_removes_its_objects() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", GOOD);
+        let mut m = ManifestDir::new(dir.path());
+        m.rescan();
+        std::fs::remove_file(dir.path().join("a.yaml")).unwrap();
+        let state = m.rescan().0.unwrap();
+        assert_eq!(state.pods().count(), 0);
+    }
+}

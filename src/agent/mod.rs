@@ -1,0 +1,4 @@
+//! The node agent: cluster state in, enrollment, certificates and proxy configuration out.
+
+pub mod cluster_state;
+pub mod manifests;
