@@ -1,6 +1,5 @@
 //! The `zmesh` binary: one CLI for the node agent, the CA, the proxy and operator tools.
 
-mod agent;
 mod cmd;
 
 use clap::{Parser, Subcommand};
@@ -19,8 +18,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run and operate the zmesh CA (Istio CA API), and enrol node agents with it.
+    Ca(cmd::ca::CaArgs),
     /// Build a local cluster in network namespaces and run the mesh on it (the demo).
     Demo(cmd::demo::DemoArgs),
+    /// Inspect and manage workload certificates (X.509-SVIDs).
+    Certs(cmd::certs::CertsArgs),
+    /// Run the node proxy (HBONE on 15008, outbound 15001, plaintext inbound 15006).
+    Proxy(cmd::proxy::ProxyArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -38,7 +43,10 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Ca(args) => cmd::ca::run(args).await,
             Command::Demo(args) => cmd::demo::run(args).await,
+            Command::Certs(args) => cmd::certs::run(args).await,
+            Command::Proxy(args) => cmd::proxy::run(args).await,
         }
     });
     match result {

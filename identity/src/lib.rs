@@ -10,3 +10,14 @@ pub use spiffe_id::{
 mod authority;
 
 pub use authority::{AuthorityError, CertificateAuthority, IssuedChain, SignFuture};
+
+pub mod bundle;
+pub mod pem;
+pub mod svid;
+pub mod tls;
+
+pub use bundle::{Fingerprint, SharedBundle, TrustBundle};
+pub use svid::{lint_chain, verify_svid, SvidError, VerifiedSvid};
+pub mod manager;
+
+pub use manager::{CertError, CertManager, CertManagerConfig, CertStatus};

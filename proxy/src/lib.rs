@@ -1,1 +1,73 @@
-//! (in progress)
+//! The zmesh node proxy: HBONE (HTTP/2 CONNECT inside mutual TLS) on :15008,
+//! captured outbound traffic on :15001, plain TCP to local workloads on :15006,
+//! metrics on :15020 and readiness on :15021. Wire-compatible with Istio's ztunnel.
+//!
+//! The pieces, as in ztunnel: [`workloads`] (who is where), [`tls`] (what the proxy needs
+//! from the identity layer), `inbound`, `outbound`, `pool`, `plaintext`, and [`Proxy`]
+//! which binds and runs them all until drained.
+
+mod access;
+mod admin;
+mod authz;
+mod copy;
+mod credentials;
+mod inbound;
+mod outbound;
+mod plaintext;
+mod pool;
+mod proxy;
+
+pub mod metrics;
+pub mod socket;
+pub mod tls;
+pub mod workloads;
+
+pub use authz::{AllowAll, Authorizer, AuthzRequest, Decision};
+pub use credentials::{CredentialsError, StaticCredentials};
+pub use metrics::{Direction, Metrics};
+pub use pool::PoolConfig;
+pub use proxy::{
+    Capture, DrainHandle, Mode, Proxy, ProxyAddrs, ProxyConfig, ProxyDeps, ProxyError,
+};
+pub use socket::{OriginalDst, SoOriginalDst, StaticOriginalDst};
+pub use tls::{TlsCredentials, TlsError};
+pub use workloads::{Node, Protocol, TableError, Workload, WorkloadStore, WorkloadTable};
+
+/// HTTP/2 settings, ztunnel's (hbone.md).
+pub(crate) const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
+pub(crate) const CONN_WINDOW: u32 = 16 * 1024 * 1024;
+pub(crate) const MAX_FRAME: u32 = 1024 * 1024;
+
+/// Ports that belong to the proxy and must never be tunnel targets.
+pub const PROXY_PORTS: [u16; 6] = [15000, 15001, 15006, 15008, 15020, 15021];
+
+/// A short, fixed label for why a TLS handshake failed (for metrics; never peer data).
+pub(crate) fn handshake_reason(e: &std::io::Error) -> &'static str {
+    use rustls::{AlertDescription, CertificateError, Error};
+    let Some(tls) = e.get_ref().and_then(|i| i.downcast_ref::<Error>()) else {
+        return "io";
+    };
+    match tls {
+        Error::NoCertificatesPresented => "no_certificate",
+        Error::InvalidCertificate(CertificateError::Expired)
+        | Error::InvalidCertificate(CertificateError::ExpiredContext { .. }) => "expired",
+        Error::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_issuer",
+        // zmesh-identity's verifiers name the SVID rule that failed.
+        Error::InvalidCertificate(CertificateError::Other(other)) => other
+            .0
+            .downcast_ref::<zmesh_identity::SvidError>()
+            .map_or("bad_certificate", |e| e.rule_name()),
+        Error::InvalidCertificate(_) => "bad_certificate",
+        Error::AlertReceived(AlertDescription::CertificateRequired) => "no_certificate",
+        Error::AlertReceived(
+            AlertDescription::BadCertificate
+            | AlertDescription::CertificateExpired
+            | AlertDescription::UnknownCA
+            | AlertDescription::CertificateUnknown
+            | AlertDescription::AccessDenied,
+        ) => "peer_rejected_certificate",
+        Error::AlertReceived(_) => "alert",
+        Error::NoApplicationProtocol => "alpn",
+        _ => "protocol",
+    }
+}

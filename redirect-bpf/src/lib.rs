@@ -1,1 +1,684 @@
-//! (in progress)
+//! Transparent redirection of pod traffic to the node proxy with eBPF.
+//!
+//! * Outbound: `cgroup/connect4|6` rewrite TCP connects of enrolled pods to the proxy's
+//!   outbound listener; the original destination is answered by
+//!   `getsockopt(SOL_IP, SO_ORIGINAL_DST)` or [`Redirector::original_dst`].
+//! * Inbound: a tc ingress (TCX) program assigns TCP to enrolled pod IPs to the proxy's
+//!   15006 (plaintext) or 15008 (HBONE) listener; strict mode drops plaintext SYNs,
+//!   answers them with a RST and reports every drop.
+//!
+//! Everything is pinned under one bpffs directory so that a restarted agent
+//! re-opens it ([`Redirector::open_pinned`]) without interrupting redirection, and
+//! [`Redirector::uninstall`] removes all of it.
+
+mod abi;
+mod events;
+mod sys;
+
+use std::{
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
+    programs::{
+        links::FdLink, CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, ProgramType,
+        SchedClassifier, SockOps, TcAttachType,
+    },
+    EbpfLoader,
+};
+
+pub use events::{DropEvent, DropEvents, DropReason};
+pub use sys::{cgroup_id, current_netns_cookie, netns_cookie_of};
+
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect.o"));
+
+const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+
+/// Errors of the redirection loader.
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    #[error("kernel BTF is missing ({BTF_PATH}): the kernel needs CONFIG_DEBUG_INFO_BTF")]
+    NoBtf,
+    #[error("cannot mount bpffs at /sys/fs/bpf: {0}")]
+    BpffsMount(#[source] std::io::Error),
+    #[error("pin directory {0} is not on a bpf filesystem")]
+    PinDirNotBpffs(PathBuf),
+    #[error("{0} is not a cgroup v2 directory")]
+    NotCgroup2(PathBuf),
+    #[error("the kernel does not support {0} programs")]
+    UnsupportedProgram(&'static str),
+    #[error("invalid configuration: {0}")]
+    InvalidConfig(String),
+    #[error("nothing is installed at {0}")]
+    NotInstalled(PathBuf),
+    #[error("loading the eBPF object failed: {0}")]
+    Load(#[from] aya::EbpfError),
+    #[error("eBPF program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: ProgramError,
+    },
+    #[error("eBPF link of {name}: {source}")]
+    Link {
+        name: &'static str,
+        #[source]
+        source: aya::programs::links::LinkError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: MapError,
+    },
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("`{cmd}` failed: {stderr}")]
+    Command { cmd: String, stderr: String },
+}
+
+type Result<T, E = RedirectError> = std::result::Result<T, E>;
+
+/// How a pod (or the whole node) treats plaintext that arrives for it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum InboundMode {
+    /// Plaintext goes to the proxy's 15006 listener.
+    #[default]
+    Permissive,
+    /// Plaintext SYNs from non-mesh sources are dropped in tc and reported.
+    Strict,
+}
+
+/// What the sender of a strict-mode drop sees.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum RejectMode {
+    /// A TCP RST: the client's connect() fails at once with ECONNREFUSED.
+    #[default]
+    Reset,
+    /// Silent drop: the client times out.
+    Drop,
+}
+
+/// Where the node proxy listens and how steered packets are routed to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ProxyConfig {
+    /// Outbound listener that enrolled pods' connects are rewritten to; pods must reach it.
+    pub outbound: SocketAddrV4,
+    /// IPv6 address of the outbound listener (same port); `None`: IPv6 is not redirected.
+    pub outbound_v6: Option<Ipv6Addr>,
+    /// Address the inbound listeners are bound to; `None` when they are bound to 0.0.0.0.
+    pub inbound_addr: Option<Ipv4Addr>,
+    pub inbound_plaintext_port: u16,
+    pub inbound_hbone_port: u16,
+    /// Further proxy ports that connects are never redirected away from (at most 8).
+    pub other_ports: Vec<u16>,
+    /// Packet mark for steered packets; the policy rule matches it.
+    pub mark: u32,
+    /// Routing table holding `local 0.0.0.0/0 dev lo`.
+    pub route_table: u32,
+    /// Mode of every enrolled pod, on top of the per-pod mode.
+    pub node_mode: InboundMode,
+    pub reject: RejectMode,
+}
+
+impl ProxyConfig {
+    /// Defaults of the Istio ambient ports: 15006 plaintext, 15008 HBONE.
+    pub fn new(outbound: SocketAddrV4) -> Self {
+        Self {
+            outbound,
+            outbound_v6: None,
+            inbound_addr: None,
+            inbound_plaintext_port: 15006,
+            inbound_hbone_port: 15008,
+            other_ports: Vec::new(),
+            mark: 0x539,
+            route_table: 133,
+            node_mode: InboundMode::Permissive,
+            reject: RejectMode::Reset,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        let bad = |m: &str| Err(RedirectError::InvalidConfig(m.to_string()));
+        if self.outbound.ip().is_unspecified() || self.outbound.port() == 0 {
+            return bad("the outbound listener needs a concrete address and port");
+        }
+        if self.outbound.ip().is_loopback() {
+            return bad("the outbound listener cannot be on loopback: pods cannot reach it");
+        }
+        if self.inbound_plaintext_port == 0 || self.inbound_hbone_port == 0 {
+            return bad("inbound listener ports must not be 0");
+        }
+        if self.other_ports.len() > abi::MAX_PROXY_PORTS {
+            return bad("at most 8 other proxy ports");
+        }
+        if self.mark == 0 {
+            return bad("the packet mark must not be 0");
+        }
+        if matches!(self.route_table, 0 | 253..=255) {
+            return bad("route table must not be 0 or a reserved table (253-255)");
+        }
+        Ok(())
+    }
+
+    fn to_abi(&self) -> abi::Config {
+        let mut flags = abi::CFG_ENABLED;
+        if self.node_mode == InboundMode::Strict {
+            flags |= abi::CFG_NODE_STRICT;
+        }
+        if self.reject == RejectMode::Reset {
+            flags |= abi::CFG_REJECT_RST;
+        }
+        let mut proxy_ports = [[0u8; 2]; abi::MAX_PROXY_PORTS];
+        for (slot, port) in proxy_ports.iter_mut().zip(&self.other_ports) {
+            *slot = port.to_be_bytes();
+        }
+        abi::Config {
+            flags,
+            outbound_ip4: abi::ipv4_bytes(*self.outbound.ip()),
+            outbound_ip6: self.outbound_v6.map(|ip| ip.octets()).unwrap_or_default(),
+            outbound_port: self.outbound.port().to_be_bytes(),
+            inbound_plain_port: self.inbound_plaintext_port.to_be_bytes(),
+            inbound_hbone_port: self.inbound_hbone_port.to_be_bytes(),
+            pad0: 0,
+            inbound_ip4: self.inbound_addr.map(abi::ipv4_bytes).unwrap_or_default(),
+            mark: self.mark,
+            route_table: self.route_table,
+            proxy_ports,
+        }
+    }
+}
+
+/// What [`Redirector::load`] installs.
+#[derive(Clone, Debug)]
+pub struct RedirectConfig {
+    /// bpffs directory owning every pin, e.g. `/sys/fs/bpf/zmesh/<instance>`.
+    pub pin_dir: PathBuf,
+    /// cgroup v2 directory the cgroup programs attach to; it must contain the pods and the proxy.
+    pub cgroup: PathBuf,
+    /// Interfaces (in the calling thread's netns) whose ingress steers inbound traffic.
+    pub ingress_interfaces: Vec<String>,
+    pub proxy: ProxyConfig,
+}
+
+/// Per-reason drop counters, summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DropCounts {
+    pub strict_plaintext: u64,
+    pub proxy_unavailable: u64,
+    pub fragment: u64,
+}
+
+const MAPS: &str = "maps";
+const LINKS: &str = "links";
+const TC_PREFIX: &str = "tc_ingress_";
+
+/// Handle on installed redirection: the pinned maps. Dropping it changes nothing in the
+/// kernel; [`Redirector::uninstall`] removes everything.
+pub struct Redirector {
+    pin_dir: PathBuf,
+    config: Array<MapData, abi::Config>,
+    enrolled_netns: HashMap<MapData, u64, u8>,
+    enrolled_cgroups: HashMap<MapData, u64, u8>,
+    excluded_netns: HashMap<MapData, u64, u8>,
+    excluded_cgroups: HashMap<MapData, u64, u8>,
+    orig_by_peer: HashMap<MapData, abi::Addr, abi::Addr>,
+    enrolled_ips: HashMap<MapData, abi::Ip, u32>,
+    mesh_sources: HashMap<MapData, abi::Ip, u8>,
+    drops: PerCpuArray<MapData, u64>,
+}
+
+impl std::fmt::Debug for Redirector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redirector")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn io_err<'a>(
+    op: &'static str,
+    path: &'a Path,
+) -> impl FnOnce(std::io::Error) -> RedirectError + 'a {
+    move |source| RedirectError::Io {
+        op,
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn prog_err(name: &'static str) -> impl FnOnce(ProgramError) -> RedirectError {
+    move |source| RedirectError::Program { name, source }
+}
+
+fn map_err(name: &'static str) -> impl FnOnce(MapError) -> RedirectError {
+    move |source| RedirectError::Map { name, source }
+}
+
+fn check_kernel() -> Result<()> {
+    if !Path::new(BTF_PATH).exists() {
+        return Err(RedirectError::NoBtf);
+    }
+    for (ty, name) in [
+        (ProgramType::CgroupSockAddr, "cgroup/connect"),
+        (ProgramType::SockOps, "sockops"),
+        (ProgramType::CgroupSockopt, "cgroup/getsockopt"),
+        (ProgramType::SchedClassifier, "tc classifier"),
+    ] {
+        if !aya::sys::is_program_supported(ty).unwrap_or(false) {
+            return Err(RedirectError::UnsupportedProgram(name));
+        }
+    }
+    sys::ensure_bpffs()
+}
+
+/// Attaches through a fresh link pinned at `pin`, or, when `pin` already holds a link
+/// from an earlier run, swaps the new program into it atomically.
+fn pin_or_update(
+    pin: &Path,
+    prog_fd: std::os::fd::BorrowedFd<'_>,
+    attach_and_pin: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    if pin.exists() {
+        let link = sys::obj_get(pin).map_err(io_err("open pinned link", pin))?;
+        return sys::link_update(link.as_fd(), prog_fd).map_err(io_err("update link", pin));
+    }
+    attach_and_pin(pin)
+}
+
+fn pin_fd_link(link: FdLink, pin: &Path) -> Result<()> {
+    link.pin(pin).map(drop).map_err(|e| RedirectError::Io {
+        op: "pin link",
+        path: pin.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })
+}
+
+impl Redirector {
+    /// Checks the kernel, loads and attaches every program and pins maps and links
+    /// under `config.pin_dir`. Over an existing installation it reuses the pinned maps
+    /// (enrollment survives) and swaps the programs in the pinned links atomically.
+    pub fn load(config: &RedirectConfig) -> Result<Self> {
+        config.proxy.validate()?;
+        check_kernel()?;
+        if !sys::is_cgroup2(&config.cgroup) {
+            return Err(RedirectError::NotCgroup2(config.cgroup.clone()));
+        }
+        for name in &config.ingress_interfaces {
+            if name.is_empty() || name.len() > 15 || name.contains(['/', '\0']) {
+                return Err(RedirectError::InvalidConfig(format!(
+                    "invalid interface name {name:?}"
+                )));
+            }
+        }
+        // nothing is created outside bpffs
+        let existing = config
+            .pin_dir
+            .ancestors()
+            .find(|p| p.exists())
+            .unwrap_or(Path::new("/"));
+        if !config.pin_dir.is_absolute() || !sys::is_bpffs(existing) {
+            return Err(RedirectError::PinDirNotBpffs(config.pin_dir.clone()));
+        }
+        let fresh = !config.pin_dir.join(MAPS).join("zm_config").exists();
+        let result = Self::install(config);
+        if result.is_err() && fresh && config.pin_dir.exists() {
+            // a failed first install leaves nothing behind
+            if let Err(e) = Self::uninstall(&config.pin_dir) {
+                tracing::warn!(error = %e, "cleaning up a failed install");
+            }
+        }
+        result
+    }
+
+    fn install(config: &RedirectConfig) -> Result<Self> {
+        let maps_dir = config.pin_dir.join(MAPS);
+        let links_dir = config.pin_dir.join(LINKS);
+        fs::create_dir_all(&maps_dir).map_err(io_err("create", &maps_dir))?;
+        fs::create_dir_all(&links_dir).map_err(io_err("create", &links_dir))?;
+
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(&maps_dir)
+            .load(OBJECT)?;
+        {
+            let map = ebpf
+                .map_mut("zm_config")
+                .ok_or_else(|| RedirectError::NotInstalled(maps_dir.join("zm_config")))?;
+            let mut cfg: Array<&mut MapData, abi::Config> =
+                Array::try_from(map).map_err(map_err("zm_config"))?;
+            cfg.set(0, config.proxy.to_abi(), 0)
+                .map_err(map_err("zm_config"))?;
+        }
+
+        let cgroup = fs::File::open(&config.cgroup).map_err(io_err("open", &config.cgroup))?;
+        for (prog_name, link_name) in [("zm_connect4", "connect4"), ("zm_connect6", "connect6")] {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, prog_name)?;
+            prog.load().map_err(prog_err(link_name_static(link_name)))?;
+            let fd = prog.fd().map_err(prog_err("cgroup/connect"))?.as_fd();
+            let fd = fd
+                .try_clone_to_owned()
+                .map_err(io_err("dup", &config.cgroup))?;
+            pin_or_update(&links_dir.join(link_name), fd.as_fd(), |pin| {
+                let id = prog
+                    .attach(&cgroup, CgroupAttachMode::Single)
+                    .map_err(prog_err("cgroup/connect"))?;
+                let link = prog.take_link(id).map_err(prog_err("cgroup/connect"))?;
+                let link = FdLink::try_from(link).map_err(|e| link_error("cgroup/connect", e))?;
+                pin_fd_link(link, pin)
+            })?;
+        }
+        {
+            let prog: &mut SockOps = program(&mut ebpf, "zm_sockops")?;
+            prog.load().map_err(prog_err("sockops"))?;
+            let fd = prog.fd().map_err(prog_err("sockops"))?.as_fd();
+            let fd = fd
+                .try_clone_to_owned()
+                .map_err(io_err("dup", &config.cgroup))?;
+            pin_or_update(&links_dir.join("sockops"), fd.as_fd(), |pin| {
+                let id = prog
+                    .attach(&cgroup, CgroupAttachMode::Single)
+                    .map_err(prog_err("sockops"))?;
+                let link = prog.take_link(id).map_err(prog_err("sockops"))?;
+                let link = FdLink::try_from(link).map_err(|e| link_error("sockops", e))?;
+                pin_fd_link(link, pin)
+            })?;
+        }
+        {
+            let prog: &mut CgroupSockopt = program(&mut ebpf, "zm_getsockopt")?;
+            prog.load().map_err(prog_err("cgroup/getsockopt"))?;
+            let fd = prog.fd().map_err(prog_err("cgroup/getsockopt"))?.as_fd();
+            let fd = fd
+                .try_clone_to_owned()
+                .map_err(io_err("dup", &config.cgroup))?;
+            pin_or_update(&links_dir.join("getsockopt"), fd.as_fd(), |pin| {
+                // aya 0.14 cannot turn a getsockopt link into a pinnable fd link
+                let link =
+                    sys::cgroup_link_create(fd.as_fd(), cgroup.as_fd(), sys::BPF_CGROUP_GETSOCKOPT)
+                        .map_err(io_err("attach cgroup/getsockopt to", &config.cgroup))?;
+                sys::obj_pin(link.as_fd(), pin).map_err(io_err("pin link", pin))
+            })?;
+        }
+        {
+            let prog: &mut SchedClassifier = program(&mut ebpf, "zm_tc_ingress")?;
+            prog.load().map_err(prog_err("classifier"))?;
+            let fd = prog.fd().map_err(prog_err("classifier"))?.as_fd();
+            let fd = fd
+                .try_clone_to_owned()
+                .map_err(io_err("dup", &config.cgroup))?;
+            // interfaces dropped from the configuration lose their steering
+            for entry in fs::read_dir(&links_dir).map_err(io_err("list", &links_dir))? {
+                let entry = entry.map_err(io_err("list", &links_dir))?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if let Some(ifname) = name.strip_prefix(TC_PREFIX) {
+                    if !config.ingress_interfaces.iter().any(|i| i == ifname) {
+                        fs::remove_file(entry.path()).map_err(io_err("unpin", &entry.path()))?;
+                    }
+                }
+            }
+            for ifname in &config.ingress_interfaces {
+                let pin = links_dir.join(format!("{TC_PREFIX}{ifname}"));
+                pin_or_update(&pin, fd.as_fd(), |pin| {
+                    let id = prog
+                        .attach(ifname, TcAttachType::Ingress)
+                        .map_err(prog_err("classifier"))?;
+                    let link = prog.take_link(id).map_err(prog_err("classifier"))?;
+                    let link = FdLink::try_from(link).map_err(|e| link_error("classifier", e))?;
+                    pin_fd_link(link, pin)
+                })?;
+            }
+            if config.ingress_interfaces.is_empty() {
+                // a reload without interfaces takes down what an earlier one set up
+                sys::del_policy_route(config.proxy.mark, config.proxy.route_table)?;
+            } else {
+                sys::add_policy_route(config.proxy.mark, config.proxy.route_table)?;
+            }
+        }
+        drop(ebpf);
+        Self::open_pinned(&config.pin_dir)
+    }
+
+    /// Opens an installation made by [`Redirector::load`] (possibly by another process)
+    /// without touching the programs: redirection continues uninterrupted.
+    pub fn open_pinned(pin_dir: &Path) -> Result<Self> {
+        let maps = pin_dir.join(MAPS);
+        if !maps.join("zm_config").exists() {
+            return Err(RedirectError::NotInstalled(pin_dir.to_path_buf()));
+        }
+        let open = |name: &'static str| -> Result<Map> {
+            let data = MapData::from_pin(maps.join(name)).map_err(map_err(name))?;
+            Map::from_map_data(data).map_err(map_err(name))
+        };
+        macro_rules! typed {
+            ($name:literal) => {
+                open($name)?.try_into().map_err(map_err($name))?
+            };
+        }
+        Ok(Self {
+            pin_dir: pin_dir.to_path_buf(),
+            config: typed!("zm_config"),
+            enrolled_netns: typed!("zm_enrolled_netns"),
+            enrolled_cgroups: typed!("zm_enrolled_cgroups"),
+            excluded_netns: typed!("zm_excluded_netns"),
+            excluded_cgroups: typed!("zm_excluded_cgroups"),
+            orig_by_peer: typed!("zm_orig_by_peer"),
+            enrolled_ips: typed!("zm_enrolled_ips"),
+            mesh_sources: typed!("zm_mesh_sources"),
+            drops: typed!("zm_drops"),
+        })
+    }
+
+    /// The pin directory this handle works on.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    /// Redirect outbound TCP of sockets in the netns with this cookie.
+    pub fn enroll_netns(&mut self, cookie: u64) -> Result<()> {
+        self.enrolled_netns
+            .insert(cookie, 1, 0)
+            .map_err(map_err("zm_enrolled_netns"))
+    }
+
+    /// Stop redirecting that netns; new connects go direct at once.
+    pub fn unenroll_netns(&mut self, cookie: u64) -> Result<()> {
+        remove(&mut self.enrolled_netns, &cookie, "zm_enrolled_netns")
+    }
+
+    /// Redirect outbound TCP of processes in this cgroup (or below it).
+    pub fn enroll_cgroup(&mut self, id: u64) -> Result<()> {
+        self.enrolled_cgroups
+            .insert(id, 1, 0)
+            .map_err(map_err("zm_enrolled_cgroups"))
+    }
+
+    pub fn unenroll_cgroup(&mut self, id: u64) -> Result<()> {
+        remove(&mut self.enrolled_cgroups, &id, "zm_enrolled_cgroups")
+    }
+
+    /// Never redirect processes in this cgroup (or below it), enrolled or not: the proxy.
+    pub fn exclude_cgroup(&mut self, id: u64) -> Result<()> {
+        self.excluded_cgroups
+            .insert(id, 1, 0)
+            .map_err(map_err("zm_excluded_cgroups"))
+    }
+
+    pub fn unexclude_cgroup(&mut self, id: u64) -> Result<()> {
+        remove(&mut self.excluded_cgroups, &id, "zm_excluded_cgroups")
+    }
+
+    /// Never redirect sockets of this netns, enrolled or not.
+    pub fn exclude_netns(&mut self, cookie: u64) -> Result<()> {
+        self.excluded_netns
+            .insert(cookie, 1, 0)
+            .map_err(map_err("zm_excluded_netns"))
+    }
+
+    pub fn unexclude_netns(&mut self, cookie: u64) -> Result<()> {
+        remove(&mut self.excluded_netns, &cookie, "zm_excluded_netns")
+    }
+
+    /// Steer inbound TCP to this pod IP into the proxy.
+    pub fn enroll_pod_ip(&mut self, ip: IpAddr, mode: InboundMode) -> Result<()> {
+        let flags = match mode {
+            InboundMode::Strict => abi::POD_STRICT,
+            InboundMode::Permissive => 0,
+        };
+        self.enrolled_ips
+            .insert(abi::Ip::new(ip), flags, 0)
+            .map_err(map_err("zm_enrolled_ips"))
+    }
+
+    pub fn unenroll_pod_ip(&mut self, ip: IpAddr) -> Result<()> {
+        remove(&mut self.enrolled_ips, &abi::Ip::new(ip), "zm_enrolled_ips")
+    }
+
+    /// Plaintext from this address (a mesh proxy) is not refused by strict mode.
+    pub fn add_mesh_source(&mut self, ip: IpAddr) -> Result<()> {
+        self.mesh_sources
+            .insert(abi::Ip::new(ip), 1, 0)
+            .map_err(map_err("zm_mesh_sources"))
+    }
+
+    pub fn remove_mesh_source(&mut self, ip: IpAddr) -> Result<()> {
+        remove(&mut self.mesh_sources, &abi::Ip::new(ip), "zm_mesh_sources")
+    }
+
+    /// Changes the proxy's addresses or modes at run time. The mark and route table are
+    /// fixed at load (the policy route is built from them).
+    pub fn set_proxy(&mut self, proxy: &ProxyConfig) -> Result<()> {
+        proxy.validate()?;
+        let current = self.config.get(&0, 0).map_err(map_err("zm_config"))?;
+        if current.mark != proxy.mark || current.route_table != proxy.route_table {
+            return Err(RedirectError::InvalidConfig(
+                "mark and route table can only change by reinstalling".into(),
+            ));
+        }
+        self.config
+            .set(0, proxy.to_abi(), 0)
+            .map_err(map_err("zm_config"))
+    }
+
+    /// The original destination of a redirected connection whose client (the accepted
+    /// socket's peer) is `peer`. Consumes the entry: a second call returns `None`.
+    pub fn original_dst(&mut self, peer: SocketAddr) -> Result<Option<SocketAddr>> {
+        let key = abi::Addr::peer_key(peer);
+        match self.orig_by_peer.get(&key, 0) {
+            Ok(orig) => {
+                remove(&mut self.orig_by_peer, &key, "zm_orig_by_peer")?;
+                Ok(orig.to_socket_addr())
+            }
+            Err(MapError::KeyNotFound) => Ok(None),
+            Err(e) => Err(map_err("zm_orig_by_peer")(e)),
+        }
+    }
+
+    /// Drops counted since install, per reason.
+    pub fn drop_counts(&self) -> Result<DropCounts> {
+        let sum = |reason: DropReason| -> Result<u64> {
+            let values = self
+                .drops
+                .get(&reason.code(), 0)
+                .map_err(map_err("zm_drops"))?;
+            Ok(values.iter().sum())
+        };
+        Ok(DropCounts {
+            strict_plaintext: sum(DropReason::StrictPlaintext)?,
+            proxy_unavailable: sum(DropReason::ProxyUnavailable)?,
+            fragment: sum(DropReason::Fragment)?,
+        })
+    }
+
+    /// A reader of drop reports. Only one reader should consume them at a time.
+    pub fn drop_events(&self) -> Result<DropEvents> {
+        let path = self.pin_dir.join(MAPS).join("zm_events");
+        let data = MapData::from_pin(&path).map_err(map_err("zm_events"))?;
+        let map = Map::from_map_data(data).map_err(map_err("zm_events"))?;
+        let ring = RingBuf::try_from(map).map_err(map_err("zm_events"))?;
+        DropEvents::new(ring)
+    }
+
+    /// Removes every link (detaching all programs), map and pin under `pin_dir`, and the
+    /// policy rule and route. Run it in the netns where [`Redirector::load`] ran.
+    pub fn uninstall(pin_dir: &Path) -> Result<()> {
+        let links = pin_dir.join(LINKS);
+        let maps = pin_dir.join(MAPS);
+        if !sys::is_bpffs(pin_dir) || !(links.is_dir() || maps.is_dir()) {
+            return Err(RedirectError::NotInstalled(pin_dir.to_path_buf()));
+        }
+        // read the policy route's mark and table before the config map goes away
+        let route = match Self::open_config(&maps) {
+            Ok(cfg) => Some((cfg.mark, cfg.route_table)),
+            Err(e) => {
+                tracing::warn!(error = %e, "no readable config map; no policy route to remove");
+                None
+            }
+        };
+        let mut had_tc = false;
+        for dir in [&links, &maps] {
+            if !dir.exists() {
+                continue;
+            }
+            for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
+                let entry = entry.map_err(io_err("list", dir))?;
+                had_tc |= entry.file_name().to_string_lossy().starts_with(TC_PREFIX);
+                fs::remove_file(entry.path()).map_err(io_err("unpin", &entry.path()))?;
+            }
+            fs::remove_dir(dir).map_err(io_err("remove", dir))?;
+        }
+        fs::remove_dir(pin_dir).map_err(io_err("remove", pin_dir))?;
+        match route {
+            Some((mark, table)) if had_tc => sys::del_policy_route(mark, table),
+            _ => Ok(()),
+        }
+    }
+
+    fn open_config(maps: &Path) -> Result<abi::Config> {
+        let data = MapData::from_pin(maps.join("zm_config")).map_err(map_err("zm_config"))?;
+        let map = Map::from_map_data(data).map_err(map_err("zm_config"))?;
+        let arr: Array<MapData, abi::Config> = map.try_into().map_err(map_err("zm_config"))?;
+        arr.get(&0, 0).map_err(map_err("zm_config"))
+    }
+}
+
+fn remove<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    key: &K,
+    name: &'static str,
+) -> Result<()> {
+    match map.remove(key) {
+        Ok(()) | Err(MapError::KeyNotFound) => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        Err(e) => Err(map_err(name)(e)),
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut aya::Ebpf, name: &'static str) -> Result<&'a mut T>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(RedirectError::Program {
+        name,
+        source: ProgramError::UnexpectedProgramType,
+    })?;
+    prog.try_into().map_err(prog_err(name))
+}
+
+fn link_error(name: &'static str, e: aya::programs::links::LinkError) -> RedirectError {
+    RedirectError::Link { name, source: e }
+}
+
+fn link_name_static(name: &str) -> &'static str {
+    match name {
+        "connect4" => "cgroup/connect4",
+        _ => "cgroup/connect6",
+    }
+}

@@ -2,3 +2,4 @@
 
 pub mod cluster_state;
 pub mod manifests;
+pub mod kube_source;

@@ -1,0 +1,459 @@
+//! The node side: `IstioCaClient` (Istio's CA API over TLS, presenting the node's client
+//! certificate) and `join`, which trades a one-time token for that certificate.
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use tokio::net::TcpStream;
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::{Code, Status};
+use x509_parser::prelude::{FromDer, X509Certificate};
+use zmesh_identity::{
+    AuthorityError, CertificateAuthority, IssuedChain, SignFuture, TrustDomain, WorkloadId,
+};
+
+use crate::csr::new_key_and_csr;
+use crate::error::StoreError;
+use crate::files;
+use crate::node::NodeName;
+use crate::pb::istio::istio_certificate_service_client::IstioCertificateServiceClient;
+use crate::pb::istio::IstioCertificateRequest;
+use crate::pb::zmesh::node_join_client::NodeJoinClient;
+use crate::pb::zmesh::JoinRequest;
+use crate::server::IMPERSONATED_IDENTITY;
+
+const NODE_KEY_FILE: &str = "node.key";
+const NODE_CERT_FILE: &str = "node.pem";
+const NODE_BUNDLE_FILE: &str = "ca-bundle.pem";
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why a client operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid CA address {0:?}: expected host:port")]
+    Address(String),
+    #[error("invalid PEM: {0}")]
+    Pem(String),
+    #[error("TLS: {0}")]
+    Tls(#[from] rustls::Error),
+    #[error("the CA answered {:?}: {}", .0.code(), .0.message())]
+    Rpc(Status),
+    #[error("the CA's answer is malformed: {0}")]
+    Malformed(String),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot create a key or CSR: {0}")]
+    Csr(#[from] rcgen::Error),
+}
+
+impl From<Status> for ClientError {
+    fn from(status: Status) -> Self {
+        Self::Rpc(status)
+    }
+}
+
+/// A node agent's credential: its client certificate chain (leaf + intermediate), key,
+/// and the CA bundle it learned when joining.
+#[derive(Clone)]
+pub struct NodeCredentials {
+    pub cert_chain_pem: String,
+    pub key_pem: String,
+    pub roots_pem: String,
+}
+
+impl std::fmt::Debug for NodeCredentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("NodeCredentials").finish_non_exhaustive()
+    }
+}
+
+impl NodeCredentials {
+    /// Reads `node.pem`, `node.key` (must be 0600) and `ca-bundle.pem` from `dir`.
+    pub fn load(dir: &Path) -> Result<Self, StoreError> {
+        Ok(Self {
+            key_pem: files::read_secret(&dir.join(NODE_KEY_FILE))?,
+            cert_chain_pem: files::read_string(&dir.join(NODE_CERT_FILE))?,
+            roots_pem: files::read_string(&dir.join(NODE_BUNDLE_FILE))?,
+        })
+    }
+
+    /// Writes the three files into `dir` (created 0700); the key is 0600 from creation.
+    pub fn save(&self, dir: &Path) -> Result<(), StoreError> {
+        files::create_private_dir(dir)?;
+        files::write_atomic(&dir.join(NODE_KEY_FILE), self.key_pem.as_bytes(), 0o600)?;
+        files::write_atomic(
+            &dir.join(NODE_CERT_FILE),
+            self.cert_chain_pem.as_bytes(),
+            0o644,
+        )?;
+        files::write_atomic(
+            &dir.join(NODE_BUNDLE_FILE),
+            self.roots_pem.as_bytes(),
+            0o644,
+        )?;
+        Ok(())
+    }
+}
+
+/// How the client proves who it is to the CA.
+#[derive(Clone, Debug)]
+pub enum ClientCredential {
+    /// A node client certificate from `join`.
+    NodeCert(NodeCredentials),
+    /// `authorization: Bearer <token>`, checked by the CA's `BearerValidator`.
+    Bearer(String),
+    /// Nothing (only `Join` accepts this).
+    None,
+}
+
+/// Client for Istio's `IstioCertificateService`, usable by the node's certificate
+/// manager through `CertificateAuthority`. It verifies the CA's serving certificate
+/// against the bundle, and adopts the bundle each response carries, so it keeps
+/// trusting the CA through a root rotation.
+#[derive(Clone)]
+pub struct IstioCaClient {
+    channel: Channel,
+    bearer: Option<String>,
+    roots: Arc<RwLock<Vec<CertificateDer<'static>>>>,
+}
+
+impl std::fmt::Debug for IstioCaClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IstioCaClient").finish_non_exhaustive()
+    }
+}
+
+impl IstioCaClient {
+    /// A client for the CA at `addr` (`host:port`; the host is also the TLS server name),
+    /// trusting `roots_pem`. Connects lazily.
+    pub fn new(
+        addr: &str,
+        roots_pem: &str,
+        credential: ClientCredential,
+    ) -> Result<Self, ClientError> {
+        let roots = parse_certs(roots_pem)?;
+        if roots.is_empty() {
+            return Err(ClientError::Pem(
+                "the CA bundle holds no certificate".into(),
+            ));
+        }
+        let roots = Arc::new(RwLock::new(roots));
+        let (client_cert, bearer) = match credential {
+            ClientCredential::NodeCert(c) => {
+                let chain = parse_certs(&c.cert_chain_pem)?;
+                let key = PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes())
+                    .map_err(|e| ClientError::Pem(format!("node key: {e}")))?;
+                (Some(Arc::new((chain, key))), None)
+            }
+            ClientCredential::Bearer(t) => (None, Some(t)),
+            ClientCredential::None => (None, None),
+        };
+        let (host, _port) = split_host_port(addr)?;
+        let server_name = ServerName::try_from(host.to_owned())
+            .map_err(|_| ClientError::Address(addr.to_owned()))?;
+        let connector = TlsConnector {
+            addr: addr.to_owned(),
+            server_name,
+            roots: roots.clone(),
+            client_cert,
+            provider: Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
+        };
+        // "http" here only names the h2 :scheme; TLS is done by the connector.
+        let channel = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|_| ClientError::Address(addr.to_owned()))?
+            .connect_timeout(CONNECT_TIMEOUT)
+            .timeout(REQUEST_TIMEOUT)
+            .connect_with_connector_lazy(connector);
+        Ok(Self {
+            channel,
+            bearer,
+            roots,
+        })
+    }
+
+    /// The roots this client currently trusts, PEM.
+    pub fn roots_pem(&self) -> Vec<String> {
+        let roots = self.roots.read().unwrap_or_else(|p| p.into_inner());
+        roots.iter().map(|r| der_to_pem(r)).collect()
+    }
+
+    /// Raw `CreateCertificate`: returns Istio's `cert_chain` as sent.
+    pub async fn create_certificate(
+        &self,
+        csr_pem: &str,
+        impersonate: Option<&str>,
+        validity_secs: i64,
+    ) -> Result<Vec<String>, Status> {
+        let metadata = impersonate.map(|id| prost_types::Struct {
+            fields: [(
+                IMPERSONATED_IDENTITY.to_owned(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue(id.to_owned())),
+                },
+            )]
+            .into(),
+        });
+        let mut request = tonic::Request::new(IstioCertificateRequest {
+            csr: csr_pem.to_owned(),
+            validity_duration: validity_secs,
+            metadata,
+        });
+        if let Some(token) = &self.bearer {
+            let value = format!("Bearer {token}").parse().map_err(|_| {
+                Status::invalid_argument("bearer token is not a valid header value")
+            })?;
+            request.metadata_mut().insert("authorization", value);
+        }
+        let response = IstioCertificateServiceClient::new(self.channel.clone())
+            .create_certificate(request)
+            .await?;
+        Ok(response.into_inner().cert_chain)
+    }
+
+    /// Raw `Join`.
+    pub async fn join_raw(&self, token: &str, csr_pem: &str) -> Result<Vec<String>, Status> {
+        let response = NodeJoinClient::new(self.channel.clone())
+            .join(JoinRequest {
+                token: token.to_owned(),
+                csr: csr_pem.to_owned(),
+            })
+            .await?;
+        Ok(response.into_inner().cert_chain)
+    }
+
+    fn adopt_roots(&self, roots: &[CertificateDer<'static>]) {
+        if !roots.is_empty() {
+            *self.roots.write().unwrap_or_else(|p| p.into_inner()) = roots.to_vec();
+        }
+    }
+}
+
+impl CertificateAuthority for IstioCaClient {
+    fn sign<'a>(
+        &'a self,
+        csr_pem: &'a str,
+        identity: &'a WorkloadId,
+        validity: Duration,
+    ) -> SignFuture<'a> {
+        Box::pin(async move {
+            let validity = i64::try_from(validity.as_secs()).unwrap_or(i64::MAX);
+            let chain = self
+                .create_certificate(csr_pem, Some(&identity.to_string()), validity)
+                .await
+                .map_err(|s| match s.code() {
+                    Code::Unauthenticated
+                    | Code::PermissionDenied
+                    | Code::InvalidArgument
+                    | Code::FailedPrecondition => {
+                        AuthorityError::Refused(format!("{:?}: {}", s.code(), s.message()))
+                    }
+                    _ => AuthorityError::Unavailable(format!("{:?}: {}", s.code(), s.message())),
+                })?;
+            let split =
+                split_chain(&chain, &identity.to_string()).map_err(AuthorityError::Malformed)?;
+            self.adopt_roots(&split.roots);
+            Ok(IssuedChain {
+                chain_pem: split.chain_pem,
+                roots_pem: split.roots.iter().map(|r| der_to_pem(r)).collect(),
+            })
+        })
+    }
+}
+
+struct SplitChain {
+    chain_pem: Vec<String>,
+    roots: Vec<CertificateDer<'static>>,
+}
+
+/// Splits Istio's `cert_chain` into the chain to serve and the roots (the last entry may
+/// hold several), checking the leaf is for `expected_uri`.
+fn split_chain(cert_chain: &[String], expected_uri: &str) -> Result<SplitChain, String> {
+    let Some((roots_entry, chain)) = cert_chain.split_last() else {
+        return Err("empty cert_chain".into());
+    };
+    if chain.is_empty() {
+        return Err("cert_chain has one entry; expected the leaf, intermediates and roots".into());
+    }
+    let roots = parse_certs(roots_entry).map_err(|e| e.to_string())?;
+    if roots.is_empty() {
+        return Err("the roots entry holds no certificate".into());
+    }
+    let mut chain_pem = Vec::new();
+    for entry in chain {
+        let certs = parse_certs(entry).map_err(|e| e.to_string())?;
+        if certs.len() != 1 {
+            return Err(format!(
+                "a chain entry holds {} certificates, expected 1",
+                certs.len()
+            ));
+        }
+        chain_pem.push(der_to_pem(&certs[0]));
+    }
+    let leaf =
+        CertificateDer::from_pem_slice(chain_pem[0].as_bytes()).map_err(|e| e.to_string())?;
+    let uris = leaf_uris(&leaf)?;
+    if uris != [expected_uri] {
+        return Err(format!("the leaf is for {uris:?}, expected {expected_uri}"));
+    }
+    Ok(SplitChain { chain_pem, roots })
+}
+
+/// The URI SANs of a certificate.
+pub(crate) fn leaf_uris(der: &CertificateDer<'_>) -> Result<Vec<String>, String> {
+    let (_, cert) = X509Certificate::from_der(der).map_err(|e| e.to_string())?;
+    let san = cert.subject_alternative_name().map_err(|e| e.to_string())?;
+    Ok(san
+        .map(|s| {
+            s.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => Some(u.to_string()),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Enrols a node: a new key and CSR for `spiffe://<td>/zmesh/node/<node>`, traded with
+/// the one-time `token` for a node certificate, saved in `out_dir` (key 0600).
+pub async fn join(
+    addr: &str,
+    roots_pem: &str,
+    token: &str,
+    node: &NodeName,
+    trust_domain: &TrustDomain,
+    out_dir: &Path,
+) -> Result<NodeCredentials, ClientError> {
+    let id = node.spiffe_id(trust_domain);
+    let (key_pem, csr_pem) = new_key_and_csr(&id)?;
+    let client = IstioCaClient::new(addr, roots_pem, ClientCredential::None)?;
+    let chain = client.join_raw(token, &csr_pem).await?;
+    let split = split_chain(&chain, &id.to_string()).map_err(ClientError::Malformed)?;
+    let credentials = NodeCredentials {
+        cert_chain_pem: split.chain_pem.concat(),
+        key_pem,
+        roots_pem: split.roots.iter().map(|r| der_to_pem(r)).collect(),
+    };
+    credentials.save(out_dir)?;
+    Ok(credentials)
+}
+
+fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, ClientError> {
+    CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| ClientError::Pem(e.to_string()))
+}
+
+fn der_to_pem(der: &CertificateDer<'_>) -> String {
+    ::pem::encode_config(
+        &::pem::Pem::new("CERTIFICATE", der.as_ref().to_vec()),
+        ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF),
+    )
+}
+
+fn split_host_port(addr: &str) -> Result<(&str, u16), ClientError> {
+    let bad = || ClientError::Address(addr.to_owned());
+    let (host, port) = addr.rsplit_once(':').ok_or_else(bad)?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    if host.is_empty() {
+        return Err(bad());
+    }
+    Ok((host, port.parse().map_err(|_| bad())?))
+}
+
+/// Opens TLS 1.3 to the CA with the current roots (re-read per connection, so a
+/// reconnect after a root rotation uses the adopted bundle).
+#[derive(Clone)]
+struct TlsConnector {
+    addr: String,
+    server_name: ServerName<'static>,
+    roots: Arc<RwLock<Vec<CertificateDer<'static>>>>,
+    client_cert: Option<Arc<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+}
+
+impl TlsConnector {
+    fn config(&self) -> Result<rustls::ClientConfig, rustls::Error> {
+        let mut store = rustls::RootCertStore::empty();
+        for root in self.roots.read().unwrap_or_else(|p| p.into_inner()).iter() {
+            store.add(root.clone())?;
+        }
+        let builder = rustls::ClientConfig::builder_with_provider(self.provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .with_root_certificates(store);
+        let mut config = match &self.client_cert {
+            Some(pair) => builder.with_client_auth_cert(pair.0.clone(), pair.1.clone_key())?,
+            None => builder.with_no_client_auth(),
+        };
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(config)
+    }
+}
+
+type ConnectFuture = Pin<
+    Box<
+        dyn Future<Output = std::io::Result<TokioIo<tokio_rustls::client::TlsStream<TcpStream>>>>
+            + Send,
+    >,
+>;
+
+impl tower::Service<Uri> for TlsConnector {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = std::io::Error;
+    type Future = ConnectFuture;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _uri: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let config = this.config().map_err(std::io::Error::other)?;
+            let tcp = TcpStream::connect(&this.addr).await?;
+            tcp.set_nodelay(true)?;
+            let tls = tokio_rustls::TlsConnector::from(Arc::new(config))
+                .connect(this.server_name.clone(), tcp)
+                .await?;
+            Ok(TokioIo::new(tls))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_parsing() {
+        assert_eq!(
+            split_host_port("ca.example:15012").unwrap(),
+            ("ca.example", 15012)
+        );
+        assert_eq!(split_host_port("[::1]:15012").unwrap(), ("::1", 15012));
+        for bad in ["ca.example", ":15012", "ca:port"] {
+            assert!(split_host_port(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn split_chain_rejects_short_or_foreign_chains() {
+        assert!(split_chain(&[], "x").is_err());
+        assert!(split_chain(&["a".into()], "x").is_err());
+        assert!(split_chain(&["not pem".into(), "not pem".into()], "x").is_err());
+    }
+}

@@ -1,0 +1,146 @@
+//! Moving bytes between a TCP socket and an HTTP/2 stream, each direction on its own.
+//!
+//! TCP EOF becomes END_STREAM; END_STREAM becomes shutdown(SHUT_WR); RST_STREAM with
+//! NO_ERROR or CANCEL counts as end of stream. Memory per stream stays bounded: we only
+//! send what the peer's flow-control window allows, and only release receive capacity
+//! once the bytes are written to TCP.
+
+use std::future::poll_fn;
+use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use bytes::{Bytes, BytesMut};
+use h2::{Reason, RecvStream, SendStream};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// How much we read from TCP at a time (also caps what one stream buffers for sending).
+const READ_CHUNK: usize = 256 * 1024;
+
+/// Bytes moved each way, readable even when the copy was cut short.
+#[derive(Debug, Default)]
+pub(crate) struct Transferred {
+    /// TCP to HTTP/2.
+    pub to_h2: AtomicU64,
+    /// HTTP/2 to TCP.
+    pub to_tcp: AtomicU64,
+}
+
+impl Transferred {
+    pub fn to_h2(&self) -> u64 {
+        self.to_h2.load(Ordering::Relaxed)
+    }
+    pub fn to_tcp(&self) -> u64 {
+        self.to_tcp.load(Ordering::Relaxed)
+    }
+}
+
+/// Why a tunnel ended before both directions finished.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum CopyError {
+    #[error("TCP: {0}")]
+    Tcp(#[from] io::Error),
+    #[error("HTTP/2: {0}")]
+    H2(#[from] h2::Error),
+}
+
+fn is_clean_reset(e: &h2::Error) -> bool {
+    matches!(e.reason(), Some(Reason::NO_ERROR) | Some(Reason::CANCEL)) && e.is_reset()
+}
+
+/// TCP -> HTTP/2, ending with END_STREAM on TCP EOF.
+async fn tcp_to_h2<R: AsyncRead + Unpin>(
+    mut tcp: R,
+    send: &mut SendStream<Bytes>,
+    counter: &AtomicU64,
+) -> Result<(), CopyError> {
+    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    loop {
+        buf.reserve(READ_CHUNK);
+        // Also watch for the peer resetting the stream while the client is idle.
+        let n = tokio::select! {
+            n = tcp.read_buf(&mut buf) => n?,
+            reset = poll_fn(|cx| send.poll_reset(cx)) => {
+                return match reset {
+                    Ok(Reason::NO_ERROR) | Ok(Reason::CANCEL) => Ok(()),
+                    Ok(reason) => Err(CopyError::H2(reason.into())),
+                    Err(e) => Err(e.into()),
+                };
+            }
+        };
+        if n == 0 {
+            send.send_data(Bytes::new(), true)?;
+            return Ok(());
+        }
+        let mut data = buf.split().freeze();
+        while !data.is_empty() {
+            send.reserve_capacity(data.len());
+            let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
+                Some(Ok(n)) => n,
+                Some(Err(e)) => return Err(e.into()),
+                None => {
+                    return Err(CopyError::Tcp(io::Error::new(
+                        io::ErrorKind::BrokenPipe,
+                        "the HTTP/2 stream closed while sending",
+                    )))
+                }
+            };
+            if granted == 0 {
+                continue;
+            }
+            let chunk = data.split_to(granted.min(data.len()));
+            let len = chunk.len() as u64;
+            send.send_data(chunk, false)?;
+            counter.fetch_add(len, Ordering::Relaxed);
+        }
+    }
+}
+
+/// HTTP/2 -> TCP, ending with shutdown(SHUT_WR) on END_STREAM.
+async fn h2_to_tcp<W: AsyncWrite + Unpin>(
+    mut recv: RecvStream,
+    mut tcp: W,
+    counter: &AtomicU64,
+) -> Result<(), CopyError> {
+    loop {
+        match recv.data().await {
+            Some(Ok(chunk)) => {
+                let len = chunk.len();
+                tcp.write_all(&chunk).await?;
+                counter.fetch_add(len as u64, Ordering::Relaxed);
+                // Only now may the peer send more: bounded memory per stream.
+                let _ = recv.flow_control().release_capacity(len);
+            }
+            Some(Err(e)) if is_clean_reset(&e) => break,
+            Some(Err(e)) => return Err(e.into()),
+            None => break,
+        }
+    }
+    tcp.shutdown().await?;
+    Ok(())
+}
+
+/// Copies both ways until both directions ended. If either direction fails, both stop
+/// and the stream is reset (by dropping it) and the socket closed.
+pub(crate) async fn bridge<S>(
+    tcp: S,
+    mut send: SendStream<Bytes>,
+    recv: RecvStream,
+    counts: &Transferred,
+) -> Result<(), CopyError>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (r, w) = tokio::io::split(tcp);
+    let up = tcp_to_h2(r, &mut send, &counts.to_h2);
+    let down = h2_to_tcp(recv, w, &counts.to_tcp);
+    tokio::pin!(up, down);
+    let mut up_done = false;
+    let mut down_done = false;
+    while !(up_done && down_done) {
+        tokio::select! {
+            r = &mut up, if !up_done => { r?; up_done = true; }
+            r = &mut down, if !down_done => { r?; down_done = true; }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,288 @@
+//! Inbound HBONE (:15008): mTLS, HTTP/2, one CONNECT stream per tunnel.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use h2::RecvStream;
+use http::{Method, Request, Response, StatusCode};
+use tokio::net::TcpStream;
+use tokio_rustls::LazyConfigAcceptor;
+use zmesh_identity::{SpiffeId, WorkloadId};
+
+use crate::access::AccessLog;
+use crate::authz::{AuthzRequest, Decision};
+use crate::copy::{bridge, Transferred};
+use crate::metrics::Direction;
+use crate::proxy::{Capture, Shared};
+use crate::tls::parse_destination_sni;
+use crate::workloads::WorkloadTable;
+
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Serves one accepted TCP connection until it closes.
+pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    let metrics = &shared.metrics;
+    let Ok(local) = tcp.local_addr() else {
+        return;
+    };
+    let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+    let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
+        Ok(Ok(start)) => start,
+        Ok(Err(e)) => {
+            metrics.handshake_failed(Direction::Inbound, crate::handshake_reason(&e));
+            tracing::debug!(%peer, "TLS ClientHello rejected: {e}");
+            return;
+        }
+        Err(_) => {
+            metrics.handshake_failed(Direction::Inbound, "timeout");
+            return;
+        }
+    };
+    let sni = start.client_hello().server_name().map(str::to_owned);
+    let table = shared.workloads.snapshot();
+    let Some(identity) = server_identity(&shared, &table, local, sni.as_deref()) else {
+        metrics.handshake_failed(Direction::Inbound, "unknown_destination");
+        tracing::debug!(%peer, %local, ?sni, "no local workload to present a certificate for");
+        return;
+    };
+    let config = match shared.credentials.server_config(&identity) {
+        Ok(c) => c,
+        Err(e) => {
+            metrics.handshake_failed(Direction::Inbound, "no_local_certificate");
+            tracing::warn!(%identity, "cannot serve HBONE: {e}");
+            return;
+        }
+    };
+    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => {
+            metrics.handshake_failed(Direction::Inbound, crate::handshake_reason(&e));
+            tracing::debug!(%peer, "TLS handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            metrics.handshake_failed(Direction::Inbound, "timeout");
+            return;
+        }
+    };
+    // The verifier already checked the SVID; without an ID we fail closed.
+    let Some(peer_id) = zmesh_identity::tls::peer_identity(tls.get_ref().1) else {
+        metrics.handshake_failed(Direction::Inbound, "bad_peer_identity");
+        return;
+    };
+    let peer_id = Arc::new(peer_id);
+    metrics.inbound_tls_connections.inc();
+
+    let mut builder = h2::server::Builder::new();
+    builder
+        .initial_window_size(crate::STREAM_WINDOW)
+        .initial_connection_window_size(crate::CONN_WINDOW)
+        .max_frame_size(crate::MAX_FRAME)
+        .max_concurrent_streams(200)
+        .max_header_list_size(64 * 1024)
+        // Lets requests carrying :protocol/:scheme/:path reach us, so we can answer 400
+        // instead of the library resetting them.
+        .enable_connect_protocol();
+    let mut conn = match builder.handshake::<_, Bytes>(tls).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::debug!(%peer, "HTTP/2 handshake failed: {e}");
+            return;
+        }
+    };
+    let mut draining = false;
+    loop {
+        tokio::select! {
+            next = conn.accept() => match next {
+                Some(Ok((req, respond))) => {
+                    let s = shared.clone();
+                    let id = peer_id.clone();
+                    shared.tracker.spawn(async move {
+                        tokio::select! {
+                            _ = tunnel(&s, req, respond, &id, local, peer) => {}
+                            _ = s.force.cancelled() => {}
+                        }
+                    });
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(%peer, "HBONE connection error: {e}");
+                    break;
+                }
+                None => break,
+            },
+            _ = shared.drain.cancelled(), if !draining => {
+                draining = true;
+                conn.graceful_shutdown();
+            }
+        }
+    }
+}
+
+/// Which local workload's certificate to present on this connection.
+fn server_identity(
+    shared: &Shared,
+    table: &WorkloadTable,
+    local: SocketAddr,
+    sni: Option<&str>,
+) -> Option<WorkloadId> {
+    let node = &shared.config.node;
+    if shared.config.capture == Capture::Transparent {
+        return table
+            .local_workload(local.ip(), node)
+            .map(|w| w.identity.clone());
+    }
+    if let Some(ip) = sni.and_then(parse_destination_sni) {
+        return table.local_workload(ip, node).map(|w| w.identity.clone());
+    }
+    // No hint: only unambiguous if every local workload has the same identity.
+    let mut ids = table.workloads_on(node).map(|w| &w.identity);
+    let first = ids.next()?;
+    ids.all(|id| id == first).then(|| first.clone())
+}
+
+fn respond_error(mut respond: SendResponse<Bytes>, status: StatusCode) {
+    let mut response = Response::new(());
+    *response.status_mut() = status;
+    let _ = respond.send_response(response, true);
+}
+
+/// Checks the CONNECT request; returns the target or the status to answer.
+fn target_of(req: &Request<RecvStream>) -> Result<SocketAddr, (StatusCode, &'static str)> {
+    let bad = StatusCode::BAD_REQUEST;
+    if req.method() != Method::CONNECT {
+        return Err((bad, "not CONNECT"));
+    }
+    if req.extensions().get::<h2::ext::Protocol>().is_some() {
+        return Err((bad, ":protocol present"));
+    }
+    let uri = req.uri();
+    if uri.scheme().is_some() || uri.path_and_query().is_some() {
+        return Err((bad, ":scheme or :path present"));
+    }
+    let authority = uri.authority().ok_or((bad, "no :authority"))?;
+    let target: SocketAddr = authority
+        .as_str()
+        .parse()
+        .map_err(|_| (bad, "authority is not IP:port"))?;
+    if target.port() == 0 {
+        return Err((bad, "port 0"));
+    }
+    Ok(target)
+}
+
+async fn tunnel(
+    shared: &Shared,
+    req: Request<RecvStream>,
+    respond: SendResponse<Bytes>,
+    peer_id: &SpiffeId,
+    local: SocketAddr,
+    peer: SocketAddr,
+) {
+    let metrics = &shared.metrics;
+    let mut log = AccessLog::start(Direction::Inbound, peer, metrics);
+    log.src_identity = Some(peer_id.to_string());
+    let reject = |log: AccessLog, respond, status: StatusCode, why: &str, result| {
+        tracing::debug!(%peer, %status, "refusing tunnel: {why}");
+        respond_error(respond, status);
+        log.finish(metrics, result, 0, 0);
+    };
+    let target = match target_of(&req) {
+        Ok(t) => t,
+        Err((status, why)) => return reject(log, respond, status, why, "bad_request"),
+    };
+    log.dst_addr = Some(target);
+    let table = shared.workloads.snapshot();
+    let node = &shared.config.node;
+    match shared.config.capture {
+        Capture::Transparent if target.ip() != local.ip() => {
+            let why = "authority is not the address the connection arrived on";
+            return reject(log, respond, StatusCode::BAD_REQUEST, why, "bad_request");
+        }
+        Capture::Explicit => {
+            if let Some(w) = table.workload_by_ip(target.ip()) {
+                if w.node != *node {
+                    let why = "authority is a workload of another node";
+                    return reject(log, respond, StatusCode::BAD_REQUEST, why, "bad_request");
+                }
+            }
+        }
+        _ => {}
+    }
+    if shared.is_proxy_port(target.port()) {
+        let why = "target port belongs to the proxy";
+        return reject(
+            log,
+            respond,
+            StatusCode::SERVICE_UNAVAILABLE,
+            why,
+            "proxy_port",
+        );
+    }
+    let Some(dest) = table.local_workload(target.ip(), node) else {
+        let why = "unknown destination workload";
+        return reject(
+            log,
+            respond,
+            StatusCode::SERVICE_UNAVAILABLE,
+            why,
+            "unknown_destination",
+        );
+    };
+    log.destination(dest);
+    let request = AuthzRequest {
+        source: peer_id,
+        destination: dest,
+        port: target.port(),
+    };
+    if let Decision::Deny { policy } = shared.authorizer.authorize(&request) {
+        tracing::info!(%peer, src = %peer_id, dst = %dest.identity, %policy, "tunnel denied by policy");
+        return reject(log, respond, StatusCode::UNAUTHORIZED, "denied", "denied");
+    }
+    let upstream =
+        match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(target)).await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                let why = format!("upstream connect failed: {e}");
+                return reject(
+                    log,
+                    respond,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    &why,
+                    "connect_failed",
+                );
+            }
+            Err(_) => {
+                let why = "upstream connect timed out";
+                return reject(
+                    log,
+                    respond,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    why,
+                    "connect_failed",
+                );
+            }
+        };
+    let _ = upstream.set_nodelay(true);
+    let mut respond = respond;
+    let send = match respond.send_response(Response::new(()), false) {
+        Ok(send) => send,
+        Err(e) => {
+            tracing::debug!(%peer, "client went away before 200: {e}");
+            return log.finish(metrics, "client_reset", 0, 0);
+        }
+    };
+    let counts = Transferred::default();
+    let result = match bridge(upstream, send, req.into_body(), &counts).await {
+        Ok(()) => "ok",
+        Err(e) => {
+            tracing::debug!(%peer, %target, "tunnel failed: {e}");
+            "error"
+        }
+    };
+    // The client of an inbound tunnel is the HBONE peer: it received what went to HTTP/2.
+    log.finish(metrics, result, counts.to_h2(), counts.to_tcp());
+}

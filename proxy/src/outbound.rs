@@ -1,0 +1,166 @@
+//! Outbound (:15001): captured connections from local workloads, sent over HBONE to
+//! enrolled destinations and passed through as plain TCP to everything else.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use http::{Method, Request, StatusCode};
+use rustls_pki_types::ServerName;
+use tokio::net::TcpStream;
+
+use crate::access::AccessLog;
+use crate::copy::{bridge, Transferred};
+use crate::metrics::Direction;
+use crate::pool::PoolKey;
+use crate::proxy::Shared;
+use crate::tls::destination_sni;
+use crate::workloads::Protocol;
+
+/// The port HBONE servers listen on.
+const HBONE_PORT: u16 = 15008;
+
+pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    let metrics = &shared.metrics;
+    let mut log = AccessLog::start(Direction::Outbound, peer, metrics);
+    let dst = match shared.original_dst.original_dst(&tcp) {
+        Ok(dst) => dst,
+        Err(e) => {
+            tracing::warn!(%peer, "no original destination: {e}");
+            return log.finish(metrics, "no_original_dst", 0, 0);
+        }
+    };
+    log.dst_addr = Some(dst);
+    if shared.is_own_listener(dst) {
+        return log.finish(metrics, "loop", 0, 0);
+    }
+    let table = shared.workloads.snapshot();
+    let Some(source) = table
+        .local_workload(peer.ip(), &shared.config.node)
+        .cloned()
+    else {
+        tracing::debug!(%peer, "connection from an IP that is no workload of this node");
+        return log.finish(metrics, "unknown_source", 0, 0);
+    };
+    log.source(&source);
+    let dest = table
+        .workload_by_ip(dst.ip())
+        .filter(|w| w.protocol == Protocol::Hbone)
+        .cloned();
+    let Some(dest) = dest else {
+        return passthrough(&shared, tcp, dst, log).await;
+    };
+    log.destination(&dest);
+    let hbone = table
+        .node(&dest.node)
+        .and_then(|n| n.hbone)
+        .unwrap_or(SocketAddr::new(dst.ip(), HBONE_PORT));
+    // Dialing the pod IP needs no hint; dialing a node address tells it which pod we want.
+    let sni = if hbone.ip() == dst.ip() {
+        ServerName::IpAddress(dst.ip().into())
+    } else {
+        destination_sni(dst.ip())
+    };
+    let key = PoolKey {
+        source: source.identity.clone(),
+        expected: vec![dest.identity.spiffe_id().clone()],
+        dst: hbone,
+        downstream_ip: peer.ip(),
+    };
+    drop(table);
+
+    // One retry: a pooled connection may have received GOAWAY since we last used it.
+    for attempt in 0..2 {
+        let lease = match shared.pool.lease(&key, &sni).await {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::warn!(%peer, %dst, %hbone, "no HBONE connection: {e}");
+                return log.finish(metrics, "hbone_connect_failed", 0, 0);
+            }
+        };
+        let request = Request::builder()
+            .method(Method::CONNECT)
+            .uri(dst.to_string())
+            .header("forwarded", format!("for=\"{peer}\""))
+            .body(());
+        let Ok(request) = request else {
+            // Unreachable: an IP:port is always a valid authority.
+            return log.finish(metrics, "internal_error", 0, 0);
+        };
+        let sent = async {
+            let mut send = lease.send_request().ready().await?;
+            let (response, stream) = send.send_request(request, false)?;
+            Ok::<_, h2::Error>((response, stream))
+        }
+        .await;
+        let (response, stream) = match sent {
+            Ok(x) => x,
+            Err(e) if attempt == 0 => {
+                tracing::debug!(%hbone, "pooled connection unusable, retrying: {e}");
+                lease.mark_dead();
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(%hbone, "cannot open HBONE stream: {e}");
+                return log.finish(metrics, "hbone_stream_failed", 0, 0);
+            }
+        };
+        let response = match response.await {
+            Ok(r) => r,
+            Err(e) if attempt == 0 && e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
+                lease.mark_dead();
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(%hbone, %dst, "HBONE CONNECT failed: {e}");
+                return log.finish(metrics, "hbone_stream_failed", 0, 0);
+            }
+        };
+        if response.status() != StatusCode::OK {
+            tracing::info!(%peer, %dst, status = %response.status(), "HBONE CONNECT refused");
+            return log.finish(metrics, status_result(response.status()), 0, 0);
+        }
+        let counts = Transferred::default();
+        let result = match bridge(tcp, stream, response.into_body(), &counts).await {
+            Ok(()) => "ok",
+            Err(e) => {
+                tracing::debug!(%peer, %dst, "tunnel failed: {e}");
+                "error"
+            }
+        };
+        drop(lease);
+        return log.finish(metrics, result, counts.to_tcp(), counts.to_h2());
+    }
+}
+
+fn status_result(status: StatusCode) -> &'static str {
+    match status.as_u16() {
+        400 => "status_400",
+        401 => "status_401",
+        403 => "status_403",
+        503 => "status_503",
+        _ => "status_other",
+    }
+}
+
+/// Plain TCP to a destination outside the mesh.
+async fn passthrough(shared: &Shared, mut tcp: TcpStream, dst: SocketAddr, log: AccessLog) {
+    let metrics = &shared.metrics;
+    let upstream =
+        match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(dst)).await {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(%dst, "passthrough connect failed: {e}");
+                return log.finish(metrics, "connect_failed", 0, 0);
+            }
+            Err(_) => return log.finish(metrics, "connect_failed", 0, 0),
+        };
+    let _ = upstream.set_nodelay(true);
+    let mut upstream = upstream;
+    match tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await {
+        Ok((up, down)) => log.finish(metrics, "passthrough", down, up),
+        Err(e) => {
+            tracing::debug!(%dst, "passthrough failed: {e}");
+            log.finish(metrics, "error", 0, 0)
+        }
+    }
+}

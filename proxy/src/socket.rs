@@ -1,0 +1,143 @@
+//! Listening sockets and original-destination lookup.
+
+use std::collections::HashMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::AsRawFd;
+
+use socket2::{Domain, Socket, Type};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Binds a listener. With `transparent`, sets IP_TRANSPARENT so that connections steered
+/// to it by eBPF (sk_assign) for addresses that are not local are accepted.
+pub fn bind_listener(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    if transparent {
+        match addr {
+            SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
+            SocketAddr::V6(_) => socket.set_ip_transparent_v6(true)?,
+        }
+    }
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    TcpListener::from_std(socket.into())
+}
+
+/// Finds where a captured outbound connection was headed.
+pub trait OriginalDst: Send + Sync + 'static {
+    fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr>;
+}
+
+/// `getsockopt(SO_ORIGINAL_DST)`, which zmesh's eBPF cgroup/getsockopt program answers
+/// (and which netfilter REDIRECT answers too).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct SoOriginalDst;
+
+const SO_ORIGINAL_DST: libc::c_int = 80;
+const IP6T_SO_ORIGINAL_DST: libc::c_int = 80;
+
+impl OriginalDst for SoOriginalDst {
+    fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
+        let fd = stream.as_raw_fd();
+        match stream.local_addr()? {
+            SocketAddr::V4(_) => {
+                // SAFETY: sockaddr_in is plain data; the kernel writes at most `len` bytes.
+                let mut sa: libc::sockaddr_in = unsafe { std::mem::zeroed() };
+                let mut len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+                // SAFETY: fd is a valid socket for the duration of the call.
+                let rc = unsafe {
+                    libc::getsockopt(
+                        fd,
+                        libc::SOL_IP,
+                        SO_ORIGINAL_DST,
+                        (&mut sa as *mut libc::sockaddr_in).cast(),
+                        &mut len,
+                    )
+                };
+                if rc != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let ip = Ipv4Addr::from(u32::from_be(sa.sin_addr.s_addr));
+                Ok(SocketAddrV4::new(ip, u16::from_be(sa.sin_port)).into())
+            }
+            SocketAddr::V6(_) => {
+                // SAFETY: as above, for sockaddr_in6.
+                let mut sa: libc::sockaddr_in6 = unsafe { std::mem::zeroed() };
+                let mut len = std::mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t;
+                // SAFETY: fd is a valid socket for the duration of the call.
+                let rc = unsafe {
+                    libc::getsockopt(
+                        fd,
+                        libc::SOL_IPV6,
+                        IP6T_SO_ORIGINAL_DST,
+                        (&mut sa as *mut libc::sockaddr_in6).cast(),
+                        &mut len,
+                    )
+                };
+                if rc != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let ip = Ipv6Addr::from(sa.sin6_addr.s6_addr);
+                let addr = SocketAddrV6::new(ip, u16::from_be(sa.sin6_port), 0, 0);
+                Ok(addr.into())
+            }
+        }
+    }
+}
+
+/// A fixed table from the client's IP to the destination, for running without eBPF
+/// (tests, benchmarks): every connection from that IP goes to that destination.
+#[derive(Debug, Default, Clone)]
+pub struct StaticOriginalDst(HashMap<IpAddr, SocketAddr>);
+
+impl StaticOriginalDst {
+    pub fn new(routes: impl IntoIterator<Item = (IpAddr, SocketAddr)>) -> Self {
+        Self(routes.into_iter().collect())
+    }
+}
+
+impl OriginalDst for StaticOriginalDst {
+    fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
+        let peer = stream.peer_addr()?;
+        self.0.get(&peer.ip()).copied().ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::NotFound,
+                format!("no original destination configured for {}", peer.ip()),
+            )
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn so_original_dst_fails_without_redirect() {
+        let l = bind_listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let addr = l.local_addr().unwrap();
+        let c = TcpStream::connect(addr).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        // No netfilter/eBPF redirect: the kernel has no original destination to report.
+        assert!(SoOriginalDst.original_dst(&s).is_err());
+        drop(c);
+    }
+
+    #[tokio::test]
+    async fn static_routes_by_client_ip() {
+        let l = bind_listener("127.0.0.1:0".parse().unwrap(), true).unwrap();
+        let addr = l.local_addr().unwrap();
+        let dst: SocketAddr = "10.0.0.1:80".parse().unwrap();
+        let table = StaticOriginalDst::new([("127.0.0.1".parse().unwrap(), dst)]);
+        let _c = TcpStream::connect(addr).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        assert_eq!(table.original_dst(&s).unwrap(), dst);
+        let empty = StaticOriginalDst::default();
+        assert_eq!(
+            empty.original_dst(&s).unwrap_err().kind(),
+            io::ErrorKind::NotFound
+        );
+    }
+}

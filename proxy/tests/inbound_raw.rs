@@ -1,0 +1,434 @@
+//! The HBONE server against a raw HTTP/2-over-TLS client (h2 directly, not our outbound):
+//! every bad input gets ztunnel's status, bad certificates fail the handshake, and one bad
+//! request never disturbs the other tunnels of the connection.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::*;
+use h2::client::SendRequest;
+use http::{Method, Request, StatusCode};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
+use time::OffsetDateTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsConnector;
+use zmesh_identity::{SharedBundle, TrustDomain, WorkloadId};
+use zmesh_proxy::{
+    Authorizer, AuthzRequest, Decision, Direction, ProxyConfig, ProxyDeps, WorkloadStore,
+    WorkloadTable,
+};
+
+const T: Duration = Duration::from_secs(30);
+
+#[derive(Debug)]
+struct NoCert;
+impl rustls::client::ResolvesClientCert for NoCert {
+    fn resolve(&self, _: &[&[u8]], _: &[rustls::SignatureScheme]) -> Option<Arc<CertifiedKey>> {
+        None
+    }
+    fn has_certs(&self) -> bool {
+        false
+    }
+}
+
+struct Server {
+    ca: Ca,
+    proxy: Running,
+    server_id: WorkloadId,
+    client_id: WorkloadId,
+    client_ip: std::net::IpAddr,
+    server_ip: std::net::IpAddr,
+    echo_addr: SocketAddr,
+}
+
+async fn start(net: u8, authorizer: Option<Arc<dyn Authorizer>>) -> Server {
+    let ca = Ca::new("cluster.local");
+    let client = workload("client", "client-sa", "a", ip(net, 1));
+    let server = workload("server", "server-sa", "b", ip(net, 2));
+    let echo = TcpListener::bind(SocketAddr::new(ip(net, 2), 0))
+        .await
+        .unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    });
+    let store = Arc::new(WorkloadStore::new(
+        WorkloadTable::new(TrustDomain::default(), [], [client.clone(), server.clone()]).unwrap(),
+    ));
+    let mut deps = ProxyDeps::new(store, ca.credentials(&[&server.identity]));
+    if let Some(a) = authorizer {
+        deps.authorizer = a;
+    }
+    let proxy = Running::start(ProxyConfig::explicit("b", ip(net, 20)), deps).await;
+    Server {
+        ca,
+        proxy,
+        server_id: server.identity,
+        client_id: client.identity,
+        client_ip: ip(net, 1),
+        server_ip: ip(net, 2),
+        echo_addr,
+    }
+}
+
+fn certified(
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKeyDer<'static>,
+) -> Arc<CertifiedKey> {
+    let provider = zmesh_identity::tls::crypto_provider();
+    Arc::new(CertifiedKey::from_der(chain, key, &provider).unwrap())
+}
+
+impl Server {
+    fn client_config(&self, cert: Option<Arc<CertifiedKey>>) -> Arc<rustls::ClientConfig> {
+        let bundle = SharedBundle::new(self.ca.bundle());
+        let expected = vec![self.server_id.spiffe_id().clone()];
+        match cert {
+            Some(cert) => {
+                Arc::new(zmesh_identity::tls::client_config(cert, bundle, expected).unwrap())
+            }
+            None => {
+                // Same verification of the server, but no client certificate at all.
+                let mut config =
+                    zmesh_identity::tls::client_config(self.good_cert(), bundle, expected).unwrap();
+                config.client_auth_cert_resolver = Arc::new(NoCert);
+                Arc::new(config)
+            }
+        }
+    }
+
+    fn good_cert(&self) -> Arc<CertifiedKey> {
+        let (chain, key) = self.ca.leaf(&self.client_id.to_string());
+        certified(chain, key)
+    }
+
+    /// A TLS + HTTP/2 connection to the HBONE port.
+    async fn h2(&self, cert: Option<Arc<CertifiedKey>>) -> Result<SendRequest<Bytes>, String> {
+        let tcp = TcpStream::connect(self.proxy.addrs.inbound).await.unwrap();
+        let connector = TlsConnector::from(self.client_config(cert));
+        let name = ServerName::IpAddress(self.proxy.addrs.inbound.ip().into());
+        let tls = connector
+            .connect(name, tcp)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (send, conn) = h2::client::handshake(tls)
+            .await
+            .map_err(|e| e.to_string())?;
+        tokio::spawn(conn);
+        // With TLS 1.3 the server checks our certificate after the client finished;
+        // a rejection shows up on the first round trip.
+        let mut ready = send.ready().await.map_err(|e| e.to_string())?;
+        let mut req = Request::new(());
+        *req.method_mut() = Method::CONNECT;
+        *req.uri_mut() = self.echo_addr.to_string().parse().unwrap();
+        let (resp, _stream) = ready.send_request(req, false).map_err(|e| e.to_string())?;
+        let resp = tokio::time::timeout(T, resp)
+            .await
+            .unwrap()
+            .map_err(|e| e.to_string())?;
+        assert_eq!(resp.status(), StatusCode::OK);
+        Ok(ready)
+    }
+}
+
+async fn status_of(send: &SendRequest<Bytes>, req: Request<()>) -> StatusCode {
+    let mut send = send.clone().ready().await.unwrap();
+    let (resp, _stream) = send.send_request(req, false).unwrap();
+    tokio::time::timeout(T, resp)
+        .await
+        .unwrap()
+        .unwrap()
+        .status()
+}
+
+fn connect(authority: &str) -> Request<()> {
+    Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority)
+        .body(())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn bad_requests_get_ztunnels_status_and_spare_other_tunnels() {
+    let s = start(101, None).await;
+    let send = s.h2(Some(s.good_cert())).await.unwrap();
+    // A tunnel opened first, kept open across all the bad requests.
+    let mut early = send.clone().ready().await.unwrap();
+    let (resp, mut early_tx) = early
+        .send_request(connect(&s.echo_addr.to_string()), false)
+        .unwrap();
+    let mut early_rx = resp.await.unwrap().into_body();
+
+    let server = s.server_ip;
+    let closed_port = {
+        let l = TcpListener::bind(SocketAddr::new(server, 0)).await.unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let mut extended = Request::builder()
+        .method(Method::CONNECT)
+        .uri(format!("http://{}/tunnel", s.echo_addr))
+        .body(())
+        .unwrap();
+    extended
+        .extensions_mut()
+        .insert(h2::ext::Protocol::from_static("connect-tcp"));
+    let cases: Vec<(&str, Request<()>, StatusCode)> = vec![
+        (
+            "GET",
+            Request::get(format!("http://{}/", s.echo_addr))
+                .body(())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            Request::post(format!("http://{}/", s.echo_addr))
+                .body(())
+                .unwrap(),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "CONNECT with :protocol, :scheme and :path",
+            extended,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "authority not an IP",
+            connect("server.default:80"),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "authority without port",
+            connect(&server.to_string()),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "authority is a workload of another node",
+            connect(&format!("{}:80", s.client_ip)),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "port 15001",
+            connect(&format!("{server}:15001")),
+            StatusCode::SERVICE_UNAVAILABLE,
+        ),
+        (
+            "port 15006",
+            connect(&format!("{server}:15006")),
+            StatusCode::SERVICE_UNAVAILABLE,
+        ),
+        (
+            "port 15008",
+            connect(&format!("{server}:15008")),
+            StatusCode::SERVICE_UNAVAILABLE,
+        ),
+        (
+            "unknown destination",
+            connect(&format!("{}:80", ip(101, 99))),
+            StatusCode::SERVICE_UNAVAILABLE,
+        ),
+        (
+            "upstream refuses",
+            connect(&format!("{server}:{closed_port}")),
+            StatusCode::SERVICE_UNAVAILABLE,
+        ),
+    ];
+    for (what, req, want) in cases {
+        assert_eq!(status_of(&send, req).await, want, "{what}");
+    }
+
+    // The early tunnel still works after all that.
+    early_tx
+        .send_data(Bytes::from_static(b"still here"), true)
+        .unwrap();
+    let mut got = Vec::new();
+    while let Some(chunk) = early_rx.data().await {
+        let chunk = chunk.unwrap();
+        let _ = early_rx.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got, b"still here");
+
+    // And a new one on the same connection too.
+    assert_eq!(
+        status_of(&send, connect(&s.echo_addr.to_string())).await,
+        StatusCode::OK
+    );
+    assert_eq!(s.proxy.metrics.inbound_tls_connections(), 1);
+}
+
+#[derive(Debug)]
+struct DenyAll;
+impl Authorizer for DenyAll {
+    fn authorize(&self, r: &AuthzRequest<'_>) -> Decision {
+        assert_eq!(r.destination.name, "server");
+        Decision::Deny {
+            policy: format!("deny-all for {}", r.source),
+        }
+    }
+}
+
+#[tokio::test]
+async fn authorizer_denial_is_401() {
+    let s = start(102, Some(Arc::new(DenyAll))).await;
+    // h2() expects 200 on its probe; build the connection by hand here.
+    let tcp = TcpStream::connect(s.proxy.addrs.inbound).await.unwrap();
+    let connector = TlsConnector::from(s.client_config(Some(s.good_cert())));
+    let name = ServerName::IpAddress(s.proxy.addrs.inbound.ip().into());
+    let tls = connector.connect(name, tcp).await.unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    assert_eq!(
+        status_of(&send, connect(&s.echo_addr.to_string())).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(
+        s.proxy.metrics.closed_count(Direction::Inbound, "denied"),
+        1
+    );
+}
+
+async fn expect_rejected(s: &Server, cert: Option<Arc<CertifiedKey>>, reason: &'static str) {
+    let before = s
+        .proxy
+        .metrics
+        .handshake_failure_count(Direction::Inbound, reason);
+    let r = s.h2(cert).await;
+    assert!(r.is_err(), "handshake should fail ({reason})");
+    assert_eq!(
+        s.proxy
+            .metrics
+            .handshake_failure_count(Direction::Inbound, reason),
+        before + 1,
+        "reason {reason}: {r:?}"
+    );
+}
+
+#[tokio::test]
+async fn bad_client_certificates_fail_the_handshake() {
+    let s = start(103, None).await;
+    // Sanity: the good certificate works.
+    s.h2(Some(s.good_cert())).await.unwrap();
+
+    // Another trust domain, from another CA.
+    let other = Ca::new("other.org");
+    let (chain, key) = other.leaf("spiffe://other.org/ns/default/sa/client-sa");
+    expect_rejected(&s, Some(certified(chain, key)), "svid.trust-domain-unknown").await;
+
+    // Another trust domain's ID, signed by our own CA.
+    let (chain, key) = s.ca.leaf("spiffe://other.org/ns/default/sa/client-sa");
+    expect_rejected(&s, Some(certified(chain, key)), "svid.trust-domain-unknown").await;
+
+    // Expired.
+    let now = OffsetDateTime::now_utc();
+    let (chain, key) = s.ca.leaf_valid(
+        &s.client_id.to_string(),
+        now - time::Duration::days(2),
+        now - time::Duration::days(1),
+    );
+    expect_rejected(&s, Some(certified(chain, key)), "svid.expired").await;
+
+    // None at all.
+    expect_rejected(&s, None, "no_certificate").await;
+    assert_eq!(s.proxy.metrics.inbound_tls_connections(), 1);
+}
+
+/// HPACK literal header field without indexing, new name (RFC 7541 6.2.2); short strings.
+fn hpack_literal(out: &mut Vec<u8>, name: &str, value: &str) {
+    out.push(0x00);
+    out.push(name.len() as u8);
+    out.extend_from_slice(name.as_bytes());
+    out.push(value.len() as u8);
+    out.extend_from_slice(value.as_bytes());
+}
+
+fn frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
+    let len = payload.len() as u32;
+    let mut f = vec![(len >> 16) as u8, (len >> 8) as u8, len as u8, kind, flags];
+    f.extend_from_slice(&stream.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// Reads frames until one for `stream` that is HEADERS or RST_STREAM; returns (type, payload).
+async fn next_frame_for<R: AsyncReadExt + Unpin>(r: &mut R, stream: u32) -> (u8, Vec<u8>) {
+    loop {
+        let mut head = [0u8; 9];
+        r.read_exact(&mut head).await.unwrap();
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut payload = vec![0u8; len];
+        r.read_exact(&mut payload).await.unwrap();
+        let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+        if id == stream && (head[3] == 0x1 || head[3] == 0x3) {
+            return (head[3], payload);
+        }
+    }
+}
+
+#[tokio::test]
+async fn connect_with_path_or_scheme_is_refused_as_malformed() {
+    // The h2 client cannot send these (it enforces RFC 9113), so we write the frames.
+    let s = start(104, None).await;
+    let tcp = TcpStream::connect(s.proxy.addrs.inbound).await.unwrap();
+    let connector = TlsConnector::from(s.client_config(Some(s.good_cert())));
+    let name = ServerName::IpAddress(s.proxy.addrs.inbound.ip().into());
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    tls.write_all(&frame(0x4, 0, 0, &[])).await.unwrap();
+    let authority = s.echo_addr.to_string();
+    let requests: [(u32, &[(&str, &str)]); 3] = [
+        (
+            1,
+            &[
+                (":method", "CONNECT"),
+                (":authority", &authority),
+                (":path", "/"),
+            ],
+        ),
+        (
+            3,
+            &[
+                (":method", "CONNECT"),
+                (":authority", &authority),
+                (":scheme", "https"),
+            ],
+        ),
+        (5, &[(":method", "CONNECT"), (":authority", &authority)]),
+    ];
+    let mut results = Vec::new();
+    for (stream, headers) in requests {
+        let mut block = Vec::new();
+        for (n, v) in headers {
+            hpack_literal(&mut block, n, v);
+        }
+        // END_HEADERS, not END_STREAM.
+        tls.write_all(&frame(0x1, 0x4, stream, &block))
+            .await
+            .unwrap();
+        let got = tokio::time::timeout(T, next_frame_for(&mut tls, stream))
+            .await
+            .unwrap();
+        results.push(got);
+    }
+    // RST_STREAM(PROTOCOL_ERROR = 1) for the malformed ones (RFC 9113 8.1.1)...
+    assert_eq!(results[0], (0x3, vec![0, 0, 0, 1]));
+    assert_eq!(results[1], (0x3, vec![0, 0, 0, 1]));
+    // ...and the well-formed CONNECT on the same connection gets 200 (HPACK static index 8).
+    assert_eq!(results[2].0, 0x1);
+    assert_eq!(results[2].1.first(), Some(&0x88));
+}

@@ -1,0 +1,294 @@
+//! Small kernel interfaces aya does not wrap: filesystem checks, bpffs mount, link
+//! update, netns cookies, cgroup ids, and the policy route through iproute2.
+
+use std::{
+    ffi::CString,
+    io,
+    os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd},
+    os::unix::ffi::OsStrExt,
+    path::Path,
+    process::Command,
+};
+
+use crate::RedirectError;
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
+const SO_NETNS_COOKIE: libc::c_int = 71;
+const BPF_OBJ_PIN: libc::c_long = 6;
+const BPF_OBJ_GET: libc::c_long = 7;
+const BPF_LINK_CREATE: libc::c_long = 28;
+const BPF_LINK_UPDATE: libc::c_long = 29;
+/// `enum bpf_attach_type` value of `cgroup/getsockopt`.
+pub(crate) const BPF_CGROUP_GETSOCKOPT: u32 = 21;
+
+fn statfs_magic(path: &Path) -> io::Result<i64> {
+    let c = c_path(path)?;
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: c is a valid NUL-terminated string, st a valid out pointer.
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    #[allow(clippy::unnecessary_cast)]
+    Ok(st.f_type as i64)
+}
+
+pub(crate) fn is_bpffs(path: &Path) -> bool {
+    statfs_magic(path).is_ok_and(|m| m == BPF_FS_MAGIC)
+}
+
+pub(crate) fn is_cgroup2(path: &Path) -> bool {
+    statfs_magic(path).is_ok_and(|m| m == CGROUP2_SUPER_MAGIC)
+}
+
+/// Mounts bpffs at /sys/fs/bpf when nothing is mounted there yet (it is not by default here).
+pub(crate) fn ensure_bpffs() -> Result<(), RedirectError> {
+    let root = Path::new("/sys/fs/bpf");
+    if is_bpffs(root) {
+        return Ok(());
+    }
+    std::fs::create_dir_all(root).map_err(|source| RedirectError::Io {
+        op: "create",
+        path: root.into(),
+        source,
+    })?;
+    let src = c"bpf";
+    let target = c"/sys/fs/bpf";
+    // SAFETY: all pointers are valid NUL-terminated strings; data may be NULL.
+    let rc = unsafe {
+        libc::mount(
+            src.as_ptr(),
+            target.as_ptr(),
+            src.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
+    };
+    if rc != 0 {
+        return Err(RedirectError::BpffsMount(io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
+    // SAFETY: attr points to a fully initialised prefix of union bpf_attr for `cmd`;
+    // the kernel reads at most size_of::<T>() bytes.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const T,
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(rc)
+}
+
+fn c_path(path: &Path) -> io::Result<CString> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "path contains NUL"))
+}
+
+#[repr(C)]
+struct ObjAttr {
+    pathname: u64,
+    bpf_fd: u32,
+    file_flags: u32,
+}
+
+/// Opens a pinned object (here: a link).
+pub(crate) fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let c = c_path(path)?;
+    let attr = ObjAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let fd = bpf(BPF_OBJ_GET, &attr)?;
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Pins an object at `path` on bpffs.
+pub(crate) fn obj_pin(fd: BorrowedFd<'_>, path: &Path) -> io::Result<()> {
+    let c = c_path(path)?;
+    let attr = ObjAttr {
+        pathname: c.as_ptr() as u64,
+        bpf_fd: fd.as_raw_fd() as u32,
+        file_flags: 0,
+    };
+    bpf(BPF_OBJ_PIN, &attr).map(|_| ())
+}
+
+/// A cgroup link (exclusive attachment, like `CgroupAttachMode::Single`), for program
+/// kinds whose aya link cannot be turned into a pinnable fd link.
+pub(crate) fn cgroup_link_create(
+    prog: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    attach_type: u32,
+) -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct Attr {
+        prog_fd: u32,
+        target_fd: u32,
+        attach_type: u32,
+        flags: u32,
+    }
+    let attr = Attr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_type,
+        flags: 0,
+    };
+    let fd = bpf(BPF_LINK_CREATE, &attr)?;
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Atomically swaps the program behind a pinned link: redirection never stops.
+pub(crate) fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Result<()> {
+    #[repr(C)]
+    struct Attr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr = Attr {
+        link_fd: link.as_raw_fd() as u32,
+        new_prog_fd: prog.as_raw_fd() as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    bpf(BPF_LINK_UPDATE, &attr).map(|_| ())
+}
+
+/// The network namespace cookie of a socket (what `bpf_get_netns_cookie` returns).
+pub fn netns_cookie_of(socket: BorrowedFd<'_>) -> io::Result<u64> {
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: valid fd, out pointer and length.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(cookie)
+}
+
+/// The cookie of the network namespace the calling thread is in.
+pub fn current_netns_cookie() -> io::Result<u64> {
+    let sock = std::net::UdpSocket::bind("0.0.0.0:0").or_else(|_| {
+        // a netns without IPv4 addresses still lets us open an unbound socket
+        std::net::UdpSocket::bind("[::]:0")
+    })?;
+    netns_cookie_of(sock.as_fd())
+}
+
+/// The id of a cgroup v2 directory (what `bpf_get_current_cgroup_id` returns).
+pub fn cgroup_id(path: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    if !is_cgroup2(path) {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not on a cgroup v2 mount", path.display()),
+        ));
+    }
+    Ok(std::fs::metadata(path)?.ino())
+}
+
+fn ip(args: &[&str]) -> Result<(), RedirectError> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .map_err(|source| RedirectError::Io {
+            op: "run",
+            path: "ip".into(),
+            source,
+        })?;
+    if out.status.success() {
+        return Ok(());
+    }
+    Err(RedirectError::Command {
+        cmd: format!("ip {}", args.join(" ")),
+        stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+    })
+}
+
+fn rule_args(mark: u32, table: u32) -> [String; 4] {
+    [
+        "fwmark".into(),
+        format!("{mark:#x}/{mark:#x}"),
+        "lookup".into(),
+        table.to_string(),
+    ]
+}
+
+/// `ip rule add fwmark M/M lookup T` + `ip route replace local 0.0.0.0/0 dev lo table T`
+/// in the calling thread's netns; idempotent.
+pub(crate) fn add_policy_route(mark: u32, table: u32) -> Result<(), RedirectError> {
+    let table_s = table.to_string();
+    ip(&[
+        "route",
+        "replace",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        &table_s,
+    ])?;
+    let r = rule_args(mark, table);
+    let mut args = vec!["rule", "add"];
+    args.extend(r.iter().map(String::as_str));
+    match ip(&args) {
+        Err(RedirectError::Command { stderr, .. }) if stderr.contains("File exists") => Ok(()),
+        other => other,
+    }
+}
+
+/// Removes what [`add_policy_route`] added; absent entries are not an error.
+pub(crate) fn del_policy_route(mark: u32, table: u32) -> Result<(), RedirectError> {
+    let r = rule_args(mark, table);
+    let mut args = vec!["rule", "del"];
+    args.extend(r.iter().map(String::as_str));
+    // delete every copy (a crashed agent may have added one more)
+    loop {
+        match ip(&args) {
+            Ok(()) => continue,
+            Err(RedirectError::Command { stderr, .. }) if is_absent(&stderr) => break,
+            Err(e) => return Err(e),
+        }
+    }
+    let table_s = table.to_string();
+    match ip(&[
+        "route",
+        "del",
+        "local",
+        "0.0.0.0/0",
+        "dev",
+        "lo",
+        "table",
+        &table_s,
+    ]) {
+        Err(RedirectError::Command { stderr, .. }) if is_absent(&stderr) => Ok(()),
+        other => other,
+    }
+}
+
+fn is_absent(stderr: &str) -> bool {
+    stderr.contains("No such file or directory")
+        || stderr.contains("No such process")
+        || stderr.contains("not found")
+        || stderr.contains("does not exist")
+}

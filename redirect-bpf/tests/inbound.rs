@@ -1,0 +1,295 @@
+//! Inbound steering (tc ingress + bpf_sk_assign) and strict mode: needs root; builds
+//! client -> node -> pod namespaces and removes everything afterwards.
+
+mod common;
+
+use std::{
+    io::{ErrorKind, Read, Write},
+    net::{IpAddr, SocketAddr, TcpListener, TcpStream},
+    os::fd::AsRawFd,
+    time::{Duration, Instant},
+};
+
+use common::*;
+use zmesh_redirect::{
+    DropReason, InboundMode, ProxyConfig, RedirectConfig, RedirectError, Redirector, RejectMode,
+};
+
+const WAIT: Duration = Duration::from_secs(5);
+const POD: &str = "10.77.0.2";
+
+struct Topo {
+    _inst: Installed,
+    node: Netns,
+    pod: Netns,
+    client: Netns,
+    node_if_to_client: String,
+    _cg: Cgroup,
+    red: Redirector,
+}
+
+/// client 10.79.0.2 -> (10.79.0.1) node (10.77.0.1) -> pod 10.77.0.2; tc on the node's
+/// interface facing the client.
+fn topo() -> Topo {
+    let node = Netns::new("n");
+    let pod = Netns::new("p");
+    let client = Netns::new("c");
+    veth(&node, "10.77.0.1", &pod, POD);
+    let (node_if_to_client, _) = veth(&node, "10.79.0.1", &client, "10.79.0.2");
+    pod.exec(&["ip", "route", "add", "default", "via", "10.77.0.1"]);
+    client.exec(&["ip", "route", "add", "default", "via", "10.79.0.1"]);
+    node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    let cg = Cgroup::new();
+    let pin_dir = Installed::pin_dir("i");
+    let inst = Installed {
+        pin_dir: pin_dir.clone(),
+        netns: node.name.clone(),
+    };
+    let mut proxy = ProxyConfig::new("10.77.0.1:15001".parse().unwrap());
+    proxy.route_table = 1337;
+    proxy.mark = 0x5390;
+    let config = RedirectConfig {
+        pin_dir,
+        cgroup: cg.path.clone(),
+        ingress_interfaces: vec![node_if_to_client.clone()],
+        proxy,
+    };
+    let red = node.run(move || Redirector::load(&config)).expect("load");
+    Topo {
+        _inst: inst,
+        node,
+        pod,
+        client,
+        node_if_to_client,
+        _cg: cg,
+        red,
+    }
+}
+
+fn connect(
+    ns: &Netns,
+    addr: &str,
+    ip_options: bool,
+    timeout: Duration,
+) -> std::io::Result<TcpStream> {
+    let addr: SocketAddr = addr.parse().unwrap();
+    ns.run(move || {
+        if !ip_options {
+            return TcpStream::connect_timeout(&addr, timeout);
+        }
+        // A socket whose packets carry IP options (ihl = 6): NOP NOP NOP EOL.
+        // SAFETY: plain socket syscalls on a fresh fd wrapped right away.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0);
+        let s = unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        let opts = [1u8, 1, 1, 0];
+        let rc = unsafe {
+            libc::setsockopt(fd, libc::SOL_IP, libc::IP_OPTIONS, opts.as_ptr().cast(), 4)
+        };
+        assert_eq!(rc, 0);
+        let tv = libc::timeval {
+            tv_sec: timeout.as_secs() as i64,
+            tv_usec: timeout.subsec_micros() as i64,
+        };
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                16,
+            )
+        };
+        let SocketAddr::V4(v4) = addr else {
+            unreachable!()
+        };
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as u16,
+            sin_port: v4.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(v4.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc =
+            unsafe { libc::connect(s.as_raw_fd(), (&sin as *const libc::sockaddr_in).cast(), 16) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(s)
+    })
+}
+
+fn proxy_listeners(node: &Netns) -> (TcpListener, TcpListener) {
+    node.run(|| {
+        (
+            transparent_listener("0.0.0.0:15006".parse().unwrap()),
+            transparent_listener("0.0.0.0:15008".parse().unwrap()),
+        )
+    })
+}
+
+fn echo_roundtrip(client: &mut TcpStream, accepted: &mut TcpStream) {
+    client.write_all(b"hello").unwrap();
+    let mut buf = [0u8; 5];
+    accepted.read_exact(&mut buf).unwrap();
+    accepted.write_all(&buf).unwrap();
+    let mut back = [0u8; 5];
+    client.read_exact(&mut back).unwrap();
+    assert_eq!(&back, b"hello");
+}
+
+#[test]
+fn plaintext_and_hbone_to_enrolled_pod_reach_the_proxy_listeners() {
+    let _s = serial();
+    let mut t = topo();
+    let (plain, hbone) = proxy_listeners(&t.node);
+    let pod_app = t.pod.run(|| TcpListener::bind("0.0.0.0:80").unwrap());
+    let pod_hbone = t.pod.run(|| TcpListener::bind("0.0.0.0:15008").unwrap());
+
+    // not enrolled yet: straight to the pod
+    let _c = connect(&t.client, "10.77.0.2:80", false, WAIT).expect("direct connect");
+    assert!(accept_within(&pod_app, WAIT).is_some());
+    assert!(!has_pending(&plain));
+
+    t.red
+        .enroll_pod_ip(POD.parse().unwrap(), InboundMode::Permissive)
+        .unwrap();
+    for ip_options in [false, true] {
+        let mut c = connect(&t.client, "10.77.0.2:80", ip_options, WAIT).expect("connect");
+        let (mut a, peer) = accept_within(&plain, WAIT).expect("15006 got the connection");
+        assert_eq!(
+            a.local_addr().unwrap(),
+            "10.77.0.2:80".parse().unwrap(),
+            "original dst"
+        );
+        assert_eq!(peer, c.local_addr().unwrap());
+        echo_roundtrip(&mut c, &mut a);
+        assert!(!has_pending(&pod_app));
+
+        let mut c = connect(&t.client, "10.77.0.2:15008", ip_options, WAIT).expect("connect");
+        let (mut a, _) = accept_within(&hbone, WAIT).expect("15008 got the HBONE connection");
+        assert_eq!(a.local_addr().unwrap(), "10.77.0.2:15008".parse().unwrap());
+        echo_roundtrip(&mut c, &mut a);
+        assert!(!has_pending(&pod_hbone));
+    }
+
+    // un-enrolled: direct again
+    t.red.unenroll_pod_ip(POD.parse().unwrap()).unwrap();
+    let _c = connect(&t.client, "10.77.0.2:80", false, WAIT).expect("direct connect");
+    assert!(accept_within(&pod_app, WAIT).is_some());
+    assert!(!has_pending(&plain));
+    assert_eq!(t.red.drop_counts().unwrap(), Default::default());
+}
+
+#[test]
+fn strict_mode_refuses_plaintext_at_once_and_reports_it() {
+    let _s = serial();
+    let mut t = topo();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let mut events = t.red.drop_events().unwrap();
+    let (plain, hbone) = proxy_listeners(&t.node);
+    t.red
+        .enroll_pod_ip(POD.parse().unwrap(), InboundMode::Strict)
+        .unwrap();
+
+    for (i, ip_options) in [false, true].into_iter().enumerate() {
+        let start = Instant::now();
+        let err = connect(&t.client, "10.77.0.2:80", ip_options, WAIT).expect_err("refused");
+        let elapsed = start.elapsed();
+        assert_eq!(
+            err.kind(),
+            ErrorKind::ConnectionRefused,
+            "a RST, not a timeout: {err}"
+        );
+        eprintln!("strict refusal (ip options: {ip_options}) took {elapsed:?}");
+        let ev = rt
+            .block_on(tokio::time::timeout(WAIT, events.next()))
+            .expect("event")
+            .unwrap();
+        assert_eq!(ev.reason, DropReason::StrictPlaintext);
+        assert_eq!(ev.src.ip(), "10.79.0.2".parse::<IpAddr>().unwrap());
+        assert_eq!(ev.dst, "10.77.0.2:80".parse().unwrap());
+        assert_eq!(t.red.drop_counts().unwrap().strict_plaintext, i as u64 + 1);
+    }
+    assert!(!has_pending(&plain));
+
+    // HBONE is still accepted in strict mode
+    let mut c = connect(&t.client, "10.77.0.2:15008", false, WAIT).expect("hbone connect");
+    let (mut a, _) = accept_within(&hbone, WAIT).expect("15008");
+    echo_roundtrip(&mut c, &mut a);
+
+    // a mesh proxy's address may send plaintext
+    t.red.add_mesh_source("10.79.0.2".parse().unwrap()).unwrap();
+    let _c = connect(&t.client, "10.77.0.2:80", false, WAIT).expect("mesh source connect");
+    assert!(accept_within(&plain, WAIT).is_some());
+    t.red
+        .remove_mesh_source("10.79.0.2".parse().unwrap())
+        .unwrap();
+
+    // node-wide strict mode applies to permissive pods too
+    t.red
+        .enroll_pod_ip(POD.parse().unwrap(), InboundMode::Permissive)
+        .unwrap();
+    let mut proxy = ProxyConfig::new("10.77.0.1:15001".parse().unwrap());
+    proxy.route_table = 1337;
+    proxy.mark = 0x5390;
+    proxy.node_mode = InboundMode::Strict;
+    t.red.set_proxy(&proxy).unwrap();
+    let err = connect(&t.client, "10.77.0.2:80", false, WAIT).expect_err("refused");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
+    assert!(
+        events.try_next().is_some()
+            || rt
+                .block_on(tokio::time::timeout(WAIT, events.next()))
+                .is_ok()
+    );
+    assert_eq!(t.red.drop_counts().unwrap().strict_plaintext, 3);
+
+    // silent-drop mode: no RST, the client is left waiting
+    proxy.reject = RejectMode::Drop;
+    t.red.set_proxy(&proxy).unwrap();
+    let err = connect(&t.client, "10.77.0.2:80", false, Duration::from_millis(300))
+        .expect_err("dropped");
+    assert_ne!(err.kind(), ErrorKind::ConnectionRefused, "no RST in drop mode: {err}");
+    assert_eq!(t.red.drop_counts().unwrap().strict_plaintext, 4);
+
+    // mark and table are fixed at install
+    proxy.mark = 0x1;
+    assert!(matches!(
+        t.red.set_proxy(&proxy),
+        Err(RedirectError::InvalidConfig(_))
+    ));
+}
+
+#[test]
+fn missing_proxy_listener_fails_closed_and_is_reported() {
+    let _s = serial();
+    let mut t = topo();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let mut events = t.red.drop_events().unwrap();
+    let pod_app = t.pod.run(|| TcpListener::bind("0.0.0.0:80").unwrap());
+    t.red
+        .enroll_pod_ip(POD.parse().unwrap(), InboundMode::Permissive)
+        .unwrap();
+    // no 15006 listener: the SYN is dropped, never handed to the pod in plaintext
+    let err = connect(&t.client, "10.77.0.2:80", false, Duration::from_millis(300))
+        .expect_err("no proxy");
+    assert_ne!(err.kind(), ErrorKind::ConnectionRefused);
+    let ev = rt
+        .block_on(tokio::time::timeout(WAIT, events.next()))
+        .expect("event")
+        .unwrap();
+    assert_eq!(ev.reason, DropReason::ProxyUnavailable);
+    assert!(!has_pending(&pod_app));
+    assert!(t.red.drop_counts().unwrap().proxy_unavailable >= 1);
+    let _ = &t.node_if_to_client;
+}
