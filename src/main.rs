@@ -18,6 +18,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the node agent: enrollment from cluster state, certificates, eBPF redirection
+    /// and the HBONE proxy.
+    Agent(cmd::agent::AgentArgs),
     /// Run and operate the zmesh CA (Istio CA API), and enrol node agents with it.
     Ca(cmd::ca::CaArgs),
     /// Build a local cluster in network namespaces and run the mesh on it (the demo).
@@ -43,6 +46,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Agent(args) => cmd::agent::run_agent(args).await,
             Command::Ca(args) => cmd::ca::run(args).await,
             Command::Demo(args) => cmd::demo::run(args).await,
             Command::Certs(args) => cmd::certs::run(args).await,

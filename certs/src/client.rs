@@ -6,12 +6,14 @@ use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tonic::metadata::AsciiMetadataValue;
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::{Code, Status};
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -26,8 +28,8 @@ use crate::node::NodeName;
 use crate::pb::istio::istio_certificate_service_client::IstioCertificateServiceClient;
 use crate::pb::istio::IstioCertificateRequest;
 use crate::pb::zmesh::node_join_client::NodeJoinClient;
-use crate::pb::zmesh::JoinRequest;
-use crate::server::IMPERSONATED_IDENTITY;
+use crate::pb::zmesh::{JoinRequest, RenewRequest};
+use crate::server::{CLUSTER_ID_HEADER, IMPERSONATED_IDENTITY};
 
 const NODE_KEY_FILE: &str = "node.key";
 const NODE_CERT_FILE: &str = "node.pem";
@@ -52,6 +54,12 @@ pub enum ClientError {
     Store(#[from] StoreError),
     #[error("cannot create a key or CSR: {0}")]
     Csr(#[from] rcgen::Error),
+    #[error("invalid cluster id {0:?}: it must be printable ASCII")]
+    InvalidClusterId(String),
+    #[error("the node credentials are for {found}, not {expected}")]
+    WrongNode { expected: String, found: String },
+    #[error("the node certificate expired at {0}; join again with a new token")]
+    NodeCertExpired(String),
 }
 
 impl From<Status> for ClientError {
@@ -61,7 +69,7 @@ impl From<Status> for ClientError {
 }
 
 /// A node agent's credential: its client certificate chain (leaf + intermediate), key,
-/// and the CA bundle it learned when joining.
+/// and the CA bundle it learned when joining (updated by every renewal).
 #[derive(Clone)]
 pub struct NodeCredentials {
     pub cert_chain_pem: String,
@@ -76,32 +84,132 @@ impl std::fmt::Debug for NodeCredentials {
     }
 }
 
+/// `<file>.next`: a staged replacement written by `NodeCredentials::save`.
+fn staged(dir: &Path, file: &str) -> std::path::PathBuf {
+    dir.join(format!("{file}.next"))
+}
+
 impl NodeCredentials {
-    /// Reads `node.pem`, `node.key` (must be 0600) and `ca-bundle.pem` from `dir`.
+    /// Reads `node.pem`, `node.key` (must be 0600) and `ca-bundle.pem` from `dir`, first
+    /// finishing or undoing a `save` that a crash interrupted, and checks that the key
+    /// belongs to the certificate.
     pub fn load(dir: &Path) -> Result<Self, StoreError> {
-        Ok(Self {
-            key_pem: files::read_secret(&dir.join(NODE_KEY_FILE))?,
+        Self::recover(dir)?;
+        let key_path = dir.join(NODE_KEY_FILE);
+        let credentials = Self {
+            key_pem: files::read_secret(&key_path)?,
             cert_chain_pem: files::read_string(&dir.join(NODE_CERT_FILE))?,
             roots_pem: files::read_string(&dir.join(NODE_BUNDLE_FILE))?,
-        })
+        };
+        credentials
+            .check_key()
+            .map_err(|reason| StoreError::BadStateFile {
+                path: key_path,
+                reason,
+            })?;
+        Ok(credentials)
     }
 
-    /// Writes the three files into `dir` (created 0700); the key is 0600 from creation.
+    /// Writes the three files into `dir` (created 0700), replacing what is there as one
+    /// unit: a reader (or a restart after a crash) sees the old key and certificate or
+    /// the new ones, never a mix. The key is 0600 from creation.
+    ///
+    /// All new files are first staged as `*.next`; renaming `node.key.next` is the commit
+    /// point, after which the certificate and bundle follow. `load` completes a committed
+    /// save and discards an uncommitted one.
     pub fn save(&self, dir: &Path) -> Result<(), StoreError> {
         files::create_private_dir(dir)?;
-        files::write_atomic(&dir.join(NODE_KEY_FILE), self.key_pem.as_bytes(), 0o600)?;
+        Self::recover(dir)?;
+        let key_next = staged(dir, NODE_KEY_FILE);
+        files::write_atomic(&key_next, self.key_pem.as_bytes(), 0o600)?;
         files::write_atomic(
-            &dir.join(NODE_CERT_FILE),
+            &staged(dir, NODE_CERT_FILE),
             self.cert_chain_pem.as_bytes(),
             0o644,
         )?;
         files::write_atomic(
-            &dir.join(NODE_BUNDLE_FILE),
+            &staged(dir, NODE_BUNDLE_FILE),
             self.roots_pem.as_bytes(),
             0o644,
         )?;
+        files::sync_dir(dir)?;
+        let key = dir.join(NODE_KEY_FILE);
+        std::fs::rename(&key_next, &key).map_err(|e| StoreError::io(&key, e))?;
+        files::sync_dir(dir)?;
+        Self::roll_forward(dir)
+    }
+
+    fn recover(dir: &Path) -> Result<(), StoreError> {
+        if staged(dir, NODE_KEY_FILE).exists() {
+            // Not committed: the current files are still the consistent set.
+            for file in [NODE_KEY_FILE, NODE_CERT_FILE, NODE_BUNDLE_FILE] {
+                let path = staged(dir, file);
+                match std::fs::remove_file(&path) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(StoreError::io(path, e)),
+                }
+            }
+            return files::sync_dir(dir);
+        }
+        Self::roll_forward(dir)
+    }
+
+    /// Moves staged certificate and bundle files into place (the key is already there).
+    fn roll_forward(dir: &Path) -> Result<(), StoreError> {
+        for file in [NODE_CERT_FILE, NODE_BUNDLE_FILE] {
+            let next = staged(dir, file);
+            if next.exists() {
+                let path = dir.join(file);
+                std::fs::rename(&next, &path).map_err(|e| StoreError::io(path, e))?;
+            }
+        }
+        files::sync_dir(dir)
+    }
+
+    /// The key's public half must be the certificate's.
+    pub(crate) fn check_key(&self) -> Result<(), String> {
+        use rcgen::PublicKeyData;
+        let key = rcgen::KeyPair::from_pem(&self.key_pem)
+            .map_err(|e| format!("node key does not parse: {e}"))?;
+        let leaf = self.leaf().map_err(|e| e.to_string())?;
+        let (_, cert) = X509Certificate::from_der(&leaf.der)
+            .map_err(|e| format!("node certificate does not parse: {e}"))?;
+        if key.subject_public_key_info() != cert.public_key().raw {
+            return Err(format!(
+                "{NODE_KEY_FILE} does not belong to the certificate in {NODE_CERT_FILE}"
+            ));
+        }
         Ok(())
     }
+
+    /// Facts about the node certificate this credential holds.
+    pub(crate) fn leaf(&self) -> Result<LeafSummary, ClientError> {
+        let chain = parse_certs(&self.cert_chain_pem)?;
+        let Some(der) = chain.first().cloned() else {
+            return Err(ClientError::Pem("the node certificate file is empty".into()));
+        };
+        let (_, cert) = X509Certificate::from_der(&der)
+            .map_err(|e| ClientError::Pem(format!("node certificate: {e}")))?;
+        let validity = cert.validity();
+        Ok(LeafSummary {
+            uris: leaf_uris(&der).map_err(ClientError::Pem)?,
+            not_before: validity.not_before.to_datetime().into(),
+            not_after: validity.not_after.to_datetime().into(),
+            intermediate: chain.get(1).cloned(),
+            der,
+        })
+    }
+}
+
+/// What the renewer needs to know about a node certificate.
+pub(crate) struct LeafSummary {
+    pub der: CertificateDer<'static>,
+    pub uris: Vec<String>,
+    pub not_before: SystemTime,
+    pub not_after: SystemTime,
+    /// The intermediate that issued it, which tells the signing chain.
+    pub intermediate: Option<CertificateDer<'static>>,
 }
 
 /// How the client proves who it is to the CA.
@@ -115,20 +223,36 @@ pub enum ClientCredential {
     None,
 }
 
-/// Client for Istio's `IstioCertificateService`, usable by the node's certificate
-/// manager through `CertificateAuthority`. It verifies the CA's serving certificate
-/// against the bundle, and adopts the bundle each response carries, so it keeps
-/// trusting the CA through a root rotation.
+/// Client for Istio's `IstioCertificateService` and zmesh's node join/renewal, usable by
+/// the node's certificate manager through `CertificateAuthority`. It verifies the CA's
+/// serving certificate against the bundle, and adopts the bundle each response carries,
+/// so it keeps trusting the CA through a root rotation. Clones share one connection and
+/// one credential, so a node certificate renewal reaches every user.
 #[derive(Clone)]
 pub struct IstioCaClient {
-    channel: Channel,
-    bearer: Option<String>,
-    roots: Arc<RwLock<Vec<CertificateDer<'static>>>>,
+    inner: Arc<ClientInner>,
 }
+
+struct ClientInner {
+    addr: String,
+    server_name: ServerName<'static>,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    roots: Arc<RwLock<Vec<CertificateDer<'static>>>>,
+    bearer: Option<String>,
+    cluster_id: RwLock<Option<AsciiMetadataValue>>,
+    /// Replaced (with a new connection) when the node certificate changes.
+    channel: RwLock<Channel>,
+    /// The intermediate of the last chain the CA issued: the signing chain right now.
+    signing_intermediate: watch::Sender<Option<CertificateDer<'static>>>,
+}
+
+type ClientCert = Arc<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>;
 
 impl std::fmt::Debug for IstioCaClient {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("IstioCaClient").finish_non_exhaustive()
+        f.debug_struct("IstioCaClient")
+            .field("addr", &self.inner.addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -146,44 +270,86 @@ impl IstioCaClient {
                 "the CA bundle holds no certificate".into(),
             ));
         }
-        let roots = Arc::new(RwLock::new(roots));
         let (client_cert, bearer) = match credential {
-            ClientCredential::NodeCert(c) => {
-                let chain = parse_certs(&c.cert_chain_pem)?;
-                let key = PrivateKeyDer::from_pem_slice(c.key_pem.as_bytes())
-                    .map_err(|e| ClientError::Pem(format!("node key: {e}")))?;
-                (Some(Arc::new((chain, key))), None)
-            }
+            ClientCredential::NodeCert(c) => (Some(client_cert(&c)?), None),
             ClientCredential::Bearer(t) => (None, Some(t)),
             ClientCredential::None => (None, None),
         };
         let (host, _port) = split_host_port(addr)?;
         let server_name = ServerName::try_from(host.to_owned())
             .map_err(|_| ClientError::Address(addr.to_owned()))?;
-        let connector = TlsConnector {
-            addr: addr.to_owned(),
-            server_name,
-            roots: roots.clone(),
-            client_cert,
-            provider: Arc::new(rustls::crypto::aws_lc_rs::default_provider()),
-        };
-        // "http" here only names the h2 :scheme; TLS is done by the connector.
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|_| ClientError::Address(addr.to_owned()))?
-            .connect_timeout(CONNECT_TIMEOUT)
-            .timeout(REQUEST_TIMEOUT)
-            .connect_with_connector_lazy(connector);
+        let roots = Arc::new(RwLock::new(roots));
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let channel = make_channel(addr, &server_name, &roots, &provider, client_cert)?;
         Ok(Self {
-            channel,
-            bearer,
-            roots,
+            inner: Arc::new(ClientInner {
+                addr: addr.to_owned(),
+                server_name,
+                provider,
+                roots,
+                bearer,
+                cluster_id: RwLock::new(None),
+                channel: RwLock::new(channel),
+                signing_intermediate: watch::Sender::new(None),
+            }),
         })
+    }
+
+    /// Sends `clusterid: <id>` with every request, as Istio clients do; a CA serving
+    /// another cluster then refuses instead of issuing.
+    pub fn set_cluster_id(&self, id: &str) -> Result<(), ClientError> {
+        let value = id
+            .parse::<AsciiMetadataValue>()
+            .map_err(|_| ClientError::InvalidClusterId(id.to_owned()))?;
+        *self
+            .inner
+            .cluster_id
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = Some(value);
+        Ok(())
+    }
+
+    /// Presents `credentials` from now on. Requests already in flight finish on the old
+    /// connection; new ones open a new connection with the new certificate.
+    pub fn set_node_credentials(&self, credentials: &NodeCredentials) -> Result<(), ClientError> {
+        let inner = &self.inner;
+        let channel = make_channel(
+            &inner.addr,
+            &inner.server_name,
+            &inner.roots,
+            &inner.provider,
+            Some(client_cert(credentials)?),
+        )?;
+        *inner.channel.write().unwrap_or_else(|p| p.into_inner()) = channel;
+        Ok(())
     }
 
     /// The roots this client currently trusts, PEM.
     pub fn roots_pem(&self) -> Vec<String> {
-        let roots = self.roots.read().unwrap_or_else(|p| p.into_inner());
+        let roots = self.inner.roots.read().unwrap_or_else(|p| p.into_inner());
         roots.iter().map(|r| der_to_pem(r)).collect()
+    }
+
+    fn channel(&self) -> Channel {
+        self.inner
+            .channel
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn request<T>(&self, body: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(body);
+        let cluster_id = self
+            .inner
+            .cluster_id
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(id) = cluster_id {
+            request.metadata_mut().insert(CLUSTER_ID_HEADER, id);
+        }
+        request
     }
 
     /// Raw `CreateCertificate`: returns Istio's `cert_chain` as sent.
@@ -202,39 +368,107 @@ impl IstioCaClient {
             )]
             .into(),
         });
-        let mut request = tonic::Request::new(IstioCertificateRequest {
+        let mut request = self.request(IstioCertificateRequest {
             csr: csr_pem.to_owned(),
             validity_duration: validity_secs,
             metadata,
         });
-        if let Some(token) = &self.bearer {
+        if let Some(token) = &self.inner.bearer {
             let value = format!("Bearer {token}").parse().map_err(|_| {
                 Status::invalid_argument("bearer token is not a valid header value")
             })?;
             request.metadata_mut().insert("authorization", value);
         }
-        let response = IstioCertificateServiceClient::new(self.channel.clone())
+        let response = IstioCertificateServiceClient::new(self.channel())
             .create_certificate(request)
             .await?;
-        Ok(response.into_inner().cert_chain)
+        let chain = response.into_inner().cert_chain;
+        self.note_signing_chain(&chain);
+        Ok(chain)
     }
 
     /// Raw `Join`.
     pub async fn join_raw(&self, token: &str, csr_pem: &str) -> Result<Vec<String>, Status> {
-        let response = NodeJoinClient::new(self.channel.clone())
-            .join(JoinRequest {
-                token: token.to_owned(),
-                csr: csr_pem.to_owned(),
-            })
-            .await?;
+        let request = self.request(JoinRequest {
+            token: token.to_owned(),
+            csr: csr_pem.to_owned(),
+        });
+        let response = NodeJoinClient::new(self.channel()).join(request).await?;
         Ok(response.into_inner().cert_chain)
     }
 
-    fn adopt_roots(&self, roots: &[CertificateDer<'static>]) {
+    /// Raw `Renew`, authenticated by the node certificate this client presents.
+    pub async fn renew_raw(&self, csr_pem: &str) -> Result<Vec<String>, Status> {
+        let request = self.request(RenewRequest {
+            csr: csr_pem.to_owned(),
+        });
+        let response = NodeJoinClient::new(self.channel()).renew(request).await?;
+        let chain = response.into_inner().cert_chain;
+        self.note_signing_chain(&chain);
+        Ok(chain)
+    }
+
+    /// Changes to the CA's signing intermediate, as seen in the chains it issues.
+    pub(crate) fn watch_signing_intermediate(
+        &self,
+    ) -> watch::Receiver<Option<CertificateDer<'static>>> {
+        self.inner.signing_intermediate.subscribe()
+    }
+
+    fn note_signing_chain(&self, chain: &[String]) {
+        // [leaf, intermediate, roots]: only a full chain names its intermediate.
+        let [_, intermediate, _] = chain else {
+            return;
+        };
+        let Ok(der) = CertificateDer::from_pem_slice(intermediate.as_bytes()) else {
+            return;
+        };
+        self.inner.signing_intermediate.send_if_modified(|seen| {
+            if seen.as_ref() == Some(&der) {
+                return false;
+            }
+            *seen = Some(der);
+            true
+        });
+    }
+
+    pub(crate) fn adopt_roots(&self, roots: &[CertificateDer<'static>]) {
         if !roots.is_empty() {
-            *self.roots.write().unwrap_or_else(|p| p.into_inner()) = roots.to_vec();
+            *self.inner.roots.write().unwrap_or_else(|p| p.into_inner()) = roots.to_vec();
         }
     }
+}
+
+fn client_cert(credentials: &NodeCredentials) -> Result<ClientCert, ClientError> {
+    let chain = parse_certs(&credentials.cert_chain_pem)?;
+    if chain.is_empty() {
+        return Err(ClientError::Pem("the node certificate file is empty".into()));
+    }
+    let key = PrivateKeyDer::from_pem_slice(credentials.key_pem.as_bytes())
+        .map_err(|e| ClientError::Pem(format!("node key: {e}")))?;
+    Ok(Arc::new((chain, key)))
+}
+
+fn make_channel(
+    addr: &str,
+    server_name: &ServerName<'static>,
+    roots: &Arc<RwLock<Vec<CertificateDer<'static>>>>,
+    provider: &Arc<rustls::crypto::CryptoProvider>,
+    client_cert: Option<ClientCert>,
+) -> Result<Channel, ClientError> {
+    let connector = TlsConnector {
+        addr: addr.to_owned(),
+        server_name: server_name.clone(),
+        roots: roots.clone(),
+        client_cert,
+        provider: provider.clone(),
+    };
+    // "http" here only names the h2 :scheme; TLS is done by the connector.
+    Ok(Endpoint::from_shared(format!("http://{addr}"))
+        .map_err(|_| ClientError::Address(addr.to_owned()))?
+        .connect_timeout(CONNECT_TIMEOUT)
+        .timeout(REQUEST_TIMEOUT)
+        .connect_with_connector_lazy(connector))
 }
 
 impl CertificateAuthority for IstioCaClient {
@@ -269,14 +503,14 @@ impl CertificateAuthority for IstioCaClient {
     }
 }
 
-struct SplitChain {
-    chain_pem: Vec<String>,
-    roots: Vec<CertificateDer<'static>>,
+pub(crate) struct SplitChain {
+    pub chain_pem: Vec<String>,
+    pub roots: Vec<CertificateDer<'static>>,
 }
 
 /// Splits Istio's `cert_chain` into the chain to serve and the roots (the last entry may
 /// hold several), checking the leaf is for `expected_uri`.
-fn split_chain(cert_chain: &[String], expected_uri: &str) -> Result<SplitChain, String> {
+pub(crate) fn split_chain(cert_chain: &[String], expected_uri: &str) -> Result<SplitChain, String> {
     let Some((roots_entry, chain)) = cert_chain.split_last() else {
         return Err("empty cert_chain".into());
     };
@@ -355,7 +589,7 @@ fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, ClientError> {
         .map_err(|e| ClientError::Pem(e.to_string()))
 }
 
-fn der_to_pem(der: &CertificateDer<'_>) -> String {
+pub(crate) fn der_to_pem(der: &CertificateDer<'_>) -> String {
     ::pem::encode_config(
         &::pem::Pem::new("CERTIFICATE", der.as_ref().to_vec()),
         ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF),

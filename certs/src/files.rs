@@ -55,6 +55,13 @@ pub(crate) fn write_atomic(path: &Path, contents: &[u8], mode: u32) -> Result<()
     Ok(())
 }
 
+/// Makes renames and creations in `dir` durable, so they reach the disk in order.
+pub(crate) fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| StoreError::io(dir, e))
+}
+
 /// Creates a new secret file (mode 0600); fails if it exists.
 pub(crate) fn write_new_secret(path: &Path, contents: &[u8]) -> Result<(), StoreError> {
     let mut f = OpenOptions::new()

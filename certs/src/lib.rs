@@ -1,7 +1,7 @@
 //! The zmesh CA: a root and intermediate in a private state directory, leaf issuance for
 //! checked CSRs over Istio's CA gRPC API, node enrolment with one-time join tokens,
 //! caller authentication and placement checks, an audit log, and staged root rotation.
-//! Also the node side: `IstioCaClient` and `join`.
+//! Also the node side: `IstioCaClient`, `join`, and `NodeCredentialRenewer`.
 
 mod audit;
 mod authority;
@@ -11,6 +11,7 @@ mod error;
 mod files;
 mod node;
 mod policy;
+mod renewer;
 mod server;
 mod store;
 
@@ -34,5 +35,9 @@ pub use policy::{
     BearerError, BearerFuture, BearerValidator, FilePlacement, SourceError, StaticTokens,
     WorkloadPlacement,
 };
-pub use server::{CaServer, ServerError, ServerOptions, DEFAULT_CA_PORT, IMPERSONATED_IDENTITY};
+pub use renewer::NodeCredentialRenewer;
+pub use server::{
+    CaServer, ServerError, ServerOptions, CLUSTER_ID_HEADER, DEFAULT_CA_PORT, DEFAULT_CLUSTER_ID,
+    IMPERSONATED_IDENTITY,
+};
 pub use store::{CaStore, InitOptions, LeafRecord, RootInfo, RotationStep, Status};

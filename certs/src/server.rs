@@ -1,5 +1,10 @@
 //! The CA server: Istio's `IstioCertificateService` and zmesh's `NodeJoin` over TLS 1.3.
 //!
+//! Client certificates are accepted at the TLS level whatever they are (the handshake
+//! still proves possession of the key) and checked per request in the gRPC layer, so that
+//! every refusal, including a bad certificate, gets an audit line and a precise status.
+//! Every RPC authenticates on its own: nothing is granted for merely completing TLS.
+//!
 //! Every request re-reads the state directory if `state.json` changed (one `stat`), so
 //! `zmesh ca rotate-root` takes effect on a running server without a restart. The TLS
 //! serving certificate is re-issued from the current signing chain when the chain
@@ -22,6 +27,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tonic::transport::server::Connected;
 use tonic::{Request, Response, Status};
+use x509_parser::prelude::{FromDer, X509Certificate};
 use zmesh_identity::WorkloadId;
 
 use crate::audit::{AuditLog, AuditRecord, AuthMethod};
@@ -35,7 +41,7 @@ use crate::pb::istio::istio_certificate_service_server::{
 };
 use crate::pb::istio::{IstioCertificateRequest, IstioCertificateResponse};
 use crate::pb::zmesh::node_join_server::{NodeJoin, NodeJoinServer};
-use crate::pb::zmesh::{JoinRequest, JoinResponse};
+use crate::pb::zmesh::{JoinRequest, JoinResponse, RenewRequest};
 use crate::policy::{BearerError, BearerValidator, WorkloadPlacement};
 use crate::store::{CaStore, JoinTokenFailure, LeafRecord};
 
@@ -43,6 +49,10 @@ use crate::store::{CaStore, JoinTokenFailure, LeafRecord};
 pub const DEFAULT_CA_PORT: u16 = 15012;
 /// Metadata key a node proxy uses to request a workload's identity.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+/// The cluster id Istio assumes when none is configured.
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+/// gRPC request header in which Istio clients name their cluster.
+pub const CLUSTER_ID_HEADER: &str = "clusterid";
 const SERVING_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -73,6 +83,9 @@ pub struct ServerOptions {
     pub placement: Arc<dyn WorkloadPlacement>,
     /// Accepts `authorization: Bearer` credentials when set.
     pub bearer: Option<Arc<dyn BearerValidator>>,
+    /// This CA's cluster; a request whose `clusterid` header names another is refused
+    /// (INVALID_ARGUMENT). Istio's default is [`DEFAULT_CLUSTER_ID`].
+    pub cluster_id: String,
 }
 
 /// A bound, not yet running CA server.
@@ -87,6 +100,7 @@ struct Shared {
     current: Current,
     placement: Arc<dyn WorkloadPlacement>,
     bearer: Option<Arc<dyn BearerValidator>>,
+    cluster_id: String,
     audit: AuditLog,
 }
 
@@ -142,6 +156,7 @@ impl CaServer {
             current,
             placement: options.placement,
             bearer: options.bearer,
+            cluster_id: options.cluster_id,
         });
         let resolver = Arc::new(ServingCert {
             shared: shared.clone(),
@@ -151,8 +166,7 @@ impl CaServer {
         });
         // Issue once now so a bad name list fails at startup, not at the first handshake.
         resolver.refresh().map_err(ServerError::ServingCert)?;
-        let verifier = Arc::new(NodeCertVerifier {
-            shared: shared.clone(),
+        let verifier = Arc::new(DeferredClientCert {
             algorithms: provider.signature_verification_algorithms,
         });
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
@@ -348,11 +362,12 @@ impl ResolvesServerCert for ServingCert {
     }
 }
 
-/// Asks for a client certificate but does not require one (bearer tokens are the
-/// alternative); a presented one must be a node certificate of the current bundle.
+/// Asks for a client certificate but does not require one (bearer tokens and join
+/// tokens are the alternatives), and defers checking it to the gRPC layer
+/// (`Service::authenticate_cert`), which audits every refusal. rustls still verifies the
+/// handshake signature, so a presented certificate always proves possession of its key.
 #[derive(Debug)]
-struct NodeCertVerifier {
-    shared: Arc<Shared>,
+struct DeferredClientCert {
     algorithms: rustls::crypto::WebPkiSupportedAlgorithms,
 }
 
@@ -364,7 +379,7 @@ impl std::fmt::Debug for Shared {
     }
 }
 
-impl ClientCertVerifier for NodeCertVerifier {
+impl ClientCertVerifier for DeferredClientCert {
     fn offer_client_auth(&self) -> bool {
         true
     }
@@ -379,24 +394,12 @@ impl ClientCertVerifier for NodeCertVerifier {
 
     fn verify_client_cert(
         &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let authority = self
-            .shared
-            .current
-            .get()
-            .map_err(|e| rustls::Error::General(e.to_string()))?;
-        match authority.verify_node_chain(end_entity, intermediates, now) {
-            Ok(_) => Ok(ClientCertVerified::assertion()),
-            Err(reason) => {
-                tracing::info!(%reason, "client certificate refused");
-                Err(rustls::Error::InvalidCertificate(
-                    rustls::CertificateError::ApplicationVerificationFailure,
-                ))
-            }
-        }
+        // Not a grant: every RPC checks the chain itself before doing anything.
+        Ok(ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -524,6 +527,51 @@ impl Service {
         })
     }
 
+    /// Refuses a request whose `clusterid` header names another cluster.
+    fn check_cluster_id(&self, metadata: &tonic::metadata::MetadataMap) -> Result<(), Refusal> {
+        let Some(value) = metadata.get(CLUSTER_ID_HEADER) else {
+            return Ok(());
+        };
+        match value.to_str() {
+            Ok(id) if id == self.shared.cluster_id => Ok(()),
+            Ok(id) => Err(Refusal::new(Status::invalid_argument(format!(
+                "request is for cluster {id:?}, but this CA serves cluster {:?}",
+                self.shared.cluster_id
+            )))),
+            Err(_) => Err(Refusal::new(Status::invalid_argument(
+                "the clusterid header is not valid text",
+            ))),
+        }
+    }
+
+    /// The node named by the connection's client certificate, checked against the
+    /// current bundle on every request (the handshake accepted any certificate, and the
+    /// bundle may have changed since). Returns the verified chain's leaf too.
+    fn authenticate_cert<'c>(
+        &self,
+        authority: &Authority,
+        certs: &'c [CertificateDer<'static>],
+    ) -> Result<(NodeName, &'c CertificateDer<'static>), Refusal> {
+        let refuse = |reason: String| {
+            let mut r = Refusal::new(Status::unauthenticated(reason));
+            r.auth = Some(AuthMethod::NodeCert);
+            r
+        };
+        let (leaf, intermediates) = certs
+            .split_first()
+            .ok_or_else(|| refuse("empty client certificate chain".into()))?;
+        let node = authority
+            .verify_node_chain(leaf, intermediates, UnixTime::now())
+            .map_err(|reason| match crate::client::leaf_uris(leaf) {
+                // Name the claimed identity: it tells an operator which node is broken.
+                Ok(uris) if !uris.is_empty() => {
+                    refuse(format!("{reason} (certificate for {})", uris.join(", ")))
+                }
+                _ => refuse(reason),
+            })?;
+        Ok((node, leaf))
+    }
+
     /// Finds the calling node from its client certificate or bearer token.
     async fn authenticate(
         &self,
@@ -532,18 +580,10 @@ impl Service {
         metadata: &tonic::metadata::MetadataMap,
     ) -> Result<(NodeName, AuthMethod), Refusal> {
         if let Some(certs) = conn.and_then(|c| c.certs.as_ref()) {
-            let (leaf, intermediates) = certs.split_first().ok_or_else(|| {
-                Refusal::new(Status::unauthenticated("empty client certificate chain"))
-            })?;
-            // Checked again here: the bundle may have changed since the handshake.
-            return authority
-                .verify_node_chain(leaf, intermediates, UnixTime::now())
-                .map(|node| (node, AuthMethod::NodeCert))
-                .map_err(|reason| {
-                    let mut r = Refusal::new(Status::unauthenticated(reason));
-                    r.auth = Some(AuthMethod::NodeCert);
-                    r
-                });
+            // A presented certificate must be valid; no falling back to a bearer token.
+            return self
+                .authenticate_cert(authority, certs)
+                .map(|(node, _)| (node, AuthMethod::NodeCert));
         }
         let Some(value) = metadata.get("authorization") else {
             return Err(Refusal::new(Status::unauthenticated(
@@ -584,6 +624,7 @@ impl Service {
         &self,
         request: Request<IstioCertificateRequest>,
     ) -> Result<Grant, Refusal> {
+        self.check_cluster_id(request.metadata())?;
         let authority = self.authority()?;
         let conn = request.extensions().get::<ConnInfo>().cloned();
         let (node, auth) = self
@@ -653,6 +694,7 @@ impl Service {
     }
 
     async fn decide_join(&self, request: Request<JoinRequest>) -> Result<Grant, Refusal> {
+        self.check_cluster_id(request.metadata())?;
         let authority = self.authority()?;
         let body = request.into_inner();
         let td = authority.trust_domain().clone();
@@ -672,8 +714,10 @@ impl Service {
             r
         };
         let (node, csr) = match spent {
-            Err(JoinTokenFailure::Token(e)) => {
-                return Err(unauth(Status::unauthenticated(e.to_string())))
+            Err(JoinTokenFailure::Token(e, node)) => {
+                let mut r = unauth(Status::unauthenticated(e.to_string()));
+                r.node = node;
+                return Err(r);
             }
             Err(JoinTokenFailure::Store(e)) => {
                 tracing::error!(error = %e, "join token store unusable");
@@ -702,6 +746,71 @@ impl Service {
             node,
             auth: AuthMethod::JoinToken,
             identity,
+            kind: LeafKind::Node,
+        })
+    }
+
+    /// A new node certificate for the node whose current certificate authenticates the
+    /// call, from the current signing chain (so renewal after a root switch moves the
+    /// node onto the new root). Bearer credentials cannot renew: they are not node
+    /// certificates, and a join token is the only way to get a first one.
+    async fn decide_renew(&self, request: Request<RenewRequest>) -> Result<Grant, Refusal> {
+        self.check_cluster_id(request.metadata())?;
+        let authority = self.authority()?;
+        let conn = request.extensions().get::<ConnInfo>().cloned();
+        let Some(certs) = conn.as_ref().and_then(|c| c.certs.clone()) else {
+            let mut r = Refusal::new(Status::unauthenticated(
+                "Renew needs the node's current client certificate; join with a token first",
+            ));
+            if request.metadata().contains_key("authorization") {
+                r.auth = Some(AuthMethod::Bearer);
+            }
+            return Err(r);
+        };
+        let (node, leaf) = self.authenticate_cert(&authority, &certs)?;
+        let td = authority.trust_domain();
+        let want = node.spiffe_id(td);
+        let with_caller = |status: Status, identity: Option<String>| Refusal {
+            status,
+            node: Some(node.clone()),
+            auth: Some(AuthMethod::NodeCert),
+            identity,
+        };
+        let body = request.into_inner();
+        let csr = verify_csr(&body.csr, td)
+            .map_err(|e| with_caller(Status::invalid_argument(e.to_string()), None))?;
+        let csr_id = csr.id.to_string();
+        if csr.id != want {
+            return Err(with_caller(
+                Status::permission_denied(format!(
+                    "node {node} may renew only its own identity {want}, not {csr_id}"
+                )),
+                Some(csr_id),
+            ));
+        }
+        let (_, current) = X509Certificate::from_der(leaf).map_err(|e| {
+            with_caller(
+                Status::unauthenticated(format!("client certificate does not parse: {e}")),
+                Some(csr_id.clone()),
+            )
+        })?;
+        if current.public_key().raw == csr.spki_der.as_slice() {
+            return Err(with_caller(
+                Status::invalid_argument("a renewal must use a new key, not the current one"),
+                Some(csr_id),
+            ));
+        }
+        let issued = authority
+            .issue(&csr, LeafKind::Node, authority.policy().node_cert_lifetime)
+            .map_err(|e| {
+                tracing::error!(error = %e, "signing failed");
+                with_caller(Status::internal("signing failed"), Some(csr_id.clone()))
+            })?;
+        Ok(Grant {
+            issued,
+            node,
+            auth: AuthMethod::NodeCert,
+            identity: csr_id,
             kind: LeafKind::Node,
         })
     }
@@ -741,6 +850,13 @@ impl NodeJoin for Service {
         let peer = peer_of(&request);
         let decision = self.decide_join(request).await;
         let cert_chain = self.conclude("Join", peer, decision)?;
+        Ok(Response::new(JoinResponse { cert_chain }))
+    }
+
+    async fn renew(&self, request: Request<RenewRequest>) -> Result<Response<JoinResponse>, Status> {
+        let peer = peer_of(&request);
+        let decision = self.decide_renew(request).await;
+        let cert_chain = self.conclude("Renew", peer, decision)?;
         Ok(Response::new(JoinResponse { cert_chain }))
     }
 }

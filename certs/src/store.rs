@@ -375,12 +375,29 @@ impl CaStore {
             .collect()
     }
 
+    /// Unexpired leaves of `chain` that something may still use. A node certificate
+    /// followed by a newer one for the same node (a renewal or re-join) is not counted:
+    /// a node agent only ever presents its latest certificate, and only to this CA.
     fn unexpired_leaves_of(&self, chain: u32) -> Result<Vec<LeafRecord>, StoreError> {
         let now = OffsetDateTime::now_utc();
-        let mut leaves: Vec<LeafRecord> = self
-            .read_ledger()?
-            .into_iter()
-            .filter(|r| r.chain == chain && r.not_after > now)
+        let ledger = self.read_ledger()?;
+        // The ledger is appended in issuance order, so the last entry per node is current.
+        let mut latest_node_cert = std::collections::HashMap::new();
+        for (i, r) in ledger.iter().enumerate() {
+            if r.kind == LeafKind::Node {
+                latest_node_cert.insert(r.identity.as_str(), i);
+            }
+        }
+        let mut leaves: Vec<LeafRecord> = ledger
+            .iter()
+            .enumerate()
+            .filter(|(i, r)| {
+                r.chain == chain
+                    && r.not_after > now
+                    && (r.kind != LeafKind::Node
+                        || latest_node_cert.get(r.identity.as_str()) == Some(i))
+            })
+            .map(|(_, r)| r.clone())
             .collect();
         leaves.sort_by_key(|r| r.not_after);
         Ok(leaves)
@@ -444,12 +461,14 @@ impl CaStore {
         let record = tokens
             .iter_mut()
             .find(|t| constant_time_eq(t.sha256.as_bytes(), hash.as_bytes()))
-            .ok_or(JoinTokenFailure::Token(TokenError::Unknown))?;
+            .ok_or(JoinTokenFailure::Token(TokenError::Unknown, None))?;
         if record.used_at.is_some() {
-            return Err(JoinTokenFailure::Token(TokenError::AlreadyUsed));
+            let node = Some(record.node.clone());
+            return Err(JoinTokenFailure::Token(TokenError::AlreadyUsed, node));
         }
         if record.expires_at <= now {
-            return Err(JoinTokenFailure::Token(TokenError::Expired));
+            let node = Some(record.node.clone());
+            return Err(JoinTokenFailure::Token(TokenError::Expired, node));
         }
         let node = record.node.clone();
         let value = match check(&node) {
@@ -487,8 +506,9 @@ impl CaStore {
 /// Why a join token could not be spent.
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum JoinTokenFailure {
-    #[error(transparent)]
-    Token(TokenError),
+    /// With the token's node when the token is known (for the audit line).
+    #[error("{0}")]
+    Token(TokenError, Option<NodeName>),
     #[error(transparent)]
     Store(StoreError),
 }
@@ -590,11 +610,11 @@ mod tests {
         assert_eq!(got, node);
         assert!(matches!(
             store.consume_join_token(&token, |_| Ok::<_, ()>(())),
-            Err(JoinTokenFailure::Token(TokenError::AlreadyUsed))
+            Err(JoinTokenFailure::Token(TokenError::AlreadyUsed, Some(n))) if n == node
         ));
         assert!(matches!(
             store.consume_join_token("zmj_nope", |_| Ok::<_, ()>(())),
-            Err(JoinTokenFailure::Token(TokenError::Unknown))
+            Err(JoinTokenFailure::Token(TokenError::Unknown, None))
         ));
     }
 
@@ -644,5 +664,41 @@ mod tests {
         let status = store.status().unwrap();
         assert_eq!(status.roots.len(), 1);
         assert_eq!(status.roots[0].chain, 2);
+    }
+
+    #[test]
+    fn a_renewed_node_certificate_no_longer_holds_the_old_root() {
+        let (_base, store) = new_store();
+        store.rotate(RotationStep::Add, false).unwrap();
+        store.rotate(RotationStep::Switch, false).unwrap();
+        let later = OffsetDateTime::now_utc() + Duration::from_secs(30 * 86400);
+        let node = |serial: &str, identity: &str, chain: u32| LeafRecord {
+            serial: serial.into(),
+            identity: identity.into(),
+            kind: LeafKind::Node,
+            not_after: later,
+            chain,
+            root_fingerprint: "x".into(),
+        };
+        let a = "spiffe://cluster.local/zmesh/node/node-a";
+        let b = "spiffe://cluster.local/zmesh/node/node-b";
+        for r in [node("01", a, 1), node("02", b, 1)] {
+            store.record_leaf(&r).unwrap();
+        }
+        assert_eq!(store.status().unwrap().leaves_on_old_root.len(), 2);
+        // node-a renews under the new root: only node-b still holds the old one.
+        store.record_leaf(&node("03", a, 2)).unwrap();
+        let left = store.status().unwrap().leaves_on_old_root;
+        assert_eq!(left, vec![node("02", b, 1)]);
+        assert!(matches!(
+            store.rotate(RotationStep::Drop, false),
+            Err(StoreError::Rotation(_))
+        ));
+        store.record_leaf(&node("04", b, 2)).unwrap();
+        assert!(store.status().unwrap().leaves_on_old_root.is_empty());
+        assert_eq!(
+            store.rotate(RotationStep::Drop, false).unwrap(),
+            Phase::Stable { active: 2 }
+        );
     }
 }

@@ -533,6 +533,7 @@ async fn the_server_refuses_a_world_readable_key() {
                 zmesh_certs::FilePlacement::new(&placement, &TrustDomain::default()).unwrap(),
             ),
             bearer: None,
+            cluster_id: zmesh_certs::DEFAULT_CLUSTER_ID.into(),
         },
     )
     .await;

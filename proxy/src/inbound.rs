@@ -130,9 +130,11 @@ fn server_identity(
 ) -> Option<WorkloadId> {
     let node = &shared.config.node;
     if shared.config.capture == Capture::Transparent {
-        return table
-            .local_workload(local.ip(), node)
-            .map(|w| w.identity.clone());
+        if let Some(w) = table.local_workload(local.ip(), node) {
+            return Some(w.identity.clone());
+        }
+        // Not steered to a pod IP: dialed at the node's own address (same-node traffic
+        // from our outbound side, which the kernel cannot loop through tc ingress).
     }
     if let Some(ip) = sni.and_then(parse_destination_sni) {
         return table.local_workload(ip, node).map(|w| w.identity.clone());
@@ -196,20 +198,21 @@ async fn tunnel(
     log.dst_addr = Some(target);
     let table = shared.workloads.snapshot();
     let node = &shared.config.node;
-    match shared.config.capture {
-        Capture::Transparent if target.ip() != local.ip() => {
+    // A transparent connection arrived on a pod IP and must name it; one dialed at the
+    // node's own address (explicit capture, or same-node traffic) may name only workloads
+    // of this node.
+    let arrived_on_pod_ip = shared.config.capture == Capture::Transparent
+        && table.local_workload(local.ip(), node).is_some();
+    if arrived_on_pod_ip {
+        if target.ip() != local.ip() {
             let why = "authority is not the address the connection arrived on";
             return reject(log, respond, StatusCode::BAD_REQUEST, why, "bad_request");
         }
-        Capture::Explicit => {
-            if let Some(w) = table.workload_by_ip(target.ip()) {
-                if w.node != *node {
-                    let why = "authority is a workload of another node";
-                    return reject(log, respond, StatusCode::BAD_REQUEST, why, "bad_request");
-                }
-            }
+    } else if let Some(w) = table.workload_by_ip(target.ip()) {
+        if w.node != *node {
+            let why = "authority is a workload of another node";
+            return reject(log, respond, StatusCode::BAD_REQUEST, why, "bad_request");
         }
-        _ => {}
     }
     if shared.is_proxy_port(target.port()) {
         let why = "target port belongs to the proxy";

@@ -3,3 +3,7 @@
 pub mod cluster_state;
 pub mod manifests;
 pub mod kube_source;
+pub mod admin;
+pub mod credentials;
+pub mod table;
+pub mod run;

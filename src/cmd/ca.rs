@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use zmesh_certs::{
-    BearerValidator, CaServer, CaStore, FilePlacement, InitOptions, NodeName, Phase, Policy,
-    RotationStep, ServerOptions, StaticTokens, Status,
+    BearerValidator, CaServer, CaStore, FilePlacement, InitOptions, NodeCredentialRenewer,
+    NodeName, Phase, Policy, RotationStep, ServerOptions, StaticTokens, Status,
 };
 use zmesh_identity::TrustDomain;
 
@@ -62,6 +62,9 @@ enum CaCommand {
         /// `authorization: Bearer` instead of a node certificate.
         #[arg(long)]
         bearer_tokens: Option<PathBuf>,
+        /// This cluster's id; requests whose `clusterid` header names another are refused.
+        #[arg(long, env = "ZMESH_CLUSTER_ID", default_value = zmesh_certs::DEFAULT_CLUSTER_ID)]
+        cluster_id: String,
     },
     /// Manage one-time node join tokens.
     Token {
@@ -109,6 +112,20 @@ enum CaCommand {
         /// PEM file with the CA's root(s), obtained out of band.
         #[arg(long)]
         ca_bundle: PathBuf,
+        #[arg(long, default_value = zmesh_identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+    },
+    /// Renew this node's certificate now, authenticated by the current one (no token).
+    /// The node agent does this by itself at half of the certificate's lifetime.
+    Renew {
+        /// CA address, host:port.
+        #[arg(long)]
+        ca: String,
+        #[arg(long)]
+        node: String,
+        /// Directory holding node.key, node.pem and ca-bundle.pem from `zmesh ca join`.
+        #[arg(long)]
+        dir: PathBuf,
         #[arg(long, default_value = zmesh_identity::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
     },
@@ -173,6 +190,7 @@ pub async fn run(args: CaArgs) -> anyhow::Result<ExitCode> {
             placement,
             mut sans,
             bearer_tokens,
+            cluster_id,
         } => {
             let store = CaStore::open(&state.state_dir)?;
             let authority = store.load()?;
@@ -194,6 +212,7 @@ pub async fn run(args: CaArgs) -> anyhow::Result<ExitCode> {
                     serving_names: sans.clone(),
                     placement: Arc::new(placement),
                     bearer,
+                    cluster_id,
                 },
             )
             .await?;
@@ -259,6 +278,22 @@ pub async fn run(args: CaArgs) -> anyhow::Result<ExitCode> {
                 node.spiffe_id(&td)
             );
         }
+        CaCommand::Renew {
+            ca,
+            node,
+            dir,
+            trust_domain,
+        } => {
+            let node = NodeName::new(&node)?;
+            let td = TrustDomain::new(&trust_domain).context("--trust-domain")?;
+            let renewer = NodeCredentialRenewer::open(&ca, &dir, &node, &td)?;
+            renewer.renew().await?;
+            println!(
+                "node {node} renewed; credentials in {}; next renewal due {}",
+                dir.display(),
+                from_now(renewer.renew_at())
+            );
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -305,6 +340,20 @@ fn print_status(status: &Status) {
                 leaf.identity, leaf.serial, leaf.not_after
             );
         }
+    }
+}
+
+/// How long until `t`, roughly, for humans (`in 14d 23h`, `in 5m`, `now`).
+fn from_now(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::SystemTime::now())
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    match secs {
+        0 => "now".into(),
+        s if s < 3600 => format!("in {}m {}s", s / 60, s % 60),
+        s if s < 86400 => format!("in {}h {}m", s / 3600, (s % 3600) / 60),
+        s => format!("in {}d {}h", s / 86400, (s % 86400) / 3600),
     }
 }
 

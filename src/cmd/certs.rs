@@ -8,6 +8,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::Context;
 use serde::Serialize;
 use zmesh_identity::svid::{describe, fmt_time, CertInfo};
+use zmesh::agent::admin::{epoch_seconds, AdminClient, CertInfo as AgentCert, RotateResult};
 use zmesh_identity::{lint_chain, SpiffeId, TrustBundle};
 
 #[derive(clap::Args)]
@@ -23,6 +24,35 @@ enum CertsCommand {
     /// Exits non-zero when the leaf breaks a rule or (with --bundle) does not chain to
     /// the given roots.
     Inspect(InspectArgs),
+    /// Every workload certificate a running node agent holds: identity, serial, expiry,
+    /// time to renewal and the last error.
+    Status(StatusArgs),
+    /// Renew workload certificates now, reporting each workload's result (or the CA's error).
+    Rotate(RotateArgs),
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    /// The node agent's admin socket.
+    #[arg(long, value_name = "PATH", default_value = "/run/zmesh/agent.sock")]
+    admin_socket: PathBuf,
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    output: Output,
+}
+
+#[derive(clap::Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).args(["workload", "all"])))]
+struct RotateArgs {
+    /// The workload to renew, NAMESPACE/SERVICEACCOUNT.
+    #[arg(long, value_name = "NS/SA")]
+    workload: Option<String>,
+    /// Renew every workload certificate of the node.
+    #[arg(long)]
+    all: bool,
+    #[arg(long, value_name = "PATH", default_value = "/run/zmesh/agent.sock")]
+    admin_socket: PathBuf,
+    #[arg(long, value_enum, default_value_t = Output::Human)]
+    output: Output,
 }
 
 #[derive(clap::Args)]
@@ -46,6 +76,116 @@ enum Output {
 pub async fn run(args: CertsArgs) -> anyhow::Result<ExitCode> {
     match args.command {
         CertsCommand::Inspect(args) => inspect(args),
+        CertsCommand::Status(args) => status(args).await,
+        CertsCommand::Rotate(args) => rotate(args).await,
+    }
+}
+
+async fn status(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let client = AdminClient::new(&args.admin_socket);
+    let certs: Vec<AgentCert> = client.get_json("/certs").await?;
+    if let Output::Json = args.output {
+        println!("{}", serde_json::to_string_pretty(&certs)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    if certs.is_empty() {
+        println!("no workload certificates on this node");
+        return Ok(ExitCode::SUCCESS);
+    }
+    let now = epoch_seconds(SystemTime::now());
+    println!(
+        "{:<52} {:<20} {:<22} {:>12} {:>12}  ERROR",
+        "WORKLOAD", "SERIAL", "EXPIRES", "EXPIRES IN", "RENEWS IN"
+    );
+    let mut healthy = true;
+    for c in &certs {
+        let serial = c.serial.as_deref().map(short_serial).unwrap_or("-".into());
+        let expires = c
+            .not_after
+            .map(|t| fmt_time(SystemTime::UNIX_EPOCH + Duration::from_secs(t)))
+            .unwrap_or_else(|| "-".into());
+        let left = c.not_after.map(|t| human_seconds(t as i64 - now as i64));
+        let renew = c.next_attempt.map(|t| human_seconds(t as i64 - now as i64));
+        healthy &= c.not_after.is_some_and(|t| t > now);
+        println!(
+            "{:<52} {:<20} {:<22} {:>12} {:>12}  {}",
+            c.workload,
+            serial,
+            expires,
+            left.unwrap_or_else(|| "-".into()),
+            renew.unwrap_or_else(|| "-".into()),
+            c.last_error.as_deref().unwrap_or("")
+        );
+    }
+    Ok(if healthy {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+async fn rotate(args: RotateArgs) -> anyhow::Result<ExitCode> {
+    let client = AdminClient::new(&args.admin_socket);
+    let query = match &args.workload {
+        Some(w) => format!("/certs/rotate?workload={w}"),
+        None => "/certs/rotate?all=true".to_owned(),
+    };
+    let mut lines = Box::pin(client.lines(http::Method::POST, &query).await?);
+    let mut failed = 0;
+    let mut total = 0;
+    while let Some(line) = futures::StreamExt::next(&mut lines).await {
+        let line = line?;
+        let result: RotateResult = serde_json::from_str(&line)
+            .map_err(|e| anyhow::anyhow!("malformed answer from the agent: {e}"))?;
+        total += 1;
+        if !result.ok {
+            failed += 1;
+        }
+        match args.output {
+            Output::Json => println!("{line}"),
+            Output::Human if result.ok => println!(
+                "renewed {}: serial {}, expires {}",
+                result.workload,
+                result.serial.as_deref().map(short_serial).unwrap_or("-".into()),
+                result
+                    .not_after
+                    .map(|t| fmt_time(SystemTime::UNIX_EPOCH + Duration::from_secs(t)))
+                    .unwrap_or_else(|| "-".into())
+            ),
+            Output::Human => println!(
+                "FAILED  {}: {}",
+                result.workload,
+                result.error.as_deref().unwrap_or("unknown error")
+            ),
+        }
+    }
+    if let Output::Human = args.output {
+        println!("{} of {total} renewed", total - failed);
+    }
+    Ok(if failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+fn short_serial(serial: &str) -> String {
+    if serial.len() > 20 {
+        format!("{}…", &serial[..19])
+    } else {
+        serial.to_owned()
+    }
+}
+
+/// `1h02m`, `45s`, `-3m10s` (negative: in the past).
+fn human_seconds(seconds: i64) -> String {
+    let sign = if seconds < 0 { "-" } else { "" };
+    let s = seconds.unsigned_abs();
+    match s {
+        0..=59 => format!("{sign}{s}s"),
+        60..=3599 => format!("{sign}{}m{:02}s", s / 60, s % 60),
+        3600..=86399 => format!("{sign}{}h{:02}m", s / 3600, (s % 3600) / 60),
+        _ => format!("{sign}{}d{:02}h", s / 86400, (s % 86400) / 3600),
     }
 }
 

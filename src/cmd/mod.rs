@@ -4,3 +4,29 @@ pub mod demo;
 pub mod certs;
 pub mod ca;
 pub mod proxy;
+pub mod agent;
+
+use std::time::Duration;
+
+/// Parses durations like `90s`, `10m`, `24h`, `30d` (a bare number is seconds).
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (digits, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 10m or 24h"))?;
+    let multiplier = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86400,
+        _ => return Err(format!("unknown unit {unit:?} in {s:?}; use s, m, h or d")),
+    };
+    let seconds = n
+        .checked_mul(multiplier)
+        .ok_or_else(|| format!("{s:?} is too long"))?;
+    if seconds == 0 {
+        return Err("the duration must be positive".into());
+    }
+    Ok(Duration::from_secs(seconds))
+}

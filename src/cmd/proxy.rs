@@ -2,7 +2,7 @@
 //! read from a directory (see zmesh_proxy::workloads and zmesh_proxy::StaticCredentials for
 //! the formats).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use zmesh_proxy::{
-    Capture, Mode, Proxy, ProxyConfig, ProxyDeps, StaticCredentials, TlsCredentials, WorkloadStore,
-    WorkloadTable,
+    Capture, Mode, Proxy, ProxyConfig, ProxyDeps, StaticCredentials, StaticOriginalDst,
+    TlsCredentials, WorkloadStore, WorkloadTable,
 };
 
 #[derive(Clone, Copy, clap::ValueEnum)]
@@ -45,6 +45,11 @@ pub struct ProxyArgs {
     /// Run without eBPF capture: clients dial the listeners directly (benchmarks, tests).
     #[arg(long)]
     pub explicit: bool,
+    /// With --explicit: send every outbound connection from CLIENT_IP to DST (IP:port),
+    /// standing in for the original destination that eBPF capture would record
+    /// (benchmarks, tests). Repeatable, one per client IP.
+    #[arg(long, value_name = "CLIENT_IP=DST", requires = "explicit", value_parser = parse_static_dst)]
+    pub static_dst: Vec<(IpAddr, SocketAddr)>,
     /// Seconds open tunnels may take to finish after SIGTERM.
     #[arg(long, default_value_t = 30)]
     pub drain_seconds: u64,
@@ -82,7 +87,16 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         ModeArg::Strict => Mode::Strict,
     };
     config.drain_deadline = Duration::from_secs(args.drain_seconds);
-    let deps = ProxyDeps::new(Arc::new(WorkloadStore::new(table)), Arc::new(credentials));
+    let mut deps = ProxyDeps::new(Arc::new(WorkloadStore::new(table)), Arc::new(credentials));
+    if !args.static_dst.is_empty() {
+        let mut seen = std::collections::HashSet::new();
+        for (client, _) in &args.static_dst {
+            if !seen.insert(*client) {
+                bail!("--static-dst gives client IP {client} twice");
+            }
+        }
+        deps.original_dst = Arc::new(StaticOriginalDst::new(args.static_dst));
+    }
     let proxy = Proxy::bind(config, deps).await?;
     let drain = proxy.drain_handle();
     let running = tokio::spawn(proxy.run());
@@ -96,4 +110,50 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     drain.drain();
     running.await.context("the proxy task failed")?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Parses `CLIENT_IP=IP:PORT` for --static-dst.
+fn parse_static_dst(s: &str) -> Result<(IpAddr, SocketAddr), String> {
+    let (client, dst) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: expected CLIENT_IP=DST_IP:PORT"))?;
+    let client = client
+        .parse()
+        .map_err(|_| format!("{client:?} is not an IP address"))?;
+    let dst: SocketAddr = dst
+        .parse()
+        .map_err(|_| format!("{dst:?} is not an IP:port"))?;
+    if dst.port() == 0 {
+        return Err(format!("{dst}: port 0 is not a destination"));
+    }
+    Ok((client, dst))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_static_dst;
+
+    #[test]
+    fn static_dst_parses_and_rejects() {
+        assert_eq!(
+            parse_static_dst("127.0.0.11=127.0.0.12:5001").unwrap(),
+            (
+                "127.0.0.11".parse().unwrap(),
+                "127.0.0.12:5001".parse().unwrap()
+            )
+        );
+        assert_eq!(
+            parse_static_dst("fd00::1=[fd00::2]:80").unwrap().1,
+            "[fd00::2]:80".parse().unwrap()
+        );
+        for (bad, want) in [
+            ("127.0.0.11", "expected CLIENT_IP=DST"),
+            ("x=127.0.0.12:1", "not an IP address"),
+            ("127.0.0.11=127.0.0.12", "not an IP:port"),
+            ("127.0.0.11=127.0.0.12:0", "port 0"),
+        ] {
+            let err = parse_static_dst(bad).unwrap_err();
+            assert!(err.contains(want), "{bad}: {err}");
+        }
+    }
 }

@@ -11,6 +11,7 @@ use rustls_pki_types::CertificateDer;
 use tokio::sync::oneshot;
 use zmesh_certs::{
     CaServer, CaStore, FilePlacement, InitOptions, NodeName, Policy, ServerOptions, StaticTokens,
+    DEFAULT_CLUSTER_ID,
 };
 use zmesh_identity::{TrustBundle, TrustDomain};
 
@@ -59,6 +60,7 @@ impl Ca {
                     FilePlacement::new(&placement_path, &TrustDomain::default()).unwrap(),
                 ),
                 bearer: Some(Arc::new(StaticTokens::new(&tokens_path).unwrap())),
+                cluster_id: DEFAULT_CLUSTER_ID.into(),
             },
         )
         .await
@@ -168,4 +170,47 @@ pub fn chains_to(leaf_and_intermediates: &[String], roots_pem: &str) -> Option<V
         )
         .ok()?;
     Some(path.anchor().subject.as_ref().to_vec())
+}
+
+/// Joins `node` with a fresh token; its credentials land in `ca.node_dir(node)`.
+pub async fn join_as(ca: &Ca, node: &str) -> zmesh_certs::NodeCredentials {
+    let name = NodeName::new(node).unwrap();
+    let token = ca
+        .store
+        .create_join_token(&name, Duration::from_secs(600))
+        .unwrap();
+    zmesh_certs::join(
+        &ca.addr,
+        &ca.bundle_pem(),
+        &token,
+        &name,
+        &TrustDomain::default(),
+        &ca.node_dir(node),
+    )
+    .await
+    .unwrap()
+}
+
+/// A CSR (new key) for `id`.
+pub fn csr_for(id: &str) -> String {
+    zmesh_certs::new_key_and_csr(&zmesh_identity::SpiffeId::parse(id).unwrap())
+        .unwrap()
+        .1
+}
+
+/// The serial (hex) of the first certificate of a PEM text.
+pub fn serial_of(pem: &str) -> String {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let der = certs(pem).remove(0);
+    let (_, cert) = X509Certificate::from_der(&der).unwrap();
+    cert.raw_serial_as_string()
+}
+
+/// Waits (bounded) until `cond` holds, re-checking every 20 ms.
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while !cond() {
+        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }

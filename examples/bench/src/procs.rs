@@ -1,0 +1,362 @@
+//! The two `zmesh proxy` child processes, and CPU/memory readings from /proc.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+/// A running proxy. Dropping it stops it (SIGTERM, then SIGKILL), also on error or panic;
+/// if the harness itself dies, the kernel kills the proxy (PR_SET_PDEATHSIG).
+pub struct ProxyProcess {
+    pub name: &'static str,
+    child: Child,
+    log: PathBuf,
+}
+
+impl ProxyProcess {
+    pub fn spawn(name: &'static str, bin: &Path, args: &[String], log: PathBuf) -> Result<Self> {
+        let out = std::fs::File::create(&log)
+            .with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let mut cmd = Command::new(bin);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {} for proxy {name}", bin.display()))?;
+        Ok(Self { name, child, log })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails with the end of the proxy's log if it has exited.
+    pub fn check_alive(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!(
+                "proxy {} exited ({status}); its log ends with:\n{}",
+                self.name,
+                log_tail(&self.log)
+            );
+        }
+        Ok(())
+    }
+
+    /// Waits until the readiness endpoint answers 200, bounded by `limit`.
+    pub fn wait_ready(&mut self, readiness: SocketAddr, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            self.check_alive()?;
+            if let Ok((200, _)) = http_get(readiness, "/healthz/ready") {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "proxy {} not ready on {readiness} after {limit:?}; its log ends with:\n{}",
+                    self.name,
+                    log_tail(&self.log)
+                );
+            }
+            // Polling a local HTTP endpoint: there is no event to wait on.
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn cpu(&self) -> Result<Duration> {
+        process_cpu(self.pid())
+    }
+
+    pub fn memory(&self) -> Result<Memory> {
+        let path = format!("/proc/{}/status", self.pid());
+        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        parse_status(&text).with_context(|| format!("parsing {path}"))
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        if let Ok(Some(_)) = self.child.try_wait() {
+            return;
+        }
+        // SAFETY: plain syscall on our own child's pid, which we have not reaped yet.
+        unsafe {
+            libc::kill(self.child.id() as libc::pid_t, libc::SIGTERM);
+        }
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn log_tail(path: &Path) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
+
+/// A minimal HTTP/1.1 GET to the proxy's admin ports; returns (status, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let status = resp
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .with_context(|| format!("bad HTTP response from {addr}"))?;
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
+
+/// The value of an unlabelled Prometheus sample, e.g. `zmesh_inbound_tls_connections_total`.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (n, v) = l.split_once(' ')?;
+            (n == name).then(|| v.trim().parse().ok())?
+        })
+}
+
+/// Sum of all samples of `name` whose labels contain every `labels` pair.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, v) = l.rsplit_once(' ')?;
+            let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+            if n != name {
+                return None;
+            }
+            let all = labels
+                .iter()
+                .all(|(k, val)| rest.contains(&format!("{k}=\"{val}\"")));
+            all.then(|| v.parse::<f64>().ok())?
+        })
+        .sum()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Memory {
+    /// Resident set now, KiB.
+    pub rss_kib: u64,
+    /// Peak resident set since start, KiB.
+    pub hwm_kib: u64,
+}
+
+fn parse_status(text: &str) -> Result<Memory> {
+    let field = |name: &str| -> Result<u64> {
+        let line = text
+            .lines()
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("no {name} line"))?;
+        let kib = line[name.len()..]
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("bad {name} line: {line}"))?;
+        Ok(kib)
+    };
+    Ok(Memory {
+        rss_kib: field("VmRSS:")?,
+        hwm_kib: field("VmHWM:")?,
+    })
+}
+
+fn clock_ticks() -> u64 {
+    // SAFETY: sysconf has no memory effects.
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 {
+        t as u64
+    } else {
+        100
+    }
+}
+
+/// User + system CPU time of a process, from /proc/<pid>/stat.
+pub fn process_cpu(pid: u32) -> Result<Duration> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let ticks = parse_stat_cpu_ticks(&text).with_context(|| format!("parsing {path}"))?;
+    Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64))
+}
+
+/// utime + stime (fields 14 and 15); the command name in field 2 may contain spaces and
+/// parentheses, so fields are counted after the last ')'.
+fn parse_stat_cpu_ticks(text: &str) -> Result<u64> {
+    let (_, rest) = text.rsplit_once(')').context("no ')' in stat")?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state): utime is field 14 -> index 11.
+    let get = |i: usize| -> Result<u64> {
+        fields
+            .get(i)
+            .and_then(|v| v.parse().ok())
+            .with_context(|| format!("field {} missing or not a number", i + 3))
+    };
+    Ok(get(11)? + get(12)?)
+}
+
+/// User + system CPU time of this process (the load generator: client and server).
+pub fn self_cpu() -> Duration {
+    // SAFETY: getrusage writes only into the struct we pass.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; RUSAGE_SELF is always valid.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    let tv = |t: libc::timeval| Duration::new(t.tv_sec as u64, t.tv_usec as u32 * 1000);
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+/// Machine-wide (busy, total) CPU time from /proc/stat, to show how saturated the box was.
+pub fn machine_cpu() -> Result<(Duration, Duration)> {
+    let text = std::fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    parse_machine_cpu(&text)
+}
+
+fn parse_machine_cpu(text: &str) -> Result<(Duration, Duration)> {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("cpu "))
+        .context("no cpu line in /proc/stat")?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .map(|x| x.parse().context("bad /proc/stat number"))
+        .collect::<Result<_>>()?;
+    if v.len() < 5 {
+        bail!("short cpu line in /proc/stat: {line}");
+    }
+    // user nice system idle iowait irq softirq steal (guest is included in user).
+    let total: u64 = v.iter().take(8).sum();
+    let idle = v[3] + v[4];
+    let hz = clock_ticks() as f64;
+    Ok((
+        Duration::from_secs_f64((total - idle) as f64 / hz),
+        Duration::from_secs_f64(total as f64 / hz),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_fields_counted_after_the_command_name() {
+        let stat = "1234 (tricky) name) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0";
+        assert_eq!(parse_stat_cpu_ticks(stat).unwrap(), 300);
+        assert!(parse_stat_cpu_ticks("1234 (x) S 1 2").is_err());
+        assert!(parse_stat_cpu_ticks("no parens").is_err());
+        // Our own process parses, and burning CPU makes it grow.
+        let before = process_cpu(std::process::id()).unwrap();
+        let start = Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(60) {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        assert!(process_cpu(std::process::id()).unwrap() > before);
+        assert!(self_cpu() > Duration::ZERO);
+    }
+
+    #[test]
+    fn status_memory_fields() {
+        let text = "Name:\tzmesh\nVmHWM:\t   21000 kB\nVmRSS:\t   18000 kB\n";
+        assert_eq!(
+            parse_status(text).unwrap(),
+            Memory {
+                rss_kib: 18000,
+                hwm_kib: 21000
+            }
+        );
+        assert!(parse_status("VmRSS: 1 kB\n").is_err());
+        let own = std::fs::read_to_string("/proc/self/status").unwrap();
+        let m = parse_status(&own).unwrap();
+        assert!(m.rss_kib > 0 && m.hwm_kib >= m.rss_kib);
+    }
+
+    #[test]
+    fn machine_cpu_parses() {
+        let (busy, total) =
+            parse_machine_cpu("cpu  100 0 50 800 50 0 0 0 0 0\ncpu0 1 2 3 4\n").unwrap();
+        let hz = clock_ticks() as f64;
+        assert_eq!(busy, Duration::from_secs_f64(150.0 / hz));
+        assert_eq!(total, Duration::from_secs_f64(1000.0 / hz));
+        assert!(parse_machine_cpu("cpu  1 2\n").is_err());
+        assert!(parse_machine_cpu("intr 1\n").is_err());
+    }
+
+    #[test]
+    fn metrics_are_read_by_name_and_labels() {
+        let text = "# HELP x\nzmesh_inbound_tls_connections_total 3\n\
+            zmesh_connections_opened_total{direction=\"outbound\"} 7\n\
+            zmesh_connections_opened_total{direction=\"inbound\"} 2\n\
+            zmesh_connections_closed_total{direction=\"outbound\",result=\"ok\"} 5\n\
+            zmesh_connections_closed_total{direction=\"outbound\",result=\"error\"} 1\n";
+        assert_eq!(metric(text, "zmesh_inbound_tls_connections_total"), Some(3.0));
+        assert_eq!(metric(text, "zmesh_missing"), None);
+        let opened = "zmesh_connections_opened_total";
+        assert_eq!(metric_sum(text, opened, &[("direction", "outbound")]), 7.0);
+        assert_eq!(metric_sum(text, opened, &[]), 9.0);
+        let closed = "zmesh_connections_closed_total";
+        assert_eq!(
+            metric_sum(text, closed, &[("direction", "outbound"), ("result", "ok")]),
+            5.0
+        );
+    }
+
+    /// A child that exits at once is reported with its log, and Drop reaps a live one.
+    #[test]
+    fn child_lifecycle() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut dead = ProxyProcess::spawn(
+            "dead",
+            Path::new("/bin/sh"),
+            &["-c".into(), "echo boom >&2; exit 3".into()],
+            tmp.path().join("dead.log"),
+        )
+        .unwrap();
+        let _ = dead.child.wait();
+        let err = format!("{:#}", dead.check_alive().unwrap_err());
+        assert!(err.contains("boom"), "{err}");
+
+        let live = ProxyProcess::spawn(
+            "live",
+            Path::new("/bin/sleep"),
+            &["30".into()],
+            tmp.path().join("live.log"),
+        )
+        .unwrap();
+        let pid = live.pid();
+        drop(live);
+        // Reaped: no /proc entry, or at least not our sleeping child any more.
+        assert!(process_cpu(pid).is_err());
+    }
+}

@@ -1,0 +1,304 @@
+//! `zmesh agent`: one per node. Keeps the proxy's workload table, the workload certificates
+//! and the eBPF enrollment maps in step with the cluster state.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use zmesh_certs::{ClientCredential, IstioCaClient, NodeCredentials, NodeName};
+use zmesh_identity::{CertManager, CertManagerConfig, SharedBundle, TrustBundle, TrustDomain, WorkloadId};
+use zmesh_proxy::{Mode, OriginalDst, Proxy, ProxyConfig, ProxyDeps, WorkloadStore};
+use zmesh_redirect::{InboundMode, RedirectConfig, Redirector};
+
+use super::admin::{self, AdminState};
+use super::cluster_state::ClusterState;
+use super::credentials::ManagedCredentials;
+use super::table::{local_enrolled, workload_table};
+
+/// Everything `zmesh agent` is configured with.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub node: String,
+    pub trust_domain: TrustDomain,
+    /// `host:port` of the CA.
+    pub ca_addr: String,
+    /// Node credentials from `zmesh ca join` (node.pem, node.key, ca-bundle.pem).
+    pub credentials_dir: PathBuf,
+    /// The address pods reach the node at; the proxy's outbound listener is here.
+    pub proxy_ip: Ipv4Addr,
+    pub mode: Mode,
+    pub admin_socket: PathBuf,
+    pub cert_validity: Duration,
+    /// eBPF redirection; `None` runs the proxy without capture (explicit clients only).
+    pub redirect: Option<RedirectSettings>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedirectSettings {
+    /// cgroup v2 directory holding this node's pods (programs attach here).
+    pub cgroup: PathBuf,
+    /// bpffs directory for this node's pins.
+    pub pin_dir: PathBuf,
+    /// Interfaces whose ingress steers traffic to enrolled pods (underlay and pod veths).
+    pub ingress_interfaces: Vec<String>,
+}
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot load node credentials from {dir} (run `zmesh ca join` first): {reason}")]
+    Credentials { dir: PathBuf, reason: String },
+    #[error("invalid CA bundle: {0}")]
+    Bundle(String),
+    #[error("cannot set up the CA client: {0}")]
+    CaClient(String),
+    #[error("eBPF redirection: {0}")]
+    Redirect(#[from] zmesh_redirect::RedirectError),
+    #[error("proxy: {0}")]
+    Proxy(#[from] zmesh_proxy::ProxyError),
+    #[error("admin API: {0}")]
+    Admin(#[from] admin::AdminError),
+    #[error("node name {0:?} is invalid")]
+    NodeName(String),
+}
+
+/// The original destination of a captured connection, from the eBPF map (keyed by the
+/// client's address), so the proxy needs no cgroup/getsockopt hook in its own cgroup.
+struct MapOriginalDst(Arc<Mutex<Redirector>>);
+
+impl OriginalDst for MapOriginalDst {
+    fn original_dst(&self, stream: &tokio::net::TcpStream) -> std::io::Result<SocketAddr> {
+        let peer = stream.peer_addr()?;
+        let mut redirector = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match redirector.original_dst(peer) {
+            Ok(Some(dst)) => Ok(dst),
+            Ok(None) => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no original destination recorded for {peer}"),
+            )),
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        }
+    }
+}
+
+/// Runs the agent until `shutdown` resolves, then drains the proxy. Redirection stays
+/// installed (pinned) so that a restarted agent takes over without breaking connections.
+pub async fn run(
+    config: AgentConfig,
+    mut cluster: watch::Receiver<Arc<ClusterState>>,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), AgentError> {
+    NodeName::new(&config.node).map_err(|_| AgentError::NodeName(config.node.clone()))?;
+    let credentials = NodeCredentials::load(&config.credentials_dir).map_err(|e| {
+        AgentError::Credentials {
+            dir: config.credentials_dir.clone(),
+            reason: e.to_string(),
+        }
+    })?;
+    let mut bundle = TrustBundle::new();
+    bundle
+        .add_pem(&config.trust_domain, credentials.roots_pem.as_bytes())
+        .map_err(|e| AgentError::Bundle(e.to_string()))?;
+    let bundle = SharedBundle::new(bundle);
+    let roots_pem = credentials.roots_pem.clone();
+    let ca = IstioCaClient::new(
+        &config.ca_addr,
+        &roots_pem,
+        ClientCredential::NodeCert(credentials),
+    )
+    .map_err(|e| AgentError::CaClient(e.to_string()))?;
+    let certs = Arc::new(CertManager::new(
+        Arc::new(ca),
+        bundle.clone(),
+        CertManagerConfig {
+            validity: config.cert_validity,
+            ..CertManagerConfig::default()
+        },
+    ));
+    let tls = Arc::new(ManagedCredentials::new(
+        certs.clone(),
+        bundle.clone(),
+        config.trust_domain.clone(),
+    ));
+
+    let listen = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    let mut proxy_config = ProxyConfig::new(config.node.clone(), listen);
+    proxy_config.mode = config.mode;
+    let own_hbone = SocketAddr::new(IpAddr::V4(config.proxy_ip), proxy_config.inbound_addr.port());
+    let workloads = Arc::new(WorkloadStore::new(workload_table(
+        &cluster.borrow_and_update(),
+        &config.trust_domain,
+        &config.node,
+        own_hbone,
+    )));
+    let mut deps = ProxyDeps::new(workloads.clone(), tls.clone());
+
+    let redirector = match &config.redirect {
+        Some(settings) => {
+            let redirector = Arc::new(Mutex::new(load_redirect(&config, settings)?));
+            deps.original_dst = Arc::new(MapOriginalDst(redirector.clone()));
+            Some(redirector)
+        }
+        None => None,
+    };
+    if config.redirect.is_none() {
+        proxy_config.capture = zmesh_proxy::Capture::Explicit;
+        proxy_config.ip_transparent = false;
+    }
+    let proxy = Proxy::bind(proxy_config, deps).await?;
+    let drain = proxy.drain_handle();
+    let proxy_task = tokio::spawn(proxy.run());
+    let admin_task = admin::serve(
+        &config.admin_socket,
+        AdminState {
+            certs: certs.clone(),
+            trust_domain: config.trust_domain.clone(),
+        },
+    )
+    .await?;
+
+    let mut enrolled = Enrolled::default();
+    let reconcile = async {
+        loop {
+            let state = cluster.borrow_and_update().clone();
+            workloads.replace(workload_table(
+                &state,
+                &config.trust_domain,
+                &config.node,
+                own_hbone,
+            ));
+            enrolled.apply(&state, &config, &certs, &tls, redirector.as_deref());
+            if cluster.changed().await.is_err() {
+                // The source is gone (only at shutdown): keep serving the last state.
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        _ = reconcile => {}
+        _ = shutdown => {}
+    }
+    tracing::info!("shutting down: draining open connections");
+    drain.drain();
+    let _ = proxy_task.await;
+    admin_task.abort();
+    let _ = std::fs::remove_file(&config.admin_socket);
+    Ok(())
+}
+
+fn load_redirect(config: &AgentConfig, settings: &RedirectSettings) -> Result<Redirector, AgentError> {
+    let mut proxy = zmesh_redirect::ProxyConfig::new(SocketAddrV4::new(config.proxy_ip, 15001));
+    proxy.node_mode = match config.mode {
+        Mode::Permissive => InboundMode::Permissive,
+        Mode::Strict => InboundMode::Strict,
+    };
+    proxy.other_ports = vec![15000, 15020, 15021];
+    let redirect_config = RedirectConfig {
+        pin_dir: settings.pin_dir.clone(),
+        cgroup: settings.cgroup.clone(),
+        ingress_interfaces: settings.ingress_interfaces.clone(),
+        proxy,
+    };
+    // Over an existing installation this reuses the pinned maps: enrollment survives.
+    Ok(Redirector::load(&redirect_config)?)
+}
+
+/// What this agent has enrolled so far, to apply only the differences.
+#[derive(Default)]
+struct Enrolled {
+    workloads: BTreeSet<WorkloadId>,
+    /// Pod (namespace/name) -> (netns cookie, pod IPs) as put into the maps.
+    pods: BTreeMap<String, (Option<u64>, Vec<IpAddr>)>,
+}
+
+impl Enrolled {
+    fn apply(
+        &mut self,
+        state: &ClusterState,
+        config: &AgentConfig,
+        certs: &CertManager,
+        tls: &ManagedCredentials,
+        redirector: Option<&Mutex<Redirector>>,
+    ) {
+        let mut want_workloads = BTreeSet::new();
+        let mut want_pods = BTreeMap::new();
+        for (pod, id) in local_enrolled(state, &config.trust_domain, &config.node) {
+            want_workloads.insert(id);
+            let key = pod.key().to_string();
+            // Keep a cookie we already resolved: the netns of a running pod does not change.
+            let cookie = match self.pods.get(&key) {
+                Some((Some(cookie), _)) => Some(*cookie),
+                _ => pod.netns_path.as_deref().and_then(|path| match netns_cookie(path) {
+                    Ok(cookie) => Some(cookie),
+                    Err(e) => {
+                        tracing::warn!(pod = %key, path = %path.display(), "cannot read the pod's network namespace: {e}");
+                        None
+                    }
+                }),
+            };
+            want_pods.insert(key, (cookie, pod.ips.clone()));
+        }
+        for id in want_workloads.difference(&self.workloads) {
+            tracing::info!(workload = %id, "enrolled: fetching its certificate");
+            certs.ensure(id);
+        }
+        for id in self.workloads.difference(&want_workloads) {
+            tracing::info!(workload = %id, "left the mesh on this node: forgetting its certificate");
+            certs.forget(id);
+            tls.forget(id);
+        }
+        self.workloads = want_workloads;
+
+        if let Some(redirector) = redirector {
+            let mut r = redirector.lock().unwrap_or_else(|p| p.into_inner());
+            for (key, (cookie, ips)) in &self.pods {
+                if want_pods.get(key) != Some(&(*cookie, ips.clone())) {
+                    tracing::info!(pod = %key, "un-enrolling from redirection");
+                    if let Some(cookie) = cookie {
+                        log_err(key, r.unenroll_netns(*cookie));
+                    }
+                    for ip in ips {
+                        log_err(key, r.unenroll_pod_ip(*ip));
+                    }
+                }
+            }
+            for (key, (cookie, ips)) in &want_pods {
+                if self.pods.get(key) != Some(&(*cookie, ips.clone())) {
+                    tracing::info!(pod = %key, ?cookie, ?ips, "enrolling in redirection");
+                    if let Some(cookie) = cookie {
+                        log_err(key, r.enroll_netns(*cookie));
+                    }
+                    for ip in ips {
+                        log_err(key, r.enroll_pod_ip(*ip, InboundMode::Permissive));
+                    }
+                }
+            }
+        }
+        self.pods = want_pods;
+    }
+}
+
+fn log_err(pod: &str, result: Result<(), zmesh_redirect::RedirectError>) {
+    if let Err(e) = result {
+        tracing::error!(%pod, "redirect map update failed: {e}");
+    }
+}
+
+/// The cookie of the network namespace at `path` (e.g. /run/netns/NAME), read from a
+/// socket created inside it on a short-lived thread.
+pub fn netns_cookie(path: &Path) -> std::io::Result<u64> {
+    let file = std::fs::File::open(path)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)?;
+                zmesh_redirect::current_netns_cookie()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
+    })
+}

@@ -1,0 +1,126 @@
+//! From cluster state to what the proxy and the redirect maps need.
+
+use std::collections::HashSet;
+use std::net::{IpAddr, SocketAddr};
+
+use zmesh_identity::{TrustDomain, WorkloadId};
+use zmesh_proxy::{Node, Protocol, Workload, WorkloadTable};
+
+use super::cluster_state::{ClusterState, PodInfo};
+
+/// The proxy's view of the cluster: every pod with an IP (enrolled ones reached over HBONE,
+/// others as plain TCP), and this node's own HBONE address for same-node traffic.
+pub fn workload_table(
+    state: &ClusterState,
+    trust_domain: &TrustDomain,
+    node: &str,
+    own_hbone: SocketAddr,
+) -> WorkloadTable {
+    let mut seen_ips: HashSet<IpAddr> = HashSet::new();
+    let mut workloads = Vec::new();
+    for pod in state.pods() {
+        let (Some(pod_node), false) = (&pod.node, pod.ips.is_empty()) else {
+            continue; // not scheduled or no network yet: nothing can reach it
+        };
+        if pod.host_network {
+            continue; // its IP is the node's: not a workload address
+        }
+        let identity = match WorkloadId::new(trust_domain, &pod.namespace, &pod.service_account) {
+            Ok(id) => id,
+            Err(e) => {
+                tracing::warn!(pod = %pod.key(), "pod skipped: no valid SPIFFE identity: {e}");
+                continue;
+            }
+        };
+        if let Some(ip) = pod.ips.iter().find(|ip| !seen_ips.insert(**ip)) {
+            tracing::warn!(pod = %pod.key(), %ip, "pod skipped: its IP belongs to another pod");
+            continue;
+        }
+        workloads.push(Workload {
+            name: pod.name.clone(),
+            namespace: pod.namespace.clone(),
+            service_account: pod.service_account.clone(),
+            node: pod_node.clone(),
+            ips: pod.ips.clone(),
+            protocol: if state.is_enrolled(pod) {
+                Protocol::Hbone
+            } else {
+                Protocol::Tcp
+            },
+            identity,
+        });
+    }
+    let own = Node {
+        name: node.to_owned(),
+        hbone: Some(own_hbone),
+    };
+    // Duplicates were filtered above, so the table cannot refuse them.
+    WorkloadTable::new(trust_domain.clone(), [own], workloads).unwrap_or_else(|e| {
+        tracing::error!("workload table rejected, serving an empty one: {e}");
+        WorkloadTable::default()
+    })
+}
+
+/// The enrolled pods of this node, with the identity each needs a certificate for.
+pub fn local_enrolled<'a>(
+    state: &'a ClusterState,
+    trust_domain: &'a TrustDomain,
+    node: &'a str,
+) -> impl Iterator<Item = (&'a PodInfo, WorkloadId)> + 'a {
+    state.enrolled_on(node).filter_map(move |pod| {
+        WorkloadId::new(trust_domain, &pod.namespace, &pod.service_account)
+            .ok()
+            .map(|id| (pod, id))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::agent::cluster_state::{NamespaceInfo, CILIUM_MTLS_LABEL};
+    use std::collections::BTreeMap;
+
+    fn pod(ns: &str, name: &str, node: &str, ip: &str) -> PodInfo {
+        PodInfo {
+            namespace: ns.into(),
+            name: name.into(),
+            node: Some(node.into()),
+            ips: vec![ip.parse().unwrap()],
+            service_account: name.into(),
+            host_network: false,
+            labels: BTreeMap::new(),
+            netns_path: None,
+            cgroup_path: None,
+        }
+    }
+
+    #[test]
+    fn table_marks_enrolled_pods_and_skips_conflicts() {
+        let mut host = pod("mesh", "host", "n1", "10.0.0.9");
+        host.host_network = true;
+        let state = ClusterState::new(
+            [NamespaceInfo {
+                name: "mesh".into(),
+                labels: [(CILIUM_MTLS_LABEL.to_string(), "true".to_string())].into(),
+            }],
+            [
+                pod("mesh", "a", "n1", "10.0.0.1"),
+                pod("plain", "b", "n2", "10.0.0.2"),
+                pod("plain", "dup", "n2", "10.0.0.2"),
+                host,
+            ],
+        );
+        let td = TrustDomain::default();
+        let hbone: SocketAddr = "10.0.0.254:15008".parse().unwrap();
+        let table = workload_table(&state, &td, "n1", hbone);
+        let a = table.workload_by_ip("10.0.0.1".parse().unwrap()).unwrap();
+        assert_eq!(a.protocol, Protocol::Hbone);
+        assert_eq!(a.identity.to_string(), "spiffe://cluster.local/ns/mesh/sa/a");
+        let b = table.workload_by_ip("10.0.0.2".parse().unwrap()).unwrap();
+        assert_eq!((b.name.as_str(), b.protocol), ("b", Protocol::Tcp));
+        assert!(table.workload_by_ip("10.0.0.9".parse().unwrap()).is_none());
+        assert_eq!(table.node("n1").unwrap().hbone, Some(hbone));
+        let local: Vec<_> = local_enrolled(&state, &td, "n1").map(|(p, _)| p.name.clone()).collect();
+        assert_eq!(local, ["a"]);
+    }
+}
