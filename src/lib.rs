@@ -2,3 +2,4 @@
 //! (cluster state -> enrollment, certificates, redirect maps, proxy workload table).
 
 pub mod agent;
+pub mod lab;

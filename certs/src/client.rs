@@ -338,8 +338,16 @@ impl IstioCaClient {
             .clone()
     }
 
-    fn request<T>(&self, body: T) -> tonic::Request<T> {
+    /// A request with the headers every RPC carries: `clusterid`, and the bearer token
+    /// if that is this client's credential (so a refusal names what was presented).
+    fn request<T>(&self, body: T) -> Result<tonic::Request<T>, Status> {
         let mut request = tonic::Request::new(body);
+        if let Some(token) = &self.inner.bearer {
+            let value = format!("Bearer {token}").parse().map_err(|_| {
+                Status::invalid_argument("bearer token is not a valid header value")
+            })?;
+            request.metadata_mut().insert("authorization", value);
+        }
         let cluster_id = self
             .inner
             .cluster_id
@@ -349,7 +357,7 @@ impl IstioCaClient {
         if let Some(id) = cluster_id {
             request.metadata_mut().insert(CLUSTER_ID_HEADER, id);
         }
-        request
+        Ok(request)
     }
 
     /// Raw `CreateCertificate`: returns Istio's `cert_chain` as sent.
@@ -368,17 +376,11 @@ impl IstioCaClient {
             )]
             .into(),
         });
-        let mut request = self.request(IstioCertificateRequest {
+        let request = self.request(IstioCertificateRequest {
             csr: csr_pem.to_owned(),
             validity_duration: validity_secs,
             metadata,
-        });
-        if let Some(token) = &self.inner.bearer {
-            let value = format!("Bearer {token}").parse().map_err(|_| {
-                Status::invalid_argument("bearer token is not a valid header value")
-            })?;
-            request.metadata_mut().insert("authorization", value);
-        }
+        })?;
         let response = IstioCertificateServiceClient::new(self.channel())
             .create_certificate(request)
             .await?;
@@ -392,7 +394,7 @@ impl IstioCaClient {
         let request = self.request(JoinRequest {
             token: token.to_owned(),
             csr: csr_pem.to_owned(),
-        });
+        })?;
         let response = NodeJoinClient::new(self.channel()).join(request).await?;
         Ok(response.into_inner().cert_chain)
     }
@@ -401,7 +403,7 @@ impl IstioCaClient {
     pub async fn renew_raw(&self, csr_pem: &str) -> Result<Vec<String>, Status> {
         let request = self.request(RenewRequest {
             csr: csr_pem.to_owned(),
-        });
+        })?;
         let response = NodeJoinClient::new(self.channel()).renew(request).await?;
         let chain = response.into_inner().cert_chain;
         self.note_signing_chain(&chain);

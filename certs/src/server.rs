@@ -759,12 +759,14 @@ impl Service {
         let authority = self.authority()?;
         let conn = request.extensions().get::<ConnInfo>().cloned();
         let Some(certs) = conn.as_ref().and_then(|c| c.certs.clone()) else {
-            let mut r = Refusal::new(Status::unauthenticated(
-                "Renew needs the node's current client certificate; join with a token first",
-            ));
-            if request.metadata().contains_key("authorization") {
-                r.auth = Some(AuthMethod::Bearer);
-            }
+            let bearer = request.metadata().contains_key("authorization");
+            let mut r = Refusal::new(Status::unauthenticated(if bearer {
+                "a bearer token cannot renew a node certificate; present the current node \
+                 certificate, or join with a token first"
+            } else {
+                "Renew needs the node's current client certificate; join with a token first"
+            }));
+            r.auth = bearer.then_some(AuthMethod::Bearer);
             return Err(r);
         };
         let (node, leaf) = self.authenticate_cert(&authority, &certs)?;

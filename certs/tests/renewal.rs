@@ -204,7 +204,8 @@ async fn every_renew_refusal_has_its_code_and_issues_nothing() {
     }
     let audit = ca.audit();
     let reason = |i: usize| audit[audit.len() - 8 + i]["reason"].as_str().unwrap().to_owned();
-    assert!(reason(1).contains("join with a token"), "{}", reason(1));
+    assert!(reason(0).contains("join with a token"), "{}", reason(0));
+    assert!(reason(1).contains("bearer token cannot renew"), "{}", reason(1));
     assert_eq!(audit[audit.len() - 7]["auth"], "bearer");
     assert!(reason(2).contains("not a zmesh node identity"), "{}", reason(2));
     assert!(reason(3).contains("does not chain to the CA bundle"), "{}", reason(3));
@@ -316,13 +317,13 @@ async fn the_renewal_loop_moves_the_node_to_the_new_root_at_switch() {
         .count();
     assert_eq!(node_entries, 2);
 
-    // The old node certificate no longer holds up the drop; the two workload leaves
-    // issued before the switch (join-era and add-era) do.
+    // The old node certificate no longer holds up the drop; the workload leaf issued
+    // before the switch does.
     let status = ca.store.status().unwrap();
-    assert_eq!(status.leaves_on_old_root.len(), 2, "{:?}", status.leaves_on_old_root);
-    assert!(status.leaves_on_old_root.iter().all(|l| l.identity == WEB));
+    assert_eq!(status.leaves_on_old_root.len(), 1, "{:?}", status.leaves_on_old_root);
+    assert_eq!(status.leaves_on_old_root[0].identity, WEB);
     match ca.store.rotate(RotationStep::Drop, false) {
-        Err(StoreError::Rotation(msg)) => assert!(msg.contains("2 unexpired"), "{msg}"),
+        Err(StoreError::Rotation(msg)) => assert!(msg.contains("1 unexpired"), "{msg}"),
         other => panic!("drop allowed with live old leaves: {other:?}"),
     }
     assert_eq!(

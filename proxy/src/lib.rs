@@ -17,7 +17,9 @@ mod plaintext;
 mod pool;
 mod proxy;
 
+pub mod flows;
 pub mod metrics;
+pub mod policy;
 pub mod socket;
 pub mod tls;
 pub mod workloads;

@@ -179,7 +179,10 @@ fn parses_every_accepted_field() {
 
     // Every condition takes part in the decision.
     let db = || to("prod", 5432).labels(&[("app", "db"), ("tier", "data"), ("x", "y")]);
-    assert_eq!(db().from(FRONTEND).eval(&s), allowed_by("prod/every-field", 0));
+    assert_eq!(
+        db().from(FRONTEND).eval(&s),
+        allowed_by("prod/every-field", 0)
+    );
     // principals: suffix wildcard.
     assert!(db()
         .from("spiffe://td/ns/web/sa/admin")
@@ -230,11 +233,19 @@ fn accepts_v1_deny_and_defaults() {
          metadata: {name: d}\nspec: {action: DENY, rules: [{}]}\n",
     );
     let p = &s.policies()[0];
-    assert_eq!(p.id(), &pref("default/d"), "namespace defaults like kubectl");
+    assert_eq!(
+        p.id(),
+        &pref("default/d"),
+        "namespace defaults like kubectl"
+    );
     assert_eq!(p.action(), Action::Deny);
     assert_eq!(p.selector(), None);
     // No action means ALLOW; an empty matchLabels selects everything.
-    let s = set(&policy("a", "b", "selector: {matchLabels: {}}\nrules: [{}]"));
+    let s = set(&policy(
+        "a",
+        "b",
+        "selector: {matchLabels: {}}\nrules: [{}]",
+    ));
     assert_eq!(s.policies()[0].action(), Action::Allow);
     assert_eq!(s.policies()[0].selector(), None);
 }
@@ -282,8 +293,20 @@ fn skips_other_kinds_in_a_manifest() {
 
 #[test]
 fn rejects_what_it_cannot_enforce_naming_the_field() {
-    let from = |field: &str| policy("p", "x", &format!("rules:\n- from:\n  - source:\n      {field}\n"));
-    let op = |field: &str| policy("p", "x", &format!("rules:\n- to:\n  - operation:\n      {field}\n"));
+    let from = |field: &str| {
+        policy(
+            "p",
+            "x",
+            &format!("rules:\n- from:\n  - source:\n      {field}\n"),
+        )
+    };
+    let op = |field: &str| {
+        policy(
+            "p",
+            "x",
+            &format!("rules:\n- to:\n  - operation:\n      {field}\n"),
+        )
+    };
     let http = "HTTP fields are not supported (L4 only)";
     let cases: Vec<(String, String)> = vec![
         (
@@ -482,7 +505,10 @@ fn rejects_what_it_cannot_enforce_naming_the_field() {
     ];
     for (yaml, want) in cases {
         let got = err(&yaml);
-        assert!(got.contains(&want), "want {want:?}\n got {got}\nfor\n{yaml}");
+        assert!(
+            got.contains(&want),
+            "want {want:?}\n got {got}\nfor\n{yaml}"
+        );
     }
 }
 
@@ -495,7 +521,11 @@ fn reports_every_error_of_every_document() {
             "one",
             "action: AUDIT\nrules:\n- to:\n  - operation: {methods: [GET]}"
         ),
-        policy("p", "two", "rules:\n- from:\n  - source: {ipBlocks: [nope]}")
+        policy(
+            "p",
+            "two",
+            "rules:\n- from:\n  - source: {ipBlocks: [nope]}"
+        )
     );
     let e = PolicySet::parse_documents(&text).unwrap_err();
     assert_eq!(e.0.len(), 3, "{e}");
@@ -508,7 +538,9 @@ fn reports_every_error_of_every_document() {
     assert_eq!(e.0[1].path, "spec.rules[0].to[0].operation.methods");
     assert_eq!(e.0[2].origin, "document 2 (p/two)");
     assert_eq!(e.0[2].path, "spec.rules[0].from[0].source.ipBlocks[0]");
-    assert!(e.to_string().starts_with("3 errors in authorization policies:"));
+    assert!(e
+        .to_string()
+        .starts_with("3 errors in authorization policies:"));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -534,10 +566,7 @@ fn allow_by_principal_admits_one_identity_and_refuses_another() {
     // Plaintext never matches a principal.
     assert!(!to("prod", 80).eval(&s).is_allowed());
     // Another namespace has no ALLOW policy: allowed.
-    assert_eq!(
-        to("dev", 80).from(OTHER).eval(&s),
-        ALLOW_NOTHING_BY_DEFAULT
-    );
+    assert_eq!(to("dev", 80).from(OTHER).eval(&s), ALLOW_NOTHING_BY_DEFAULT);
     // An identity from another trust domain is another principal.
     assert!(!to("prod", 80)
         .from("spiffe://other.td/ns/web/sa/frontend")
@@ -549,9 +578,21 @@ fn allow_by_principal_admits_one_identity_and_refuses_another() {
 fn lists_every_allow_policy_considered() {
     let text = format!(
         "{}---\n{}---\n{}",
-        policy("prod", "b", "rules:\n- to:\n  - operation: {ports: [\"1\"]}"),
-        policy("prod", "a", "rules:\n- to:\n  - operation: {ports: [\"2\"]}"),
-        policy("istio-system", "mesh", "rules:\n- to:\n  - operation: {ports: [\"3\"]}"),
+        policy(
+            "prod",
+            "b",
+            "rules:\n- to:\n  - operation: {ports: [\"1\"]}"
+        ),
+        policy(
+            "prod",
+            "a",
+            "rules:\n- to:\n  - operation: {ports: [\"2\"]}"
+        ),
+        policy(
+            "istio-system",
+            "mesh",
+            "rules:\n- to:\n  - operation: {ports: [\"3\"]}"
+        ),
     );
     let s = set(&text);
     assert_eq!(
@@ -657,7 +698,11 @@ fn wildcards_in_principals_and_namespaces() {
         ("namespaces: [web]", FRONTEND, true),
         ("namespaces: [web]", "", false),
         // Namespaces come from /ns/<ns>/sa/<sa> identities only.
-        ("namespaces: [web]", "spiffe://cluster.local/web/ns/web", false),
+        (
+            "namespaces: [web]",
+            "spiffe://cluster.local/web/ns/web",
+            false,
+        ),
     ];
     for (source, id, want) in rows {
         let s = set(&policy(
@@ -770,7 +815,10 @@ fn ports_and_not_ports_and_rule_structure() {
         "rules:\n- to:\n  - operation: {ports: [\"8080\"]}\n  - operation: {notPorts: [\"22\", \"8080\", \"9090\"]}",
     ));
     assert_eq!(to("prod", 8080).eval(&s), allowed_by("prod/ports", 0));
-    assert!(to("prod", 443).eval(&s).is_allowed(), "second operation (ORed)");
+    assert!(
+        to("prod", 443).eval(&s).is_allowed(),
+        "second operation (ORed)"
+    );
     assert!(!to("prod", 22).eval(&s).is_allowed());
     assert!(!to("prod", 9090).eval(&s).is_allowed());
 
@@ -796,7 +844,11 @@ fn allow_with_no_rules_denies_everything_and_empty_rule_allows_everything() {
     for spec in ["{}", "action: ALLOW", "rules: []"] {
         let s = set(&policy("prod", "allow-nothing", spec));
         for r in [to("prod", 80), to("prod", 80).from(FRONTEND)] {
-            assert_eq!(r.eval(&s), no_allow_matched(&["prod/allow-nothing"]), "{spec}");
+            assert_eq!(
+                r.eval(&s),
+                no_allow_matched(&["prod/allow-nothing"]),
+                "{spec}"
+            );
         }
     }
     // No spec at all is the same as `spec: {}`.
@@ -929,7 +981,11 @@ fn bad_update_leaves_previous_set_in_force() {
     let bad = format!(
         "{}---\n{}",
         policy("prod", "allow-all", "rules: [{}]"),
-        policy("prod", "bad", "rules:\n- to:\n  - operation: {methods: [GET]}"),
+        policy(
+            "prod",
+            "bad",
+            "rules:\n- to:\n  - operation: {methods: [GET]}"
+        ),
     );
     let e = store.replace_from_documents(&bad).unwrap_err();
     assert!(

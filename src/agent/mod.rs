@@ -7,3 +7,4 @@ pub mod admin;
 pub mod credentials;
 pub mod table;
 pub mod run;
+pub mod placement;

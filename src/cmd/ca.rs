@@ -10,7 +10,7 @@ use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
 use zmesh_certs::{
     BearerValidator, CaServer, CaStore, FilePlacement, InitOptions, NodeCredentialRenewer,
-    NodeName, Phase, Policy, RotationStep, ServerOptions, StaticTokens, Status,
+    NodeName, Phase, Policy, RotationStep, ServerOptions, StaticTokens, Status, WorkloadPlacement,
 };
 use zmesh_identity::TrustDomain;
 
@@ -52,8 +52,12 @@ enum CaCommand {
         listen: SocketAddr,
         /// YAML file mapping node names to the workloads scheduled there
         /// (`node-a: [default/web, spiffe://cluster.local/ns/prod/sa/db]`); re-read on change.
-        #[arg(long)]
-        placement: PathBuf,
+        #[arg(long, required_unless_present = "manifests", conflicts_with = "manifests")]
+        placement: Option<PathBuf>,
+        /// Place workloads from a directory of Kubernetes Pod manifests (watched), the same
+        /// cluster state the node agents read: a node gets only identities of its pods.
+        #[arg(long, value_name = "DIR")]
+        manifests: Option<PathBuf>,
         /// DNS name or IP for the CA's serving certificate (repeatable).
         /// Default: localhost, 127.0.0.1 and the listen address.
         #[arg(long = "san")]
@@ -188,6 +192,7 @@ pub async fn run(args: CaArgs) -> anyhow::Result<ExitCode> {
             state,
             listen,
             placement,
+            manifests,
             mut sans,
             bearer_tokens,
             cluster_id,
@@ -200,7 +205,14 @@ pub async fn run(args: CaArgs) -> anyhow::Result<ExitCode> {
                     sans.push(listen.ip().to_string());
                 }
             }
-            let placement = FilePlacement::new(&placement, authority.trust_domain())?;
+            let placement: Arc<dyn WorkloadPlacement> = match (placement, manifests) {
+                (Some(file), _) => Arc::new(FilePlacement::new(&file, authority.trust_domain())?),
+                (None, Some(dir)) => {
+                    let (state, _errors) = zmesh::agent::manifests::watch_dir(dir, Duration::from_millis(200));
+                    Arc::new(zmesh::agent::placement::ClusterPlacement::new(state))
+                }
+                (None, None) => anyhow::bail!("give --placement FILE or --manifests DIR"),
+            };
             let bearer = match bearer_tokens {
                 Some(path) => Some(Arc::new(StaticTokens::new(&path)?) as Arc<dyn BearerValidator>),
                 None => None,
@@ -210,7 +222,7 @@ pub async fn run(args: CaArgs) -> anyhow::Result<ExitCode> {
                 ServerOptions {
                     listen,
                     serving_names: sans.clone(),
-                    placement: Arc::new(placement),
+                    placement,
                     bearer,
                     cluster_id,
                 },

@@ -27,7 +27,7 @@ use arc_swap::ArcSwap;
 use serde::{Deserialize, Serialize};
 use zmesh_identity::SpiffeId;
 
-use crate::authz::{AuthzRequest, Authorizer, Decision};
+use crate::authz::{Authorizer, AuthzRequest, Decision};
 use crate::workloads::Workload;
 
 /// Istio's default root namespace: policies there apply to the whole mesh.
@@ -109,7 +109,9 @@ pub enum PolicyErrorKind {
     Empty,
     #[error("{0}")]
     Unsupported(&'static str),
-    #[error("apiVersion {0:?} is not supported; use security.istio.io/v1 or security.istio.io/v1beta1")]
+    #[error(
+        "apiVersion {0:?} is not supported; use security.istio.io/v1 or security.istio.io/v1beta1"
+    )]
     BadApiVersion(String),
     #[error("action {0} is not supported; use ALLOW or DENY")]
     UnsupportedAction(String),
@@ -524,8 +526,7 @@ impl PolicySet {
                 .and_then(|v| serde_json::to_value(v).map_err(|e| e.to_string()));
             match value {
                 Ok(v) => {
-                    if let parse::Parsed::Policies(p) = parse::document(&v, &origin, &mut errors)
-                    {
+                    if let parse::Parsed::Policies(p) = parse::document(&v, &origin, &mut errors) {
                         policies.extend(p);
                     }
                 }

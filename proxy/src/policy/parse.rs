@@ -220,12 +220,7 @@ fn array<'v>(ctx: &mut Ctx<'_>, path: &str, value: &'v Value) -> &'v [Value] {
         // `field: ~` is the same as leaving it out.
         Value::Null => &[],
         _ => {
-            ctx.err(
-                path,
-                PolicyErrorKind::WrongType {
-                    expected: "a list",
-                },
-            );
+            ctx.err(path, PolicyErrorKind::WrongType { expected: "a list" });
             &[]
         }
     }
@@ -331,8 +326,8 @@ fn rule(ctx: &mut Ctx<'_>, path: &str, value: &Value) -> Option<Rule> {
             "to" => {
                 for (i, v) in array(ctx, &path, value).iter().enumerate() {
                     let path = format!("{path}[{i}]");
-                    if let Some(o) = wrapped(ctx, &path, v, "operation")
-                        .and_then(|(p, v)| operation(ctx, &p, v))
+                    if let Some(o) =
+                        wrapped(ctx, &path, v, "operation").and_then(|(p, v)| operation(ctx, &p, v))
                     {
                         out.to.push(o);
                     }
@@ -383,7 +378,9 @@ fn source(ctx: &mut Ctx<'_>, path: &str, obj: &Map<String, Value>) -> Option<Sou
             "notNamespaces" => out.not_namespaces = list(ctx, &path, value, namespace_match),
             "ipBlocks" => out.ip_blocks = list(ctx, &path, value, cidr),
             "notIpBlocks" => out.not_ip_blocks = list(ctx, &path, value, cidr),
-            "requestPrincipals" | "notRequestPrincipals" | "remoteIpBlocks"
+            "requestPrincipals"
+            | "notRequestPrincipals"
+            | "remoteIpBlocks"
             | "notRemoteIpBlocks" => ctx.err(path, PolicyErrorKind::Unsupported(L4_ONLY)),
             "serviceAccounts" | "notServiceAccounts" => ctx.err(
                 path,
@@ -506,11 +503,9 @@ fn principal(s: &str) -> Result<StringMatch, (ValueKind, String)> {
         StringMatch::Exact(p) => {
             let id = SpiffeId::parse(&format!("spiffe://{p}")).map_err(|e| bad(e.to_string()))?;
             if id.path().is_empty() {
-                return Err(bad(
-                    "names a trust domain, not a workload; \
+                return Err(bad("names a trust domain, not a workload; \
                      expected <trust-domain>/ns/<namespace>/sa/<service-account>"
-                        .into(),
-                ));
+                    .into()));
             }
         }
         StringMatch::Prefix(p) | StringMatch::Suffix(p) => {

@@ -1,0 +1,507 @@
+//! A local mesh on one machine: a cluster built from network namespaces (from a directory
+//! of Kubernetes manifests), the zmesh CA, and one real `zmesh agent` process per node.
+//! `zmesh demo` and the end-to-end tests run on it.
+//!
+//! The lab plays kubelet and CNI: it builds each pod's network namespace and cgroup, then
+//! writes what the API would hold (pod IP) and the node-local facts (netns and cgroup
+//! paths, as `zmesh.io/netns` / `zmesh.io/cgroup` annotations) into its copy of the
+//! manifests, which the CA and the agents then watch like any manifest directory.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::Deserialize;
+use zmesh_certs::{CaStore, InitOptions, NodeName, Policy};
+use zmesh_identity::TrustDomain;
+use zmesh_testbed::{Cluster, ClusterSpec};
+
+use crate::agent::admin::{AdminClient, CertInfo};
+use crate::agent::cluster_state::{ClusterState, CGROUP_ANNOTATION, NETNS_ANNOTATION};
+use crate::agent::manifests::ManifestDir;
+
+/// The node that hosts the CA (no pods, no agent).
+pub const CONTROL_NODE: &str = "zmesh-control";
+const CA_PORT: u16 = 15012;
+
+#[derive(Debug, thiserror::Error)]
+pub enum LabError {
+    #[error("manifests in {dir}: {reason}")]
+    Manifests { dir: PathBuf, reason: String },
+    #[error("test cluster: {0}")]
+    Cluster(#[from] zmesh_testbed::Error),
+    #[error("CA: {0}")]
+    Ca(String),
+    #[error("{what}: {reason}")]
+    Process { what: String, reason: String },
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout { what: String, after: Duration },
+    #[error("I/O on {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> LabError + '_ {
+    move |source| LabError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+/// How to run the lab.
+#[derive(Debug, Clone)]
+pub struct LabOptions {
+    /// Directory of Namespace and Pod manifests; pods name their node in `spec.nodeName`.
+    pub manifests: PathBuf,
+    /// The `zmesh` binary to run the CA and agents with.
+    pub zmesh_bin: PathBuf,
+    /// Lifetime of workload certificates.
+    pub cert_lifetime: Duration,
+    /// Nodes whose agent starts in strict mode.
+    pub strict_nodes: Vec<String>,
+}
+
+/// A running local mesh. Dropping it stops every process and removes everything it made.
+pub struct Lab {
+    options: LabOptions,
+    /// Declared before `cluster` so that processes stop before namespaces go away.
+    agents: BTreeMap<String, Child>,
+    ca: Option<Child>,
+    cluster: Option<Cluster>,
+    work: tempfile::TempDir,
+    pin_root: PathBuf,
+    trust_domain: TrustDomain,
+    /// Source manifest file name -> its text, to re-render with pod runtime facts.
+    sources: BTreeMap<String, String>,
+}
+
+impl Lab {
+    pub async fn start(options: LabOptions) -> Result<Lab, LabError> {
+        let (state, sources) = read_manifests(&options.manifests)?;
+        let mut nodes: BTreeMap<String, Vec<(String, String, String)>> = BTreeMap::new();
+        for pod in state.pods() {
+            let Some(node) = &pod.node else { continue };
+            nodes.entry(node.clone()).or_default().push((
+                pod.name.clone(),
+                pod.namespace.clone(),
+                pod.service_account.clone(),
+            ));
+        }
+        if nodes.is_empty() {
+            return Err(LabError::Manifests {
+                dir: options.manifests.clone(),
+                reason: "no pod is scheduled on a node (spec.nodeName)".into(),
+            });
+        }
+        let mut spec = ClusterSpec::new();
+        for (node, pods) in &nodes {
+            spec = spec.node(node, |mut n| {
+                for (name, namespace, sa) in pods {
+                    n = n.pod(name, namespace, sa);
+                }
+                n
+            });
+        }
+        spec = spec.node(CONTROL_NODE, |n| n);
+        let cluster = Cluster::build(&spec)?;
+        let work = tempfile::Builder::new()
+            .prefix("zmesh-lab-")
+            .tempdir()
+            .map_err(io(Path::new("/tmp")))?;
+        let pin_root = PathBuf::from("/sys/fs/bpf/zmesh-lab").join(cluster.run_id());
+        let mut lab = Lab {
+            options,
+            agents: BTreeMap::new(),
+            ca: None,
+            cluster: Some(cluster),
+            work,
+            pin_root,
+            trust_domain: TrustDomain::default(),
+            sources,
+        };
+        lab.render_manifests()?;
+        lab.start_ca().await?;
+        let node_names: Vec<String> = nodes.keys().cloned().collect();
+        for node in &node_names {
+            lab.join(node)?;
+        }
+        for node in &node_names {
+            let strict = lab.options.strict_nodes.contains(node);
+            lab.start_agent(node, strict)?;
+        }
+        for node in &node_names {
+            lab.wait_ready(node, Duration::from_secs(60)).await?;
+        }
+        Ok(lab)
+    }
+
+    pub fn cluster(&self) -> &Cluster {
+        self.cluster.as_ref().expect("the cluster lives as long as the lab")
+    }
+
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.trust_domain
+    }
+
+    /// The lab's manifest directory, watched by the CA and the agents.
+    pub fn manifests_dir(&self) -> PathBuf {
+        self.work.path().join("manifests")
+    }
+
+    pub fn node_dir(&self, node: &str) -> PathBuf {
+        self.work.path().join("nodes").join(node)
+    }
+
+    pub fn admin_socket(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("agent.sock")
+    }
+
+    pub fn agent_log_path(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("agent.log")
+    }
+
+    pub fn agent_log(&self, node: &str) -> String {
+        std::fs::read_to_string(self.agent_log_path(node)).unwrap_or_default()
+    }
+
+    pub fn ca_state_dir(&self) -> PathBuf {
+        self.work.path().join("ca")
+    }
+
+    pub fn ca_addr(&self) -> SocketAddr {
+        SocketAddr::new(IpAddr::V4(self.control_ip()), CA_PORT)
+    }
+
+    fn control_ip(&self) -> Ipv4Addr {
+        self.cluster()
+            .node(CONTROL_NODE)
+            .map(|n| n.underlay_ip())
+            .expect("the control node exists")
+    }
+
+    /// Writes the manifests with each pod's IP, netns and cgroup filled in (as a CNI would).
+    fn render_manifests(&self) -> Result<(), LabError> {
+        let dir = self.manifests_dir();
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        for (name, text) in &self.sources {
+            let rendered = self.render(text);
+            let path = dir.join(name);
+            // Write then rename, so watchers never read a half-written file.
+            let tmp = dir.join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, rendered).map_err(io(&tmp))?;
+            std::fs::rename(&tmp, &path).map_err(io(&path))?;
+        }
+        Ok(())
+    }
+
+    fn render(&self, text: &str) -> String {
+        let mut documents = Vec::new();
+        for document in serde_yaml_ng::Deserializer::from_str(text) {
+            let Ok(mut value) = serde_yaml_ng::Value::deserialize(document) else {
+                continue;
+            };
+            if value.is_null() {
+                continue;
+            }
+            if value.get("kind").and_then(|k| k.as_str()) == Some("Pod") {
+                self.fill_pod(&mut value);
+            }
+            documents.push(serde_yaml_ng::to_string(&value).unwrap_or_default());
+        }
+        documents.join("---\n")
+    }
+
+    fn fill_pod(&self, pod: &mut serde_yaml_ng::Value) {
+        use serde_yaml_ng::Value;
+        let name = pod["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+        let namespace = pod["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default")
+            .to_owned();
+        let Some(testbed_pod) = self.cluster().pod(&namespace, &name) else {
+            return; // not scheduled: stays without IP, as in Kubernetes
+        };
+        let ip = testbed_pod.ip().to_string();
+        let Some(map) = pod.as_mapping_mut() else { return };
+        let status = map
+            .entry(Value::from("status"))
+            .or_insert_with(|| Value::Mapping(Default::default()));
+        status["podIP"] = Value::from(ip.clone());
+        status["phase"] = Value::from("Running");
+        let metadata = map
+            .entry(Value::from("metadata"))
+            .or_insert_with(|| Value::Mapping(Default::default()));
+        if metadata.get("annotations").is_none_or(|a| a.is_null()) {
+            metadata["annotations"] = Value::Mapping(Default::default());
+        }
+        metadata["annotations"][NETNS_ANNOTATION] =
+            Value::from(testbed_pod.netns().path().display().to_string());
+        metadata["annotations"][CGROUP_ANNOTATION] =
+            Value::from(testbed_pod.cgroup_path().display().to_string());
+    }
+
+    async fn start_ca(&mut self) -> Result<(), LabError> {
+        let state_dir = self.ca_state_dir();
+        CaStore::init(
+            &state_dir,
+            &InitOptions {
+                trust_domain: self.trust_domain.clone(),
+                policy: Policy::default(),
+            },
+        )
+        .map_err(|e| LabError::Ca(e.to_string()))?;
+        let addr = self.ca_addr();
+        let log = self.work.path().join("ca.log");
+        let manifests = self.manifests_dir();
+        let control = self
+            .cluster
+            .as_ref()
+            .and_then(|c| c.node(CONTROL_NODE))
+            .expect("the control node exists");
+        let mut command = control.command(&self.options.zmesh_bin)?;
+        command
+            .args(["ca", "serve", "--state-dir"])
+            .arg(&state_dir)
+            .arg("--listen")
+            .arg(addr.to_string())
+            .arg("--san")
+            .arg(addr.ip().to_string())
+            .arg("--manifests")
+            .arg(manifests);
+        self.ca = Some(spawn_logged(command, &log, "the CA")?);
+        // Ready once it accepts TCP on its port (checked from the control node).
+        let ca_ip = addr;
+        wait_until(Duration::from_secs(30), "the CA to listen", || {
+            control
+                .run(move || std::net::TcpStream::connect_timeout(&ca_ip, Duration::from_millis(200)).is_ok())
+                .unwrap_or(false)
+        })
+        .await
+    }
+
+    fn join(&self, node: &str) -> Result<(), LabError> {
+        let store = CaStore::open(&self.ca_state_dir()).map_err(|e| LabError::Ca(e.to_string()))?;
+        let name = NodeName::new(node).map_err(|e| LabError::Ca(e.to_string()))?;
+        let token = store
+            .create_join_token(&name, Duration::from_secs(600))
+            .map_err(|e| LabError::Ca(e.to_string()))?;
+        let bundle = store
+            .load()
+            .map_err(|e| LabError::Ca(e.to_string()))?
+            .bundle_pem()
+            .to_owned();
+        let dir = self.node_dir(node);
+        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
+        let bundle_path = dir.join("ca-roots.pem");
+        std::fs::write(&bundle_path, bundle).map_err(io(&bundle_path))?;
+        let cluster_node = self.cluster().node(node).expect("node of the spec");
+        let mut command = cluster_node.command(&self.options.zmesh_bin)?;
+        command
+            .args(["ca", "join", "--ca"])
+            .arg(self.ca_addr().to_string())
+            .args(["--node", node, "--out"])
+            .arg(dir.join("credentials"))
+            .arg("--ca-bundle")
+            .arg(&bundle_path)
+            .env("ZMESH_JOIN_TOKEN", token);
+        let output = command.output().map_err(|e| LabError::Process {
+            what: format!("join of {node}"),
+            reason: e.to_string(),
+        })?;
+        if !output.status.success() {
+            return Err(LabError::Process {
+                what: format!("join of {node}"),
+                reason: String::from_utf8_lossy(&output.stderr).into_owned(),
+            });
+        }
+        Ok(())
+    }
+
+    /// Starts (or restarts, see [`Lab::stop_agent`]) the agent of `node`.
+    pub fn start_agent(&mut self, node: &str, strict: bool) -> Result<(), LabError> {
+        let cluster_node = self.cluster().node(node).expect("node of the spec");
+        let dir = self.node_dir(node);
+        let mut command = cluster_node.command(&self.options.zmesh_bin)?;
+        command
+            .args(["agent", "--node", node, "--manifests"])
+            .arg(self.manifests_dir())
+            .arg("--ca")
+            .arg(self.ca_addr().to_string())
+            .arg("--credentials")
+            .arg(dir.join("credentials"))
+            .arg("--proxy-ip")
+            .arg(cluster_node.pod_gateway_ip().to_string())
+            .args(["--mode", if strict { "strict" } else { "permissive" }])
+            .arg("--admin-socket")
+            .arg(self.admin_socket(node))
+            .arg("--cert-lifetime")
+            .arg(format!("{}s", self.options.cert_lifetime.as_secs()))
+            .arg("--redirect-cgroup")
+            .arg(cluster_node.pods_cgroup_path())
+            .arg("--bpf-pin-dir")
+            .arg(self.pin_root.join(node))
+            .arg("--ingress-interface")
+            .arg(cluster_node.underlay_iface());
+        for pod in cluster_node.pods() {
+            command.arg("--ingress-interface").arg(pod.veth_host());
+        }
+        let child = spawn_logged(command, &self.agent_log_path(node), "the agent")?;
+        self.agents.insert(node.to_owned(), child);
+        Ok(())
+    }
+
+    /// Stops the agent of `node` with SIGTERM (graceful drain) and waits for it.
+    /// Redirection stays installed, as across an agent upgrade.
+    pub fn stop_agent(&mut self, node: &str) -> Result<(), LabError> {
+        if let Some(child) = self.agents.remove(node) {
+            terminate(child, Duration::from_secs(10));
+        }
+        Ok(())
+    }
+
+    /// Waits until the agent of `node` serves its admin API and holds a valid certificate
+    /// for every enrolled workload of the node.
+    pub async fn wait_ready(&self, node: &str, timeout: Duration) -> Result<(), LabError> {
+        let (state, _) = read_manifests(&self.manifests_dir())?;
+        let expected: Vec<String> = state
+            .enrolled_on(node)
+            .map(|p| format!("spiffe://{}/ns/{}/sa/{}", self.trust_domain, p.namespace, p.service_account))
+            .collect();
+        let client = AdminClient::new(self.admin_socket(node));
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(certs) = client.get_json::<Vec<CertInfo>>("/certs").await {
+                let now = crate::agent::admin::epoch_seconds(std::time::SystemTime::now());
+                let ready = expected.iter().all(|id| {
+                    certs
+                        .iter()
+                        .any(|c| &c.workload == id && c.not_after.is_some_and(|t| t > now))
+                });
+                if ready {
+                    return Ok(());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(LabError::Timeout {
+                    what: format!(
+                        "the agent of {node} to hold certificates for {expected:?}; its log:\n{}",
+                        tail(&self.agent_log(node), 30)
+                    ),
+                    after: timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Edits the lab's manifests (e.g. a namespace label), as `kubectl label` would.
+    pub fn edit_manifest(&mut self, file: &str, edit: impl FnOnce(&mut String)) -> Result<(), LabError> {
+        let text = self.sources.entry(file.to_owned()).or_default();
+        edit(text);
+        self.render_manifests()
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for (_, child) in std::mem::take(&mut self.agents) {
+            terminate(child, Duration::from_secs(5));
+        }
+        if let Some(ca) = self.ca.take() {
+            terminate(ca, Duration::from_secs(5));
+        }
+        if let Some(cluster) = &self.cluster {
+            for node in cluster.nodes() {
+                let pins = self.pin_root.join(node.name());
+                if pins.exists() {
+                    let result = node.run(move || zmesh_redirect::Redirector::uninstall(&pins));
+                    if let Ok(Err(e)) | Err(e) = result.map_err(|e| e.to_string()).map(|r| r.map_err(|e| e.to_string())) {
+                        eprintln!("lab cleanup: uninstalling redirection of {}: {e}", node.name());
+                    }
+                }
+            }
+        }
+        let _ = std::fs::remove_dir(&self.pin_root);
+        // The cluster's own Drop removes namespaces, links and cgroups.
+        self.cluster.take();
+    }
+}
+
+/// Reads Namespace and Pod manifests; any bad file is an error here (the lab's input is
+/// ours to get right).
+fn read_manifests(dir: &Path) -> Result<(ClusterState, BTreeMap<String, String>), LabError> {
+    let mut manifests = ManifestDir::new(dir);
+    let (state, errors) = manifests.rescan();
+    if let Some(e) = errors.first() {
+        return Err(LabError::Manifests {
+            dir: dir.to_owned(),
+            reason: e.to_string(),
+        });
+    }
+    let mut sources = BTreeMap::new();
+    for entry in std::fs::read_dir(dir).map_err(io(dir))? {
+        let path = entry.map_err(io(dir))?.path();
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_owned();
+        if name.ends_with(".yaml") || name.ends_with(".yml") {
+            let text = std::fs::read_to_string(&path).map_err(io(&path))?;
+            sources.insert(name, text);
+        }
+    }
+    Ok((state.unwrap_or_default(), sources))
+}
+
+fn spawn_logged(mut command: Command, log: &Path, what: &str) -> Result<Child, LabError> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(io(log))?;
+    let stderr = file.try_clone().map_err(io(log))?;
+    command
+        .stdin(Stdio::null())
+        .stdout(file)
+        .stderr(stderr)
+        .env("ZMESH_LOG", std::env::var("ZMESH_LAB_LOG").unwrap_or_else(|_| "info".into()));
+    command.spawn().map_err(|e| LabError::Process {
+        what: what.to_owned(),
+        reason: e.to_string(),
+    })
+}
+
+/// SIGTERM, then SIGKILL if the process has not exited within `grace`.
+fn terminate(mut child: Child, grace: Duration) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+async fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) -> Result<(), LabError> {
+    let deadline = Instant::now() + timeout;
+    while !check() {
+        if Instant::now() > deadline {
+            return Err(LabError::Timeout {
+                what: what.to_owned(),
+                after: timeout,
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
