@@ -10,7 +10,7 @@ fi
 
 # Debian packages: clang-19 + libbpf-dev compile the eBPF programs, iproute2 builds the test
 # cluster, tcpdump captures the underlay, bpftool and iperf3 help debugging and benchmarks.
-packages=(clang-19 libbpf-dev iproute2 tcpdump bpftool iperf3 cmake)
+packages=(clang-19 libbpf-dev iproute2 tcpdump bpftool iperf3 cmake netcat-openbsd curl)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -343,12 +343,7 @@ impl Lab {
             .arg("--redirect-cgroup")
             .arg(cluster_node.pods_cgroup_path())
             .arg("--bpf-pin-dir")
-            .arg(self.pin_root.join(node))
-            .arg("--ingress-interface")
-            .arg(cluster_node.underlay_iface());
-        for pod in cluster_node.pods() {
-            command.arg("--ingress-interface").arg(pod.veth_host());
-        }
+            .arg(self.pin_root.join(node));
         let child = spawn_logged(command, &self.agent_log_path(node), "the agent")?;
         self.agents.insert(node.to_owned(), child);
         Ok(())
@@ -504,4 +499,105 @@ async fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bo
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// What an unmodified client (`nc`) in a pod saw.
+#[derive(Debug, Clone)]
+pub struct ClientRun {
+    pub success: bool,
+    pub output: Vec<u8>,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+impl Lab {
+    /// Runs `nc` inside the pod (its netns and cgroup, so eBPF sees a pod process): sends
+    /// `payload`, half-closes, and collects what comes back.
+    pub fn pod_client(
+        &self,
+        namespace: &str,
+        pod: &str,
+        addr: SocketAddr,
+        payload: &[u8],
+    ) -> Result<ClientRun, LabError> {
+        use std::io::Write;
+        let testbed_pod = self
+            .cluster()
+            .pod(namespace, pod)
+            .ok_or_else(|| LabError::Process {
+                what: format!("client in {namespace}/{pod}"),
+                reason: "no such pod".into(),
+            })?;
+        let mut command = testbed_pod.command("nc")?;
+        command
+            .args(["-N", "-w", "5"])
+            .arg(addr.ip().to_string())
+            .arg(addr.port().to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let started = Instant::now();
+        let mut child = command.spawn().map_err(|e| LabError::Process {
+            what: "nc (install netcat-openbsd: run scripts/setup.sh)".into(),
+            reason: e.to_string(),
+        })?;
+        if let Some(mut stdin) = child.stdin.take() {
+            // A refused connection closes the pipe early; that shows in the exit status.
+            let _ = stdin.write_all(payload);
+        }
+        let output = child.wait_with_output().map_err(|e| LabError::Process {
+            what: "nc".into(),
+            reason: e.to_string(),
+        })?;
+        Ok(ClientRun {
+            success: output.status.success(),
+            output: output.stdout,
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+            elapsed: started.elapsed(),
+        })
+    }
+}
+
+/// One access-log line of an agent's proxy, parsed from its log.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccessLine {
+    pub direction: String,
+    pub src_workload: String,
+    pub src_identity: String,
+    pub dst_workload: String,
+    pub dst_identity: String,
+    pub dst_addr: String,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub result: String,
+}
+
+/// The access-log lines in an agent's log (tracing's `key=value` format).
+pub fn access_lines(log: &str) -> Vec<AccessLine> {
+    log.lines()
+        .filter(|l| l.contains("connection complete"))
+        .map(|line| {
+            let field = |key: &str| -> String {
+                let pattern = format!(" {key}=");
+                line.find(&pattern)
+                    .map(|i| {
+                        let rest = &line[i + pattern.len()..];
+                        let rest = rest.trim_start_matches('"');
+                        rest.split(['"', ' ']).next().unwrap_or("").to_owned()
+                    })
+                    .unwrap_or_default()
+            };
+            AccessLine {
+                direction: field("direction"),
+                src_workload: field("src.workload"),
+                src_identity: field("src.identity"),
+                dst_workload: field("dst.workload"),
+                dst_identity: field("dst.identity"),
+                dst_addr: field("dst.addr"),
+                bytes_sent: field("bytes_sent").parse().unwrap_or(0),
+                bytes_received: field("bytes_received").parse().unwrap_or(0),
+                result: field("result"),
+            }
+        })
+        .collect()
 }

@@ -29,6 +29,8 @@ enum Command {
     Certs(cmd::certs::CertsArgs),
     /// Run the node proxy (HBONE on 15008, outbound 15001, plaintext inbound 15006).
     Proxy(cmd::proxy::ProxyArgs),
+    /// Move to zmesh from other meshes (e.g. migrate Cilium mutual-auth policies).
+    Compat(cmd::compat::CompatArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -36,6 +38,7 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -51,6 +54,7 @@ fn main() -> std::process::ExitCode {
             Command::Demo(args) => cmd::demo::run(args).await,
             Command::Certs(args) => cmd::certs::run(args).await,
             Command::Proxy(args) => cmd::proxy::run(args).await,
+            Command::Compat(args) => cmd::compat::run(args).await,
         }
     });
     match result {

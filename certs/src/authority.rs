@@ -258,8 +258,7 @@ impl Phase {
     pub fn bundle(&self) -> Vec<u32> {
         match *self {
             Phase::Stable { active } => vec![active],
-            Phase::Added { old, new } => vec![old, new],
-            Phase::Switched { new, .. } => vec![new],
+            Phase::Added { old, new } | Phase::Switched { old, new } => vec![old, new],
         }
     }
 

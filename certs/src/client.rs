@@ -187,7 +187,9 @@ impl NodeCredentials {
     pub(crate) fn leaf(&self) -> Result<LeafSummary, ClientError> {
         let chain = parse_certs(&self.cert_chain_pem)?;
         let Some(der) = chain.first().cloned() else {
-            return Err(ClientError::Pem("the node certificate file is empty".into()));
+            return Err(ClientError::Pem(
+                "the node certificate file is empty".into(),
+            ));
         };
         let (_, cert) = X509Certificate::from_der(&der)
             .map_err(|e| ClientError::Pem(format!("node certificate: {e}")))?;
@@ -444,7 +446,9 @@ impl IstioCaClient {
 fn client_cert(credentials: &NodeCredentials) -> Result<ClientCert, ClientError> {
     let chain = parse_certs(&credentials.cert_chain_pem)?;
     if chain.is_empty() {
-        return Err(ClientError::Pem("the node certificate file is empty".into()));
+        return Err(ClientError::Pem(
+            "the node certificate file is empty".into(),
+        ));
     }
     let key = PrivateKeyDer::from_pem_slice(credentials.key_pem.as_bytes())
         .map_err(|e| ClientError::Pem(format!("node key: {e}")))?;
@@ -683,6 +687,65 @@ mod tests {
         assert_eq!(split_host_port("[::1]:15012").unwrap(), ("::1", 15012));
         for bad in ["ca.example", ":15012", "ca:port"] {
             assert!(split_host_port(bad).is_err(), "{bad}");
+        }
+    }
+
+    fn credentials(name: &str) -> NodeCredentials {
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(
+            format!("spiffe://cluster.local/zmesh/node/{name}")
+                .try_into()
+                .unwrap(),
+        )];
+        let cert = params.self_signed(&key).unwrap();
+        NodeCredentials {
+            cert_chain_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            roots_pem: cert.pem(),
+        }
+    }
+
+    fn same(a: &NodeCredentials, b: &NodeCredentials) -> bool {
+        a.key_pem == b.key_pem && a.cert_chain_pem == b.cert_chain_pem
+    }
+
+    #[test]
+    fn save_replaces_key_and_certificate_as_one_unit() {
+        use std::os::unix::fs::PermissionsExt;
+        let base = tempfile::tempdir().unwrap();
+        let dir = base.path().join("node");
+        let old = credentials("old");
+        let new = credentials("new");
+        old.save(&dir).unwrap();
+        new.save(&dir).unwrap();
+        assert!(same(&NodeCredentials::load(&dir).unwrap(), &new));
+        let key_mode = std::fs::metadata(dir.join(NODE_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(key_mode & 0o777, 0o600);
+
+        // Crash before the commit (staged key still there): the old set stays.
+        old.save(&dir).unwrap();
+        std::fs::write(staged(&dir, NODE_KEY_FILE), &new.key_pem).unwrap();
+        std::fs::write(staged(&dir, NODE_CERT_FILE), &new.cert_chain_pem).unwrap();
+        assert!(same(&NodeCredentials::load(&dir).unwrap(), &old));
+        assert!(!staged(&dir, NODE_CERT_FILE).exists());
+
+        // Crash after the commit (key renamed, certificate still staged): rolled forward.
+        files::write_atomic(&dir.join(NODE_KEY_FILE), new.key_pem.as_bytes(), 0o600).unwrap();
+        std::fs::write(staged(&dir, NODE_CERT_FILE), &new.cert_chain_pem).unwrap();
+        assert!(same(&NodeCredentials::load(&dir).unwrap(), &new));
+        assert!(!staged(&dir, NODE_CERT_FILE).exists());
+
+        // A key that is not the certificate's is refused, never used.
+        files::write_atomic(&dir.join(NODE_KEY_FILE), old.key_pem.as_bytes(), 0o600).unwrap();
+        match NodeCredentials::load(&dir) {
+            Err(StoreError::BadStateFile { reason, .. }) => {
+                assert!(reason.contains("does not belong"), "{reason}")
+            }
+            other => panic!("mismatched key loaded: {other:?}"),
         }
     }
 

@@ -148,9 +148,11 @@ fn parse_placement(
             } else {
                 match w.split_once('/') {
                     Some((ns, sa)) => WorkloadId::new(td, ns, sa),
-                    None => return Err(format!(
+                    None => {
+                        return Err(format!(
                         "node {node}: {w:?} is neither a SPIFFE ID nor namespace/serviceaccount"
-                    )),
+                    ))
+                    }
                 }
             }
             .map_err(|e| format!("node {node}: {w:?}: {e}"))?;

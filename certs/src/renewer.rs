@@ -119,7 +119,8 @@ impl NodeCredentialRenewer {
         let _one_at_a_time = self.renewing.lock().await;
         let (key_pem, csr_pem) = new_key_and_csr(&self.node_id)?;
         let chain = self.client.renew_raw(&csr_pem).await?;
-        let split = split_chain(&chain, &self.node_id.to_string()).map_err(ClientError::Malformed)?;
+        let split =
+            split_chain(&chain, &self.node_id.to_string()).map_err(ClientError::Malformed)?;
         let credentials = NodeCredentials {
             cert_chain_pem: split.chain_pem.concat(),
             key_pem,
@@ -217,21 +218,23 @@ impl State {
     }
 }
 
-/// Half-way through the lifetime, measured from NotBefore, but never earlier than half-way
-/// through what was left when the certificate was obtained: NotBefore is back-dated for
-/// clock skew, and a short-lived certificate must not look due the moment it arrives.
+/// Half-way through the lifetime; if that had already passed when the certificate was
+/// obtained (NotBefore is back-dated for clock skew, so a short-lived certificate would be
+/// due on arrival; or it was loaded from disk late in its life), half-way through what was
+/// left then. The same rule as the workload certificate manager's.
 pub(crate) fn renew_time(
     not_before: SystemTime,
     not_after: SystemTime,
     obtained: SystemTime,
 ) -> SystemTime {
-    let half_from = |from: SystemTime| {
-        from + not_after
-            .duration_since(from)
-            .unwrap_or(Duration::ZERO)
-            / 2
-    };
-    half_from(not_before).max(half_from(obtained.min(not_after)))
+    let half_from =
+        |from: SystemTime| from + not_after.duration_since(from).unwrap_or(Duration::ZERO) / 2;
+    let usual = half_from(not_before);
+    if usual > obtained {
+        usual
+    } else {
+        half_from(obtained.min(not_after))
+    }
 }
 
 /// Delay before retry `failures` (1-based), jittered to [50 %, 100 %] so that nodes
@@ -259,12 +262,10 @@ mod tests {
     fn renews_half_way_without_a_hot_loop_on_back_dated_certificates() {
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let s = Duration::from_secs;
-        // 30 days, back-dated 60 s, obtained at issuance: half-way (30 s of back-dating
-        // do not count).
+        // 30 days, back-dated 60 s, obtained at issuance: half-way from NotBefore.
         let nb = t0 - s(60);
         let na = t0 + s(30 * 86400);
-        assert_eq!(renew_time(nb, na, t0), t0 + s(15 * 86400));
-        // Not back-dated: exactly half-way from NotBefore.
+        assert_eq!(renew_time(nb, na, t0), t0 + s(15 * 86400 - 30));
         assert_eq!(renew_time(t0, na, t0), t0 + s(15 * 86400));
         // 4 s, back-dated 60 s: half-way through what is left, not "already due".
         assert_eq!(renew_time(nb, t0 + s(4), t0), t0 + s(2));

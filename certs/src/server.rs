@@ -855,7 +855,10 @@ impl NodeJoin for Service {
         Ok(Response::new(JoinResponse { cert_chain }))
     }
 
-    async fn renew(&self, request: Request<RenewRequest>) -> Result<Response<JoinResponse>, Status> {
+    async fn renew(
+        &self,
+        request: Request<RenewRequest>,
+    ) -> Result<Response<JoinResponse>, Status> {
         let peer = peer_of(&request);
         let decision = self.decide_renew(request).await;
         let cert_chain = self.conclude("Renew", peer, decision)?;

@@ -474,6 +474,17 @@ async fn join_tokens_are_one_time_and_expire() {
     assert!(refused
         .iter()
         .all(|a| a["rpc"] == "Join" && a["auth"] == "join-token"));
+    // A known token names its node (wrong CSR, reuse, expiry); an unknown one cannot.
+    let nodes: Vec<_> = refused.iter().map(|a| a["caller_node"].clone()).collect();
+    assert_eq!(
+        nodes,
+        [
+            serde_json::json!("node-a"),
+            serde_json::json!("node-a"),
+            serde_json::Value::Null,
+            serde_json::json!("node-a"),
+        ]
+    );
     let text = std::fs::read_to_string(ca.store.dir().join("audit.jsonl")).unwrap();
     assert!(
         !text.contains(&token),
@@ -502,13 +513,136 @@ async fn a_workload_certificate_is_not_a_node_credential() {
     )
     .unwrap();
     let issued = ca.issued_count();
-    // The TLS handshake refuses the certificate, so no request reaches the CA.
+    // TLS lets the certificate through (the handshake proves the key); the request is
+    // refused and audited with the reason.
     let err = impostor
         .create_certificate(&csr_for(WEB), Some(WEB), 600)
         .await
         .unwrap_err();
-    assert_ne!(err.code(), Code::Ok);
+    assert_eq!(err.code(), Code::Unauthenticated, "{}", err.message());
     assert_eq!(ca.issued_count(), issued);
+    let audit = ca.audit();
+    let last = audit.last().unwrap();
+    assert_eq!(last["rpc"], "CreateCertificate");
+    assert_eq!(last["decision"], "refused");
+    assert_eq!(last["auth"], "node-cert");
+    assert_eq!(last["code"], "Unauthenticated");
+    let reason = last["reason"].as_str().unwrap();
+    assert!(reason.contains("not a zmesh node identity"), "{reason}");
+    assert!(reason.contains(WEB), "{reason}");
+    ca.stop().await;
+}
+
+#[tokio::test]
+async fn a_certificate_of_another_ca_is_refused_and_audited() {
+    let ca = Ca::start(Policy::default()).await;
+    // A node certificate for node-a that chains to a root nobody trusts.
+    let root_key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut root = rcgen::CertificateParams::default();
+    root.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let root_cert = root.self_signed(&root_key).unwrap();
+    let issuer = rcgen::Issuer::new(root, &root_key);
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut leaf = rcgen::CertificateParams::default();
+    leaf.subject_alt_names = vec![uri("spiffe://cluster.local/zmesh/node/node-a")];
+    leaf.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let cert = leaf.signed_by(&key, &issuer).unwrap();
+    let forged = IstioCaClient::new(
+        &ca.addr,
+        &ca.bundle_pem(),
+        ClientCredential::NodeCert(NodeCredentials {
+            cert_chain_pem: cert.pem() + &root_cert.pem(),
+            key_pem: key.serialize_pem(),
+            roots_pem: ca.bundle_pem(),
+        }),
+    )
+    .unwrap();
+    let err = forged
+        .create_certificate(&csr_for(WEB), Some(WEB), 600)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{}", err.message());
+    assert_eq!(ca.issued_count(), 0);
+    let audit = ca.audit();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0]["decision"], "refused");
+    assert_eq!(audit[0]["auth"], "node-cert");
+    // Nobody was authenticated, so no caller node; the claim is in the reason.
+    assert!(audit[0]["caller_node"].is_null());
+    let reason = audit[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("does not chain to the CA bundle"),
+        "{reason}"
+    );
+    assert!(reason.contains("zmesh/node/node-a"), "{reason}");
+    ca.stop().await;
+}
+
+#[tokio::test]
+async fn a_foreign_cluster_id_is_refused_on_every_rpc() {
+    let ca = Ca::start(Policy::default()).await;
+    let creds = join_node(&ca, "node-a").await;
+    let node = NodeName::new("node-a").unwrap();
+    let node_csr = csr_for("spiffe://cluster.local/zmesh/node/node-a");
+
+    // The configured id (Istio's default) is accepted.
+    let ours = node_client(&ca, creds.clone());
+    ours.set_cluster_id("Kubernetes").unwrap();
+    ours.create_certificate(&csr_for(WEB), Some(WEB), 0)
+        .await
+        .unwrap();
+    ours.renew_raw(&node_csr).await.unwrap();
+    let issued = ca.issued_count();
+
+    let theirs = node_client(&ca, creds);
+    theirs.set_cluster_id("other-cluster").unwrap();
+    let token = ca
+        .store
+        .create_join_token(&node, Duration::from_secs(600))
+        .unwrap();
+    let results = [
+        (
+            "CreateCertificate",
+            theirs
+                .create_certificate(&csr_for(WEB), Some(WEB), 0)
+                .await
+                .map(drop),
+        ),
+        ("Join", theirs.join_raw(&token, &node_csr).await.map(drop)),
+        ("Renew", theirs.renew_raw(&node_csr).await.map(drop)),
+    ];
+    for (rpc, result) in results {
+        let err = result.expect_err(rpc);
+        assert_eq!(
+            err.code(),
+            Code::InvalidArgument,
+            "{rpc}: {}",
+            err.message()
+        );
+        assert!(err.message().contains("other-cluster"), "{}", err.message());
+        assert!(err.message().contains("Kubernetes"), "{}", err.message());
+    }
+    assert_eq!(ca.issued_count(), issued, "nothing issued");
+    let audit = ca.audit();
+    let refused: Vec<_> = audit.iter().rev().take(3).collect();
+    assert!(refused
+        .iter()
+        .all(|a| a["decision"] == "refused" && a["code"] == "InvalidArgument"));
+    // The token was not spent by the refused join.
+    join(
+        &ca.addr,
+        &ca.bundle_pem(),
+        &token,
+        &node,
+        &TrustDomain::default(),
+        &ca.node_dir("node-a-again"),
+    )
+    .await
+    .unwrap();
+    assert!(matches!(
+        ours.set_cluster_id("bad\nvalue"),
+        Err(zmesh_certs::ClientError::InvalidClusterId(_))
+    ));
     ca.stop().await;
 }
 

@@ -38,10 +38,21 @@ async fn renew_replaces_the_node_certificate_and_key() {
     let renewed = renewer.renew().await.unwrap();
 
     // A new certificate for the same node, with a new key.
-    assert_ne!(serial_of(&renewed.cert_chain_pem), serial_of(&joined.cert_chain_pem));
+    assert_ne!(
+        serial_of(&renewed.cert_chain_pem),
+        serial_of(&joined.cert_chain_pem)
+    );
     assert_ne!(renewed.key_pem, joined.key_pem);
-    assert_eq!(certs(&renewed.cert_chain_pem).len(), 2, "leaf + intermediate");
-    assert!(chains_to(&[renewed.cert_chain_pem.clone()], &ca.bundle_pem()).is_some());
+    assert_eq!(
+        certs(&renewed.cert_chain_pem).len(),
+        2,
+        "leaf + intermediate"
+    );
+    assert!(chains_to(
+        std::slice::from_ref(&renewed.cert_chain_pem),
+        &ca.bundle_pem()
+    )
+    .is_some());
     assert_eq!(renewed.roots_pem, ca.bundle_pem());
     // The files on disk are the new set, the key still 0600.
     let dir = ca.node_dir("node-a");
@@ -49,9 +60,11 @@ async fn renew_replaces_the_node_certificate_and_key() {
     assert_eq!(on_disk.cert_chain_pem, renewed.cert_chain_pem);
     assert_eq!(on_disk.key_pem, renewed.key_pem);
     assert_eq!(mode(&dir.join("node.key")), 0o600);
-    assert!(std::fs::read_dir(&dir)
+    assert!(std::fs::read_dir(&dir).unwrap().all(|e| !e
         .unwrap()
-        .all(|e| !e.unwrap().file_name().to_string_lossy().contains(".next")));
+        .file_name()
+        .to_string_lossy()
+        .contains(".next")));
     assert_eq!(renewer.credentials().cert_chain_pem, renewed.cert_chain_pem);
     assert!(renewer.renew_at() < renewer.not_after());
 
@@ -73,7 +86,10 @@ async fn renew_replaces_the_node_certificate_and_key() {
 
     // The renewed certificate renews again: no token is ever needed.
     let again = renewer.renew().await.unwrap();
-    assert_ne!(serial_of(&again.cert_chain_pem), serial_of(&renewed.cert_chain_pem));
+    assert_ne!(
+        serial_of(&again.cert_chain_pem),
+        serial_of(&renewed.cert_chain_pem)
+    );
     ca.stop().await;
 }
 
@@ -81,9 +97,12 @@ async fn renew_replaces_the_node_certificate_and_key() {
 async fn every_renew_refusal_has_its_code_and_issues_nothing() {
     let ca = Ca::start(Policy::default()).await;
     let creds = join_as(&ca, "node-a").await;
-    let node_a =
-        IstioCaClient::new(&ca.addr, &ca.bundle_pem(), ClientCredential::NodeCert(creds.clone()))
-            .unwrap();
+    let node_a = IstioCaClient::new(
+        &ca.addr,
+        &ca.bundle_pem(),
+        ClientCredential::NodeCert(creds.clone()),
+    )
+    .unwrap();
     let anonymous = IstioCaClient::new(&ca.addr, &ca.bundle_pem(), ClientCredential::None).unwrap();
     let bearer = IstioCaClient::new(
         &ca.addr,
@@ -140,8 +159,20 @@ async fn every_renew_refusal_has_its_code_and_issues_nothing() {
     };
 
     let cases: Vec<(&str, &IstioCaClient, String, Code, Option<&str>)> = vec![
-        ("no credential", &anonymous, csr_for(NODE_A), Code::Unauthenticated, None),
-        ("bearer token", &bearer, csr_for(NODE_A), Code::Unauthenticated, None),
+        (
+            "no credential",
+            &anonymous,
+            csr_for(NODE_A),
+            Code::Unauthenticated,
+            None,
+        ),
+        (
+            "bearer token",
+            &bearer,
+            csr_for(NODE_A),
+            Code::Unauthenticated,
+            None,
+        ),
         (
             "workload certificate",
             &workload_cert,
@@ -203,13 +234,34 @@ async fn every_renew_refusal_has_its_code_and_issues_nothing() {
         }
     }
     let audit = ca.audit();
-    let reason = |i: usize| audit[audit.len() - 8 + i]["reason"].as_str().unwrap().to_owned();
+    let reason = |i: usize| {
+        audit[audit.len() - 8 + i]["reason"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
     assert!(reason(0).contains("join with a token"), "{}", reason(0));
-    assert!(reason(1).contains("bearer token cannot renew"), "{}", reason(1));
+    assert!(
+        reason(1).contains("bearer token cannot renew"),
+        "{}",
+        reason(1)
+    );
     assert_eq!(audit[audit.len() - 7]["auth"], "bearer");
-    assert!(reason(2).contains("not a zmesh node identity"), "{}", reason(2));
-    assert!(reason(3).contains("does not chain to the CA bundle"), "{}", reason(3));
-    assert!(reason(3).contains(NODE_A), "claimed identity named: {}", reason(3));
+    assert!(
+        reason(2).contains("not a zmesh node identity"),
+        "{}",
+        reason(2)
+    );
+    assert!(
+        reason(3).contains("does not chain to the CA bundle"),
+        "{}",
+        reason(3)
+    );
+    assert!(
+        reason(3).contains(NODE_A),
+        "claimed identity named: {}",
+        reason(3)
+    );
     assert!(reason(6).contains("new key"), "{}", reason(6));
     ca.stop().await;
 }
@@ -232,7 +284,10 @@ async fn the_renewal_loop_renews_at_half_life() {
         .renew_at()
         .duration_since(SystemTime::now())
         .unwrap();
-    assert!(due_in <= left / 2 && due_in > Duration::ZERO, "{due_in:?} of {left:?}");
+    assert!(
+        due_in <= left / 2 && due_in > Duration::ZERO,
+        "{due_in:?} of {left:?}"
+    );
 
     let mut changes = renewer.subscribe();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -253,9 +308,14 @@ async fn the_renewal_loop_renews_at_half_life() {
             .unwrap();
     }
     let now = renewer.credentials();
-    assert_ne!(serial_of(&now.cert_chain_pem), serial_of(&joined.cert_chain_pem));
+    assert_ne!(
+        serial_of(&now.cert_chain_pem),
+        serial_of(&joined.cert_chain_pem)
+    );
     assert_eq!(
-        NodeCredentials::load(&ca.node_dir("node-a")).unwrap().cert_chain_pem,
+        NodeCredentials::load(&ca.node_dir("node-a"))
+            .unwrap()
+            .cert_chain_pem,
         now.cert_chain_pem
     );
     let _ = stop_tx.send(());
@@ -308,7 +368,11 @@ async fn the_renewal_loop_moves_the_node_to_the_new_root_at_switch() {
     let new_root = new_chain[2][old_root.len()..].to_string();
     assert!(chains_to(&node_chain, &new_root).is_some());
     assert!(chains_to(&node_chain, &old_root).is_none());
-    assert_eq!(certs(&renewed.roots_pem).len(), 2, "the node learned both roots");
+    assert_eq!(
+        certs(&renewed.roots_pem).len(),
+        2,
+        "the node learned both roots"
+    );
     // Exactly one renewal: join + renewal on the node side of the ledger.
     let node_entries = std::fs::read_to_string(ca.store.dir().join("issued.jsonl"))
         .unwrap()
@@ -320,7 +384,12 @@ async fn the_renewal_loop_moves_the_node_to_the_new_root_at_switch() {
     // The old node certificate no longer holds up the drop; the workload leaf issued
     // before the switch does.
     let status = ca.store.status().unwrap();
-    assert_eq!(status.leaves_on_old_root.len(), 1, "{:?}", status.leaves_on_old_root);
+    assert_eq!(
+        status.leaves_on_old_root.len(),
+        1,
+        "{:?}",
+        status.leaves_on_old_root
+    );
     assert_eq!(status.leaves_on_old_root[0].identity, WEB);
     match ca.store.rotate(RotationStep::Drop, false) {
         Err(StoreError::Rotation(msg)) => assert!(msg.contains("1 unexpired"), "{msg}"),
@@ -369,13 +438,20 @@ async fn an_expired_node_certificate_cannot_renew() {
     let result = tokio::time::timeout(Duration::from_secs(10), renewer.run(std::future::pending()))
         .await
         .expect("the loop kept retrying an expired certificate");
-    assert!(matches!(result, Err(ClientError::NodeCertExpired(_))), "{result:?}");
+    assert!(
+        matches!(result, Err(ClientError::NodeCertExpired(_))),
+        "{result:?}"
+    );
     let audit = ca.audit();
     let last = audit.last().unwrap();
     assert_eq!(last["rpc"], "Renew");
     assert_eq!(last["code"], "Unauthenticated");
     assert!(
-        last["reason"].as_str().unwrap().to_lowercase().contains("expired"),
+        last["reason"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("expired"),
         "{}",
         last["reason"]
     );
@@ -406,7 +482,10 @@ async fn open_refuses_credentials_of_another_node() {
     )
     .unwrap_err();
     assert!(
-        matches!(err, ClientError::Store(StoreError::InsecurePermissions { .. })),
+        matches!(
+            err,
+            ClientError::Store(StoreError::InsecurePermissions { .. })
+        ),
         "{err}"
     );
     ca.stop().await;

@@ -18,7 +18,7 @@ use tokio_rustls::{TlsAcceptor, TlsConnector};
 use zmesh_certs::{NodeCredentialRenewer, NodeName, Phase, Policy, RotationStep, StoreError};
 use zmesh_identity::tls::{client_config, peer_identity, server_config, server_name};
 use zmesh_identity::{
-    CertManager, CertManagerConfig, SharedBundle, SpiffeId, TrustBundle, TrustDomain, WorkloadId,
+    CertManager, CertManagerConfig, SharedBundle, TrustBundle, TrustDomain, WorkloadId,
 };
 
 const LOOPBACK: IpAddr = IpAddr::V4(Ipv4Addr::LOCALHOST);
@@ -294,7 +294,11 @@ async fn root_rotation_does_not_break_traffic() {
         .leaves_on_old_root
         .iter()
         .all(|l| l.kind == zmesh_certs::LeafKind::Workload));
-    assert_eq!(status.leaves_on_old_root.len(), 4, "2 initial + 2 add-phase");
+    assert_eq!(
+        status.leaves_on_old_root.len(),
+        4,
+        "2 initial + 2 add-phase"
+    );
     assert!(matches!(
         ca.store.rotate(RotationStep::Drop, false),
         Err(StoreError::Rotation(_))

@@ -245,7 +245,10 @@ fn document(
     if kind != CNP && kind != CCNP {
         return Ok(());
     }
-    let api = obj.get("apiVersion").and_then(Value::as_str).unwrap_or_default();
+    let api = obj
+        .get("apiVersion")
+        .and_then(Value::as_str)
+        .unwrap_or_default();
     if api != "cilium.io/v2" {
         return Err(malformed(
             "apiVersion",
@@ -324,7 +327,9 @@ fn document(
 }
 
 fn array(v: Option<&Value>) -> &[Value] {
-    v.and_then(Value::as_array).map(Vec::as_slice).unwrap_or(&[])
+    v.and_then(Value::as_array)
+        .map(Vec::as_slice)
+        .unwrap_or(&[])
 }
 
 struct PolicyCtx<'a> {
@@ -423,7 +428,8 @@ impl PolicyCtx<'_> {
             );
             return Ok(None);
         }
-        let Some((target_ns, selector)) = self.endpoint_selector(path, spec.get("endpointSelector"))
+        let Some((target_ns, selector)) =
+            self.endpoint_selector(path, spec.get("endpointSelector"))
         else {
             return Ok(None);
         };
@@ -490,7 +496,11 @@ impl PolicyCtx<'_> {
             None | Some(Value::Null) => &empty,
             Some(Value::Object(o)) => o,
             Some(_) => {
-                self.report(spath, FindingKind::Selector, "endpointSelector is not a mapping; policy skipped");
+                self.report(
+                    spath,
+                    FindingKind::Selector,
+                    "endpointSelector is not a mapping; policy skipped",
+                );
                 return None;
             }
         };
@@ -504,7 +514,12 @@ impl PolicyCtx<'_> {
         }
         let mut namespace = self.namespace.clone();
         let mut labels = BTreeMap::new();
-        for (key, value) in sel.get("matchLabels").and_then(Value::as_object).into_iter().flatten() {
+        for (key, value) in sel
+            .get("matchLabels")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
             let value = value.as_str().unwrap_or_default().to_owned();
             let Some(key) = strip_source(key) else {
                 self.report(
@@ -543,15 +558,43 @@ impl PolicyCtx<'_> {
     /// it can be carried (reported).
     fn rule(&mut self, path: &str, rule: &Map<String, Value>) -> Option<Value> {
         for (key, kind, why) in [
-            ("fromEntities", FindingKind::Entities, "entities (world, cluster, host, ...) are not workload identities"),
-            ("fromCIDR", FindingKind::Cidr, "CIDR peers are addresses, not identities"),
-            ("fromCIDRSet", FindingKind::Cidr, "CIDR peers are addresses, not identities"),
-            ("fromRequires", FindingKind::OtherPeer, "fromRequires has no AuthorizationPolicy equivalent"),
-            ("fromGroups", FindingKind::OtherPeer, "cloud provider groups are not identities"),
-            ("fromNodes", FindingKind::OtherPeer, "nodes are not workload identities"),
+            (
+                "fromEntities",
+                FindingKind::Entities,
+                "entities (world, cluster, host, ...) are not workload identities",
+            ),
+            (
+                "fromCIDR",
+                FindingKind::Cidr,
+                "CIDR peers are addresses, not identities",
+            ),
+            (
+                "fromCIDRSet",
+                FindingKind::Cidr,
+                "CIDR peers are addresses, not identities",
+            ),
+            (
+                "fromRequires",
+                FindingKind::OtherPeer,
+                "fromRequires has no AuthorizationPolicy equivalent",
+            ),
+            (
+                "fromGroups",
+                FindingKind::OtherPeer,
+                "cloud provider groups are not identities",
+            ),
+            (
+                "fromNodes",
+                FindingKind::OtherPeer,
+                "nodes are not workload identities",
+            ),
         ] {
             if rule.get(key).is_some_and(|v| !v.is_null()) {
-                self.report(format!("{path}.{key}"), kind, format!("{why}; these peers are not allowed by the generated policy"));
+                self.report(
+                    format!("{path}.{key}"),
+                    kind,
+                    format!("{why}; these peers are not allowed by the generated policy"),
+                );
             }
         }
         let mut sources = Vec::new();
@@ -625,7 +668,13 @@ impl PolicyCtx<'_> {
                     .unwrap_or("ANY")
                     .to_ascii_uppercase();
                 if proto != "TCP" && proto != "ANY" {
-                    self.report(ppath, FindingKind::Port, format!("{proto} traffic is not carried by the mesh (TCP only); port dropped"));
+                    self.report(
+                        ppath,
+                        FindingKind::Port,
+                        format!(
+                            "{proto} traffic is not carried by the mesh (TCP only); port dropped"
+                        ),
+                    );
                     continue;
                 }
                 if p.get("endPort").is_some_and(|v| !v.is_null()) {
@@ -664,7 +713,11 @@ impl PolicyCtx<'_> {
             Value::Null => &empty,
             Value::Object(o) => o,
             _ => {
-                self.report(path, FindingKind::Selector, "selector is not a mapping; peer dropped");
+                self.report(
+                    path,
+                    FindingKind::Selector,
+                    "selector is not a mapping; peer dropped",
+                );
                 return None;
             }
         };
@@ -679,7 +732,12 @@ impl PolicyCtx<'_> {
         let mut namespace = self.namespace.clone();
         let mut service_account = None;
         let mut unmapped = Vec::new();
-        for (key, value) in sel.get("matchLabels").and_then(Value::as_object).into_iter().flatten() {
+        for (key, value) in sel
+            .get("matchLabels")
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
             let value = value.as_str().unwrap_or_default().to_owned();
             match strip_source(key) {
                 Some(NAMESPACE_LABEL) => namespace = Some(value),

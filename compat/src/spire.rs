@@ -58,9 +58,15 @@ pub enum SpireError {
     #[error("SVID {id} is invalid ({rule}): {source}", rule = .source.rule_name())]
     InvalidSvid { id: String, source: SvidError },
     #[error("SVID announced as {announced} carries the certificate of {actual}; refused")]
-    IdMismatch { announced: SpiffeId, actual: SpiffeId },
+    IdMismatch {
+        announced: SpiffeId,
+        actual: SpiffeId,
+    },
     #[error("bundle for {trust_domain:?} refused: {reason}")]
-    BadBundle { trust_domain: String, reason: String },
+    BadBundle {
+        trust_domain: String,
+        reason: String,
+    },
     #[error("the identity source stopped")]
     Stopped,
     #[error("workload {0} is not expected on this node")]
@@ -220,7 +226,8 @@ impl SpireSource {
 
     /// Stops serving `workload`. Returns whether it was expected.
     pub fn forget(&self, workload: &WorkloadId) -> bool {
-        self.inner.modify(|s| s.expected.remove(workload.spiffe_id()))
+        self.inner
+            .modify(|s| s.expected.remove(workload.spiffe_id()))
     }
 
     /// The workload's SVID if it is expected here and valid now. Never waits.
@@ -231,12 +238,16 @@ impl SpireSource {
             return None;
         }
         let held = state.svids.get(id)?;
-        held.is_valid_at(SystemTime::now()).then(|| held.key.clone())
+        held.is_valid_at(SystemTime::now())
+            .then(|| held.key.clone())
     }
 
     /// The workload's SVID, expecting it and waiting until SPIRE delivers one (callers
     /// bound the wait with a timeout).
-    pub async fn certificate(&self, workload: &WorkloadId) -> Result<Arc<CertifiedKey>, SpireError> {
+    pub async fn certificate(
+        &self,
+        workload: &WorkloadId,
+    ) -> Result<Arc<CertifiedKey>, SpireError> {
         self.expect(workload);
         let mut rx = self.inner.version.subscribe();
         loop {
@@ -342,11 +353,7 @@ async fn run_stream(config: SpireConfig, inner: Weak<Inner>, kind: StreamKind) {
             return;
         };
         failures += 1;
-        let delay = backoff(
-            &config,
-            failures,
-            rand::rng().random_range(0.5..=1.0),
-        );
+        let delay = backoff(&config, failures, rand::rng().random_range(0.5..=1.0));
         tracing::warn!(
             stream = ?kind,
             error = %outcome,
@@ -421,8 +428,10 @@ async fn stream_once(
 
 fn request<T>(msg: T) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
-    req.metadata_mut()
-        .insert(SECURITY_HEADER, tonic::metadata::MetadataValue::from_static("true"));
+    req.metadata_mut().insert(
+        SECURITY_HEADER,
+        tonic::metadata::MetadataValue::from_static("true"),
+    );
     req
 }
 
@@ -584,13 +593,17 @@ fn apply_bundles(inner: &Inner, bundles: HashMap<String, Vec<u8>>) {
     // A message whose every bundle was refused must not wipe the trusted roots.
     let retract = refused.is_empty();
     install_bundles(inner, &parsed, retract);
-    tracing::info!(trust_domains = parsed.len(), "trust bundles updated from SPIRE");
+    tracing::info!(
+        trust_domains = parsed.len(),
+        "trust bundles updated from SPIRE"
+    );
     inner.modify(|s| {
         s.bundle_stream_up = true;
         if s.svid_stream_up {
             s.last_error = None;
         }
-        s.refused.retain(|e| !matches!(e, SpireError::BadBundle { .. }));
+        s.refused
+            .retain(|e| !matches!(e, SpireError::BadBundle { .. }));
         s.refused.extend(refused);
     });
 }
@@ -626,7 +639,13 @@ fn apply_svids(inner: &Inner, msg: X509svidResponse) {
             }
         };
         announced.insert(announced_id.clone());
-        match validate_svid(&announced_id, &s.x509_svid, s.x509_svid_key, &candidate, now) {
+        match validate_svid(
+            &announced_id,
+            &s.x509_svid,
+            s.x509_svid_key,
+            &candidate,
+            now,
+        ) {
             Ok(held) => {
                 fresh.insert(announced_id, Arc::new(held));
             }
@@ -678,10 +697,11 @@ fn validate_svid(
         id: id.clone(),
         reason,
     })?;
-    let verified = svid::verify_svid(&chain, bundle, now).map_err(|source| SpireError::InvalidSvid {
-        id: id.clone(),
-        source,
-    })?;
+    let verified =
+        svid::verify_svid(&chain, bundle, now).map_err(|source| SpireError::InvalidSvid {
+            id: id.clone(),
+            source,
+        })?;
     if &verified.id != announced {
         return Err(SpireError::IdMismatch {
             announced: announced.clone(),

@@ -20,8 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use nix::sys::socket::{
-    self as sock, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockFlag, SockType, UnixAddr,
+    self as sock, AddressFamily, Backlog, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag,
+    SockType, UnixAddr,
 };
 use prost::Message;
 use tokio::io::Interest;
@@ -136,7 +136,9 @@ pub struct ZdsServer {
 
 impl fmt::Debug for ZdsServer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ZdsServer").field("path", &self.path).finish()
+        f.debug_struct("ZdsServer")
+            .field("path", &self.path)
+            .finish()
     }
 }
 
@@ -208,7 +210,9 @@ impl ZdsHandle {
             return Err(ZdsError::EmptyUid);
         }
         if !is_netns(netns.as_fd()) {
-            return Err(ZdsError::NotNetns { uid: uid.to_owned() });
+            return Err(ZdsError::NotNetns {
+                uid: uid.to_owned(),
+            });
         }
         let msg = add_request(uid, &info);
         check_len(uid, &msg)?;
@@ -336,8 +340,11 @@ fn listen(path: &Path) -> Result<UnixListener, ZdsError> {
     // Before listen: nobody but the owner may connect and receive pod namespaces.
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| bind_err(e.to_string()))?;
-    sock::listen(&socket, Backlog::new(16).map_err(|e| bind_err(e.to_string()))?)
-        .map_err(|e| bind_err(e.to_string()))?;
+    sock::listen(
+        &socket,
+        Backlog::new(16).map_err(|e| bind_err(e.to_string()))?,
+    )
+    .map_err(|e| bind_err(e.to_string()))?;
     UnixListener::from_std(std::os::unix::net::UnixListener::from(socket))
         .map_err(|e| bind_err(e.to_string()))
 }

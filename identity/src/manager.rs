@@ -76,16 +76,29 @@ pub(crate) struct IssuedCert {
     pub serial: String,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
+    /// When the CA's answer arrived.
+    pub obtained: SystemTime,
 }
 
 impl IssuedCert {
-    /// Half of the lifetime, as ztunnel and Istio renew.
+    /// Half of the lifetime, as ztunnel and Istio renew. If that moment had already
+    /// passed when the certificate arrived (CAs back-date NotBefore for clock skew, zmesh
+    /// by 60 s, so a short-lived certificate would be due on arrival: a hot loop), half of
+    /// what was left on arrival instead.
     pub fn renew_at(&self) -> SystemTime {
-        let lifetime = self
-            .not_after
-            .duration_since(self.not_before)
-            .unwrap_or(Duration::ZERO);
-        self.not_before + lifetime / 2
+        let half_from = |from: SystemTime| {
+            from + self
+                .not_after
+                .duration_since(from)
+                .unwrap_or(Duration::ZERO)
+                / 2
+        };
+        let usual = half_from(self.not_before);
+        if usual > self.obtained {
+            usual
+        } else {
+            half_from(self.obtained.min(self.not_after))
+        }
     }
 
     fn is_valid_at(&self, now: SystemTime) -> bool {
@@ -444,6 +457,7 @@ impl Renewer {
             serial: info.serial,
             not_before: info.not_before,
             not_after: info.not_after,
+            obtained: SystemTime::now(),
         }))
     }
 
@@ -495,12 +509,23 @@ mod tests {
         let ck = dummy_key();
         let not_before = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
         let cert = IssuedCert {
-            key: ck,
+            key: ck.clone(),
             serial: "01".into(),
             not_before,
             not_after: not_before + Duration::from_secs(100),
+            obtained: not_before,
         };
         assert_eq!(cert.renew_at(), not_before + Duration::from_secs(50));
+        // Back-dated by 60 s and valid for 10 s more: due in 5 s, not at once.
+        let arrived = not_before + Duration::from_secs(60);
+        let short = IssuedCert {
+            key: ck,
+            serial: "02".into(),
+            not_before,
+            not_after: arrived + Duration::from_secs(10),
+            obtained: arrived,
+        };
+        assert_eq!(short.renew_at(), arrived + Duration::from_secs(5));
         assert!(cert.is_valid_at(not_before));
         assert!(!cert.is_valid_at(not_before + Duration::from_secs(101)));
     }

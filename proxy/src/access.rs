@@ -1,69 +1,150 @@
-//! One access-log line (tracing target "access") and the metrics for each connection.
+//! One access-log line (tracing target "access"), the metrics and one flow event for each
+//! connection, refused or finished.
 
-use std::net::SocketAddr;
-use std::time::Instant;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Instant, SystemTime};
 
-use crate::metrics::{Direction, Metrics};
+use crate::flows::{FlowEndpoint, FlowEvent, FlowVerdict};
+use crate::metrics::Direction;
+use crate::policy::Verdict;
+use crate::proxy::Shared;
 use crate::workloads::Workload;
 
 pub(crate) struct AccessLog {
     direction: Direction,
     start: Instant,
-    pub src_addr: SocketAddr,
-    pub src_workload: Option<String>,
-    pub src_identity: Option<String>,
+    pub src: FlowEndpoint,
     pub dst_addr: Option<SocketAddr>,
-    pub dst_workload: Option<String>,
-    pub dst_identity: Option<String>,
+    dst: Option<FlowEndpoint>,
+    /// Whether the flow crossed the network inside mTLS (set once the tunnel is up or
+    /// the peer's certificate is verified).
+    pub encrypted: bool,
+    /// The authorization verdict, when policies were consulted.
+    pub policy: Option<Verdict>,
+    /// Overrides the reason derived from the result (e.g. "policy changed").
+    pub reason: Option<String>,
 }
 
-pub(crate) fn workload_name(w: &Workload) -> String {
-    format!("{}/{}", w.namespace, w.name)
+fn endpoint_of(w: &Workload, addr: SocketAddr) -> FlowEndpoint {
+    FlowEndpoint {
+        namespace: Some(w.namespace.clone()),
+        pod: Some(w.name.clone()),
+        identity: Some(w.identity.to_string()),
+        addr,
+    }
+}
+
+/// What a connection's result means for its flow: the verdict and a reason.
+fn classify(result: &'static str) -> (FlowVerdict, Option<&'static str>) {
+    match result {
+        "ok" | "passthrough" => (FlowVerdict::Forwarded, None),
+        "denied" => (FlowVerdict::Denied, None),
+        "status_401" => (FlowVerdict::Denied, Some("denied by the destination's policy")),
+        "policy_changed" => (FlowVerdict::Denied, Some("policy changed")),
+        "refused_strict" => (FlowVerdict::Dropped, Some("plaintext_strict")),
+        other => (FlowVerdict::Error, Some(other)),
+    }
 }
 
 impl AccessLog {
-    pub fn start(direction: Direction, src_addr: SocketAddr, metrics: &Metrics) -> Self {
-        metrics.opened(direction);
+    pub fn start(direction: Direction, src_addr: SocketAddr, shared: &Shared) -> Self {
+        shared.metrics.opened(direction);
         Self {
             direction,
             start: Instant::now(),
-            src_addr,
-            src_workload: None,
-            src_identity: None,
+            src: FlowEndpoint::addr(src_addr),
             dst_addr: None,
-            dst_workload: None,
-            dst_identity: None,
+            dst: None,
+            encrypted: false,
+            policy: None,
+            reason: None,
         }
     }
 
+    /// The source is this workload (its identity as the table has it: use only where the
+    /// source IP was checked, e.g. a local pod).
     pub fn source(&mut self, w: &Workload) {
-        self.src_workload = Some(workload_name(w));
-        self.src_identity = Some(w.identity.to_string());
+        self.src = endpoint_of(w, self.src.addr);
     }
 
     pub fn destination(&mut self, w: &Workload) {
-        self.dst_workload = Some(workload_name(w));
-        self.dst_identity = Some(w.identity.to_string());
+        let addr = self.dst_addr.unwrap_or_else(unknown_addr);
+        self.dst = Some(endpoint_of(w, addr));
     }
 
-    /// Logs and counts the end of the connection. `sent` went to the client that opened it.
-    pub fn finish(self, metrics: &Metrics, result: &'static str, sent: u64, received: u64) {
-        metrics.closed(self.direction, result, sent, received);
+    /// Logs, counts and publishes the end of the connection. `sent` went to the client
+    /// that opened it.
+    pub fn finish(self, shared: &Shared, result: &'static str, sent: u64, received: u64) {
+        shared.metrics.closed(self.direction, result, sent, received);
+        let duration = self.start.elapsed();
         let none = || "-".to_string();
+        let (verdict, reason) = classify(result);
         tracing::info!(
             target: "access",
             direction = self.direction.as_str(),
-            src.addr = %self.src_addr,
-            src.workload = %self.src_workload.unwrap_or_else(none),
-            src.identity = %self.src_identity.unwrap_or_else(none),
+            src.addr = %self.src.addr,
+            src.workload = %workload_name(&self.src).unwrap_or_else(none),
+            src.identity = %self.src.identity.as_deref().unwrap_or("-"),
             dst.addr = %self.dst_addr.map(|a| a.to_string()).unwrap_or_else(none),
-            dst.workload = %self.dst_workload.unwrap_or_else(none),
-            dst.identity = %self.dst_identity.unwrap_or_else(none),
+            dst.workload = %self.dst.as_ref().and_then(workload_name).unwrap_or_else(none),
+            dst.identity = %self.dst.as_ref().and_then(|d| d.identity.as_deref()).unwrap_or("-"),
             bytes_sent = sent,
             bytes_received = received,
-            duration_ms = self.start.elapsed().as_millis() as u64,
+            duration_ms = duration.as_millis() as u64,
+            encrypted = self.encrypted,
             result,
             "connection complete"
         );
+        let destination = match self.dst {
+            Some(mut d) => {
+                if let Some(addr) = self.dst_addr {
+                    d.addr = addr;
+                }
+                d
+            }
+            None => FlowEndpoint::addr(self.dst_addr.unwrap_or_else(unknown_addr)),
+        };
+        shared.flows.publish(FlowEvent {
+            time: SystemTime::now(),
+            source: self.src,
+            destination,
+            // The flow's direction is source -> destination: what the client sent.
+            bytes_sent: received,
+            bytes_received: sent,
+            duration_us: u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
+            verdict,
+            encrypted: self.encrypted,
+            policy: self.policy,
+            reason: self.reason.or(reason.map(str::to_owned)),
+        });
     }
+}
+
+fn workload_name(e: &FlowEndpoint) -> Option<String> {
+    match (&e.namespace, &e.pod) {
+        (Some(ns), Some(pod)) => Some(format!("{ns}/{pod}")),
+        _ => None,
+    }
+}
+
+/// Stands for a destination the proxy could not learn (no original destination).
+fn unknown_addr() -> SocketAddr {
+    SocketAddr::from((Ipv4Addr::UNSPECIFIED, 0))
+}
+
+/// Publishes a connection refused before it became a tunnel (e.g. a failed TLS
+/// handshake): nothing is known of either end but the addresses.
+pub(crate) fn refused(shared: &Shared, src: SocketAddr, dst: SocketAddr, reason: &'static str) {
+    shared.flows.publish(FlowEvent {
+        time: SystemTime::now(),
+        source: FlowEndpoint::addr(src),
+        destination: FlowEndpoint::addr(dst),
+        bytes_sent: 0,
+        bytes_received: 0,
+        duration_us: 0,
+        verdict: FlowVerdict::Error,
+        encrypted: false,
+        policy: None,
+        reason: Some(format!("tls_{reason}")),
+    });
 }

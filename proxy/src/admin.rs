@@ -22,11 +22,11 @@ pub(crate) async fn serve(
     stop: CancellationToken,
 ) {
     let creds = shared.credentials.clone();
-    let registry = Arc::new(
-        shared
-            .metrics
-            .registry(Arc::new(move || creds.earliest_expiry())),
-    );
+    let mut registry = shared
+        .metrics
+        .registry(Arc::new(move || creds.earliest_expiry()));
+    shared.flows.metrics().register(&mut registry);
+    let registry = Arc::new(registry);
     let m = tokio::spawn(serve_one(
         metrics,
         stop.clone(),

@@ -149,6 +149,13 @@ mod rfc3339 {
     }
 }
 
+/// Parses an RFC 3339 time, as flow events carry them.
+pub fn parse_time(s: &str) -> Result<SystemTime, String> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map(SystemTime::from)
+        .map_err(|e| format!("{s:?} is not an RFC 3339 time: {e}"))
+}
+
 fn human_bytes(n: u64) -> String {
     const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
     let mut v = n as f64;
@@ -307,7 +314,7 @@ pub struct FlowHub {
     ring: Mutex<VecDeque<Arc<FlowEvent>>>,
     capacity: usize,
     tx: broadcast::Sender<Arc<FlowEvent>>,
-    metrics: Option<Arc<FlowMetrics>>,
+    metrics: Arc<FlowMetrics>,
 }
 
 impl FlowHub {
@@ -320,14 +327,19 @@ impl FlowHub {
             ring: Mutex::new(VecDeque::with_capacity(capacity)),
             capacity,
             tx,
-            metrics: None,
+            metrics: Arc::default(),
         }
     }
 
-    /// Counts every published event in `metrics`.
+    /// Counts every published event in `metrics` (instead of counters of its own).
     pub fn with_metrics(mut self, metrics: Arc<FlowMetrics>) -> Self {
-        self.metrics = Some(metrics);
+        self.metrics = metrics;
         self
+    }
+
+    /// The counters every published event goes into (the proxy serves them on /metrics).
+    pub fn metrics(&self) -> &Arc<FlowMetrics> {
+        &self.metrics
     }
 
     fn ring(&self) -> MutexGuard<'_, VecDeque<Arc<FlowEvent>>> {
@@ -337,9 +349,7 @@ impl FlowHub {
     }
 
     pub fn publish(&self, event: FlowEvent) {
-        if let Some(m) = &self.metrics {
-            m.record(&event);
-        }
+        self.metrics.record(&event);
         let event = Arc::new(event);
         let mut ring = self.ring();
         if ring.len() == self.capacity {

@@ -24,34 +24,37 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves one accepted TCP connection until it closes.
 pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
-    let metrics = &shared.metrics;
     let Ok(local) = tcp.local_addr() else {
         return;
+    };
+    let failed = |reason: &'static str| {
+        shared.metrics.handshake_failed(Direction::Inbound, reason);
+        crate::access::refused(&shared, peer, local, reason);
     };
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
     let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
         Ok(Ok(start)) => start,
         Ok(Err(e)) => {
-            metrics.handshake_failed(Direction::Inbound, crate::handshake_reason(&e));
+            failed(crate::handshake_reason(&e));
             tracing::debug!(%peer, "TLS ClientHello rejected: {e}");
             return;
         }
         Err(_) => {
-            metrics.handshake_failed(Direction::Inbound, "timeout");
+            failed("timeout");
             return;
         }
     };
     let sni = start.client_hello().server_name().map(str::to_owned);
     let table = shared.workloads.snapshot();
     let Some(identity) = server_identity(&shared, &table, local, sni.as_deref()) else {
-        metrics.handshake_failed(Direction::Inbound, "unknown_destination");
+        failed("unknown_destination");
         tracing::debug!(%peer, %local, ?sni, "no local workload to present a certificate for");
         return;
     };
     let config = match shared.credentials.server_config(&identity) {
         Ok(c) => c,
         Err(e) => {
-            metrics.handshake_failed(Direction::Inbound, "no_local_certificate");
+            failed("no_local_certificate");
             tracing::warn!(%identity, "cannot serve HBONE: {e}");
             return;
         }
@@ -59,22 +62,22 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
     let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
-            metrics.handshake_failed(Direction::Inbound, crate::handshake_reason(&e));
+            failed(crate::handshake_reason(&e));
             tracing::debug!(%peer, "TLS handshake failed: {e}");
             return;
         }
         Err(_) => {
-            metrics.handshake_failed(Direction::Inbound, "timeout");
+            failed("timeout");
             return;
         }
     };
     // The verifier already checked the SVID; without an ID we fail closed.
     let Some(peer_id) = zmesh_identity::tls::peer_identity(tls.get_ref().1) else {
-        metrics.handshake_failed(Direction::Inbound, "bad_peer_identity");
+        failed("bad_peer_identity");
         return;
     };
     let peer_id = Arc::new(peer_id);
-    metrics.inbound_tls_connections.inc();
+    shared.metrics.inbound_tls_connections.inc();
 
     let mut builder = h2::server::Builder::new();
     builder
@@ -175,28 +178,67 @@ fn target_of(req: &Request<RecvStream>) -> Result<SocketAddr, (StatusCode, &'sta
     Ok(target)
 }
 
+/// The client address from a `forwarded: for=` header (RFC 7239), for logs only: it is
+/// whatever the peer wrote, so it never feeds authorization.
+fn forwarded_for(req: &Request<RecvStream>) -> Option<SocketAddr> {
+    let value = req.headers().get("forwarded")?.to_str().ok()?;
+    let element = value.split(',').next()?;
+    let node = element.split(';').find_map(|pair| {
+        let (k, v) = pair.trim().split_once('=')?;
+        k.eq_ignore_ascii_case("for").then_some(v)
+    })?;
+    let node = node.trim().trim_matches('"');
+    if let Ok(addr) = node.parse::<SocketAddr>() {
+        return Some(addr);
+    }
+    let ip = node.trim_start_matches('[').trim_end_matches(']');
+    ip.parse().ok().map(|ip| SocketAddr::new(ip, 0))
+}
+
+/// Names the source pod: the `forwarded` address or the peer address, whichever belongs
+/// to a workload holding the verified identity (so a header cannot borrow another pod).
+fn attribute_source(
+    log: &mut AccessLog,
+    table: &WorkloadTable,
+    peer: SocketAddr,
+    forwarded: Option<SocketAddr>,
+    peer_id: &SpiffeId,
+) {
+    for addr in forwarded.into_iter().chain([peer]) {
+        if let Some(w) = table.workload_by_ip(addr.ip()) {
+            if w.identity.spiffe_id() == peer_id {
+                log.src.addr = addr;
+                log.src.namespace = Some(w.namespace.clone());
+                log.src.pod = Some(w.name.clone());
+                return;
+            }
+        }
+    }
+}
+
 async fn tunnel(
     shared: &Shared,
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
-    peer_id: &SpiffeId,
+    peer_id: &Arc<SpiffeId>,
     local: SocketAddr,
     peer: SocketAddr,
 ) {
-    let metrics = &shared.metrics;
-    let mut log = AccessLog::start(Direction::Inbound, peer, metrics);
-    log.src_identity = Some(peer_id.to_string());
+    let mut log = AccessLog::start(Direction::Inbound, peer, shared);
+    log.src.identity = Some(peer_id.to_string());
+    log.encrypted = true;
     let reject = |log: AccessLog, respond, status: StatusCode, why: &str, result| {
         tracing::debug!(%peer, %status, "refusing tunnel: {why}");
         respond_error(respond, status);
-        log.finish(metrics, result, 0, 0);
+        log.finish(shared, result, 0, 0);
     };
+    let table = shared.workloads.snapshot();
+    attribute_source(&mut log, &table, peer, forwarded_for(&req), peer_id);
     let target = match target_of(&req) {
         Ok(t) => t,
         Err((status, why)) => return reject(log, respond, status, why, "bad_request"),
     };
     log.dst_addr = Some(target);
-    let table = shared.workloads.snapshot();
     let node = &shared.config.node;
     // A transparent connection arrived on a pod IP and must name it; one dialed at the
     // node's own address (explicit capture, or same-node traffic) may name only workloads
@@ -224,7 +266,7 @@ async fn tunnel(
             "proxy_port",
         );
     }
-    let Some(dest) = table.local_workload(target.ip(), node) else {
+    let Some(dest) = table.local_workload(target.ip(), node).cloned() else {
         let why = "unknown destination workload";
         return reject(
             log,
@@ -234,58 +276,68 @@ async fn tunnel(
             "unknown_destination",
         );
     };
-    log.destination(dest);
+    drop(table);
+    log.destination(&dest);
+    // Registered before the check: a policy change cannot slip in between.
+    let guard = shared
+        .tunnels
+        .register(Some(peer_id.clone()), peer.ip(), target, dest.clone());
     let request = AuthzRequest {
-        source: peer_id,
-        destination: dest,
+        source: Some(peer_id),
+        source_ip: peer.ip(),
+        destination: &dest,
         port: target.port(),
     };
-    if let Decision::Deny { policy } = shared.authorizer.authorize(&request) {
+    let (decision, verdict) = shared.authorizer.decide(&request);
+    log.policy = verdict;
+    if let Decision::Deny { policy } = decision {
         tracing::info!(%peer, src = %peer_id, dst = %dest.identity, %policy, "tunnel denied by policy");
         return reject(log, respond, StatusCode::UNAUTHORIZED, "denied", "denied");
     }
-    let upstream =
-        match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(target)).await
-        {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                let why = format!("upstream connect failed: {e}");
-                return reject(
-                    log,
-                    respond,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    &why,
-                    "connect_failed",
-                );
-            }
-            Err(_) => {
-                let why = "upstream connect timed out";
-                return reject(
-                    log,
-                    respond,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    why,
-                    "connect_failed",
-                );
+    let counts = Transferred::default();
+    let work = async {
+        let upstream =
+            match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(target))
+                .await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, %target, "upstream connect failed: {e}");
+                    respond_error(respond, StatusCode::SERVICE_UNAVAILABLE);
+                    return "connect_failed";
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, %target, "upstream connect timed out");
+                    respond_error(respond, StatusCode::SERVICE_UNAVAILABLE);
+                    return "connect_failed";
+                }
+            };
+        let _ = upstream.set_nodelay(true);
+        let mut respond = respond;
+        let send = match respond.send_response(Response::new(()), false) {
+            Ok(send) => send,
+            Err(e) => {
+                tracing::debug!(%peer, "client went away before 200: {e}");
+                return "client_reset";
             }
         };
-    let _ = upstream.set_nodelay(true);
-    let mut respond = respond;
-    let send = match respond.send_response(Response::new(()), false) {
-        Ok(send) => send,
-        Err(e) => {
-            tracing::debug!(%peer, "client went away before 200: {e}");
-            return log.finish(metrics, "client_reset", 0, 0);
+        match bridge(upstream, send, req.into_body(), &counts).await {
+            Ok(()) => "ok",
+            Err(e) => {
+                tracing::debug!(%peer, %target, "tunnel failed: {e}");
+                "error"
+            }
         }
     };
-    let counts = Transferred::default();
-    let result = match bridge(upstream, send, req.into_body(), &counts).await {
-        Ok(()) => "ok",
-        Err(e) => {
-            tracing::debug!(%peer, %target, "tunnel failed: {e}");
-            "error"
+    // A policy change that now denies the tunnel drops `work`: the upstream socket closes
+    // and the HTTP/2 stream is reset, which closes the client's side.
+    let result = tokio::select! {
+        result = work => result,
+        _ = guard.closed_by_policy() => {
+            log.policy = guard.verdict();
+            "policy_changed"
         }
     };
     // The client of an inbound tunnel is the HBONE peer: it received what went to HTTP/2.
-    log.finish(metrics, result, counts.to_h2(), counts.to_tcp());
+    log.finish(shared, result, counts.to_h2(), counts.to_tcp());
 }

@@ -16,6 +16,7 @@ mod outbound;
 mod plaintext;
 mod pool;
 mod proxy;
+mod tunnels;
 
 pub mod flows;
 pub mod metrics;

@@ -20,18 +20,17 @@ use crate::workloads::Protocol;
 const HBONE_PORT: u16 = 15008;
 
 pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
-    let metrics = &shared.metrics;
-    let mut log = AccessLog::start(Direction::Outbound, peer, metrics);
+    let mut log = AccessLog::start(Direction::Outbound, peer, &shared);
     let dst = match shared.original_dst.original_dst(&tcp) {
         Ok(dst) => dst,
         Err(e) => {
             tracing::warn!(%peer, "no original destination: {e}");
-            return log.finish(metrics, "no_original_dst", 0, 0);
+            return log.finish(&shared, "no_original_dst", 0, 0);
         }
     };
     log.dst_addr = Some(dst);
     if shared.is_own_listener(dst) {
-        return log.finish(metrics, "loop", 0, 0);
+        return log.finish(&shared, "loop", 0, 0);
     }
     let table = shared.workloads.snapshot();
     let Some(source) = table
@@ -39,7 +38,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         .cloned()
     else {
         tracing::debug!(%peer, "connection from an IP that is no workload of this node");
-        return log.finish(metrics, "unknown_source", 0, 0);
+        return log.finish(&shared, "unknown_source", 0, 0);
     };
     log.source(&source);
     let dest = table
@@ -74,7 +73,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(%peer, %dst, %hbone, "no HBONE connection: {e}");
-                return log.finish(metrics, "hbone_connect_failed", 0, 0);
+                return log.finish(&shared, "hbone_connect_failed", 0, 0);
             }
         };
         let request = Request::builder()
@@ -84,7 +83,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             .body(());
         let Ok(request) = request else {
             // Unreachable: an IP:port is always a valid authority.
-            return log.finish(metrics, "internal_error", 0, 0);
+            return log.finish(&shared, "internal_error", 0, 0);
         };
         let sent = async {
             let mut send = lease.send_request().ready().await?;
@@ -101,7 +100,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             }
             Err(e) => {
                 tracing::warn!(%hbone, "cannot open HBONE stream: {e}");
-                return log.finish(metrics, "hbone_stream_failed", 0, 0);
+                return log.finish(&shared, "hbone_stream_failed", 0, 0);
             }
         };
         let response = match response.await {
@@ -112,12 +111,14 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             }
             Err(e) => {
                 tracing::warn!(%hbone, %dst, "HBONE CONNECT failed: {e}");
-                return log.finish(metrics, "hbone_stream_failed", 0, 0);
+                return log.finish(&shared, "hbone_stream_failed", 0, 0);
             }
         };
+        // The destination answered over mTLS, whatever it said.
+        log.encrypted = true;
         if response.status() != StatusCode::OK {
             tracing::info!(%peer, %dst, status = %response.status(), "HBONE CONNECT refused");
-            return log.finish(metrics, status_result(response.status()), 0, 0);
+            return log.finish(&shared, status_result(response.status()), 0, 0);
         }
         let counts = Transferred::default();
         let result = match bridge(tcp, stream, response.into_body(), &counts).await {
@@ -128,7 +129,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             }
         };
         drop(lease);
-        return log.finish(metrics, result, counts.to_tcp(), counts.to_h2());
+        return log.finish(&shared, result, counts.to_tcp(), counts.to_h2());
     }
 }
 
@@ -144,23 +145,22 @@ fn status_result(status: StatusCode) -> &'static str {
 
 /// Plain TCP to a destination outside the mesh.
 async fn passthrough(shared: &Shared, mut tcp: TcpStream, dst: SocketAddr, log: AccessLog) {
-    let metrics = &shared.metrics;
     let upstream =
         match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(dst)).await {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::debug!(%dst, "passthrough connect failed: {e}");
-                return log.finish(metrics, "connect_failed", 0, 0);
+                return log.finish(shared, "connect_failed", 0, 0);
             }
-            Err(_) => return log.finish(metrics, "connect_failed", 0, 0),
+            Err(_) => return log.finish(shared, "connect_failed", 0, 0),
         };
     let _ = upstream.set_nodelay(true);
     let mut upstream = upstream;
     match tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await {
-        Ok((up, down)) => log.finish(metrics, "passthrough", down, up),
+        Ok((up, down)) => log.finish(shared, "passthrough", down, up),
         Err(e) => {
             tracing::debug!(%dst, "passthrough failed: {e}");
-            log.finish(metrics, "error", 0, 0)
+            log.finish(shared, "error", 0, 0)
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Plaintext inbound (:15006): TCP to a local workload from a source outside the mesh.
-//! Permissive mode passes it through; strict mode refuses it with a reset.
+//! Permissive mode passes it through (subject to authorization policies, as a source
+//! without identity); strict mode refuses it with a reset.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,47 +9,85 @@ use std::time::Duration;
 use tokio::net::TcpStream;
 
 use crate::access::AccessLog;
+use crate::authz::{AuthzRequest, Decision};
 use crate::metrics::Direction;
 use crate::proxy::{Capture, Mode, Shared};
 
+/// RST rather than FIN: the client learns at once that it was refused.
+fn reset(tcp: &TcpStream) {
+    let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
+}
+
 pub(crate) async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
-    let metrics = &shared.metrics;
-    let mut log = AccessLog::start(Direction::InboundPlaintext, peer, metrics);
-    if shared.config.mode == Mode::Strict {
-        // RST rather than FIN: the client learns at once that it was refused.
-        let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
-        return log.finish(metrics, "refused_strict", 0, 0);
+    let shared = &*shared;
+    let mut log = AccessLog::start(Direction::InboundPlaintext, peer, shared);
+    let table = shared.workloads.snapshot();
+    // Named by address only: without a certificate the source proves nothing.
+    if let Some(w) = table.workload_by_ip(peer.ip()) {
+        log.src.namespace = Some(w.namespace.clone());
+        log.src.pod = Some(w.name.clone());
     }
     let dst = match shared.config.capture {
         // sk_assign delivered it here: the address the client dialed is our local address.
         Capture::Transparent => tcp.local_addr(),
         Capture::Explicit => shared.original_dst.original_dst(&tcp),
     };
+    if let Ok(d) = &dst {
+        log.dst_addr = Some(*d);
+        if let Some(w) = table.local_workload(d.ip(), &shared.config.node) {
+            log.destination(w);
+        }
+    }
+    if shared.config.mode == Mode::Strict {
+        reset(&tcp);
+        return log.finish(shared, "refused_strict", 0, 0);
+    }
     let dst = match dst {
         Ok(d) => d,
         Err(e) => {
             tracing::debug!(%peer, "no destination: {e}");
-            return log.finish(metrics, "no_original_dst", 0, 0);
+            return log.finish(shared, "no_original_dst", 0, 0);
         }
     };
-    log.dst_addr = Some(dst);
     if shared.is_own_listener(dst) || shared.is_proxy_port(dst.port()) {
-        return log.finish(metrics, "proxy_port", 0, 0);
+        return log.finish(shared, "proxy_port", 0, 0);
     }
-    let table = shared.workloads.snapshot();
-    let Some(dest) = table.local_workload(dst.ip(), &shared.config.node) else {
-        return log.finish(metrics, "unknown_destination", 0, 0);
+    let Some(dest) = table.local_workload(dst.ip(), &shared.config.node).cloned() else {
+        return log.finish(shared, "unknown_destination", 0, 0);
     };
-    log.destination(dest);
     drop(table);
+    let guard = shared
+        .tunnels
+        .register(None, peer.ip(), dst, dest.clone());
+    let (decision, verdict) = shared.authorizer.decide(&AuthzRequest {
+        source: None,
+        source_ip: peer.ip(),
+        destination: &dest,
+        port: dst.port(),
+    });
+    log.policy = verdict;
+    if let Decision::Deny { policy } = decision {
+        tracing::info!(%peer, dst = %dest.identity, %policy, "plaintext connection denied by policy");
+        reset(&tcp);
+        return log.finish(shared, "denied", 0, 0);
+    }
     let mut upstream =
         match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(dst)).await {
             Ok(Ok(s)) => s,
-            _ => return log.finish(metrics, "connect_failed", 0, 0),
+            _ => return log.finish(shared, "connect_failed", 0, 0),
         };
     let _ = upstream.set_nodelay(true);
-    match tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await {
-        Ok((up, down)) => log.finish(metrics, "passthrough", down, up),
-        Err(_) => log.finish(metrics, "error", 0, 0),
+    tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut tcp, &mut upstream) => match r {
+            Ok((up, down)) => log.finish(shared, "passthrough", down, up),
+            Err(_) => log.finish(shared, "error", 0, 0),
+        },
+        _ = guard.closed_by_policy() => {
+            log.policy = guard.verdict();
+            reset(&tcp);
+            reset(&upstream);
+            // Byte counts are lost with copy_bidirectional's future.
+            log.finish(shared, "policy_changed", 0, 0)
+        }
     }
 }

@@ -10,10 +10,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::authz::{AllowAll, Authorizer};
+use crate::flows::FlowHub;
 use crate::metrics::{Direction, Metrics};
 use crate::pool::{Pool, PoolConfig};
 use crate::socket::{bind_listener, OriginalDst, SoOriginalDst};
 use crate::tls::TlsCredentials;
+use crate::tunnels::Tunnels;
 use crate::workloads::WorkloadStore;
 
 /// How traffic reaches the proxy.
@@ -100,16 +102,20 @@ pub struct ProxyDeps {
     pub credentials: Arc<dyn TlsCredentials>,
     pub authorizer: Arc<dyn Authorizer>,
     pub original_dst: Arc<dyn OriginalDst>,
+    /// Where every finished or refused connection is published; `None`: the proxy keeps
+    /// only the counters (served on /metrics either way).
+    pub flows: Option<Arc<FlowHub>>,
 }
 
 impl ProxyDeps {
-    /// Allow-all authorization and `SO_ORIGINAL_DST` lookup.
+    /// Allow-all authorization, `SO_ORIGINAL_DST` lookup, no flow subscribers.
     pub fn new(workloads: Arc<WorkloadStore>, credentials: Arc<dyn TlsCredentials>) -> Self {
         Self {
             workloads,
             credentials,
             authorizer: Arc::new(AllowAll),
             original_dst: Arc::new(SoOriginalDst),
+            flows: None,
         }
     }
 }
@@ -153,6 +159,9 @@ pub(crate) struct Shared {
     pub authorizer: Arc<dyn Authorizer>,
     pub original_dst: Arc<dyn OriginalDst>,
     pub metrics: Arc<Metrics>,
+    pub flows: Arc<FlowHub>,
+    /// Open inbound connections, re-authorized when policies change.
+    pub tunnels: Tunnels,
     pub pool: Arc<Pool>,
     pub addrs: ProxyAddrs,
     /// Cancelled when draining starts.
@@ -228,6 +237,9 @@ impl Proxy {
             authorizer: deps.authorizer,
             original_dst: deps.original_dst,
             metrics,
+            // Without subscribers a one-event ring is enough: it still counts.
+            flows: deps.flows.unwrap_or_else(|| Arc::new(FlowHub::new(1))),
+            tunnels: Tunnels::default(),
             pool,
             addrs,
             drain: CancellationToken::new(),
@@ -253,6 +265,11 @@ impl Proxy {
         DrainHandle(self.shared.drain.clone())
     }
 
+    /// Where the proxy publishes flow events.
+    pub fn flows(&self) -> Arc<FlowHub> {
+        self.shared.flows.clone()
+    }
+
     /// Serves until drained (see [`DrainHandle`]); returns when every connection closed.
     pub async fn run(self) {
         let shared = self.shared;
@@ -272,6 +289,10 @@ impl Proxy {
             readiness,
             admin_stop.clone(),
         ));
+        let recheck = shared
+            .authorizer
+            .changes()
+            .map(|changes| tokio::spawn(recheck_on_change(shared.clone(), changes)));
         shared.ready.store(true, Ordering::Release);
         tracing::info!(
             node = %shared.config.node,
@@ -300,9 +321,26 @@ impl Proxy {
         }
         shared.force.cancel();
         shared.tracker.wait().await;
+        if let Some(task) = recheck {
+            task.abort();
+        }
         admin_stop.cancel();
         let _ = admin.await;
         tracing::info!(took = ?started.elapsed(), "drained");
+    }
+}
+
+/// Re-authorizes open connections whenever the authorizer's rules change.
+async fn recheck_on_change(shared: Arc<Shared>, mut changes: tokio::sync::watch::Receiver<u64>) {
+    changes.borrow_and_update();
+    while changes.changed().await.is_ok() {
+        changes.borrow_and_update();
+        let closed = shared.tunnels.recheck(&shared);
+        tracing::info!(
+            open = shared.tunnels.len(),
+            closed,
+            "authorization policies changed: open connections re-checked"
+        );
     }
 }
 

@@ -18,11 +18,12 @@
 //!     node: node-a
 //!     ips: [10.0.1.5]
 //!     protocol: hbone               # hbone (enrolled in the mesh, default) or tcp
+//!     labels: {app: web}            # optional: the pod's labels, for policy selectors
 //! ```
 //!
 //! Unknown fields are errors, so that a typo never silently disables mTLS.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
@@ -90,6 +91,8 @@ pub struct Workload {
     pub ips: Vec<IpAddr>,
     pub protocol: Protocol,
     pub identity: WorkloadId,
+    /// The pod's labels: authorization policies select their targets by them.
+    pub labels: Arc<BTreeMap<String, String>>,
 }
 
 /// One node, as far as the proxy cares.
@@ -130,6 +133,8 @@ struct WorkloadFile {
     ips: Vec<IpAddr>,
     #[serde(default)]
     protocol: Protocol,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 /// An immutable snapshot of all workloads, indexed by IP.
@@ -222,6 +227,7 @@ impl WorkloadTable {
                 ips: w.ips,
                 protocol: w.protocol,
                 identity,
+                labels: Arc::new(w.labels),
             });
         }
         Self::new(trust_domain, nodes, workloads)
@@ -310,6 +316,7 @@ workloads:
     serviceAccount: web-sa
     node: n1
     ips: [10.0.0.1, "fd00::1"]
+    labels: {app: web, tier: "1"}
   - name: legacy
     namespace: old
     serviceAccount: default
@@ -328,12 +335,18 @@ workloads:
             "spiffe://example.org/ns/default/sa/web-sa"
         );
         assert_eq!(web.protocol, Protocol::Hbone);
+        let want: BTreeMap<String, String> = [("app", "web"), ("tier", "1")]
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect();
+        assert_eq!(*web.labels, want);
         assert_eq!(
             t.node("n1").unwrap().hbone,
             Some("127.0.0.2:15008".parse().unwrap())
         );
         let legacy = t.workload_by_ip("10.0.0.2".parse().unwrap()).unwrap();
         assert_eq!(legacy.protocol, Protocol::Tcp);
+        assert!(legacy.labels.is_empty(), "labels are optional");
         assert!(t
             .local_workload("10.0.0.2".parse().unwrap(), "n1")
             .is_none());
@@ -372,6 +385,7 @@ workloads:
                 "listed twice",
             ),
             (GOOD.replace("node: n2", "node: \"\""), "`node` is empty"),
+            (GOOD.replace("tier: \"1\"", "tier: [1]"), "labels"),
         ];
         for (text, want) in cases {
             let err = chain(&WorkloadTable::from_yaml(&text).unwrap_err());

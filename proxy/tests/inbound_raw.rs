@@ -276,7 +276,7 @@ impl Authorizer for DenyAll {
     fn authorize(&self, r: &AuthzRequest<'_>) -> Decision {
         assert_eq!(r.destination.name, "server");
         Decision::Deny {
-            policy: format!("deny-all for {}", r.source),
+            policy: format!("deny-all for {:?}", r.source.map(ToString::to_string)),
         }
     }
 }

@@ -936,6 +936,7 @@ fn workload(ns: &str, name: &str) -> Workload {
         ips: vec!["10.0.0.9".parse().unwrap()],
         protocol: Protocol::Hbone,
         identity: WorkloadId::new(&TrustDomain::default(), ns, name).unwrap(),
+        labels: Arc::default(),
     }
 }
 
@@ -956,7 +957,8 @@ fn bad_update_leaves_previous_set_in_force() {
     let batch = sid(BATCH);
     let ask = |source: &SpiffeId| {
         authz.authorize(&AuthzRequest {
-            source,
+            source: Some(source),
+            source_ip: "10.0.0.1".parse().unwrap(),
             destination: &db,
             port: 5432,
         })
@@ -1021,7 +1023,8 @@ fn authorizer_uses_labels_and_fails_closed_without_them() {
     let db = workload("prod", "db");
     let source = sid(FRONTEND);
     let req = AuthzRequest {
-        source: &source,
+        source: Some(&source),
+        source_ip: "10.0.0.1".parse().unwrap(),
         destination: &db,
         port: 5432,
     };

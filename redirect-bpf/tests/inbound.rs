@@ -253,9 +253,13 @@ fn strict_mode_refuses_plaintext_at_once_and_reports_it() {
     // silent-drop mode: no RST, the client is left waiting
     proxy.reject = RejectMode::Drop;
     t.red.set_proxy(&proxy).unwrap();
-    let err = connect(&t.client, "10.77.0.2:80", false, Duration::from_millis(300))
-        .expect_err("dropped");
-    assert_ne!(err.kind(), ErrorKind::ConnectionRefused, "no RST in drop mode: {err}");
+    let err =
+        connect(&t.client, "10.77.0.2:80", false, Duration::from_millis(300)).expect_err("dropped");
+    assert_ne!(
+        err.kind(),
+        ErrorKind::ConnectionRefused,
+        "no RST in drop mode: {err}"
+    );
     assert_eq!(t.red.drop_counts().unwrap().strict_plaintext, 4);
 
     // mark and table are fixed at install

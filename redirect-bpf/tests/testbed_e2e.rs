@@ -13,7 +13,11 @@ use zmesh_redirect::{ProxyConfig, RedirectConfig, Redirector};
 use zmesh_testbed::{Cluster, ClusterSpec};
 
 fn accept_within(l: &TcpListener, timeout: Duration) -> Option<(std::net::TcpStream, SocketAddr)> {
-    let mut pfd = libc::pollfd { fd: l.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: l.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd.
     if unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as i32) } <= 0 {
         return None;
@@ -31,9 +35,10 @@ impl Drop for Uninstall {
 
 #[test]
 fn enrolled_pod_process_is_proxied_with_its_original_destination() {
-    let cluster = Cluster::build(
-        &ClusterSpec::new().node("node1", |n| n.pod("web", "default", "web").pod("client", "default", "sleep")),
-    )
+    let cluster = Cluster::build(&ClusterSpec::new().node("node1", |n| {
+        n.pod("web", "default", "web")
+            .pod("client", "default", "sleep")
+    }))
     .expect("testbed cluster");
     let node = cluster.node("node1").unwrap();
     let web = cluster.pod("default", "web").unwrap();
@@ -50,20 +55,37 @@ fn enrolled_pod_process_is_proxied_with_its_original_destination() {
         proxy: ProxyConfig::new(outbound),
     })
     .expect("load");
-    let proxy = node.run(move || TcpListener::bind(outbound).unwrap()).unwrap();
+    let proxy = node
+        .run(move || TcpListener::bind(outbound).unwrap())
+        .unwrap();
 
-    let script = format!(
-        "exec 3<>/dev/tcp/{}/{} && printf ping >&3 && head -c 7 <&3",
-        server.addr().ip(),
-        server.addr().port()
-    );
+    // the client reads exactly n bytes, so it never waits on an open connection
+    let script = |n: usize| {
+        format!(
+            "exec 3<>/dev/tcp/{}/{} && printf ping >&3 && head -c {n} <&3",
+            server.addr().ip(),
+            server.addr().port()
+        )
+    };
     // not enrolled: the echo server answers
-    let out = client.command("bash").unwrap().args(["-c", &script]).output().unwrap();
+    let out = client
+        .command("bash")
+        .unwrap()
+        .args(["-c", &script(4)])
+        .output()
+        .unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "ping", "{out:?}");
 
     red.enroll_netns(client.netns_cookie()).unwrap();
-    let child = client.command("bash").unwrap().args(["-c", &script]).stdout(std::process::Stdio::piped()).spawn().unwrap();
-    let (mut conn, peer) = accept_within(&proxy, Duration::from_secs(10)).expect("proxy got the pod's connection");
+    let child = client
+        .command("bash")
+        .unwrap()
+        .args(["-c", &script(7)])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (mut conn, peer) =
+        accept_within(&proxy, Duration::from_secs(10)).expect("proxy got the pod's connection");
     assert_eq!(peer.ip(), std::net::IpAddr::V4(client.ip()));
     assert_eq!(red.original_dst(peer).unwrap(), Some(server.addr()));
     let mut buf = [0u8; 4];

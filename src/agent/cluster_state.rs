@@ -1,4 +1,5 @@
-//! What the agent knows of the cluster: namespaces and pods, and which pods are enrolled.
+//! What the agent knows of the cluster: namespaces, pods (and which are enrolled), and the
+//! authorization policies in force.
 //!
 //! The state is an immutable snapshot; sources (a manifest directory, Kubernetes) publish a
 //! new snapshot on every change, so readers never see a half-applied update.
@@ -6,6 +7,9 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
+
+use zmesh_proxy::policy::PolicySet;
 
 /// Namespace label that enrolls a namespace (Cilium's).
 pub const CILIUM_MTLS_LABEL: &str = "io.cilium/mtls-enabled";
@@ -73,11 +77,13 @@ impl std::fmt::Display for PodKey {
     }
 }
 
-/// One consistent view of namespaces and pods.
+/// One consistent view of namespaces, pods and authorization policies.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClusterState {
     namespaces: BTreeMap<String, NamespaceInfo>,
     pods: BTreeMap<PodKey, PodInfo>,
+    /// Only ever a whole, valid set: sources keep the last good policies of a bad input.
+    policies: Arc<PolicySet>,
 }
 
 impl ClusterState {
@@ -88,7 +94,19 @@ impl ClusterState {
         Self {
             namespaces: namespaces.into_iter().map(|n| (n.name.clone(), n)).collect(),
             pods: pods.into_iter().map(|p| (p.key(), p)).collect(),
+            policies: Arc::default(),
         }
+    }
+
+    /// The same state with `policies` in force.
+    pub fn with_policies(mut self, policies: PolicySet) -> Self {
+        self.policies = Arc::new(policies);
+        self
+    }
+
+    /// The authorization policies in force (the proxy's `PolicyStore` follows them).
+    pub fn policies(&self) -> &Arc<PolicySet> {
+        &self.policies
     }
 
     pub fn namespace(&self, name: &str) -> Option<&NamespaceInfo> {

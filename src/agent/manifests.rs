@@ -1,5 +1,6 @@
-//! A directory of ordinary Kubernetes YAML manifests (Namespace and Pod objects, several per
-//! file) as the cluster state source: the default for running without a cluster.
+//! A directory of ordinary Kubernetes YAML manifests (Namespace, Pod and Istio
+//! AuthorizationPolicy objects, several per file) as the cluster state source: the default
+//! for running without a cluster.
 //!
 //! A file is accepted or rejected whole. A rejected file is reported with its path and
 //! reason, and the objects it held the last time it was valid stay in force, so a typo never
@@ -13,6 +14,7 @@ use std::time::{Duration, SystemTime};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
+use zmesh_proxy::policy::{Policy, PolicyErrors, PolicySet};
 
 use super::cluster_state::{
     ClusterState, NamespaceInfo, PodInfo, CGROUP_ANNOTATION, NETNS_ANNOTATION,
@@ -29,7 +31,7 @@ pub enum ManifestError {
         document: usize,
         reason: String,
     },
-    #[error("{file}: document {document}: kind {kind:?} is not supported (only v1 Namespace and Pod)")]
+    #[error("{file}: document {document}: kind {kind:?} is not supported (only v1 Namespace and Pod, and security.istio.io AuthorizationPolicy)")]
     UnknownKind {
         file: PathBuf,
         document: usize,
@@ -48,6 +50,12 @@ pub enum ManifestError {
         document: usize,
         kind: &'static str,
         field: &'static str,
+    },
+    #[error("{file}: document {document}: AuthorizationPolicy is invalid (the file's previous policies stay in force): {reason}")]
+    InvalidPolicy {
+        file: PathBuf,
+        document: usize,
+        reason: String,
     },
     #[error("{file}: {kind} {name} is also defined in {other_file}; the first definition is kept")]
     Duplicate {
@@ -69,6 +77,23 @@ pub enum ManifestError {
 struct FileObjects {
     namespaces: Vec<NamespaceInfo>,
     pods: Vec<PodInfo>,
+    policies: Vec<Policy>,
+}
+
+/// Every problem of a policy document, with field paths (its origin is the file's).
+fn policy_reason(errors: &PolicyErrors) -> String {
+    errors
+        .0
+        .iter()
+        .map(|e| {
+            if e.path.is_empty() {
+                e.kind.to_string()
+            } else {
+                format!("{}: {}", e.path, e.kind)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
 }
 
 /// Parses one manifest file's text. All-or-nothing: any bad document rejects the file.
@@ -117,6 +142,18 @@ fn parse_file(file: &Path, text: &str) -> Result<FileObjects, ManifestError> {
                 objects
                     .pods
                     .push(pod_info(pod).map_err(|field| missing("Pod", field))?);
+            }
+            (Some(v), "AuthorizationPolicy") if v.starts_with("security.istio.io/") => {
+                let policy_error = |reason| ManifestError::InvalidPolicy {
+                    file: file.to_owned(),
+                    document: document_number,
+                    reason,
+                };
+                let json = serde_json::to_value(&value)
+                    .map_err(|e| policy_error(e.to_string()))?;
+                let policy =
+                    Policy::from_json(&json).map_err(|e| policy_error(policy_reason(&e)))?;
+                objects.policies.push(policy);
             }
             _ => {
                 return Err(ManifestError::UnknownKind {
@@ -252,10 +289,24 @@ impl ManifestDir {
         let mut namespaces: BTreeMap<String, (NamespaceInfo, &Path)> = BTreeMap::new();
         let mut pods: BTreeMap<(String, String), (PodInfo, &Path)> = BTreeMap::new();
         let mut ip_owner: HashMap<IpAddr, String> = HashMap::new();
+        let mut policies: BTreeMap<String, (Policy, &Path)> = BTreeMap::new();
         for (path, entry) in &self.files {
             let Some(objects) = &entry.last_good else {
                 continue;
             };
+            for policy in &objects.policies {
+                let name = policy.id().to_string();
+                if let Some((_, other)) = policies.get(&name) {
+                    errors.push(ManifestError::Duplicate {
+                        file: path.clone(),
+                        other_file: other.to_path_buf(),
+                        kind: "AuthorizationPolicy",
+                        name,
+                    });
+                    continue;
+                }
+                policies.insert(name, (policy.clone(), path));
+            }
             for ns in &objects.namespaces {
                 if let Some((_, other)) = namespaces.get(&ns.name) {
                     errors.push(ManifestError::Duplicate {
@@ -299,10 +350,16 @@ impl ManifestDir {
                 pods.insert(key, (pod.clone(), path));
             }
         }
+        // Names are unique after the loop above, so the set cannot be refused.
+        let policies = PolicySet::new(policies.into_values().map(|(p, _)| p)).unwrap_or_else(|e| {
+            tracing::error!(target: "manifests", "authorization policies rejected: {e}");
+            PolicySet::default()
+        });
         let state = ClusterState::new(
             namespaces.into_values().map(|(n, _)| n),
             pods.into_values().map(|(p, _)| p),
-        );
+        )
+        .with_policies(policies);
         (state, errors)
     }
 }
@@ -468,6 +525,70 @@ status:
         // After all that, the state is the good one.
         let (state, _) = m.merge();
         assert_eq!(state, good);
+    }
+
+    const POLICY: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-web, namespace: shop}
+spec:
+  rules:
+  - from:
+    - source: {principals: [cluster.local/ns/shop/sa/web-sa]}
+"#;
+
+    #[test]
+    fn loads_authorization_policies_and_keeps_them_through_a_bad_edit() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", GOOD);
+        write(dir.path(), "policy.yaml", POLICY);
+        let mut m = ManifestDir::new(dir.path());
+        let (state, errors) = m.rescan();
+        assert!(errors.is_empty(), "{errors:?}");
+        let state = state.unwrap();
+        let ids: Vec<String> = state.policies().policies().iter().map(|p| p.id().to_string()).collect();
+        assert_eq!(ids, ["shop/allow-web"]);
+
+        // v1beta1 is accepted too; an unsupported field rejects the file with its path.
+        let bad = format!(
+            "{}---\n{}",
+            POLICY.replace("security.istio.io/v1", "security.istio.io/v1beta1").replace("allow-web", "other"),
+            POLICY.replace("allow-web", "bad").replace("- from:", "- to:\n    - operation: {methods: [GET]}\n    from:")
+        );
+        touch_later(dir.path(), "policy.yaml", &bad);
+        let (changed, errors) = m.rescan();
+        assert_eq!(changed, None, "a bad policy file changes nothing");
+        match &errors[..] {
+            [e @ ManifestError::InvalidPolicy { document: 2, reason, .. }] => {
+                assert!(reason.contains("spec.rules[0].to[0].operation.methods"), "{reason}");
+                assert!(e.to_string().contains("policy.yaml"), "{e}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(m.merge().0.policies().policies().len(), 1, "the last good policy stays");
+
+        // A wrong apiVersion for the kind is reported, not skipped.
+        touch_later(dir.path(), "policy.yaml", &POLICY.replace("security.istio.io/v1", "security.istio.io/v2"));
+        let (_, errors) = m.rescan();
+        assert!(
+            matches!(&errors[..], [ManifestError::InvalidPolicy { reason, .. }] if reason.contains("v2")),
+            "{errors:?}"
+        );
+
+        // The same policy in two files: the first one is kept and the second reported.
+        touch_later(dir.path(), "policy.yaml", POLICY);
+        write(dir.path(), "policy2.yaml", POLICY);
+        let (state, errors) = m.rescan();
+        assert!(
+            matches!(&errors[..], [ManifestError::Duplicate { kind: "AuthorizationPolicy", .. }]),
+            "{errors:?}"
+        );
+        assert_eq!(state.unwrap().policies().policies().len(), 1);
+
+        // Removing the files removes the policies.
+        std::fs::remove_file(dir.path().join("policy.yaml")).unwrap();
+        std::fs::remove_file(dir.path().join("policy2.yaml")).unwrap();
+        assert!(m.rescan().0.unwrap().policies().is_empty());
     }
 
     #[test]

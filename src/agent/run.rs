@@ -43,6 +43,7 @@ pub struct RedirectSettings {
     /// bpffs directory for this node's pins.
     pub pin_dir: PathBuf,
     /// Interfaces whose ingress steers traffic to enrolled pods (underlay and pod veths).
+    /// Empty: every non-loopback interface of the node, followed as pods come and go.
     pub ingress_interfaces: Vec<String>,
 }
 
@@ -136,14 +137,15 @@ pub async fn run(
     )));
     let mut deps = ProxyDeps::new(workloads.clone(), tls.clone());
 
-    let redirector = match &config.redirect {
+    let mut steering = match &config.redirect {
         Some(settings) => {
-            let redirector = Arc::new(Mutex::new(load_redirect(&config, settings)?));
-            deps.original_dst = Arc::new(MapOriginalDst(redirector.clone()));
-            Some(redirector)
+            let steering = Steering::load(&config, settings)?;
+            deps.original_dst = Arc::new(MapOriginalDst(steering.redirector.clone()));
+            Some(steering)
         }
         None => None,
     };
+    let redirector = steering.as_ref().map(|s| s.redirector.clone());
     if config.redirect.is_none() {
         proxy_config.capture = zmesh_proxy::Capture::Explicit;
         proxy_config.ip_transparent = false;
@@ -170,6 +172,9 @@ pub async fn run(
                 &config.node,
                 own_hbone,
             ));
+            if let Some(steering) = steering.as_mut() {
+                steering.follow_interfaces();
+            }
             enrolled.apply(&state, &config, &certs, &tls, redirector.as_deref());
             if cluster.changed().await.is_err() {
                 // The source is gone (only at shutdown): keep serving the last state.
@@ -189,21 +194,89 @@ pub async fn run(
     Ok(())
 }
 
-fn load_redirect(config: &AgentConfig, settings: &RedirectSettings) -> Result<Redirector, AgentError> {
-    let mut proxy = zmesh_redirect::ProxyConfig::new(SocketAddrV4::new(config.proxy_ip, 15001));
-    proxy.node_mode = match config.mode {
-        Mode::Permissive => InboundMode::Permissive,
-        Mode::Strict => InboundMode::Strict,
-    };
-    proxy.other_ports = vec![15000, 15020, 15021];
-    let redirect_config = RedirectConfig {
-        pin_dir: settings.pin_dir.clone(),
-        cgroup: settings.cgroup.clone(),
-        ingress_interfaces: settings.ingress_interfaces.clone(),
-        proxy,
-    };
-    // Over an existing installation this reuses the pinned maps: enrollment survives.
-    Ok(Redirector::load(&redirect_config)?)
+/// The installed eBPF programs and which interfaces steer inbound traffic.
+struct Steering {
+    config: RedirectConfig,
+    redirector: Arc<Mutex<Redirector>>,
+    /// Attach to every non-loopback interface, following changes.
+    follow: bool,
+}
+
+impl Steering {
+    fn load(config: &AgentConfig, settings: &RedirectSettings) -> Result<Self, AgentError> {
+        let mut proxy = zmesh_redirect::ProxyConfig::new(SocketAddrV4::new(config.proxy_ip, 15001));
+        proxy.node_mode = match config.mode {
+            Mode::Permissive => InboundMode::Permissive,
+            Mode::Strict => InboundMode::Strict,
+        };
+        proxy.other_ports = vec![15000, 15020, 15021];
+        let follow = settings.ingress_interfaces.is_empty();
+        let ingress_interfaces = if follow {
+            node_interfaces().unwrap_or_default()
+        } else {
+            settings.ingress_interfaces.clone()
+        };
+        let redirect_config = RedirectConfig {
+            pin_dir: settings.pin_dir.clone(),
+            cgroup: settings.cgroup.clone(),
+            ingress_interfaces,
+            proxy,
+        };
+        // Over an existing installation this reuses the pinned maps: enrollment survives.
+        let redirector = Redirector::load(&redirect_config)?;
+        Ok(Self {
+            config: redirect_config,
+            redirector: Arc::new(Mutex::new(redirector)),
+            follow,
+        })
+    }
+
+    /// Attaches tc ingress to interfaces that appeared (new pods' veths) and lets go of
+    /// those that left, by reloading over the pins: maps and enrollment are kept.
+    fn follow_interfaces(&mut self) {
+        if !self.follow {
+            return;
+        }
+        let interfaces = match node_interfaces() {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!("cannot list the node's interfaces: {e}");
+                return;
+            }
+        };
+        if interfaces == self.config.ingress_interfaces {
+            return;
+        }
+        let mut config = self.config.clone();
+        config.ingress_interfaces = interfaces;
+        match Redirector::load(&config) {
+            Ok(redirector) => {
+                tracing::info!(interfaces = ?config.ingress_interfaces, "steering inbound traffic on");
+                *self.redirector.lock().unwrap_or_else(|p| p.into_inner()) = redirector;
+                self.config = config;
+            }
+            Err(e) => tracing::error!("cannot attach to the node's new interfaces: {e}"),
+        }
+    }
+}
+
+/// The node's non-loopback interfaces (in this process's network namespace), sorted.
+fn node_interfaces() -> std::io::Result<Vec<String>> {
+    let output = std::process::Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()?;
+    if !output.status.success() {
+        return Err(std::io::Error::other(String::from_utf8_lossy(&output.stderr).into_owned()));
+    }
+    let mut names: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split(": ").nth(1))
+        .map(|name| name.split('@').next().unwrap_or(name).to_owned())
+        .filter(|name| name != "lo")
+        .collect();
+    names.sort();
+    names.dedup();
+    Ok(names)
 }
 
 /// What this agent has enrolled so far, to apply only the differences.

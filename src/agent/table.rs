@@ -2,6 +2,7 @@
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use zmesh_identity::{TrustDomain, WorkloadId};
 use zmesh_proxy::{Node, Protocol, Workload, WorkloadTable};
@@ -48,6 +49,8 @@ pub fn workload_table(
                 Protocol::Tcp
             },
             identity,
+            // Policies select destinations by these.
+            labels: Arc::new(pod.labels.clone()),
         });
     }
     let own = Node {
@@ -97,6 +100,8 @@ mod tests {
     #[test]
     fn table_marks_enrolled_pods_and_skips_conflicts() {
         let mut host = pod("mesh", "host", "n1", "10.0.0.9");
+        let mut a = pod("mesh", "a", "n1", "10.0.0.1");
+        a.labels.insert("app".into(), "a".into());
         host.host_network = true;
         let state = ClusterState::new(
             [NamespaceInfo {
@@ -104,7 +109,7 @@ mod tests {
                 labels: [(CILIUM_MTLS_LABEL.to_string(), "true".to_string())].into(),
             }],
             [
-                pod("mesh", "a", "n1", "10.0.0.1"),
+                a,
                 pod("plain", "b", "n2", "10.0.0.2"),
                 pod("plain", "dup", "n2", "10.0.0.2"),
                 host,
@@ -116,6 +121,7 @@ mod tests {
         let a = table.workload_by_ip("10.0.0.1".parse().unwrap()).unwrap();
         assert_eq!(a.protocol, Protocol::Hbone);
         assert_eq!(a.identity.to_string(), "spiffe://cluster.local/ns/mesh/sa/a");
+        assert_eq!(a.labels.get("app").map(String::as_str), Some("a"), "pod labels reach the proxy");
         let b = table.workload_by_ip("10.0.0.2".parse().unwrap()).unwrap();
         assert_eq!((b.name.as_str(), b.protocol), ("b", Protocol::Tcp));
         assert!(table.workload_by_ip("10.0.0.9".parse().unwrap()).is_none());

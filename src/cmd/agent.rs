@@ -52,7 +52,8 @@ pub struct AgentArgs {
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/zmesh")]
     bpf_pin_dir: PathBuf,
     /// Interfaces whose ingress traffic to enrolled pods is steered to the proxy
-    /// (the node's uplink and the pods' host-side veths). Repeatable.
+    /// (the node's uplink and the pods' host-side veths). Repeatable. Default: every
+    /// non-loopback interface of the node, followed as pods come and go.
     #[arg(long = "ingress-interface", value_name = "IFACE")]
     ingress_interfaces: Vec<String>,
     /// Print the effective configuration and exit.

@@ -5,6 +5,7 @@ pub mod certs;
 pub mod ca;
 pub mod proxy;
 pub mod agent;
+pub mod compat;
 
 use std::time::Duration;
 

@@ -7,8 +7,8 @@ use std::pin::Pin;
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose,
-    IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use time::OffsetDateTime;
 use tokio::net::UnixListener;
@@ -17,9 +17,7 @@ use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::{Request, Response, Status};
 
 use super::*;
-use crate::pb::workload::spiffe_workload_api_server::{
-    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
-};
+use crate::pb::workload::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
 use crate::pb::workload::{X509BundlesResponse, X509svid};
 
 const TD: &str = "example.org";
@@ -49,7 +47,11 @@ impl Ca {
         p.not_after = OffsetDateTime::now_utc() + Duration::from_secs(86400);
         p.serial_number = Some(serial());
         let der = p.self_signed(&key).unwrap().der().to_vec();
-        Ca { params: p, key, der }
+        Ca {
+            params: p,
+            key,
+            der,
+        }
     }
 
     /// An X.509-SVID for `id` (leaf DER, PKCS#8 key DER).
@@ -161,7 +163,9 @@ impl SpiffeWorkloadApi for Fake {
 fn require_security_header(req: Request<()>) -> Result<Request<()>, Status> {
     match req.metadata().get(SECURITY_HEADER).map(|v| v.to_str()) {
         Some(Ok("true")) => Ok(req),
-        _ => Err(Status::invalid_argument("security header missing from request")),
+        _ => Err(Status::invalid_argument(
+            "security header missing from request",
+        )),
     }
 }
 
@@ -202,8 +206,7 @@ impl Server {
             bundles: self.bundles.subscribe(),
             stop: stop_rx,
         };
-        let service =
-            SpiffeWorkloadApiServer::with_interceptor(fake, require_security_header);
+        let service = SpiffeWorkloadApiServer::with_interceptor(fake, require_security_header);
         let task = tokio::spawn(async move {
             tonic::transport::Server::builder()
                 .add_service(service)
@@ -336,7 +339,10 @@ async fn serves_svids_and_follows_rotation() {
     assert!(source.status().svids[0].served);
     // The SVID's bundle was installed for its trust domain.
     let td = TrustDomain::new(TD).unwrap();
-    assert_eq!(bundle.snapshot().roots(&td), vec![CertificateDer::from(ca.der.clone())]);
+    assert_eq!(
+        bundle.snapshot().roots(&td),
+        vec![CertificateDer::from(ca.der.clone())]
+    );
 
     // Rotation: SPIRE pushes a new SVID; the provider serves it.
     let (cert2, key2) = ca.svid(&web.to_string());
@@ -346,7 +352,7 @@ async fn serves_svids_and_follows_rotation() {
     })
     .await;
 
-    // The resolver hands out what `current` does; forgetting stops serving.
+    // Forgetting stops serving.
     assert!(source.forget(&web));
     assert!(source.current(&web).is_none());
 
@@ -395,7 +401,12 @@ async fn bundle_updates_apply_without_restart() {
 
     // An SVID signed by the new root is accepted now that the root is trusted.
     let (cert, key) = new_root.svid(&web.to_string());
-    server.set_svids(vec![entry(&web.to_string(), cert.clone(), key, &[&old_root, &new_root])]);
+    server.set_svids(vec![entry(
+        &web.to_string(),
+        cert.clone(),
+        key,
+        &[&old_root, &new_root],
+    )]);
     source.expect(&web);
     wait_until(&source, "SVID from new root served", |s| {
         s.current(&web).is_some_and(|k| leaf_der(&k) == cert)
@@ -452,7 +463,10 @@ async fn refuses_mismatched_untrusted_and_foreign_svids() {
     let source = SpireSource::start(fast_config(&path), SharedBundle::default());
     source.expect(&web);
     source.expect(&api);
-    wait_until(&source, "message processed", |s| s.status().svids.len() == 1).await;
+    wait_until(&source, "message processed", |s| {
+        s.status().svids.len() == 1
+    })
+    .await;
 
     let status = source.status();
     assert_eq!(status.svids[0].id.to_string(), cilium_id);
@@ -502,9 +516,17 @@ async fn keeps_last_good_svid_while_disconnected_and_reconnects() {
         !st.connected && st.last_error.is_some()
     })
     .await;
-    let kept = source.current(&web).expect("last good SVID kept while SPIRE is away");
+    let kept = source
+        .current(&web)
+        .expect("last good SVID kept while SPIRE is away");
     assert_eq!(leaf_der(&kept), cert1);
-    assert_eq!(bundle.snapshot().roots(&TrustDomain::new(TD).unwrap()).len(), 1);
+    assert_eq!(
+        bundle
+            .snapshot()
+            .roots(&TrustDomain::new(TD).unwrap())
+            .len(),
+        1
+    );
 
     // SPIRE comes back (same socket path) with a new SVID.
     let (cert2, key2) = ca.svid(&web.to_string());
@@ -530,7 +552,10 @@ fn splits_concatenated_der_and_rejects_garbage() {
     assert!(split_der(&[]).is_err());
     assert!(split_der(&both[..both.len() - 1]).is_err(), "truncated");
     assert!(split_der(&[0x04, 0x01, 0x00]).is_err(), "not a SEQUENCE");
-    assert!(split_der(&[0x30, 0x85, 1, 2, 3, 4, 5]).is_err(), "length too long");
+    assert!(
+        split_der(&[0x30, 0x85, 1, 2, 3, 4, 5]).is_err(),
+        "length too long"
+    );
     assert!(split_der(&[0x30, 0x84, 0xff, 0xff, 0xff, 0xff]).is_err());
 }
 

@@ -69,7 +69,10 @@ impl Client {
 
     async fn expect_snapshot_sent(&self) {
         let (payload, fds) = self.next().await;
-        assert!(matches!(payload, pb::workload_request::Payload::SnapshotSent(_)));
+        assert!(matches!(
+            payload,
+            pb::workload_request::Payload::SnapshotSent(_)
+        ));
         assert!(fds.is_empty());
     }
 
@@ -163,7 +166,10 @@ async fn snapshot_then_add_and_del_with_real_netns_fds() {
     assert_eq!(winfo.name, "web");
     assert_eq!(winfo.namespace, "shop");
     assert_eq!(winfo.service_account, "web-sa");
-    assert!(is_netns(fd.as_fd()), "received fd is not a network namespace");
+    assert!(
+        is_netns(fd.as_fd()),
+        "received fd is not a network namespace"
+    );
     assert_eq!(ns_id(fd.as_fd()), own, "received fd is another namespace");
     client.ack("").await;
     client.expect_snapshot_sent().await;
@@ -224,7 +230,9 @@ async fn nacks_are_surfaced_as_errors() {
             error: "failure to start proxy: no such pod".into()
         }
     );
-    assert!(err.to_string().contains("ztunnel refused add of workload uid-1"));
+    assert!(err
+        .to_string()
+        .contains("ztunnel refused add of workload uid-1"));
 
     let deleter = {
         let handle = handle.clone();
@@ -274,7 +282,11 @@ async fn reconnecting_ztunnel_gets_the_snapshot_again() {
     for _ in 0..2 {
         let (uid, _, fd) = second.expect_add().await;
         if uid == "uid-a" {
-            assert_eq!(ns_id(fd.as_fd()), a_id, "snapshot resends the same namespace");
+            assert_eq!(
+                ns_id(fd.as_fd()),
+                a_id,
+                "snapshot resends the same namespace"
+            );
         }
         seen.push(uid);
         second.ack("").await;
@@ -336,7 +348,9 @@ async fn rejects_bad_input_and_wrong_hello() {
     let not_ns: OwnedFd = File::open("/dev/null").unwrap().into();
     assert_eq!(
         handle.add("uid-x", info("x"), not_ns).await,
-        Err(ZdsError::NotNetns { uid: "uid-x".into() })
+        Err(ZdsError::NotNetns {
+            uid: "uid-x".into()
+        })
     );
     // Another kind of namespace is not a network namespace either.
     let uts: OwnedFd = File::open("/proc/self/ns/uts").unwrap().into();
@@ -356,7 +370,11 @@ async fn rejects_bad_input_and_wrong_hello() {
         handle.add("uid-x", huge, own_netns()).await,
         Err(ZdsError::TooLarge { .. })
     ));
-    assert_eq!(handle.status().await.workloads, 0, "refused adds are not kept");
+    assert_eq!(
+        handle.status().await.workloads,
+        0,
+        "refused adds are not kept"
+    );
 
     // A client that never says hello holds up neither requests nor other clients.
     let silent = Client::connect(&path).await;

@@ -24,6 +24,7 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
+use tokio::sync::watch;
 use serde::{Deserialize, Serialize};
 use zmesh_identity::SpiffeId;
 
@@ -652,7 +653,11 @@ impl PolicySet {
 /// The policies in force, swappable while the proxy runs. A new set is only ever stored
 /// whole and valid: a bad update leaves the previous set in force.
 #[derive(Debug)]
-pub struct PolicyStore(ArcSwap<PolicySet>);
+pub struct PolicyStore {
+    current: ArcSwap<PolicySet>,
+    /// Bumped on every replace: the proxy re-checks open connections against the new set.
+    generation: watch::Sender<u64>,
+}
 
 impl Default for PolicyStore {
     fn default() -> Self {
@@ -662,17 +667,23 @@ impl Default for PolicyStore {
 
 impl PolicyStore {
     pub fn new(set: PolicySet) -> Self {
-        Self(ArcSwap::from_pointee(set))
+        Self {
+            current: ArcSwap::from_pointee(set),
+            generation: watch::Sender::new(0),
+        }
     }
 
     /// The current set; cheap and lock-free.
     pub fn snapshot(&self) -> Arc<PolicySet> {
-        self.0.load_full()
+        self.current.load_full()
     }
 
-    /// Puts `set` in force for new connections; returns the set it replaced.
+    /// Puts `set` in force for new connections and has open ones re-checked; returns the
+    /// set it replaced.
     pub fn replace(&self, set: PolicySet) -> Arc<PolicySet> {
-        self.0.swap(Arc::new(set))
+        let old = self.current.swap(Arc::new(set));
+        self.generation.send_modify(|g| *g = g.wrapping_add(1));
+        old
     }
 
     /// Parses `text` and, only if every document is valid, puts it in force (keeping the
@@ -682,6 +693,11 @@ impl PolicyStore {
         let set = PolicySet::parse_documents(text)?.with_root_namespace(root);
         Ok(self.replace(set))
     }
+
+    /// Changes on every [`PolicyStore::replace`].
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
 }
 
 /// Where [`PolicyAuthorizer`] finds a destination pod's labels.
@@ -690,7 +706,7 @@ pub trait LabelSource: Send + Sync + 'static {
     fn labels(&self, workload: &Workload) -> Option<Arc<BTreeMap<String, String>>>;
 }
 
-/// Knows no labels: policies with selectors deny until a real source is wired in.
+/// Knows no labels: policies with selectors deny (fail closed).
 #[derive(Debug, Default, Clone, Copy)]
 pub struct NoLabels;
 
@@ -700,10 +716,19 @@ impl LabelSource for NoLabels {
     }
 }
 
-/// The proxy's [`Authorizer`] backed by a [`PolicyStore`].
-///
-/// [`AuthzRequest`] carries no source address, so `ipBlocks` conditions are evaluated
-/// as unknown (fail closed; see [`Request::source_ip`]).
+/// The labels the workload table carries for each pod (filled by the agent from the pod
+/// objects): the source the proxy uses.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct TableLabels;
+
+impl LabelSource for TableLabels {
+    fn labels(&self, workload: &Workload) -> Option<Arc<BTreeMap<String, String>>> {
+        Some(workload.labels.clone())
+    }
+}
+
+/// The proxy's [`Authorizer`] backed by a [`PolicyStore`]. `ipBlocks` are matched against
+/// the connection's peer address, never against a header.
 pub struct PolicyAuthorizer {
     store: Arc<PolicyStore>,
     labels: Arc<dyn LabelSource>,
@@ -729,20 +754,33 @@ impl PolicyAuthorizer {
         set.evaluate(&Request {
             destination_namespace: &request.destination.namespace,
             destination_labels: labels.as_deref(),
-            source_identity: Some(request.source),
-            source_ip: None,
+            source_identity: request.source,
+            source_ip: Some(request.source_ip),
             destination_port: request.port,
         })
     }
 }
 
+fn decision(verdict: &Verdict) -> Decision {
+    match verdict {
+        Verdict::Allow(_) => Decision::Allow,
+        Verdict::Deny(d) => Decision::Deny {
+            policy: d.to_string(),
+        },
+    }
+}
+
 impl Authorizer for PolicyAuthorizer {
     fn authorize(&self, request: &AuthzRequest<'_>) -> Decision {
-        match self.verdict(request) {
-            Verdict::Allow(_) => Decision::Allow,
-            Verdict::Deny(d) => Decision::Deny {
-                policy: d.to_string(),
-            },
-        }
+        decision(&self.verdict(request))
+    }
+
+    fn decide(&self, request: &AuthzRequest<'_>) -> (Decision, Option<Verdict>) {
+        let verdict = self.verdict(request);
+        (decision(&verdict), Some(verdict))
+    }
+
+    fn changes(&self) -> Option<watch::Receiver<u64>> {
+        Some(self.store.subscribe())
     }
 }

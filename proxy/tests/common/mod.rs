@@ -14,6 +14,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use zmesh_identity::{TrustBundle, TrustDomain, WorkloadId};
+use zmesh_proxy::flows::FlowHub;
 use zmesh_proxy::{
     Authorizer, Metrics, Node, Protocol, Proxy, ProxyAddrs, ProxyConfig, ProxyDeps,
     StaticCredentials, StaticOriginalDst, TlsCredentials, Workload, WorkloadStore, WorkloadTable,
@@ -110,6 +111,7 @@ pub fn workload(name: &str, sa: &str, node: &str, ip: IpAddr) -> Workload {
         ips: vec![ip],
         protocol: Protocol::Hbone,
         identity: WorkloadId::new(&TrustDomain::default(), "default", sa).unwrap(),
+        labels: Arc::default(),
     }
 }
 
@@ -128,16 +130,21 @@ pub struct Mesh {
 pub struct Running {
     pub addrs: ProxyAddrs,
     pub metrics: Arc<Metrics>,
+    pub flows: Arc<FlowHub>,
     pub drain: zmesh_proxy::DrainHandle,
     pub task: tokio::task::JoinHandle<()>,
 }
 
 impl Running {
-    pub async fn start(config: ProxyConfig, deps: ProxyDeps) -> Self {
+    pub async fn start(config: ProxyConfig, mut deps: ProxyDeps) -> Self {
+        if deps.flows.is_none() {
+            deps.flows = Some(Arc::new(FlowHub::new(256)));
+        }
         let proxy = Proxy::bind(config, deps).await.unwrap();
         Self {
             addrs: proxy.addrs(),
             metrics: proxy.metrics(),
+            flows: proxy.flows(),
             drain: proxy.drain_handle(),
             task: tokio::spawn(proxy.run()),
         }

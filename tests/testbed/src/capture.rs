@@ -35,13 +35,22 @@ impl<'a> Capture<'a> {
     pub(crate) fn start(cluster: &'a Cluster, path: PathBuf) -> Result<Capture<'a>> {
         let mut command = cluster
             .underlay_netns()
-            .command("tcpdump", Some(cluster.capture_cgroup()))?;
+            .command("tcpdump", cluster.capture_cgroup())?;
         command
             .arg("-i")
             .arg(cluster.bridge())
             // Numeric output, no snap limit, every packet written out as soon as it is read,
             // stay root so the file can be written anywhere.
-            .args(["-n", "-s", "0", "-U", "--immediate-mode", "-Z", "root", "-w"])
+            .args([
+                "-n",
+                "-s",
+                "0",
+                "-U",
+                "--immediate-mode",
+                "-Z",
+                "root",
+                "-w",
+            ])
             .arg(&path)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -170,7 +179,10 @@ impl<'a> Capture<'a> {
             }
             if Instant::now() >= deadline {
                 return Err(Error::Timeout {
-                    what: format!("tcpdump to write out the flush marker ({})", self.stderr_text()),
+                    what: format!(
+                        "tcpdump to write out the flush marker ({})",
+                        self.stderr_text()
+                    ),
                     after: CAPTURE_TIMEOUT,
                 });
             }

@@ -122,7 +122,10 @@ fn kill_each(path: &Path) -> Result<()> {
             Err(e) if e.kind() == ErrorKind::NotFound => continue,
             Err(e) => return Err(Error::io("reading", procs, e)),
         };
-        for pid in pids.lines().filter_map(|l| l.trim().parse::<libc::pid_t>().ok()) {
+        for pid in pids
+            .lines()
+            .filter_map(|l| l.trim().parse::<libc::pid_t>().ok())
+        {
             // SAFETY: kill has no memory-safety preconditions; ESRCH (already gone) is fine.
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }

@@ -345,7 +345,7 @@ macro_rules! place_helpers {
         ///
         /// It is killed when the cluster is dropped, if still running.
         pub fn command(&self, program: impl AsRef<OsStr>) -> Result<Command> {
-            self.netns.command(program, Some(&self.cgroup_path))
+            self.netns.command(program, &self.cgroup_path)
         }
 
         /// Runs `f` on a thread inside this network namespace (see [`Netns::run`]).

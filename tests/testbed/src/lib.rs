@@ -15,6 +15,10 @@
 //! # Ok::<(), zmesh_testbed::Error>(())
 //! ```
 //!
+//! Sockets made by [`Pod::tcp_listener`], [`Pod::tcp_connect`] or inside [`Pod::run`] are
+//! std sockets that stay in the pod's namespace; for async code, set them non-blocking and
+//! hand them to `tokio::net::TcpStream::from_std` (or `TcpListener::from_std`).
+//!
 //! # Topology
 //!
 //! With run id `R` (`zt` + 5 base36 characters, unique per cluster), node N (1-based, in

@@ -123,38 +123,31 @@ impl Netns {
             .map_err(|e| self.socket_error(format!("connecting to {addr}"), e))
     }
 
-    /// A command whose process runs in this namespace and, if given, in `cgroup`.
+    /// A command whose process runs in this namespace and in `cgroup`.
     ///
     /// The child enters the namespace with `setns` and moves itself into the cgroup before
     /// `exec`, so it never runs a single instruction outside them. Unlike `ip netns exec`,
     /// /sys is not remounted (netlink-based tools such as `ip` and `ss` are unaffected).
-    pub(crate) fn command(&self, program: impl AsRef<OsStr>, cgroup: Option<&Path>) -> Result<Command> {
+    pub(crate) fn command(&self, program: impl AsRef<OsStr>, cgroup: &Path) -> Result<Command> {
         let netns_fd: OwnedFd = self
             .file
             .try_clone()
             .map_err(|e| Error::io("duplicating netns fd", &self.path, e))?
             .into();
-        let procs_fd: Option<OwnedFd> = match cgroup {
-            Some(dir) => {
-                let procs = dir.join("cgroup.procs");
-                let file = OpenOptions::new()
-                    .write(true)
-                    .open(&procs)
-                    .map_err(|e| Error::io("opening", &procs, e))?;
-                Some(file.into())
-            }
-            None => None,
-        };
+        let procs = cgroup.join("cgroup.procs");
+        let procs_fd: OwnedFd = OpenOptions::new()
+            .write(true)
+            .open(&procs)
+            .map_err(|e| Error::io("opening", &procs, e))?
+            .into();
         let mut command = Command::new(program);
         // SAFETY: the closure only makes async-signal-safe system calls (write, setns) on
         // descriptors it owns, and builds io::Error values that do not allocate.
         unsafe {
             command.pre_exec(move || {
-                if let Some(procs) = &procs_fd {
-                    // "0" moves the writing process, i.e. this child.
-                    if libc::write(procs.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
-                        return Err(io::Error::last_os_error());
-                    }
+                // "0" moves the writing process, i.e. this child.
+                if libc::write(procs_fd.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(io::Error::last_os_error());
                 }
                 if libc::setns(netns_fd.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
                     return Err(io::Error::last_os_error());

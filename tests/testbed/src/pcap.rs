@@ -159,7 +159,10 @@ impl Pcap {
             }
             let flow = (ip.src, tcp.src_port, ip.dst, tcp.dst_port);
             if seen.insert((flow, tcp.seq)) {
-                streams.entry(flow).or_default().extend_from_slice(&tcp.payload);
+                streams
+                    .entry(flow)
+                    .or_default()
+                    .extend_from_slice(&tcp.payload);
             }
         }
         streams
@@ -168,9 +171,12 @@ impl Pcap {
 
 /// Returns the packets and, if the data ends inside a record, that record's offset.
 fn parse(data: &[u8]) -> Result<(Pcap, Option<usize>)> {
-    let header = data
-        .get(..24)
-        .ok_or_else(|| Error::Pcap(format!("{} bytes is shorter than a pcap header", data.len())))?;
+    let header = data.get(..24).ok_or_else(|| {
+        Error::Pcap(format!(
+            "{} bytes is shorter than a pcap header",
+            data.len()
+        ))
+    })?;
     let magic = [header[0], header[1], header[2], header[3]];
     let big_endian = match magic {
         [0xd4, 0xc3, 0xb2, 0xa1] | [0x4d, 0x3c, 0xb2, 0xa1] => false,
@@ -232,7 +238,9 @@ fn decode(link_type: u32, frame: &[u8]) -> Packet {
                 at += 4;
                 ethertype = be16(frame, at);
             }
-            (ethertype == Some(ETHERTYPE_IPV4)).then(|| frame.get(at + 2..)).flatten()
+            (ethertype == Some(ETHERTYPE_IPV4))
+                .then(|| frame.get(at + 2..))
+                .flatten()
         }
         LINKTYPE_LINUX_SLL => (be16(frame, 14) == Some(ETHERTYPE_IPV4))
             .then(|| frame.get(16..))
@@ -293,7 +301,13 @@ pub(crate) mod tests {
     use super::*;
 
     /// An Ethernet/IPv4/TCP frame.
-    pub(crate) fn tcp_frame(sport: u16, dport: u16, seq: u32, flags: u8, payload: &[u8]) -> Vec<u8> {
+    pub(crate) fn tcp_frame(
+        sport: u16,
+        dport: u16,
+        seq: u32,
+        flags: u8,
+        payload: &[u8],
+    ) -> Vec<u8> {
         let mut f = vec![0u8; 12];
         f.extend_from_slice(&ETHERTYPE_IPV4.to_be_bytes());
         let total = (20 + 20 + payload.len()) as u16;
@@ -336,7 +350,10 @@ pub(crate) mod tests {
         assert_eq!(pcap.link_type(), LINKTYPE_ETHERNET);
         assert_eq!(pcap.packets().len(), 3);
         let tcp = pcap.packets()[2].tcp.as_ref().unwrap();
-        assert_eq!((tcp.src_port, tcp.dst_port, tcp.payload.as_slice()), (40000, 8080, &b"hello"[..]));
+        assert_eq!(
+            (tcp.src_port, tcp.dst_port, tcp.payload.as_slice()),
+            (40000, 8080, &b"hello"[..])
+        );
         assert_eq!(
             pcap.packets()[0].ipv4.unwrap().dst,
             Ipv4Addr::new(10, 201, 2, 2)

@@ -242,11 +242,7 @@ pub(crate) fn cleanup_leftovers_in(cgroup_base: &Path) -> Result<Vec<String>> {
     let lock = File::create(&lock_path).map_err(|e| Error::io("creating", &lock_path, e))?;
     // SAFETY: flock on an fd we own; the lock is released when `lock` is closed.
     if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(Error::io(
-            "locking",
-            &lock_path,
-            io::Error::last_os_error(),
-        ));
+        return Err(Error::io("locking", &lock_path, io::Error::last_os_error()));
     }
     let mut removed = Vec::new();
     let mut problems = Vec::new();

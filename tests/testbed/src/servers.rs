@@ -129,7 +129,12 @@ pub(crate) fn serve_echo(netns: &Netns, ip: Ipv4Addr, port: u16) -> Result<Serve
     })
 }
 
-pub(crate) fn serve_http(netns: &Netns, ip: Ipv4Addr, port: u16, identity: String) -> Result<Server> {
+pub(crate) fn serve_http(
+    netns: &Netns,
+    ip: Ipv4Addr,
+    port: u16,
+    identity: String,
+) -> Result<Server> {
     serve(netns, ip, port, move |mut conn| {
         conn.set_read_timeout(Some(IO_TIMEOUT))?;
         let mut head = Vec::new();
@@ -266,8 +271,10 @@ mod tests {
 
     #[test]
     fn parses_responses() {
-        let r = parse_response(b"HTTP/1.1 200 OK\r\nX-Served-By: a/b\r\ncontent-length: 3\r\n\r\na/bEXTRA")
-            .unwrap();
+        let r = parse_response(
+            b"HTTP/1.1 200 OK\r\nX-Served-By: a/b\r\ncontent-length: 3\r\n\r\na/bEXTRA",
+        )
+        .unwrap();
         assert_eq!(r.status, 200);
         assert_eq!(r.header("x-served-by"), Some("a/b"));
         assert_eq!(r.body, b"a/b");
@@ -284,7 +291,10 @@ mod tests {
             b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nshort",
             b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
         ] {
-            assert!(matches!(parse_response(raw), Err(Error::Http(_))), "{raw:?}");
+            assert!(
+                matches!(parse_response(raw), Err(Error::Http(_))),
+                "{raw:?}"
+            );
         }
     }
 

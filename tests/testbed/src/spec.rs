@@ -61,7 +61,9 @@ impl ClusterSpec {
     /// Checks names and sizes so that building cannot fail on the description itself.
     pub(crate) fn validate(&self) -> Result<()> {
         if self.nodes.is_empty() {
-            return Err(Error::InvalidSpec("a cluster needs at least one node".into()));
+            return Err(Error::InvalidSpec(
+                "a cluster needs at least one node".into(),
+            ));
         }
         if self.nodes.len() > MAX_NODES {
             return Err(Error::InvalidSpec(format!(

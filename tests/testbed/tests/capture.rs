@@ -25,9 +25,11 @@ fn plaintext_payload_between_nodes_shows_up_in_the_capture() {
     assert!(ports.contains_key(&8080), "{ports:?}");
     assert!(pcap.tcp_syn_ports().contains(&8080));
     // Pod addresses travel unchanged over the underlay (plain routing, no tunnel, no NAT).
-    assert!(pcap.packets().iter().filter_map(|p| p.ipv4).any(|ip| {
-        ip.src == client.ip() && ip.dst == web.ip()
-    }));
+    assert!(pcap
+        .packets()
+        .iter()
+        .filter_map(|p| p.ipv4)
+        .any(|ip| { ip.src == client.ip() && ip.dst == web.ip() }));
     assert_eq!(pcap.link_type(), 1, "Ethernet");
 }
 
@@ -38,15 +40,31 @@ fn traffic_inside_one_node_never_reaches_the_underlay() {
     let db = cluster.pod("data", "db").unwrap();
     let server = db.serve_echo(5432).unwrap();
     let capture = cluster.start_capture().unwrap();
-    assert_eq!(web.echo(server.addr(), b"local-only-bytes").unwrap(), b"local-only-bytes");
+    assert_eq!(
+        web.echo(server.addr(), b"local-only-bytes").unwrap(),
+        b"local-only-bytes"
+    );
     let pcap = capture.stop().unwrap();
     assert!(!pcap.contains(b"local-only-bytes"));
-    assert!(!pcap.tcp_ports().contains_key(&5432), "{:?}", pcap.tcp_ports());
+    assert!(
+        !pcap.tcp_ports().contains_key(&5432),
+        "{:?}",
+        pcap.tcp_ports()
+    );
+    // IPv6 is off: no neighbour discovery or MLD noise, only IPv4 and ARP on the wire.
+    for p in pcap.packets() {
+        let ethertype = u16::from_be_bytes([p.frame[12], p.frame[13]]);
+        assert!(
+            matches!(ethertype, 0x0800 | 0x0806),
+            "unexpected frame {:02x?}",
+            p.frame
+        );
+    }
     // The capture was working all along: it holds the flush marker from node1.
-    assert!(pcap
-        .packets()
-        .iter()
-        .any(|p| p.ipv4.is_some_and(|ip| ip.src == Ipv4Addr::new(10, 200, 0, 1)) && p.udp.is_some()));
+    assert!(pcap.packets().iter().any(|p| p
+        .ipv4
+        .is_some_and(|ip| ip.src == Ipv4Addr::new(10, 200, 0, 1))
+        && p.udp.is_some()));
 }
 
 #[test]
@@ -55,7 +73,11 @@ fn dropping_a_running_capture_stops_tcpdump_and_removes_the_file() {
     let capture = cluster.start_capture().unwrap();
     let path = capture.path().to_owned();
     let procs = cluster.cgroup_path().join("capture/cgroup.procs");
-    assert_eq!(std::fs::read_to_string(&procs).unwrap().lines().count(), 1, "tcpdump runs in the capture cgroup");
+    assert_eq!(
+        std::fs::read_to_string(&procs).unwrap().lines().count(),
+        1,
+        "tcpdump runs in the capture cgroup"
+    );
     drop(capture);
     assert!(!path.exists());
     assert_eq!(std::fs::read_to_string(&procs).unwrap(), "");

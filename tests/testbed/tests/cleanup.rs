@@ -14,7 +14,10 @@ fn drop_removes_every_resource_of_the_run() {
     // Sanity: the check can see a live run (4 pods + 2 nodes + underlay, cgroup, record).
     assert_eq!(common::netns_of(&id).len(), 6, "{before:?}");
     assert!(before.iter().any(|r| r.starts_with("cgroup")), "{before:?}");
-    assert!(before.iter().any(|r| r.starts_with("owner record")), "{before:?}");
+    assert!(
+        before.iter().any(|r| r.starts_with("owner record")),
+        "{before:?}"
+    );
     drop(cluster);
     assert_eq!(common::remnants(&id), Vec::<String>::new());
 }
@@ -72,7 +75,11 @@ fn processes_started_in_pods_and_nodes_are_killed_on_drop() {
         .args(["-c", "setsid sleep 1000 >/dev/null 2>&1 & echo $!"])
         .output()
         .unwrap();
-    let orphan: u32 = String::from_utf8(out.stdout).unwrap().trim().parse().unwrap();
+    let orphan: u32 = String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
     assert!(!common::process_gone(orphan));
     drop(cluster);
     assert_eq!(in_pod.wait().unwrap().signal(), Some(libc::SIGKILL));

@@ -62,7 +62,10 @@ fn pod_reaches_its_node_gateway_address() {
         let at_gateway = SocketAddr::from((node.pod_gateway_ip(), server.port()));
         for pod in node.pods() {
             assert_eq!(pod.gateway_ip(), node.pod_gateway_ip());
-            assert_eq!(pod.echo(at_gateway, b"to the node").unwrap(), b"to the node");
+            assert_eq!(
+                pod.echo(at_gateway, b"to the node").unwrap(),
+                b"to the node"
+            );
         }
     }
 }
@@ -75,7 +78,11 @@ fn nothing_listens_where_it_should_not() {
     // Routed but closed port: refused, not timed out (the packet got there).
     match client.tcp_connect((web.ip(), 9).into()) {
         Err(Error::Socket { source, .. }) => {
-            assert_eq!(source.kind(), std::io::ErrorKind::ConnectionRefused, "{source}")
+            assert_eq!(
+                source.kind(),
+                std::io::ErrorKind::ConnectionRefused,
+                "{source}"
+            )
         }
         other => panic!("expected a refused connection, got {other:?}"),
     }
@@ -109,7 +116,10 @@ fn addresses_and_names_follow_the_documented_plan() {
     assert_eq!(node1.bridge_port(), format!("{id}-u1"));
     assert_eq!(cluster.bridge(), format!("{id}-br"));
     let ips: Vec<_> = node1.pods().iter().map(|p| p.ip()).collect();
-    assert_eq!(ips, [Ipv4Addr::new(10, 201, 1, 2), Ipv4Addr::new(10, 201, 1, 3)]);
+    assert_eq!(
+        ips,
+        [Ipv4Addr::new(10, 201, 1, 2), Ipv4Addr::new(10, 201, 1, 3)]
+    );
     let db = cluster.pod("data", "db").unwrap();
     assert_eq!(db.service_account(), "postgres");
     assert_eq!(db.veth_pod(), "eth0");
@@ -131,13 +141,17 @@ fn addresses_and_names_follow_the_documented_plan() {
     let out = show(node1.netns().name(), node1.underlay_iface());
     assert!(String::from_utf8_lossy(&out.stdout).contains("10.200.0.1/24"));
     assert!(show(node1.netns().name(), db.veth_host()).status.success());
-    assert!(show(cluster.underlay_netns().name(), node1.bridge_port()).status.success());
+    assert!(show(cluster.underlay_netns().name(), node1.bridge_port())
+        .status
+        .success());
 }
 
 #[test]
 fn cgroups_and_netns_cookies_are_per_pod() {
     let cluster = common::build();
-    let base = common::cgroup2().join("zmesh-testbed").join(cluster.run_id());
+    let base = common::cgroup2()
+        .join("zmesh-testbed")
+        .join(cluster.run_id());
     assert_eq!(cluster.cgroup_path(), base);
     let mut cookies = HashSet::new();
     let mut cgroup_ids = HashSet::new();
@@ -167,10 +181,17 @@ fn commands_run_inside_the_pod_netns_and_cgroup() {
     let out = pod
         .command("sh")
         .unwrap()
-        .args(["-c", "cat /proc/self/cgroup; readlink /proc/self/ns/net; ip -o -4 addr show"])
+        .args([
+            "-c",
+            "cat /proc/self/cgroup; readlink /proc/self/ns/net; ip -o -4 addr show",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8(out.stdout).unwrap();
     let relative = pod
         .cgroup_path()
@@ -182,7 +203,10 @@ fn commands_run_inside_the_pod_netns_and_cgroup() {
     let netns_inode = std::fs::metadata(pod.netns().path()).unwrap().ino();
     assert!(stdout.contains(&format!("net:[{netns_inode}]")), "{stdout}");
     assert!(stdout.contains("10.201.1.3/32"), "{stdout}");
-    assert!(!stdout.contains("10.200.0."), "pod must not see the underlay: {stdout}");
+    assert!(
+        !stdout.contains("10.200.0."),
+        "pod must not see the underlay: {stdout}"
+    );
 
     let node = cluster.node("node2").unwrap();
     let out = node
@@ -225,4 +249,20 @@ fn parallel_clusters_in_one_process_do_not_collide() {
         .collect();
     let ids: HashSet<String> = handles.into_iter().map(|h| h.join().unwrap()).collect();
     assert_eq!(ids.len(), 3);
+}
+
+#[test]
+fn dual_stack_wildcard_listeners_accept_ipv4_clients() {
+    // Proxies often bind [::]; IPv6 is disabled in the testbed but such sockets still work.
+    let cluster = common::build();
+    let web = cluster.pod("default", "web").unwrap();
+    let client = cluster.pod("default", "client").unwrap();
+    let listener = web
+        .run(|| std::net::TcpListener::bind("[::]:0"))
+        .unwrap()
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let _conn = client.tcp_connect((web.ip(), port).into()).unwrap();
+    let (_accepted, peer) = listener.accept().unwrap();
+    assert_eq!(peer.ip().to_canonical(), std::net::IpAddr::V4(client.ip()));
 }

@@ -10,8 +10,7 @@ use zmesh_testbed::{Cluster, ClusterSpec};
 pub fn two_node_spec() -> ClusterSpec {
     ClusterSpec::new()
         .node("node1", |n| {
-            n.pod("web", "default", "web")
-                .pod("db", "data", "postgres")
+            n.pod("web", "default", "web").pod("db", "data", "postgres")
         })
         .node("node2", |n| n.pod("client", "default", "sleep"))
 }
@@ -34,7 +33,11 @@ pub fn cgroup2() -> PathBuf {
 
 fn run(cmd: &str, args: &[&str]) -> String {
     let out = Command::new(cmd).args(args).output().unwrap();
-    assert!(out.status.success(), "{cmd} {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8(out.stdout).unwrap()
 }
 
@@ -83,7 +86,10 @@ pub fn process_gone(pid: u32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
         Ok(stat) => {
-            let state = stat.rsplit_once(')').map(|(_, r)| r.trim_start()).unwrap_or("");
+            let state = stat
+                .rsplit_once(')')
+                .map(|(_, r)| r.trim_start())
+                .unwrap_or("");
             state.starts_with('Z') || state.starts_with('X')
         }
     }
