@@ -70,6 +70,8 @@ pub struct Lab {
     options: LabOptions,
     /// Declared before `cluster` so that processes stop before namespaces go away.
     agents: BTreeMap<String, Child>,
+    /// Replaced agents, draining their open connections.
+    retired: Vec<Child>,
     ca: Option<Child>,
     cluster: Option<Cluster>,
     work: tempfile::TempDir,
@@ -116,6 +118,7 @@ impl Lab {
         let mut lab = Lab {
             options,
             agents: BTreeMap::new(),
+            retired: Vec::new(),
             ca: None,
             cluster: Some(cluster),
             work,
@@ -140,7 +143,9 @@ impl Lab {
     }
 
     pub fn cluster(&self) -> &Cluster {
-        self.cluster.as_ref().expect("the cluster lives as long as the lab")
+        self.cluster
+            .as_ref()
+            .expect("the cluster lives as long as the lab")
     }
 
     pub fn trust_domain(&self) -> &TrustDomain {
@@ -166,6 +171,11 @@ impl Lab {
 
     pub fn agent_log(&self, node: &str) -> String {
         std::fs::read_to_string(self.agent_log_path(node)).unwrap_or_default()
+    }
+
+    /// Where the agent of `node` pins its eBPF maps and links.
+    pub fn pin_dir(&self, node: &str) -> PathBuf {
+        self.pin_root.join(node)
     }
 
     pub fn ca_state_dir(&self) -> PathBuf {
@@ -217,7 +227,10 @@ impl Lab {
 
     fn fill_pod(&self, pod: &mut serde_yaml_ng::Value) {
         use serde_yaml_ng::Value;
-        let name = pod["metadata"]["name"].as_str().unwrap_or_default().to_owned();
+        let name = pod["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
         let namespace = pod["metadata"]["namespace"]
             .as_str()
             .unwrap_or("default")
@@ -226,7 +239,9 @@ impl Lab {
             return; // not scheduled: stays without IP, as in Kubernetes
         };
         let ip = testbed_pod.ip().to_string();
-        let Some(map) = pod.as_mapping_mut() else { return };
+        let Some(map) = pod.as_mapping_mut() else {
+            return;
+        };
         let status = map
             .entry(Value::from("status"))
             .or_insert_with(|| Value::Mapping(Default::default()));
@@ -277,7 +292,9 @@ impl Lab {
         let ca_ip = addr;
         wait_until(Duration::from_secs(30), "the CA to listen", || {
             control
-                .run(move || std::net::TcpStream::connect_timeout(&ca_ip, Duration::from_millis(200)).is_ok())
+                .run(move || {
+                    std::net::TcpStream::connect_timeout(&ca_ip, Duration::from_millis(200)).is_ok()
+                })
                 .unwrap_or(false)
         })
         .await
@@ -343,9 +360,26 @@ impl Lab {
             .arg("--redirect-cgroup")
             .arg(cluster_node.pods_cgroup_path())
             .arg("--bpf-pin-dir")
-            .arg(self.pin_root.join(node));
+            .arg(self.pin_dir(node));
         let child = spawn_logged(command, &self.agent_log_path(node), "the agent")?;
         self.agents.insert(node.to_owned(), child);
+        Ok(())
+    }
+
+    /// Replaces the agent of `node` as an upgrade does: the new agent starts (taking over
+    /// the pinned eBPF state and, through SO_REUSEPORT, the listeners), then the old one gets
+    /// SIGTERM and drains its open connections in the background.
+    pub async fn restart_agent(&mut self, node: &str, strict: bool) -> Result<(), LabError> {
+        let old = self.agents.remove(node);
+        // So that readiness is read from the new agent, not the old one's socket.
+        let _ = std::fs::remove_file(self.admin_socket(node));
+        self.start_agent(node, strict)?;
+        self.wait_ready(node, Duration::from_secs(60)).await?;
+        if let Some(old) = old {
+            let pid = nix::unistd::Pid::from_raw(old.id() as i32);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+            self.retired.push(old);
+        }
         Ok(())
     }
 
@@ -364,7 +398,12 @@ impl Lab {
         let (state, _) = read_manifests(&self.manifests_dir())?;
         let expected: Vec<String> = state
             .enrolled_on(node)
-            .map(|p| format!("spiffe://{}/ns/{}/sa/{}", self.trust_domain, p.namespace, p.service_account))
+            .map(|p| {
+                format!(
+                    "spiffe://{}/ns/{}/sa/{}",
+                    self.trust_domain, p.namespace, p.service_account
+                )
+            })
             .collect();
         let client = AdminClient::new(self.admin_socket(node));
         let deadline = Instant::now() + timeout;
@@ -394,7 +433,11 @@ impl Lab {
     }
 
     /// Edits the lab's manifests (e.g. a namespace label), as `kubectl label` would.
-    pub fn edit_manifest(&mut self, file: &str, edit: impl FnOnce(&mut String)) -> Result<(), LabError> {
+    pub fn edit_manifest(
+        &mut self,
+        file: &str,
+        edit: impl FnOnce(&mut String),
+    ) -> Result<(), LabError> {
         let text = self.sources.entry(file.to_owned()).or_default();
         edit(text);
         self.render_manifests()
@@ -403,7 +446,8 @@ impl Lab {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        for (_, child) in std::mem::take(&mut self.agents) {
+        let agents = std::mem::take(&mut self.agents).into_values();
+        for child in agents.chain(std::mem::take(&mut self.retired)) {
             terminate(child, Duration::from_secs(5));
         }
         if let Some(ca) = self.ca.take() {
@@ -414,13 +458,22 @@ impl Drop for Lab {
                 let pins = self.pin_root.join(node.name());
                 if pins.exists() {
                     let result = node.run(move || zmesh_redirect::Redirector::uninstall(&pins));
-                    if let Ok(Err(e)) | Err(e) = result.map_err(|e| e.to_string()).map(|r| r.map_err(|e| e.to_string())) {
-                        eprintln!("lab cleanup: uninstalling redirection of {}: {e}", node.name());
+                    if let Ok(Err(e)) | Err(e) = result
+                        .map_err(|e| e.to_string())
+                        .map(|r| r.map_err(|e| e.to_string()))
+                    {
+                        eprintln!(
+                            "lab cleanup: uninstalling redirection of {}: {e}",
+                            node.name()
+                        );
                     }
                 }
             }
         }
         let _ = std::fs::remove_dir(&self.pin_root);
+        if let Some(parent) = self.pin_root.parent() {
+            let _ = std::fs::remove_dir(parent); // only if no other lab uses it
+        }
         // The cluster's own Drop removes namespaces, links and cgroups.
         self.cluster.take();
     }
@@ -440,7 +493,11 @@ fn read_manifests(dir: &Path) -> Result<(ClusterState, BTreeMap<String, String>)
     let mut sources = BTreeMap::new();
     for entry in std::fs::read_dir(dir).map_err(io(dir))? {
         let path = entry.map_err(io(dir))?.path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("").to_owned();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("")
+            .to_owned();
         if name.ends_with(".yaml") || name.ends_with(".yml") {
             let text = std::fs::read_to_string(&path).map_err(io(&path))?;
             sources.insert(name, text);
@@ -460,7 +517,10 @@ fn spawn_logged(mut command: Command, log: &Path, what: &str) -> Result<Child, L
         .stdin(Stdio::null())
         .stdout(file)
         .stderr(stderr)
-        .env("ZMESH_LOG", std::env::var("ZMESH_LAB_LOG").unwrap_or_else(|_| "info".into()));
+        .env(
+            "ZMESH_LOG",
+            std::env::var("ZMESH_LAB_LOG").unwrap_or_else(|_| "info".into()),
+        );
     command.spawn().map_err(|e| LabError::Process {
         what: what.to_owned(),
         reason: e.to_string(),
@@ -482,7 +542,11 @@ fn terminate(mut child: Child, grace: Duration) {
     let _ = child.wait();
 }
 
-async fn wait_until(timeout: Duration, what: &str, mut check: impl FnMut() -> bool) -> Result<(), LabError> {
+async fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> bool,
+) -> Result<(), LabError> {
     let deadline = Instant::now() + timeout;
     while !check() {
         if Instant::now() > deadline {

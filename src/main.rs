@@ -31,6 +31,10 @@ enum Command {
     Proxy(cmd::proxy::ProxyArgs),
     /// Move to zmesh from other meshes (e.g. migrate Cilium mutual-auth policies).
     Compat(cmd::compat::CompatArgs),
+    /// Show this node's flows (forwarded, denied, dropped, failed), like hubble observe.
+    Observe(cmd::observe::ObserveArgs),
+    /// Check that this node is ready for the mesh: kernel, eBPF, CA, certificates.
+    Check(cmd::check::CheckArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -55,6 +59,8 @@ fn main() -> std::process::ExitCode {
             Command::Certs(args) => cmd::certs::run(args).await,
             Command::Proxy(args) => cmd::proxy::run(args).await,
             Command::Compat(args) => cmd::compat::run(args).await,
+            Command::Observe(args) => cmd::observe::run(args).await,
+            Command::Check(args) => cmd::check::run(args).await,
         }
     });
     match result {

@@ -9,8 +9,8 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
-use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use http_body::Frame;
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use tokio::sync::{mpsc, watch};
 use zmesh::agent::cluster_state::ClusterState;
 use zmesh::agent::kube_source::{watch_kubernetes, RetryPolicy};
@@ -52,14 +52,20 @@ impl FakeApi {
             .lock()
             .unwrap()
             .iter()
-            .filter(|r| r.contains(&format!("/api/v1/{resource}?")) && r.contains("watch=true") == watch)
+            .filter(|r| {
+                r.contains(&format!("/api/v1/{resource}?")) && r.contains("watch=true") == watch
+            })
             .count()
     }
 
     fn serve(&self, request: Request<kube::client::Body>) -> Response<Body> {
         let uri = request.uri().to_string();
         self.requests.lock().unwrap().push(uri.clone());
-        let resource = request.uri().path().trim_start_matches("/api/v1/").to_owned();
+        let resource = request
+            .uri()
+            .path()
+            .trim_start_matches("/api/v1/")
+            .to_owned();
         let is_watch = request.uri().query().unwrap_or("").contains("watch=true");
         let reply = self
             .script
@@ -70,15 +76,18 @@ impl FakeApi {
         match reply {
             Some(Reply::Json(status, body)) => json(status, body),
             Some(Reply::Stream(lines)) => {
-                let body = StreamBody::new(futures::stream::unfold(lines, |mut lines| async move {
-                    let line = lines.recv().await?;
-                    Some((Ok(Frame::data(Bytes::from(line + "\n"))), lines))
-                }));
+                let body =
+                    StreamBody::new(futures::stream::unfold(lines, |mut lines| async move {
+                        let line = lines.recv().await?;
+                        Some((Ok(Frame::data(Bytes::from(line + "\n"))), lines))
+                    }));
                 Response::new(BodyExt::boxed(body))
             }
-            None if is_watch => Response::new(BodyExt::boxed(StreamBody::new(
-                futures::stream::pending::<Result<Frame<Bytes>, Infallible>>(),
-            ))),
+            None if is_watch => {
+                Response::new(BodyExt::boxed(StreamBody::new(futures::stream::pending::<
+                    Result<Frame<Bytes>, Infallible>,
+                >())))
+            }
             None => json(StatusCode::INTERNAL_SERVER_ERROR, STATUS_500),
         }
     }
@@ -134,21 +143,41 @@ async fn wait_for(
 }
 
 fn lines(jsonl: &str) -> Vec<String> {
-    jsonl.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).collect()
+    jsonl
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_owned)
+        .collect()
 }
 
 #[tokio::test]
 async fn list_watch_gone_and_outages() {
     let api = Arc::new(FakeApi::default());
-    api.push("namespaces", false, Reply::Json(StatusCode::OK, NAMESPACES_LIST));
+    api.push(
+        "namespaces",
+        false,
+        Reply::Json(StatusCode::OK, NAMESPACES_LIST),
+    );
     let namespace_events = api.watch_stream("namespaces");
     // The API server is down when the agent starts: nothing may be published until it is
     // back and both resources are fully listed.
-    api.push("pods", false, Reply::Json(StatusCode::INTERNAL_SERVER_ERROR, STATUS_500));
-    api.push("pods", false, Reply::Json(StatusCode::INTERNAL_SERVER_ERROR, STATUS_500));
+    api.push(
+        "pods",
+        false,
+        Reply::Json(StatusCode::INTERNAL_SERVER_ERROR, STATUS_500),
+    );
+    api.push(
+        "pods",
+        false,
+        Reply::Json(StatusCode::INTERNAL_SERVER_ERROR, STATUS_500),
+    );
     api.push("pods", false, Reply::Json(StatusCode::OK, PODS_LIST));
     let pod_events = api.watch_stream("pods");
-    api.push("pods", false, Reply::Json(StatusCode::OK, PODS_LIST_AFTER_GONE));
+    api.push(
+        "pods",
+        false,
+        Reply::Json(StatusCode::OK, PODS_LIST_AFTER_GONE),
+    );
     let pod_events_after_relist = api.watch_stream("pods");
 
     let retry = RetryPolicy {
@@ -161,21 +190,34 @@ async fn list_watch_gone_and_outages() {
     )
     .await
     .expect("the source becomes ready once the API answers");
-    assert_eq!(api.count("pods", false), 3, "two failed lists, then one good");
+    assert_eq!(
+        api.count("pods", false),
+        3,
+        "two failed lists, then one good"
+    );
 
     // The first snapshot is the complete listing.
     let state = rx.borrow_and_update().clone();
-    assert_eq!(pod_names(&state), BTreeSet::from(["web-7d9f".into(), "api-5c4b".into(), "pending-0".into()]));
+    assert_eq!(
+        pod_names(&state),
+        BTreeSet::from(["web-7d9f".into(), "api-5c4b".into(), "pending-0".into()])
+    );
     let local: Vec<_> = state.enrolled_on("node1").map(|p| p.name.clone()).collect();
     assert_eq!(local, ["web-7d9f"]);
     let web = state.pods().find(|p| p.name == "web-7d9f").unwrap();
     assert_eq!(web.service_account, "web");
-    assert_eq!(web.netns_path.as_deref(), Some(std::path::Path::new("/var/run/netns/cni-1234")));
+    assert_eq!(
+        web.netns_path.as_deref(),
+        Some(std::path::Path::new("/var/run/netns/cni-1234"))
+    );
     assert_eq!(web.labels.get("app").map(String::as_str), Some("web"));
     // A remote pod keeps what outbound checks need and the opt-out label, nothing more.
     let api_pod = state.pods().find(|p| p.name == "api-5c4b").unwrap();
     assert_eq!(api_pod.node.as_deref(), Some("node2"));
-    assert_eq!(api_pod.ips, vec!["10.201.2.7".parse::<std::net::IpAddr>().unwrap()]);
+    assert_eq!(
+        api_pod.ips,
+        vec!["10.201.2.7".parse::<std::net::IpAddr>().unwrap()]
+    );
     assert_eq!(api_pod.service_account, "api");
     assert_eq!(api_pod.netns_path, None);
     assert_eq!(api_pod.labels.len(), 1);
@@ -191,7 +233,10 @@ async fn list_watch_gone_and_outages() {
     for line in lines(NAMESPACES_WATCH) {
         namespace_events.send(line).unwrap();
     }
-    wait_for(&mut rx, |s| s.namespace("legacy").is_some_and(|n| n.enrolls_pods())).await;
+    wait_for(&mut rx, |s| {
+        s.namespace("legacy").is_some_and(|n| n.enrolls_pods())
+    })
+    .await;
 
     // 410 Gone: the watcher re-lists, and the new listing replaces the old one at once.
     let before = pod_names(&rx.borrow());
@@ -200,14 +245,21 @@ async fn list_watch_gone_and_outages() {
     let seen = wait_for(&mut rx, |s| pod_names(s) == after).await;
     for state in &seen {
         let names = pod_names(state);
-        assert!(names == before || names == after, "half-built state published: {names:?}");
+        assert!(
+            names == before || names == after,
+            "half-built state published: {names:?}"
+        );
     }
     assert_eq!(api.count("pods", false), 4, "one re-list after the 410");
 
     // Outage after the initial sync: the watch stream breaks and lists fail; the last good
     // state stays published and nothing is torn down.
     for _ in 0..5 {
-        api.push("pods", true, Reply::Json(StatusCode::INTERNAL_SERVER_ERROR, STATUS_500));
+        api.push(
+            "pods",
+            true,
+            Reply::Json(StatusCode::INTERNAL_SERVER_ERROR, STATUS_500),
+        );
     }
     drop(pod_events);
     drop(pod_events_after_relist);
@@ -219,6 +271,9 @@ async fn list_watch_gone_and_outages() {
     })
     .await
     .expect("the source keeps retrying during the outage");
-    assert!(!rx.has_changed().unwrap(), "an outage must not publish a new state");
+    assert!(
+        !rx.has_changed().unwrap(),
+        "an outage must not publish a new state"
+    );
     assert_eq!(pod_names(&rx.borrow()), after);
 }

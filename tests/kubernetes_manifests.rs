@@ -45,9 +45,9 @@ fn load(dir: &Path) -> Objects {
             let ctx = format!("{} {api}/{kind}", file.display());
             macro_rules! parse {
                 ($field:ident) => {
-                    objects
-                        .$field
-                        .push(serde_yaml_ng::from_value(value).unwrap_or_else(|e| panic!("{ctx}: {e}")))
+                    objects.$field.push(
+                        serde_yaml_ng::from_value(value).unwrap_or_else(|e| panic!("{ctx}: {e}")),
+                    )
                 };
             }
             match (api.as_str(), kind.as_str()) {
@@ -75,9 +75,15 @@ fn name_of(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) ->
 /// Checks a pod template against the objects: service account, volumes, probe ports.
 fn check_pod_template(owner: &str, template: &PodTemplateSpec, objects: &Objects) -> PodSpec {
     let spec = template.spec.clone().expect("pod template has a spec");
-    let sa = spec.service_account_name.as_deref().expect("explicit service account");
+    let sa = spec
+        .service_account_name
+        .as_deref()
+        .expect("explicit service account");
     assert!(
-        objects.service_accounts.iter().any(|s| name_of(&s.metadata) == sa),
+        objects
+            .service_accounts
+            .iter()
+            .any(|s| name_of(&s.metadata) == sa),
         "{owner}: service account {sa} is not defined"
     );
     let volumes: BTreeSet<String> = spec
@@ -89,7 +95,10 @@ fn check_pod_template(owner: &str, template: &PodTemplateSpec, objects: &Objects
     for volume in spec.volumes.iter().flatten() {
         if let Some(claim) = &volume.persistent_volume_claim {
             assert!(
-                objects.claims.iter().any(|c| name_of(&c.metadata) == claim.claim_name),
+                objects
+                    .claims
+                    .iter()
+                    .any(|c| name_of(&c.metadata) == claim.claim_name),
                 "{owner}: claim {} is not defined",
                 claim.claim_name
             );
@@ -145,7 +154,11 @@ fn kubernetes_manifests_are_consistent() {
     assert_eq!(objects.daemon_sets.len(), 1, "one agent DaemonSet");
     assert_eq!(objects.deployments.len(), 1, "one CA Deployment");
 
-    let namespaces: BTreeSet<String> = objects.namespaces.iter().map(|n| name_of(&n.metadata)).collect();
+    let namespaces: BTreeSet<String> = objects
+        .namespaces
+        .iter()
+        .map(|n| name_of(&n.metadata))
+        .collect();
     let namespaced = objects
         .service_accounts
         .iter()
@@ -155,21 +168,34 @@ fn kubernetes_manifests_are_consistent() {
         .chain(objects.services.iter().map(|o| &o.metadata))
         .chain(objects.claims.iter().map(|o| &o.metadata));
     for meta in namespaced {
-        let ns = meta.namespace.as_deref().expect("namespaced objects name their namespace");
-        assert!(namespaces.contains(ns), "{}: namespace {ns} is not defined", name_of(meta));
+        let ns = meta
+            .namespace
+            .as_deref()
+            .expect("namespaced objects name their namespace");
+        assert!(
+            namespaces.contains(ns),
+            "{}: namespace {ns} is not defined",
+            name_of(meta)
+        );
     }
 
     for binding in &objects.cluster_role_bindings {
         let role = &binding.role_ref.name;
         assert!(
-            objects.cluster_roles.iter().any(|r| &name_of(&r.metadata) == role),
+            objects
+                .cluster_roles
+                .iter()
+                .any(|r| &name_of(&r.metadata) == role),
             "binding {}: role {role} is not defined",
             name_of(&binding.metadata)
         );
         for subject in binding.subjects.iter().flatten() {
             assert!(
-                objects.service_accounts.iter().any(|sa| name_of(&sa.metadata) == subject.name
-                    && sa.metadata.namespace == subject.namespace),
+                objects
+                    .service_accounts
+                    .iter()
+                    .any(|sa| name_of(&sa.metadata) == subject.name
+                        && sa.metadata.namespace == subject.namespace),
                 "binding {}: subject {} is not a defined service account",
                 name_of(&binding.metadata),
                 subject.name
@@ -179,10 +205,24 @@ fn kubernetes_manifests_are_consistent() {
 
     let agent = &objects.daemon_sets[0];
     let agent_spec = agent.spec.as_ref().unwrap();
-    let template_labels = agent_spec.template.metadata.as_ref().unwrap().labels.clone().unwrap();
-    assert!(labels_match(agent_spec.selector.match_labels.as_ref().unwrap(), &template_labels));
+    let template_labels = agent_spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    assert!(labels_match(
+        agent_spec.selector.match_labels.as_ref().unwrap(),
+        &template_labels
+    ));
     let pod = check_pod_template("agent", &agent_spec.template, &objects);
-    assert_eq!(pod.host_network, Some(true), "the agent serves the node's ports");
+    assert_eq!(
+        pod.host_network,
+        Some(true),
+        "the agent serves the node's ports"
+    );
     let container = &pod.containers[0];
     let node_env = container
         .env
@@ -191,7 +231,14 @@ fn kubernetes_manifests_are_consistent() {
         .find(|e| e.name == "NODE_NAME")
         .expect("NODE_NAME from the downward API");
     assert_eq!(
-        node_env.value_from.as_ref().unwrap().field_ref.as_ref().unwrap().field_path,
+        node_env
+            .value_from
+            .as_ref()
+            .unwrap()
+            .field_ref
+            .as_ref()
+            .unwrap()
+            .field_path,
         "spec.nodeName"
     );
     let mounts: BTreeSet<&str> = container
@@ -215,8 +262,18 @@ fn kubernetes_manifests_are_consistent() {
 
     let ca = &objects.deployments[0];
     let ca_spec = ca.spec.as_ref().unwrap();
-    let ca_labels = ca_spec.template.metadata.as_ref().unwrap().labels.clone().unwrap();
-    assert!(labels_match(ca_spec.selector.match_labels.as_ref().unwrap(), &ca_labels));
+    let ca_labels = ca_spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .clone()
+        .unwrap();
+    assert!(labels_match(
+        ca_spec.selector.match_labels.as_ref().unwrap(),
+        &ca_labels
+    ));
     let ca_pod = check_pod_template("ca", &ca_spec.template, &objects);
     let service = objects
         .services
@@ -224,7 +281,10 @@ fn kubernetes_manifests_are_consistent() {
         .find(|s| name_of(&s.metadata) == "zmesh-ca")
         .expect("CA service");
     let service_spec = service.spec.as_ref().unwrap();
-    assert!(labels_match(service_spec.selector.as_ref().unwrap(), &ca_labels));
+    assert!(labels_match(
+        service_spec.selector.as_ref().unwrap(),
+        &ca_labels
+    ));
     let ca_ports = ca_pod.containers[0].ports.clone().unwrap();
     for port in service_spec.ports.iter().flatten() {
         assert_eq!(port.port, 15012, "Istio's CA port");

@@ -39,7 +39,10 @@ fn classify(result: &'static str) -> (FlowVerdict, Option<&'static str>) {
     match result {
         "ok" | "passthrough" => (FlowVerdict::Forwarded, None),
         "denied" => (FlowVerdict::Denied, None),
-        "status_401" => (FlowVerdict::Denied, Some("denied by the destination's policy")),
+        "status_401" => (
+            FlowVerdict::Denied,
+            Some("denied by the destination's policy"),
+        ),
         "policy_changed" => (FlowVerdict::Denied, Some("policy changed")),
         "refused_strict" => (FlowVerdict::Dropped, Some("plaintext_strict")),
         other => (FlowVerdict::Error, Some(other)),
@@ -75,7 +78,9 @@ impl AccessLog {
     /// Logs, counts and publishes the end of the connection. `sent` went to the client
     /// that opened it.
     pub fn finish(self, shared: &Shared, result: &'static str, sent: u64, received: u64) {
-        shared.metrics.closed(self.direction, result, sent, received);
+        shared
+            .metrics
+            .closed(self.direction, result, sent, received);
         let duration = self.start.elapsed();
         let none = || "-".to_string();
         let (verdict, reason) = classify(result);

@@ -56,9 +56,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketA
         return log.finish(shared, "unknown_destination", 0, 0);
     };
     drop(table);
-    let guard = shared
-        .tunnels
-        .register(None, peer.ip(), dst, dest.clone());
+    let guard = shared.tunnels.register(None, peer.ip(), dst, dest.clone());
     let (decision, verdict) = shared.authorizer.decide(&AuthzRequest {
         source: None,
         source_ip: peer.ip(),

@@ -13,6 +13,11 @@ use tokio::net::{TcpListener, TcpStream};
 pub fn bind_listener(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
+    if addr.port() != 0 {
+        // A restarted agent binds the same ports while the old one drains its tunnels:
+        // new connections go to the new process, open ones finish in the old.
+        socket.set_reuse_port(true)?;
+    }
     if transparent {
         match addr {
             SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,

@@ -25,7 +25,9 @@ use zmesh_proxy::flows::{FlowEvent, FlowFilter, FlowSubscription, FlowVerdict};
 use zmesh_proxy::policy::{
     Allowed, Denial, PolicyAuthorizer, PolicySet, PolicyStore, TableLabels, Verdict,
 };
-use zmesh_proxy::{Direction, Protocol, ProxyConfig, ProxyDeps, Workload, WorkloadStore, WorkloadTable};
+use zmesh_proxy::{
+    Direction, Protocol, ProxyConfig, ProxyDeps, Workload, WorkloadStore, WorkloadTable,
+};
 
 const T: Duration = Duration::from_secs(30);
 const FRONTEND: &str = "spiffe://cluster.local/ns/web/sa/frontend";
@@ -142,7 +144,9 @@ async fn open(
     target: SocketAddr,
     forwarded_for: Option<SocketAddr>,
 ) -> (StatusCode, Option<(SendStream<Bytes>, RecvStream)>) {
-    let mut req = Request::builder().method(Method::CONNECT).uri(target.to_string());
+    let mut req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(target.to_string());
     if let Some(f) = forwarded_for {
         req = req.header("forwarded", format!("for=\"{f}\""));
     }
@@ -264,7 +268,9 @@ async fn allow_by_principal_admits_one_identity_and_refuses_the_other() {
         "{denied}"
     );
     assert_eq!(
-        node.proxy.metrics.closed_count(Direction::Inbound, "denied"),
+        node.proxy
+            .metrics
+            .closed_count(Direction::Inbound, "denied"),
         1
     );
     let metrics = scrape(node.proxy.addrs.metrics).await;
@@ -293,7 +299,10 @@ async fn deny_by_namespace_wins_over_allow_and_selects_by_labels() {
         ..FlowFilter::default()
     });
     let frontend = client(&node, FRONTEND, ip(node.net, 1)).await;
-    assert_eq!(open(&frontend, node.echo_addr, None).await.0, StatusCode::OK);
+    assert_eq!(
+        open(&frontend, node.echo_addr, None).await.0,
+        StatusCode::OK
+    );
     let batch = client(&node, BATCH, ip(node.net, 3)).await;
     assert_eq!(
         open(&batch, node.echo_addr, None).await.0,
@@ -452,7 +461,10 @@ async fn forwarded_and_plaintext_flows_say_whether_they_were_encrypted() {
 
     let plain = next(&mut b_sub).await;
     assert_eq!(plain.verdict, FlowVerdict::Forwarded, "{plain}");
-    assert!(!plain.encrypted, "plaintext inbound is not encrypted: {plain}");
+    assert!(
+        !plain.encrypted,
+        "plaintext inbound is not encrypted: {plain}"
+    );
     assert_eq!(plain.source.identity, None);
     assert_eq!(plain.source.addr.ip(), ip(mesh.net, 9));
     assert_eq!(plain.destination.pod.as_deref(), Some("server"));

@@ -2,6 +2,7 @@
 //! `zmesh certs status|rotate` and `zmesh observe` talk to it.
 //!
 //! - `GET /certs`: every workload certificate the agent holds.
+//! - `GET /flows?...`: flow events as NDJSON, history then live (see `flows_api`).
 //! - `POST /certs/rotate?workload=NS/SA` or `?all=true`: renews now, one JSON line per
 //!   workload as each finishes (so the CLI can show progress).
 
@@ -90,11 +91,16 @@ pub fn epoch_seconds(t: SystemTime) -> u64 {
 pub struct AdminState {
     pub certs: Arc<CertManager>,
     pub trust_domain: TrustDomain,
+    /// The flow events `GET /flows` streams (see `flows_api`).
+    pub flows: Arc<zmesh_proxy::flows::FlowHub>,
 }
 
 /// Serves the admin API on `path` until the task is dropped. A stale socket from a crashed
 /// agent is replaced.
-pub async fn serve(path: &Path, state: AdminState) -> Result<tokio::task::JoinHandle<()>, AdminError> {
+pub async fn serve(
+    path: &Path,
+    state: AdminState,
+) -> Result<tokio::task::JoinHandle<()>, AdminError> {
     let bind_error = |source| AdminError::Bind {
         path: path.to_owned(),
         source,
@@ -138,16 +144,30 @@ async fn route(req: Request<Incoming>, state: AdminState) -> Response<Body> {
             json(StatusCode::OK, &infos)
         }
         (&Method::POST, "/certs/rotate") => rotate(&state, &query),
+        (&Method::GET, "/flows") => {
+            match super::flows_api::parse_query(&query, SystemTime::now()) {
+                Ok(q) => super::flows_api::flows_response(&state.flows, q),
+                Err(e) => error(StatusCode::BAD_REQUEST, &e),
+            }
+        }
         _ => error(StatusCode::NOT_FOUND, "no such admin endpoint"),
     }
 }
 
 fn rotate(state: &AdminState, query: &[(String, String)]) -> Response<Body> {
-    let get = |key: &str| query.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str());
+    let get = |key: &str| {
+        query
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    };
     let targets: Vec<WorkloadId> = match (get("workload"), get("all")) {
         (Some(ns_sa), None) => {
             let Some((ns, sa)) = ns_sa.split_once('/') else {
-                return error(StatusCode::BAD_REQUEST, "workload must be NAMESPACE/SERVICEACCOUNT");
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "workload must be NAMESPACE/SERVICEACCOUNT",
+                );
             };
             let id = match WorkloadId::new(&state.trust_domain, ns, sa) {
                 Ok(id) => id,
@@ -161,8 +181,18 @@ fn rotate(state: &AdminState, query: &[(String, String)]) -> Response<Body> {
             }
             vec![id]
         }
-        (None, Some("true")) => state.certs.status().into_iter().map(|s| s.workload).collect(),
-        _ => return error(StatusCode::BAD_REQUEST, "give either workload=NS/SA or all=true"),
+        (None, Some("true")) => state
+            .certs
+            .status()
+            .into_iter()
+            .map(|s| s.workload)
+            .collect(),
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "give either workload=NS/SA or all=true",
+            )
+        }
     };
     // One JSON line per workload as its renewal finishes.
     let certs = state.certs.clone();
@@ -262,12 +292,13 @@ impl AdminClient {
         method: Method,
         path_and_query: &str,
     ) -> Result<impl futures::Stream<Item = Result<String, AdminError>>, AdminError> {
-        let stream = UnixStream::connect(&self.path)
-            .await
-            .map_err(|source| AdminError::Connect {
-                path: self.path.clone(),
-                source,
-            })?;
+        let stream =
+            UnixStream::connect(&self.path)
+                .await
+                .map_err(|source| AdminError::Connect {
+                    path: self.path.clone(),
+                    source,
+                })?;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|e| AdminError::Http(e.to_string()))?;
@@ -303,42 +334,52 @@ impl AdminClient {
         }
         // Split the body into lines as it arrives (rotations report progress, flows follow).
         let state = (body, Vec::<u8>::new(), false);
-        Ok(futures::stream::unfold(state, |(mut body, mut buffer, mut done)| async move {
-            loop {
-                if let Some(end) = buffer.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = buffer.drain(..=end).collect();
-                    let line = String::from_utf8_lossy(&line[..end]).into_owned();
-                    if line.is_empty() {
-                        continue;
-                    }
-                    return Some((Ok(line), (body, buffer, done)));
-                }
-                if done {
-                    if buffer.is_empty() {
-                        return None;
-                    }
-                    let line = String::from_utf8_lossy(&std::mem::take(&mut buffer)).into_owned();
-                    return Some((Ok(line), (body, buffer, done)));
-                }
-                match body.frame().await {
-                    Some(Ok(frame)) => {
-                        if let Ok(data) = frame.into_data() {
-                            buffer.extend_from_slice(&data);
+        Ok(futures::stream::unfold(
+            state,
+            |(mut body, mut buffer, mut done)| async move {
+                loop {
+                    if let Some(end) = buffer.iter().position(|b| *b == b'\n') {
+                        let line: Vec<u8> = buffer.drain(..=end).collect();
+                        let line = String::from_utf8_lossy(&line[..end]).into_owned();
+                        if line.is_empty() {
+                            continue;
                         }
+                        return Some((Ok(line), (body, buffer, done)));
                     }
-                    Some(Err(e)) => {
-                        done = true;
-                        buffer.clear();
-                        return Some((Err(AdminError::Http(e.to_string())), (body, buffer, done)));
+                    if done {
+                        if buffer.is_empty() {
+                            return None;
+                        }
+                        let line =
+                            String::from_utf8_lossy(&std::mem::take(&mut buffer)).into_owned();
+                        return Some((Ok(line), (body, buffer, done)));
                     }
-                    None => done = true,
+                    match body.frame().await {
+                        Some(Ok(frame)) => {
+                            if let Ok(data) = frame.into_data() {
+                                buffer.extend_from_slice(&data);
+                            }
+                        }
+                        Some(Err(e)) => {
+                            done = true;
+                            buffer.clear();
+                            return Some((
+                                Err(AdminError::Http(e.to_string())),
+                                (body, buffer, done),
+                            ));
+                        }
+                        None => done = true,
+                    }
                 }
-            }
-        }))
+            },
+        ))
     }
 
     /// `GET` returning one JSON document.
-    pub async fn get_json<T: for<'de> Deserialize<'de>>(&self, path: &str) -> Result<T, AdminError> {
+    pub async fn get_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        path: &str,
+    ) -> Result<T, AdminError> {
         let mut lines = Box::pin(self.lines(Method::GET, path).await?);
         let mut text = String::new();
         while let Some(line) = lines.next().await {
@@ -347,4 +388,3 @@ impl AdminClient {
         serde_json::from_str(&text).map_err(|e| AdminError::Malformed(e.to_string()))
     }
 }
-

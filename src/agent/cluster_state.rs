@@ -92,7 +92,10 @@ impl ClusterState {
         pods: impl IntoIterator<Item = PodInfo>,
     ) -> Self {
         Self {
-            namespaces: namespaces.into_iter().map(|n| (n.name.clone(), n)).collect(),
+            namespaces: namespaces
+                .into_iter()
+                .map(|n| (n.name.clone(), n))
+                .collect(),
             pods: pods.into_iter().map(|p| (p.key(), p)).collect(),
             policies: Arc::default(),
         }

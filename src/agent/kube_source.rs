@@ -187,10 +187,13 @@ pub async fn watch_kubernetes(
         next: retry.initial,
         policy: retry.clone(),
     };
-    let namespaces = watcher(Api::<Namespace>::all(client.clone()), watcher::Config::default())
-        .backoff(backoff())
-        .map(Resource::Namespace)
-        .boxed();
+    let namespaces = watcher(
+        Api::<Namespace>::all(client.clone()),
+        watcher::Config::default(),
+    )
+    .backoff(backoff())
+    .map(Resource::Namespace)
+    .boxed();
     let pods = watcher(Api::<Pod>::all(client), watcher::Config::default())
         .modify(|pod| pod.metadata.managed_fields = None)
         .backoff(backoff())

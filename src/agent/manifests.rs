@@ -64,7 +64,9 @@ pub enum ManifestError {
         kind: &'static str,
         name: String,
     },
-    #[error("{file}: pod {pod} has IP {ip}, already used by pod {other_pod}; pod {pod} is skipped")]
+    #[error(
+        "{file}: pod {pod} has IP {ip}, already used by pod {other_pod}; pod {pod} is skipped"
+    )]
     DuplicateIp {
         file: PathBuf,
         pod: String,
@@ -101,12 +103,13 @@ fn parse_file(file: &Path, text: &str) -> Result<FileObjects, ManifestError> {
     let mut objects = FileObjects::default();
     for (index, document) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let document_number = index + 1;
-        let value =
-            serde_yaml_ng::Value::deserialize(document).map_err(|e| ManifestError::InvalidYaml {
+        let value = serde_yaml_ng::Value::deserialize(document).map_err(|e| {
+            ManifestError::InvalidYaml {
                 file: file.to_owned(),
                 document: document_number,
                 reason: e.to_string(),
-            })?;
+            }
+        })?;
         if value.is_null() {
             continue; // an empty document, e.g. after a trailing "---"
         }
@@ -149,8 +152,7 @@ fn parse_file(file: &Path, text: &str) -> Result<FileObjects, ManifestError> {
                     document: document_number,
                     reason,
                 };
-                let json = serde_json::to_value(&value)
-                    .map_err(|e| policy_error(e.to_string()))?;
+                let json = serde_json::to_value(&value).map_err(|e| policy_error(e.to_string()))?;
                 let policy =
                     Policy::from_json(&json).map_err(|e| policy_error(policy_reason(&e)))?;
                 objects.policies.push(policy);
@@ -546,29 +548,54 @@ spec:
         let (state, errors) = m.rescan();
         assert!(errors.is_empty(), "{errors:?}");
         let state = state.unwrap();
-        let ids: Vec<String> = state.policies().policies().iter().map(|p| p.id().to_string()).collect();
+        let ids: Vec<String> = state
+            .policies()
+            .policies()
+            .iter()
+            .map(|p| p.id().to_string())
+            .collect();
         assert_eq!(ids, ["shop/allow-web"]);
 
         // v1beta1 is accepted too; an unsupported field rejects the file with its path.
         let bad = format!(
             "{}---\n{}",
-            POLICY.replace("security.istio.io/v1", "security.istio.io/v1beta1").replace("allow-web", "other"),
-            POLICY.replace("allow-web", "bad").replace("- from:", "- to:\n    - operation: {methods: [GET]}\n    from:")
+            POLICY
+                .replace("security.istio.io/v1", "security.istio.io/v1beta1")
+                .replace("allow-web", "other"),
+            POLICY.replace("allow-web", "bad").replace(
+                "- from:",
+                "- to:\n    - operation: {methods: [GET]}\n    from:"
+            )
         );
         touch_later(dir.path(), "policy.yaml", &bad);
         let (changed, errors) = m.rescan();
         assert_eq!(changed, None, "a bad policy file changes nothing");
         match &errors[..] {
-            [e @ ManifestError::InvalidPolicy { document: 2, reason, .. }] => {
-                assert!(reason.contains("spec.rules[0].to[0].operation.methods"), "{reason}");
+            [e @ ManifestError::InvalidPolicy {
+                document: 2,
+                reason,
+                ..
+            }] => {
+                assert!(
+                    reason.contains("spec.rules[0].to[0].operation.methods"),
+                    "{reason}"
+                );
                 assert!(e.to_string().contains("policy.yaml"), "{e}");
             }
             other => panic!("{other:?}"),
         }
-        assert_eq!(m.merge().0.policies().policies().len(), 1, "the last good policy stays");
+        assert_eq!(
+            m.merge().0.policies().policies().len(),
+            1,
+            "the last good policy stays"
+        );
 
         // A wrong apiVersion for the kind is reported, not skipped.
-        touch_later(dir.path(), "policy.yaml", &POLICY.replace("security.istio.io/v1", "security.istio.io/v2"));
+        touch_later(
+            dir.path(),
+            "policy.yaml",
+            &POLICY.replace("security.istio.io/v1", "security.istio.io/v2"),
+        );
         let (_, errors) = m.rescan();
         assert!(
             matches!(&errors[..], [ManifestError::InvalidPolicy { reason, .. }] if reason.contains("v2")),
@@ -580,7 +607,13 @@ spec:
         write(dir.path(), "policy2.yaml", POLICY);
         let (state, errors) = m.rescan();
         assert!(
-            matches!(&errors[..], [ManifestError::Duplicate { kind: "AuthorizationPolicy", .. }]),
+            matches!(
+                &errors[..],
+                [ManifestError::Duplicate {
+                    kind: "AuthorizationPolicy",
+                    ..
+                }]
+            ),
             "{errors:?}"
         );
         assert_eq!(state.unwrap().policies().policies().len(), 1);

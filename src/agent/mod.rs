@@ -1,10 +1,11 @@
 //! The node agent: cluster state in, enrollment, certificates and proxy configuration out.
 
-pub mod cluster_state;
-pub mod manifests;
-pub mod kube_source;
 pub mod admin;
+pub mod cluster_state;
 pub mod credentials;
-pub mod table;
-pub mod run;
+pub mod flows_api;
+pub mod kube_source;
+pub mod manifests;
 pub mod placement;
+pub mod run;
+pub mod table;

@@ -9,13 +9,18 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use zmesh_certs::{ClientCredential, IstioCaClient, NodeCredentials, NodeName};
-use zmesh_identity::{CertManager, CertManagerConfig, SharedBundle, TrustBundle, TrustDomain, WorkloadId};
+use zmesh_identity::{
+    CertManager, CertManagerConfig, SharedBundle, TrustBundle, TrustDomain, WorkloadId,
+};
+use zmesh_proxy::flows::FlowHub;
+use zmesh_proxy::policy::{PolicyAuthorizer, PolicyStore, TableLabels};
 use zmesh_proxy::{Mode, OriginalDst, Proxy, ProxyConfig, ProxyDeps, WorkloadStore};
 use zmesh_redirect::{InboundMode, RedirectConfig, Redirector};
 
 use super::admin::{self, AdminState};
 use super::cluster_state::ClusterState;
 use super::credentials::ManagedCredentials;
+use super::flows_api;
 use super::table::{local_enrolled, workload_table};
 
 /// Everything `zmesh agent` is configured with.
@@ -93,12 +98,11 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
     NodeName::new(&config.node).map_err(|_| AgentError::NodeName(config.node.clone()))?;
-    let credentials = NodeCredentials::load(&config.credentials_dir).map_err(|e| {
-        AgentError::Credentials {
+    let credentials =
+        NodeCredentials::load(&config.credentials_dir).map_err(|e| AgentError::Credentials {
             dir: config.credentials_dir.clone(),
             reason: e.to_string(),
-        }
-    })?;
+        })?;
     let mut bundle = TrustBundle::new();
     bundle
         .add_pem(&config.trust_domain, credentials.roots_pem.as_bytes())
@@ -128,7 +132,10 @@ pub async fn run(
     let listen = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
     let mut proxy_config = ProxyConfig::new(config.node.clone(), listen);
     proxy_config.mode = config.mode;
-    let own_hbone = SocketAddr::new(IpAddr::V4(config.proxy_ip), proxy_config.inbound_addr.port());
+    let own_hbone = SocketAddr::new(
+        IpAddr::V4(config.proxy_ip),
+        proxy_config.inbound_addr.port(),
+    );
     let workloads = Arc::new(WorkloadStore::new(workload_table(
         &cluster.borrow_and_update(),
         &config.trust_domain,
@@ -136,6 +143,15 @@ pub async fn run(
         own_hbone,
     )));
     let mut deps = ProxyDeps::new(workloads.clone(), tls.clone());
+    // Authorization policies from the cluster state, enforced by the proxy; its flow
+    // events (and the eBPF drops) go to the hub the admin API streams from.
+    let policies = Arc::new(PolicyStore::new((**cluster.borrow().policies()).clone()));
+    deps.authorizer = Arc::new(PolicyAuthorizer::new(
+        policies.clone(),
+        Arc::new(TableLabels),
+    ));
+    let flows = Arc::new(FlowHub::new(flows_api::FLOW_HISTORY));
+    deps.flows = Some(flows.clone());
 
     let mut steering = match &config.redirect {
         Some(settings) => {
@@ -146,6 +162,9 @@ pub async fn run(
         None => None,
     };
     let redirector = steering.as_ref().map(|s| s.redirector.clone());
+    let drop_events = redirector
+        .as_deref()
+        .and_then(|r| flows_api::spawn_drop_events(r, workloads.clone(), flows.clone()));
     if config.redirect.is_none() {
         proxy_config.capture = zmesh_proxy::Capture::Explicit;
         proxy_config.ip_transparent = false;
@@ -158,6 +177,7 @@ pub async fn run(
         AdminState {
             certs: certs.clone(),
             trust_domain: config.trust_domain.clone(),
+            flows: flows.clone(),
         },
     )
     .await?;
@@ -172,6 +192,7 @@ pub async fn run(
                 &config.node,
                 own_hbone,
             ));
+            flows_api::sync_policies(&policies, &state);
             if let Some(steering) = steering.as_mut() {
                 steering.follow_interfaces();
             }
@@ -190,6 +211,9 @@ pub async fn run(
     drain.drain();
     let _ = proxy_task.await;
     admin_task.abort();
+    if let Some(task) = drop_events {
+        task.abort();
+    }
     let _ = std::fs::remove_file(&config.admin_socket);
     Ok(())
 }
@@ -266,7 +290,9 @@ fn node_interfaces() -> std::io::Result<Vec<String>> {
         .args(["-o", "link", "show"])
         .output()?;
     if !output.status.success() {
-        return Err(std::io::Error::other(String::from_utf8_lossy(&output.stderr).into_owned()));
+        return Err(std::io::Error::other(
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ));
     }
     let mut names: Vec<String> = String::from_utf8_lossy(&output.stdout)
         .lines()

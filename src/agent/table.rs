@@ -120,13 +120,22 @@ mod tests {
         let table = workload_table(&state, &td, "n1", hbone);
         let a = table.workload_by_ip("10.0.0.1".parse().unwrap()).unwrap();
         assert_eq!(a.protocol, Protocol::Hbone);
-        assert_eq!(a.identity.to_string(), "spiffe://cluster.local/ns/mesh/sa/a");
-        assert_eq!(a.labels.get("app").map(String::as_str), Some("a"), "pod labels reach the proxy");
+        assert_eq!(
+            a.identity.to_string(),
+            "spiffe://cluster.local/ns/mesh/sa/a"
+        );
+        assert_eq!(
+            a.labels.get("app").map(String::as_str),
+            Some("a"),
+            "pod labels reach the proxy"
+        );
         let b = table.workload_by_ip("10.0.0.2".parse().unwrap()).unwrap();
         assert_eq!((b.name.as_str(), b.protocol), ("b", Protocol::Tcp));
         assert!(table.workload_by_ip("10.0.0.9".parse().unwrap()).is_none());
         assert_eq!(table.node("n1").unwrap().hbone, Some(hbone));
-        let local: Vec<_> = local_enrolled(&state, &td, "n1").map(|(p, _)| p.name.clone()).collect();
+        let local: Vec<_> = local_enrolled(&state, &td, "n1")
+            .map(|(p, _)| p.name.clone())
+            .collect();
         assert_eq!(local, ["a"]);
     }
 }

@@ -18,7 +18,12 @@ pub struct AgentArgs {
     #[arg(long, env = "NODE_NAME")]
     node: String,
     /// Read namespaces and pods from a directory of Kubernetes YAML manifests (watched).
-    #[arg(long, value_name = "DIR", conflicts_with = "kubernetes", required_unless_present = "kubernetes")]
+    #[arg(
+        long,
+        value_name = "DIR",
+        conflicts_with = "kubernetes",
+        required_unless_present = "kubernetes"
+    )]
     manifests: Option<PathBuf>,
     /// Watch namespaces and pods in Kubernetes (in-cluster config or KUBECONFIG).
     #[arg(long)]

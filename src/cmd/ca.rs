@@ -52,7 +52,11 @@ enum CaCommand {
         listen: SocketAddr,
         /// YAML file mapping node names to the workloads scheduled there
         /// (`node-a: [default/web, spiffe://cluster.local/ns/prod/sa/db]`); re-read on change.
-        #[arg(long, required_unless_present = "manifests", conflicts_with = "manifests")]
+        #[arg(
+            long,
+            required_unless_present = "manifests",
+            conflicts_with = "manifests"
+        )]
         placement: Option<PathBuf>,
         /// Place workloads from a directory of Kubernetes Pod manifests (watched), the same
         /// cluster state the node agents read: a node gets only identities of its pods.
@@ -208,7 +212,8 @@ pub async fn run(args: CaArgs) -> anyhow::Result<ExitCode> {
             let placement: Arc<dyn WorkloadPlacement> = match (placement, manifests) {
                 (Some(file), _) => Arc::new(FilePlacement::new(&file, authority.trust_domain())?),
                 (None, Some(dir)) => {
-                    let (state, _errors) = zmesh::agent::manifests::watch_dir(dir, Duration::from_millis(200));
+                    let (state, _errors) =
+                        zmesh::agent::manifests::watch_dir(dir, Duration::from_millis(200));
                     Arc::new(zmesh::agent::placement::ClusterPlacement::new(state))
                 }
                 (None, None) => anyhow::bail!("give --placement FILE or --manifests DIR"),

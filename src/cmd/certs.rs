@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use serde::Serialize;
-use zmesh_identity::svid::{describe, fmt_time, CertInfo};
 use zmesh::agent::admin::{epoch_seconds, AdminClient, CertInfo as AgentCert, RotateResult};
+use zmesh_identity::svid::{describe, fmt_time, CertInfo};
 use zmesh_identity::{lint_chain, SpiffeId, TrustBundle};
 
 #[derive(clap::Args)]
@@ -146,7 +146,11 @@ async fn rotate(args: RotateArgs) -> anyhow::Result<ExitCode> {
             Output::Human if result.ok => println!(
                 "renewed {}: serial {}, expires {}",
                 result.workload,
-                result.serial.as_deref().map(short_serial).unwrap_or("-".into()),
+                result
+                    .serial
+                    .as_deref()
+                    .map(short_serial)
+                    .unwrap_or("-".into()),
                 result
                     .not_after
                     .map(|t| fmt_time(SystemTime::UNIX_EPOCH + Duration::from_secs(t)))

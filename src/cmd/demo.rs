@@ -41,7 +41,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         anyhow::bail!("the demo builds network namespaces and loads eBPF: run it as root");
     }
     let zmesh_bin = std::env::current_exe().context("cannot find the zmesh binary")?;
-    println!("Starting a local cluster from {} ...", args.manifests.display());
+    println!(
+        "Starting a local cluster from {} ...",
+        args.manifests.display()
+    );
     let lab = Lab::start(LabOptions {
         manifests: args.manifests.clone(),
         zmesh_bin,
@@ -80,7 +83,12 @@ async fn demo(lab: &mut Lab) -> anyhow::Result<Vec<String>> {
     println!("\nCluster (run {}):", cluster.run_id());
     for node in cluster.nodes() {
         if node.pods().is_empty() {
-            println!("  {:<14} {:<12} CA on {}", node.name(), node.underlay_ip(), lab.ca_addr());
+            println!(
+                "  {:<14} {:<12} CA on {}",
+                node.name(),
+                node.underlay_ip(),
+                lab.ca_addr()
+            );
             continue;
         }
         let pods: Vec<String> = node
@@ -88,14 +96,23 @@ async fn demo(lab: &mut Lab) -> anyhow::Result<Vec<String>> {
             .iter()
             .map(|p| format!("{}/{} {}", p.namespace(), p.name(), p.ip()))
             .collect();
-        println!("  {:<14} {:<12} {}", node.name(), node.underlay_ip(), pods.join(", "));
+        println!(
+            "  {:<14} {:<12} {}",
+            node.name(),
+            node.underlay_ip(),
+            pods.join(", ")
+        );
     }
     println!("  namespace shop is enrolled (io.cilium/mtls-enabled=true); legacy is not");
     println!("  each node's agent joined the CA with a one-time token and runs the proxy + eBPF");
 
     let web = pod_addr(lab, "shop", "web", 8080)?;
     let batch = pod_addr(lab, "legacy", "batch", 9090)?;
-    let _web_server = lab.cluster().pod("shop", "web").context("pod shop/web")?.serve_echo(8080)?;
+    let _web_server = lab
+        .cluster()
+        .pod("shop", "web")
+        .context("pod shop/web")?
+        .serve_echo(8080)?;
     let _batch_server = lab
         .cluster()
         .pod("legacy", "batch")
@@ -105,12 +122,32 @@ async fn demo(lab: &mut Lab) -> anyhow::Result<Vec<String>> {
     let nonce: u64 = rand::random();
     let secret = |label: &str| format!("zmesh-demo-{label}-{nonce:016x}").into_bytes();
     let capture = lab.cluster().start_capture()?;
-    println!("\n1. Traffic (nc in the pods, unmodified; echo servers in shop/web and legacy/batch)");
+    println!(
+        "\n1. Traffic (nc in the pods, unmodified; echo servers in shop/web and legacy/batch)"
+    );
     let cases = [
-        ("shop", "frontend", web, "cross-node, both enrolled", "cross"),
+        (
+            "shop",
+            "frontend",
+            web,
+            "cross-node, both enrolled",
+            "cross",
+        ),
         ("shop", "cart", web, "same node, both enrolled", "same"),
-        ("legacy", "batch", web, "from a non-enrolled pod (permissive)", "plain"),
-        ("shop", "frontend", batch, "to a non-enrolled pod (passthrough)", "out"),
+        (
+            "legacy",
+            "batch",
+            web,
+            "from a non-enrolled pod (permissive)",
+            "plain",
+        ),
+        (
+            "shop",
+            "frontend",
+            batch,
+            "to a non-enrolled pod (passthrough)",
+            "out",
+        ),
     ];
     for (ns, pod, addr, what, label) in cases {
         let payload = secret(label);
@@ -169,8 +206,16 @@ async fn demo(lab: &mut Lab) -> anyhow::Result<Vec<String>> {
         .filter(|(flow, data)| flow.3 == 15008 && !data.is_empty())
         .collect();
     let all_tls = !hbone_streams.is_empty()
-        && hbone_streams.iter().all(|(_, data)| data.starts_with(&[0x16, 0x03]));
-    checks.check(all_tls, &format!("{} connection(s) to port 15008, each starting with a TLS handshake record", hbone_streams.len()));
+        && hbone_streams
+            .iter()
+            .all(|(_, data)| data.starts_with(&[0x16, 0x03]));
+    checks.check(
+        all_tls,
+        &format!(
+            "{} connection(s) to port 15008, each starting with a TLS handshake record",
+            hbone_streams.len()
+        ),
+    );
     checks.check(
         !pcap.contains(&secret("cross")),
         "the cross-node payload never appears in clear on the underlay",
@@ -187,14 +232,22 @@ async fn demo(lab: &mut Lab) -> anyhow::Result<Vec<String>> {
     println!("\n4. Workload certificates (from each agent's admin API, as `zmesh certs status`)");
     let now = epoch_seconds(SystemTime::now());
     for node in ["node1", "node2"] {
-        let certs: Vec<CertInfo> = AdminClient::new(lab.admin_socket(node)).get_json("/certs").await?;
+        let certs: Vec<CertInfo> = AdminClient::new(lab.admin_socket(node))
+            .get_json("/certs")
+            .await?;
         for cert in &certs {
             let left = cert.not_after.map(|t| t.saturating_sub(now)).unwrap_or(0);
-            let renew = cert.next_attempt.map(|t| t.saturating_sub(now)).unwrap_or(0);
+            let renew = cert
+                .next_attempt
+                .map(|t| t.saturating_sub(now))
+                .unwrap_or(0);
             println!(
                 "  {node} {:<44} serial {:<12} expires in {:>5}s, renews in {:>5}s",
                 cert.workload,
-                cert.serial.as_deref().map(|s| &s[..s.len().min(11)]).unwrap_or("-"),
+                cert.serial
+                    .as_deref()
+                    .map(|s| &s[..s.len().min(11)])
+                    .unwrap_or("-"),
                 left,
                 renew
             );
@@ -205,10 +258,10 @@ async fn demo(lab: &mut Lab) -> anyhow::Result<Vec<String>> {
         );
     }
 
-    println!("\n5. Strict mode: node1's agent restarted with --mode strict (pinned eBPF state kept)");
-    lab.stop_agent("node1")?;
-    lab.start_agent("node1", true)?;
-    lab.wait_ready("node1", Duration::from_secs(60)).await?;
+    println!(
+        "\n5. Strict mode: node1's agent restarted with --mode strict (pinned eBPF state kept)"
+    );
+    lab.restart_agent("node1", true).await?;
     let refused = lab.pod_client("legacy", "batch", web, &secret("strict"))?;
     checks.check(
         !refused.success && refused.elapsed < Duration::from_secs(1),

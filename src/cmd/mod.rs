@@ -1,11 +1,13 @@
 //! One module per subcommand: each owns its clap arguments and a `run` function.
 
-pub mod demo;
-pub mod certs;
-pub mod ca;
-pub mod proxy;
 pub mod agent;
+pub mod ca;
+pub mod certs;
+pub mod check;
 pub mod compat;
+pub mod demo;
+pub mod observe;
+pub mod proxy;
 
 use std::time::Duration;
 

@@ -315,7 +315,9 @@ pub fn conn_rate(t: &Target, threads: usize, duration: Duration) -> ConnRate {
     for part in parts {
         let Ok(p) = part else {
             total.errors += 1;
-            total.first_error.get_or_insert("client thread panicked".into());
+            total
+                .first_error
+                .get_or_insert("client thread panicked".into());
             continue;
         };
         total.conns += p.conns;

@@ -70,8 +70,7 @@ fn run(args: &Args) -> Result<()> {
     if !(args.seconds > 0.0 && args.seconds <= 600.0) {
         bail!("--seconds must be in (0, 600]");
     }
-    if args.streams == 0 || args.streams > 256 || args.conn_threads == 0 || args.conn_threads > 64
-    {
+    if args.streams == 0 || args.streams > 256 || args.conn_threads == 0 || args.conn_threads > 64 {
         bail!("--streams must be 1..=256 and --conn-threads 1..=64");
     }
     if args.rounds == 0 || args.rounds > 20 {
@@ -263,10 +262,7 @@ fn ip_str(ip: std::net::IpAddr) -> String {
 }
 
 /// Runs `f`, returning CPU used meanwhile by the load generator, the proxies and the box.
-fn measure<T>(
-    proxies: &[&ProxyProcess],
-    f: impl FnOnce() -> Result<T>,
-) -> Result<(T, CpuUse)> {
+fn measure<T>(proxies: &[&ProxyProcess], f: impl FnOnce() -> Result<T>) -> Result<(T, CpuUse)> {
     let proxy_cpu = || -> Result<f64> {
         proxies
             .iter()

@@ -19,14 +19,11 @@ pub struct ProxyProcess {
 
 impl ProxyProcess {
     pub fn spawn(name: &'static str, bin: &Path, args: &[String], log: PathBuf) -> Result<Self> {
-        let out = std::fs::File::create(&log)
-            .with_context(|| format!("creating {}", log.display()))?;
+        let out =
+            std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
         let mut cmd = Command::new(bin);
-        cmd.args(args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
+        cmd.args(args).stdin(Stdio::null()).stdout(out).stderr(err);
         // SAFETY: prctl is async-signal-safe and touches no memory of the parent.
         unsafe {
             cmd.pre_exec(|| {
@@ -140,12 +137,10 @@ pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
 
 /// The value of an unlabelled Prometheus sample, e.g. `zmesh_inbound_tls_connections_total`.
 pub fn metric(text: &str, name: &str) -> Option<f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let (n, v) = l.split_once(' ')?;
-            (n == name).then(|| v.trim().parse().ok())?
-        })
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (n, v) = l.split_once(' ')?;
+        (n == name).then(|| v.trim().parse().ok())?
+    })
 }
 
 /// Sum of all samples of `name` whose labels contain every `labels` pair.
@@ -320,7 +315,10 @@ mod tests {
             zmesh_connections_opened_total{direction=\"inbound\"} 2\n\
             zmesh_connections_closed_total{direction=\"outbound\",result=\"ok\"} 5\n\
             zmesh_connections_closed_total{direction=\"outbound\",result=\"error\"} 1\n";
-        assert_eq!(metric(text, "zmesh_inbound_tls_connections_total"), Some(3.0));
+        assert_eq!(
+            metric(text, "zmesh_inbound_tls_connections_total"),
+            Some(3.0)
+        );
         assert_eq!(metric(text, "zmesh_missing"), None);
         let opened = "zmesh_connections_opened_total";
         assert_eq!(metric_sum(text, opened, &[("direction", "outbound")]), 7.0);

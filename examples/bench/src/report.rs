@@ -201,26 +201,42 @@ impl Report {
             "figure", "direct", "mesh", "mesh/direct"
         );
         let row = |o: &mut String, name: &str, (d, m): (f64, f64), prec: usize| {
-            let _ = writeln!(
-                o,
-                "{name:<44} {d:>12.prec$} {m:>12.prec$} {:>12.2}",
-                m / d
-            );
+            let _ = writeln!(o, "{name:<44} {d:>12.prec$} {m:>12.prec$} {:>12.2}", m / d);
         };
         let one = |o: &mut String, name: &str, v: f64, prec: usize| {
             let _ = writeln!(o, "{name:<44} {:>12} {v:>12.prec$}", "-");
         };
         let streams = self.streams;
-        row(&mut o, "throughput 1 stream (Gb/s)", self.med(|r| r.single.0), 2);
+        row(
+            &mut o,
+            "throughput 1 stream (Gb/s)",
+            self.med(|r| r.single.0),
+            2,
+        );
         row(
             &mut o,
             &format!("throughput {streams} streams (Gb/s)"),
             self.med(|r| r.multi.0),
             2,
         );
-        row(&mut o, "ping-pong 64 B RTT p50 (us)", self.med(|r| r.latency.p50), 1);
-        row(&mut o, "ping-pong 64 B RTT p90 (us)", self.med(|r| r.latency.p90), 1);
-        row(&mut o, "ping-pong 64 B RTT p99 (us)", self.med(|r| r.latency.p99), 1);
+        row(
+            &mut o,
+            "ping-pong 64 B RTT p50 (us)",
+            self.med(|r| r.latency.p50),
+            1,
+        );
+        row(
+            &mut o,
+            "ping-pong 64 B RTT p90 (us)",
+            self.med(|r| r.latency.p90),
+            1,
+        );
+        row(
+            &mut o,
+            "ping-pong 64 B RTT p99 (us)",
+            self.med(|r| r.latency.p99),
+            1,
+        );
         let added = |f: fn(&Percentiles) -> f64| {
             median(
                 self.rounds
@@ -238,10 +254,23 @@ impl Report {
             self.med(|r| r.conn_rate),
             0,
         );
-        row(&mut o, "  connect+exchange p50 (us)", self.med(|r| r.conn_latency.p50), 1);
-        row(&mut o, "  connect+exchange p99 (us)", self.med(|r| r.conn_latency.p99), 1);
+        row(
+            &mut o,
+            "  connect+exchange p50 (us)",
+            self.med(|r| r.conn_latency.p50),
+            1,
+        );
+        row(
+            &mut o,
+            "  connect+exchange p99 (us)",
+            self.med(|r| r.conn_latency.p99),
+            1,
+        );
         for (label, get) in [
-            ("1 stream", (|r: &PathResult| r.single.1) as fn(&PathResult) -> CpuPer),
+            (
+                "1 stream",
+                (|r: &PathResult| r.single.1) as fn(&PathResult) -> CpuPer,
+            ),
             ("N streams", |r: &PathResult| r.multi.1),
         ] {
             let label = label.replace('N', &streams.to_string());
@@ -296,7 +325,10 @@ impl Report {
             o,
             "proxy counters: A outbound tunnels ok {:.0} / failed {:.0}, A HBONE connections \
              opened {:.0}; B inbound mTLS connections {:.0}, B tunnels ok {:.0}",
-            c.a_outbound_ok, c.a_outbound_failed, c.a_hbone_connections, c.b_inbound_tls,
+            c.a_outbound_ok,
+            c.a_outbound_failed,
+            c.a_hbone_connections,
+            c.b_inbound_tls,
             c.b_inbound_ok,
         );
         o.push_str(&self.targets(added_p50));
@@ -306,7 +338,8 @@ impl Report {
     /// The issue's targets, both in absolute terms and relative to direct TCP measured here.
     fn targets(&self, added_p50: f64) -> String {
         use ztunnel::*;
-        let mut o = String::from("\ntargets (stock ztunnel on this machine kind; zmesh must beat it)\n");
+        let mut o =
+            String::from("\ntargets (stock ztunnel on this machine kind; zmesh must beat it)\n");
         let (d1, m1) = self.med(|r| r.single.0);
         let want = 1.3 * SINGLE_GBPS;
         let zt_ratio = (SINGLE_GBPS / DIRECT_GBPS.1, SINGLE_GBPS / DIRECT_GBPS.0);
@@ -321,10 +354,7 @@ impl Report {
             1.3 * zt_ratio.0,
             1.3 * zt_ratio.1,
         );
-        let zt_added = (
-            P50_US.0 - DIRECT_P50_US.1,
-            P50_US.1 - DIRECT_P50_US.0,
-        );
+        let zt_added = (P50_US.0 - DIRECT_P50_US.1, P50_US.1 - DIRECT_P50_US.0);
         let zt_mid = (zt_added.0 + zt_added.1) / 2.0;
         let _ = writeln!(
             o,
@@ -369,7 +399,10 @@ mod tests {
     #[test]
     fn percentiles_nearest_rank() {
         let p = Percentiles::of((1..=100).map(|us| us * 1000).collect());
-        assert_eq!((p.n, p.p50, p.p90, p.p99, p.max), (100, 50.0, 90.0, 99.0, 100.0));
+        assert_eq!(
+            (p.n, p.p50, p.p90, p.p99, p.max),
+            (100, 50.0, 90.0, 99.0, 100.0)
+        );
         let one = Percentiles::of(vec![7000]);
         assert_eq!((one.p50, one.p99), (7.0, 7.0));
         assert_eq!(Percentiles::of(vec![]).n, 0);

@@ -24,8 +24,8 @@ use std::str::FromStr;
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tokio::sync::watch;
 use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
 use zmesh_identity::SpiffeId;
 
 use crate::authz::{Authorizer, AuthzRequest, Decision};

@@ -1,7 +1,7 @@
 //! Run ids, who owns a run, and removing everything a run created.
 //!
 //! Every resource of a run carries its run id (`zt` + 5 base36 characters) in its name. The
-//! owner of a run is recorded in `/run/zmesh-testbed/<run id>` as "<pid> <start time>" before
+//! owner of a run is recorded in `/run/zmesh-testbed/<run id>` as `"<pid> <start time>"` before
 //! the run creates anything, and removed only after everything is gone. A later build removes
 //! the resources of runs whose owner process is dead (the start time guards against pid
 //! reuse), and never touches a run whose owner is alive.
