@@ -11,6 +11,8 @@ use zmesh_identity::{CertManager, SharedBundle, SpiffeId, TrustDomain, WorkloadI
 use zmesh_proxy::{TlsCredentials, TlsError};
 
 type ClientKey = (WorkloadId, Vec<SpiffeId>);
+/// A client config and the source certificate it was built with.
+type CachedClient = (Arc<CertifiedKey>, Arc<ClientConfig>);
 
 pub struct ManagedCredentials {
     certs: Arc<CertManager>,
@@ -18,7 +20,7 @@ pub struct ManagedCredentials {
     trust_domain: TrustDomain,
     server_configs: Mutex<HashMap<WorkloadId, Arc<ServerConfig>>>,
     /// Client configs are rebuilt only when the source's certificate changed.
-    client_configs: Mutex<HashMap<ClientKey, (Arc<CertifiedKey>, Arc<ClientConfig>)>>,
+    client_configs: Mutex<HashMap<ClientKey, CachedClient>>,
 }
 
 impl ManagedCredentials {

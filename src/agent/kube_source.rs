@@ -192,12 +192,12 @@ pub async fn watch_kubernetes(
         watcher::Config::default(),
     )
     .backoff(backoff())
-    .map(Resource::Namespace)
+    .map(|event| Resource::Namespace(Box::new(event)))
     .boxed();
     let pods = watcher(Api::<Pod>::all(client), watcher::Config::default())
         .modify(|pod| pod.metadata.managed_fields = None)
         .backoff(backoff())
-        .map(Resource::Pod)
+        .map(|event| Resource::Pod(Box::new(event)))
         .boxed();
     let mut events = futures::stream::select(namespaces, pods);
     let mut namespace_mirror = Mirror::new();
@@ -245,8 +245,9 @@ pub async fn watch_kubernetes(
 }
 
 enum Resource {
-    Namespace(Result<watcher::Event<Namespace>, watcher::Error>),
-    Pod(Result<watcher::Event<Pod>, watcher::Error>),
+    // Boxed: events are large and of very different sizes.
+    Namespace(Box<Result<watcher::Event<Namespace>, watcher::Error>>),
+    Pod(Box<Result<watcher::Event<Pod>, watcher::Error>>),
 }
 
 fn handle(
@@ -256,11 +257,18 @@ fn handle(
     pods: &mut Mirror<PodInfo>,
 ) -> bool {
     match event {
-        Resource::Namespace(Ok(event)) => namespaces.apply(event, namespace_info),
-        Resource::Pod(Ok(event)) => pods.apply(event, |p| pod_info(p, node)),
-        Resource::Namespace(Err(e)) | Resource::Pod(Err(e)) => {
-            tracing::warn!(target: "kubernetes", "watch failed, keeping the last state and retrying: {e}");
-            false
-        }
+        Resource::Namespace(event) => match *event {
+            Ok(event) => namespaces.apply(event, namespace_info),
+            Err(e) => watch_failed(e),
+        },
+        Resource::Pod(event) => match *event {
+            Ok(event) => pods.apply(event, |p| pod_info(p, node)),
+            Err(e) => watch_failed(e),
+        },
     }
+}
+
+fn watch_failed(e: watcher::Error) -> bool {
+    tracing::warn!(target: "kubernetes", "watch failed, keeping the last state and retrying: {e}");
+    false
 }

@@ -493,7 +493,8 @@ status:
         let mut m = ManifestDir::new(dir.path());
         let good = m.rescan().0.unwrap();
 
-        let cases: &[(&str, fn(&ManifestError) -> bool)] = &[
+        type Expect = fn(&ManifestError) -> bool;
+        let cases: &[(&str, Expect)] = &[
             ("kind: Pod\napiVersion: v1\nmetadata: {name: [unclosed", |e| {
                 matches!(e, ManifestError::InvalidYaml { .. })
             }),

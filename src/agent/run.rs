@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::watch;
-use zmesh_certs::{ClientCredential, IstioCaClient, NodeCredentials, NodeName};
+use zmesh_certs::{NodeCredentialRenewer, NodeName};
 use zmesh_identity::{
     CertManager, CertManagerConfig, SharedBundle, TrustBundle, TrustDomain, WorkloadId,
 };
@@ -59,8 +59,6 @@ pub enum AgentError {
     Credentials { dir: PathBuf, reason: String },
     #[error("invalid CA bundle: {0}")]
     Bundle(String),
-    #[error("cannot set up the CA client: {0}")]
-    CaClient(String),
     #[error("eBPF redirection: {0}")]
     Redirect(#[from] zmesh_redirect::RedirectError),
     #[error("proxy: {0}")]
@@ -97,24 +95,38 @@ pub async fn run(
     mut cluster: watch::Receiver<Arc<ClusterState>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    NodeName::new(&config.node).map_err(|_| AgentError::NodeName(config.node.clone()))?;
-    let credentials =
-        NodeCredentials::load(&config.credentials_dir).map_err(|e| AgentError::Credentials {
+    let node_name =
+        NodeName::new(&config.node).map_err(|_| AgentError::NodeName(config.node.clone()))?;
+    // The node credential renews itself at half-life (and moves to a new root chain during
+    // a root rotation), so a node never needs a second join token.
+    let renewer = Arc::new(
+        NodeCredentialRenewer::open(
+            &config.ca_addr,
+            &config.credentials_dir,
+            &node_name,
+            &config.trust_domain,
+        )
+        .map_err(|e| AgentError::Credentials {
             dir: config.credentials_dir.clone(),
             reason: e.to_string(),
-        })?;
+        })?,
+    );
     let mut bundle = TrustBundle::new();
     bundle
-        .add_pem(&config.trust_domain, credentials.roots_pem.as_bytes())
+        .add_pem(&config.trust_domain, renewer.credentials().roots_pem.as_bytes())
         .map_err(|e| AgentError::Bundle(e.to_string()))?;
     let bundle = SharedBundle::new(bundle);
-    let roots_pem = credentials.roots_pem.clone();
-    let ca = IstioCaClient::new(
-        &config.ca_addr,
-        &roots_pem,
-        ClientCredential::NodeCert(credentials),
-    )
-    .map_err(|e| AgentError::CaClient(e.to_string()))?;
+    let ca = renewer.client();
+    let renewal_stop = tokio_util::sync::CancellationToken::new();
+    let renewal_task = {
+        let renewer = renewer.clone();
+        let stop = renewal_stop.clone();
+        tokio::spawn(async move {
+            if let Err(e) = renewer.run(stop.cancelled_owned()).await {
+                tracing::error!("node credential renewal stopped: {e}");
+            }
+        })
+    };
     let certs = Arc::new(CertManager::new(
         Arc::new(ca),
         bundle.clone(),

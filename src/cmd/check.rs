@@ -358,12 +358,14 @@ fn human(d: Duration) -> String {
 pub fn workload_certs(certs: Result<Vec<CertInfo>, String>, now: SystemTime) -> Vec<Check> {
     let certs = match certs {
         Ok(c) => c,
-        Err(e) => return vec![Check::fail(
+        Err(e) => {
+            return vec![Check::fail(
             "agent admin API",
             e,
             "is the agent running on this node? (systemctl status / kubectl -n zmesh get pods), \
                  or pass --admin-socket",
-        )],
+        )]
+        }
     };
     let mut out = vec![Check::pass(
         "agent admin API",

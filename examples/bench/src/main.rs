@@ -50,9 +50,29 @@ struct Args {
     /// deployed proxy would have it).
     #[arg(long, default_value = "info")]
     proxy_log: String,
+    /// Which tests to run (all by default; skipped ones show as 0 / NaN).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "single,multi,ping-pong,conn-rate"
+    )]
+    tests: Vec<Test>,
     /// Also write every figure of every round as JSON here.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Test {
+    /// Single-stream throughput.
+    Single,
+    /// Multi-stream throughput.
+    Multi,
+    /// 64-byte ping-pong latency.
+    PingPong,
+    /// New connections per second.
+    ConnRate,
 }
 
 fn main() -> std::process::ExitCode {
@@ -164,7 +184,7 @@ fn run(args: &Args) -> Result<()> {
         b.check_alive()?;
         rounds.push(RoundResult { direct, mesh });
     }
-    let peak = [a.memory()?, b.memory()?];
+    let end_memory = [a.memory()?, b.memory()?];
 
     // The proxies' own counters must account for every mesh connection we made.
     let (_, a_metrics) = procs::http_get(metrics(topo.proxy_a_ip), "/metrics")?;
@@ -203,7 +223,7 @@ fn run(args: &Args) -> Result<()> {
         cpu_model: cpu_model(),
         rounds,
         idle_memory: idle,
-        peak_memory: peak,
+        end_memory,
         counters,
     };
     print!("{}", report.table());
@@ -225,36 +245,44 @@ fn run_path(
     target: &Target,
     duration: Duration,
 ) -> Result<PathResult> {
-    eprintln!("  {path}: 1 stream");
-    let (t, cpu) = measure(proxies, || load::throughput(target, 1, duration))?;
-    let single = (t.gbit_per_s(), cpu.per_gb(t.bytes));
-    eprintln!("  {path}: {} streams", args.streams);
-    let (t, cpu) = measure(proxies, || load::throughput(target, args.streams, duration))?;
-    let multi = (t.gbit_per_s(), cpu.per_gb(t.bytes));
-    eprintln!("  {path}: ping-pong");
-    let (rtts, _) = measure(proxies, || {
-        load::ping_pong(target, 1000, args.pings, duration)
-    })?;
-    eprintln!("  {path}: connection rate");
-    let (c, cpu) = measure(proxies, || {
-        Ok(load::conn_rate(target, args.conn_threads, duration))
-    })?;
-    if c.errors > 0 {
-        bail!(
-            "{path}: {} of {} connections failed; first: {}",
-            c.errors,
-            c.errors + c.conns,
-            c.first_error.as_deref().unwrap_or("?")
-        );
+    let mut out = PathResult::default();
+    let run = |t: Test| args.tests.contains(&t);
+    if run(Test::Single) {
+        eprintln!("  {path}: 1 stream");
+        let (t, cpu) = measure(proxies, || load::throughput(target, 1, duration))?;
+        out.single = (t.gbit_per_s(), cpu.per_gb(t.bytes));
     }
-    Ok(PathResult {
-        single,
-        multi,
-        latency: report::Percentiles::of(rtts),
-        conn_rate: c.per_sec(),
-        conn_cpu: cpu.per_conn(c.conns),
-        conn_latency: report::Percentiles::of(c.latencies),
-    })
+    if run(Test::Multi) {
+        eprintln!("  {path}: {} streams", args.streams);
+        let (t, cpu) = measure(proxies, || load::throughput(target, args.streams, duration))?;
+        out.multi = (t.gbit_per_s(), cpu.per_gb(t.bytes));
+    }
+    if run(Test::PingPong) {
+        eprintln!("  {path}: ping-pong");
+        let (rtts, cpu) = measure(proxies, || {
+            load::ping_pong(target, 1000, args.pings, duration)
+        })?;
+        out.latency_cost = cpu.per_conn(rtts.len() as u64);
+        out.latency = report::Percentiles::of(rtts);
+    }
+    if run(Test::ConnRate) {
+        eprintln!("  {path}: connection rate");
+        let (c, cpu) = measure(proxies, || {
+            Ok(load::conn_rate(target, args.conn_threads, duration))
+        })?;
+        if c.errors > 0 {
+            bail!(
+                "{path}: {} of {} connections failed; first: {}",
+                c.errors,
+                c.errors + c.conns,
+                c.first_error.as_deref().unwrap_or("?")
+            );
+        }
+        out.conn_rate = c.per_sec();
+        out.conn_cpu = cpu.per_conn(c.conns);
+        out.conn_latency = report::Percentiles::of(c.latencies);
+    }
+    Ok(out)
 }
 
 fn ip_str(ip: std::net::IpAddr) -> String {
@@ -269,6 +297,9 @@ fn measure<T>(proxies: &[&ProxyProcess], f: impl FnOnce() -> Result<T>) -> Resul
             .map(|p| p.cpu().map(|d| d.as_secs_f64()))
             .sum()
     };
+    for p in proxies {
+        p.reset_peak()?;
+    }
     let p0 = proxy_cpu()?;
     let l0 = procs::self_cpu();
     let (busy0, total0) = procs::machine_cpu()?;
@@ -282,6 +313,7 @@ fn measure<T>(proxies: &[&ProxyProcess], f: impl FnOnce() -> Result<T>) -> Resul
         machine_busy: (busy1 - busy0).as_secs_f64(),
         machine_total: (total1 - total0).as_secs_f64(),
         wall,
+        proxy_peak_kib: [proxies[0].memory()?.hwm_kib, proxies[1].memory()?.hwm_kib],
     };
     Ok((out, use_))
 }

@@ -79,6 +79,13 @@ impl ProxyProcess {
         process_cpu(self.pid())
     }
 
+    /// Restarts the peak-RSS count (VmHWM), so that the next reading is the peak of
+    /// what follows (Linux: writing 5 to /proc/<pid>/clear_refs).
+    pub fn reset_peak(&self) -> Result<()> {
+        let path = format!("/proc/{}/clear_refs", self.pid());
+        std::fs::write(&path, "5").with_context(|| format!("writing {path}"))
+    }
+
     pub fn memory(&self) -> Result<Memory> {
         let path = format!("/proc/{}/status", self.pid());
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;

@@ -18,16 +18,20 @@ pub struct CpuUse {
     pub machine_busy: f64,
     pub machine_total: f64,
     pub wall: f64,
+    /// Peak RSS of proxy A and proxy B during the test, KiB.
+    pub proxy_peak_kib: [u64; 2],
 }
 
-/// CPU cost normalised by work done: seconds per GB for throughput tests, microseconds per
-/// connection for the connection-rate test.
+/// CPU cost normalised by work done (seconds per GB for throughput tests, microseconds
+/// per connection or per round trip otherwise), and the proxies' peak memory meanwhile.
 #[derive(Debug, Default, Clone, Copy, Serialize)]
 pub struct CpuPer {
     pub load: f64,
     pub proxies: f64,
     /// Fraction of the machine's CPU that was busy meanwhile (1.0 = every core).
     pub machine_busy: f64,
+    /// Peak RSS of proxy A and proxy B during the test, KiB.
+    pub proxy_peak_kib: [u64; 2],
 }
 
 impl CpuUse {
@@ -45,6 +49,7 @@ impl CpuUse {
             load: self.load / gb,
             proxies: self.proxies / gb,
             machine_busy: self.busy(),
+            proxy_peak_kib: self.proxy_peak_kib,
         }
     }
 
@@ -54,6 +59,7 @@ impl CpuUse {
             load: self.load / n * 1e6,
             proxies: self.proxies / n * 1e6,
             machine_busy: self.busy(),
+            proxy_peak_kib: self.proxy_peak_kib,
         }
     }
 }
@@ -97,6 +103,8 @@ pub struct PathResult {
     pub multi: (f64, CpuPer),
     /// 64-byte ping-pong round-trip times.
     pub latency: Percentiles,
+    /// CPU microseconds per round trip.
+    pub latency_cost: CpuPer,
     /// New connections per second.
     pub conn_rate: f64,
     /// CPU microseconds per connection.
@@ -132,8 +140,8 @@ pub struct Report {
     pub rounds: Vec<RoundResult>,
     /// Proxy A, proxy B after start-up.
     pub idle_memory: [Memory; 2],
-    /// Proxy A, proxy B at the end (VmHWM is the peak over the whole run).
-    pub peak_memory: [Memory; 2],
+    /// Proxy A, proxy B at the end (VmHWM: the peak during the last test).
+    pub end_memory: [Memory; 2],
     pub counters: Counters,
 }
 
@@ -180,6 +188,19 @@ impl Report {
             median(self.rounds.iter().map(|r| f(&r.direct)).collect()),
             median(self.rounds.iter().map(|r| f(&r.mesh)).collect()),
         )
+    }
+
+    /// Peak RSS of proxy `i` over the whole run, KiB: the largest of the per-test peaks.
+    fn run_peak_kib(&self, i: usize) -> u64 {
+        let tests = |p: &PathResult| {
+            [p.single.1, p.multi.1, p.latency_cost, p.conn_cpu].map(|c| c.proxy_peak_kib[i])
+        };
+        self.rounds
+            .iter()
+            .flat_map(|r| tests(&r.direct).into_iter().chain(tests(&r.mesh)))
+            .chain([self.idle_memory[i].hwm_kib, self.end_memory[i].hwm_kib])
+            .max()
+            .unwrap_or(0)
     }
 
     pub fn table(&self) -> String {
@@ -316,8 +337,31 @@ impl Report {
                 o,
                 "proxy {name} RSS: {:.1} MB idle, {:.1} MB at end, {:.1} MB peak (VmHWM)",
                 mb(self.idle_memory[i].rss_kib),
-                mb(self.peak_memory[i].rss_kib),
-                mb(self.peak_memory[i].hwm_kib),
+                mb(self.end_memory[i].rss_kib),
+                mb(self.run_peak_kib(i)),
+            );
+        }
+        one(
+            &mut o,
+            "CPU us/round trip (ping-pong): both proxies",
+            self.med(|r| r.latency_cost.proxies).1,
+            1,
+        );
+        for (test, get) in [
+            (
+                "1 stream",
+                (|r: &PathResult| r.single.1) as fn(&PathResult) -> CpuPer,
+            ),
+            ("N streams", |r: &PathResult| r.multi.1),
+            ("ping-pong", |r: &PathResult| r.latency_cost),
+            ("connection rate", |r: &PathResult| r.conn_cpu),
+        ] {
+            let test = test.replace('N', &streams.to_string());
+            let _ = writeln!(
+                o,
+                "peak RSS during {test}: proxy A {:.1} MB, proxy B {:.1} MB",
+                self.med(|r| mb(get(r).proxy_peak_kib[0])).1,
+                self.med(|r| mb(get(r).proxy_peak_kib[1])).1,
             );
         }
         let c = &self.counters;
@@ -377,7 +421,7 @@ impl Report {
             1.5 * CONNS / DIRECT_CONNS,
         );
         for (i, name) in ["A", "B"].iter().enumerate() {
-            let peak = mb(self.peak_memory[i].hwm_kib);
+            let peak = mb(self.run_peak_kib(i));
             let _ = writeln!(
                 o,
                 "  proxy {name} memory <= ~{RSS_MB:.0} MB: peak {peak:.1} MB -> {}",
@@ -423,11 +467,13 @@ mod tests {
             machine_busy: 5.0,
             machine_total: 10.0,
             wall: 5.0,
+            proxy_peak_kib: [1, 2],
         };
         let g = u.per_gb(2_000_000_000);
         assert_eq!((g.load, g.proxies, g.machine_busy), (0.5, 1.5, 0.5));
         let c = u.per_conn(1_000_000);
         assert_eq!((c.load, c.proxies), (1.0, 3.0));
+        assert_eq!((g.proxy_peak_kib, c.proxy_peak_kib), ([1, 2], [1, 2]));
     }
 
     fn report(single: f64, p50: f64, conns: f64, hwm_kib: u64) -> Report {
@@ -456,7 +502,7 @@ mod tests {
             cpu_model: "test".into(),
             rounds: vec![RoundResult { direct, mesh }],
             idle_memory: [mem, mem],
-            peak_memory: [mem, mem],
+            end_memory: [mem, mem],
             counters: Counters::default(),
         }
     }
