@@ -63,6 +63,17 @@ pub struct LabOptions {
     pub cert_lifetime: Duration,
     /// Nodes whose agent starts in strict mode.
     pub strict_nodes: Vec<String>,
+    /// Pods whose sandbox (netns, cgroup, veth) exists from the start but whose manifest
+    /// is not there yet: a test adds it later, as a pod being scheduled.
+    pub reserved_pods: Vec<ReservedPod>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ReservedPod {
+    pub node: String,
+    pub namespace: String,
+    pub name: String,
+    pub service_account: String,
 }
 
 /// A running local mesh. Dropping it stops every process and removes everything it made.
@@ -88,6 +99,13 @@ impl Lab {
         for pod in state.pods() {
             let Some(node) = &pod.node else { continue };
             nodes.entry(node.clone()).or_default().push((
+                pod.name.clone(),
+                pod.namespace.clone(),
+                pod.service_account.clone(),
+            ));
+        }
+        for pod in &options.reserved_pods {
+            nodes.entry(pod.node.clone()).or_default().push((
                 pod.name.clone(),
                 pod.namespace.clone(),
                 pod.service_account.clone(),
@@ -212,7 +230,8 @@ impl Lab {
         let mut documents = Vec::new();
         for document in serde_yaml_ng::Deserializer::from_str(text) {
             let Ok(mut value) = serde_yaml_ng::Value::deserialize(document) else {
-                continue;
+                // Not ours to fix: the agents must see (and report) the file as written.
+                return text.to_owned();
             };
             if value.is_null() {
                 continue;

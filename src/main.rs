@@ -18,6 +18,12 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Enroll a namespace in the mesh (sets io.cilium/mtls-enabled=true in a manifest
+    /// directory; against Kubernetes use kubectl label).
+    Enroll(cmd::enroll::EnrollArgs),
+    /// Take a namespace out of the mesh (removes its enrollment labels in a manifest
+    /// directory).
+    Unenroll(cmd::enroll::EnrollArgs),
     /// Run the node agent: enrollment from cluster state, certificates, eBPF redirection
     /// and the HBONE proxy.
     Agent(cmd::agent::AgentArgs),
@@ -53,6 +59,8 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Enroll(args) => cmd::enroll::run(args, true),
+            Command::Unenroll(args) => cmd::enroll::run(args, false),
             Command::Agent(args) => cmd::agent::run_agent(args).await,
             Command::Ca(args) => cmd::ca::run(args).await,
             Command::Demo(args) => cmd::demo::run(args).await,

@@ -1,12 +1,15 @@
-//! The Kubernetes deployment in examples/kubernetes/ parses with the Kubernetes types and its
-//! objects refer to each other consistently (names, ports, volumes, service accounts).
+//! The Kubernetes deployment in examples/kubernetes/ parses with the Kubernetes types, its
+//! objects refer to each other consistently (names, ports, volumes, service accounts,
+//! ConfigMaps, token audiences), and its containers' arguments are accepted by the real
+//! `zmesh` binary.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{
-    Container, Namespace, PersistentVolumeClaim, PodSpec, PodTemplateSpec, Service, ServiceAccount,
+    ConfigMap, Container, Namespace, PersistentVolumeClaim, PodSpec, PodTemplateSpec, Service,
+    ServiceAccount,
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -22,6 +25,7 @@ struct Objects {
     daemon_sets: Vec<DaemonSet>,
     services: Vec<Service>,
     claims: Vec<PersistentVolumeClaim>,
+    config_maps: Vec<ConfigMap>,
 }
 
 fn load(dir: &Path) -> Objects {
@@ -55,6 +59,7 @@ fn load(dir: &Path) -> Objects {
                 ("v1", "ServiceAccount") => parse!(service_accounts),
                 ("v1", "Service") => parse!(services),
                 ("v1", "PersistentVolumeClaim") => parse!(claims),
+                ("v1", "ConfigMap") => parse!(config_maps),
                 ("rbac.authorization.k8s.io/v1", "ClusterRole") => parse!(cluster_roles),
                 ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
                     parse!(cluster_role_bindings)
@@ -93,6 +98,16 @@ fn check_pod_template(owner: &str, template: &PodTemplateSpec, objects: &Objects
         .map(|v| v.name.clone())
         .collect();
     for volume in spec.volumes.iter().flatten() {
+        if let Some(config_map) = &volume.config_map {
+            assert!(
+                objects
+                    .config_maps
+                    .iter()
+                    .any(|c| name_of(&c.metadata) == config_map.name),
+                "{owner}: ConfigMap {} is not defined",
+                config_map.name
+            );
+        }
         if let Some(claim) = &volume.persistent_volume_claim {
             assert!(
                 objects
@@ -166,7 +181,8 @@ fn kubernetes_manifests_are_consistent() {
         .chain(objects.deployments.iter().map(|o| &o.metadata))
         .chain(objects.daemon_sets.iter().map(|o| &o.metadata))
         .chain(objects.services.iter().map(|o| &o.metadata))
-        .chain(objects.claims.iter().map(|o| &o.metadata));
+        .chain(objects.claims.iter().map(|o| &o.metadata))
+        .chain(objects.config_maps.iter().map(|o| &o.metadata));
     for meta in namespaced {
         let ns = meta
             .namespace
@@ -304,5 +320,255 @@ fn kubernetes_manifests_are_consistent() {
     assert!(
         args.contains("zmesh-ca.zmesh-system.svc:15012"),
         "agent must dial the CA service: {args}"
+    );
+}
+
+/// `--name=value` arguments of a container (the form the manifests use).
+fn flag<'a>(args: &'a [String], name: &str) -> Option<&'a str> {
+    let prefix = format!("--{name}=");
+    let mut values = args.iter().filter_map(|a| a.strip_prefix(&prefix));
+    let value = values.next();
+    assert!(values.next().is_none(), "--{name} given twice: {args:?}");
+    value
+}
+
+/// The container's arguments with `$(VAR)` references expanded as the kubelet would,
+/// from the container's env, with sample values for downward-API fields. Every reference
+/// must be defined (the kubelet leaves an undefined one as literal text).
+fn expand_args(container: &Container) -> Vec<String> {
+    let mut values = BTreeMap::new();
+    for env in container.env.iter().flatten() {
+        let value = match (&env.value, &env.value_from) {
+            (Some(v), _) => v.clone(),
+            (None, Some(from)) => {
+                let field = &from.field_ref.as_ref().expect("a fieldRef").field_path;
+                match field.as_str() {
+                    "spec.nodeName" => "node-1".to_owned(),
+                    "status.hostIP" => "10.0.0.5".to_owned(),
+                    "status.podIP" => "10.244.1.9".to_owned(),
+                    other => panic!("{}: no sample value for {other}", container.name),
+                }
+            }
+            (None, None) => String::new(),
+        };
+        values.insert(env.name.clone(), value);
+    }
+    container
+        .args
+        .iter()
+        .flatten()
+        .map(|arg| {
+            let mut out = String::new();
+            let mut rest = arg.as_str();
+            while let Some(start) = rest.find("$(") {
+                out.push_str(&rest[..start]);
+                let end = rest[start..]
+                    .find(')')
+                    .unwrap_or_else(|| panic!("unterminated $( in {arg}"));
+                let var = &rest[start + 2..start + end];
+                let value = values.get(var).unwrap_or_else(|| {
+                    panic!("{}: {arg} refers to undefined ${var}", container.name)
+                });
+                out.push_str(value);
+                rest = &rest[start + end + 1..];
+            }
+            out.push_str(rest);
+            out
+        })
+        .collect()
+}
+
+/// Runs the real binary with `args`; returns stdout, failing with its stderr.
+fn zmesh(args: &[String]) -> String {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_zmesh"))
+        .args(args)
+        .env_remove("NODE_NAME")
+        .env_remove("ZMESH_CA_STATE_DIR")
+        .env_remove("ZMESH_CLUSTER_ID")
+        .env_remove("ZMESH_JOIN_TOKEN")
+        .output()
+        .expect("run zmesh");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "zmesh {args:?} failed: {}\n{stdout}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
+/// The volume mounted at the directory holding `path`, and the file name within it.
+fn volume_for<'a>(
+    spec: &'a PodSpec,
+    container: &Container,
+    path: &'a str,
+) -> (&'a k8s_openapi::api::core::v1::Volume, &'a str) {
+    let (dir, file) = path.rsplit_once('/').expect("an absolute path");
+    let mount = container
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path.trim_end_matches('/') == dir)
+        .unwrap_or_else(|| panic!("{}: nothing is mounted at {dir}", container.name));
+    let volume = spec
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .expect("mounted volumes are defined");
+    (volume, file)
+}
+
+#[test]
+fn container_args_are_accepted_by_the_real_cli() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/kubernetes");
+    let objects = load(&dir);
+
+    // The agent: real flags, parsed and printed by --dry-run without touching anything.
+    let agent = &objects.daemon_sets[0];
+    let agent_pod = agent.spec.as_ref().unwrap().template.spec.clone().unwrap();
+    let agent_container = &agent_pod.containers[0];
+    let agent_args = expand_args(agent_container);
+    assert_eq!(agent_args[0], "agent");
+    let mut dry_run = agent_args.clone();
+    dry_run.push("--dry-run".into());
+    let printed = zmesh(&dry_run);
+    for expected in [
+        "node-1",
+        "10.0.0.5",
+        "zmesh-ca.zmesh-system.svc:15012",
+        "/var/run/secrets/zmesh/token",
+        "/etc/zmesh/ca/roots.pem",
+    ] {
+        assert!(
+            printed.contains(expected),
+            "agent config lacks {expected}:\n{printed}"
+        );
+    }
+
+    // Its token is a projected ServiceAccount token for the audience the CA requires.
+    let token_path = flag(&agent_args, "ca-token-file").expect("--ca-token-file");
+    let (volume, file) = volume_for(&agent_pod, agent_container, token_path);
+    let sources = &volume
+        .projected
+        .as_ref()
+        .expect("a projected volume")
+        .sources;
+    let token = sources
+        .iter()
+        .flatten()
+        .filter_map(|s| s.service_account_token.as_ref())
+        .find(|t| t.path == file)
+        .unwrap_or_else(|| panic!("no serviceAccountToken at {file}"));
+    let audience = token.audience.as_deref().expect("an audience-bound token");
+    assert!(
+        token.expiration_seconds.unwrap_or(3600) <= 3600,
+        "short-lived token"
+    );
+
+    // Its CA bundle is a key of a defined ConfigMap.
+    let bundle_path = flag(&agent_args, "ca-bundle").expect("--ca-bundle");
+    let (volume, file) = volume_for(&agent_pod, agent_container, bundle_path);
+    let config_map_name = &volume.config_map.as_ref().expect("a ConfigMap volume").name;
+    let config_map = objects
+        .config_maps
+        .iter()
+        .find(|c| &name_of(&c.metadata) == config_map_name)
+        .expect("the ConfigMap is defined");
+    assert_eq!(config_map.metadata.namespace, agent.metadata.namespace);
+    assert!(
+        config_map
+            .data
+            .as_ref()
+            .is_some_and(|d| d.contains_key(file)),
+        "ConfigMap {config_map_name} has no key {file}"
+    );
+
+    // The CA: real flags, and it accepts exactly the agent's tokens.
+    let ca = &objects.deployments[0];
+    let ca_pod = ca.spec.as_ref().unwrap().template.spec.clone().unwrap();
+    let ca_args = expand_args(&ca_pod.containers[0]);
+    assert_eq!(ca_args[..2], ["ca", "serve"]);
+    let mut dry_run = ca_args.clone();
+    dry_run.push("--dry-run".into());
+    let printed = zmesh(&dry_run);
+    for expected in ["TokenReview", "Kubernetes", "zmesh-system/zmesh-agent"] {
+        assert!(
+            printed.contains(expected),
+            "CA config lacks {expected}:\n{printed}"
+        );
+    }
+    assert_eq!(flag(&ca_args, "bearer"), Some("kubernetes"));
+    assert!(ca_args.iter().any(|a| a == "--kubernetes"));
+    assert_eq!(
+        flag(&ca_args, "token-audience").unwrap_or("zmesh-ca"),
+        audience,
+        "the CA must require the audience the agent's token is minted for"
+    );
+    let agent_sa = format!(
+        "{}/{}",
+        agent.metadata.namespace.as_deref().unwrap(),
+        agent_pod.service_account_name.as_deref().unwrap()
+    );
+    assert_eq!(
+        flag(&ca_args, "agent-service-account").unwrap_or("zmesh-system/zmesh-agent"),
+        agent_sa
+    );
+    // The name the agent dials is on the CA's serving certificate.
+    let ca_host = flag(&agent_args, "ca").unwrap().rsplit_once(':').unwrap().0;
+    assert!(
+        ca_args.iter().any(|a| a == &format!("--san={ca_host}")),
+        "the CA's certificate must name {ca_host}"
+    );
+    // The CA may create TokenReviews and watch what placement reads.
+    let ca_role = objects
+        .cluster_roles
+        .iter()
+        .find(|r| name_of(&r.metadata) == "zmesh-ca")
+        .expect("the CA's ClusterRole");
+    let allows = |group: &str, resource: &str, verb: &str| {
+        ca_role.rules.iter().flatten().any(|rule| {
+            rule.api_groups.iter().flatten().any(|g| g == group)
+                && rule.resources.iter().flatten().any(|r| r == resource)
+                && rule.verbs.iter().any(|v| v == verb)
+        })
+    };
+    assert!(allows("authentication.k8s.io", "tokenreviews", "create"));
+    for resource in ["namespaces", "pods"] {
+        for verb in ["list", "watch"] {
+            assert!(allows("", resource, verb), "CA cannot {verb} {resource}");
+        }
+    }
+
+    // The init container really creates the CA, and a restart leaves it alone.
+    let init = &ca_pod.init_containers.as_ref().expect("an init container")[0];
+    let init_args = expand_args(init);
+    assert_eq!(
+        flag(&init_args, "state-dir"),
+        flag(&ca_args, "state-dir"),
+        "init and serve share the state directory"
+    );
+    let scratch = tempfile::tempdir().unwrap();
+    let state = scratch.path().join("state");
+    let local: Vec<String> = init_args
+        .iter()
+        .map(|a| match a.strip_prefix("--state-dir=") {
+            Some(_) => format!("--state-dir={}", state.display()),
+            None => a.clone(),
+        })
+        .collect();
+    zmesh(&local);
+    let first = std::fs::read(state.join("state.json")).unwrap();
+    let again = zmesh(&local);
+    assert!(again.contains("unchanged"), "{again}");
+    assert_eq!(std::fs::read(state.join("state.json")).unwrap(), first);
+    let bundle = zmesh(&[
+        "ca".into(),
+        "bundle".into(),
+        format!("--state-dir={}", state.display()),
+    ]);
+    assert!(
+        bundle.starts_with("-----BEGIN CERTIFICATE-----"),
+        "{bundle}"
     );
 }

@@ -2,7 +2,7 @@
 //! certificate) and `join`, which trades a one-time token for that certificate.
 
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
@@ -60,6 +60,8 @@ pub enum ClientError {
     WrongNode { expected: String, found: String },
     #[error("the node certificate expired at {0}; join again with a new token")]
     NodeCertExpired(String),
+    #[error("bearer token file {path}: {reason}", path = .path.display())]
+    TokenFile { path: PathBuf, reason: String },
 }
 
 impl From<Status> for ClientError {
@@ -221,6 +223,10 @@ pub enum ClientCredential {
     NodeCert(NodeCredentials),
     /// `authorization: Bearer <token>`, checked by the CA's `BearerValidator`.
     Bearer(String),
+    /// `authorization: Bearer <token>` with the token read from this file for every
+    /// request, so a token the kubelet rotates (a projected ServiceAccount token) is
+    /// always current.
+    BearerFile(PathBuf),
     /// Nothing (only `Join` accepts this).
     None,
 }
@@ -240,12 +246,51 @@ struct ClientInner {
     server_name: ServerName<'static>,
     provider: Arc<rustls::crypto::CryptoProvider>,
     roots: Arc<RwLock<Vec<CertificateDer<'static>>>>,
-    bearer: Option<String>,
+    bearer: Option<Bearer>,
     cluster_id: RwLock<Option<AsciiMetadataValue>>,
     /// Replaced (with a new connection) when the node certificate changes.
     channel: RwLock<Channel>,
     /// The intermediate of the last chain the CA issued: the signing chain right now.
     signing_intermediate: watch::Sender<Option<CertificateDer<'static>>>,
+}
+
+/// Where the bearer token comes from.
+enum Bearer {
+    Fixed(String),
+    File(PathBuf),
+}
+
+impl Bearer {
+    /// The `authorization` header value. A token file that cannot be read (or is empty)
+    /// fails the request as UNAVAILABLE, so it is retried once the kubelet has written it.
+    fn header(&self) -> Result<tonic::metadata::AsciiMetadataValue, Status> {
+        let token = match self {
+            Self::Fixed(token) => token.clone(),
+            Self::File(path) => read_token(path).map_err(|e| Status::unavailable(e.to_string()))?,
+        };
+        format!("Bearer {token}")
+            .parse()
+            .map_err(|_| Status::invalid_argument("bearer token is not a valid header value"))
+    }
+}
+
+/// Reads a token file, trimming the line break tools add; never puts the token in errors.
+fn read_token(path: &Path) -> Result<String, ClientError> {
+    let err = |reason: String| ClientError::TokenFile {
+        path: path.to_owned(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    let token = text.trim();
+    if token.is_empty() {
+        return Err(err("the file is empty".into()));
+    }
+    if token.chars().any(|c| !c.is_ascii_graphic()) {
+        return Err(err(
+            "the token holds characters a header cannot carry".into()
+        ));
+    }
+    Ok(token.to_owned())
 }
 
 type ClientCert = Arc<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>;
@@ -274,7 +319,12 @@ impl IstioCaClient {
         }
         let (client_cert, bearer) = match credential {
             ClientCredential::NodeCert(c) => (Some(client_cert(&c)?), None),
-            ClientCredential::Bearer(t) => (None, Some(t)),
+            ClientCredential::Bearer(t) => (None, Some(Bearer::Fixed(t))),
+            ClientCredential::BearerFile(path) => {
+                // Fail at startup on a missing or unusable file, not at the first request.
+                read_token(&path)?;
+                (None, Some(Bearer::File(path)))
+            }
             ClientCredential::None => (None, None),
         };
         let (host, _port) = split_host_port(addr)?;
@@ -344,11 +394,10 @@ impl IstioCaClient {
     /// if that is this client's credential (so a refusal names what was presented).
     fn request<T>(&self, body: T) -> Result<tonic::Request<T>, Status> {
         let mut request = tonic::Request::new(body);
-        if let Some(token) = &self.inner.bearer {
-            let value = format!("Bearer {token}").parse().map_err(|_| {
-                Status::invalid_argument("bearer token is not a valid header value")
-            })?;
-            request.metadata_mut().insert("authorization", value);
+        if let Some(bearer) = &self.inner.bearer {
+            request
+                .metadata_mut()
+                .insert("authorization", bearer.header()?);
         }
         let cluster_id = self
             .inner
@@ -747,6 +796,43 @@ mod tests {
             }
             other => panic!("mismatched key loaded: {other:?}"),
         }
+    }
+
+    #[tokio::test]
+    async fn token_file_is_read_per_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        let pem = credentials("ca").roots_pem;
+        let credential = ClientCredential::BearerFile(path.clone());
+        // A missing file fails at construction, naming the file but no token.
+        match IstioCaClient::new("ca.example:15012", &pem, credential.clone()) {
+            Err(ClientError::TokenFile { path: p, .. }) => assert_eq!(p, path),
+            other => panic!("missing token file accepted: {other:?}"),
+        }
+        std::fs::write(&path, "first\n").unwrap();
+        let client = IstioCaClient::new("ca.example:15012", &pem, credential).unwrap();
+        let header = |client: &IstioCaClient| {
+            client.request(()).map(|r| {
+                r.metadata()
+                    .get("authorization")
+                    .unwrap()
+                    .to_str()
+                    .unwrap()
+                    .to_owned()
+            })
+        };
+        assert_eq!(header(&client).unwrap(), "Bearer first");
+        // The kubelet rotates the token: the next request carries the new one.
+        std::fs::write(&path, "second").unwrap();
+        assert_eq!(header(&client).unwrap(), "Bearer second");
+        // Emptied or removed: the request fails UNAVAILABLE (retried), nothing is sent.
+        std::fs::write(&path, " \n").unwrap();
+        assert_eq!(header(&client).unwrap_err().code(), Code::Unavailable);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(header(&client).unwrap_err().code(), Code::Unavailable);
+        std::fs::write(&path, "bad token").unwrap();
+        let status = header(&client).unwrap_err();
+        assert!(!status.message().contains("bad token"), "{status:?}");
     }
 
     #[test]

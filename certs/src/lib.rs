@@ -5,6 +5,7 @@
 
 mod audit;
 mod authority;
+mod bearer_cache;
 mod client;
 mod csr;
 mod error;
@@ -27,6 +28,7 @@ pub mod pb {
 
 pub use audit::{AuditRecord, AuthMethod};
 pub use authority::{Authority, Issued, LeafKind, Phase, Policy, CLOCK_SKEW};
+pub use bearer_cache::CachedBearer;
 pub use client::{join, ClientCredential, ClientError, IstioCaClient, NodeCredentials};
 pub use csr::{new_key_and_csr, verify_csr, VerifiedCsr};
 pub use error::{CsrError, NodeNameError, StoreError, TokenError};

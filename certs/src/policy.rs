@@ -26,9 +26,10 @@ pub struct SourceError {
 /// Why a bearer token did not authenticate a node.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BearerError {
-    /// The token is not valid; the caller gets UNAUTHENTICATED.
-    #[error("bearer token rejected")]
-    Rejected,
+    /// The token is not valid; the caller gets UNAUTHENTICATED. The reason goes to the
+    /// audit log and the caller, so it must never contain the token.
+    #[error("bearer token rejected: {0}")]
+    Rejected(String),
     /// The validator could not decide (e.g. the API server is down); UNAVAILABLE.
     #[error("cannot validate bearer tokens: {0}")]
     Unavailable(String),
@@ -39,9 +40,9 @@ pub type BearerFuture<'a> =
 
 /// Maps an `authorization: Bearer <token>` credential to the node it belongs to.
 ///
-/// `StaticTokens` ships here; a Kubernetes validator would send the token to the
-/// TokenReview API (audience-bound service account token of the node agent's pod) and
-/// return the pod's node name from the review's extra `authentication.kubernetes.io/node-name`.
+/// `StaticTokens` ships here; the Kubernetes validator (TokenReview of the agent's
+/// audience-bound ServiceAccount token) lives with the Kubernetes code in the `zmesh`
+/// package. Wrap a validator that calls a remote service in [`CachedBearer`].
 pub trait BearerValidator: Send + Sync + 'static {
     fn validate<'a>(&'a self, token: &'a str) -> BearerFuture<'a>;
 }
@@ -95,7 +96,7 @@ impl BearerValidator for StaticTokens {
                 .map_err(|e| BearerError::Unavailable(e.to_string()))?;
             map.get(&sha256_hex(token.as_bytes()))
                 .cloned()
-                .ok_or(BearerError::Rejected)
+                .ok_or_else(|| BearerError::Rejected("not a known static token".into()))
         })
     }
 }
@@ -281,7 +282,7 @@ mod tests {
         assert_eq!(v.validate("s3cret").await.unwrap(), node);
         assert!(matches!(
             v.validate("wrong").await,
-            Err(BearerError::Rejected)
+            Err(BearerError::Rejected(_))
         ));
         std::fs::write(&path, "node-a nothex\n").unwrap();
         assert!(matches!(

@@ -610,7 +610,8 @@ impl Service {
         };
         match validator.validate(token).await {
             Ok(node) => Ok((node, AuthMethod::Bearer)),
-            Err(BearerError::Rejected) => Err(refuse("bearer token rejected")),
+            // The reason (never the token) names what was wrong, for the audit line.
+            Err(e @ BearerError::Rejected(_)) => Err(refuse(&e.to_string())),
             Err(BearerError::Unavailable(e)) => {
                 tracing::error!(error = %e, "bearer validator unavailable");
                 let mut r = Refusal::new(Status::unavailable("cannot validate bearer tokens now"));

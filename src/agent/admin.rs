@@ -20,7 +20,9 @@ use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::net::{UnixListener, UnixStream};
-use zmesh_identity::{CertManager, CertStatus, TrustDomain, WorkloadId};
+use zmesh_identity::{CertStatus, TrustDomain, WorkloadId};
+
+use super::credentials::{RotateError, WorkloadCertificates};
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -89,7 +91,8 @@ pub fn epoch_seconds(t: SystemTime) -> u64 {
 /// What the admin API serves from.
 #[derive(Clone)]
 pub struct AdminState {
-    pub certs: Arc<CertManager>,
+    /// The node's workload certificates, from the zmesh CA or SPIRE.
+    pub certs: Arc<dyn WorkloadCertificates>,
     pub trust_domain: TrustDomain,
     /// The flow events `GET /flows` streams (see `flows_api`).
     pub flows: Arc<zmesh_proxy::flows::FlowHub>,
@@ -140,7 +143,7 @@ async fn route(req: Request<Incoming>, state: AdminState) -> Response<Body> {
     let query = parse_query(req.uri().query().unwrap_or(""));
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/certs") => {
-            let infos: Vec<CertInfo> = state.certs.status().iter().map(CertInfo::from).collect();
+            let infos: Vec<CertInfo> = state.certs.status();
             json(StatusCode::OK, &infos)
         }
         (&Method::POST, "/certs/rotate") => rotate(&state, &query),
@@ -173,7 +176,12 @@ fn rotate(state: &AdminState, query: &[(String, String)]) -> Response<Body> {
                 Ok(id) => id,
                 Err(e) => return error(StatusCode::BAD_REQUEST, &format!("invalid workload: {e}")),
             };
-            if !state.certs.status().iter().any(|s| s.workload == id) {
+            if !state
+                .certs
+                .status()
+                .iter()
+                .any(|s| s.workload == id.to_string())
+            {
                 return error(
                     StatusCode::NOT_FOUND,
                     &format!("this node holds no certificate for {ns_sa}"),
@@ -185,7 +193,7 @@ fn rotate(state: &AdminState, query: &[(String, String)]) -> Response<Body> {
             .certs
             .status()
             .into_iter()
-            .map(|s| s.workload)
+            .filter_map(|s| s.workload.parse().ok())
             .collect(),
         _ => {
             return error(
@@ -194,21 +202,34 @@ fn rotate(state: &AdminState, query: &[(String, String)]) -> Response<Body> {
             )
         }
     };
+    // SPIRE (or ztunnel) renews on its own: say so instead of pretending to rotate.
+    if let Err(e) = state.certs.can_rotate() {
+        return error(StatusCode::CONFLICT, &e.to_string());
+    }
     // One JSON line per workload as its renewal finishes.
     let certs = state.certs.clone();
     let lines = futures::stream::iter(targets).then(move |id| {
         let certs = certs.clone();
         async move {
-            let result = match certs.force_renew(&id).await {
+            let workload = id.to_string();
+            // Spawned: the body stream must be Sync, the rotation future need not be.
+            let outcome = tokio::spawn(async move { certs.rotate(&id).await })
+                .await
+                .unwrap_or_else(|e| {
+                    Err(RotateError::Failed(format!(
+                        "the rotation task failed: {e}"
+                    )))
+                });
+            let result = match outcome {
                 Ok(status) => RotateResult {
-                    workload: id.to_string(),
+                    workload,
                     ok: true,
                     serial: status.serial,
-                    not_after: status.not_after.map(epoch_seconds),
+                    not_after: status.not_after,
                     error: None,
                 },
                 Err(e) => RotateResult {
-                    workload: id.to_string(),
+                    workload,
                     ok: false,
                     serial: None,
                     not_after: None,

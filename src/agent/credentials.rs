@@ -1,21 +1,108 @@
-//! The proxy's TLS credentials backed by the node's certificate manager: every handshake
-//! uses the workload's current certificate, so renewals and root rotations need no restart.
+//! Where workload certificates come from, and the proxy's TLS credentials on top of it.
+//!
+//! [`WorkloadCertificates`] is the one interface the agent, the proxy credentials and the
+//! admin API use, whatever issues the certificates: the zmesh CA through identity's
+//! [`CertManager`], or a SPIRE agent (see `super::spire`). [`ManagedCredentials`] builds
+//! rustls configs over it; every handshake uses the workload's current certificate, so
+//! renewals and root rotations need no restart.
 
 use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
+use rustls::server::ResolvesServerCert;
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ServerConfig};
 use zmesh_identity::{CertManager, SharedBundle, SpiffeId, TrustDomain, WorkloadId};
 use zmesh_proxy::{TlsCredentials, TlsError};
 
+use super::admin::CertInfo;
+
+/// A boxed future, so that [`WorkloadCertificates`] stays object safe.
+pub type RotateFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<CertInfo, RotateError>> + Send + 'a>>;
+
+/// Why a forced rotation did not happen.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RotateError {
+    #[error("this node holds no certificate for {0}")]
+    NotManaged(WorkloadId),
+    /// The certificates are issued and renewed by someone else (SPIRE, ztunnel).
+    #[error("{0}")]
+    NotOurs(String),
+    #[error("renewal failed (the current certificate stays in use): {0}")]
+    Failed(String),
+}
+
+/// The workload certificates of this node, from whichever source issues them.
+pub trait WorkloadCertificates: Send + Sync + 'static {
+    /// Starts keeping a certificate for `workload` (it was enrolled on this node).
+    fn ensure(&self, workload: &WorkloadId);
+    /// Stops keeping it (the workload left this node).
+    fn forget(&self, workload: &WorkloadId);
+    /// The certificate to present now, if one is valid. Never waits.
+    fn current(&self, workload: &WorkloadId) -> Option<Arc<CertifiedKey>>;
+    /// A resolver that picks the current certificate on every handshake.
+    fn resolver(&self, workload: &WorkloadId) -> Arc<dyn ResolvesServerCert>;
+    /// One entry per workload kept, sorted by workload (`zmesh certs status`).
+    fn status(&self) -> Vec<CertInfo>;
+    /// Whether [`WorkloadCertificates::rotate`] can work here; the error says why not.
+    fn can_rotate(&self) -> Result<(), RotateError>;
+    /// Renews `workload`'s certificate now (`zmesh certs rotate`).
+    fn rotate<'a>(&'a self, workload: &'a WorkloadId) -> RotateFuture<'a>;
+}
+
+impl WorkloadCertificates for CertManager {
+    fn ensure(&self, workload: &WorkloadId) {
+        CertManager::ensure(self, workload);
+    }
+
+    fn forget(&self, workload: &WorkloadId) {
+        CertManager::forget(self, workload);
+    }
+
+    fn current(&self, workload: &WorkloadId) -> Option<Arc<CertifiedKey>> {
+        CertManager::current(self, workload)
+    }
+
+    fn resolver(&self, workload: &WorkloadId) -> Arc<dyn ResolvesServerCert> {
+        CertManager::resolver(self, workload)
+    }
+
+    fn status(&self) -> Vec<CertInfo> {
+        CertManager::status(self)
+            .iter()
+            .map(CertInfo::from)
+            .collect()
+    }
+
+    fn can_rotate(&self) -> Result<(), RotateError> {
+        Ok(())
+    }
+
+    fn rotate<'a>(&'a self, workload: &'a WorkloadId) -> RotateFuture<'a> {
+        Box::pin(async move {
+            match self.force_renew(workload).await {
+                Ok(status) => Ok(CertInfo::from(&status)),
+                Err(zmesh_identity::CertError::UnknownWorkload(id)) => {
+                    Err(RotateError::NotManaged(id))
+                }
+                Err(e) => Err(RotateError::Failed(e.to_string())),
+            }
+        })
+    }
+}
+
 type ClientKey = (WorkloadId, Vec<SpiffeId>);
 /// A client config and the source certificate it was built with.
 type CachedClient = (Arc<CertifiedKey>, Arc<ClientConfig>);
 
+/// The proxy's [`TlsCredentials`] over a [`WorkloadCertificates`] source and the trust
+/// bundle that source keeps current.
 pub struct ManagedCredentials {
-    certs: Arc<CertManager>,
+    certs: Arc<dyn WorkloadCertificates>,
     bundle: SharedBundle,
     trust_domain: TrustDomain,
     server_configs: Mutex<HashMap<WorkloadId, Arc<ServerConfig>>>,
@@ -24,7 +111,13 @@ pub struct ManagedCredentials {
 }
 
 impl ManagedCredentials {
-    pub fn new(certs: Arc<CertManager>, bundle: SharedBundle, trust_domain: TrustDomain) -> Self {
+    /// `bundle` must be the one `certs` updates (the CA's roots, or SPIRE's bundles), so
+    /// peers are verified against the roots the local certificates chain to.
+    pub fn new(
+        certs: Arc<dyn WorkloadCertificates>,
+        bundle: SharedBundle,
+        trust_domain: TrustDomain,
+    ) -> Self {
         Self {
             certs,
             bundle,
@@ -93,6 +186,11 @@ impl TlsCredentials for ManagedCredentials {
     }
 
     fn earliest_expiry(&self) -> Option<SystemTime> {
-        self.certs.status().iter().filter_map(|s| s.not_after).min()
+        self.certs
+            .status()
+            .iter()
+            .filter_map(|s| s.not_after)
+            .min()
+            .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
     }
 }

@@ -19,8 +19,9 @@ use zmesh_redirect::{InboundMode, RedirectConfig, Redirector};
 
 use super::admin::{self, AdminState};
 use super::cluster_state::ClusterState;
-use super::credentials::ManagedCredentials;
+use super::credentials::{ManagedCredentials, WorkloadCertificates};
 use super::flows_api;
+use super::spire::SpireCertificates;
 use super::table::{local_enrolled, workload_table};
 
 /// Everything `zmesh agent` is configured with.
@@ -32,6 +33,8 @@ pub struct AgentConfig {
     pub ca_addr: String,
     /// Node credentials from `zmesh ca join` (node.pem, node.key, ca-bundle.pem).
     pub credentials_dir: PathBuf,
+    /// Authenticate to the CA with a ServiceAccount token instead (Kubernetes).
+    pub ca_token: Option<super::token_review::CaTokenCredential>,
     /// The address pods reach the node at; the proxy's outbound listener is here.
     pub proxy_ip: Ipv4Addr,
     pub mode: Mode,
@@ -39,6 +42,28 @@ pub struct AgentConfig {
     pub cert_validity: Duration,
     /// eBPF redirection; `None` runs the proxy without capture (explicit clients only).
     pub redirect: Option<RedirectSettings>,
+    /// Who issues workload certificates.
+    pub identity: IdentitySource,
+    /// Who carries the traffic.
+    pub data_plane: DataPlane,
+}
+
+/// Who issues workload certificates.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IdentitySource {
+    /// The zmesh CA at `ca_addr`, with this node's credential.
+    ZmeshCa,
+    /// A SPIRE agent's Workload API socket (SVIDs and bundles; no zmesh CA involved).
+    Spire { socket: PathBuf },
+}
+
+/// Who carries the traffic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DataPlane {
+    /// Our proxy and eBPF redirection.
+    Zmesh,
+    /// A stock Istio ztunnel, fed the node's pods over ZDS on `zds_socket`.
+    Ztunnel { zds_socket: PathBuf },
 }
 
 #[derive(Debug, Clone)]
@@ -67,6 +92,10 @@ pub enum AgentError {
     Admin(#[from] admin::AdminError),
     #[error("node name {0:?} is invalid")]
     NodeName(String),
+    #[error("CA token credential: {0}")]
+    CaToken(#[from] super::token_review::CaTokenError),
+    #[error("ztunnel data plane: {0}")]
+    Ztunnel(#[from] super::zds::ZtunnelModeError),
 }
 
 /// The original destination of a captured connection, from the eBPF map (keyed by the
@@ -95,46 +124,88 @@ pub async fn run(
     mut cluster: watch::Receiver<Arc<ClusterState>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
-    let node_name =
-        NodeName::new(&config.node).map_err(|_| AgentError::NodeName(config.node.clone()))?;
-    // The node credential renews itself at half-life (and moves to a new root chain during
-    // a root rotation), so a node never needs a second join token.
-    let renewer = Arc::new(
-        NodeCredentialRenewer::open(
-            &config.ca_addr,
-            &config.credentials_dir,
-            &node_name,
-            &config.trust_domain,
+    if let DataPlane::Ztunnel { zds_socket } = &config.data_plane {
+        return Ok(super::zds::run_ztunnel(
+            zds_socket,
+            &config.admin_socket,
+            config.trust_domain.clone(),
+            config.node.clone(),
+            cluster,
+            shutdown,
         )
-        .map_err(|e| AgentError::Credentials {
-            dir: config.credentials_dir.clone(),
-            reason: e.to_string(),
-        })?,
+        .await?);
+    }
+    // The node credential's renewal (zmesh CA only): stopped at shutdown.
+    type Renewal = (
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<()>,
     );
-    let mut bundle = TrustBundle::new();
-    bundle
-        .add_pem(&config.trust_domain, renewer.credentials().roots_pem.as_bytes())
-        .map_err(|e| AgentError::Bundle(e.to_string()))?;
-    let bundle = SharedBundle::new(bundle);
-    let ca = renewer.client();
-    let renewal_stop = tokio_util::sync::CancellationToken::new();
-    let renewal_task = {
-        let renewer = renewer.clone();
-        let stop = renewal_stop.clone();
-        tokio::spawn(async move {
-            if let Err(e) = renewer.run(stop.cancelled_owned()).await {
-                tracing::error!("node credential renewal stopped: {e}");
+    let (certs, bundle, renewal): (Arc<dyn WorkloadCertificates>, SharedBundle, Option<Renewal>) =
+        match &config.identity {
+            IdentitySource::Spire { socket } => {
+                // SPIRE's bundles fill the trust bundle as they arrive; no node credential.
+                let bundle = SharedBundle::default();
+                let certs = SpireCertificates::start(socket.clone(), bundle.clone());
+                (Arc::new(certs), bundle, None)
             }
-        })
-    };
-    let certs = Arc::new(CertManager::new(
-        Arc::new(ca),
-        bundle.clone(),
-        CertManagerConfig {
-            validity: config.cert_validity,
-            ..CertManagerConfig::default()
-        },
-    ));
+            IdentitySource::ZmeshCa => {
+                let node_name = NodeName::new(&config.node)
+                    .map_err(|_| AgentError::NodeName(config.node.clone()))?;
+                let (ca, roots_pem, renewal) = match &config.ca_token {
+                    // A projected ServiceAccount token: the kubelet rotates it, nothing to renew.
+                    Some(token) => {
+                        let (ca, roots_pem) = token.client(&config.ca_addr)?;
+                        (ca, roots_pem, None)
+                    }
+                    None => {
+                        // The node credential renews itself at half-life (and moves to a new root chain during
+                        // a root rotation), so a node never needs a second join token.
+                        let renewer = Arc::new(
+                            NodeCredentialRenewer::open(
+                                &config.ca_addr,
+                                &config.credentials_dir,
+                                &node_name,
+                                &config.trust_domain,
+                            )
+                            .map_err(|e| AgentError::Credentials {
+                                dir: config.credentials_dir.clone(),
+                                reason: e.to_string(),
+                            })?,
+                        );
+                        let renewal_stop = tokio_util::sync::CancellationToken::new();
+                        let renewal_task = {
+                            let renewer = renewer.clone();
+                            let stop = renewal_stop.clone();
+                            tokio::spawn(async move {
+                                if let Err(e) = renewer.run(stop.cancelled_owned()).await {
+                                    tracing::error!("node credential renewal stopped: {e}");
+                                }
+                            })
+                        };
+                        let roots_pem = renewer.credentials().roots_pem.clone();
+                        (
+                            renewer.client(),
+                            roots_pem,
+                            Some((renewal_stop, renewal_task)),
+                        )
+                    }
+                };
+                let mut bundle = TrustBundle::new();
+                bundle
+                    .add_pem(&config.trust_domain, roots_pem.as_bytes())
+                    .map_err(|e| AgentError::Bundle(e.to_string()))?;
+                let bundle = SharedBundle::new(bundle);
+                let certs = Arc::new(CertManager::new(
+                    Arc::new(ca),
+                    bundle.clone(),
+                    CertManagerConfig {
+                        validity: config.cert_validity,
+                        ..CertManagerConfig::default()
+                    },
+                ));
+                (certs, bundle, renewal)
+            }
+        };
     let tls = Arc::new(ManagedCredentials::new(
         certs.clone(),
         bundle.clone(),
@@ -208,7 +279,7 @@ pub async fn run(
             if let Some(steering) = steering.as_mut() {
                 steering.follow_interfaces();
             }
-            enrolled.apply(&state, &config, &certs, &tls, redirector.as_deref());
+            enrolled.apply(&state, &config, &*certs, &tls, redirector.as_deref());
             if cluster.changed().await.is_err() {
                 // The source is gone (only at shutdown): keep serving the last state.
                 std::future::pending::<()>().await;
@@ -223,6 +294,10 @@ pub async fn run(
     drain.drain();
     let _ = proxy_task.await;
     admin_task.abort();
+    if let Some((stop, task)) = renewal {
+        stop.cancel();
+        let _ = task.await;
+    }
     if let Some(task) = drop_events {
         task.abort();
     }
@@ -330,7 +405,7 @@ impl Enrolled {
         &mut self,
         state: &ClusterState,
         config: &AgentConfig,
-        certs: &CertManager,
+        certs: &dyn WorkloadCertificates,
         tls: &ManagedCredentials,
         redirector: Option<&Mutex<Redirector>>,
     ) {

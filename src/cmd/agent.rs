@@ -8,7 +8,8 @@ use std::time::Duration;
 use anyhow::Context;
 use zmesh::agent::kube_source::{watch_kubernetes, RetryPolicy};
 use zmesh::agent::manifests::watch_dir;
-use zmesh::agent::run::{run, AgentConfig, RedirectSettings};
+use zmesh::agent::run::{run, AgentConfig, DataPlane, IdentitySource, RedirectSettings};
+use zmesh::agent::token_review::CaTokenCredential;
 use zmesh_identity::TrustDomain;
 use zmesh_proxy::Mode;
 
@@ -28,18 +29,56 @@ pub struct AgentArgs {
     /// Watch namespaces and pods in Kubernetes (in-cluster config or KUBECONFIG).
     #[arg(long)]
     kubernetes: bool,
-    /// The CA's address, HOST:PORT (Istio's CA API, default port 15012).
+    /// The CA's address, HOST:PORT (Istio's CA API, default port 15012). Needed unless
+    /// certificates come from SPIRE or ztunnel carries the traffic.
     #[arg(long, value_name = "HOST:PORT")]
-    ca: String,
+    ca: Option<String>,
+    /// Who issues workload certificates: the zmesh CA (--ca), or a SPIRE agent
+    /// (--spire-socket; SPIRE needs a registration entry per workload identity).
+    #[arg(long, value_enum, default_value = "zmesh")]
+    identity_source: IdentitySourceArg,
+    /// The SPIRE agent's Workload API socket.
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/run/spire/sockets/agent.sock"
+    )]
+    spire_socket: PathBuf,
+    /// Who carries the traffic: zmesh's proxy and eBPF redirection, or a stock Istio
+    /// ztunnel that this agent feeds the node's pods over ZDS (--zds-socket).
+    #[arg(long, value_enum, default_value = "zmesh")]
+    data_plane: DataPlaneArg,
+    /// Where to serve ZDS for ztunnel (ztunnel's default path; mode 0600).
+    #[arg(
+        long,
+        value_name = "PATH",
+        default_value = "/var/run/ztunnel/ztunnel.sock"
+    )]
+    zds_socket: PathBuf,
     /// Directory with this node's credential from `zmesh ca join` (node.pem, node.key,
     /// ca-bundle.pem).
     #[arg(long, value_name = "DIR", default_value = "/var/lib/zmesh/node")]
     credentials: PathBuf,
+    /// Authenticate to the CA with this projected ServiceAccount token (re-read for every
+    /// request, as the kubelet rotates it) instead of a node credential from `zmesh ca join`.
+    /// The CA must run with `--bearer kubernetes`.
+    #[arg(
+        long,
+        value_name = "PATH",
+        requires = "ca_bundle",
+        conflicts_with = "credentials"
+    )]
+    ca_token_file: Option<PathBuf>,
+    /// PEM file with the CA's root(s) (`zmesh ca bundle`; in Kubernetes the zmesh-ca-roots
+    /// ConfigMap), for --ca-token-file.
+    #[arg(long, value_name = "FILE", requires = "ca_token_file")]
+    ca_bundle: Option<PathBuf>,
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
     /// Address on this node that pods reach (their gateway); the outbound listener is here.
+    /// Needed with the zmesh data plane.
     #[arg(long, value_name = "IP")]
-    proxy_ip: Ipv4Addr,
+    proxy_ip: Option<Ipv4Addr>,
     /// Plaintext to enrolled pods from outside the mesh: permissive passes it, strict drops it.
     #[arg(long, value_enum, default_value = "permissive")]
     mode: ModeArg,
@@ -66,6 +105,22 @@ pub struct AgentArgs {
     dry_run: bool,
 }
 
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum IdentitySourceArg {
+    /// The zmesh CA.
+    Zmesh,
+    /// A SPIRE agent's Workload API.
+    Spire,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum DataPlaneArg {
+    /// zmesh's node proxy and eBPF redirection.
+    Zmesh,
+    /// A stock Istio ztunnel, over ZDS.
+    Ztunnel,
+}
+
 #[derive(clap::ValueEnum, Clone, Copy, Debug)]
 enum ModeArg {
     Permissive,
@@ -75,12 +130,56 @@ enum ModeArg {
 pub async fn run_agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
     let trust_domain = TrustDomain::new(&args.trust_domain)
         .with_context(|| format!("invalid trust domain {:?}", args.trust_domain))?;
+    let ztunnel = args.data_plane == DataPlaneArg::Ztunnel;
+    let spire = args.identity_source == IdentitySourceArg::Spire;
+    if ztunnel && spire {
+        anyhow::bail!(
+            "--identity-source spire does not apply with --data-plane ztunnel: ztunnel asks \
+             the CA for its workloads' certificates itself"
+        );
+    }
+    let ca_addr = match (&args.ca, ztunnel || spire) {
+        (Some(ca), _) => ca.clone(),
+        (None, true) => String::new(),
+        (None, false) => anyhow::bail!(
+            "--ca HOST:PORT is required: workload certificates come from the zmesh CA \
+             (or use --identity-source spire)"
+        ),
+    };
+    let proxy_ip = match (args.proxy_ip, ztunnel) {
+        (Some(ip), _) => ip,
+        (None, true) => Ipv4Addr::UNSPECIFIED,
+        (None, false) => anyhow::bail!(
+            "--proxy-ip IP is required: the node proxy listens there \
+             (or use --data-plane ztunnel)"
+        ),
+    };
     let config = AgentConfig {
         node: args.node.clone(),
         trust_domain,
-        ca_addr: args.ca.clone(),
+        ca_addr,
         credentials_dir: args.credentials.clone(),
-        proxy_ip: args.proxy_ip,
+        ca_token: args.ca_token_file.clone().zip(args.ca_bundle.clone()).map(
+            |(token_file, ca_bundle)| CaTokenCredential {
+                token_file,
+                ca_bundle,
+            },
+        ),
+        proxy_ip,
+        identity: if spire {
+            IdentitySource::Spire {
+                socket: args.spire_socket.clone(),
+            }
+        } else {
+            IdentitySource::ZmeshCa
+        },
+        data_plane: if ztunnel {
+            DataPlane::Ztunnel {
+                zds_socket: args.zds_socket.clone(),
+            }
+        } else {
+            DataPlane::Zmesh
+        },
         mode: match args.mode {
             ModeArg::Permissive => Mode::Permissive,
             ModeArg::Strict => Mode::Strict,

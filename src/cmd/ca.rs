@@ -8,9 +8,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
+use zmesh::agent::token_review::{
+    ServiceAccountRef, TokenReviewValidator, DEFAULT_AGENT_SERVICE_ACCOUNT, DEFAULT_AUDIENCE,
+    DEFAULT_CACHE_TTL,
+};
 use zmesh_certs::{
-    BearerValidator, CaServer, CaStore, FilePlacement, InitOptions, NodeCredentialRenewer,
-    NodeName, Phase, Policy, RotationStep, ServerOptions, StaticTokens, Status, WorkloadPlacement,
+    BearerValidator, CaServer, CaStore, CachedBearer, FilePlacement, InitOptions,
+    NodeCredentialRenewer, NodeName, Phase, Policy, RotationStep, ServerOptions, StaticTokens,
+    Status, StoreError, WorkloadPlacement,
 };
 use zmesh_identity::TrustDomain;
 
@@ -43,6 +48,10 @@ enum CaCommand {
         /// Lifetime of node agent certificates, e.g. 30d.
         #[arg(long, default_value = "30d", value_parser = parse_duration)]
         node_cert_lifetime: Duration,
+        /// Succeed without changes if the directory already holds a CA (for an init
+        /// container that runs on every start).
+        #[arg(long)]
+        if_missing: bool,
     },
     /// Serve Istio's CA API (and node join) over TLS.
     Serve {
@@ -54,25 +63,48 @@ enum CaCommand {
         /// (`node-a: [default/web, spiffe://cluster.local/ns/prod/sa/db]`); re-read on change.
         #[arg(
             long,
-            required_unless_present = "manifests",
-            conflicts_with = "manifests"
+            required_unless_present_any = ["manifests", "kubernetes"],
+            conflicts_with_all = ["manifests", "kubernetes"]
         )]
         placement: Option<PathBuf>,
         /// Place workloads from a directory of Kubernetes Pod manifests (watched), the same
         /// cluster state the node agents read: a node gets only identities of its pods.
-        #[arg(long, value_name = "DIR")]
+        #[arg(long, value_name = "DIR", conflicts_with = "kubernetes")]
         manifests: Option<PathBuf>,
+        /// Place workloads from the cluster's pods, watched through the Kubernetes API
+        /// (in-cluster config or KUBECONFIG): a node gets only identities of its pods.
+        #[arg(long)]
+        kubernetes: bool,
         /// DNS name or IP for the CA's serving certificate (repeatable).
         /// Default: localhost, 127.0.0.1 and the listen address.
         #[arg(long = "san")]
         sans: Vec<String>,
         /// File of `<node> <sha256-hex>` lines: static bearer tokens accepted in
         /// `authorization: Bearer` instead of a node certificate.
-        #[arg(long)]
+        #[arg(long, conflicts_with = "bearer")]
         bearer_tokens: Option<PathBuf>,
+        /// Accept bearer tokens checked this way: `kubernetes` sends node agents'
+        /// ServiceAccount tokens to the TokenReview API and takes the node from the token.
+        #[arg(long, value_enum)]
+        bearer: Option<BearerKind>,
+        /// The audience node agents' tokens must be issued for (--bearer kubernetes).
+        #[arg(long, default_value = DEFAULT_AUDIENCE)]
+        token_audience: String,
+        /// The node agents' service account, NAMESPACE/NAME (--bearer kubernetes).
+        #[arg(long, default_value = DEFAULT_AGENT_SERVICE_ACCOUNT, value_name = "NAMESPACE/NAME")]
+        agent_service_account: ServiceAccountRef,
         /// This cluster's id; requests whose `clusterid` header names another are refused.
         #[arg(long, env = "ZMESH_CLUSTER_ID", default_value = zmesh_certs::DEFAULT_CLUSTER_ID)]
         cluster_id: String,
+        /// Print the effective configuration and exit, touching nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Print the CA's trusted roots (PEM): the bundle node agents are given with
+    /// `--ca-bundle` (in Kubernetes, the zmesh-ca-roots ConfigMap).
+    Bundle {
+        #[command(flatten)]
+        state: StateDir,
     },
     /// Manage one-time node join tokens.
     Token {
@@ -153,6 +185,42 @@ enum TokenCommand {
     },
 }
 
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum BearerKind {
+    /// Kubernetes TokenReview of the node agents' projected ServiceAccount tokens.
+    Kubernetes,
+}
+
+/// What `ca serve` will do, as printed by `--dry-run`.
+#[derive(Debug)]
+#[allow(dead_code)] // Read through Debug only.
+struct ServeConfig {
+    state_dir: PathBuf,
+    listen: SocketAddr,
+    serving_names: Vec<String>,
+    placement: PlacementSource,
+    bearer: Option<BearerSource>,
+    cluster_id: String,
+}
+
+#[derive(Debug)]
+enum PlacementSource {
+    File(PathBuf),
+    Manifests(PathBuf),
+    Kubernetes,
+}
+
+#[derive(Debug)]
+enum BearerSource {
+    StaticTokens(PathBuf),
+    #[allow(dead_code)] // Read through Debug only.
+    TokenReview {
+        audience: String,
+        agent_service_account: String,
+        cache_ttl: Duration,
+    },
+}
+
 #[derive(Clone, Copy, ValueEnum)]
 enum RotatePhase {
     Add,
@@ -173,6 +241,7 @@ pub async fn run(args: CaArgs) -> anyhow::Result<ExitCode> {
             trust_domain,
             max_leaf_lifetime,
             node_cert_lifetime,
+            if_missing,
         } => {
             let options = InitOptions {
                 trust_domain: TrustDomain::new(&trust_domain).context("--trust-domain")?,
@@ -181,7 +250,28 @@ pub async fn run(args: CaArgs) -> anyhow::Result<ExitCode> {
                     node_cert_lifetime,
                 },
             };
-            let store = CaStore::init(&state.state_dir, &options)?;
+            let store = match CaStore::init(&state.state_dir, &options) {
+                Ok(store) => store,
+                Err(StoreError::AlreadyInitialized(_)) if if_missing => {
+                    // Check it loads: a broken CA must not pass for an existing one.
+                    let status = CaStore::open(&state.state_dir)?.status()?;
+                    if status.trust_domain != options.trust_domain.to_string() {
+                        anyhow::bail!(
+                            "{} holds the CA for trust domain {}, not {}",
+                            state.state_dir.display(),
+                            status.trust_domain,
+                            options.trust_domain
+                        );
+                    }
+                    println!(
+                        "{} already holds the CA for trust domain {}; unchanged",
+                        state.state_dir.display(),
+                        status.trust_domain
+                    );
+                    return Ok(ExitCode::SUCCESS);
+                }
+                Err(e) => return Err(e.into()),
+            };
             let status = store.status()?;
             println!(
                 "initialised CA for trust domain {} in {}",
@@ -197,31 +287,105 @@ pub async fn run(args: CaArgs) -> anyhow::Result<ExitCode> {
             listen,
             placement,
             manifests,
+            kubernetes,
             mut sans,
             bearer_tokens,
+            bearer,
+            token_audience,
+            agent_service_account,
             cluster_id,
+            dry_run,
         } => {
-            let store = CaStore::open(&state.state_dir)?;
-            let authority = store.load()?;
             if sans.is_empty() {
                 sans = vec!["localhost".into(), "127.0.0.1".into()];
                 if !listen.ip().is_unspecified() && !listen.ip().is_loopback() {
                     sans.push(listen.ip().to_string());
                 }
             }
-            let placement: Arc<dyn WorkloadPlacement> = match (placement, manifests) {
-                (Some(file), _) => Arc::new(FilePlacement::new(&file, authority.trust_domain())?),
-                (None, Some(dir)) => {
+            let placement = match (placement, manifests, kubernetes) {
+                (Some(file), _, _) => PlacementSource::File(file),
+                (None, Some(dir), _) => PlacementSource::Manifests(dir),
+                (None, None, true) => PlacementSource::Kubernetes,
+                (None, None, false) => {
+                    anyhow::bail!("give --placement FILE, --manifests DIR or --kubernetes")
+                }
+            };
+            if token_audience.trim().is_empty() {
+                anyhow::bail!("--token-audience must not be empty");
+            }
+            let bearer = match (bearer_tokens, bearer) {
+                (Some(path), _) => Some(BearerSource::StaticTokens(path)),
+                (None, Some(BearerKind::Kubernetes)) => Some(BearerSource::TokenReview {
+                    audience: token_audience,
+                    agent_service_account: agent_service_account.to_string(),
+                    cache_ttl: DEFAULT_CACHE_TTL,
+                }),
+                (None, None) => None,
+            };
+            let config = ServeConfig {
+                state_dir: state.state_dir,
+                listen,
+                serving_names: sans.clone(),
+                placement,
+                bearer,
+                cluster_id,
+            };
+            if dry_run {
+                println!("{config:#?}");
+                return Ok(ExitCode::SUCCESS);
+            }
+            let store = CaStore::open(&config.state_dir)?;
+            let authority = store.load()?;
+            let needs_kube = matches!(config.placement, PlacementSource::Kubernetes)
+                || matches!(config.bearer, Some(BearerSource::TokenReview { .. }));
+            let kube = if needs_kube {
+                Some(
+                    kube::Client::try_default()
+                        .await
+                        .context("cannot configure the Kubernetes client")?,
+                )
+            } else {
+                None
+            };
+            let bearer = match config.bearer {
+                Some(BearerSource::StaticTokens(path)) => {
+                    Some(Arc::new(StaticTokens::new(&path)?) as Arc<dyn BearerValidator>)
+                }
+                Some(BearerSource::TokenReview {
+                    audience,
+                    cache_ttl,
+                    ..
+                }) => {
+                    let client = kube.clone().context("no Kubernetes client")?;
+                    let review =
+                        TokenReviewValidator::new(client, &audience, agent_service_account);
+                    Some(Arc::new(CachedBearer::new(review, cache_ttl)) as Arc<dyn BearerValidator>)
+                }
+                None => None,
+            };
+            let placement: Arc<dyn WorkloadPlacement> = match config.placement {
+                PlacementSource::File(file) => {
+                    Arc::new(FilePlacement::new(&file, authority.trust_domain())?)
+                }
+                PlacementSource::Manifests(dir) => {
                     let (state, _errors) =
                         zmesh::agent::manifests::watch_dir(dir, Duration::from_millis(200));
                     Arc::new(zmesh::agent::placement::ClusterPlacement::new(state))
                 }
-                (None, None) => anyhow::bail!("give --placement FILE or --manifests DIR"),
+                PlacementSource::Kubernetes => {
+                    let client = kube.context("no Kubernetes client")?;
+                    tracing::info!("waiting for the first complete listing of pods");
+                    // No node of its own: the CA keeps the compact form of every pod.
+                    let state = zmesh::agent::kube_source::watch_kubernetes(
+                        client,
+                        String::new(),
+                        zmesh::agent::kube_source::RetryPolicy::default(),
+                    )
+                    .await;
+                    Arc::new(zmesh::agent::placement::ClusterPlacement::new(state))
+                }
             };
-            let bearer = match bearer_tokens {
-                Some(path) => Some(Arc::new(StaticTokens::new(&path)?) as Arc<dyn BearerValidator>),
-                None => None,
-            };
+            let cluster_id = config.cluster_id;
             let server = CaServer::bind(
                 store,
                 ServerOptions {
@@ -242,6 +406,10 @@ pub async fn run(args: CaArgs) -> anyhow::Result<ExitCode> {
             );
             server.serve(shutdown_signal()).await?;
             tracing::info!("CA stopped");
+        }
+        CaCommand::Bundle { state } => {
+            let authority = CaStore::open(&state.state_dir)?.load()?;
+            print!("{}", authority.bundle_pem());
         }
         CaCommand::Token {
             command: TokenCommand::Create { state, node, ttl },

@@ -50,6 +50,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         zmesh_bin,
         cert_lifetime: args.cert_lifetime,
         strict_nodes: vec![],
+        reserved_pods: vec![],
     });
     let mut lab = tokio::select! {
         lab = lab => lab?,

@@ -6,6 +6,7 @@ pub mod certs;
 pub mod check;
 pub mod compat;
 pub mod demo;
+pub mod enroll;
 pub mod observe;
 pub mod proxy;
 

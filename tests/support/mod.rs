@@ -6,22 +6,27 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use zmesh::lab::{Lab, LabOptions};
+use zmesh::lab::{Lab, LabOptions, ReservedPod};
 
 pub fn manifests() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/demo")
 }
 
 pub async fn lab(strict_nodes: &[&str]) -> Lab {
-    lab_from(manifests(), strict_nodes).await
+    lab_from(manifests(), strict_nodes, vec![]).await
 }
 
-pub async fn lab_from(manifests: PathBuf, strict_nodes: &[&str]) -> Lab {
+pub async fn lab_from(
+    manifests: PathBuf,
+    strict_nodes: &[&str],
+    reserved_pods: Vec<ReservedPod>,
+) -> Lab {
     Lab::start(LabOptions {
         manifests,
         zmesh_bin: PathBuf::from(env!("CARGO_BIN_EXE_zmesh")),
         cert_lifetime: Duration::from_secs(3600),
         strict_nodes: strict_nodes.iter().map(|s| s.to_string()).collect(),
+        reserved_pods,
     })
     .await
     .expect("the lab starts")

@@ -122,6 +122,15 @@ fn run(args: &Args) -> Result<()> {
     let table = dir.path().join("workloads.yaml");
     std::fs::write(&table, topo.workload_table())?;
 
+    // A leftover or concurrent run would answer our readiness probes: refuse to start.
+    for ip in [topo.proxy_a_ip, topo.proxy_b_ip] {
+        for port in [15001, 15006, 15008, 15020, 15021] {
+            let addr = SocketAddr::new(ip, port);
+            if let Err(e) = std::net::TcpListener::bind(addr) {
+                bail!("{addr} is not free ({e}): is another zmesh-bench running? Try --net");
+            }
+        }
+    }
     let server = Server::start(topo.server_ip, 8)?;
     let proxy_args = |node: &str, certs: &PathBuf, ip| {
         let mut v: Vec<String> = [

@@ -61,7 +61,8 @@ impl ProxyProcess {
         loop {
             self.check_alive()?;
             if let Ok((200, _)) = http_get(readiness, "/healthz/ready") {
-                return Ok(());
+                // The answer must have come from our child, not a process it collided with.
+                return self.check_alive();
             }
             if Instant::now() >= deadline {
                 bail!(

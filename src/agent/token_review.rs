@@ -1,0 +1,329 @@
+//! Node agents authenticate to the CA with Kubernetes ServiceAccount tokens.
+//!
+//! Agent side ([`CaTokenCredential`]): the agent presents its projected, audience-bound
+//! token (re-read for every request: the kubelet rotates it) and trusts the CA's roots
+//! from a file (a ConfigMap). No join token, no node certificate to renew.
+//!
+//! CA side ([`TokenReviewValidator`]): the CA asks the API server (TokenReview) who the
+//! token is, and accepts it only for the agent's service account, taking the node from
+//! the token's `authentication.kubernetes.io/node-name` extra (bound pod tokens carry it
+//! since Kubernetes 1.30), as Istio does for ztunnel. Fails closed: anything but a
+//! positive review for the agent account, our audience and exactly one node name is a
+//! rejection, and an API error is "unavailable", never "yes".
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+use std::time::Duration;
+
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
+use kube::api::PostParams;
+use kube::{Api, Client};
+use zmesh_certs::{
+    BearerError, BearerFuture, BearerValidator, ClientCredential, ClientError, IstioCaClient,
+    NodeName,
+};
+
+/// The audience node agents request for their CA token (the projected volume's
+/// `audience`): a token minted for another service is useless here, and ours is useless
+/// to others.
+pub const DEFAULT_AUDIENCE: &str = "zmesh-ca";
+/// The node agents' service account.
+pub const DEFAULT_AGENT_SERVICE_ACCOUNT: &str = "zmesh-system/zmesh-agent";
+/// The user extra in which the API server names the node of a pod-bound token.
+pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+/// How long to trust an accepted token without asking again. Short, because a deleted
+/// pod's token stays usable this long.
+pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
+const REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A `namespace/name` service account reference.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServiceAccountRef {
+    namespace: String,
+    name: String,
+}
+
+/// A service account reference that is not `namespace/name`.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("{0:?} is not a service account reference: expected namespace/name, both DNS labels")]
+pub struct ServiceAccountRefError(String);
+
+impl FromStr for ServiceAccountRef {
+    type Err = ServiceAccountRefError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let bad = || ServiceAccountRefError(s.to_owned());
+        let (namespace, name) = s.split_once('/').ok_or_else(bad)?;
+        // Namespaces are DNS labels; service account names are DNS subdomains.
+        let label = |p: &str, dots: bool| {
+            !p.is_empty()
+                && p.len() <= 253
+                && p.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || (dots && b == b'.')
+                })
+                && !p.starts_with(['-', '.'])
+                && !p.ends_with(['-', '.'])
+        };
+        if !label(namespace, false) || namespace.len() > 63 || !label(name, true) {
+            return Err(bad());
+        }
+        Ok(Self {
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        })
+    }
+}
+
+impl fmt::Display for ServiceAccountRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl ServiceAccountRef {
+    /// The user name the API server gives this account's tokens.
+    fn username(&self) -> String {
+        format!("system:serviceaccount:{}:{}", self.namespace, self.name)
+    }
+}
+
+/// Validates node agents' tokens with the TokenReview API. Wrap it in
+/// [`zmesh_certs::CachedBearer`] so every request does not cost a review.
+pub struct TokenReviewValidator {
+    api: Api<TokenReview>,
+    audience: String,
+    agent: ServiceAccountRef,
+    username: String,
+}
+
+impl TokenReviewValidator {
+    /// Accepts tokens for `audience` of the `agent` service account. The client's
+    /// identity needs `create` on `tokenreviews.authentication.k8s.io`.
+    pub fn new(client: Client, audience: &str, agent: ServiceAccountRef) -> Self {
+        Self {
+            api: Api::all(client),
+            audience: audience.to_owned(),
+            username: agent.username(),
+            agent,
+        }
+    }
+
+    async fn review(&self, token: &str) -> Result<NodeName, BearerError> {
+        let request = TokenReview {
+            spec: TokenReviewSpec {
+                token: Some(token.to_owned()),
+                audiences: Some(vec![self.audience.clone()]),
+            },
+            ..TokenReview::default()
+        };
+        // The review (request and answer) holds the token: it is never logged.
+        let answer = tokio::time::timeout(
+            REVIEW_TIMEOUT,
+            self.api.create(&PostParams::default(), &request),
+        )
+        .await
+        .map_err(|_| BearerError::Unavailable("the TokenReview API did not answer in time".into()))?
+        .map_err(|e| BearerError::Unavailable(format!("TokenReview failed: {e}")))?;
+        let status = answer.status.ok_or_else(|| {
+            BearerError::Unavailable("the API server returned a TokenReview without status".into())
+        })?;
+        self.decide(status, token)
+    }
+
+    /// The node a reviewed token belongs to, or why it is refused.
+    fn decide(&self, status: TokenReviewStatus, token: &str) -> Result<NodeName, BearerError> {
+        let reject = |reason: String| Err(BearerError::Rejected(reason));
+        if status.authenticated != Some(true) {
+            return match status.error.filter(|e| !e.is_empty()) {
+                // The API server's reason, with the token masked should it ever be quoted.
+                Some(error) => reject(format!(
+                    "Kubernetes did not authenticate the token: {}",
+                    error.replace(token, "<token>")
+                )),
+                None => reject("Kubernetes did not authenticate the token".into()),
+            };
+        }
+        let audiences = status.audiences.unwrap_or_default();
+        if !audiences.contains(&self.audience) {
+            return reject(format!(
+                "the token is not for audience {:?} (the API server confirmed {audiences:?})",
+                self.audience
+            ));
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        if username != self.username {
+            return reject(format!(
+                "the token is {username:?}, not the node agent's service account {}",
+                self.agent
+            ));
+        }
+        let nodes = user
+            .extra
+            .and_then(|mut extra| extra.remove(NODE_NAME_EXTRA))
+            .unwrap_or_default();
+        match nodes.as_slice() {
+            [node] => NodeName::new(node)
+                .or_else(|e| reject(format!("the token's node name {node:?} is not valid: {e}"))),
+            [] => reject(format!(
+                "the token names no node ({NODE_NAME_EXTRA}): use the agent pod's projected \
+                 token (Kubernetes 1.30 or later)"
+            )),
+            _ => reject(format!("the token names {} nodes", nodes.len())),
+        }
+    }
+}
+
+impl BearerValidator for TokenReviewValidator {
+    fn validate<'a>(&'a self, token: &'a str) -> BearerFuture<'a> {
+        Box::pin(self.review(token))
+    }
+}
+
+/// The agent's credential towards the CA in Kubernetes: its projected ServiceAccount
+/// token and the CA's roots.
+#[derive(Debug, Clone)]
+pub struct CaTokenCredential {
+    /// The projected token (audience = the CA's `--token-audience`).
+    pub token_file: PathBuf,
+    /// PEM roots the CA's serving certificate chains to.
+    pub ca_bundle: PathBuf,
+}
+
+/// Why the agent cannot use its token credential.
+#[derive(Debug, thiserror::Error)]
+pub enum CaTokenError {
+    #[error("cannot read the CA bundle {path}: {source}", path = .path.display())]
+    Bundle {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Client(#[from] ClientError),
+}
+
+impl CaTokenCredential {
+    /// A client for the CA at `ca_addr` presenting the token, and the roots it trusts
+    /// (the workload trust bundle starts from them). Fails now if either file is unusable.
+    pub fn client(&self, ca_addr: &str) -> Result<(IstioCaClient, String), CaTokenError> {
+        let roots_pem =
+            std::fs::read_to_string(&self.ca_bundle).map_err(|source| CaTokenError::Bundle {
+                path: self.ca_bundle.clone(),
+                source,
+            })?;
+        let client = IstioCaClient::new(
+            ca_addr,
+            &roots_pem,
+            ClientCredential::BearerFile(self.token_file.clone()),
+        )?;
+        Ok((client, roots_pem))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use k8s_openapi::api::authentication::v1::UserInfo;
+
+    use super::*;
+
+    /// A validator whose API is never called (decisions are tested on their own).
+    fn validator() -> TokenReviewValidator {
+        let service = tower::service_fn(|_: http::Request<kube::client::Body>| async {
+            Err::<http::Response<kube::client::Body>, _>(std::io::Error::other("no API here"))
+        });
+        TokenReviewValidator::new(
+            Client::new(service, "default"),
+            DEFAULT_AUDIENCE,
+            DEFAULT_AGENT_SERVICE_ACCOUNT.parse().unwrap(),
+        )
+    }
+
+    fn agent_status(nodes: &[&str]) -> TokenReviewStatus {
+        TokenReviewStatus {
+            authenticated: Some(true),
+            audiences: Some(vec![DEFAULT_AUDIENCE.into()]),
+            error: None,
+            user: Some(UserInfo {
+                username: Some("system:serviceaccount:zmesh-system:zmesh-agent".into()),
+                extra: Some(BTreeMap::from([(
+                    NODE_NAME_EXTRA.to_owned(),
+                    nodes.iter().map(|n| n.to_string()).collect(),
+                )])),
+                ..UserInfo::default()
+            }),
+        }
+    }
+
+    fn rejected(result: Result<NodeName, BearerError>) -> String {
+        match result {
+            Err(BearerError::Rejected(reason)) => reason,
+            other => panic!("not rejected: {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn decisions() {
+        let v = validator();
+        assert_eq!(
+            v.decide(agent_status(&["node-a"]), "t").unwrap().as_str(),
+            "node-a"
+        );
+        let reason = rejected(v.decide(agent_status(&["node-a", "node-b"]), "t"));
+        assert!(reason.contains("names 2 nodes"), "{reason}");
+        let reason = rejected(v.decide(agent_status(&["Node_A"]), "t"));
+        assert!(reason.contains("not valid"), "{reason}");
+        // Authenticated but with no audience confirmed: the API server may not be
+        // audience-aware, so the token proves nothing about being minted for us.
+        let mut status = agent_status(&["node-a"]);
+        status.audiences = None;
+        assert!(rejected(v.decide(status, "t")).contains("not for audience"));
+        // "authenticated" missing counts as false; the API's error is quoted, the token not.
+        let status = TokenReviewStatus {
+            error: Some("token s3cr3t-token is malformed".into()),
+            ..agent_status(&["node-a"])
+        };
+        let mut status = status;
+        status.authenticated = None;
+        let reason = rejected(v.decide(status, "s3cr3t-token"));
+        assert!(!reason.contains("s3cr3t-token"), "{reason}");
+        assert!(reason.contains("token <token> is malformed"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn api_errors_are_unavailable() {
+        match validator().validate("t").await {
+            Err(BearerError::Unavailable(reason)) => {
+                assert!(reason.contains("TokenReview failed"), "{reason}")
+            }
+            other => panic!("an unreachable API must not decide: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn service_account_refs() {
+        let sa: ServiceAccountRef = "zmesh-system/zmesh-agent".parse().unwrap();
+        assert_eq!(
+            sa.username(),
+            "system:serviceaccount:zmesh-system:zmesh-agent"
+        );
+        assert_eq!(sa.to_string(), "zmesh-system/zmesh-agent");
+        assert!("ns/sa.v1".parse::<ServiceAccountRef>().is_ok());
+        for bad in [
+            "",
+            "zmesh-agent",
+            "/sa",
+            "ns/",
+            "ns/a/b",
+            "Ns/sa",
+            "ns/sa:x",
+            "-ns/sa",
+            "ns.x/sa",
+            "ns/sa-",
+        ] {
+            assert!(bad.parse::<ServiceAccountRef>().is_err(), "{bad}");
+        }
+    }
+}

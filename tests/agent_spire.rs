@@ -1,0 +1,675 @@
+//! `zmesh agent --identity-source spire`: the proxy's credentials over SVIDs from a SPIFFE
+//! Workload API. Each node has its own Workload API server (written here to the spec:
+//! gRPC over a unix socket, security header required, full-state streams, PermissionDenied
+//! when the caller has no identity), and a real HBONE connection goes through two proxies
+//! on loopback before and after SPIRE rotates SVIDs and roots.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
+    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
+};
+use rustls::pki_types::CertificateDer;
+use time::OffsetDateTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use zmesh::agent::admin::{self, AdminClient, AdminError, AdminState, CertInfo};
+use zmesh::agent::credentials::{ManagedCredentials, WorkloadCertificates};
+use zmesh::agent::spire::SpireCertificates;
+use zmesh_compat::spire::{SpireConfig, SpireSource};
+use zmesh_identity::{SharedBundle, TrustDomain, WorkloadId};
+use zmesh_proxy::{
+    Node, Protocol, Proxy, ProxyConfig, ProxyDeps, StaticOriginalDst, Workload, WorkloadStore,
+    WorkloadTable,
+};
+
+const WAIT: Duration = Duration::from_secs(20);
+const TD: &str = "cluster.local";
+
+// ------------------------------------------------------------ certificates (rcgen)
+
+struct Ca {
+    params: CertificateParams,
+    key: KeyPair,
+    der: Vec<u8>,
+}
+
+fn serial() -> SerialNumber {
+    SerialNumber::from(rand::random::<u64>() >> 1)
+}
+
+impl Ca {
+    fn root(name: &str) -> Ca {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.distinguished_name.push(DnType::OrganizationName, name);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        p.not_before = OffsetDateTime::now_utc() - Duration::from_secs(3600);
+        p.not_after = OffsetDateTime::now_utc() + Duration::from_secs(86400);
+        p.serial_number = Some(serial());
+        let der = p.self_signed(&key).unwrap().der().to_vec();
+        Ca {
+            params: p,
+            key,
+            der,
+        }
+    }
+
+    /// An X.509-SVID for `id` as SPIRE issues them, in Workload API form.
+    fn svid(&self, id: &str) -> pb::X509Svid {
+        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.subject_alt_names = vec![SanType::URI(
+            rcgen::string::Ia5String::try_from(id.to_owned()).unwrap(),
+        )];
+        p.is_ca = IsCa::ExplicitNoCa;
+        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.not_before = OffsetDateTime::now_utc() - Duration::from_secs(60);
+        p.not_after = OffsetDateTime::now_utc() + Duration::from_secs(3600);
+        p.serial_number = Some(serial());
+        let issuer = Issuer::from_params(&self.params, &self.key);
+        let cert = p.signed_by(&key, &issuer).unwrap();
+        pb::X509Svid {
+            spiffe_id: id.to_owned(),
+            x509_svid: cert.der().to_vec(),
+            x509_svid_key: key.serialize_der(),
+            bundle: self.der.clone(),
+            hint: String::new(),
+        }
+    }
+}
+
+fn bundles(roots: &[&Ca]) -> HashMap<String, Vec<u8>> {
+    HashMap::from([(
+        format!("spiffe://{TD}"),
+        roots.iter().flat_map(|c| c.der.clone()).collect(),
+    )])
+}
+
+// ------------------------------------------------------------ the Workload API server
+
+/// The X.509 messages of the SPIFFE Workload API (field numbers from the specification).
+mod pb {
+    use std::collections::HashMap;
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct X509Svid {
+        #[prost(string, tag = "1")]
+        pub spiffe_id: String,
+        #[prost(bytes = "vec", tag = "2")]
+        pub x509_svid: Vec<u8>,
+        #[prost(bytes = "vec", tag = "3")]
+        pub x509_svid_key: Vec<u8>,
+        #[prost(bytes = "vec", tag = "4")]
+        pub bundle: Vec<u8>,
+        #[prost(string, tag = "5")]
+        pub hint: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct X509SvidResponse {
+        #[prost(message, repeated, tag = "1")]
+        pub svids: Vec<X509Svid>,
+        #[prost(bytes = "vec", repeated, tag = "2")]
+        pub crl: Vec<Vec<u8>>,
+        #[prost(map = "string, bytes", tag = "3")]
+        pub federated_bundles: HashMap<String, Vec<u8>>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct X509BundlesResponse {
+        #[prost(bytes = "vec", repeated, tag = "1")]
+        pub crl: Vec<Vec<u8>>,
+        #[prost(map = "string, bytes", tag = "2")]
+        pub bundles: HashMap<String, Vec<u8>>,
+    }
+}
+
+/// One node's SPIRE agent: gRPC (HTTP/2) on a unix socket, each stream sending the full
+/// state on every change.
+struct WorkloadApi {
+    svids: watch::Sender<Vec<pb::X509Svid>>,
+    bundles: watch::Sender<HashMap<String, Vec<u8>>>,
+    task: JoinHandle<()>,
+}
+
+impl Drop for WorkloadApi {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl WorkloadApi {
+    fn start(path: &Path, svids: Vec<pb::X509Svid>, roots: &[&Ca]) -> WorkloadApi {
+        let listener = UnixListener::bind(path).unwrap();
+        let (svids, _) = watch::channel(svids);
+        let (bundles, _) = watch::channel(bundles(roots));
+        let (s, b) = (svids.clone(), bundles.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (s, b) = (s.subscribe(), b.subscribe());
+                tokio::spawn(async move {
+                    let Ok(mut conn) = h2::server::handshake(stream).await else {
+                        return;
+                    };
+                    while let Some(Ok((req, respond))) = conn.accept().await {
+                        tokio::spawn(handle(req, respond, s.clone(), b.clone()));
+                    }
+                });
+            }
+        });
+        WorkloadApi {
+            svids,
+            bundles,
+            task,
+        }
+    }
+
+    fn set_svids(&self, svids: Vec<pb::X509Svid>) {
+        self.svids.send_replace(svids);
+    }
+
+    fn set_roots(&self, roots: &[&Ca]) {
+        self.bundles.send_replace(bundles(roots));
+    }
+}
+
+fn grpc_frame(msg: &impl prost::Message) -> Bytes {
+    let body = msg.encode_to_vec();
+    let mut out = BytesMut::with_capacity(5 + body.len());
+    out.put_u8(0);
+    out.put_u32(u32::try_from(body.len()).unwrap());
+    out.extend_from_slice(&body);
+    out.freeze()
+}
+
+/// A gRPC error without a body ("trailers-only" response).
+fn refuse(mut respond: h2::server::SendResponse<Bytes>, code: u32, message: &str) {
+    let response = http::Response::builder()
+        .status(200)
+        .header("content-type", "application/grpc")
+        .header("grpc-status", code.to_string())
+        .header("grpc-message", message)
+        .body(())
+        .unwrap();
+    let _ = respond.send_response(response, true);
+}
+
+async fn handle(
+    req: http::Request<h2::RecvStream>,
+    respond: h2::server::SendResponse<Bytes>,
+    mut svids: watch::Receiver<Vec<pb::X509Svid>>,
+    mut bundles: watch::Receiver<HashMap<String, Vec<u8>>>,
+) {
+    let (parts, _body) = req.into_parts();
+    // The spec: calls without `workload.spiffe.io: true` get InvalidArgument.
+    if parts
+        .headers
+        .get("workload.spiffe.io")
+        .map(|v| v.as_bytes())
+        != Some(b"true")
+    {
+        return refuse(respond, 3, "security header missing from request");
+    }
+    match parts.uri.path() {
+        "/SpiffeWorkloadAPI/FetchX509SVID" => {
+            // The spec: no identity for the caller -> PermissionDenied.
+            if svids.borrow().is_empty() {
+                return refuse(respond, 7, "no identity issued");
+            }
+            stream(respond, &mut svids, |s| pb::X509SvidResponse {
+                svids: s.clone(),
+                ..Default::default()
+            })
+            .await;
+        }
+        "/SpiffeWorkloadAPI/FetchX509Bundles" => {
+            stream(respond, &mut bundles, |b| pb::X509BundlesResponse {
+                bundles: b.clone(),
+                ..Default::default()
+            })
+            .await;
+        }
+        _ => refuse(respond, 12, "unimplemented"),
+    }
+}
+
+async fn stream<T, M: prost::Message>(
+    mut respond: h2::server::SendResponse<Bytes>,
+    state: &mut watch::Receiver<T>,
+    to_message: impl Fn(&T) -> M,
+) {
+    let response = http::Response::builder()
+        .status(200)
+        .header("content-type", "application/grpc")
+        .body(())
+        .unwrap();
+    let Ok(mut send) = respond.send_response(response, false) else {
+        return;
+    };
+    loop {
+        let frame = grpc_frame(&to_message(&state.borrow_and_update()));
+        if send.send_data(frame, false).is_err() {
+            return;
+        }
+        if state.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+// ------------------------------------------------------------ the mesh
+
+fn ip(host: u8) -> IpAddr {
+    IpAddr::from([127, 79, 1, host])
+}
+
+fn workload_id(sa: &str) -> WorkloadId {
+    WorkloadId::new(&TrustDomain::new(TD).unwrap(), "default", sa).unwrap()
+}
+
+fn workload(name: &str, node: &str, ip: IpAddr) -> Workload {
+    Workload {
+        name: name.into(),
+        namespace: "default".into(),
+        service_account: name.into(),
+        node: node.into(),
+        ips: vec![ip],
+        protocol: Protocol::Hbone,
+        identity: workload_id(name),
+        labels: Arc::default(),
+    }
+}
+
+/// One node's identity: SVIDs from its Workload API, the trust bundle SPIRE keeps.
+struct NodeIdentity {
+    certs: Arc<SpireCertificates>,
+    bundle: SharedBundle,
+}
+
+impl NodeIdentity {
+    fn start(socket: &Path, workload: &WorkloadId) -> NodeIdentity {
+        let bundle = SharedBundle::default();
+        let source = SpireSource::start(
+            SpireConfig {
+                socket: socket.to_owned(),
+                backoff_base: Duration::from_millis(20),
+                backoff_cap: Duration::from_millis(200),
+            },
+            bundle.clone(),
+        );
+        let certs = Arc::new(SpireCertificates::new(source));
+        // What the agent does when the workload is enrolled on this node.
+        certs.ensure(workload);
+        NodeIdentity { certs, bundle }
+    }
+
+    fn credentials(&self) -> Arc<ManagedCredentials> {
+        Arc::new(ManagedCredentials::new(
+            self.certs.clone(),
+            self.bundle.clone(),
+            TrustDomain::new(TD).unwrap(),
+        ))
+    }
+
+    /// Waits (bounded) until `cond` holds, re-checking on every change of the source.
+    async fn wait_until(&self, what: &str, mut cond: impl FnMut(&NodeIdentity) -> bool) {
+        let mut changes = self.certs.source().changes();
+        let outcome = tokio::time::timeout(WAIT, async {
+            while !cond(self) {
+                changes.changed().await.unwrap();
+            }
+        })
+        .await;
+        assert!(
+            outcome.is_ok(),
+            "timed out waiting for: {what}; status: {:?}",
+            self.certs.source().status()
+        );
+    }
+
+    fn leaf(&self, workload: &WorkloadId) -> Option<Vec<u8>> {
+        self.certs.current(workload).map(|k| k.cert[0].to_vec())
+    }
+
+    fn roots(&self) -> Vec<CertificateDer<'static>> {
+        self.bundle.snapshot().roots(&TrustDomain::new(TD).unwrap())
+    }
+}
+
+/// A client on node a, a server on node b, a proxy with SPIRE credentials on each.
+struct Mesh {
+    _dir: tempfile::TempDir,
+    spire_a: WorkloadApi,
+    spire_b: WorkloadApi,
+    a: NodeIdentity,
+    b: NodeIdentity,
+    client: WorkloadId,
+    server_id: WorkloadId,
+    server: TcpListener,
+    outbound_a: SocketAddr,
+    proxies: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Mesh {
+    fn drop(&mut self) {
+        for p in &self.proxies {
+            p.abort();
+        }
+    }
+}
+
+impl Mesh {
+    /// `server_svids`: what node b's SPIRE agent hands out.
+    async fn start(ca: &Ca, server_svids: Vec<pb::X509Svid>) -> Mesh {
+        let dir = tempfile::tempdir().unwrap();
+        let client = workload("client", "a", ip(1));
+        let server_w = workload("server", "b", ip(2));
+        let spire_a = WorkloadApi::start(
+            &dir.path().join("a.sock"),
+            vec![ca.svid(&client.identity.to_string())],
+            &[ca],
+        );
+        let spire_b = WorkloadApi::start(&dir.path().join("b.sock"), server_svids, &[ca]);
+        let a = NodeIdentity::start(&dir.path().join("a.sock"), &client.identity);
+        let b = NodeIdentity::start(&dir.path().join("b.sock"), &server_w.identity);
+
+        let server = TcpListener::bind(SocketAddr::new(ip(2), 0)).await.unwrap();
+        let server_addr = server.local_addr().unwrap();
+        let td = TrustDomain::new(TD).unwrap();
+        let store = Arc::new(WorkloadStore::new(
+            WorkloadTable::new(td.clone(), [], [client.clone(), server_w.clone()]).unwrap(),
+        ));
+        let proxy_b = Proxy::bind(
+            ProxyConfig::explicit("b", ip(20)),
+            ProxyDeps::new(store.clone(), b.credentials()),
+        )
+        .await
+        .unwrap();
+        let inbound_b = proxy_b.addrs().inbound;
+        let mut deps_a = ProxyDeps::new(store.clone(), a.credentials());
+        deps_a.original_dst = Arc::new(StaticOriginalDst::new([(ip(1), server_addr)]));
+        let proxy_a = Proxy::bind(ProxyConfig::explicit("a", ip(10)), deps_a)
+            .await
+            .unwrap();
+        let outbound_a = proxy_a.addrs().outbound;
+        let nodes = [Node {
+            name: "b".into(),
+            hbone: Some(inbound_b),
+        }];
+        store.replace(WorkloadTable::new(td, nodes, [client.clone(), server_w.clone()]).unwrap());
+        Mesh {
+            _dir: dir,
+            spire_a,
+            spire_b,
+            a,
+            b,
+            client: client.identity,
+            server_id: server_w.identity,
+            server,
+            outbound_a,
+            proxies: vec![tokio::spawn(proxy_a.run()), tokio::spawn(proxy_b.run())],
+        }
+    }
+
+    async fn connect(&self) -> TcpStream {
+        let sock = TcpSocket::new_v4().unwrap();
+        sock.bind(SocketAddr::new(ip(1), 0)).unwrap();
+        sock.connect(self.outbound_a).await.unwrap()
+    }
+
+    /// Opens a connection through both proxies and checks it carries `msg` both ways.
+    async fn echo_connection(&self, msg: &[u8]) -> (TcpStream, TcpStream) {
+        let mut client = self.connect().await;
+        client.write_all(msg).await.unwrap();
+        let (mut server, _) = tokio::time::timeout(WAIT, self.server.accept())
+            .await
+            .expect("the connection reached the server")
+            .unwrap();
+        let mut got = vec![0u8; msg.len()];
+        tokio::time::timeout(WAIT, server.read_exact(&mut got))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got, msg, "client -> server bytes");
+        server.write_all(msg).await.unwrap();
+        let mut back = vec![0u8; msg.len()];
+        tokio::time::timeout(WAIT, client.read_exact(&mut back))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(back, msg, "server -> client bytes");
+        (client, server)
+    }
+}
+
+fn serial_of(certs: &SpireCertificates, workload: &WorkloadId) -> Option<String> {
+    certs
+        .status()
+        .into_iter()
+        .find(|s| s.workload == workload.to_string())
+        .and_then(|s| s.serial)
+}
+
+// ------------------------------------------------------------ tests
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hbone_with_spire_svids_before_and_after_rotation() {
+    let old_root = Ca::root("spire old");
+    let server_id = workload_id("server");
+    let mesh = Mesh::start(&old_root, vec![old_root.svid(&server_id.to_string())]).await;
+    let (client_id, server_id) = (mesh.client.clone(), mesh.server_id.clone());
+    mesh.a
+        .wait_until("client SVID", |n| n.leaf(&client_id).is_some())
+        .await;
+    mesh.b
+        .wait_until("server SVID", |n| n.leaf(&server_id).is_some())
+        .await;
+    let (client_serial, server_serial) = (
+        serial_of(&mesh.a.certs, &client_id).expect("status shows the client SVID"),
+        serial_of(&mesh.b.certs, &server_id).expect("status shows the server SVID"),
+    );
+
+    let (mut kept_client, mut kept_server) = mesh.echo_connection(b"before rotation").await;
+
+    // SPIRE rotates to a new root: new SVIDs on both nodes, and a bundle that no longer
+    // holds the old root. Only the new SVIDs can pass the handshake from now on.
+    let new_root = Ca::root("spire new");
+    let new_client = new_root.svid(&client_id.to_string());
+    let new_server = new_root.svid(&server_id.to_string());
+    let (new_client_leaf, new_server_leaf) =
+        (new_client.x509_svid.clone(), new_server.x509_svid.clone());
+    mesh.spire_a.set_svids(vec![new_client]);
+    mesh.spire_b.set_svids(vec![new_server]);
+    mesh.spire_a.set_roots(&[&new_root]);
+    mesh.spire_b.set_roots(&[&new_root]);
+    let only_new = vec![CertificateDer::from(new_root.der.clone())];
+    mesh.a
+        .wait_until("client rotated, old root gone", |n| {
+            n.leaf(&client_id) == Some(new_client_leaf.clone()) && n.roots() == only_new
+        })
+        .await;
+    mesh.b
+        .wait_until("server rotated, old root gone", |n| {
+            n.leaf(&server_id) == Some(new_server_leaf.clone()) && n.roots() == only_new
+        })
+        .await;
+    assert_ne!(
+        serial_of(&mesh.a.certs, &client_id).unwrap(),
+        client_serial,
+        "status follows the rotation"
+    );
+    assert_ne!(serial_of(&mesh.b.certs, &server_id).unwrap(), server_serial);
+
+    // A new connection handshakes with the rotated SVIDs (the old ones are untrusted now).
+    let _ = mesh.echo_connection(b"after rotation").await;
+
+    // The connection made before the rotation is still up.
+    kept_client.write_all(b"still here").await.unwrap();
+    let mut got = [0u8; 10];
+    tokio::time::timeout(WAIT, kept_server.read_exact(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(&got, b"still here");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_svid_from_spire_fails_closed_until_spire_issues_one() {
+    let ca = Ca::root("spire");
+    // Node b's SPIRE agent has an entry for some other identity, not for the server.
+    let other = workload_id("other");
+    let mesh = Mesh::start(&ca, vec![ca.svid(&other.to_string())]).await;
+    let (client_id, server_id) = (mesh.client.clone(), mesh.server_id.clone());
+    mesh.a
+        .wait_until("client SVID", |n| n.leaf(&client_id).is_some())
+        .await;
+    mesh.b
+        .wait_until("b connected", |n| n.certs.source().status().connected)
+        .await;
+    assert!(
+        mesh.b.leaf(&server_id).is_none(),
+        "another identity's SVID is never served"
+    );
+    let status = mesh.b.certs.status();
+    assert_eq!(
+        status.len(),
+        1,
+        "only the enrolled workload is listed: {status:?}"
+    );
+    assert_eq!(status[0].serial, None);
+    let why = status[0].last_error.as_deref().unwrap_or_default();
+    assert!(why.contains("registration entry"), "status explains: {why}");
+
+    // The connection is refused: node b has nothing to present for the server.
+    let mut refused = mesh.connect().await;
+    let _ = refused.write_all(b"refused").await;
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(WAIT, refused.read_to_end(&mut buf))
+        .await
+        .expect("the proxy closes a connection it cannot secure");
+    assert!(
+        read.is_err() || buf.is_empty(),
+        "no bytes came back: {buf:?}"
+    );
+
+    // SPIRE issues the server's SVID: traffic flows without any restart, and the first
+    // connection the server ever sees is this one (the refused one never reached it).
+    mesh.spire_b
+        .set_svids(vec![ca.svid(&server_id.to_string())]);
+    mesh.b
+        .wait_until("server SVID", |n| n.leaf(&server_id).is_some())
+        .await;
+    let _ = mesh.echo_connection(b"now allowed").await;
+    assert!(mesh.b.certs.status()[0].last_error.is_none());
+}
+
+#[tokio::test]
+async fn admin_api_lists_spire_svids_and_refuses_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root("spire");
+    let web = workload_id("web");
+    let svid = ca.svid(&web.to_string());
+    let _spire = WorkloadApi::start(&dir.path().join("spire.sock"), vec![svid], &[&ca]);
+    let node = NodeIdentity::start(&dir.path().join("spire.sock"), &web);
+    node.wait_until("web SVID", |n| n.leaf(&web).is_some())
+        .await;
+
+    let admin_socket = dir.path().join("admin.sock");
+    let certs: Arc<dyn WorkloadCertificates> = node.certs.clone();
+    let task = admin::serve(
+        &admin_socket,
+        AdminState {
+            certs,
+            trust_domain: TrustDomain::new(TD).unwrap(),
+            flows: Arc::new(zmesh_proxy::flows::FlowHub::new(16)),
+        },
+    )
+    .await
+    .unwrap();
+    let client = AdminClient::new(&admin_socket);
+
+    let listed: Vec<CertInfo> = client.get_json("/certs").await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].workload, web.to_string());
+    assert_eq!(listed[0].serial, serial_of(&node.certs, &web));
+    assert!(listed[0].serial.is_some() && listed[0].not_after.is_some());
+    assert_eq!(listed[0].last_error, None);
+
+    // Rotation is SPIRE's: the answer says so instead of pretending.
+    for query in [
+        "/certs/rotate?all=true",
+        "/certs/rotate?workload=default/web",
+    ] {
+        match client.lines(http::Method::POST, query).await {
+            Err(AdminError::Status { status, message }) => {
+                assert_eq!(status, 409, "{query}");
+                assert!(message.contains("SPIRE"), "{query}: {message}");
+            }
+            Err(e) => panic!("{query}: unexpected error {e}"),
+            Ok(_) => panic!("{query}: rotation accepted"),
+        }
+    }
+    // A workload this node does not hold is still a 404.
+    match client
+        .lines(http::Method::POST, "/certs/rotate?workload=default/nobody")
+        .await
+    {
+        Err(AdminError::Status { status, .. }) => assert_eq!(status, 404),
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("rotation of an unknown workload accepted"),
+    }
+    task.abort();
+}
+
+#[tokio::test]
+async fn status_explains_an_svid_that_was_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::root("spire");
+    let rogue = Ca::root("rogue");
+    let web = workload_id("web");
+    // Announced with the trusted bundle, but signed by a root nobody trusts.
+    let mut svid = rogue.svid(&web.to_string());
+    svid.bundle = ca.der.clone();
+    let spire = WorkloadApi::start(&dir.path().join("spire.sock"), vec![svid], &[&ca]);
+    let node = NodeIdentity::start(&dir.path().join("spire.sock"), &web);
+    node.wait_until("SVID refused", |n| {
+        !n.certs.source().status().refused.is_empty()
+    })
+    .await;
+    assert!(
+        node.leaf(&web).is_none(),
+        "an untrusted SVID is never served"
+    );
+    let status = node.certs.status();
+    let why = status[0].last_error.as_deref().unwrap_or_default();
+    assert!(
+        why.contains("refused") && why.contains("svid.untrusted-chain"),
+        "the status names the rule the SVID broke: {why}"
+    );
+    assert_eq!(status[0].serial, None);
+
+    // A good SVID clears it.
+    spire.set_svids(vec![ca.svid(&web.to_string())]);
+    node.wait_until("good SVID", |n| n.leaf(&web).is_some())
+        .await;
+    assert_eq!(node.certs.status()[0].last_error, None);
+}

@@ -1,0 +1,677 @@
+//! `zmesh agent --data-plane ztunnel`: the agent's ZDS reconciler, fed by a manifest
+//! directory, against a ZDS client playing ztunnel (SOCK_SEQPACKET, hello, ack per
+//! request, network namespaces as SCM_RIGHTS). Needs root: it creates network namespaces
+//! with `ip netns add` under unique names and always deletes them.
+
+use std::collections::HashMap;
+use std::io::{self, IoSlice, IoSliceMut};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, SystemTime};
+
+use nix::sys::socket::{
+    self as sock, AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
+};
+use prost::Message;
+use tokio::io::Interest;
+use tokio::net::UnixStream;
+use zmesh::agent::cluster_state::{ClusterState, NamespaceInfo, PodInfo, CILIUM_MTLS_LABEL};
+use zmesh::agent::manifests::watch_dir;
+use zmesh::agent::zds::{PodHandoverError, ZdsReconciler};
+use zmesh_compat::zds::ZdsServer;
+use zmesh_identity::TrustDomain;
+
+const WAIT: Duration = Duration::from_secs(20);
+const NODE: &str = "node1";
+
+// ------------------------------------------------------------ network namespaces
+
+/// A named network namespace, deleted on drop (also when the test panics).
+struct Netns {
+    name: String,
+}
+
+impl Netns {
+    fn new(label: &str) -> Netns {
+        let name = format!("zmesh-zds-{label}-{:08x}", rand::random::<u32>());
+        let out = Command::new("ip")
+            .args(["netns", "add", &name])
+            .output()
+            .expect("ip(8) runs");
+        assert!(
+            out.status.success(),
+            "ip netns add {name} (needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Netns { name }
+    }
+
+    fn path(&self) -> PathBuf {
+        Path::new("/run/netns").join(&self.name)
+    }
+
+    /// (device, inode): the namespace's identity.
+    fn id(&self) -> (u64, u64) {
+        let meta = std::fs::metadata(self.path()).unwrap();
+        (meta.dev(), meta.ino())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "delete", &self.name])
+            .output();
+    }
+}
+
+fn fd_id(fd: &OwnedFd) -> (u64, u64) {
+    let st = nix::sys::stat::fstat(fd).unwrap();
+    (st.st_dev, st.st_ino)
+}
+
+// ------------------------------------------------------------ ZDS messages (istio.workload.zds)
+
+mod pb {
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct ZdsHello {
+        #[prost(int32, tag = "1")]
+        pub version: i32,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct WorkloadInfo {
+        #[prost(string, tag = "1")]
+        pub name: String,
+        #[prost(string, tag = "2")]
+        pub namespace: String,
+        #[prost(string, tag = "3")]
+        pub service_account: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct AddWorkload {
+        #[prost(string, tag = "1")]
+        pub uid: String,
+        #[prost(message, optional, tag = "2")]
+        pub workload_info: Option<WorkloadInfo>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct DelWorkload {
+        #[prost(string, tag = "2")]
+        pub uid: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct SnapshotSent {}
+
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Payload {
+        #[prost(message, tag = "1")]
+        Add(AddWorkload),
+        #[prost(message, tag = "2")]
+        Del(DelWorkload),
+        #[prost(message, tag = "3")]
+        SnapshotSent(SnapshotSent),
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct WorkloadRequest {
+        #[prost(oneof = "Payload", tags = "1, 2, 3")]
+        pub payload: Option<Payload>,
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct Ack {
+        #[prost(string, tag = "1")]
+        pub error: String,
+    }
+
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum ResponsePayload {
+        #[prost(message, tag = "1")]
+        Ack(Ack),
+    }
+
+    #[derive(Clone, PartialEq, prost::Message)]
+    pub struct WorkloadResponse {
+        #[prost(oneof = "ResponsePayload", tags = "1")]
+        pub payload: Option<ResponsePayload>,
+    }
+}
+
+// ------------------------------------------------------------ ztunnel's side
+
+async fn send_packet(stream: &UnixStream, data: &[u8]) -> io::Result<()> {
+    let raw = stream.as_raw_fd();
+    stream
+        .async_io(Interest::WRITABLE, || {
+            sock::sendmsg::<()>(
+                raw,
+                &[IoSlice::new(data)],
+                &[],
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            )
+            .map_err(io::Error::from)
+        })
+        .await
+        .map(|_| ())
+}
+
+/// One packet and its fds; `None` when the server closed the connection.
+async fn recv_packet(stream: &UnixStream) -> io::Result<Option<(Vec<u8>, Vec<OwnedFd>)>> {
+    let raw = stream.as_raw_fd();
+    let mut buf = vec![0u8; 1024];
+    let (len, fds) = stream
+        .async_io(Interest::READABLE, || {
+            let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            let msg =
+                sock::recvmsg::<()>(raw, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
+                    .map_err(io::Error::from)?;
+            let mut fds = Vec::new();
+            for c in msg.cmsgs().map_err(io::Error::from)? {
+                if let ControlMessageOwned::ScmRights(received) = c {
+                    // SAFETY: SCM_RIGHTS fds were just installed for us; nothing else owns them.
+                    fds.extend(
+                        received
+                            .into_iter()
+                            .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                    );
+                }
+            }
+            Ok((msg.bytes, fds))
+        })
+        .await?;
+    if len == 0 && fds.is_empty() {
+        return Ok(None);
+    }
+    buf.truncate(len);
+    Ok(Some((buf, fds)))
+}
+
+#[derive(Debug)]
+enum Request {
+    Add {
+        uid: String,
+        info: pb::WorkloadInfo,
+        netns: (u64, u64),
+    },
+    Del(String),
+    SnapshotSent,
+}
+
+struct Ztunnel {
+    stream: UnixStream,
+}
+
+impl Ztunnel {
+    async fn connect(path: &Path) -> Ztunnel {
+        let fd = sock::socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .unwrap();
+        sock::connect(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
+        let std = std::os::unix::net::UnixStream::from(fd);
+        std.set_nonblocking(true).unwrap();
+        let stream = UnixStream::from_std(std).unwrap();
+        send_packet(&stream, &pb::ZdsHello { version: 1 }.encode_to_vec())
+            .await
+            .unwrap();
+        Ztunnel { stream }
+    }
+
+    /// The next request (acked), with the identity of the netns an add carried.
+    async fn next(&self) -> Request {
+        let (data, mut fds) = tokio::time::timeout(WAIT, recv_packet(&self.stream))
+            .await
+            .expect("a request from the agent")
+            .unwrap()
+            .expect("the agent closed the connection");
+        let req = pb::WorkloadRequest::decode(data.as_slice()).unwrap();
+        let request = match req.payload.expect("request without payload") {
+            pb::Payload::Add(add) => {
+                assert_eq!(fds.len(), 1, "an add carries exactly one fd");
+                Request::Add {
+                    uid: add.uid,
+                    info: add.workload_info.expect("add without workload info"),
+                    netns: fd_id(&fds.pop().unwrap()),
+                }
+            }
+            pb::Payload::Del(del) => {
+                assert!(fds.is_empty(), "a del carries no fd");
+                Request::Del(del.uid)
+            }
+            pb::Payload::SnapshotSent(_) => {
+                assert!(fds.is_empty());
+                Request::SnapshotSent
+            }
+        };
+        let ack = pb::WorkloadResponse {
+            payload: Some(pb::ResponsePayload::Ack(pb::Ack::default())),
+        };
+        send_packet(&self.stream, &ack.encode_to_vec())
+            .await
+            .unwrap();
+        request
+    }
+
+    async fn expect_add(&self) -> (String, pb::WorkloadInfo, (u64, u64)) {
+        match self.next().await {
+            Request::Add { uid, info, netns } => (uid, info, netns),
+            other => panic!("expected an add, got {other:?}"),
+        }
+    }
+
+    async fn expect_del(&self) -> String {
+        match self.next().await {
+            Request::Del(uid) => uid,
+            other => panic!("expected a del, got {other:?}"),
+        }
+    }
+
+    async fn expect_snapshot_sent(&self) {
+        match self.next().await {
+            Request::SnapshotSent => {}
+            other => panic!("expected the end of the snapshot, got {other:?}"),
+        }
+    }
+}
+
+// ------------------------------------------------------------ manifests
+
+const NAMESPACES: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {io.cilium/mtls-enabled: "true"}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+"#;
+
+fn pod_yaml(ns: &str, name: &str, node: &str, sa: &str, netns: Option<&Netns>) -> String {
+    let annotations = match netns {
+        Some(n) => format!(
+            "\n  annotations: {{zmesh.io/netns: {}}}",
+            n.path().display()
+        ),
+        None => String::new(),
+    };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}{annotations}\n\
+         spec:\n  nodeName: {node}\n  serviceAccountName: {sa}\n  containers: [{{name: app, image: app}}]\n\
+         status:\n  podIP: 10.9.0.{}\n",
+        rand::random::<u8>() % 200 + 1
+    )
+}
+
+/// Writes `text` so the directory watcher sees a change even within one mtime tick.
+fn write(dir: &Path, file: &str, text: &str) {
+    let path = dir.join(file);
+    std::fs::write(&path, text).unwrap();
+    let later = SystemTime::now() + Duration::from_secs(5);
+    std::fs::File::options()
+        .write(true)
+        .open(&path)
+        .unwrap()
+        .set_modified(later)
+        .unwrap();
+}
+
+fn info(name: &str, ns: &str, sa: &str) -> pb::WorkloadInfo {
+    pb::WorkloadInfo {
+        name: name.into(),
+        namespace: ns.into(),
+        service_account: sa.into(),
+    }
+}
+
+// ------------------------------------------------------------ tests
+
+#[tokio::test]
+async fn enrolled_pods_reach_ztunnel_with_their_netns_and_leave_again() {
+    let web_ns = Netns::new("web");
+    let api_ns = Netns::new("api");
+    let web_ns2 = Netns::new("web2");
+    let other_ns = Netns::new("other");
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    write(&manifests, "namespaces.yaml", NAMESPACES);
+    // Never handed over (else they would be the first adds below): another node's pod, and
+    // a pod of a namespace that is not enrolled.
+    write(
+        &manifests,
+        "elsewhere.yaml",
+        &pod_yaml("shop", "remote", "node2", "remote-sa", Some(&other_ns)),
+    );
+    write(
+        &manifests,
+        "plain.yaml",
+        &pod_yaml("plain", "legacy", NODE, "legacy-sa", Some(&other_ns)),
+    );
+
+    let server = ZdsServer::bind(dir.path().join("zds.sock")).unwrap();
+    let ztunnel = Ztunnel::connect(server.path()).await;
+    ztunnel.expect_snapshot_sent().await; // nothing enrolled yet
+    let mut connected = server.handle().connected();
+    tokio::time::timeout(WAIT, connected.wait_for(|c| *c))
+        .await
+        .unwrap()
+        .unwrap();
+
+    let (cluster, _errors) = watch_dir(manifests.clone(), Duration::from_millis(20));
+    let td = TrustDomain::default();
+    let follow = tokio::spawn(ZdsReconciler::new(server.handle(), td, NODE).follow(cluster));
+
+    // A pod appears: add with its netns and identity.
+    write(
+        &manifests,
+        "web.yaml",
+        &pod_yaml("shop", "web", NODE, "web-sa", Some(&web_ns)),
+    );
+    let (uid, got, netns) = ztunnel.expect_add().await;
+    assert_eq!(uid, "shop/web");
+    assert_eq!(got, info("web", "shop", "web-sa"));
+    assert_eq!(
+        netns,
+        web_ns.id(),
+        "the fd is the pod's own network namespace"
+    );
+
+    write(
+        &manifests,
+        "api.yaml",
+        &pod_yaml("shop", "api", NODE, "api-sa", Some(&api_ns)),
+    );
+    let (uid, got, netns) = ztunnel.expect_add().await;
+    assert_eq!(
+        (uid.as_str(), got, netns),
+        ("shop/api", info("api", "shop", "api-sa"), api_ns.id())
+    );
+
+    // The pod leaves: del.
+    std::fs::remove_file(manifests.join("api.yaml")).unwrap();
+    assert_eq!(ztunnel.expect_del().await, "shop/api");
+
+    // The pod is recreated under the same name (new netns): del of the old, add of the new.
+    write(
+        &manifests,
+        "web.yaml",
+        &pod_yaml("shop", "web", NODE, "web-sa", Some(&web_ns2)),
+    );
+    assert_eq!(ztunnel.expect_del().await, "shop/web");
+    let (uid, _, netns) = ztunnel.expect_add().await;
+    assert_eq!((uid.as_str(), netns), ("shop/web", web_ns2.id()));
+
+    // The namespace opts out of the mesh: every pod of it is taken away.
+    write(
+        &manifests,
+        "namespaces.yaml",
+        &NAMESPACES.replace("io.cilium/mtls-enabled: \"true\"", "team: shop"),
+    );
+    assert_eq!(ztunnel.expect_del().await, "shop/web");
+
+    // A restarted ztunnel gets the snapshot of what is enrolled now: nothing... until the
+    // namespace is enrolled again; then it gets the pod live.
+    drop(ztunnel);
+    let ztunnel = Ztunnel::connect(server.path()).await;
+    ztunnel.expect_snapshot_sent().await;
+    write(&manifests, "namespaces.yaml", NAMESPACES);
+    let (uid, _, netns) = ztunnel.expect_add().await;
+    assert_eq!((uid.as_str(), netns), ("shop/web", web_ns2.id()));
+
+    // And a third ztunnel gets it in its snapshot, with the same namespace.
+    drop(ztunnel);
+    let ztunnel = Ztunnel::connect(server.path()).await;
+    let (uid, got, netns) = ztunnel.expect_add().await;
+    assert_eq!(
+        (uid.as_str(), got, netns),
+        ("shop/web", info("web", "shop", "web-sa"), web_ns2.id())
+    );
+    ztunnel.expect_snapshot_sent().await;
+    follow.abort();
+}
+
+fn enrolled_state(pods: Vec<PodInfo>) -> ClusterState {
+    ClusterState::new(
+        [NamespaceInfo {
+            name: "shop".into(),
+            labels: [(CILIUM_MTLS_LABEL.to_string(), "true".to_string())].into(),
+        }],
+        pods,
+    )
+}
+
+fn pod(name: &str, netns: Option<PathBuf>) -> PodInfo {
+    PodInfo {
+        namespace: "shop".into(),
+        name: name.into(),
+        node: Some(NODE.into()),
+        ips: vec![],
+        service_account: format!("{name}-sa"),
+        host_network: false,
+        labels: Default::default(),
+        netns_path: netns,
+        cgroup_path: None,
+    }
+}
+
+#[tokio::test]
+async fn pods_without_a_usable_netns_are_reported_and_retried() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ZdsServer::bind(dir.path().join("zds.sock")).unwrap();
+    let mut reconciler = ZdsReconciler::new(server.handle(), TrustDomain::default(), NODE);
+    let not_a_netns = dir.path().join("regular-file");
+    std::fs::write(&not_a_netns, b"").unwrap();
+    let state = enrolled_state(vec![
+        pod("no-path", None),
+        pod("missing", Some(dir.path().join("gone"))),
+        pod("file", Some(not_a_netns)),
+    ]);
+    let problems = reconciler.apply(&state).await;
+    let by_pod: HashMap<String, &PodHandoverError> = problems
+        .iter()
+        .map(|p| {
+            let pod = match p {
+                PodHandoverError::NoNetnsPath { pod }
+                | PodHandoverError::OpenNetns { pod, .. }
+                | PodHandoverError::Zds { pod, .. } => pod.clone(),
+            };
+            (pod, p)
+        })
+        .collect();
+    assert_eq!(by_pod.len(), 3, "{problems:?}");
+    assert!(matches!(
+        by_pod["shop/no-path"],
+        PodHandoverError::NoNetnsPath { .. }
+    ));
+    assert!(matches!(
+        by_pod["shop/missing"],
+        PodHandoverError::OpenNetns { .. }
+    ));
+    assert!(
+        matches!(by_pod["shop/file"], PodHandoverError::Zds { .. }),
+        "a file that is not a netns is refused: {}",
+        by_pod["shop/file"]
+    );
+    assert_eq!(server.handle().status().await.workloads, 0);
+
+    // Once the namespace exists the pod is handed over on the next reconcile, and ztunnel
+    // (connecting later) finds it in the snapshot.
+    let netns = Netns::new("late");
+    let state = enrolled_state(vec![pod("missing", Some(netns.path()))]);
+    assert!(reconciler.apply(&state).await.is_empty());
+    assert_eq!(server.handle().status().await.workloads, 1);
+    let ztunnel = Ztunnel::connect(server.path()).await;
+    let (uid, got, ns) = ztunnel.expect_add().await;
+    assert_eq!(
+        (uid.as_str(), got, ns),
+        (
+            "shop/missing",
+            info("missing", "shop", "missing-sa"),
+            netns.id()
+        )
+    );
+    ztunnel.expect_snapshot_sent().await;
+}
+
+/// Kills the agent process on drop (also when the test panics).
+struct Agent(std::process::Child);
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits (bounded) for a path to appear, checking whether the agent died meanwhile.
+async fn wait_for_path(agent: &mut Agent, path: &Path) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !path.exists() {
+        if let Some(status) = agent.0.try_wait().unwrap() {
+            panic!(
+                "the agent exited with {status} before creating {}",
+                path.display()
+            );
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the agent did not create {}",
+            path.display()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn zmesh_agent_with_ztunnel_data_plane_serves_zds_and_explains_certificates() {
+    let netns = Netns::new("bin");
+    let dir = tempfile::tempdir().unwrap();
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir(&manifests).unwrap();
+    write(&manifests, "namespaces.yaml", NAMESPACES);
+    write(
+        &manifests,
+        "web.yaml",
+        &pod_yaml("shop", "web", NODE, "web-sa", Some(&netns)),
+    );
+    let zds_socket = dir.path().join("ztunnel.sock");
+    let admin_socket = dir.path().join("agent.sock");
+    // No --ca and no --proxy-ip: ztunnel deals with the CA and the traffic.
+    let mut agent = Agent(
+        Command::new(env!("CARGO_BIN_EXE_zmesh"))
+            .arg("agent")
+            .args(["--node", NODE, "--data-plane", "ztunnel"])
+            .arg("--manifests")
+            .arg(&manifests)
+            .arg("--zds-socket")
+            .arg(&zds_socket)
+            .arg("--admin-socket")
+            .arg(&admin_socket)
+            .spawn()
+            .unwrap(),
+    );
+    wait_for_path(&mut agent, &zds_socket).await;
+    let mode = std::fs::metadata(&zds_socket).unwrap().mode() & 0o777;
+    assert_eq!(
+        mode, 0o600,
+        "the ZDS socket hands out pod namespaces: owner only"
+    );
+
+    let ztunnel = Ztunnel::connect(&zds_socket).await;
+    // The pod arrives either in the snapshot or right after it, depending on whether the
+    // agent had read the manifests when ztunnel connected.
+    let first = ztunnel.next().await;
+    let (uid, got, ns) = match first {
+        Request::Add { uid, info, netns } => {
+            ztunnel.expect_snapshot_sent().await;
+            (uid, info, netns)
+        }
+        Request::SnapshotSent => ztunnel.expect_add().await,
+        other => panic!("unexpected {other:?}"),
+    };
+    assert_eq!(
+        (uid.as_str(), got, ns),
+        ("shop/web", info("web", "shop", "web-sa"), netns.id())
+    );
+
+    // The admin API answers, and says whose certificates these are.
+    wait_for_path(&mut agent, &admin_socket).await;
+    let admin = zmesh::agent::admin::AdminClient::new(&admin_socket);
+    let certs: Vec<zmesh::agent::admin::CertInfo> = admin.get_json("/certs").await.unwrap();
+    assert!(certs.is_empty(), "this agent holds no workload certificate");
+    match admin
+        .lines(http::Method::POST, "/certs/rotate?all=true")
+        .await
+    {
+        Err(zmesh::agent::admin::AdminError::Status { status, message }) => {
+            assert_eq!(status, 409);
+            assert!(message.contains("ztunnel"), "{message}");
+        }
+        Err(e) => panic!("unexpected error {e}"),
+        Ok(_) => panic!("rotation accepted in ztunnel mode"),
+    }
+
+    // The pod leaves: del.
+    std::fs::remove_file(manifests.join("web.yaml")).unwrap();
+    assert_eq!(ztunnel.expect_del().await, "shop/web");
+}
+
+#[test]
+fn agent_flags_refuse_incoherent_combinations() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_zmesh"))
+            .args([
+                "agent",
+                "--node",
+                NODE,
+                "--manifests",
+                "/nonexistent",
+                "--dry-run",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, _, err) = run(&["--identity-source", "spire", "--data-plane", "ztunnel"]);
+    assert!(!ok && err.contains("ztunnel asks the CA"), "{err}");
+    let (ok, _, err) = run(&["--proxy-ip", "10.0.0.1"]);
+    assert!(!ok && err.contains("--ca HOST:PORT is required"), "{err}");
+    let (ok, _, err) = run(&["--ca", "ca:15012"]);
+    assert!(!ok && err.contains("--proxy-ip IP is required"), "{err}");
+
+    let (ok, out, err) = run(&[
+        "--identity-source",
+        "spire",
+        "--spire-socket",
+        "/run/spire/test.sock",
+        "--proxy-ip",
+        "10.0.0.1",
+    ]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("Spire") && out.contains("/run/spire/test.sock"),
+        "{out}"
+    );
+    let (ok, out, err) = run(&["--data-plane", "ztunnel", "--zds-socket", "/run/z.sock"]);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("Ztunnel") && out.contains("/run/z.sock"),
+        "{out}"
+    );
+}

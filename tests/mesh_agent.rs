@@ -1,0 +1,222 @@
+//! The node agent end to end, driven only through the manifest directory: namespace labels,
+//! new pods and bad manifests. Real CA, real agents, eBPF redirection, captures. Needs root.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use support::{addr, lab, lab_from, manifests, secret};
+use zmesh::agent::admin::{AdminClient, CertInfo};
+use zmesh::lab::{access_lines, Lab, ReservedPod};
+
+async fn certs(lab: &Lab, node: &str) -> Vec<CertInfo> {
+    AdminClient::new(lab.admin_socket(node))
+        .get_json("/certs")
+        .await
+        .unwrap()
+}
+
+/// Waits until `node`'s agent holds (or not) a certificate for `id`.
+async fn wait_for_cert(lab: &Lab, node: &str, id: &str, present: bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let has = certs(lab, node)
+            .await
+            .iter()
+            .any(|c| c.workload == id && c.not_after.is_some());
+        if has == present {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{node}: certificate for {id} present={has}, wanted {present}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn zmesh(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_zmesh"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn namespace_labels_in_the_manifest_directory_drive_enrollment() {
+    let lab = lab(&[]).await;
+    let web = addr(&lab, "shop", "web", 8080);
+    let _server = lab
+        .cluster()
+        .pod("shop", "web")
+        .unwrap()
+        .serve_echo(8080)
+        .unwrap();
+    let dir = lab.manifests_dir();
+    let td = lab.trust_domain().to_string();
+
+    // Label the legacy namespace: its pod's traffic becomes mTLS.
+    let out = zmesh(&["enroll", "legacy", "--manifests", dir.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let batch_id = format!("spiffe://{td}/ns/legacy/sa/batch");
+    wait_for_cert(&lab, "node2", &batch_id, true).await;
+    let capture = lab.cluster().start_capture().unwrap();
+    let payload = secret("enrolled-legacy");
+    let run = lab.pod_client("legacy", "batch", web, &payload).unwrap();
+    assert_eq!(run.output, payload, "{}", run.stderr);
+    let pcap = capture.stop().unwrap();
+    assert!(
+        !pcap.contains(&payload),
+        "legacy/batch is enrolled: no plaintext on the wire"
+    );
+    assert!(pcap.tcp_ports().contains_key(&15008));
+    assert!(
+        access_lines(&lab.agent_log("node1"))
+            .iter()
+            .any(|l| l.direction == "inbound" && l.src_identity == batch_id),
+        "node1 saw legacy/batch's verified identity"
+    );
+
+    // Remove the shop label: shop's pods talk plain TCP again.
+    let out = zmesh(&["unenroll", "shop", "--manifests", dir.to_str().unwrap()]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_for_cert(
+        &lab,
+        "node1",
+        &format!("spiffe://{td}/ns/shop/sa/web"),
+        false,
+    )
+    .await;
+    wait_for_cert(
+        &lab,
+        "node2",
+        &format!("spiffe://{td}/ns/shop/sa/frontend"),
+        false,
+    )
+    .await;
+    let capture = lab.cluster().start_capture().unwrap();
+    let payload = secret("unenrolled-shop");
+    let run = lab.pod_client("shop", "frontend", web, &payload).unwrap();
+    assert_eq!(run.output, payload, "{}", run.stderr);
+    let pcap = capture.stop().unwrap();
+    assert!(
+        pcap.contains(&payload),
+        "shop is no longer enrolled: plain TCP"
+    );
+
+    // Unknown namespaces are refused with a clear message and change nothing.
+    let out = zmesh(&["enroll", "nope", "--manifests", dir.to_str().unwrap()]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("namespace \"nope\" is not defined"));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_new_pod_in_an_enrolled_namespace_is_enrolled() {
+    let mut lab = lab_from(
+        manifests(),
+        &[],
+        vec![ReservedPod {
+            node: "node2".into(),
+            namespace: "shop".into(),
+            name: "checkout".into(),
+            service_account: "checkout".into(),
+        }],
+    )
+    .await;
+    let web = addr(&lab, "shop", "web", 8080);
+    let _server = lab
+        .cluster()
+        .pod("shop", "web")
+        .unwrap()
+        .serve_echo(8080)
+        .unwrap();
+    let id = format!("spiffe://{}/ns/shop/sa/checkout", lab.trust_domain());
+    assert!(!certs(&lab, "node2").await.iter().any(|c| c.workload == id));
+
+    lab.edit_manifest("checkout.yaml", |text| {
+        *text = "apiVersion: v1\nkind: Pod\nmetadata: {name: checkout, namespace: shop}\nspec:\n  nodeName: node2\n  serviceAccountName: checkout\n  containers: [{name: c, image: c}]\n".into();
+    })
+    .unwrap();
+    wait_for_cert(&lab, "node2", &id, true).await;
+    let capture = lab.cluster().start_capture().unwrap();
+    let payload = secret("new-pod");
+    let run = lab.pod_client("shop", "checkout", web, &payload).unwrap();
+    assert_eq!(run.output, payload, "{}", run.stderr);
+    let pcap = capture.stop().unwrap();
+    assert!(!pcap.contains(&payload));
+    assert!(access_lines(&lab.agent_log("node1"))
+        .iter()
+        .any(|l| l.direction == "inbound" && l.src_identity == id));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_manifests_are_reported_and_change_nothing() {
+    let mut lab = lab(&[]).await;
+    let web = addr(&lab, "shop", "web", 8080);
+    let _server = lab
+        .cluster()
+        .pod("shop", "web")
+        .unwrap()
+        .serve_echo(8080)
+        .unwrap();
+    let before = certs(&lab, "node1").await;
+    assert!(!before.is_empty());
+
+    // A new file with invalid YAML, one with an unknown kind, and a broken edit of the file
+    // that defines the running pods.
+    lab.edit_manifest("typo.yaml", |t| {
+        *t = "apiVersion: v1\nkind: Pod\nmetadata: {name: [oops\n".into()
+    })
+    .unwrap();
+    lab.edit_manifest("deploy.yaml", |t| {
+        *t = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: d}\n".into()
+    })
+    .unwrap();
+    lab.edit_manifest("pods.yaml", |t| {
+        t.push_str(
+            "---\napiVersion: v1\nkind: Pod\nmetadata: {name: broken, namespace: shop}\nspec: 42\n",
+        )
+    })
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = lab.agent_log("node1");
+        let reported = ["typo.yaml", "deploy.yaml", "pods.yaml"]
+            .iter()
+            .all(|f| log.lines().any(|l| l.contains("skipped") && l.contains(f)));
+        if reported {
+            assert!(log.contains("apps/v1/Deployment"), "the reason is given");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "bad manifests not reported:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Nothing else changed: the same certificates, traffic still mTLS.
+    let after = certs(&lab, "node1").await;
+    let serials = |c: &[CertInfo]| {
+        c.iter()
+            .map(|c| (c.workload.clone(), c.serial.clone()))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(serials(&before), serials(&after));
+    let capture = lab.cluster().start_capture().unwrap();
+    let payload = secret("still-mtls");
+    assert_eq!(
+        lab.pod_client("shop", "frontend", web, &payload)
+            .unwrap()
+            .output,
+        payload
+    );
+    assert!(!capture.stop().unwrap().contains(&payload));
+}
