@@ -29,12 +29,12 @@ type Body = BoxBody<Bytes, Infallible>;
 /// Why the admin API could not be served or reached.
 #[derive(Debug, thiserror::Error)]
 pub enum AdminError {
-    #[error("cannot listen on admin socket {path}: {source}")]
+    #[error("cannot listen on admin socket {path}")]
     Bind {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("cannot reach the agent at {path} (is it running on this node?): {source}")]
+    #[error("cannot reach the agent at {path} (is it running on this node?)")]
     Connect {
         path: PathBuf,
         source: std::io::Error,
@@ -408,4 +408,21 @@ impl AdminClient {
         }
         serde_json::from_str(&text).map_err(|e| AdminError::Malformed(e.to_string()))
     }
+}
+
+/// Removes the admin socket at shutdown, unless another agent (a replacement started
+/// during an upgrade) has bound the path since: `bound` is the inode we created.
+pub fn remove_socket_if_ours(path: &Path, bound: u64) {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::symlink_metadata(path).is_ok_and(|m| m.ino() == bound) {
+        let _ = std::fs::remove_file(path);
+    }
+}
+
+/// The inode of the socket file just bound at `path` (0 if it cannot be read).
+pub fn socket_inode(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .map(|m| m.ino())
+        .unwrap_or(0)
 }

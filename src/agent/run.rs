@@ -264,6 +264,7 @@ pub async fn run(
         },
     )
     .await?;
+    let admin_inode = admin::socket_inode(&config.admin_socket);
 
     let mut enrolled = Enrolled::default();
     let reconcile = async {
@@ -301,7 +302,7 @@ pub async fn run(
     if let Some(task) = drop_events {
         task.abort();
     }
-    let _ = std::fs::remove_file(&config.admin_socket);
+    admin::remove_socket_if_ours(&config.admin_socket, admin_inode);
     Ok(())
 }
 

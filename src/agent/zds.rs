@@ -266,6 +266,7 @@ pub async fn run_ztunnel(
         },
     )
     .await?;
+    let admin_inode = admin::socket_inode(admin_socket);
     let reconciler = ZdsReconciler::new(server.handle(), trust_domain, node);
     tokio::select! {
         _ = async {
@@ -276,7 +277,7 @@ pub async fn run_ztunnel(
         _ = shutdown => {}
     }
     admin_task.abort();
-    let _ = std::fs::remove_file(admin_socket);
+    admin::remove_socket_if_ours(admin_socket, admin_inode);
     // Dropping the server removes its socket; ztunnel keeps its pods until a new agent
     // connects and sends a snapshot.
     drop(server);
