@@ -18,6 +18,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Remove zmesh's eBPF programs, maps, pins, policy rule and route from this node.
+    Uninstall(cmd::uninstall::UninstallArgs),
     /// Enroll a namespace in the mesh (sets io.cilium/mtls-enabled=true in a manifest
     /// directory; against Kubernetes use kubectl label).
     Enroll(cmd::enroll::EnrollArgs),
@@ -59,6 +61,7 @@ fn main() -> std::process::ExitCode {
     };
     let result = runtime.block_on(async {
         match cli.command {
+            Command::Uninstall(args) => cmd::uninstall::run(args),
             Command::Enroll(args) => cmd::enroll::run(args, true),
             Command::Unenroll(args) => cmd::enroll::run(args, false),
             Command::Agent(args) => cmd::agent::run_agent(args).await,

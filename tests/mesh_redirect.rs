@@ -315,3 +315,58 @@ async fn agent_restart_keeps_established_connections() {
     drop(stdin);
     let _ = child.wait();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn uninstall_removes_redirection_and_traffic_goes_direct() {
+    let mut lab = lab(&[]).await;
+    let web = addr(&lab, "shop", "web", 8080);
+    let _server = lab
+        .cluster()
+        .pod("shop", "web")
+        .unwrap()
+        .serve_echo(8080)
+        .unwrap();
+    lab.stop_agent("node2").unwrap();
+    let pins = lab.pin_dir("node2");
+    assert!(pins.exists(), "pins outlive the agent");
+    let mut uninstall = lab
+        .cluster()
+        .node("node2")
+        .unwrap()
+        .command(env!("CARGO_BIN_EXE_zmesh"))
+        .unwrap();
+    let out = uninstall
+        .args(["uninstall", "--bpf-pin-dir"])
+        .arg(&pins)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!pins.exists());
+    let rules = lab
+        .cluster()
+        .node("node2")
+        .unwrap()
+        .command("ip")
+        .unwrap()
+        .args(["rule", "show"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&rules.stdout).contains("fwmark"),
+        "policy rule left"
+    );
+    // No redirection any more: the client reaches the server directly, in plaintext.
+    let capture = lab.cluster().start_capture().unwrap();
+    let payload = secret("after-uninstall");
+    assert_eq!(
+        lab.pod_client("shop", "frontend", web, &payload)
+            .unwrap()
+            .output,
+        payload
+    );
+    assert!(capture.stop().unwrap().contains(&payload));
+}

@@ -9,6 +9,7 @@ pub mod demo;
 pub mod enroll;
 pub mod observe;
 pub mod proxy;
+pub mod uninstall;
 
 use std::time::Duration;
 
