@@ -432,3 +432,36 @@ async fn connect_with_path_or_scheme_is_refused_as_malformed() {
     assert_eq!(results[2].0, 0x1);
     assert_eq!(results[2].1.first(), Some(&0x88));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_flood_leaves_the_server_serving_others() {
+    // CVE-2023-44487 style: open streams and cancel them at once, over and over.
+    let s = start(105, None).await;
+    let abuser = s.h2(Some(s.good_cert())).await.unwrap();
+    let cut_off = tokio::time::timeout(T, async {
+        for _ in 0..20_000 {
+            // An error here is the server's GOAWAY (h2's "too_many_resets", ENHANCE_YOUR_CALM)
+            // or its closing the connection.
+            let Ok(mut send) = abuser.clone().ready().await else {
+                return true;
+            };
+            match send.send_request(connect(&s.echo_addr.to_string()), false) {
+                // Dropping the response and stream resets the stream (CANCEL) right away.
+                Ok((resp, stream)) => drop((resp, stream)),
+                Err(_) => return true,
+            }
+            // Let the connection task put the frames on the wire.
+            tokio::task::yield_now().await;
+        }
+        false
+    })
+    .await
+    .unwrap();
+    assert!(cut_off, "20,000 reset streams went unchallenged");
+    // Another client is served as usual.
+    let good = s.h2(Some(s.good_cert())).await.unwrap();
+    assert_eq!(
+        status_of(&good, connect(&s.echo_addr.to_string())).await,
+        StatusCode::OK
+    );
+}
