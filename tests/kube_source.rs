@@ -1,8 +1,9 @@
 //! The Kubernetes cluster state source against recorded API server responses (list, watch
-//! events, a 410 Gone that forces a re-list, and API outages). No live API server was
-//! available here: the fake below replays responses captured in tests/fixtures/kube.
+//! events, a 410 Gone that forces a re-list, and API outages), for Namespaces, Pods and
+//! Istio AuthorizationPolicies (including a CRD that is not installed). No live API server
+//! was available here: the fake below replays responses captured in tests/fixtures/kube.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -13,7 +14,8 @@ use http_body::Frame;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use tokio::sync::{mpsc, watch};
 use zmesh::agent::cluster_state::ClusterState;
-use zmesh::agent::kube_source::{watch_kubernetes, RetryPolicy};
+use zmesh::agent::kube_source::{watch_kubernetes, watch_placement, RetryPolicy};
+use zmesh_proxy::policy::{Action, Denial, Request as PolicyRequest, Verdict};
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -23,12 +25,22 @@ enum Reply {
     Stream(mpsc::UnboundedReceiver<String>),
 }
 
+/// The resources, as the fake names them: the path after `/api/v1/` or `/apis/`.
+const POLICIES_V1: &str = "security.istio.io/v1/authorizationpolicies";
+const POLICIES_V1BETA1: &str = "security.istio.io/v1beta1/authorizationpolicies";
+
+/// A fixed JSON reply: status and body.
+type Canned = (StatusCode, &'static str);
+
 #[derive(Default)]
 struct FakeApi {
-    /// Replies per (resource, is_watch), consumed in order. When none is left, lists fail
-    /// with 500 and watches hang open.
+    /// Replies per (resource, is_watch), consumed in order. When none is left, the
+    /// default reply for the resource is used if there is one; else lists fail with 500
+    /// and watches hang open.
     script: Mutex<HashMap<(String, bool), VecDeque<Reply>>>,
-    requests: Mutex<Vec<String>>,
+    defaults: Mutex<HashMap<(String, bool), Canned>>,
+    /// (resource, is_watch) of every request, in order.
+    requests: Mutex<Vec<(String, bool)>>,
 }
 
 impl FakeApi {
@@ -47,32 +59,44 @@ impl FakeApi {
         tx
     }
 
+    /// Answers every request for `resource` with this once the script is used up.
+    fn default_reply(&self, resource: &str, watch: bool, status: StatusCode, body: &'static str) {
+        self.defaults
+            .lock()
+            .unwrap()
+            .insert((resource.to_owned(), watch), (status, body));
+    }
+
     fn count(&self, resource: &str, watch: bool) -> usize {
         self.requests
             .lock()
             .unwrap()
             .iter()
-            .filter(|r| {
-                r.contains(&format!("/api/v1/{resource}?")) && r.contains("watch=true") == watch
-            })
+            .filter(|(r, w)| r == resource && *w == watch)
             .count()
     }
 
     fn serve(&self, request: Request<kube::client::Body>) -> Response<Body> {
-        let uri = request.uri().to_string();
-        self.requests.lock().unwrap().push(uri.clone());
-        let resource = request
-            .uri()
-            .path()
-            .trim_start_matches("/api/v1/")
+        let path = request.uri().path();
+        let resource = path
+            .strip_prefix("/api/v1/")
+            .or_else(|| path.strip_prefix("/apis/"))
+            .unwrap_or(path)
             .to_owned();
         let is_watch = request.uri().query().unwrap_or("").contains("watch=true");
+        let key = (resource, is_watch);
+        self.requests.lock().unwrap().push(key.clone());
         let reply = self
             .script
             .lock()
             .unwrap()
-            .get_mut(&(resource, is_watch))
-            .and_then(VecDeque::pop_front);
+            .get_mut(&key)
+            .and_then(VecDeque::pop_front)
+            .or_else(|| {
+                let defaults = self.defaults.lock().unwrap();
+                let (status, body) = defaults.get(&key)?;
+                Some(Reply::Json(*status, body))
+            });
         match reply {
             Some(Reply::Json(status, body)) => json(status, body),
             Some(Reply::Stream(lines)) => {
@@ -108,6 +132,11 @@ const PODS_LIST: &str = include_str!("fixtures/kube/pods-list.json");
 const PODS_WATCH: &str = include_str!("fixtures/kube/pods-watch.jsonl");
 const PODS_LIST_AFTER_GONE: &str = include_str!("fixtures/kube/pods-list-after-gone.json");
 const STATUS_500: &str = include_str!("fixtures/kube/status-500.json");
+const STATUS_404: &str = include_str!("fixtures/kube/status-404.json");
+const STATUS_403_POLICIES: &str = include_str!("fixtures/kube/status-403-policies.json");
+const POLICIES_LIST: &str = include_str!("fixtures/kube/policies-list.json");
+const POLICIES_LIST_V1BETA1: &str = include_str!("fixtures/kube/policies-list-v1beta1.json");
+const POLICIES_WATCH: &str = include_str!("fixtures/kube/policies-watch.jsonl");
 
 fn client(api: Arc<FakeApi>) -> kube::Client {
     let service = tower::service_fn(move |request| {
@@ -150,6 +179,80 @@ fn lines(jsonl: &str) -> Vec<String> {
         .collect()
 }
 
+/// Neither version of the AuthorizationPolicy API is served.
+fn crd_not_installed(api: &FakeApi) {
+    for resource in [POLICIES_V1, POLICIES_V1BETA1] {
+        api.default_reply(resource, false, StatusCode::NOT_FOUND, STATUS_404);
+    }
+}
+
+/// Namespaces and pods list fine and their watches stay quiet.
+fn cluster_without_changes(api: &FakeApi) {
+    api.push(
+        "namespaces",
+        false,
+        Reply::Json(StatusCode::OK, NAMESPACES_LIST),
+    );
+    api.push("pods", false, Reply::Json(StatusCode::OK, PODS_LIST));
+}
+
+fn fast_retry() -> RetryPolicy {
+    RetryPolicy {
+        initial: Duration::from_millis(5),
+        max: Duration::from_millis(20),
+    }
+}
+
+async fn start(api: &Arc<FakeApi>) -> watch::Receiver<Arc<ClusterState>> {
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        watch_kubernetes(client(api.clone()), "node1".into(), fast_retry()),
+    )
+    .await
+    .expect("the source becomes ready")
+}
+
+/// The policies in force: id -> (action, rule count).
+fn policies(state: &ClusterState) -> BTreeMap<String, (Action, usize)> {
+    state
+        .policies()
+        .policies()
+        .iter()
+        .map(|p| (p.id().to_string(), (p.action(), p.rule_count())))
+        .collect()
+}
+
+fn expect(entries: &[(&str, Action, usize)]) -> BTreeMap<String, (Action, usize)> {
+    entries
+        .iter()
+        .map(|(id, action, rules)| (id.to_string(), (*action, *rules)))
+        .collect()
+}
+
+/// The verdict for a connection from `principal` to a pod of `namespace` with `labels`.
+fn verdict(
+    state: &ClusterState,
+    namespace: &str,
+    labels: &[(&str, &str)],
+    principal: &str,
+) -> Verdict {
+    let labels: BTreeMap<String, String> = labels
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let id = zmesh_identity::SpiffeId::parse(principal).unwrap();
+    state.policies().evaluate(&PolicyRequest {
+        destination_namespace: namespace,
+        destination_labels: Some(&labels),
+        source_identity: Some(&id),
+        source_ip: Some("10.9.9.9".parse().unwrap()),
+        destination_port: 8080,
+    })
+}
+
+const WEB_SA: &str = "spiffe://cluster.local/ns/shop/sa/web";
+const BATCH_SA: &str = "spiffe://cluster.local/ns/batch/sa/job";
+
 #[tokio::test]
 async fn list_watch_gone_and_outages() {
     let api = Arc::new(FakeApi::default());
@@ -179,6 +282,7 @@ async fn list_watch_gone_and_outages() {
         Reply::Json(StatusCode::OK, PODS_LIST_AFTER_GONE),
     );
     let pod_events_after_relist = api.watch_stream("pods");
+    crd_not_installed(&api);
 
     let retry = RetryPolicy {
         initial: Duration::from_millis(5),
@@ -276,4 +380,228 @@ async fn list_watch_gone_and_outages() {
         "an outage must not publish a new state"
     );
     assert_eq!(pod_names(&rx.borrow()), after);
+}
+
+#[tokio::test]
+async fn policies_are_listed_and_watched_and_a_bad_edit_keeps_the_last_good_version() {
+    let api = Arc::new(FakeApi::default());
+    cluster_without_changes(&api);
+    api.push(
+        POLICIES_V1,
+        false,
+        Reply::Json(StatusCode::OK, POLICIES_LIST),
+    );
+    let events = api.watch_stream(POLICIES_V1);
+    let mut rx = start(&api).await;
+
+    // The first snapshot has namespaces, pods and policies together.
+    let state = rx.borrow_and_update().clone();
+    assert_eq!(pod_names(&state).len(), 3);
+    assert_eq!(
+        policies(&state),
+        expect(&[
+            // Valid, as listed (this list item came without apiVersion/kind).
+            ("legacy/allow-nothing", Action::Allow, 0),
+            ("shop/allow-web", Action::Allow, 1),
+            // HTTP methods cannot be enforced at L4 and the policy never had a good
+            // version: it denies everything to the pods it selects instead of nothing.
+            ("shop/deny-get", Action::Deny, 1),
+            // shop/audit-all (AUDIT) never decides traffic: skipped.
+        ])
+    );
+    let stand_in = state
+        .policies()
+        .policies()
+        .iter()
+        .find(|p| p.id().name == "deny-get")
+        .unwrap();
+    assert_eq!(
+        stand_in.selector(),
+        Some(&BTreeMap::from([("app".to_string(), "api".to_string())])),
+        "the stand-in keeps the selector"
+    );
+    assert!(matches!(
+        verdict(&state, "shop", &[("app", "api")], WEB_SA),
+        Verdict::Deny(Denial::DenyPolicy { .. })
+    ));
+    assert!(verdict(&state, "shop", &[("app", "web")], WEB_SA).is_allowed());
+    assert!(!verdict(&state, "shop", &[("app", "web")], BATCH_SA).is_allowed());
+    assert_eq!(api.count(POLICIES_V1BETA1, false), 0, "v1 is served");
+
+    let [added, to_deny, invalid, deleted, deleted_web] =
+        <[String; 5]>::try_from(lines(POLICIES_WATCH)).unwrap();
+    // Added.
+    events.send(added).unwrap();
+    let state = wait_for(&mut rx, |s| policies(s).contains_key("shop/deny-batch"))
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(policies(&state)["shop/deny-batch"], (Action::Deny, 1));
+    // Modified into a DENY.
+    events.send(to_deny).unwrap();
+    let state = wait_for(&mut rx, |s| {
+        policies(s).get("shop/allow-web") == Some(&(Action::Deny, 1))
+    })
+    .await
+    .pop()
+    .unwrap();
+    assert!(matches!(
+        verdict(&state, "shop", &[("app", "web")], BATCH_SA),
+        Verdict::Deny(Denial::DenyPolicy { .. })
+    ));
+    // An invalid edit (HTTP paths), then a good event behind it: once the good event is
+    // in, the invalid edit must have left the DENY version in force.
+    events.send(invalid).unwrap();
+    events.send(deleted).unwrap();
+    let seen = wait_for(&mut rx, |s| !policies(s).contains_key("shop/deny-batch")).await;
+    for state in &seen {
+        assert_eq!(
+            policies(state)["shop/allow-web"],
+            (Action::Deny, 1),
+            "an invalid edit must not replace the last good version"
+        );
+    }
+    // Deleted, even though its latest version was invalid.
+    events.send(deleted_web).unwrap();
+    let state = wait_for(&mut rx, |s| !policies(s).contains_key("shop/allow-web"))
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(
+        policies(&state),
+        expect(&[
+            ("legacy/allow-nothing", Action::Allow, 0),
+            ("shop/deny-get", Action::Deny, 1),
+        ])
+    );
+}
+
+#[tokio::test]
+async fn a_missing_crd_publishes_no_policies_and_its_policies_arrive_once_installed() {
+    let api = Arc::new(FakeApi::default());
+    cluster_without_changes(&api);
+    crd_not_installed(&api);
+    let mut rx = start(&api).await;
+    let state = rx.borrow_and_update().clone();
+    assert_eq!(
+        pod_names(&state).len(),
+        3,
+        "namespaces and pods are not held up"
+    );
+    assert!(state.policies().is_empty());
+    assert!(api.count(POLICIES_V1, false) >= 1);
+    assert!(
+        api.count(POLICIES_V1BETA1, false) >= 1,
+        "v1beta1 is tried too"
+    );
+
+    // The source keeps asking with backoff; once the CRD is installed, its policies arrive.
+    let asked = api.count(POLICIES_V1, false);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while api.count(POLICIES_V1, false) < asked + 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the source keeps checking for the CRD");
+    api.push(
+        POLICIES_V1,
+        false,
+        Reply::Json(StatusCode::OK, POLICIES_LIST),
+    );
+    let events = api.watch_stream(POLICIES_V1);
+    let seen = wait_for(&mut rx, |s| !s.policies().is_empty()).await;
+    assert_eq!(policies(seen.last().unwrap()).len(), 3);
+    for state in &seen {
+        assert_eq!(pod_names(state).len(), 3, "pods stay while policies arrive");
+    }
+    // ...and are watched from then on.
+    events.send(lines(POLICIES_WATCH).remove(0)).unwrap();
+    wait_for(&mut rx, |s| policies(s).contains_key("shop/deny-batch")).await;
+}
+
+#[tokio::test]
+async fn v1beta1_is_used_when_v1_is_not_served() {
+    let api = Arc::new(FakeApi::default());
+    cluster_without_changes(&api);
+    api.default_reply(POLICIES_V1, false, StatusCode::NOT_FOUND, STATUS_404);
+    api.push(
+        POLICIES_V1BETA1,
+        false,
+        Reply::Json(StatusCode::OK, POLICIES_LIST_V1BETA1),
+    );
+    let mut rx = start(&api).await;
+    let state = rx.borrow_and_update().clone();
+    assert_eq!(
+        policies(&state),
+        expect(&[
+            ("legacy/allow-nothing", Action::Allow, 0),
+            ("shop/allow-web", Action::Allow, 1),
+            ("shop/deny-get", Action::Deny, 1),
+        ])
+    );
+    assert!(api.count(POLICIES_V1, false) >= 1, "v1 is asked first");
+}
+
+#[tokio::test]
+async fn policies_that_cannot_be_read_hold_the_first_snapshot_back() {
+    // Forbidden (missing RBAC) and server errors are not "no policies": starting without
+    // them would fail open. The first snapshot waits for the policies.
+    let api = Arc::new(FakeApi::default());
+    cluster_without_changes(&api);
+    api.push(
+        POLICIES_V1,
+        false,
+        Reply::Json(StatusCode::FORBIDDEN, STATUS_403_POLICIES),
+    );
+    api.push(
+        POLICIES_V1,
+        false,
+        Reply::Json(StatusCode::INTERNAL_SERVER_ERROR, STATUS_500),
+    );
+    api.push(
+        POLICIES_V1,
+        false,
+        Reply::Json(StatusCode::OK, POLICIES_LIST),
+    );
+    let mut rx = start(&api).await;
+    assert_eq!(
+        api.count(POLICIES_V1, false),
+        3,
+        "two failed lists, then one good"
+    );
+    assert_eq!(
+        api.count(POLICIES_V1BETA1, false),
+        0,
+        "only a 404 means not served"
+    );
+    let state = rx.borrow_and_update().clone();
+    assert_eq!(
+        policies(&state).len(),
+        3,
+        "the first snapshot has the policies"
+    );
+}
+
+#[tokio::test]
+async fn the_placement_source_does_not_read_policies() {
+    let api = Arc::new(FakeApi::default());
+    cluster_without_changes(&api);
+    // Would hold back a source that reads policies forever.
+    api.default_reply(
+        POLICIES_V1,
+        false,
+        StatusCode::FORBIDDEN,
+        STATUS_403_POLICIES,
+    );
+    let mut rx = tokio::time::timeout(
+        Duration::from_secs(10),
+        watch_placement(client(api.clone()), String::new(), fast_retry()),
+    )
+    .await
+    .expect("the placement source is ready without policies");
+    let state = rx.borrow_and_update().clone();
+    assert_eq!(pod_names(&state).len(), 3);
+    assert!(state.policies().is_empty());
+    assert_eq!(api.count(POLICIES_V1, false), 0);
 }

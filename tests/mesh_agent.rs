@@ -5,35 +5,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{addr, lab, lab_from, manifests, secret};
-use zmesh::agent::admin::{AdminClient, CertInfo};
-use zmesh::lab::{access_lines, Lab, ReservedPod};
-
-async fn certs(lab: &Lab, node: &str) -> Vec<CertInfo> {
-    AdminClient::new(lab.admin_socket(node))
-        .get_json("/certs")
-        .await
-        .unwrap()
-}
-
-/// Waits until `node`'s agent holds (or not) a certificate for `id`.
-async fn wait_for_cert(lab: &Lab, node: &str, id: &str, present: bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let has = certs(lab, node)
-            .await
-            .iter()
-            .any(|c| c.workload == id && c.not_after.is_some());
-        if has == present {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{node}: certificate for {id} present={has}, wanted {present}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
+use support::{addr, certs, lab, lab_from, manifests, secret, wait_for_cert};
+use zmesh::agent::admin::CertInfo;
+use zmesh::lab::{access_lines, ReservedPod};
 
 fn zmesh(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_zmesh"))

@@ -5,7 +5,6 @@
 mod support;
 
 use std::io::Read;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use support::{addr, lab, secret};
@@ -175,22 +174,14 @@ async fn a_policy_added_while_a_connection_is_open_closes_it() {
         .unwrap()
         .serve_echo(8080)
         .unwrap();
-    let mut nc = lab
-        .cluster()
-        .pod("shop", "frontend")
-        .unwrap()
-        .command("nc")
-        .unwrap();
-    nc.args([&web.ip().to_string(), &web.port().to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-    let mut child = nc.spawn().unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut stdout = child.stdout.take().unwrap();
-    std::io::Write::write_all(&mut stdin, b"ping\n").unwrap();
-    let mut buf = [0u8; 5];
-    stdout.read_exact(&mut buf).unwrap();
-    assert_eq!(&buf, b"ping\n");
+    let mut client = support::LongLivedClient::open(&lab, "shop", "frontend", web);
+    client.roundtrip("ping");
+    let support::LongLivedClient {
+        mut child,
+        mut stdin,
+        stdout,
+    } = client;
+    let mut stdout = stdout.into_inner();
 
     policy(
         &mut lab,

@@ -4,11 +4,11 @@
 
 mod support;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
 
-use support::{addr, lab, secret};
+use support::{addr, lab, secret, wait_for_cert, LongLivedClient};
 use zmesh::lab::access_lines;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -206,6 +206,7 @@ async fn unenroll_and_reenroll_at_run_time() {
         .serve_echo(8080)
         .unwrap();
 
+    let web_id = format!("spiffe://{}/ns/shop/sa/web", lab.trust_domain());
     // Opt shop/web out of the mesh with Istio's pod label.
     lab.edit_manifest("pods.yaml", |text| {
         *text = text.replacen(
@@ -215,7 +216,7 @@ async fn unenroll_and_reenroll_at_run_time() {
         );
     })
     .unwrap();
-    wait_for_cert(&lab, "node1", "web", false).await;
+    wait_for_cert(&lab, "node1", &web_id, false).await;
     let capture = lab.cluster().start_capture().unwrap();
     let direct = secret("direct");
     assert_eq!(
@@ -235,7 +236,7 @@ async fn unenroll_and_reenroll_at_run_time() {
         *text = text.replacen(", istio.io/dataplane-mode: none}", "}", 1);
     })
     .unwrap();
-    wait_for_cert(&lab, "node1", "web", true).await;
+    wait_for_cert(&lab, "node1", &web_id, true).await;
     let capture = lab.cluster().start_capture().unwrap();
     let meshed = secret("meshed");
     assert_eq!(
@@ -249,28 +250,6 @@ async fn unenroll_and_reenroll_at_run_time() {
     assert!(pcap.tcp_ports().contains_key(&15008));
 }
 
-/// Waits until node's agent holds (or no longer holds) a certificate for shop/<sa>.
-async fn wait_for_cert(lab: &zmesh::lab::Lab, node: &str, sa: &str, present: bool) {
-    let client = zmesh::agent::admin::AdminClient::new(lab.admin_socket(node));
-    let id = format!("spiffe://{}/ns/shop/sa/{sa}", lab.trust_domain());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let certs: Vec<zmesh::agent::admin::CertInfo> = client.get_json("/certs").await.unwrap();
-        let has = certs
-            .iter()
-            .any(|c| c.workload == id && c.not_after.is_some());
-        if has == present {
-            return;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "agent did not {} {id}",
-            if present { "enroll" } else { "un-enroll" }
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn agent_restart_keeps_established_connections() {
     let mut lab = lab(&[]).await;
@@ -281,29 +260,11 @@ async fn agent_restart_keeps_established_connections() {
         .unwrap()
         .serve_echo(8080)
         .unwrap();
-    let mut nc = lab
-        .cluster()
-        .pod("shop", "frontend")
-        .unwrap()
-        .command("nc")
-        .unwrap();
-    nc.args([&web.ip().to_string(), &web.port().to_string()])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped());
-    let mut child = nc.spawn().unwrap();
-    let mut stdin = child.stdin.take().unwrap();
-    let mut stdout = BufReader::new(child.stdout.take().unwrap());
-    let mut roundtrip = |line: &str| {
-        stdin.write_all(format!("{line}\n").as_bytes()).unwrap();
-        stdin.flush().unwrap();
-        let mut echoed = String::new();
-        stdout.read_line(&mut echoed).unwrap();
-        assert_eq!(echoed.trim_end(), line);
-    };
-    roundtrip("before the restart");
+    let mut client = LongLivedClient::open(&lab, "shop", "frontend", web);
+    client.roundtrip("before the restart");
     lab.restart_agent("node1", false).await.unwrap();
     lab.restart_agent("node2", false).await.unwrap();
-    roundtrip("after both agents restarted");
+    client.roundtrip("after both agents restarted");
     // New connections work too, through the new agents.
     let fresh = secret("fresh");
     assert_eq!(
@@ -312,8 +273,6 @@ async fn agent_restart_keeps_established_connections() {
             .output,
         fresh
     );
-    drop(stdin);
-    let _ = child.wait();
 }
 
 #[tokio::test(flavor = "multi_thread")]

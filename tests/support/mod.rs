@@ -40,3 +40,67 @@ pub fn addr(lab: &Lab, ns: &str, pod: &str, port: u16) -> SocketAddr {
 pub fn secret(label: &str) -> Vec<u8> {
     format!("zmesh-e2e-{label}-{:016x}", rand::random::<u64>()).into_bytes()
 }
+
+/// The certificates `node`'s agent holds, from its admin API.
+pub async fn certs(lab: &Lab, node: &str) -> Vec<zmesh::agent::admin::CertInfo> {
+    zmesh::agent::admin::AdminClient::new(lab.admin_socket(node))
+        .get_json("/certs")
+        .await
+        .unwrap()
+}
+
+/// Waits until `node`'s agent holds (or no longer holds) a certificate for `id`.
+pub async fn wait_for_cert(lab: &Lab, node: &str, id: &str, present: bool) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let has = certs(lab, node)
+            .await
+            .iter()
+            .any(|c| c.workload == id && c.not_after.is_some());
+        if has == present {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{node}: certificate for {id} present={has}, wanted {present}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A long-lived `nc` connection from a pod, for line-by-line echo round trips. The process
+/// lives in the pod's cgroup, so the lab's teardown kills it whatever happens.
+pub struct LongLivedClient {
+    pub child: std::process::Child,
+    pub stdin: std::process::ChildStdin,
+    pub stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl LongLivedClient {
+    pub fn open(lab: &Lab, ns: &str, pod: &str, addr: SocketAddr) -> Self {
+        let mut nc = lab.cluster().pod(ns, pod).unwrap().command("nc").unwrap();
+        nc.args([&addr.ip().to_string(), &addr.port().to_string()])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped());
+        let mut child = nc.spawn().unwrap();
+        let stdin = child.stdin.take().unwrap();
+        let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+        Self {
+            child,
+            stdin,
+            stdout,
+        }
+    }
+
+    /// Sends one line and checks that it comes back.
+    pub fn roundtrip(&mut self, line: &str) {
+        use std::io::{BufRead, Write};
+        self.stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .unwrap();
+        self.stdin.flush().unwrap();
+        let mut echoed = String::new();
+        self.stdout.read_line(&mut echoed).unwrap();
+        assert_eq!(echoed.trim_end(), line);
+    }
+}
