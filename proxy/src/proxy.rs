@@ -1,11 +1,13 @@
 //! Binding, running and draining the proxy's listeners.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -16,7 +18,7 @@ use crate::pool::{Pool, PoolConfig};
 use crate::socket::{bind_listener, OriginalDst, SoOriginalDst};
 use crate::tls::TlsCredentials;
 use crate::tunnels::Tunnels;
-use crate::workloads::WorkloadStore;
+use crate::workloads::{WorkloadStore, WorkloadTable};
 
 /// How traffic reaches the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -160,7 +162,7 @@ pub(crate) struct Shared {
     pub original_dst: Arc<dyn OriginalDst>,
     pub metrics: Arc<Metrics>,
     pub flows: Arc<FlowHub>,
-    /// Open inbound connections, re-authorized when policies change.
+    /// Open inbound connections, re-authorized when policies or local pods' labels change.
     pub tunnels: Tunnels,
     pub pool: Arc<Pool>,
     pub addrs: ProxyAddrs,
@@ -230,6 +232,7 @@ impl Proxy {
             metrics.clone(),
             force.clone(),
         );
+        let tunnels = Tunnels::new(deps.workloads.clone(), config.node.clone());
         let shared = Arc::new(Shared {
             config,
             workloads: deps.workloads,
@@ -239,7 +242,7 @@ impl Proxy {
             metrics,
             // Without subscribers a one-event ring is enough: it still counts.
             flows: deps.flows.unwrap_or_else(|| Arc::new(FlowHub::new(1))),
-            tunnels: Tunnels::default(),
+            tunnels,
             pool,
             addrs,
             drain: CancellationToken::new(),
@@ -289,10 +292,10 @@ impl Proxy {
             readiness,
             admin_stop.clone(),
         ));
-        let recheck = shared
-            .authorizer
-            .changes()
-            .map(|changes| tokio::spawn(recheck_on_change(shared.clone(), changes)));
+        let recheck = tokio::spawn(recheck_on_change(
+            shared.clone(),
+            shared.authorizer.changes(),
+        ));
         shared.ready.store(true, Ordering::Release);
         tracing::info!(
             node = %shared.config.node,
@@ -321,28 +324,81 @@ impl Proxy {
         }
         shared.force.cancel();
         shared.tracker.wait().await;
-        if let Some(task) = recheck {
-            task.abort();
-        }
+        recheck.abort();
         admin_stop.cancel();
         let _ = admin.await;
         tracing::info!(took = ?started.elapsed(), "drained");
     }
 }
 
-/// Re-authorizes open connections whenever the authorizer's rules change.
-async fn recheck_on_change(shared: Arc<Shared>, mut changes: tokio::sync::watch::Receiver<u64>) {
-    changes.borrow_and_update();
-    while changes.changed().await.is_ok() {
-        changes.borrow_and_update();
+/// Re-authorizes open connections whenever the authorizer's rules change, or the workload
+/// table gives a local pod another namespace or labels (policies select pods by labels).
+async fn recheck_on_change(shared: Arc<Shared>, mut rules: Option<watch::Receiver<u64>>) {
+    let mut tables = shared.workloads.subscribe();
+    tables.borrow_and_update();
+    if let Some(rules) = &mut rules {
+        rules.borrow_and_update();
+    }
+    let node = shared.config.node.as_str();
+    let mut local = local_view(&shared.workloads.snapshot(), node);
+    loop {
+        let why = tokio::select! {
+            changed = next_change(&mut rules) => {
+                if !changed {
+                    rules = None; // the authorizer's rules are final
+                    continue;
+                }
+                "authorization policies changed"
+            }
+            changed = tables.changed() => {
+                if changed.is_err() {
+                    return; // the store is gone with the proxy
+                }
+                tables.borrow_and_update();
+                let now = local_view(&shared.workloads.snapshot(), node);
+                // Pods coming and going elsewhere change nothing for open connections.
+                if now == local {
+                    continue;
+                }
+                local = now;
+                "local workloads' labels changed"
+            }
+            () = shared.tunnels.stale() => "a connection started on an outdated workload table",
+        };
         let closed = shared.tunnels.recheck(&shared);
         tracing::info!(
             open = shared.tunnels.len(),
             closed,
-            "authorization policies changed: open connections re-checked"
+            "{why}: open connections re-checked"
         );
     }
 }
+
+/// Waits for the next change; `false` when there will be none.
+async fn next_change(rules: &mut Option<watch::Receiver<u64>>) -> bool {
+    match rules {
+        Some(rules) => {
+            let changed = rules.changed().await.is_ok();
+            rules.borrow_and_update();
+            changed
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// What authorization sees of this node's pods: namespace and labels by IP.
+fn local_view(table: &WorkloadTable, node: &str) -> LocalView {
+    table
+        .workloads_on(node)
+        .flat_map(|w| {
+            w.ips
+                .iter()
+                .map(|ip| (*ip, (w.namespace.clone(), w.labels.clone())))
+        })
+        .collect()
+}
+
+type LocalView = BTreeMap<IpAddr, (String, Arc<BTreeMap<String, String>>)>;
 
 async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, direction: Direction) {
     loop {

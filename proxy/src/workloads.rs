@@ -30,6 +30,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use serde::Deserialize;
+use tokio::sync::watch;
 use zmesh_identity::{SpiffeIdError, TrustDomain, WorkloadId};
 
 /// Why a workload table was rejected.
@@ -271,21 +272,42 @@ impl WorkloadTable {
 
 /// The current table, swappable while the proxy runs.
 #[derive(Debug)]
-pub struct WorkloadStore(ArcSwap<WorkloadTable>);
+pub struct WorkloadStore {
+    current: ArcSwap<WorkloadTable>,
+    /// Bumped on every replace: a pod's new labels can change which policies select it,
+    /// so the proxy re-checks open connections.
+    generation: watch::Sender<u64>,
+}
 
 impl WorkloadStore {
     pub fn new(table: WorkloadTable) -> Self {
-        Self(ArcSwap::from_pointee(table))
+        Self {
+            current: ArcSwap::from_pointee(table),
+            generation: watch::Sender::new(0),
+        }
     }
 
     /// The current snapshot; cheap, lock-free.
     pub fn snapshot(&self) -> Arc<WorkloadTable> {
-        self.0.load_full()
+        self.current.load_full()
     }
 
-    /// Replaces the table; new connections see it at once.
+    /// Replaces the table; new connections see it at once, open ones are re-checked.
     pub fn replace(&self, table: WorkloadTable) {
-        self.0.store(Arc::new(table));
+        self.current.store(Arc::new(table));
+        self.generation.send_modify(|g| *g = g.wrapping_add(1));
+    }
+
+    /// Changes on every [`WorkloadStore::replace`].
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.generation.subscribe()
+    }
+}
+
+impl Workload {
+    /// Whether policies see both the same: same namespace and labels.
+    pub(crate) fn same_for_policies(&self, other: &Workload) -> bool {
+        self.namespace == other.namespace && self.labels == other.labels
     }
 }
 
@@ -396,8 +418,11 @@ workloads:
     #[test]
     fn store_swaps_snapshots() {
         let store = WorkloadStore::new(WorkloadTable::default());
+        let changes = store.subscribe();
         let old = store.snapshot();
+        assert!(!changes.has_changed().unwrap());
         store.replace(WorkloadTable::from_yaml(GOOD).unwrap());
+        assert!(changes.has_changed().unwrap(), "a replace is announced");
         assert!(old.workload_by_ip("10.0.0.1".parse().unwrap()).is_none());
         assert!(store
             .snapshot()

@@ -1,21 +1,35 @@
-//! Kubernetes as the cluster state source: watchers on Namespaces and Pods.
+//! Kubernetes as the cluster state source: watchers on Namespaces, Pods and Istio
+//! `AuthorizationPolicy` objects.
 //!
 //! Outbound identity checks need every pod's IP, node, namespace and service account
 //! cluster-wide, so remote pods are kept in compact form (no labels but the opt-out ones, no
 //! annotations) and only this node's pods in full. A re-list (after a 410 Gone or an
 //! outage) is buffered and swapped in whole on `InitDone`: the agent never acts on a
-//! half-built cache, and nothing is published before both resources are fully listed.
+//! half-built cache, and nothing is published before every resource is fully listed.
+//!
+//! Authorization policies (`security.istio.io/v1`, else `v1beta1`) are parsed one object at
+//! a time with the proxy's [`Policy`] parser. An object that does not parse is reported
+//! (namespace/name and field paths) and never silently weakens enforcement: its last good
+//! version stays in force; if it never had one, a fail-closed stand-in takes its place for
+//! the workloads it selects (an invalid DENY denies everything, an invalid ALLOW allows
+//! nothing, as ztunnel drops the rules it cannot enforce), except AUDIT/CUSTOM objects,
+//! which never decide traffic. If the CRD is not installed (404 for both versions), there
+//! can be no policies: the state is published without any, and the API is asked again with
+//! backoff until the CRD appears. Any other error (403, 500) blocks the first snapshot like
+//! a pod listing error would: starting without policies that exist would fail open.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod};
+use kube::api::{ApiResource, DynamicObject, GroupVersionKind, TypeMeta};
 use kube::runtime::utils::Backoff;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
+use zmesh_proxy::policy::{Policy, PolicyErrors, PolicySet};
 
 use super::cluster_state::{
     ClusterState, NamespaceInfo, PodInfo, CGROUP_ANNOTATION, CILIUM_MTLS_LABEL,
@@ -41,6 +55,15 @@ impl Default for RetryPolicy {
 struct JitteredBackoff {
     policy: RetryPolicy,
     next: Duration,
+}
+
+impl JitteredBackoff {
+    fn new(policy: &RetryPolicy) -> Self {
+        Self {
+            next: policy.initial,
+            policy: policy.clone(),
+        }
+    }
 }
 
 impl Iterator for JitteredBackoff {
@@ -76,11 +99,12 @@ impl<T: PartialEq> Mirror<T> {
         }
     }
 
-    /// Applies one event; returns whether the live view changed.
+    /// Applies one event; returns whether the live view changed. `convert` also gets the
+    /// live value of the same object, if any.
     fn apply<K: kube::Resource>(
         &mut self,
         event: watcher::Event<K>,
-        convert: impl Fn(K) -> Option<T>,
+        convert: impl Fn(K, Option<&T>) -> Option<T>,
     ) -> bool {
         let key = |k: &K| {
             let meta = k.meta();
@@ -96,7 +120,9 @@ impl<T: PartialEq> Mirror<T> {
             }
             watcher::Event::InitApply(object) => {
                 let k = key(&object);
-                if let (Some(buffer), Some(value)) = (self.relisting.as_mut(), convert(object)) {
+                if let (Some(buffer), Some(value)) =
+                    (self.relisting.as_mut(), convert(object, self.live.get(&k)))
+                {
                     buffer.insert(k, value);
                 }
                 false
@@ -110,7 +136,7 @@ impl<T: PartialEq> Mirror<T> {
             }
             watcher::Event::Apply(object) => {
                 let k = key(&object);
-                match convert(object) {
+                match convert(object, self.live.get(&k)) {
                     Some(value) => {
                         let changed = self.live.get(&k) != Some(&value);
                         self.live.insert(k, value);
@@ -121,6 +147,15 @@ impl<T: PartialEq> Mirror<T> {
             }
             watcher::Event::Delete(object) => self.live.remove(&key(&object)).is_some(),
         }
+    }
+
+    /// The resource does not exist in this cluster: an empty, complete listing.
+    fn absent(&mut self) -> bool {
+        self.relisting = None;
+        let changed = !self.synced || !self.live.is_empty();
+        self.live.clear();
+        self.synced = true;
+        changed
     }
 }
 
@@ -175,51 +210,285 @@ fn pod_info(pod: Pod, node: &str) -> Option<PodInfo> {
     })
 }
 
-/// Watches Namespaces and Pods and returns, once both are fully listed, a receiver of
-/// consistent snapshots. Until the first complete listing this waits (retrying API errors
-/// with backoff); afterwards errors keep the last good state while retrying.
+/// The versions of Istio's `AuthorizationPolicy` that share the schema, newest first.
+const POLICY_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
+
+fn policy_resource(version: &str) -> ApiResource {
+    ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("security.istio.io", version, "AuthorizationPolicy"),
+        "authorizationpolicies",
+    )
+}
+
+/// Every problem of a policy object, with field paths.
+fn policy_problems(errors: &PolicyErrors) -> String {
+    errors
+        .0
+        .iter()
+        .map(|e| {
+            if e.path.is_empty() {
+                e.kind.to_string()
+            } else {
+                format!("{}: {}", e.path, e.kind)
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// Parses a policy object. An invalid one keeps `last_good`, or else becomes its
+/// fail-closed stand-in (see the module docs); `None` means it decides nothing.
+fn policy_info(object: DynamicObject, last_good: Option<&Policy>) -> Option<Policy> {
+    let id = format!(
+        "{}/{}",
+        object.metadata.namespace.as_deref().unwrap_or("default"),
+        object.metadata.name.as_deref().unwrap_or("")
+    );
+    let value = match serde_json::to_value(&object) {
+        Ok(value) => value,
+        Err(e) => {
+            tracing::warn!(target: "kubernetes", policy = %id, "AuthorizationPolicy cannot be read: {e}");
+            return last_good.cloned();
+        }
+    };
+    let problems = match Policy::from_json(&value) {
+        Ok(policy) => return Some(policy),
+        Err(errors) => policy_problems(&errors),
+    };
+    if let Some(last_good) = last_good {
+        tracing::warn!(
+            target: "kubernetes",
+            policy = %id,
+            "AuthorizationPolicy is invalid, its last good version stays in force: {problems}"
+        );
+        return Some(last_good.clone());
+    }
+    match fail_closed(&value) {
+        Some(stand_in) => {
+            tracing::warn!(
+                target: "kubernetes",
+                policy = %id,
+                action = ?stand_in.action(),
+                "AuthorizationPolicy is invalid; enforcing it fail-closed (DENY: deny all, \
+                 ALLOW: allow nothing) for the workloads it selects: {problems}"
+            );
+            Some(stand_in)
+        }
+        None => {
+            tracing::warn!(
+                target: "kubernetes",
+                policy = %id,
+                "AuthorizationPolicy is invalid and skipped: {problems}"
+            );
+            None
+        }
+    }
+}
+
+/// The stand-in of an invalid policy that never had a good version: same name and
+/// selector (or the whole namespace if the selector is bad too), DENY with a rule that
+/// matches everything, or ALLOW without rules. `None` for AUDIT and CUSTOM policies (they
+/// never allow or deny traffic) and for objects without a usable name.
+fn fail_closed(value: &serde_json::Value) -> Option<Policy> {
+    use serde_json::{json, Value};
+    let spec = value.get("spec");
+    let action = match spec.and_then(|s| s.get("action")) {
+        None | Some(Value::Null) => "ALLOW",
+        Some(Value::String(a)) if a == "ALLOW" || a == "DENY" => a.as_str(),
+        // AUDIT, CUSTOM: they do not decide traffic. A malformed action could be meant
+        // either way: denying is the safe reading.
+        Some(Value::String(a)) if a == "AUDIT" || a == "CUSTOM" => return None,
+        Some(_) => "DENY",
+    };
+    let meta = value.get("metadata")?;
+    let mut stand_in = json!({
+        "apiVersion": value.get("apiVersion")?,
+        "kind": "AuthorizationPolicy",
+        "metadata": {
+            "name": meta.get("name")?,
+            "namespace": meta.get("namespace").cloned().unwrap_or(Value::Null),
+        },
+        "spec": {"action": action, "rules": if action == "DENY" { json!([{}]) } else { json!([]) }},
+    });
+    if let Some(selector) = spec.and_then(|s| s.get("selector")) {
+        stand_in["spec"]["selector"] = selector.clone();
+        if let Ok(policy) = Policy::from_json(&stand_in) {
+            return Some(policy);
+        }
+        // The selector is what is wrong: cover the whole namespace rather than nothing.
+        stand_in["spec"]
+            .as_object_mut()
+            .map(|spec| spec.remove("selector"));
+    }
+    Policy::from_json(&stand_in).ok()
+}
+
+/// What the policy watcher reports.
+enum PolicyUpdate {
+    // Boxed: an object is much larger than the other variants.
+    Event(Box<watcher::Event<DynamicObject>>),
+    Failed(watcher::Error),
+    /// No version of the CRD is served: there are no policies (for now).
+    NotInstalled,
+}
+
+fn is_not_found(e: &watcher::Error) -> bool {
+    matches!(e, watcher::Error::InitialListFailed(kube::Error::Api(status)) if status.is_not_found())
+}
+
+/// Watches `AuthorizationPolicy` objects in the first version the API serves. While the
+/// CRD is not installed, reports so and asks again with backoff.
+async fn watch_policies(
+    client: Client,
+    retry: RetryPolicy,
+    tx: mpsc::UnboundedSender<PolicyUpdate>,
+) {
+    let mut not_installed = JitteredBackoff::new(&retry);
+    let mut reported = false;
+    'versions: loop {
+        for version in POLICY_VERSIONS {
+            let resource = policy_resource(version);
+            let types = TypeMeta {
+                api_version: resource.api_version.clone(),
+                kind: resource.kind.clone(),
+            };
+            let mut events = watcher(
+                Api::<DynamicObject>::all_with(client.clone(), &resource),
+                watcher::Config::default(),
+            )
+            .modify(move |object| {
+                object.metadata.managed_fields = None;
+                // List items may come without their type; the parser checks it.
+                object.types.get_or_insert_with(|| types.clone());
+            })
+            .backoff(JitteredBackoff::new(&retry))
+            .boxed();
+            let mut served = false;
+            while let Some(event) = events.next().await {
+                let update = match event {
+                    Err(e) if !served && is_not_found(&e) => break,
+                    Err(e) => PolicyUpdate::Failed(e),
+                    Ok(event) => {
+                        if matches!(
+                            event,
+                            watcher::Event::InitApply(_) | watcher::Event::InitDone
+                        ) && !served
+                        {
+                            served = true;
+                            tracing::info!(target: "kubernetes", "watching security.istio.io/{version} AuthorizationPolicy");
+                        }
+                        PolicyUpdate::Event(Box::new(event))
+                    }
+                };
+                if tx.send(update).is_err() {
+                    return;
+                }
+            }
+            if served {
+                // The watcher retries by itself and never ends; should it end anyway,
+                // start over from the newest version (re-listing everything).
+                continue 'versions;
+            }
+        }
+        let delay = not_installed.next().unwrap_or(retry.max);
+        if !reported {
+            tracing::info!(
+                target: "kubernetes",
+                "the AuthorizationPolicy CRD (security.istio.io) is not installed: no \
+                 authorization policies; checking again with backoff"
+            );
+            reported = true;
+        }
+        if tx.send(PolicyUpdate::NotInstalled).is_err() {
+            return;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = tx.closed() => return,
+        }
+    }
+}
+
+/// Which kinds of objects to watch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kinds {
+    WithPolicies,
+    PlacementOnly,
+}
+
+/// Watches Namespaces, Pods and AuthorizationPolicies and returns, once all are fully
+/// listed (or the policy CRD is known not to be installed), a receiver of consistent
+/// snapshots. Until then this waits (retrying API errors with backoff); afterwards errors
+/// keep the last good state while retrying.
 pub async fn watch_kubernetes(
     client: Client,
     node: String,
     retry: RetryPolicy,
 ) -> watch::Receiver<Arc<ClusterState>> {
-    let backoff = || JitteredBackoff {
-        next: retry.initial,
-        policy: retry.clone(),
-    };
+    watch_cluster(client, node, retry, Kinds::WithPolicies).await
+}
+
+/// Like [`watch_kubernetes`] without policies (they stay empty in every snapshot): for the
+/// CA, which only places workloads on nodes and may not read policies.
+pub async fn watch_placement(
+    client: Client,
+    node: String,
+    retry: RetryPolicy,
+) -> watch::Receiver<Arc<ClusterState>> {
+    watch_cluster(client, node, retry, Kinds::PlacementOnly).await
+}
+
+async fn watch_cluster(
+    client: Client,
+    node: String,
+    retry: RetryPolicy,
+    kinds: Kinds,
+) -> watch::Receiver<Arc<ClusterState>> {
     let namespaces = watcher(
         Api::<Namespace>::all(client.clone()),
         watcher::Config::default(),
     )
-    .backoff(backoff())
+    .backoff(JitteredBackoff::new(&retry))
     .map(|event| Resource::Namespace(Box::new(event)))
     .boxed();
-    let pods = watcher(Api::<Pod>::all(client), watcher::Config::default())
+    let pods = watcher(Api::<Pod>::all(client.clone()), watcher::Config::default())
         .modify(|pod| pod.metadata.managed_fields = None)
-        .backoff(backoff())
+        .backoff(JitteredBackoff::new(&retry))
         .map(|event| Resource::Pod(Box::new(event)))
         .boxed();
-    let mut events = futures::stream::select(namespaces, pods);
-    let mut namespace_mirror = Mirror::new();
-    let mut pod_mirror = Mirror::new();
+    let mut policy_mirror = Mirror::new();
+    let policies = match kinds {
+        Kinds::WithPolicies => {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(watch_policies(client, retry.clone(), tx));
+            receiver_stream(rx).map(Resource::Policy).boxed()
+        }
+        Kinds::PlacementOnly => {
+            policy_mirror.absent();
+            futures::stream::pending().boxed()
+        }
+    };
+    let mut events = futures::stream::select_all([namespaces, pods, policies]);
+    let mut mirrors = Mirrors {
+        namespaces: Mirror::new(),
+        pods: Mirror::new(),
+        policies: policy_mirror,
+    };
     let mut sender: Option<watch::Sender<Arc<ClusterState>>> = None;
     let (first_tx, first_rx) = tokio::sync::oneshot::channel();
     let mut first_tx = Some(first_tx);
 
     tokio::spawn(async move {
         while let Some(event) = events.next().await {
-            let mut changed = handle(event, &node, &mut namespace_mirror, &mut pod_mirror);
+            let mut changed = mirrors.handle(event, &node);
             // Apply everything already queued before publishing one snapshot for it all.
             while let Some(Some(event)) = events.next().now_or_never() {
-                changed |= handle(event, &node, &mut namespace_mirror, &mut pod_mirror);
+                changed |= mirrors.handle(event, &node);
             }
-            if !(changed && namespace_mirror.synced && pod_mirror.synced) {
+            if !(changed && mirrors.synced()) {
                 continue;
             }
-            let state = Arc::new(ClusterState::new(
-                namespace_mirror.live.values().cloned(),
-                pod_mirror.live.values().cloned(),
-            ));
+            let state = Arc::new(mirrors.state());
             match (&sender, first_tx.take()) {
                 (Some(tx), _) => {
                     if tx.send(state).is_err() {
@@ -244,31 +513,178 @@ pub async fn watch_kubernetes(
     }
 }
 
+fn receiver_stream<T: Send + 'static>(rx: mpsc::UnboundedReceiver<T>) -> impl Stream<Item = T> {
+    futures::stream::unfold(rx, |mut rx| async move {
+        let item = rx.recv().await?;
+        Some((item, rx))
+    })
+}
+
 enum Resource {
     // Boxed: events are large and of very different sizes.
     Namespace(Box<Result<watcher::Event<Namespace>, watcher::Error>>),
     Pod(Box<Result<watcher::Event<Pod>, watcher::Error>>),
+    Policy(PolicyUpdate),
 }
 
-fn handle(
-    event: Resource,
-    node: &str,
-    namespaces: &mut Mirror<NamespaceInfo>,
-    pods: &mut Mirror<PodInfo>,
-) -> bool {
-    match event {
-        Resource::Namespace(event) => match *event {
-            Ok(event) => namespaces.apply(event, namespace_info),
-            Err(e) => watch_failed(e),
-        },
-        Resource::Pod(event) => match *event {
-            Ok(event) => pods.apply(event, |p| pod_info(p, node)),
-            Err(e) => watch_failed(e),
-        },
+struct Mirrors {
+    namespaces: Mirror<NamespaceInfo>,
+    pods: Mirror<PodInfo>,
+    policies: Mirror<Policy>,
+}
+
+impl Mirrors {
+    /// Applies one event; returns whether the live state changed.
+    fn handle(&mut self, event: Resource, node: &str) -> bool {
+        match event {
+            Resource::Namespace(event) => match *event {
+                Ok(event) => self.namespaces.apply(event, |ns, _| namespace_info(ns)),
+                Err(e) => watch_failed("namespaces", e),
+            },
+            Resource::Pod(event) => match *event {
+                Ok(event) => self.pods.apply(event, |p, _| pod_info(p, node)),
+                Err(e) => watch_failed("pods", e),
+            },
+            Resource::Policy(update) => match update {
+                PolicyUpdate::Event(event) => self.policies.apply(*event, policy_info),
+                PolicyUpdate::Failed(e) => watch_failed("authorizationpolicies", e),
+                PolicyUpdate::NotInstalled => self.policies.absent(),
+            },
+        }
+    }
+
+    fn synced(&self) -> bool {
+        self.namespaces.synced && self.pods.synced && self.policies.synced
+    }
+
+    fn state(&self) -> ClusterState {
+        // Mirror keys are the objects' namespace/name, which the ids repeat; keyed by id
+        // again, the set cannot hold a duplicate.
+        let policies: BTreeMap<_, _> = self
+            .policies
+            .live
+            .values()
+            .map(|p| (p.id().clone(), p.clone()))
+            .collect();
+        let policies = PolicySet::new(policies.into_values()).expect("policy ids are unique");
+        ClusterState::new(
+            self.namespaces.live.values().cloned(),
+            self.pods.live.values().cloned(),
+        )
+        .with_policies(policies)
     }
 }
 
-fn watch_failed(e: watcher::Error) -> bool {
-    tracing::warn!(target: "kubernetes", "watch failed, keeping the last state and retrying: {e}");
+fn watch_failed(resource: &str, e: watcher::Error) -> bool {
+    tracing::warn!(target: "kubernetes", resource, "watch failed, keeping the last state and retrying: {e}");
     false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use zmesh_proxy::policy::Action;
+
+    fn invalid(spec: serde_json::Value) -> serde_json::Value {
+        json!({
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": "p", "namespace": "shop"},
+            "spec": spec,
+        })
+    }
+
+    fn selector(app: &str) -> Option<BTreeMap<String, String>> {
+        Some(BTreeMap::from([("app".to_owned(), app.to_owned())]))
+    }
+
+    /// What `f` logs, as text.
+    fn capture_logs(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buffer(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buffer {
+            fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+                self.0
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend_from_slice(data);
+                Ok(data.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let buffer = Buffer::default();
+        let writer = buffer.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(subscriber, f);
+        let bytes = buffer.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
+    #[test]
+    fn invalid_policies_without_a_good_version_fail_closed() {
+        let http = json!([{"to": [{"operation": {"methods": ["GET"]}}]}]);
+        let cases = [
+            // DENY: deny everything to the selected pods.
+            (
+                json!({"selector": {"matchLabels": {"app": "db"}}, "action": "DENY", "rules": http}),
+                Some((Action::Deny, 1, selector("db"))),
+            ),
+            // ALLOW (explicit or by default): allow nothing.
+            (
+                json!({"selector": {"matchLabels": {"app": "db"}}, "action": "ALLOW", "rules": http}),
+                Some((Action::Allow, 0, selector("db"))),
+            ),
+            (json!({"rules": http}), Some((Action::Allow, 0, None))),
+            // A bad selector: the whole namespace.
+            (
+                json!({"selector": {"matchLabels": {"app": 5}}, "action": "DENY"}),
+                Some((Action::Deny, 1, None)),
+            ),
+            // An action that cannot be read: the safe reading.
+            (json!({"action": 7}), Some((Action::Deny, 1, None))),
+            // AUDIT and CUSTOM never decide traffic.
+            (json!({"action": "AUDIT", "rules": http}), None),
+            (json!({"action": "CUSTOM", "provider": {"name": "x"}}), None),
+        ];
+        for (spec, expected) in cases {
+            let value = invalid(spec.clone());
+            assert!(Policy::from_json(&value).is_err(), "{spec} must be invalid");
+            let got = fail_closed(&value).map(|p| {
+                assert_eq!(p.id().to_string(), "shop/p");
+                (p.action(), p.rule_count(), p.selector().cloned())
+            });
+            assert_eq!(got, expected, "{spec}");
+        }
+    }
+
+    #[test]
+    fn an_invalid_update_keeps_the_last_good_version() {
+        let object = |spec: serde_json::Value| -> DynamicObject {
+            serde_json::from_value(invalid(spec)).unwrap()
+        };
+        let good = policy_info(object(json!({"action": "DENY", "rules": [{}]})), None).unwrap();
+        let bad = object(
+            json!({"action": "ALLOW", "rules": [{"to": [{"operation": {"paths": ["/"]}}]}]}),
+        );
+        let logs = capture_logs(|| {
+            assert_eq!(policy_info(bad.clone(), Some(&good)), Some(good.clone()));
+        });
+        // The operator learns which object and which field.
+        assert!(logs.contains("WARN"), "{logs}");
+        assert!(logs.contains("shop/p"), "{logs}");
+        assert!(
+            logs.contains("spec.rules[0].to[0].operation.paths"),
+            "{logs}"
+        );
+        assert!(logs.contains("last good version stays in force"), "{logs}");
+        // A valid update replaces it.
+        let allow = policy_info(object(json!({"rules": [{}]})), Some(&good)).unwrap();
+        assert_eq!(allow.action(), Action::Allow);
+    }
 }

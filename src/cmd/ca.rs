@@ -376,7 +376,7 @@ pub async fn run(args: CaArgs) -> anyhow::Result<ExitCode> {
                     let client = kube.context("no Kubernetes client")?;
                     tracing::info!("waiting for the first complete listing of pods");
                     // No node of its own: the CA keeps the compact form of every pod.
-                    let state = zmesh::agent::kube_source::watch_kubernetes(
+                    let state = zmesh::agent::kube_source::watch_placement(
                         client,
                         String::new(),
                         zmesh::agent::kube_source::RetryPolicy::default(),
