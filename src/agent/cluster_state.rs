@@ -50,7 +50,57 @@ pub struct PodInfo {
     pub cgroup_path: Option<PathBuf>,
 }
 
+/// Why a Pod object could not be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PodError {
+    #[error("missing {0}")]
+    Missing(&'static str),
+    #[error("status.podIP {0:?} is not an IP address")]
+    BadIp(String),
+}
+
 impl PodInfo {
+    /// Keeps the fields of a Kubernetes Pod the agent needs. A missing namespace means
+    /// `default`, as kubectl applies it.
+    pub fn from_pod(pod: k8s_openapi::api::core::v1::Pod) -> Result<Self, PodError> {
+        let meta = pod.metadata;
+        let name = meta.name.ok_or(PodError::Missing("metadata.name"))?;
+        let spec = pod.spec.ok_or(PodError::Missing("spec"))?;
+        let status = pod.status.unwrap_or_default();
+        let mut ips = Vec::new();
+        let all_ips = status.pod_ips.unwrap_or_default().into_iter().map(|p| p.ip);
+        for ip in all_ips.chain(status.pod_ip) {
+            let parsed: IpAddr = ip.parse().map_err(|_| PodError::BadIp(ip))?;
+            if !ips.contains(&parsed) {
+                ips.push(parsed);
+            }
+        }
+        let annotations = meta.annotations.unwrap_or_default();
+        Ok(Self {
+            namespace: meta.namespace.unwrap_or_else(|| "default".into()),
+            name,
+            node: spec.node_name,
+            ips,
+            service_account: spec
+                .service_account_name
+                .unwrap_or_else(|| "default".into()),
+            host_network: spec.host_network.unwrap_or(false),
+            labels: meta.labels.unwrap_or_default(),
+            netns_path: annotations.get(NETNS_ANNOTATION).map(PathBuf::from),
+            cgroup_path: annotations.get(CGROUP_ANNOTATION).map(PathBuf::from),
+        })
+    }
+
+    /// Drops what only the pod's own node needs (labels other than the opt-out ones,
+    /// node-local paths): remote pods are kept this small so memory scales with the cluster.
+    pub fn compact(mut self) -> Self {
+        self.labels
+            .retain(|k, _| k == CILIUM_MTLS_LABEL || k == ISTIO_DATAPLANE_LABEL);
+        self.netns_path = None;
+        self.cgroup_path = None;
+        self
+    }
+
     pub fn key(&self) -> PodKey {
         PodKey {
             namespace: self.namespace.clone(),

@@ -31,10 +31,7 @@ use kube::{Api, Client};
 use tokio::sync::{mpsc, watch};
 use zmesh_proxy::policy::{Policy, PolicyErrors, PolicySet};
 
-use super::cluster_state::{
-    ClusterState, NamespaceInfo, PodInfo, CGROUP_ANNOTATION, CILIUM_MTLS_LABEL,
-    ISTIO_DATAPLANE_LABEL, NETNS_ANNOTATION,
-};
+use super::cluster_state::{ClusterState, NamespaceInfo, PodInfo};
 
 /// How long to wait before retrying after an API error: jittered exponential backoff.
 #[derive(Debug, Clone)]
@@ -168,46 +165,15 @@ fn namespace_info(ns: Namespace) -> Option<NamespaceInfo> {
 
 /// Converts a Pod, keeping full detail only for pods of `node`.
 fn pod_info(pod: Pod, node: &str) -> Option<PodInfo> {
-    let meta = pod.metadata;
-    let spec = pod.spec?;
-    let status = pod.status.unwrap_or_default();
-    let mut ips = Vec::new();
-    for ip in status
-        .pod_ips
-        .unwrap_or_default()
-        .into_iter()
-        .map(|p| p.ip)
-        .chain(status.pod_ip)
-    {
-        match ip.parse() {
-            Ok(ip) if !ips.contains(&ip) => ips.push(ip),
-            Ok(_) => {}
-            Err(_) => tracing::warn!(pod = ?meta.name, %ip, "ignoring an unparsable pod IP"),
+    let name = pod.metadata.name.clone();
+    match PodInfo::from_pod(pod) {
+        Ok(info) if info.node.as_deref() == Some(node) => Some(info),
+        Ok(info) => Some(info.compact()),
+        Err(e) => {
+            tracing::warn!(target: "kubernetes", pod = ?name, "pod ignored: {e}");
+            None
         }
     }
-    let local = spec.node_name.as_deref() == Some(node);
-    let mut labels = meta.labels.unwrap_or_default();
-    if !local {
-        labels.retain(|k, _| k == CILIUM_MTLS_LABEL || k == ISTIO_DATAPLANE_LABEL);
-    }
-    let annotations = if local {
-        meta.annotations.unwrap_or_default()
-    } else {
-        BTreeMap::new()
-    };
-    Some(PodInfo {
-        namespace: meta.namespace?,
-        name: meta.name?,
-        node: spec.node_name,
-        ips,
-        service_account: spec
-            .service_account_name
-            .unwrap_or_else(|| "default".into()),
-        host_network: spec.host_network.unwrap_or(false),
-        labels,
-        netns_path: annotations.get(NETNS_ANNOTATION).map(Into::into),
-        cgroup_path: annotations.get(CGROUP_ANNOTATION).map(Into::into),
-    })
 }
 
 /// The versions of Istio's `AuthorizationPolicy` that share the schema, newest first.

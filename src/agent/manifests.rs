@@ -16,9 +16,7 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use zmesh_proxy::policy::{Policy, PolicyErrors, PolicySet};
 
-use super::cluster_state::{
-    ClusterState, NamespaceInfo, PodInfo, CGROUP_ANNOTATION, NETNS_ANNOTATION,
-};
+use super::cluster_state::{ClusterState, NamespaceInfo, PodError, PodInfo};
 
 /// Why a manifest file (or one object in it) was not taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -144,7 +142,10 @@ fn parse_file(file: &Path, text: &str) -> Result<FileObjects, ManifestError> {
                 let pod: Pod = serde_yaml_ng::from_value(value).map_err(|e| invalid("Pod", e))?;
                 objects
                     .pods
-                    .push(pod_info(pod).map_err(|field| missing("Pod", field))?);
+                    .push(PodInfo::from_pod(pod).map_err(|e| match e {
+                        PodError::Missing(field) => missing("Pod", field),
+                        PodError::BadIp(_) => missing("Pod", "a valid status.podIP"),
+                    })?);
             }
             (Some(v), "AuthorizationPolicy") if v.starts_with("security.istio.io/") => {
                 let policy_error = |reason| ManifestError::InvalidPolicy {
@@ -170,41 +171,6 @@ fn parse_file(file: &Path, text: &str) -> Result<FileObjects, ManifestError> {
         }
     }
     Ok(objects)
-}
-
-/// Keeps the fields the agent needs; `Err` names a required field that is missing or bad.
-fn pod_info(pod: Pod) -> Result<PodInfo, &'static str> {
-    let meta = pod.metadata;
-    let name = meta.name.ok_or("metadata.name")?;
-    let spec = pod.spec.ok_or("spec")?;
-    let status = pod.status.unwrap_or_default();
-    let mut ips = Vec::new();
-    for ip in status
-        .pod_ips
-        .unwrap_or_default()
-        .into_iter()
-        .map(|p| p.ip)
-        .chain(status.pod_ip)
-    {
-        let ip: IpAddr = ip.parse().map_err(|_| "a valid status.podIP")?;
-        if !ips.contains(&ip) {
-            ips.push(ip);
-        }
-    }
-    let annotations = meta.annotations.unwrap_or_default();
-    Ok(PodInfo {
-        namespace: meta.namespace.unwrap_or_else(|| "default".into()),
-        name,
-        node: spec.node_name,
-        ips,
-        service_account: spec
-            .service_account_name
-            .unwrap_or_else(|| "default".into()),
-        host_network: spec.host_network.unwrap_or(false),
-        labels: meta.labels.unwrap_or_default(),
-        netns_path: annotations.get(NETNS_ANNOTATION).map(PathBuf::from),
-        cgroup_path: annotations.get(CGROUP_ANNOTATION).map(PathBuf::from),
-    })
 }
 
 #[derive(Debug, Clone, PartialEq)]
