@@ -402,6 +402,13 @@ impl Lab {
         Ok(())
     }
 
+    /// Stops the CA (to see how the agents cope without it).
+    pub fn stop_ca(&mut self) {
+        if let Some(ca) = self.ca.take() {
+            terminate(ca, Duration::from_secs(5));
+        }
+    }
+
     /// Stops the agent of `node` with SIGTERM (graceful drain) and waits for it.
     /// Redirection stays installed, as across an agent upgrade.
     pub fn stop_agent(&mut self, node: &str) -> Result<(), LabError> {

@@ -194,3 +194,82 @@ async fn bad_manifests_are_reported_and_change_nothing() {
     );
     assert!(!capture.stop().unwrap().contains(&payload));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn certs_status_and_rotate_through_the_cli() {
+    let mut lab = lab(&[]).await;
+    let socket = lab.admin_socket("node1");
+    let socket = socket.to_str().unwrap();
+    let td = lab.trust_domain().to_string();
+    let web = format!("spiffe://{td}/ns/shop/sa/web");
+
+    let out = zmesh(&[
+        "certs",
+        "status",
+        "--admin-socket",
+        socket,
+        "--output",
+        "json",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let before: Vec<CertInfo> = serde_json::from_slice(&out.stdout).unwrap();
+    let serial = |certs: &[CertInfo], id: &str| {
+        certs
+            .iter()
+            .find(|c| c.workload == id)
+            .and_then(|c| c.serial.clone())
+    };
+    let old_serial = serial(&before, &web).expect("web has a certificate");
+    let human = zmesh(&["certs", "status", "--admin-socket", socket]);
+    assert!(String::from_utf8_lossy(&human.stdout).contains(&web));
+
+    // One workload: renewed now, with a new serial.
+    let out = zmesh(&[
+        "certs",
+        "rotate",
+        "--workload",
+        "shop/web",
+        "--admin-socket",
+        socket,
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&format!("renewed {web}")));
+    let after = certs(&lab, "node1").await;
+    assert_ne!(serial(&after, &web), Some(old_serial));
+
+    // Unknown workload: a clear error, nothing renewed.
+    let out = zmesh(&[
+        "certs",
+        "rotate",
+        "--workload",
+        "shop/nope",
+        "--admin-socket",
+        socket,
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("holds no certificate for shop/nope"));
+
+    // With the CA down, --all reports the CA's error per workload and keeps the old certs.
+    let held = certs(&lab, "node1").await;
+    lab.stop_ca();
+    let out = zmesh(&["certs", "rotate", "--all", "--admin-socket", socket]);
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("FAILED"), "{text}");
+    assert!(text.contains("0 of 2 renewed"), "{text}");
+    let still = certs(&lab, "node1").await;
+    let serials = |c: &[CertInfo]| c.iter().map(|c| c.serial.clone()).collect::<Vec<_>>();
+    assert_eq!(
+        serials(&held),
+        serials(&still),
+        "the old certificates stay in use"
+    );
+}
