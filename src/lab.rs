@@ -22,6 +22,9 @@ use crate::agent::admin::{AdminClient, CertInfo};
 use crate::agent::cluster_state::{ClusterState, CGROUP_ANNOTATION, NETNS_ANNOTATION};
 use crate::agent::manifests::ManifestDir;
 
+/// Where labs pin their agents' eBPF state, one directory per run.
+const PIN_ROOT: &str = "/sys/fs/bpf/zmesh-lab";
+
 /// The node that hosts the CA (no pods, no agent).
 pub const CONTROL_NODE: &str = "zmesh-control";
 const CA_PORT: u16 = 15012;
@@ -128,11 +131,13 @@ impl Lab {
         }
         spec = spec.node(CONTROL_NODE, |n| n);
         let cluster = Cluster::build(&spec)?;
+        // Building the cluster cleaned up the namespaces of crashed runs; their pins remain.
+        remove_stale_pins(Path::new(PIN_ROOT));
         let work = tempfile::Builder::new()
             .prefix("zmesh-lab-")
             .tempdir()
             .map_err(io(Path::new("/tmp")))?;
-        let pin_root = PathBuf::from("/sys/fs/bpf/zmesh-lab").join(cluster.run_id());
+        let pin_root = PathBuf::from(PIN_ROOT).join(cluster.run_id());
         let mut lab = Lab {
             options,
             agents: BTreeMap::new(),
@@ -690,4 +695,23 @@ pub fn access_lines(log: &str) -> Vec<AccessLine> {
             }
         })
         .collect()
+}
+
+/// Removes pin directories of runs that no longer exist (a lab that crashed before its
+/// cleanup): unpinning the links detaches their programs. Live runs are never touched.
+fn remove_stale_pins(root: &Path) {
+    let Ok(entries) = std::fs::read_dir(root) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let run = entry.file_name().to_string_lossy().into_owned();
+        if !zmesh_testbed::run_is_recorded(&run) {
+            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                eprintln!(
+                    "lab: cannot remove stale pins {}: {e}",
+                    entry.path().display()
+                );
+            }
+        }
+    }
 }

@@ -24,6 +24,13 @@ pub const RUN_ID_PREFIX: &str = "zt";
 const RUN_ID_RANDOM_LEN: usize = 5;
 /// Owner records live here (tmpfs: gone after a reboot, like the resources they describe).
 pub(crate) const STATE_DIR: &str = "/run/zmesh-testbed";
+
+/// Whether run `run_id` may still be alive: its owner record exists until the run is torn
+/// down (or a later build has cleaned up after its dead owner). Lets users of the testbed
+/// clean up their own per-run resources after a crash.
+pub fn run_is_recorded(run_id: &str) -> bool {
+    !run_id.contains('/') && std::path::Path::new(STATE_DIR).join(run_id).exists()
+}
 /// Name of the directory under the cgroup2 mount that holds all runs.
 pub(crate) const CGROUP_DIR: &str = "zmesh-testbed";
 
