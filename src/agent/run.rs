@@ -149,61 +149,15 @@ pub async fn run(
                 (Arc::new(certs), bundle, None)
             }
             IdentitySource::ZmeshCa => {
-                let node_name = NodeName::new(&config.node)
-                    .map_err(|_| AgentError::NodeName(config.node.clone()))?;
-                let (ca, roots_pem, renewal) = match &config.ca_token {
-                    // A projected ServiceAccount token: the kubelet rotates it, nothing to renew.
-                    Some(token) => {
-                        let (ca, roots_pem) = token.client(&config.ca_addr)?;
-                        (ca, roots_pem, None)
-                    }
-                    None => {
-                        // The node credential renews itself at half-life (and moves to a new root chain during
-                        // a root rotation), so a node never needs a second join token.
-                        let renewer = Arc::new(
-                            NodeCredentialRenewer::open(
-                                &config.ca_addr,
-                                &config.credentials_dir,
-                                &node_name,
-                                &config.trust_domain,
-                            )
-                            .map_err(|e| AgentError::Credentials {
-                                dir: config.credentials_dir.clone(),
-                                reason: e.to_string(),
-                            })?,
-                        );
-                        let renewal_stop = tokio_util::sync::CancellationToken::new();
-                        let renewal_task = {
-                            let renewer = renewer.clone();
-                            let stop = renewal_stop.clone();
-                            tokio::spawn(async move {
-                                if let Err(e) = renewer.run(stop.cancelled_owned()).await {
-                                    tracing::error!("node credential renewal stopped: {e}");
-                                }
-                            })
-                        };
-                        let roots_pem = renewer.credentials().roots_pem.clone();
-                        (
-                            renewer.client(),
-                            roots_pem,
-                            Some((renewal_stop, renewal_task)),
-                        )
-                    }
-                };
-                let mut bundle = TrustBundle::new();
-                bundle
-                    .add_pem(&config.trust_domain, roots_pem.as_bytes())
-                    .map_err(|e| AgentError::Bundle(e.to_string()))?;
-                let bundle = SharedBundle::new(bundle);
-                let certs = Arc::new(CertManager::new(
-                    Arc::new(ca),
-                    bundle.clone(),
-                    CertManagerConfig {
-                        validity: config.cert_validity,
-                        ..CertManagerConfig::default()
-                    },
-                ));
-                (certs, bundle, renewal)
+                let (certs, bundle, renewal) = zmesh_ca_certificates(&CaSettings {
+                    node: config.node.clone(),
+                    trust_domain: config.trust_domain.clone(),
+                    ca_addr: config.ca_addr.clone(),
+                    credentials_dir: config.credentials_dir.clone(),
+                    ca_token: config.ca_token.clone(),
+                    cert_validity: config.cert_validity,
+                })?;
+                (certs as Arc<dyn WorkloadCertificates>, bundle, renewal)
             }
         };
     let tls = Arc::new(ManagedCredentials::new(
@@ -488,4 +442,78 @@ pub fn netns_cookie(path: &Path) -> std::io::Result<u64> {
             .join()
             .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
     })
+}
+
+/// How a node reaches the zmesh CA.
+#[derive(Debug, Clone)]
+pub struct CaSettings {
+    pub node: String,
+    pub trust_domain: TrustDomain,
+    pub ca_addr: String,
+    /// Node credential from `zmesh ca join` (renewed in the background).
+    pub credentials_dir: PathBuf,
+    /// Or a projected ServiceAccount token (no renewal of ours needed).
+    pub ca_token: Option<super::token_review::CaTokenCredential>,
+    pub cert_validity: Duration,
+}
+
+/// The node's renewal task of its own credential, and how to stop it.
+pub type NodeRenewal = (
+    tokio_util::sync::CancellationToken,
+    tokio::task::JoinHandle<()>,
+);
+
+/// Workload certificates from the zmesh CA, with the trust bundle it teaches us. The node
+/// credential renews itself at half-life (and moves to a new root chain during a root
+/// rotation), so a node never needs a second join token.
+pub fn zmesh_ca_certificates(
+    ca: &CaSettings,
+) -> Result<(Arc<CertManager>, SharedBundle, Option<NodeRenewal>), AgentError> {
+    let node_name = NodeName::new(&ca.node).map_err(|_| AgentError::NodeName(ca.node.clone()))?;
+    let (client, roots_pem, renewal) = match &ca.ca_token {
+        Some(token) => {
+            let (client, roots_pem) = token.client(&ca.ca_addr)?;
+            (client, roots_pem, None)
+        }
+        None => {
+            let renewer = Arc::new(
+                NodeCredentialRenewer::open(
+                    &ca.ca_addr,
+                    &ca.credentials_dir,
+                    &node_name,
+                    &ca.trust_domain,
+                )
+                .map_err(|e| AgentError::Credentials {
+                    dir: ca.credentials_dir.clone(),
+                    reason: e.to_string(),
+                })?,
+            );
+            let stop = tokio_util::sync::CancellationToken::new();
+            let task = {
+                let renewer = renewer.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = renewer.run(stop.cancelled_owned()).await {
+                        tracing::error!("node credential renewal stopped: {e}");
+                    }
+                })
+            };
+            let roots_pem = renewer.credentials().roots_pem.clone();
+            (renewer.client(), roots_pem, Some((stop, task)))
+        }
+    };
+    let mut bundle = TrustBundle::new();
+    bundle
+        .add_pem(&ca.trust_domain, roots_pem.as_bytes())
+        .map_err(|e| AgentError::Bundle(e.to_string()))?;
+    let bundle = SharedBundle::new(bundle);
+    let certs = Arc::new(CertManager::new(
+        Arc::new(client),
+        bundle.clone(),
+        CertManagerConfig {
+            validity: ca.cert_validity,
+            ..CertManagerConfig::default()
+        },
+    ));
+    Ok((certs, bundle, renewal))
 }

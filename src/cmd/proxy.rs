@@ -9,6 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use zmesh::agent::credentials::ManagedCredentials;
+use zmesh::agent::run::{zmesh_ca_certificates, CaSettings};
 use zmesh_proxy::{
     Capture, Mode, Proxy, ProxyConfig, ProxyDeps, StaticCredentials, StaticOriginalDst,
     TlsCredentials, WorkloadStore, WorkloadTable,
@@ -33,9 +35,21 @@ pub struct ProxyArgs {
     /// Directory with roots.pem and <namespace>/<service-account>.pem + .key.
     #[arg(long, value_name = "DIR", required_unless_present = "ca")]
     pub cert_dir: Option<PathBuf>,
-    /// Address of a CA speaking Istio's CA API (not supported yet; use --cert-dir).
-    #[arg(long, value_name = "ADDR", conflicts_with = "cert_dir")]
+    /// Get the local workloads' certificates from the zmesh CA at HOST:PORT instead,
+    /// authenticated with the node credential in --credentials (from `zmesh ca join`).
+    #[arg(
+        long,
+        value_name = "HOST:PORT",
+        conflicts_with = "cert_dir",
+        requires = "credentials"
+    )]
     pub ca: Option<String>,
+    /// Directory with this node's credential (node.pem, node.key, ca-bundle.pem), with --ca.
+    #[arg(long, value_name = "DIR")]
+    pub credentials: Option<PathBuf>,
+    /// Lifetime asked of the CA for workload certificates, with --ca.
+    #[arg(long, default_value = "24h", value_parser = super::parse_duration)]
+    pub cert_lifetime: std::time::Duration,
     /// IP to listen on (ports 15001, 15006, 15008, 15020, 15021).
     #[arg(long, default_value = "0.0.0.0")]
     pub listen_ip: IpAddr,
@@ -58,11 +72,44 @@ pub struct ProxyArgs {
 pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     tune_malloc();
     let table = WorkloadTable::load(&args.workloads)?;
-    let Some(cert_dir) = &args.cert_dir else {
-        bail!("--ca is not supported yet; give certificates with --cert-dir");
+    let credentials: Arc<dyn TlsCredentials> = match (&args.cert_dir, &args.ca) {
+        (Some(cert_dir), _) => Arc::new(
+            StaticCredentials::load_dir(cert_dir, table.trust_domain())
+                .with_context(|| format!("loading certificates from {}", cert_dir.display()))?,
+        ),
+        (None, Some(ca)) => {
+            let settings = CaSettings {
+                node: args.node.clone(),
+                trust_domain: table.trust_domain().clone(),
+                ca_addr: ca.clone(),
+                credentials_dir: args.credentials.clone().unwrap_or_default(),
+                ca_token: None,
+                cert_validity: args.cert_lifetime,
+            };
+            let (certs, bundle, _renewal) = zmesh_ca_certificates(&settings)?;
+            for w in table.workloads_on(&args.node) {
+                certs.ensure(&w.identity);
+            }
+            // Serve once the first certificates are in (or the CA said why not).
+            for w in table.workloads_on(&args.node) {
+                let issued =
+                    tokio::time::timeout(Duration::from_secs(30), certs.certificate(&w.identity));
+                match issued.await {
+                    Ok(Ok(_)) => {}
+                    Ok(Err(e)) => tracing::warn!(identity = %w.identity, "no certificate yet: {e}"),
+                    Err(_) => {
+                        tracing::warn!(identity = %w.identity, "no certificate after 30 s; still trying")
+                    }
+                }
+            }
+            Arc::new(ManagedCredentials::new(
+                certs,
+                bundle,
+                table.trust_domain().clone(),
+            ))
+        }
+        (None, None) => bail!("give certificates with --cert-dir or --ca"),
     };
-    let credentials = StaticCredentials::load_dir(cert_dir, table.trust_domain())
-        .with_context(|| format!("loading certificates from {}", cert_dir.display()))?;
     let mut local = 0;
     for w in table.workloads_on(&args.node) {
         local += 1;
@@ -88,7 +135,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         ModeArg::Strict => Mode::Strict,
     };
     config.drain_deadline = Duration::from_secs(args.drain_seconds);
-    let mut deps = ProxyDeps::new(Arc::new(WorkloadStore::new(table)), Arc::new(credentials));
+    let mut deps = ProxyDeps::new(Arc::new(WorkloadStore::new(table)), credentials);
     if !args.static_dst.is_empty() {
         let mut seen = std::collections::HashSet::new();
         for (client, _) in &args.static_dst {
