@@ -2,9 +2,6 @@
 
 mod cmd;
 
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use clap::{Parser, Subcommand};
 
 /// zmesh: sidecar-free mutual TLS with SPIFFE identities for Kubernetes pods.
@@ -14,6 +11,12 @@ struct Cli {
     /// Log filter (tracing's env-filter syntax), e.g. "info" or "zmesh_proxy=debug".
     #[arg(long, global = true, env = "ZMESH_LOG", default_value = "info")]
     log: String,
+
+    /// Threads running async work: 1 runs everything on one thread, 0 one per CPU.
+    /// Defaults to 1 for `proxy` (no hand-offs between threads on each hop: less
+    /// latency and CPU per byte, see BENCHMARKS.md), 0 for everything else.
+    #[arg(long, global = true, env = "ZMESH_WORKER_THREADS", value_name = "N")]
+    worker_threads: Option<usize>,
 
     #[command(subcommand)]
     command: Command,
@@ -48,6 +51,22 @@ enum Command {
     Check(cmd::check::CheckArgs),
 }
 
+/// A single-threaded runtime for `threads == 1`, else a multi-threaded one (`0`: tokio's
+/// default, one worker per CPU or TOKIO_WORKER_THREADS).
+fn build_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if threads == 1 {
+        return tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build();
+    }
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if threads > 1 {
+        builder.worker_threads(threads);
+    }
+    builder.build()
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -55,13 +74,11 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let runtime = match std::env::var("ZMESH_EXP_RT").as_deref() {
-        Ok("current") => tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build(),
-        _ => tokio::runtime::Runtime::new(),
-    };
-    let runtime = match runtime {
+    let threads = cli.worker_threads.unwrap_or(match cli.command {
+        Command::Proxy(_) => 1,
+        _ => 0,
+    });
+    let runtime = match build_runtime(threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");

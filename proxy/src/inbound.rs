@@ -84,6 +84,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         .initial_window_size(crate::STREAM_WINDOW)
         .initial_connection_window_size(crate::CONN_WINDOW)
         .max_frame_size(crate::MAX_FRAME)
+        .max_send_buffer_size(crate::MAX_SEND_BUFFER)
         .max_concurrent_streams(200)
         .max_header_list_size(64 * 1024)
         // Lets requests carrying :protocol/:scheme/:path reach us, so we can answer 400

@@ -40,6 +40,9 @@ pub use workloads::{Node, Protocol, TableError, Workload, WorkloadStore, Workloa
 pub(crate) const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 pub(crate) const CONN_WINDOW: u32 = 16 * 1024 * 1024;
 pub(crate) const MAX_FRAME: u32 = 1024 * 1024;
+/// What one stream may queue in h2 before the connection task writes it to TLS (h2's
+/// default is 400 KiB). Local only: the peer never sees it, so interop is unaffected.
+pub(crate) const MAX_SEND_BUFFER: usize = 128 * 1024;
 
 /// Ports that belong to the proxy and must never be tunnel targets.
 pub const PROXY_PORTS: [u16; 6] = [15000, 15001, 15006, 15008, 15020, 15021];

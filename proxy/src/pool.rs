@@ -274,6 +274,7 @@ impl Pool {
             .initial_window_size(crate::STREAM_WINDOW)
             .initial_connection_window_size(crate::CONN_WINDOW)
             .max_frame_size(crate::MAX_FRAME)
+            .max_send_buffer_size(crate::MAX_SEND_BUFFER)
             .max_header_list_size(16 * 1024)
             .max_concurrent_streams(0)
             .initial_max_send_streams(self.config.max_streams)
