@@ -5,7 +5,7 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use support::{addr, certs, lab, lab_from, manifests, secret, wait_for_cert};
+use support::{certs, lab, lab_from, manifests, secret, serve_echo, wait_for_cert};
 use zmesh::agent::admin::CertInfo;
 use zmesh::lab::{access_lines, ReservedPod};
 
@@ -19,13 +19,7 @@ fn zmesh(args: &[&str]) -> std::process::Output {
 #[tokio::test(flavor = "multi_thread")]
 async fn namespace_labels_in_the_manifest_directory_drive_enrollment() {
     let lab = lab(&[]).await;
-    let web = addr(&lab, "shop", "web", 8080);
-    let _server = lab
-        .cluster()
-        .pod("shop", "web")
-        .unwrap()
-        .serve_echo(8080)
-        .unwrap();
+    let (web, _server) = serve_echo(&lab, "shop", "web", 8080);
     let dir = lab.manifests_dir();
     let td = lab.trust_domain().to_string();
 
@@ -105,13 +99,7 @@ async fn a_new_pod_in_an_enrolled_namespace_is_enrolled() {
         }],
     )
     .await;
-    let web = addr(&lab, "shop", "web", 8080);
-    let _server = lab
-        .cluster()
-        .pod("shop", "web")
-        .unwrap()
-        .serve_echo(8080)
-        .unwrap();
+    let (web, _server) = serve_echo(&lab, "shop", "web", 8080);
     let id = format!("spiffe://{}/ns/shop/sa/checkout", lab.trust_domain());
     assert!(!certs(&lab, "node2").await.iter().any(|c| c.workload == id));
 
@@ -134,13 +122,7 @@ async fn a_new_pod_in_an_enrolled_namespace_is_enrolled() {
 #[tokio::test(flavor = "multi_thread")]
 async fn bad_manifests_are_reported_and_change_nothing() {
     let mut lab = lab(&[]).await;
-    let web = addr(&lab, "shop", "web", 8080);
-    let _server = lab
-        .cluster()
-        .pod("shop", "web")
-        .unwrap()
-        .serve_echo(8080)
-        .unwrap();
+    let (web, _server) = serve_echo(&lab, "shop", "web", 8080);
     let before = certs(&lab, "node1").await;
     assert!(!before.is_empty());
 

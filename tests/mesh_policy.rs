@@ -7,7 +7,7 @@ mod support;
 use std::io::Read;
 use std::time::{Duration, Instant};
 
-use support::{addr, lab, secret};
+use support::{lab, secret, serve_echo};
 use zmesh::lab::Lab;
 use zmesh_proxy::flows::{FlowEvent, FlowVerdict};
 
@@ -77,13 +77,7 @@ spec:
 #[tokio::test(flavor = "multi_thread")]
 async fn allow_and_deny_policies_by_identity_with_flow_events() {
     let mut lab = lab(&[]).await;
-    let web = addr(&lab, "shop", "web", 8080);
-    let _server = lab
-        .cluster()
-        .pod("shop", "web")
-        .unwrap()
-        .serve_echo(8080)
-        .unwrap();
+    let (web, _server) = serve_echo(&lab, "shop", "web", 8080);
 
     // ALLOW by principal: frontend only.
     policy(
@@ -167,13 +161,7 @@ spec:
 #[tokio::test(flavor = "multi_thread")]
 async fn a_policy_added_while_a_connection_is_open_closes_it() {
     let mut lab = lab(&[]).await;
-    let web = addr(&lab, "shop", "web", 8080);
-    let _server = lab
-        .cluster()
-        .pod("shop", "web")
-        .unwrap()
-        .serve_echo(8080)
-        .unwrap();
+    let (web, _server) = serve_echo(&lab, "shop", "web", 8080);
     let mut client = support::LongLivedClient::open(&lab, "shop", "frontend", web);
     client.roundtrip("ping");
     let support::LongLivedClient {
@@ -236,13 +224,7 @@ spec:
 async fn observe_shows_strict_drops_and_plaintext_flows() {
     // node1 strict: plaintext to shop/web is dropped in eBPF and reported.
     let strict = lab(&["node1"]).await;
-    let web = addr(&strict, "shop", "web", 8080);
-    let _server = strict
-        .cluster()
-        .pod("shop", "web")
-        .unwrap()
-        .serve_echo(8080)
-        .unwrap();
+    let (web, _server) = serve_echo(&strict, "shop", "web", 8080);
     let refused = strict.pod_client("legacy", "batch", web, b"x").unwrap();
     assert!(!refused.success);
     let flows = wait_flows(&strict, "node1", &["--verdict", "dropped"], |f| {
@@ -260,13 +242,7 @@ async fn observe_shows_strict_drops_and_plaintext_flows() {
 
     // Permissive: --encrypted false lists exactly the plaintext flows.
     let lab = lab(&[]).await;
-    let web = addr(&lab, "shop", "web", 8080);
-    let _server = lab
-        .cluster()
-        .pod("shop", "web")
-        .unwrap()
-        .serve_echo(8080)
-        .unwrap();
+    let (web, _server) = serve_echo(&lab, "shop", "web", 8080);
     let plain = secret("plain");
     assert_eq!(
         lab.pod_client("legacy", "batch", web, &plain)

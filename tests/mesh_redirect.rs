@@ -8,7 +8,7 @@ use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
 
-use support::{addr, lab, secret, wait_for_cert, LongLivedClient};
+use support::{addr, lab, secret, serve_echo, wait_for_cert, LongLivedClient};
 use zmesh::lab::access_lines;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -159,13 +159,7 @@ async fn udp_between_enrolled_pods_is_untouched() {
 #[tokio::test(flavor = "multi_thread")]
 async fn strict_mode_refuses_plaintext_fast_and_reports_the_drop() {
     let lab = lab(&["node1"]).await;
-    let web = addr(&lab, "shop", "web", 8080);
-    let _server = lab
-        .cluster()
-        .pod("shop", "web")
-        .unwrap()
-        .serve_echo(8080)
-        .unwrap();
+    let (web, _server) = serve_echo(&lab, "shop", "web", 8080);
 
     let refused = lab.pod_client("legacy", "batch", web, b"hello").unwrap();
     assert!(
@@ -198,13 +192,7 @@ async fn strict_mode_refuses_plaintext_fast_and_reports_the_drop() {
 #[tokio::test(flavor = "multi_thread")]
 async fn unenroll_and_reenroll_at_run_time() {
     let mut lab = lab(&[]).await;
-    let web = addr(&lab, "shop", "web", 8080);
-    let _server = lab
-        .cluster()
-        .pod("shop", "web")
-        .unwrap()
-        .serve_echo(8080)
-        .unwrap();
+    let (web, _server) = serve_echo(&lab, "shop", "web", 8080);
 
     let web_id = format!("spiffe://{}/ns/shop/sa/web", lab.trust_domain());
     // Opt shop/web out of the mesh with Istio's pod label.
@@ -253,13 +241,7 @@ async fn unenroll_and_reenroll_at_run_time() {
 #[tokio::test(flavor = "multi_thread")]
 async fn agent_restart_keeps_established_connections() {
     let mut lab = lab(&[]).await;
-    let web = addr(&lab, "shop", "web", 8080);
-    let _server = lab
-        .cluster()
-        .pod("shop", "web")
-        .unwrap()
-        .serve_echo(8080)
-        .unwrap();
+    let (web, _server) = serve_echo(&lab, "shop", "web", 8080);
     let mut client = LongLivedClient::open(&lab, "shop", "frontend", web);
     client.roundtrip("before the restart");
     lab.restart_agent("node1", false).await.unwrap();
@@ -278,13 +260,7 @@ async fn agent_restart_keeps_established_connections() {
 #[tokio::test(flavor = "multi_thread")]
 async fn uninstall_removes_redirection_and_traffic_goes_direct() {
     let mut lab = lab(&[]).await;
-    let web = addr(&lab, "shop", "web", 8080);
-    let _server = lab
-        .cluster()
-        .pod("shop", "web")
-        .unwrap()
-        .serve_echo(8080)
-        .unwrap();
+    let (web, _server) = serve_echo(&lab, "shop", "web", 8080);
     lab.stop_agent("node2").unwrap();
     let pins = lab.pin_dir("node2");
     assert!(pins.exists(), "pins outlive the agent");

@@ -104,3 +104,20 @@ impl LongLivedClient {
         assert_eq!(echoed.trim_end(), line);
     }
 }
+
+/// Starts an echo server in `ns/pod` on `port` and returns its address (the server stops
+/// when the returned handle is dropped).
+pub fn serve_echo(
+    lab: &Lab,
+    ns: &str,
+    pod: &str,
+    port: u16,
+) -> (SocketAddr, zmesh_testbed::Server) {
+    let server = lab
+        .cluster()
+        .pod(ns, pod)
+        .expect("pod")
+        .serve_echo(port)
+        .expect("echo server");
+    (addr(lab, ns, pod, port), server)
+}
