@@ -350,6 +350,35 @@ enum Source {
 }
 
 impl PolicyCtx<'_> {
+    /// A Cilium label selector as a matchLabels-only mapping (null selects everything), or
+    /// `None` after reporting why it cannot be carried over.
+    fn label_selector<'v>(
+        &mut self,
+        path: &str,
+        selector: &'v Value,
+        empty: &'v Map<String, Value>,
+        not_a_mapping: &str,
+        has_expressions: &str,
+    ) -> Option<&'v Map<String, Value>> {
+        let sel = match selector {
+            Value::Null => empty,
+            Value::Object(o) => o,
+            _ => {
+                self.report(path, FindingKind::Selector, not_a_mapping);
+                return None;
+            }
+        };
+        if !array(sel.get("matchExpressions")).is_empty() {
+            self.report(
+                format!("{path}.matchExpressions"),
+                FindingKind::MatchExpressions,
+                has_expressions,
+            );
+            return None;
+        }
+        Some(sel)
+    }
+
     fn report(&mut self, rule: impl Into<String>, kind: FindingKind, reason: impl Into<String>) {
         self.findings.push(Finding {
             policy: self.label.clone(),
@@ -492,26 +521,13 @@ impl PolicyCtx<'_> {
     ) -> Option<(Option<String>, BTreeMap<String, String>)> {
         let spath = format!("{path}.endpointSelector");
         let empty = Map::new();
-        let sel = match selector {
-            None | Some(Value::Null) => &empty,
-            Some(Value::Object(o)) => o,
-            Some(_) => {
-                self.report(
-                    spath,
-                    FindingKind::Selector,
-                    "endpointSelector is not a mapping; policy skipped",
-                );
-                return None;
-            }
-        };
-        if !array(sel.get("matchExpressions")).is_empty() {
-            self.report(
-                format!("{spath}.matchExpressions"),
-                FindingKind::MatchExpressions,
-                "AuthorizationPolicy selectors take matchLabels only; policy skipped (translate it by hand)",
-            );
-            return None;
-        }
+        let sel = self.label_selector(
+            &spath,
+            selector.unwrap_or(&Value::Null),
+            &empty,
+            "endpointSelector is not a mapping; policy skipped",
+            "AuthorizationPolicy selectors take matchLabels only; policy skipped (translate it by hand)",
+        )?;
         let mut namespace = self.namespace.clone();
         let mut labels = BTreeMap::new();
         for (key, value) in sel
@@ -709,26 +725,13 @@ impl PolicyCtx<'_> {
     /// something other than namespace and service account.
     fn peer(&mut self, path: &str, sel: &Value) -> Option<Source> {
         let empty = Map::new();
-        let sel = match sel {
-            Value::Null => &empty,
-            Value::Object(o) => o,
-            _ => {
-                self.report(
-                    path,
-                    FindingKind::Selector,
-                    "selector is not a mapping; peer dropped",
-                );
-                return None;
-            }
-        };
-        if !array(sel.get("matchExpressions")).is_empty() {
-            self.report(
-                format!("{path}.matchExpressions"),
-                FindingKind::MatchExpressions,
-                "matchExpressions do not map to identities; peer dropped",
-            );
-            return None;
-        }
+        let sel = self.label_selector(
+            path,
+            sel,
+            &empty,
+            "selector is not a mapping; peer dropped",
+            "matchExpressions do not map to identities; peer dropped",
+        )?;
         let mut namespace = self.namespace.clone();
         let mut service_account = None;
         let mut unmapped = Vec::new();
