@@ -67,7 +67,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
     };
     drop(table);
 
-    // One retry: a pooled connection may have received GOAWAY since we last used it.
+    // One retry: a pooled connection may have failed or received GOAWAY since it was leased.
     for attempt in 0..2 {
         let lease = match shared.pool.lease(&key, &sni).await {
             Ok(l) => l,
@@ -105,7 +105,10 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         };
         let response = match response.await {
             Ok(r) => r,
-            Err(e) if attempt == 0 && e.reason() == Some(h2::Reason::REFUSED_STREAM) => {
+            // Nothing was sent before the 200, so a new connection may try again when this
+            // one was refused or died under the CONNECT (peer gone while idle in the pool).
+            Err(e) if attempt == 0 && connection_failed(&e) => {
+                tracing::debug!(%hbone, "pooled connection failed, retrying: {e}");
                 lease.mark_dead();
                 continue;
             }
@@ -131,6 +134,11 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         drop(lease);
         return log.finish(&shared, result, counts.to_tcp(), counts.to_h2());
     }
+}
+
+/// The CONNECT failed because of its connection, not because the peer answered it.
+fn connection_failed(e: &h2::Error) -> bool {
+    e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_io() || e.is_go_away()
 }
 
 fn status_result(status: StatusCode) -> &'static str {

@@ -10,6 +10,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -84,6 +85,16 @@ struct Conn {
     active: AtomicUsize,
     dead: AtomicBool,
     idle_since: Mutex<Instant>,
+}
+
+impl Conn {
+    /// False once the peer sent GOAWAY or the connection failed (hbone.md: a pooled
+    /// connection is reused only if it has not received GOAWAY). Its open tunnels go on.
+    fn accepts_streams(&self) -> bool {
+        // h2 answers this from its own state; the waker is never stored (no pending open).
+        let mut cx = Context::from_waker(Waker::noop());
+        matches!(self.send.clone().poll_ready(&mut cx), Poll::Ready(Ok(())))
+    }
 }
 
 /// The right to open one stream on a pooled connection; returns the slot when dropped.
@@ -178,7 +189,13 @@ impl Pool {
     fn try_lease(&self, key: &PoolKey) -> Option<Lease> {
         let mut conns = lock(&self.conns);
         let list = conns.get_mut(key)?;
-        list.retain(|c| !c.dead.load(Ordering::Relaxed));
+        list.retain(|c| {
+            let usable = !c.dead.load(Ordering::Relaxed) && c.accepts_streams();
+            if !usable {
+                c.dead.store(true, Ordering::Relaxed);
+            }
+            usable
+        });
         for conn in list.iter() {
             let limit = self
                 .config
@@ -326,6 +343,7 @@ impl Pool {
                 }
             };
             tokio::select! {
+                biased;
                 r = &mut connection => {
                     if let Err(e) = r {
                         tracing::debug!(dst = %key.dst, "HBONE connection ended: {e}");
