@@ -110,10 +110,14 @@ pub struct Topology {
     pub server_ip: IpAddr,
     pub proxy_a_ip: IpAddr,
     pub proxy_b_ip: IpAddr,
+    /// The plain TCP relays of the "relay" path (no certificates, not in the table).
+    pub relay_a_ip: IpAddr,
+    pub relay_b_ip: IpAddr,
 }
 
 impl Topology {
-    /// 127.0.<net>.11 client, .12 server, .21 proxy A (node bench-a), .22 proxy B.
+    /// 127.0.<net>.11 client, .12 server, .21 proxy A (node bench-a), .22 proxy B,
+    /// .31 relay A, .32 relay B.
     pub fn loopback(net: u8) -> Self {
         let ip = |host| IpAddr::from([127, 0, net, host]);
         Self {
@@ -121,6 +125,8 @@ impl Topology {
             server_ip: ip(12),
             proxy_a_ip: ip(21),
             proxy_b_ip: ip(22),
+            relay_a_ip: ip(31),
+            relay_b_ip: ip(32),
         }
     }
 

@@ -1,11 +1,15 @@
 //! zmesh-bench: measures, in one run and on one machine, direct TCP against
 //! client -> zmesh proxy A (outbound) -> HBONE/mTLS -> zmesh proxy B (inbound) -> server,
 //! with both proxies as separate `zmesh proxy --explicit` processes so that their CPU and
-//! memory are theirs alone. All traffic stays on 127.0.0.0/8. See BENCHMARKS.md.
+//! memory are theirs alone. A third path, client -> relay A -> relay B -> server through
+//! two plain TCP relay processes (this binary re-executed, see relay.rs), measures the
+//! floor that any two-process chain costs on this machine. All traffic stays on
+//! 127.0.0.0/8. See BENCHMARKS.md.
 
 mod certs;
 mod load;
 mod procs;
+mod relay;
 mod report;
 
 use std::net::SocketAddr;
@@ -39,11 +43,11 @@ struct Args {
     /// Client threads in the connection-rate test.
     #[arg(long, default_value_t = 4)]
     conn_threads: usize,
-    /// Repeat every test this many times (direct and mesh alternating); the table shows
-    /// the median of the rounds.
+    /// Repeat every test this many times (each round runs every path: direct, relay,
+    /// mesh); the table shows the median of the rounds.
     #[arg(long, default_value_t = 1)]
     rounds: usize,
-    /// Third octet of the loopback addresses: 127.0.NET.{11,12,21,22}.
+    /// Third octet of the loopback addresses: 127.0.NET.{11,12,21,22,31,32}.
     #[arg(long, default_value_t = 0)]
     net: u8,
     /// Log level of the proxies ("info" keeps their per-connection access log on, as a
@@ -58,10 +62,43 @@ struct Args {
         default_value = "single,multi,ping-pong,conn-rate"
     )]
     tests: Vec<Test>,
+    /// Which paths to measure, run in the order direct, relay, mesh in each round. Direct
+    /// (the denominator) and mesh are always measured; "relay" (two plain TCP relay
+    /// processes, the floor of any two-process chain) can be left out.
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "direct,relay,mesh"
+    )]
+    paths: Vec<PathKind>,
+    /// Pin the harness, and so the proxies and relays it starts, to these CPUs (e.g. `0`
+    /// or `0,1`). Default: no pinning.
+    #[arg(long, value_name = "LIST")]
+    cpus: Option<String>,
     /// Also write every figure of every round as JSON here.
     #[arg(long, value_name = "FILE")]
     json: Option<PathBuf>,
+    /// Internal: run as a plain TCP relay listening here (the harness starts two).
+    #[arg(long, hide = true, value_name = "ADDR", requires = "relay_to")]
+    relay_listen: Option<SocketAddr>,
+    /// Internal: where the relay forwards to.
+    #[arg(long, hide = true, value_name = "ADDR", requires = "relay_listen")]
+    relay_to: Option<SocketAddr>,
 }
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
+enum PathKind {
+    /// client -> server.
+    Direct,
+    /// client -> relay A -> relay B -> server: plain TCP relays, no TLS, no HTTP/2.
+    Relay,
+    /// client -> proxy A -> HBONE/mTLS -> proxy B -> server.
+    Mesh,
+}
+
+/// The relays listen on 127.0.NET.31 and .32, on this port.
+const RELAY_PORT: u16 = 15001;
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Test {
@@ -77,7 +114,11 @@ enum Test {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    match run(&args) {
+    let result = match (args.relay_listen, args.relay_to) {
+        (Some(listen), Some(to)) => relay::run(listen, to),
+        _ => run(&args),
+    };
+    match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -87,6 +128,17 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: &Args) -> Result<()> {
+    // First of all, before any thread or child exists: everything started from here on
+    // inherits the affinity of this (the main) thread.
+    let online = procs::online_cpus();
+    if let Some(list) = &args.cpus {
+        procs::set_affinity(&procs::parse_cpus(list, online)?)?;
+    }
+    let cpu_set = procs::affinity()?;
+    if !args.paths.contains(&PathKind::Direct) || !args.paths.contains(&PathKind::Mesh) {
+        bail!("--paths must include direct (the denominator) and mesh; only relay can be left out");
+    }
+    let with_relay = args.paths.contains(&PathKind::Relay);
     if !(args.seconds > 0.0 && args.seconds <= 600.0) {
         bail!("--seconds must be in (0, 600]");
     }
@@ -123,12 +175,18 @@ fn run(args: &Args) -> Result<()> {
     std::fs::write(&table, topo.workload_table())?;
 
     // A leftover or concurrent run would answer our readiness probes: refuse to start.
-    for ip in [topo.proxy_a_ip, topo.proxy_b_ip] {
-        for port in [15001, 15006, 15008, 15020, 15021] {
-            let addr = SocketAddr::new(ip, port);
-            if let Err(e) = std::net::TcpListener::bind(addr) {
-                bail!("{addr} is not free ({e}): is another zmesh-bench running? Try --net");
-            }
+    let relay_a = SocketAddr::new(topo.relay_a_ip, RELAY_PORT);
+    let relay_b = SocketAddr::new(topo.relay_b_ip, RELAY_PORT);
+    let mut ours: Vec<SocketAddr> = [topo.proxy_a_ip, topo.proxy_b_ip]
+        .into_iter()
+        .flat_map(|ip| [15001, 15006, 15008, 15020, 15021].map(|p| SocketAddr::new(ip, p)))
+        .collect();
+    if with_relay {
+        ours.extend([relay_a, relay_b]);
+    }
+    for addr in ours {
+        if let Err(e) = std::net::TcpListener::bind(addr) {
+            bail!("{addr} is not free ({e}): is another zmesh-bench running? Try --net");
         }
     }
     let server = Server::start(topo.server_ip, 8)?;
@@ -159,22 +217,59 @@ fn run(args: &Args) -> Result<()> {
     args_a.push(format!("{}={}", topo.client_ip, server.addr()));
     let args_b = proxy_args("bench-b", &dir_b, topo.proxy_b_ip);
 
-    let mut b = ProxyProcess::spawn("B", &zmesh, &args_b, dir.path().join("proxy-b.log"))?;
-    let mut a = ProxyProcess::spawn("A", &zmesh, &args_a, dir.path().join("proxy-a.log"))?;
+    let mut b = ProxyProcess::spawn("proxy B", &zmesh, &args_b, dir.path().join("proxy-b.log"))?;
+    let mut a = ProxyProcess::spawn("proxy A", &zmesh, &args_a, dir.path().join("proxy-a.log"))?;
     let ready = |ip| SocketAddr::new(ip, 15021);
     let metrics = |ip| SocketAddr::new(ip, 15020);
     b.wait_ready(ready(topo.proxy_b_ip), Duration::from_secs(15))?;
     a.wait_ready(ready(topo.proxy_a_ip), Duration::from_secs(15))?;
     let idle = [a.memory()?, b.memory()?];
 
+    // The relays: this binary again, B forwarding to the server, A to B.
+    let mut relays = if with_relay {
+        let me = std::env::current_exe().context("locating this binary for the relays")?;
+        let relay_args = |listen: SocketAddr, to: SocketAddr| {
+            vec![
+                "--relay-listen".to_string(),
+                listen.to_string(),
+                "--relay-to".into(),
+                to.to_string(),
+            ]
+        };
+        let log = |n: &str| dir.path().join(format!("relay-{n}.log"));
+        let mut rb = ProxyProcess::spawn(
+            "relay B",
+            &me,
+            &relay_args(relay_b, server.addr()),
+            log("b"),
+        )?;
+        rb.wait_listening(relay_b, Duration::from_secs(15))?;
+        let mut ra = ProxyProcess::spawn("relay A", &me, &relay_args(relay_a, relay_b), log("a"))?;
+        ra.wait_listening(relay_a, Duration::from_secs(15))?;
+        Some((ra, rb))
+    } else {
+        None
+    };
+    let relay_idle = match &relays {
+        Some((ra, rb)) => Some([ra.memory()?, rb.memory()?]),
+        None => None,
+    };
+
     let direct = Target {
         src: topo.client_ip,
         dst: server.addr(),
+    };
+    let relay = Target {
+        src: topo.client_ip,
+        dst: relay_a,
     };
     let mesh = Target {
         src: topo.client_ip,
         dst: SocketAddr::new(topo.proxy_a_ip, 15001),
     };
+    if relays.is_some() {
+        load::ping_pong(&relay, 0, 10, Duration::from_secs(10)).context("first relay exchange")?;
+    }
     // One exchange through the mesh: opens the pooled HBONE connection (a deployed proxy
     // has it open too) and proves the path really is A -> mTLS -> B.
     load::ping_pong(&mesh, 0, 10, Duration::from_secs(10)).context("first mesh exchange")?;
@@ -187,13 +282,33 @@ fn run(args: &Args) -> Result<()> {
     let mut rounds = Vec::new();
     for round in 0..args.rounds {
         eprintln!("round {}/{}", round + 1, args.rounds);
-        let direct = run_path(args, &[&a, &b], "direct", &direct, duration)?;
-        let mesh = run_path(args, &[&a, &b], "mesh", &mesh, duration)?;
+        let children = Children {
+            proxies: [&a, &b],
+            relays: relays.as_ref().map(|(ra, rb)| [ra, rb]),
+        };
+        let direct = run_path(args, &children, "direct", &direct, duration)?;
+        let relay = match &relays {
+            Some(_) => Some(run_path(args, &children, "relay", &relay, duration)?),
+            None => None,
+        };
+        let mesh = run_path(args, &children, "mesh", &mesh, duration)?;
         a.check_alive()?;
         b.check_alive()?;
-        rounds.push(RoundResult { direct, mesh });
+        if let Some((ra, rb)) = &mut relays {
+            ra.check_alive()?;
+            rb.check_alive()?;
+        }
+        rounds.push(RoundResult {
+            direct,
+            relay,
+            mesh,
+        });
     }
     let end_memory = [a.memory()?, b.memory()?];
+    let relay_end = match &relays {
+        Some((ra, rb)) => Some([ra.memory()?, rb.memory()?]),
+        None => None,
+    };
 
     // The proxies' own counters must account for every mesh connection we made.
     let (_, a_metrics) = procs::http_get(metrics(topo.proxy_a_ip), "/metrics")?;
@@ -229,10 +344,20 @@ fn run(args: &Args) -> Result<()> {
         conn_threads: args.conn_threads,
         proxy_log: args.proxy_log.clone(),
         cpus: std::thread::available_parallelism().map_or(0, |n| n.get()),
+        cpus_online: online,
+        cpu_set,
+        cpu_pinned: args.cpus.is_some(),
         cpu_model: cpu_model(),
+        paths: [PathKind::Direct, PathKind::Relay, PathKind::Mesh]
+            .into_iter()
+            .filter(|p| args.paths.contains(p))
+            .map(|p| format!("{p:?}").to_lowercase())
+            .collect(),
         rounds,
         idle_memory: idle,
         end_memory,
+        relay_idle_memory: relay_idle,
+        relay_end_memory: relay_end,
         counters,
     };
     print!("{}", report.table());
@@ -240,16 +365,23 @@ fn run(args: &Args) -> Result<()> {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
+    drop(relays);
     drop(a);
     drop(b);
     drop(server);
     Ok(())
 }
 
+/// The child processes whose CPU and memory each test records.
+struct Children<'a> {
+    proxies: [&'a ProxyProcess; 2],
+    relays: Option<[&'a ProxyProcess; 2]>,
+}
+
 /// The four tests on one path.
 fn run_path(
     args: &Args,
-    proxies: &[&ProxyProcess],
+    children: &Children,
     path: &str,
     target: &Target,
     duration: Duration,
@@ -258,17 +390,19 @@ fn run_path(
     let run = |t: Test| args.tests.contains(&t);
     if run(Test::Single) {
         eprintln!("  {path}: 1 stream");
-        let (t, cpu) = measure(proxies, || load::throughput(target, 1, duration))?;
+        let (t, cpu) = measure(children, || load::throughput(target, 1, duration))?;
         out.single = (t.gbit_per_s(), cpu.per_gb(t.bytes));
     }
     if run(Test::Multi) {
         eprintln!("  {path}: {} streams", args.streams);
-        let (t, cpu) = measure(proxies, || load::throughput(target, args.streams, duration))?;
+        let (t, cpu) = measure(children, || {
+            load::throughput(target, args.streams, duration)
+        })?;
         out.multi = (t.gbit_per_s(), cpu.per_gb(t.bytes));
     }
     if run(Test::PingPong) {
         eprintln!("  {path}: ping-pong");
-        let (rtts, cpu) = measure(proxies, || {
+        let (rtts, cpu) = measure(children, || {
             load::ping_pong(target, 1000, args.pings, duration)
         })?;
         out.latency_cost = cpu.per_conn(rtts.len() as u64);
@@ -276,7 +410,7 @@ fn run_path(
     }
     if run(Test::ConnRate) {
         eprintln!("  {path}: connection rate");
-        let (c, cpu) = measure(proxies, || {
+        let (c, cpu) = measure(children, || {
             Ok(load::conn_rate(target, args.conn_threads, duration))
         })?;
         if c.errors > 0 {
@@ -298,18 +432,19 @@ fn ip_str(ip: std::net::IpAddr) -> String {
     ip.to_string()
 }
 
-/// Runs `f`, returning CPU used meanwhile by the load generator, the proxies and the box.
-fn measure<T>(proxies: &[&ProxyProcess], f: impl FnOnce() -> Result<T>) -> Result<(T, CpuUse)> {
-    let proxy_cpu = || -> Result<f64> {
-        proxies
-            .iter()
-            .map(|p| p.cpu().map(|d| d.as_secs_f64()))
-            .sum()
+/// Runs `f`, returning CPU used meanwhile by the load generator, the proxies, the relays
+/// and the box.
+fn measure<T>(children: &Children, f: impl FnOnce() -> Result<T>) -> Result<(T, CpuUse)> {
+    let proxies = &children.proxies;
+    let relays: &[&ProxyProcess] = children.relays.as_ref().map_or(&[], |r| r.as_slice());
+    let cpu_of = |procs: &[&ProxyProcess]| -> Result<f64> {
+        procs.iter().map(|p| p.cpu().map(|d| d.as_secs_f64())).sum()
     };
-    for p in proxies {
+    for p in proxies.iter().chain(relays) {
         p.reset_peak()?;
     }
-    let p0 = proxy_cpu()?;
+    let p0 = cpu_of(proxies)?;
+    let r0 = cpu_of(relays)?;
     let l0 = procs::self_cpu();
     let (busy0, total0) = procs::machine_cpu()?;
     let start = std::time::Instant::now();
@@ -318,11 +453,16 @@ fn measure<T>(proxies: &[&ProxyProcess], f: impl FnOnce() -> Result<T>) -> Resul
     let (busy1, total1) = procs::machine_cpu()?;
     let use_ = CpuUse {
         load: (procs::self_cpu() - l0).as_secs_f64(),
-        proxies: proxy_cpu()? - p0,
+        proxies: cpu_of(proxies)? - p0,
+        relays: cpu_of(relays)? - r0,
         machine_busy: (busy1 - busy0).as_secs_f64(),
         machine_total: (total1 - total0).as_secs_f64(),
         wall,
         proxy_peak_kib: [proxies[0].memory()?.hwm_kib, proxies[1].memory()?.hwm_kib],
+        relay_peak_kib: match children.relays {
+            Some([ra, rb]) => [ra.memory()?.hwm_kib, rb.memory()?.hwm_kib],
+            None => [0, 0],
+        },
     };
     Ok((out, use_))
 }

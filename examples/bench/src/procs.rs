@@ -1,4 +1,5 @@
-//! The two `zmesh proxy` child processes, and CPU/memory readings from /proc.
+//! The child processes (the two `zmesh proxy` processes and the two plain relays), and
+//! CPU/memory readings from /proc.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -9,8 +10,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-/// A running proxy. Dropping it stops it (SIGTERM, then SIGKILL), also on error or panic;
-/// if the harness itself dies, the kernel kills the proxy (PR_SET_PDEATHSIG).
+/// A running proxy or relay ("proxy A", "relay B", ...). Dropping it stops it (SIGTERM,
+/// then SIGKILL), also on error or panic; if the harness itself dies, the kernel kills it
+/// (PR_SET_PDEATHSIG).
 pub struct ProxyProcess {
     pub name: &'static str,
     child: Child,
@@ -35,7 +37,7 @@ impl ProxyProcess {
         }
         let child = cmd
             .spawn()
-            .with_context(|| format!("starting {} for proxy {name}", bin.display()))?;
+            .with_context(|| format!("starting {} for {name}", bin.display()))?;
         Ok(Self { name, child, log })
     }
 
@@ -43,11 +45,11 @@ impl ProxyProcess {
         self.child.id()
     }
 
-    /// Fails with the end of the proxy's log if it has exited.
+    /// Fails with the end of the child's log if it has exited.
     pub fn check_alive(&mut self) -> Result<()> {
         if let Some(status) = self.child.try_wait()? {
             bail!(
-                "proxy {} exited ({status}); its log ends with:\n{}",
+                "{} exited ({status}); its log ends with:\n{}",
                 self.name,
                 log_tail(&self.log)
             );
@@ -66,13 +68,38 @@ impl ProxyProcess {
             }
             if Instant::now() >= deadline {
                 bail!(
-                    "proxy {} not ready on {readiness} after {limit:?}; its log ends with:\n{}",
+                    "{} not ready on {readiness} after {limit:?}; its log ends with:\n{}",
                     self.name,
                     log_tail(&self.log)
                 );
             }
             // Polling a local HTTP endpoint: there is no event to wait on.
             std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Waits until `addr` accepts a TCP connection (the relays have no readiness endpoint),
+    /// bounded by `limit`: short connect attempts, with a growing pause (1 to 16 ms) only
+    /// after a refusal.
+    pub fn wait_listening(&mut self, addr: SocketAddr, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        let mut pause = Duration::from_millis(1);
+        loop {
+            self.check_alive()?;
+            if TcpStream::connect_timeout(&addr, Duration::from_millis(100)).is_ok() {
+                // The connection must have been accepted by our child, not a process it
+                // collided with (which would have made it exit on bind).
+                return self.check_alive();
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} not listening on {addr} after {limit:?}; its log ends with:\n{}",
+                    self.name,
+                    log_tail(&self.log)
+                );
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(16));
         }
     }
 
@@ -268,6 +295,90 @@ fn parse_machine_cpu(text: &str) -> Result<(Duration, Duration)> {
     ))
 }
 
+/// CPUs online on this machine.
+pub fn online_cpus() -> usize {
+    // SAFETY: sysconf has no memory effects.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    if n > 0 {
+        n as usize
+    } else {
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    }
+}
+
+/// Parses `--cpus`: comma-separated CPU numbers (e.g. `0` or `0,1`), each below `online`;
+/// returns them sorted, without duplicates.
+pub fn parse_cpus(list: &str, online: usize) -> Result<Vec<usize>> {
+    let max = online.min(libc::CPU_SETSIZE as usize);
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        let part = part.trim();
+        if part.is_empty() {
+            bail!("--cpus {list:?}: empty entry (expected CPU numbers like 0 or 0,1)");
+        }
+        let Ok(cpu) = part.parse::<usize>() else {
+            bail!("--cpus {list:?}: {part:?} is not a CPU number (expected e.g. 0 or 0,1)");
+        };
+        if cpu >= max {
+            bail!(
+                "--cpus {list:?}: there is no CPU {cpu}; this machine has {online} online \
+                 (0-{})",
+                online.saturating_sub(1)
+            );
+        }
+        if !cpus.contains(&cpu) {
+            cpus.push(cpu);
+        }
+    }
+    cpus.sort_unstable();
+    Ok(cpus)
+}
+
+/// Restricts the calling thread, and so every thread and process it starts afterwards, to
+/// `cpus` (sched_setaffinity(0, ..)); fails unless the kernel applied exactly that set
+/// (e.g. a cgroup cpuset that excludes some of them).
+pub fn set_affinity(cpus: &[usize]) -> Result<()> {
+    if cpus.is_empty() {
+        bail!("empty CPU set");
+    }
+    // SAFETY: cpu_set_t is plain data; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &cpu in cpus {
+        if cpu >= libc::CPU_SETSIZE as usize {
+            bail!("CPU {cpu} is beyond CPU_SETSIZE");
+        }
+        // SAFETY: cpu < CPU_SETSIZE, checked above.
+        unsafe { libc::CPU_SET(cpu, &mut set) };
+    }
+    // SAFETY: pid 0 is the calling thread; the set outlives the call.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("sched_setaffinity to CPUs {cpus:?}"));
+    }
+    let applied = affinity()?;
+    if applied != cpus {
+        bail!("asked for CPUs {cpus:?} but the kernel allows this process only {applied:?}");
+    }
+    Ok(())
+}
+
+/// The CPUs the calling thread may run on, sorted.
+pub fn affinity() -> Result<Vec<usize>> {
+    // SAFETY: as in set_affinity.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: pid 0 is the calling thread; the kernel writes at most the size we pass.
+    let rc =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).context("sched_getaffinity");
+    }
+    // SAFETY: every index is below CPU_SETSIZE.
+    Ok((0..libc::CPU_SETSIZE as usize)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,5 +475,77 @@ mod tests {
         drop(live);
         // Reaped: no /proc entry, or at least not our sleeping child any more.
         assert!(process_cpu(pid).is_err());
+    }
+
+    #[test]
+    fn cpus_list_parses() {
+        assert_eq!(parse_cpus("0", 2).unwrap(), [0]);
+        assert_eq!(parse_cpus("0,1", 2).unwrap(), [0, 1]);
+        assert_eq!(parse_cpus(" 1 , 0,1", 2).unwrap(), [0, 1]);
+        assert_eq!(parse_cpus("7", 8).unwrap(), [7]);
+        for bad in [
+            "",
+            ",",
+            "0,",
+            "0,,1",
+            "2",
+            "0,2",
+            "a",
+            "-1",
+            "0-1",
+            "1.0",
+            "99999999999999999999999",
+        ] {
+            let err = parse_cpus(bad, 2).expect_err(bad).to_string();
+            assert!(err.starts_with("--cpus"), "{bad:?}: {err}");
+        }
+        assert!(parse_cpus("2", 2)
+            .unwrap_err()
+            .to_string()
+            .contains("2 online"));
+        // Beyond what a cpu_set_t holds, even if the machine claimed more CPUs.
+        assert!(parse_cpus("1024", 4096).is_err());
+    }
+
+    /// Pinning applies to the calling thread (a scratch thread here) and reads back.
+    #[test]
+    fn affinity_is_set_and_read_back() {
+        std::thread::spawn(|| {
+            let all = affinity().unwrap();
+            assert!(!all.is_empty());
+            let first = all[0];
+            set_affinity(&[first]).unwrap();
+            assert_eq!(affinity().unwrap(), [first]);
+            // Inherited by threads started afterwards.
+            let child = std::thread::spawn(|| affinity().unwrap()).join().unwrap();
+            assert_eq!(child, [first]);
+            assert!(set_affinity(&[]).is_err());
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// A child listening is found; one that never listens times out with its log.
+    #[test]
+    fn wait_listening_polls_until_accepting() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut child = ProxyProcess::spawn(
+            "relay T",
+            Path::new("/bin/sleep"),
+            &["30".into()],
+            tmp.path().join("t.log"),
+        )
+        .unwrap();
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let open = l.local_addr().unwrap();
+        child.wait_listening(open, Duration::from_secs(5)).unwrap();
+        drop(l);
+        let start = Instant::now();
+        let err = child
+            .wait_listening(open, Duration::from_millis(200))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("relay T not listening"), "{err}");
+        assert!(start.elapsed() < Duration::from_secs(5));
     }
 }

@@ -1,0 +1,209 @@
+//! The plain TCP relay of the "relay" path: accept, connect onwards, copy both ways. No
+//! TLS, no HTTP/2, nothing per byte beyond the copy, so two of them in a chain (client ->
+//! relay A -> relay B -> server) are the floor that any two-process proxy chain pays on
+//! this machine: the wake-ups and socket hops, without the mesh's own work.
+//!
+//! The harness runs it as this same binary re-executed with the hidden arguments
+//! `--relay-listen IP:PORT --relay-to IP:PORT`, on a tokio current_thread runtime (as the
+//! proxies run by default).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use tokio::net::{TcpListener, TcpStream};
+
+/// Bound on connecting onwards (on loopback a refusal is immediate; this only catches a
+/// target that does not answer at all).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The relay process: binds `listen` (failing if it is taken) and relays to `to` until
+/// killed.
+pub fn run(listen: SocketAddr, to: SocketAddr) -> Result<()> {
+    let listener =
+        std::net::TcpListener::bind(listen).with_context(|| format!("relay: binding {listen}"))?;
+    listener.set_nonblocking(true)?;
+    runtime()?.block_on(async move {
+        let listener = TcpListener::from_std(listener)?;
+        serve(listener, to).await;
+        Ok(())
+    })
+}
+
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .enable_time()
+        .build()
+        .context("relay: building the tokio runtime")
+}
+
+/// Accepts forever; each connection is relayed to `to` in its own task. A connection that
+/// fails (target refused, reset, ...) is dropped; nothing here panics or stops the loop.
+pub async fn serve(listener: TcpListener, to: SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok((inbound, _)) => {
+                tokio::spawn(async move {
+                    let _ = relay_one(inbound, to).await;
+                });
+            }
+            // E.g. EMFILE: back off a little instead of spinning on the error.
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+async fn relay_one(mut inbound: TcpStream, to: SocketAddr) -> std::io::Result<()> {
+    inbound.set_nodelay(true)?;
+    let mut outbound = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(to))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    outbound.set_nodelay(true)?;
+    // Copies both ways; on EOF from one side it shuts down writing to the other
+    // (half-close) and keeps copying the other direction until that ends too.
+    tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::{Read, Write};
+    use std::net::{IpAddr, Shutdown, TcpListener as StdListener};
+    use std::thread::JoinHandle;
+
+    use super::*;
+    use crate::load::{self, Server, Target, MSG};
+
+    /// `serve` on its own thread and runtime (as in the relay process), stopped on drop.
+    struct InProcessRelay {
+        addr: SocketAddr,
+        stop: Option<tokio::sync::oneshot::Sender<()>>,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    impl InProcessRelay {
+        fn start(ip: IpAddr, to: SocketAddr) -> Self {
+            let listener = StdListener::bind(SocketAddr::new(ip, 0)).unwrap();
+            listener.set_nonblocking(true).unwrap();
+            let addr = listener.local_addr().unwrap();
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let thread = std::thread::spawn(move || {
+                runtime().unwrap().block_on(async move {
+                    let listener = TcpListener::from_std(listener).unwrap();
+                    tokio::select! {
+                        _ = serve(listener, to) => {}
+                        _ = stopped => {}
+                    }
+                })
+            });
+            Self {
+                addr,
+                stop: Some(stop),
+                thread: Some(thread),
+            }
+        }
+    }
+
+    impl Drop for InProcessRelay {
+        fn drop(&mut self) {
+            let _ = self.stop.take().map(|s| s.send(()));
+            if let Some(t) = self.thread.take() {
+                // A panic in the relay thread fails the test here.
+                let panicked = t.join().is_err();
+                if !std::thread::panicking() {
+                    assert!(!panicked, "the relay thread panicked");
+                }
+            }
+        }
+    }
+
+    /// Server <- relay B <- relay A, as in the harness; returns the target for clients.
+    fn chain(ip: IpAddr) -> (Server, InProcessRelay, InProcessRelay, Target) {
+        let server = Server::start(ip, 4).unwrap();
+        let b = InProcessRelay::start(ip, server.addr());
+        let a = InProcessRelay::start(ip, b.addr);
+        let t = Target {
+            src: ip,
+            dst: a.addr,
+        };
+        (server, b, a, t)
+    }
+
+    fn ip() -> IpAddr {
+        "127.0.0.1".parse().unwrap()
+    }
+
+    #[test]
+    fn relays_bytes_both_ways() {
+        let (_server, _b, _a, t) = chain(ip());
+        // Echo: every message goes client -> server and back, and must come back intact.
+        let rtts = load::ping_pong(&t, 5, 100, Duration::from_secs(30)).unwrap();
+        assert_eq!(rtts.len(), 100);
+        // Bulk upload: the server's byte count must match what was sent.
+        let r = load::throughput(&t, 2, Duration::from_millis(100)).unwrap();
+        assert!(r.bytes > 0);
+        // Many short connections.
+        let c = load::conn_rate(&t, 2, Duration::from_millis(200));
+        assert_eq!(c.errors, 0, "{:?}", c.first_error);
+        assert!(c.conns > 0);
+    }
+
+    #[test]
+    fn half_close_is_relayed_both_ways() {
+        let (_server, _b, _a, t) = chain(ip());
+
+        // Client half-closes first: the server must see EOF (it answers the byte count
+        // only then) while the server -> client direction still carries that answer.
+        let mut s = load::connect(&t).unwrap();
+        s.write_all(b"S").unwrap();
+        s.write_all(&[7u8; 100_000]).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut count = [0u8; 8];
+        s.read_exact(&mut count).unwrap();
+        assert_eq!(u64::from_be_bytes(count), 100_000);
+        let mut rest = Vec::new();
+        assert_eq!(s.read_to_end(&mut rest).unwrap(), 0);
+
+        // Echo after the client's FIN: what was sent before it still comes back, then EOF.
+        let mut s = load::connect(&t).unwrap();
+        let mut msgs = vec![0u8; 1 + 3 * MSG];
+        msgs[0] = b'E';
+        for (i, b) in msgs[1..].iter_mut().enumerate() {
+            *b = i as u8;
+        }
+        s.write_all(&msgs).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).unwrap();
+        assert_eq!(back, msgs[1..]);
+
+        // Server closes first: the reply arrives, then EOF reaches the client although
+        // the client has not closed its side.
+        let mut s = load::connect(&t).unwrap();
+        let mut msg = [0x43u8; MSG];
+        msg[0] = b'C';
+        s.write_all(&msg).unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).unwrap();
+        assert_eq!(back, msg);
+    }
+
+    /// A target that refuses: each client connection is closed, and the relay lives on
+    /// (its thread is joined without a panic when it is dropped).
+    #[test]
+    fn refused_target_drops_the_connection() {
+        let free = StdListener::bind("127.0.0.1:0").unwrap();
+        let dead = free.local_addr().unwrap();
+        drop(free);
+        let relay = InProcessRelay::start(ip(), dead);
+        for _ in 0..3 {
+            let mut s = std::net::TcpStream::connect(relay.addr).unwrap();
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let _ = s.write_all(b"E");
+            let mut b = [0u8; 1];
+            // EOF or reset, never data and never a hang.
+            assert!(!matches!(s.read(&mut b), Ok(n) if n > 0));
+        }
+    }
+}
