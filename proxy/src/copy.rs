@@ -12,6 +12,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 /// How much we read from TCP at a time (also caps what one stream buffers for sending).
 const READ_CHUNK: usize = 256 * 1024;
@@ -58,6 +59,8 @@ async fn tcp_to_h2<R: AsyncRead + Unpin>(
         buf.reserve(READ_CHUNK);
         // Also watch for the peer resetting the stream while the client is idle.
         let n = tokio::select! {
+            // Polled on every wake-up of the tunnel: fixed order, no per-poll RNG.
+            biased;
             n = tcp.read_buf(&mut buf) => n?,
             reset = poll_fn(|cx| send.poll_reset(cx)) => {
                 return match reset {
@@ -121,16 +124,14 @@ async fn h2_to_tcp<W: AsyncWrite + Unpin>(
 
 /// Copies both ways until both directions ended. If either direction fails, both stop
 /// and the stream is reset (by dropping it) and the socket closed.
-pub(crate) async fn bridge<S>(
-    tcp: S,
+pub(crate) async fn bridge(
+    mut tcp: TcpStream,
     mut send: SendStream<Bytes>,
     recv: RecvStream,
     counts: &Transferred,
-) -> Result<(), CopyError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let (r, w) = tokio::io::split(tcp);
+) -> Result<(), CopyError> {
+    // Borrowed halves: no lock between the two directions (tokio::io::split takes one).
+    let (r, w) = tcp.split();
     let up = tcp_to_h2(r, &mut send, &counts.to_h2);
     let down = h2_to_tcp(recv, w, &counts.to_tcp);
     tokio::pin!(up, down);
@@ -138,6 +139,7 @@ where
     let mut down_done = false;
     while !(up_done && down_done) {
         tokio::select! {
+            biased;
             r = &mut up, if !up_done => { r?; up_done = true; }
             r = &mut down, if !down_done => { r?; down_done = true; }
         }

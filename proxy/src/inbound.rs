@@ -106,6 +106,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
                     let id = peer_id.clone();
                     shared.tracker.spawn(async move {
                         tokio::select! {
+                            biased;
                             _ = tunnel(&s, req, respond, &id, local, peer) => {}
                             _ = s.force.cancelled() => {}
                         }
@@ -333,6 +334,7 @@ async fn tunnel(
     // A policy change that now denies the tunnel drops `work`: the upstream socket closes
     // and the HTTP/2 stream is reset, which closes the client's side.
     let result = tokio::select! {
+        biased;
         result = work => result,
         _ = guard.closed_by_policy() => {
             log.policy = guard.verdict();

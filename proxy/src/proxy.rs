@@ -428,6 +428,7 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, direction: Dire
                 }
             };
             tokio::select! {
+                biased;
                 _ = work => {}
                 _ = force.cancelled() => {}
             }
