@@ -670,6 +670,15 @@ impl Report {
                 "this machine's CPUs".to_string()
             },
         );
+        if self.cpu_pinned && self.cpu_set.len() < self.cpus_online {
+            let _ = writeln!(
+                o,
+                "  note: pinned to {} of {} CPUs: the throughput and connection-rate targets \
+                 were set on the whole machine; judge them on an unpinned run.",
+                self.cpu_set.len(),
+                self.cpus_online,
+            );
+        }
         o
     }
 }
@@ -801,6 +810,17 @@ mod tests {
         let bad = report(4.7, 15.0 + 41.0, 2200.0, 20_000).table();
         assert_eq!(bad.matches("-> MISSED").count(), 5, "{bad}");
         assert!(bad.contains("mesh/direct"));
+    }
+
+    #[test]
+    fn pinned_runs_say_the_whole_machine_targets_need_an_unpinned_run() {
+        let unpinned = report(5.0, 55.0, 2300.0, 10_000).table();
+        assert!(
+            !unpinned.contains("judge them on an unpinned run"),
+            "{unpinned}"
+        );
+        let pinned = with_relay(report(5.0, 55.0, 2300.0, 10_000), 54.0).table();
+        assert!(pinned.contains("pinned to 1 of 2 CPUs"), "{pinned}");
     }
 
     fn line_of<'a>(table: &'a str, start: &str) -> &'a str {
