@@ -18,42 +18,40 @@ fn nonce(record: u64) -> [u8; 12] {
     n
 }
 
-struct AwsLc(aws_lc_rs::aead::LessSafeKey);
-struct Ring(ring::aead::LessSafeKey);
+/// ring's and aws-lc-rs's AEAD APIs are the same; one body serves both.
+macro_rules! aead_impl {
+    ($name:ident, $krate:ident, $label:literal) => {
+        struct $name($krate::aead::LessSafeKey);
 
-impl Aead for AwsLc {
-    const NAME: &'static str = "aws-lc-rs";
-    fn round_trip(&self, record: u64, buf: &mut Vec<u8>) {
-        use aws_lc_rs::aead::{Aad, Nonce};
-        let n = || Nonce::assume_unique_for_key(nonce(record));
-        self.0
-            .seal_in_place_append_tag(n(), Aad::empty(), buf)
-            .expect("sealing a record this size cannot fail");
-        let len = self
-            .0
-            .open_in_place(n(), Aad::empty(), buf)
-            .expect("we just sealed it")
-            .len();
-        buf.truncate(len);
-    }
+        impl $name {
+            fn aes_256_gcm(key: &[u8; 32]) -> Self {
+                let key = $krate::aead::UnboundKey::new(&$krate::aead::AES_256_GCM, key)
+                    .expect("a 32-byte key is valid for AES-256-GCM");
+                Self($krate::aead::LessSafeKey::new(key))
+            }
+        }
+
+        impl Aead for $name {
+            const NAME: &'static str = $label;
+            fn round_trip(&self, record: u64, buf: &mut Vec<u8>) {
+                use $krate::aead::{Aad, Nonce};
+                let n = || Nonce::assume_unique_for_key(nonce(record));
+                self.0
+                    .seal_in_place_append_tag(n(), Aad::empty(), buf)
+                    .expect("sealing a record this size cannot fail");
+                let len = self
+                    .0
+                    .open_in_place(n(), Aad::empty(), buf)
+                    .expect("we just sealed it")
+                    .len();
+                buf.truncate(len);
+            }
+        }
+    };
 }
 
-impl Aead for Ring {
-    const NAME: &'static str = "ring";
-    fn round_trip(&self, record: u64, buf: &mut Vec<u8>) {
-        use ring::aead::{Aad, Nonce};
-        let n = || Nonce::assume_unique_for_key(nonce(record));
-        self.0
-            .seal_in_place_append_tag(n(), Aad::empty(), buf)
-            .expect("sealing a record this size cannot fail");
-        let len = self
-            .0
-            .open_in_place(n(), Aad::empty(), buf)
-            .expect("we just sealed it")
-            .len();
-        buf.truncate(len);
-    }
-}
+aead_impl!(AwsLc, aws_lc_rs, "aws-lc-rs");
+aead_impl!(Ring, ring, "ring");
 
 /// Nanoseconds per record (seal + open), the best of three rounds of `records` each.
 fn measure(aead: &impl Aead, size: usize, records: u64) -> f64 {
@@ -72,14 +70,8 @@ fn measure(aead: &impl Aead, size: usize, records: u64) -> f64 {
 
 fn main() {
     let key = [7u8; 32];
-    let aws = AwsLc(aws_lc_rs::aead::LessSafeKey::new(
-        aws_lc_rs::aead::UnboundKey::new(&aws_lc_rs::aead::AES_256_GCM, &key)
-            .expect("a 32-byte key is valid for AES-256-GCM"),
-    ));
-    let ring = Ring(ring::aead::LessSafeKey::new(
-        ring::aead::UnboundKey::new(&ring::aead::AES_256_GCM, &key)
-            .expect("a 32-byte key is valid for AES-256-GCM"),
-    ));
+    let aws = AwsLc::aes_256_gcm(&key);
+    let ring = Ring::aes_256_gcm(&key);
     println!("AES-256-GCM seal + open per record, one thread, best of 3 rounds");
     for (size, records) in [(16_384usize, 40_000u64), (64, 1_000_000)] {
         let a = measure(&aws, size, records);
