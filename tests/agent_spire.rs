@@ -1,8 +1,8 @@
 //! `zmesh agent --identity-source spire`: the proxy's credentials over SVIDs from a SPIFFE
-//! Workload API. Each node has its own Workload API server (written here to the spec:
-//! gRPC over a unix socket, security header required, full-state streams, PermissionDenied
-//! when the caller has no identity), and a real HBONE connection goes through two proxies
-//! on loopback before and after SPIRE rotates SVIDs and roots.
+//! Workload API. Each node has its own Workload API server (zmesh_compat's test server,
+//! written to the spec: gRPC over a unix socket, security header required, full-state
+//! streams, PermissionDenied when the caller has no identity), and a real HBONE connection
+//! goes through two proxies on loopback before and after SPIRE rotates SVIDs and roots.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -10,20 +10,14 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{BufMut, Bytes, BytesMut};
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
-};
 use rustls::pki_types::CertificateDer;
-use time::OffsetDateTime;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpSocket, TcpStream, UnixListener};
-use tokio::sync::watch;
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio::task::JoinHandle;
 use zmesh::agent::admin::{self, AdminClient, AdminError, AdminState, CertInfo};
 use zmesh::agent::credentials::{ManagedCredentials, WorkloadCertificates};
 use zmesh::agent::spire::SpireCertificates;
+use zmesh_compat::spire::test_server::{bundle_map, svid_entry, Ca, WorkloadApi, X509Svid};
 use zmesh_compat::spire::{SpireConfig, SpireSource};
 use zmesh_identity::{SharedBundle, TrustDomain, WorkloadId};
 use zmesh_proxy::{
@@ -34,246 +28,16 @@ use zmesh_proxy::{
 const WAIT: Duration = Duration::from_secs(20);
 const TD: &str = "cluster.local";
 
-// ------------------------------------------------------------ certificates (rcgen)
+// ------------------------------------------------------------ SVIDs and roots
 
-struct Ca {
-    params: CertificateParams,
-    key: KeyPair,
-    der: Vec<u8>,
+/// A new SVID for `id` issued by `ca`, announced with `ca` as its bundle.
+fn issue(ca: &Ca, id: &str) -> X509Svid {
+    svid_entry(id, ca, &[ca])
 }
 
-fn serial() -> SerialNumber {
-    SerialNumber::from(rand::random::<u64>() >> 1)
-}
-
-impl Ca {
-    fn root(name: &str) -> Ca {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut p = CertificateParams::default();
-        p.distinguished_name = DistinguishedName::new();
-        p.distinguished_name.push(DnType::OrganizationName, name);
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        p.not_before = OffsetDateTime::now_utc() - Duration::from_secs(3600);
-        p.not_after = OffsetDateTime::now_utc() + Duration::from_secs(86400);
-        p.serial_number = Some(serial());
-        let der = p.self_signed(&key).unwrap().der().to_vec();
-        Ca {
-            params: p,
-            key,
-            der,
-        }
-    }
-
-    /// An X.509-SVID for `id` as SPIRE issues them, in Workload API form.
-    fn svid(&self, id: &str) -> pb::X509Svid {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut p = CertificateParams::default();
-        p.distinguished_name = DistinguishedName::new();
-        p.subject_alt_names = vec![SanType::URI(
-            rcgen::string::Ia5String::try_from(id.to_owned()).unwrap(),
-        )];
-        p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        p.not_before = OffsetDateTime::now_utc() - Duration::from_secs(60);
-        p.not_after = OffsetDateTime::now_utc() + Duration::from_secs(3600);
-        p.serial_number = Some(serial());
-        let issuer = Issuer::from_params(&self.params, &self.key);
-        let cert = p.signed_by(&key, &issuer).unwrap();
-        pb::X509Svid {
-            spiffe_id: id.to_owned(),
-            x509_svid: cert.der().to_vec(),
-            x509_svid_key: key.serialize_der(),
-            bundle: self.der.clone(),
-            hint: String::new(),
-        }
-    }
-}
-
+/// The bundles of this trust domain: `roots`.
 fn bundles(roots: &[&Ca]) -> HashMap<String, Vec<u8>> {
-    HashMap::from([(
-        format!("spiffe://{TD}"),
-        roots.iter().flat_map(|c| c.der.clone()).collect(),
-    )])
-}
-
-// ------------------------------------------------------------ the Workload API server
-
-/// The X.509 messages of the SPIFFE Workload API (field numbers from the specification).
-mod pb {
-    use std::collections::HashMap;
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct X509Svid {
-        #[prost(string, tag = "1")]
-        pub spiffe_id: String,
-        #[prost(bytes = "vec", tag = "2")]
-        pub x509_svid: Vec<u8>,
-        #[prost(bytes = "vec", tag = "3")]
-        pub x509_svid_key: Vec<u8>,
-        #[prost(bytes = "vec", tag = "4")]
-        pub bundle: Vec<u8>,
-        #[prost(string, tag = "5")]
-        pub hint: String,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct X509SvidResponse {
-        #[prost(message, repeated, tag = "1")]
-        pub svids: Vec<X509Svid>,
-        #[prost(bytes = "vec", repeated, tag = "2")]
-        pub crl: Vec<Vec<u8>>,
-        #[prost(map = "string, bytes", tag = "3")]
-        pub federated_bundles: HashMap<String, Vec<u8>>,
-    }
-
-    #[derive(Clone, PartialEq, prost::Message)]
-    pub struct X509BundlesResponse {
-        #[prost(bytes = "vec", repeated, tag = "1")]
-        pub crl: Vec<Vec<u8>>,
-        #[prost(map = "string, bytes", tag = "2")]
-        pub bundles: HashMap<String, Vec<u8>>,
-    }
-}
-
-/// One node's SPIRE agent: gRPC (HTTP/2) on a unix socket, each stream sending the full
-/// state on every change.
-struct WorkloadApi {
-    svids: watch::Sender<Vec<pb::X509Svid>>,
-    bundles: watch::Sender<HashMap<String, Vec<u8>>>,
-    task: JoinHandle<()>,
-}
-
-impl Drop for WorkloadApi {
-    fn drop(&mut self) {
-        self.task.abort();
-    }
-}
-
-impl WorkloadApi {
-    fn start(path: &Path, svids: Vec<pb::X509Svid>, roots: &[&Ca]) -> WorkloadApi {
-        let listener = UnixListener::bind(path).unwrap();
-        let (svids, _) = watch::channel(svids);
-        let (bundles, _) = watch::channel(bundles(roots));
-        let (s, b) = (svids.clone(), bundles.clone());
-        let task = tokio::spawn(async move {
-            loop {
-                let Ok((stream, _)) = listener.accept().await else {
-                    return;
-                };
-                let (s, b) = (s.subscribe(), b.subscribe());
-                tokio::spawn(async move {
-                    let Ok(mut conn) = h2::server::handshake(stream).await else {
-                        return;
-                    };
-                    while let Some(Ok((req, respond))) = conn.accept().await {
-                        tokio::spawn(handle(req, respond, s.clone(), b.clone()));
-                    }
-                });
-            }
-        });
-        WorkloadApi {
-            svids,
-            bundles,
-            task,
-        }
-    }
-
-    fn set_svids(&self, svids: Vec<pb::X509Svid>) {
-        self.svids.send_replace(svids);
-    }
-
-    fn set_roots(&self, roots: &[&Ca]) {
-        self.bundles.send_replace(bundles(roots));
-    }
-}
-
-fn grpc_frame(msg: &impl prost::Message) -> Bytes {
-    let body = msg.encode_to_vec();
-    let mut out = BytesMut::with_capacity(5 + body.len());
-    out.put_u8(0);
-    out.put_u32(u32::try_from(body.len()).unwrap());
-    out.extend_from_slice(&body);
-    out.freeze()
-}
-
-/// A gRPC error without a body ("trailers-only" response).
-fn refuse(mut respond: h2::server::SendResponse<Bytes>, code: u32, message: &str) {
-    let response = http::Response::builder()
-        .status(200)
-        .header("content-type", "application/grpc")
-        .header("grpc-status", code.to_string())
-        .header("grpc-message", message)
-        .body(())
-        .unwrap();
-    let _ = respond.send_response(response, true);
-}
-
-async fn handle(
-    req: http::Request<h2::RecvStream>,
-    respond: h2::server::SendResponse<Bytes>,
-    mut svids: watch::Receiver<Vec<pb::X509Svid>>,
-    mut bundles: watch::Receiver<HashMap<String, Vec<u8>>>,
-) {
-    let (parts, _body) = req.into_parts();
-    // The spec: calls without `workload.spiffe.io: true` get InvalidArgument.
-    if parts
-        .headers
-        .get("workload.spiffe.io")
-        .map(|v| v.as_bytes())
-        != Some(b"true")
-    {
-        return refuse(respond, 3, "security header missing from request");
-    }
-    match parts.uri.path() {
-        "/SpiffeWorkloadAPI/FetchX509SVID" => {
-            // The spec: no identity for the caller -> PermissionDenied.
-            if svids.borrow().is_empty() {
-                return refuse(respond, 7, "no identity issued");
-            }
-            stream(respond, &mut svids, |s| pb::X509SvidResponse {
-                svids: s.clone(),
-                ..Default::default()
-            })
-            .await;
-        }
-        "/SpiffeWorkloadAPI/FetchX509Bundles" => {
-            stream(respond, &mut bundles, |b| pb::X509BundlesResponse {
-                bundles: b.clone(),
-                ..Default::default()
-            })
-            .await;
-        }
-        _ => refuse(respond, 12, "unimplemented"),
-    }
-}
-
-async fn stream<T, M: prost::Message>(
-    mut respond: h2::server::SendResponse<Bytes>,
-    state: &mut watch::Receiver<T>,
-    to_message: impl Fn(&T) -> M,
-) {
-    let response = http::Response::builder()
-        .status(200)
-        .header("content-type", "application/grpc")
-        .body(())
-        .unwrap();
-    let Ok(mut send) = respond.send_response(response, false) else {
-        return;
-    };
-    loop {
-        let frame = grpc_frame(&to_message(&state.borrow_and_update()));
-        if send.send_data(frame, false).is_err() {
-            return;
-        }
-        if state.changed().await.is_err() {
-            return;
-        }
-    }
+    bundle_map(&[(TD, roots)])
 }
 
 // ------------------------------------------------------------ the mesh
@@ -379,16 +143,16 @@ impl Drop for Mesh {
 
 impl Mesh {
     /// `server_svids`: what node b's SPIRE agent hands out.
-    async fn start(ca: &Ca, server_svids: Vec<pb::X509Svid>) -> Mesh {
+    async fn start(ca: &Ca, server_svids: Vec<X509Svid>) -> Mesh {
         let dir = tempfile::tempdir().unwrap();
         let client = workload("client", "a", ip(1));
         let server_w = workload("server", "b", ip(2));
         let spire_a = WorkloadApi::start(
             &dir.path().join("a.sock"),
-            vec![ca.svid(&client.identity.to_string())],
-            &[ca],
+            vec![issue(ca, &client.identity.to_string())],
+            bundles(&[ca]),
         );
-        let spire_b = WorkloadApi::start(&dir.path().join("b.sock"), server_svids, &[ca]);
+        let spire_b = WorkloadApi::start(&dir.path().join("b.sock"), server_svids, bundles(&[ca]));
         let a = NodeIdentity::start(&dir.path().join("a.sock"), &client.identity);
         let b = NodeIdentity::start(&dir.path().join("b.sock"), &server_w.identity);
 
@@ -475,7 +239,7 @@ fn serial_of(certs: &SpireCertificates, workload: &WorkloadId) -> Option<String>
 async fn hbone_with_spire_svids_before_and_after_rotation() {
     let old_root = Ca::root("spire old");
     let server_id = workload_id("server");
-    let mesh = Mesh::start(&old_root, vec![old_root.svid(&server_id.to_string())]).await;
+    let mesh = Mesh::start(&old_root, vec![issue(&old_root, &server_id.to_string())]).await;
     let (client_id, server_id) = (mesh.client.clone(), mesh.server_id.clone());
     mesh.a
         .wait_until("client SVID", |n| n.leaf(&client_id).is_some())
@@ -493,14 +257,14 @@ async fn hbone_with_spire_svids_before_and_after_rotation() {
     // SPIRE rotates to a new root: new SVIDs on both nodes, and a bundle that no longer
     // holds the old root. Only the new SVIDs can pass the handshake from now on.
     let new_root = Ca::root("spire new");
-    let new_client = new_root.svid(&client_id.to_string());
-    let new_server = new_root.svid(&server_id.to_string());
+    let new_client = issue(&new_root, &client_id.to_string());
+    let new_server = issue(&new_root, &server_id.to_string());
     let (new_client_leaf, new_server_leaf) =
         (new_client.x509_svid.clone(), new_server.x509_svid.clone());
     mesh.spire_a.set_svids(vec![new_client]);
     mesh.spire_b.set_svids(vec![new_server]);
-    mesh.spire_a.set_roots(&[&new_root]);
-    mesh.spire_b.set_roots(&[&new_root]);
+    mesh.spire_a.set_bundles(bundles(&[&new_root]));
+    mesh.spire_b.set_bundles(bundles(&[&new_root]));
     let only_new = vec![CertificateDer::from(new_root.der.clone())];
     mesh.a
         .wait_until("client rotated, old root gone", |n| {
@@ -537,7 +301,7 @@ async fn no_svid_from_spire_fails_closed_until_spire_issues_one() {
     let ca = Ca::root("spire");
     // Node b's SPIRE agent has an entry for some other identity, not for the server.
     let other = workload_id("other");
-    let mesh = Mesh::start(&ca, vec![ca.svid(&other.to_string())]).await;
+    let mesh = Mesh::start(&ca, vec![issue(&ca, &other.to_string())]).await;
     let (client_id, server_id) = (mesh.client.clone(), mesh.server_id.clone());
     mesh.a
         .wait_until("client SVID", |n| n.leaf(&client_id).is_some())
@@ -574,7 +338,7 @@ async fn no_svid_from_spire_fails_closed_until_spire_issues_one() {
     // SPIRE issues the server's SVID: traffic flows without any restart, and the first
     // connection the server ever sees is this one (the refused one never reached it).
     mesh.spire_b
-        .set_svids(vec![ca.svid(&server_id.to_string())]);
+        .set_svids(vec![issue(&ca, &server_id.to_string())]);
     mesh.b
         .wait_until("server SVID", |n| n.leaf(&server_id).is_some())
         .await;
@@ -587,8 +351,8 @@ async fn admin_api_lists_spire_svids_and_refuses_rotation() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::root("spire");
     let web = workload_id("web");
-    let svid = ca.svid(&web.to_string());
-    let _spire = WorkloadApi::start(&dir.path().join("spire.sock"), vec![svid], &[&ca]);
+    let svid = issue(&ca, &web.to_string());
+    let _spire = WorkloadApi::start(&dir.path().join("spire.sock"), vec![svid], bundles(&[&ca]));
     let node = NodeIdentity::start(&dir.path().join("spire.sock"), &web);
     node.wait_until("web SVID", |n| n.leaf(&web).is_some())
         .await;
@@ -647,9 +411,9 @@ async fn status_explains_an_svid_that_was_refused() {
     let rogue = Ca::root("rogue");
     let web = workload_id("web");
     // Announced with the trusted bundle, but signed by a root nobody trusts.
-    let mut svid = rogue.svid(&web.to_string());
+    let mut svid = issue(&rogue, &web.to_string());
     svid.bundle = ca.der.clone();
-    let spire = WorkloadApi::start(&dir.path().join("spire.sock"), vec![svid], &[&ca]);
+    let spire = WorkloadApi::start(&dir.path().join("spire.sock"), vec![svid], bundles(&[&ca]));
     let node = NodeIdentity::start(&dir.path().join("spire.sock"), &web);
     node.wait_until("SVID refused", |n| {
         !n.certs.source().status().refused.is_empty()
@@ -668,7 +432,7 @@ async fn status_explains_an_svid_that_was_refused() {
     assert_eq!(status[0].serial, None);
 
     // A good SVID clears it.
-    spire.set_svids(vec![ca.svid(&web.to_string())]);
+    spire.set_svids(vec![issue(&ca, &web.to_string())]);
     node.wait_until("good SVID", |n| n.leaf(&web).is_some())
         .await;
     assert_eq!(node.certs.status()[0].last_error, None);

@@ -731,5 +731,8 @@ fn validate_svid(
     })
 }
 
+#[cfg(any(test, feature = "test-support"))]
+pub mod test_server;
+
 #[cfg(test)]
 mod tests;

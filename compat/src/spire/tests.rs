@@ -1,252 +1,21 @@
-//! The provider against a Workload API server written here to the SPIFFE Workload API
-//! specification (security header required, full-state streams), serving rcgen SVIDs.
+//! The provider against the Workload API server of [`super::test_server`] (written to the
+//! SPIFFE Workload API specification: security header required, full-state streams),
+//! serving rcgen SVIDs.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::pin::Pin;
+use std::path::Path;
 use std::time::Duration;
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
-    Issuer, KeyPair, KeyUsagePurpose, SanType, SerialNumber,
-};
-use time::OffsetDateTime;
-use tokio::net::UnixListener;
-use tokio::sync::{mpsc, oneshot, watch};
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
-use tonic::{Request, Response, Status};
-
+use super::test_server::{bundle_map, entry, svid_entry, Ca, WorkloadApi};
 use super::*;
-use crate::pb::workload::spiffe_workload_api_server::{SpiffeWorkloadApi, SpiffeWorkloadApiServer};
-use crate::pb::workload::{X509BundlesResponse, X509svid};
 
 const TD: &str = "example.org";
 const WAIT: Duration = Duration::from_secs(10);
 
-// ---------------------------------------------------------------- certificates
-
-struct Ca {
-    params: CertificateParams,
-    key: KeyPair,
-    der: Vec<u8>,
-}
-
-fn serial() -> SerialNumber {
-    SerialNumber::from(rand::random::<u64>() >> 1)
-}
-
-impl Ca {
-    fn root(name: &str) -> Ca {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut p = CertificateParams::default();
-        p.distinguished_name = DistinguishedName::new();
-        p.distinguished_name.push(DnType::OrganizationName, name);
-        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        p.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        p.not_before = OffsetDateTime::now_utc() - Duration::from_secs(3600);
-        p.not_after = OffsetDateTime::now_utc() + Duration::from_secs(86400);
-        p.serial_number = Some(serial());
-        let der = p.self_signed(&key).unwrap().der().to_vec();
-        Ca {
-            params: p,
-            key,
-            der,
-        }
-    }
-
-    /// An X.509-SVID for `id` (leaf DER, PKCS#8 key DER).
-    fn svid(&self, id: &str) -> (Vec<u8>, Vec<u8>) {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let mut p = CertificateParams::default();
-        p.distinguished_name = DistinguishedName::new();
-        p.subject_alt_names = vec![SanType::URI(
-            rcgen::string::Ia5String::try_from(id.to_owned()).unwrap(),
-        )];
-        p.is_ca = IsCa::ExplicitNoCa;
-        p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        p.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        p.not_before = OffsetDateTime::now_utc() - Duration::from_secs(60);
-        p.not_after = OffsetDateTime::now_utc() + Duration::from_secs(3600);
-        p.serial_number = Some(serial());
-        let issuer = Issuer::from_params(&self.params, &self.key);
-        let cert = p.signed_by(&key, &issuer).unwrap();
-        (cert.der().to_vec(), key.serialize_der())
-    }
-}
-
-fn svid_entry(id: &str, issuer: &Ca, bundle: &[&Ca]) -> X509svid {
-    let (cert, key) = issuer.svid(id);
-    entry(id, cert, key, bundle)
-}
-
-fn entry(id: &str, cert: Vec<u8>, key: Vec<u8>, bundle: &[&Ca]) -> X509svid {
-    X509svid {
-        spiffe_id: id.to_owned(),
-        x509_svid: cert,
-        x509_svid_key: key,
-        bundle: bundle.iter().flat_map(|c| c.der.clone()).collect(),
-        hint: String::new(),
-    }
-}
+// ---------------------------------------------------------------- helpers
 
 fn workload(ns: &str, sa: &str) -> WorkloadId {
     WorkloadId::new(&TrustDomain::new(TD).unwrap(), ns, sa).unwrap()
-}
-
-// ---------------------------------------------------------------- the test server
-
-#[derive(Clone)]
-struct Fake {
-    svids: watch::Receiver<X509svidResponse>,
-    bundles: watch::Receiver<X509BundlesResponse>,
-    stop: watch::Receiver<bool>,
-}
-
-type RespStream<T> = Pin<Box<dyn tokio_stream::Stream<Item = Result<T, Status>> + Send>>;
-
-/// Forwards every state of `src` (the full state each time) until `stop`.
-fn full_state_stream<T: Clone + Send + Sync + 'static>(
-    mut src: watch::Receiver<T>,
-    mut stop: watch::Receiver<bool>,
-) -> RespStream<T> {
-    let (tx, rx) = mpsc::channel(4);
-    tokio::spawn(async move {
-        loop {
-            let msg = src.borrow_and_update().clone();
-            if tx.send(Ok(msg)).await.is_err() {
-                return;
-            }
-            tokio::select! {
-                r = src.changed() => if r.is_err() { return },
-                _ = stop.wait_for(|s| *s) => return,
-            }
-        }
-    });
-    Box::pin(ReceiverStream::new(rx))
-}
-
-#[tonic::async_trait]
-impl SpiffeWorkloadApi for Fake {
-    type FetchX509SVIDStream = RespStream<X509svidResponse>;
-    type FetchX509BundlesStream = RespStream<X509BundlesResponse>;
-
-    async fn fetch_x509svid(
-        &self,
-        _request: Request<X509svidRequest>,
-    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        if self.svids.borrow().svids.is_empty() {
-            // The spec: no identity for the caller -> PermissionDenied.
-            return Err(Status::permission_denied("no identity issued"));
-        }
-        Ok(Response::new(full_state_stream(
-            self.svids.clone(),
-            self.stop.clone(),
-        )))
-    }
-
-    async fn fetch_x509_bundles(
-        &self,
-        _request: Request<X509BundlesRequest>,
-    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        Ok(Response::new(full_state_stream(
-            self.bundles.clone(),
-            self.stop.clone(),
-        )))
-    }
-}
-
-/// The spec: calls without `workload.spiffe.io: true` get InvalidArgument.
-#[allow(clippy::result_large_err)] // tonic's interceptor signature
-fn require_security_header(req: Request<()>) -> Result<Request<()>, Status> {
-    match req.metadata().get(SECURITY_HEADER).map(|v| v.to_str()) {
-        Some(Ok("true")) => Ok(req),
-        _ => Err(Status::invalid_argument(
-            "security header missing from request",
-        )),
-    }
-}
-
-struct Server {
-    path: PathBuf,
-    svids: watch::Sender<X509svidResponse>,
-    bundles: watch::Sender<X509BundlesResponse>,
-    stop: Option<(watch::Sender<bool>, oneshot::Sender<()>, JoinHandle<()>)>,
-}
-
-impl Server {
-    fn new(path: &Path, svids: Vec<X509svid>, bundles: HashMap<String, Vec<u8>>) -> Server {
-        let (svids, _) = watch::channel(X509svidResponse {
-            svids,
-            ..Default::default()
-        });
-        let (bundles, _) = watch::channel(X509BundlesResponse {
-            bundles,
-            ..Default::default()
-        });
-        let mut server = Server {
-            path: path.to_owned(),
-            svids,
-            bundles,
-            stop: None,
-        };
-        server.start();
-        server
-    }
-
-    fn start(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-        let listener = UnixListener::bind(&self.path).unwrap();
-        let (stop_tx, stop_rx) = watch::channel(false);
-        let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
-        let fake = Fake {
-            svids: self.svids.subscribe(),
-            bundles: self.bundles.subscribe(),
-            stop: stop_rx,
-        };
-        let service = SpiffeWorkloadApiServer::with_interceptor(fake, require_security_header);
-        let task = tokio::spawn(async move {
-            tonic::transport::Server::builder()
-                .add_service(service)
-                .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async {
-                    let _ = shutdown_rx.await;
-                })
-                .await
-                .unwrap();
-        });
-        self.stop = Some((stop_tx, shutdown_tx, task));
-    }
-
-    /// Ends every stream, stops accepting and removes the socket.
-    async fn stop(&mut self) {
-        let (stop, shutdown, task) = self.stop.take().unwrap();
-        stop.send_replace(true);
-        let _ = shutdown.send(());
-        tokio::time::timeout(WAIT, task).await.unwrap().unwrap();
-        let _ = std::fs::remove_file(&self.path);
-    }
-
-    fn set_svids(&self, svids: Vec<X509svid>) {
-        self.svids.send_modify(|m| m.svids = svids);
-    }
-
-    fn set_bundles(&self, bundles: HashMap<String, Vec<u8>>) {
-        self.bundles.send_modify(|m| m.bundles = bundles);
-    }
-}
-
-fn bundle_map(entries: &[(&str, &[&Ca])]) -> HashMap<String, Vec<u8>> {
-    entries
-        .iter()
-        .map(|(td, cas)| {
-            (
-                format!("spiffe://{td}"),
-                cas.iter().flat_map(|c| c.der.clone()).collect(),
-            )
-        })
-        .collect()
 }
 
 fn fast_config(path: &Path) -> SpireConfig {
@@ -288,7 +57,7 @@ async fn server_rejects_calls_without_the_security_header() {
     let path = dir.path().join("agent.sock");
     let ca = Ca::root("spire");
     let id = workload("default", "web").to_string();
-    let mut server = Server::new(
+    let mut server = WorkloadApi::start(
         &path,
         vec![svid_entry(&id, &ca, &[&ca])],
         bundle_map(&[(TD, &[&ca])]),
@@ -318,7 +87,7 @@ async fn serves_svids_and_follows_rotation() {
     let ca = Ca::root("spire");
     let web = workload("default", "web");
     let (cert1, key1) = ca.svid(&web.to_string());
-    let mut server = Server::new(
+    let mut server = WorkloadApi::start(
         &path,
         vec![entry(&web.to_string(), cert1.clone(), key1, &[&ca])],
         bundle_map(&[(TD, &[&ca])]),
@@ -374,7 +143,7 @@ async fn bundle_updates_apply_without_restart() {
     let new_root = Ca::root("new");
     let other = Ca::root("federated");
     let web = workload("default", "web");
-    let server = Server::new(
+    let server = WorkloadApi::start(
         &path,
         vec![svid_entry(&web.to_string(), &old_root, &[&old_root])],
         bundle_map(&[(TD, &[&old_root])]),
@@ -450,7 +219,7 @@ async fn refuses_mismatched_untrusted_and_foreign_svids() {
     // a Cilium-style numeric identity is valid but no workload here has it.
     let (db_cert, db_key) = ca.svid(&db.to_string());
     let cilium_id = "spiffe://example.org/identity/1234";
-    let server = Server::new(
+    let server = WorkloadApi::start(
         &path,
         vec![
             entry(&web.to_string(), db_cert, db_key, &[&ca]),
@@ -500,7 +269,7 @@ async fn keeps_last_good_svid_while_disconnected_and_reconnects() {
     let ca = Ca::root("spire");
     let web = workload("default", "web");
     let (cert1, key1) = ca.svid(&web.to_string());
-    let mut server = Server::new(
+    let mut server = WorkloadApi::start(
         &path,
         vec![entry(&web.to_string(), cert1.clone(), key1, &[&ca])],
         bundle_map(&[(TD, &[&ca])]),
@@ -531,7 +300,7 @@ async fn keeps_last_good_svid_while_disconnected_and_reconnects() {
     // SPIRE comes back (same socket path) with a new SVID.
     let (cert2, key2) = ca.svid(&web.to_string());
     server.set_svids(vec![entry(&web.to_string(), cert2.clone(), key2, &[&ca])]);
-    server.start();
+    server.restart();
     wait_until(&source, "reconnected with new SVID", |s| {
         s.status().connected && s.current(&web).is_some_and(|k| leaf_der(&k) == cert2)
     })
