@@ -224,6 +224,8 @@ impl Proxy {
             metrics: local(&metrics_l, "metrics", config.metrics_addr)?,
             readiness: local(&readiness, "readiness", config.readiness_addr)?,
         };
+        // Before readiness: the first tunnel after a restart should not pay for it.
+        zmesh_identity::tls::warm_up();
         let metrics = Arc::new(Metrics::default());
         let force = CancellationToken::new();
         let pool = Pool::new(

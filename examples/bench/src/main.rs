@@ -272,7 +272,9 @@ fn run(args: &Args) -> Result<()> {
     }
     // One exchange through the mesh: opens the pooled HBONE connection (a deployed proxy
     // has it open too) and proves the path really is A -> mTLS -> B.
-    load::ping_pong(&mesh, 0, 10, Duration::from_secs(10)).context("first mesh exchange")?;
+    let first = std::time::Instant::now();
+    load::ping_pong(&mesh, 0, 1, Duration::from_secs(10)).context("first mesh exchange")?;
+    let first_tunnel_ms = first.elapsed().as_secs_f64() * 1e3;
     let (_, b_metrics) = procs::http_get(metrics(topo.proxy_b_ip), "/metrics")?;
     let tls_in = metric(&b_metrics, "zmesh_inbound_tls_connections_total").unwrap_or(0.0);
     if tls_in < 1.0 {
@@ -336,6 +338,7 @@ fn run(args: &Args) -> Result<()> {
             "zmesh_connections_closed_total",
             &[("direction", "inbound"), ("result", "ok")],
         ),
+        first_tunnel_ms,
     };
 
     let report = Report {

@@ -141,6 +141,9 @@ pub struct Counters {
     pub a_hbone_connections: f64,
     pub b_inbound_tls: f64,
     pub b_inbound_ok: f64,
+    /// The first mesh exchange after start: connect, TLS handshake (and whatever the fresh
+    /// proxies do on first use), HTTP/2 CONNECT, one 64-byte round trip.
+    pub first_tunnel_ms: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -596,6 +599,10 @@ impl Report {
             c.a_hbone_connections,
             c.b_inbound_tls,
             c.b_inbound_ok,
+        ));
+        t.text(&format!(
+            "first tunnel through the fresh proxies (opens the HBONE connection): {:.1} ms",
+            c.first_tunnel_ms
         ));
         let floor = has_relay.then_some(floor_p50);
         t.o.push_str(&self.targets(added_p50, floor));
