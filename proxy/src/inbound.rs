@@ -97,6 +97,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             return;
         }
     };
+    let keepalive = crate::keepalive::until_unanswered(conn.ping_pong(), shared.config.keepalive);
+    tokio::pin!(keepalive);
     let mut draining = false;
     loop {
         tokio::select! {
@@ -121,6 +123,13 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             _ = shared.drain.cancelled(), if !draining => {
                 draining = true;
                 conn.graceful_shutdown();
+            }
+            reason = &mut keepalive => {
+                // Its tunnels end with the connection: their peer is gone.
+                tracing::info!(%peer, reason, "closing HBONE connection: the peer stopped answering PINGs");
+                shared.metrics.keepalive_failed(Direction::Inbound);
+                conn.abrupt_shutdown(h2::Reason::NO_ERROR);
+                break;
             }
         }
     }

@@ -12,6 +12,7 @@ mod authz;
 mod copy;
 mod credentials;
 mod inbound;
+mod keepalive;
 mod outbound;
 mod plaintext;
 mod pool;
@@ -27,6 +28,7 @@ pub mod workloads;
 
 pub use authz::{AllowAll, Authorizer, AuthzRequest, Decision};
 pub use credentials::{CredentialsError, StaticCredentials};
+pub use keepalive::Keepalive;
 pub use metrics::{Direction, Metrics};
 pub use pool::PoolConfig;
 pub use proxy::{

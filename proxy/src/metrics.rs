@@ -58,6 +58,7 @@ pub struct Metrics {
     pub(crate) pool_connections: Gauge,
     pub(crate) pool_connections_created: Counter,
     pub(crate) inbound_tls_connections: Counter,
+    pub(crate) keepalive_failures: Family<DirLabels, Counter>,
 }
 
 impl Metrics {
@@ -91,6 +92,23 @@ impl Metrics {
                 reason,
             })
             .inc();
+    }
+
+    pub(crate) fn keepalive_failed(&self, d: Direction) {
+        self.keepalive_failures
+            .get_or_create(&DirLabels {
+                direction: d.as_str(),
+            })
+            .inc();
+    }
+
+    /// HBONE connections closed because the peer stopped answering PINGs, so far.
+    pub fn keepalive_failure_count(&self, d: Direction) -> u64 {
+        self.keepalive_failures
+            .get_or_create(&DirLabels {
+                direction: d.as_str(),
+            })
+            .get()
     }
 
     /// Connections closed with `result` so far (for tests and health checks).
@@ -174,6 +192,11 @@ impl Metrics {
             "inbound_tls_connections",
             "Inbound HBONE TLS connections accepted",
             self.inbound_tls_connections.clone(),
+        );
+        r.register(
+            "hbone_keepalive_failures",
+            "HBONE connections closed because the peer stopped answering HTTP/2 PINGs",
+            self.keepalive_failures.clone(),
         );
         r.register_collector(Box::new(CertExpiry(expiry)));
         r

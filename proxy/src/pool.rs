@@ -21,6 +21,7 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use zmesh_identity::{SpiffeId, WorkloadId};
 
+use crate::keepalive::Keepalive;
 use crate::metrics::{Direction, Metrics};
 use crate::tls::{TlsCredentials, TlsError, ALPN_H2};
 
@@ -31,10 +32,6 @@ pub struct PoolConfig {
     pub idle_timeout: Duration,
     /// At most this many tunnels per connection (capped by the peer's own limit).
     pub max_streams: usize,
-    /// Send an HTTP/2 PING this often.
-    pub ping_interval: Duration,
-    /// Drop the connection when a PING is unanswered for this long.
-    pub ping_timeout: Duration,
     /// TCP connect and TLS handshake timeout.
     pub connect_timeout: Duration,
 }
@@ -44,8 +41,6 @@ impl Default for PoolConfig {
         Self {
             idle_timeout: Duration::from_secs(300),
             max_streams: 100,
-            ping_interval: Duration::from_secs(10),
-            ping_timeout: Duration::from_secs(20),
             connect_timeout: Duration::from_secs(10),
         }
     }
@@ -130,6 +125,7 @@ type ConnectLock = Arc<tokio::sync::Mutex<()>>;
 
 pub(crate) struct Pool {
     config: PoolConfig,
+    keepalive: Keepalive,
     credentials: Arc<dyn TlsCredentials>,
     metrics: Arc<Metrics>,
     conns: Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>,
@@ -141,12 +137,14 @@ pub(crate) struct Pool {
 impl Pool {
     pub fn new(
         config: PoolConfig,
+        keepalive: Keepalive,
         credentials: Arc<dyn TlsCredentials>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Arc<Self> {
         Arc::new(Self {
             config,
+            keepalive,
             credentials,
             metrics,
             conns: Mutex::default(),
@@ -315,22 +313,10 @@ impl Pool {
         let cfg = self.config.clone();
         let shutdown = self.shutdown.clone();
         let metrics = self.metrics.clone();
-        let mut ping_pong = connection.ping_pong();
+        let ping_pong = connection.ping_pong();
+        let keepalive = self.keepalive;
         tokio::spawn(async move {
-            let keepalive = async {
-                let Some(pp) = ping_pong.as_mut() else {
-                    return std::future::pending().await;
-                };
-                loop {
-                    tokio::time::sleep(cfg.ping_interval).await;
-                    match tokio::time::timeout(cfg.ping_timeout, pp.ping(h2::Ping::opaque())).await
-                    {
-                        Ok(Ok(_)) => {}
-                        Ok(Err(e)) => return format!("ping failed: {e}"),
-                        Err(_) => return "ping unanswered".to_string(),
-                    }
-                }
-            };
+            let keepalive = crate::keepalive::until_unanswered(ping_pong, keepalive);
             let check_every =
                 (cfg.idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
             let idle = async {
@@ -349,7 +335,10 @@ impl Pool {
                         tracing::debug!(dst = %key.dst, "HBONE connection ended: {e}");
                     }
                 }
-                reason = keepalive => tracing::warn!(dst = %key.dst, "dropping HBONE connection: {reason}"),
+                reason = keepalive => {
+                    tracing::warn!(dst = %key.dst, reason, "dropping HBONE connection: the peer stopped answering PINGs");
+                    metrics.keepalive_failed(Direction::Outbound);
+                }
                 _ = idle => tracing::debug!(dst = %key.dst, "closing idle HBONE connection"),
                 _ = shutdown.cancelled() => {}
             }

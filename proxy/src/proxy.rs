@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::authz::{AllowAll, Authorizer};
 use crate::flows::FlowHub;
+use crate::keepalive::Keepalive;
 use crate::metrics::{Direction, Metrics};
 use crate::pool::{Pool, PoolConfig};
 use crate::socket::{bind_listener, OriginalDst, SoOriginalDst};
@@ -61,6 +62,8 @@ pub struct ProxyConfig {
     /// Upstream TCP connect timeout.
     pub connect_timeout: Duration,
     pub pool: PoolConfig,
+    /// HTTP/2 PINGs on every HBONE connection, inbound and pooled outbound.
+    pub keepalive: Keepalive,
 }
 
 impl ProxyConfig {
@@ -79,6 +82,7 @@ impl ProxyConfig {
             drain_deadline: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             pool: PoolConfig::default(),
+            keepalive: Keepalive::default(),
         }
     }
 
@@ -230,6 +234,7 @@ impl Proxy {
         let force = CancellationToken::new();
         let pool = Pool::new(
             config.pool.clone(),
+            config.keepalive,
             deps.credentials.clone(),
             metrics.clone(),
             force.clone(),

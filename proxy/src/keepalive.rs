@@ -1,0 +1,42 @@
+//! HTTP/2 PINGs on HBONE connections, in both directions as ztunnel does: a peer that stops
+//! answering (its node died, the network partitioned) is noticed after `interval + timeout`
+//! instead of whenever TCP gives up, and the tunnels it carried end.
+
+use std::time::Duration;
+
+/// How often an idle or busy HBONE connection is pinged, and how long an answer may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    pub interval: Duration,
+    pub timeout: Duration,
+}
+
+impl Default for Keepalive {
+    /// ztunnel's: a PING every 10 s, answered within 20 s.
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(10),
+            timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// Pings until the peer fails to answer; returns why. Never returns when `ping_pong` is
+/// `None` (h2 hands it out once per connection).
+pub(crate) async fn until_unanswered(
+    ping_pong: Option<h2::PingPong>,
+    keepalive: Keepalive,
+) -> &'static str {
+    let Some(mut ping_pong) = ping_pong else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(keepalive.interval).await;
+        let answer = ping_pong.ping(h2::Ping::opaque());
+        match tokio::time::timeout(keepalive.timeout, answer).await {
+            Ok(Ok(_pong)) => {}
+            Ok(Err(_)) => return "ping_failed",
+            Err(_) => return "ping_unanswered",
+        }
+    }
+}
