@@ -97,11 +97,17 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             return;
         }
     };
-    let keepalive = crate::keepalive::until_unanswered(conn.ping_pong(), shared.config.keepalive);
+    let keepalive = crate::keepalive::until_unanswered(
+        conn.ping_pong(),
+        shared.config.keepalive,
+        shared.clock.clone(),
+    );
     tokio::pin!(keepalive);
     let mut draining = false;
     loop {
+        // Woken for every frame of the connection (accept() drives it): fixed order.
         tokio::select! {
+            biased;
             next = conn.accept() => match next {
                 Some(Ok((req, respond))) => {
                     let s = shared.clone();

@@ -4,6 +4,8 @@
 
 use std::time::Duration;
 
+use crate::clock::Clock;
+
 /// How often an idle or busy HBONE connection is pinged, and how long an answer may take.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Keepalive {
@@ -26,17 +28,21 @@ impl Default for Keepalive {
 pub(crate) async fn until_unanswered(
     ping_pong: Option<h2::PingPong>,
     keepalive: Keepalive,
+    mut clock: Clock,
 ) -> &'static str {
     let Some(mut ping_pong) = ping_pong else {
         return std::future::pending().await;
     };
     loop {
-        tokio::time::sleep(keepalive.interval).await;
-        let answer = ping_pong.ping(h2::Ping::opaque());
-        match tokio::time::timeout(keepalive.timeout, answer).await {
-            Ok(Ok(_pong)) => {}
-            Ok(Err(_)) => return "ping_failed",
-            Err(_) => return "ping_unanswered",
+        clock.sleep(keepalive.interval).await;
+        let mut deadline = clock.clone();
+        tokio::select! {
+            answer = ping_pong.ping(h2::Ping::opaque()) => {
+                if answer.is_err() {
+                    return "ping_failed";
+                }
+            }
+            _ = deadline.sleep(keepalive.timeout) => return "ping_unanswered",
         }
     }
 }

@@ -9,6 +9,7 @@
 mod access;
 mod admin;
 mod authz;
+mod clock;
 mod copy;
 mod credentials;
 mod inbound;

@@ -21,6 +21,7 @@ use tokio_rustls::TlsConnector;
 use tokio_util::sync::CancellationToken;
 use zmesh_identity::{SpiffeId, WorkloadId};
 
+use crate::clock::Clock;
 use crate::keepalive::Keepalive;
 use crate::metrics::{Direction, Metrics};
 use crate::tls::{TlsCredentials, TlsError, ALPN_H2};
@@ -34,6 +35,13 @@ pub struct PoolConfig {
     pub max_streams: usize,
     /// TCP connect and TLS handshake timeout.
     pub connect_timeout: Duration,
+}
+
+impl PoolConfig {
+    /// How often a connection checks whether it has been idle for `idle_timeout`.
+    pub(crate) fn idle_check_every(&self) -> Duration {
+        (self.idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(5))
+    }
 }
 
 impl Default for PoolConfig {
@@ -126,6 +134,7 @@ type ConnectLock = Arc<tokio::sync::Mutex<()>>;
 pub(crate) struct Pool {
     config: PoolConfig,
     keepalive: Keepalive,
+    clock: Clock,
     credentials: Arc<dyn TlsCredentials>,
     metrics: Arc<Metrics>,
     conns: Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>,
@@ -138,6 +147,7 @@ impl Pool {
     pub fn new(
         config: PoolConfig,
         keepalive: Keepalive,
+        clock: Clock,
         credentials: Arc<dyn TlsCredentials>,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
@@ -145,6 +155,7 @@ impl Pool {
         Arc::new(Self {
             config,
             keepalive,
+            clock,
             credentials,
             metrics,
             conns: Mutex::default(),
@@ -315,13 +326,13 @@ impl Pool {
         let metrics = self.metrics.clone();
         let ping_pong = connection.ping_pong();
         let keepalive = self.keepalive;
+        let mut clock = self.clock.clone();
         tokio::spawn(async move {
-            let keepalive = crate::keepalive::until_unanswered(ping_pong, keepalive);
-            let check_every =
-                (cfg.idle_timeout / 4).clamp(Duration::from_millis(10), Duration::from_secs(5));
+            let keepalive = crate::keepalive::until_unanswered(ping_pong, keepalive, clock.clone());
+            let check_every = cfg.idle_check_every();
             let idle = async {
                 loop {
-                    tokio::time::sleep(check_every).await;
+                    clock.sleep(check_every).await;
                     match pool.upgrade() {
                         Some(pool) if !pool.reap_if_idle(&key, id) => {}
                         _ => return,

@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::authz::{AllowAll, Authorizer};
+use crate::clock::Clock;
 use crate::flows::FlowHub;
 use crate::keepalive::Keepalive;
 use crate::metrics::{Direction, Metrics};
@@ -135,6 +136,8 @@ pub enum ProxyError {
         addr: SocketAddr,
         source: std::io::Error,
     },
+    #[error("cannot start the proxy's clock thread: {0}")]
+    Clock(std::io::Error),
 }
 
 /// The addresses actually bound (ports resolved when 0 was asked).
@@ -169,6 +172,8 @@ pub(crate) struct Shared {
     /// Open inbound connections, re-authorized when policies or local pods' labels change.
     pub tunnels: Tunnels,
     pub pool: Arc<Pool>,
+    /// Ticks the long timers (keepalive, idle connections): see clock.rs.
+    pub clock: Clock,
     pub addrs: ProxyAddrs,
     /// Cancelled when draining starts.
     pub drain: CancellationToken,
@@ -232,9 +237,22 @@ impl Proxy {
         zmesh_identity::tls::warm_up();
         let metrics = Arc::new(Metrics::default());
         let force = CancellationToken::new();
+        // Fine enough for every long timer the proxy keeps (at most one period late).
+        let tick = [
+            config.keepalive.interval,
+            config.keepalive.timeout,
+            config.pool.idle_check_every(),
+        ]
+        .into_iter()
+        .min()
+        .unwrap_or(Duration::from_secs(1))
+            / 4;
+        let clock = Clock::start(tick.clamp(Duration::from_millis(5), Duration::from_secs(1)))
+            .map_err(ProxyError::Clock)?;
         let pool = Pool::new(
             config.pool.clone(),
             config.keepalive,
+            clock.clone(),
             deps.credentials.clone(),
             metrics.clone(),
             force.clone(),
@@ -251,6 +269,7 @@ impl Proxy {
             flows: deps.flows.unwrap_or_else(|| Arc::new(FlowHub::new(1))),
             tunnels,
             pool,
+            clock,
             addrs,
             drain: CancellationToken::new(),
             force,
