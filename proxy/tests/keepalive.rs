@@ -73,6 +73,40 @@ fn hpack_literal(out: &mut Vec<u8>, name: &str, value: &str) {
     out.extend_from_slice(value.as_bytes());
 }
 
+/// Sends a CONNECT to `target` on `stream` and waits for its 200, acknowledging the
+/// proxy's SETTINGS and answering its PINGs meanwhile.
+async fn open_tunnel<S: AsyncRead + AsyncWriteExt + Unpin>(
+    tls: &mut S,
+    stream: u32,
+    target: SocketAddr,
+) {
+    let mut block = Vec::new();
+    hpack_literal(&mut block, ":method", "CONNECT");
+    hpack_literal(&mut block, ":authority", &target.to_string());
+    tls.write_all(&frame(HEADERS, END_HEADERS, stream, &block))
+        .await
+        .unwrap();
+    loop {
+        let f = tokio::time::timeout(T, read_frame(tls))
+            .await
+            .unwrap()
+            .expect("the proxy closed the connection before answering the CONNECT");
+        match (f.kind, f.flags & ACK) {
+            (SETTINGS, 0) => tls.write_all(&frame(SETTINGS, ACK, 0, &[])).await.unwrap(),
+            (PING, 0) => tls
+                .write_all(&frame(PING, ACK, 0, &f.payload))
+                .await
+                .unwrap(),
+            (HEADERS, _) if f.stream == stream => {
+                // HPACK static index 8: `:status: 200`.
+                assert_eq!(f.payload.first(), Some(&0x88), "CONNECT refused");
+                return;
+            }
+            _ => {}
+        }
+    }
+}
+
 /// Our inbound proxy (node "b") with a fast keepalive, and an upstream that reports when
 /// the tunnel's connection to it ends.
 struct Inbound {
@@ -134,26 +168,8 @@ impl Inbound {
         let mut tls = TlsConnector::from(config).connect(name, tcp).await.unwrap();
         tls.write_all(PREFACE).await.unwrap();
         tls.write_all(&frame(SETTINGS, 0, 0, &[])).await.unwrap();
-        let mut block = Vec::new();
-        hpack_literal(&mut block, ":method", "CONNECT");
-        hpack_literal(&mut block, ":authority", &self.upstream.to_string());
-        tls.write_all(&frame(HEADERS, END_HEADERS, 1, &block))
-            .await
-            .unwrap();
-        loop {
-            let f = tokio::time::timeout(T, read_frame(&mut tls))
-                .await
-                .unwrap()
-                .expect("the proxy closed the connection before answering the CONNECT");
-            if f.kind == SETTINGS && f.flags & ACK == 0 {
-                tls.write_all(&frame(SETTINGS, ACK, 0, &[])).await.unwrap();
-            }
-            if f.kind == HEADERS && f.stream == 1 {
-                // HPACK static index 8: `:status: 200`.
-                assert_eq!(f.payload.first(), Some(&0x88), "CONNECT refused");
-                return tls;
-            }
-        }
+        open_tunnel(&mut tls, 1, self.upstream).await;
+        tls
     }
 }
 
@@ -209,27 +225,7 @@ async fn inbound_keeps_a_peer_that_answers_pings() {
             answered += 1;
         }
     }
-    let mut block = Vec::new();
-    hpack_literal(&mut block, ":method", "CONNECT");
-    hpack_literal(&mut block, ":authority", &s.upstream.to_string());
-    tls.write_all(&frame(HEADERS, END_HEADERS, 3, &block))
-        .await
-        .unwrap();
-    loop {
-        let f = tokio::time::timeout(T, read_frame(&mut tls))
-            .await
-            .unwrap()
-            .expect("connection closed");
-        if f.kind == PING && f.flags & ACK == 0 {
-            tls.write_all(&frame(PING, ACK, 0, &f.payload))
-                .await
-                .unwrap();
-        }
-        if f.kind == HEADERS && f.stream == 3 {
-            assert_eq!(f.payload.first(), Some(&0x88));
-            break;
-        }
-    }
+    open_tunnel(&mut tls, 3, s.upstream).await;
     assert_eq!(
         s.proxy.metrics.keepalive_failure_count(Direction::Inbound),
         0
