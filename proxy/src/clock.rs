@@ -33,7 +33,7 @@ impl Clock {
         Ok(Self { ticks, period })
     }
 
-    /// Sleeps at least `d`, at most one period more.
+    /// Sleeps at least `d`, at most two periods more.
     pub async fn sleep(&mut self, d: Duration) {
         let periods = d.as_nanos().div_ceil(self.period.as_nanos()) as u64;
         let target = *self.ticks.borrow_and_update() + periods.max(1) + 1;
