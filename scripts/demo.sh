@@ -5,5 +5,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 bash scripts/setup.sh
-cargo build --release --locked --bin zmesh
+cargo build --release --locked --features demo --bin zmesh
 exec ./target/release/zmesh demo "$@"

@@ -12,9 +12,9 @@ struct Cli {
     #[arg(long, global = true, env = "ZMESH_LOG", default_value = "info")]
     log: String,
 
-    /// Threads running async work: 1 runs everything on one thread, 0 one per CPU.
-    /// Defaults to 1 for `proxy` (no hand-offs between threads on each hop: less
-    /// latency and CPU per byte, see BENCHMARKS.md), 0 for everything else.
+    /// Threads serving the data path (`proxy`, and the proxy inside `agent`): 1 runs it on
+    /// one thread (the default: no hand-offs between threads on each hop, less latency and
+    /// CPU per byte, see BENCHMARKS.md), 0 one per CPU. Other work uses one per CPU.
     #[arg(long, global = true, env = "ZMESH_WORKER_THREADS", value_name = "N")]
     worker_threads: Option<usize>,
 
@@ -38,6 +38,7 @@ enum Command {
     /// Run and operate the zmesh CA (Istio CA API), and enrol node agents with it.
     Ca(cmd::ca::CaArgs),
     /// Build a local cluster in network namespaces and run the mesh on it (the demo).
+    #[cfg(feature = "demo")]
     Demo(cmd::demo::DemoArgs),
     /// Inspect and manage workload certificates (X.509-SVIDs).
     Certs(cmd::certs::CertsArgs),
@@ -51,22 +52,6 @@ enum Command {
     Check(cmd::check::CheckArgs),
 }
 
-/// A single-threaded runtime for `threads == 1`, else a multi-threaded one (`0`: tokio's
-/// default, one worker per CPU or TOKIO_WORKER_THREADS).
-fn build_runtime(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
-    if threads == 1 {
-        return tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build();
-    }
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    builder.enable_all();
-    if threads > 1 {
-        builder.worker_threads(threads);
-    }
-    builder.build()
-}
-
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     tracing_subscriber::fmt()
@@ -74,11 +59,16 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let threads = cli.worker_threads.unwrap_or(match cli.command {
-        Command::Proxy(_) => 1,
+    // The data path's threads: `zmesh proxy` serves on the main runtime; the agent runs its
+    // proxy on a runtime of its own, configured the same way, next to its control work.
+    let proxy_threads = cli
+        .worker_threads
+        .unwrap_or(zmesh_proxy::runtime::DEFAULT_WORKER_THREADS);
+    let threads = match cli.command {
+        Command::Proxy(_) => proxy_threads,
         _ => 0,
-    });
-    let runtime = match build_runtime(threads) {
+    };
+    let runtime = match zmesh_proxy::runtime::build(threads) {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
@@ -90,8 +80,9 @@ fn main() -> std::process::ExitCode {
             Command::Uninstall(args) => cmd::uninstall::run(args),
             Command::Enroll(args) => cmd::enroll::run(args, true),
             Command::Unenroll(args) => cmd::enroll::run(args, false),
-            Command::Agent(args) => cmd::agent::run_agent(args).await,
+            Command::Agent(args) => cmd::agent::run_agent(args, proxy_threads).await,
             Command::Ca(args) => cmd::ca::run(args).await,
+            #[cfg(feature = "demo")]
             Command::Demo(args) => cmd::demo::run(args).await,
             Command::Certs(args) => cmd::certs::run(args).await,
             Command::Proxy(args) => cmd::proxy::run(args).await,

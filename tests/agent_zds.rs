@@ -17,9 +17,9 @@ use nix::sys::socket::{
 use prost::Message;
 use tokio::io::Interest;
 use tokio::net::UnixStream;
-use zmesh::agent::cluster_state::{ClusterState, NamespaceInfo, PodInfo, CILIUM_MTLS_LABEL};
-use zmesh::agent::manifests::watch_dir;
-use zmesh::agent::zds::{PodHandoverError, ZdsReconciler};
+use zmesh_agent::zds::{PodHandoverError, ZdsReconciler};
+use zmesh_cluster::manifests::watch_dir;
+use zmesh_cluster::state::{ClusterState, NamespaceInfo, PodInfo, CILIUM_MTLS_LABEL};
 use zmesh_compat::zds::ZdsServer;
 use zmesh_identity::TrustDomain;
 
@@ -607,14 +607,14 @@ async fn zmesh_agent_with_ztunnel_data_plane_serves_zds_and_explains_certificate
 
     // The admin API answers, and says whose certificates these are.
     wait_for_path(&mut agent, &admin_socket).await;
-    let admin = zmesh::agent::admin::AdminClient::new(&admin_socket);
-    let certs: Vec<zmesh::agent::admin::CertInfo> = admin.get_json("/certs").await.unwrap();
+    let admin = zmesh_agent::admin::AdminClient::new(&admin_socket);
+    let certs: Vec<zmesh_agent::admin::CertInfo> = admin.get_json("/certs").await.unwrap();
     assert!(certs.is_empty(), "this agent holds no workload certificate");
     match admin
         .lines(http::Method::POST, "/certs/rotate?all=true")
         .await
     {
-        Err(zmesh::agent::admin::AdminError::Status { status, message }) => {
+        Err(zmesh_agent::admin::AdminError::Status { status, message }) => {
             assert_eq!(status, 409);
             assert!(message.contains("ztunnel"), "{message}");
         }

@@ -1,7 +1,7 @@
 //! The CA authenticating node agents by Kubernetes ServiceAccount token: the real CA over
 //! gRPC + TLS on 127.0.0.1, its TokenReview validator (cached, as `zmesh ca serve --bearer
 //! kubernetes` builds it) talking to a fake API server that answers with TokenReview
-//! responses in the API server's format (tests/fixtures/kube/tokenreview-*.json; written
+//! responses in the API server's format (cluster/tests/fixtures/kube/tokenreview-*.json; written
 //! from the API's documented behaviour, not captured from a live cluster), and the agent's
 //! token-file credential.
 
@@ -16,15 +16,14 @@ use http::{Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use k8s_openapi::api::authentication::v1::TokenReview;
 use tokio::sync::{oneshot, watch};
-use zmesh::agent::cluster_state::{ClusterState, PodInfo};
-use zmesh::agent::placement::ClusterPlacement;
-use zmesh::agent::token_review::{
-    CaTokenCredential, ServiceAccountRef, TokenReviewValidator, DEFAULT_CACHE_TTL,
-};
+use zmesh_agent::ca::CaTokenCredential;
 use zmesh_certs::{
     new_key_and_csr, CaServer, CaStore, CachedBearer, InitOptions, IstioCaClient, Policy,
     ServerOptions, DEFAULT_CLUSTER_ID,
 };
+use zmesh_cluster::placement::ClusterPlacement;
+use zmesh_cluster::state::{ClusterState, PodInfo};
+use zmesh_cluster::token_review::{ServiceAccountRef, TokenReviewValidator, DEFAULT_CACHE_TTL};
 use zmesh_identity::{SpiffeId, TrustDomain};
 
 const WEB: &str = "spiffe://cluster.local/ns/shop/sa/web";
@@ -63,42 +62,44 @@ impl FakeApi {
                 NODE_A_TOKEN,
                 (
                     "NODE_A_TOKEN",
-                    include_str!("fixtures/kube/tokenreview-node-a.json"),
+                    include_str!("../cluster/tests/fixtures/kube/tokenreview-node-a.json"),
                 ),
             ),
             (
                 NODE_B_TOKEN,
                 (
                     "NODE_B_TOKEN",
-                    include_str!("fixtures/kube/tokenreview-node-b.json"),
+                    include_str!("../cluster/tests/fixtures/kube/tokenreview-node-b.json"),
                 ),
             ),
             (
                 EXPIRED_TOKEN,
                 (
                     "EXPIRED_TOKEN",
-                    include_str!("fixtures/kube/tokenreview-unauthenticated.json"),
+                    include_str!("../cluster/tests/fixtures/kube/tokenreview-unauthenticated.json"),
                 ),
             ),
             (
                 WEB_POD_TOKEN,
                 (
                     "WEB_POD_TOKEN",
-                    include_str!("fixtures/kube/tokenreview-wrong-service-account.json"),
+                    include_str!(
+                        "../cluster/tests/fixtures/kube/tokenreview-wrong-service-account.json"
+                    ),
                 ),
             ),
             (
                 LEGACY_SECRET_TOKEN,
                 (
                     "LEGACY_SECRET_TOKEN",
-                    include_str!("fixtures/kube/tokenreview-no-node-name.json"),
+                    include_str!("../cluster/tests/fixtures/kube/tokenreview-no-node-name.json"),
                 ),
             ),
             (
                 API_AUDIENCE_TOKEN,
                 (
                     "API_AUDIENCE_TOKEN",
-                    include_str!("fixtures/kube/tokenreview-wrong-audience.json"),
+                    include_str!("../cluster/tests/fixtures/kube/tokenreview-wrong-audience.json"),
                 ),
             ),
         ]);
@@ -130,7 +131,7 @@ impl FakeApi {
         if self.down.load(Ordering::SeqCst) {
             return json(
                 StatusCode::INTERNAL_SERVER_ERROR,
-                include_str!("fixtures/kube/status-500.json").to_owned(),
+                include_str!("../cluster/tests/fixtures/kube/status-500.json").to_owned(),
             );
         }
         match self.answers.get(token.as_str()) {

@@ -6,8 +6,8 @@ mod support;
 use std::time::{Duration, Instant};
 
 use support::{certs, lab, lab_from, manifests, secret, serve_echo, wait_for_cert};
-use zmesh::agent::admin::CertInfo;
-use zmesh::lab::{access_lines, ReservedPod};
+use zmesh_agent::admin::CertInfo;
+use zmesh_lab::{access_lines, ReservedPod};
 
 fn zmesh(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_zmesh"))

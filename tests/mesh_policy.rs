@@ -8,7 +8,7 @@ use std::io::Read;
 use std::time::{Duration, Instant};
 
 use support::{lab, secret, serve_echo};
-use zmesh::lab::Lab;
+use zmesh_lab::Lab;
 use zmesh_proxy::flows::{FlowEvent, FlowVerdict};
 
 /// `zmesh observe --output json` against a node's agent, with extra filter flags.

@@ -9,7 +9,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use support::{addr, lab, secret, serve_echo, wait_for_cert, LongLivedClient};
-use zmesh::lab::access_lines;
+use zmesh_lab::access_lines;
 
 #[tokio::test(flavor = "multi_thread")]
 async fn enrolled_traffic_is_mtls_and_the_rest_is_untouched() {

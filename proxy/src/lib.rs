@@ -18,6 +18,7 @@ mod outbound;
 mod plaintext;
 mod pool;
 mod proxy;
+pub mod runtime;
 mod tunnels;
 
 pub mod flows;
@@ -32,12 +33,12 @@ pub use credentials::{CredentialsError, StaticCredentials};
 pub use keepalive::Keepalive;
 pub use metrics::{Direction, Metrics};
 pub use pool::PoolConfig;
-pub use proxy::{
-    Capture, DrainHandle, Mode, Proxy, ProxyAddrs, ProxyConfig, ProxyDeps, ProxyError,
-};
+pub use proxy::{Capture, DrainHandle, Proxy, ProxyAddrs, ProxyConfig, ProxyDeps, ProxyError};
 pub use socket::{OriginalDst, SoOriginalDst, StaticOriginalDst};
 pub use tls::{TlsCredentials, TlsError};
 pub use workloads::{Node, Protocol, TableError, Workload, WorkloadStore, WorkloadTable};
+/// What happens to plaintext from outside the mesh (shared with the eBPF programs).
+pub use zmesh_dataplane::Mode;
 
 /// HTTP/2 settings, ztunnel's (hbone.md).
 pub(crate) const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
@@ -48,7 +49,7 @@ pub(crate) const MAX_FRAME: u32 = 1024 * 1024;
 pub(crate) const MAX_SEND_BUFFER: usize = 128 * 1024;
 
 /// Ports that belong to the proxy and must never be tunnel targets.
-pub const PROXY_PORTS: [u16; 6] = [15000, 15001, 15006, 15008, 15020, 15021];
+pub use zmesh_dataplane::PROXY_PORTS;
 
 /// A short, fixed label for why a TLS handshake failed (for metrics; never peer data).
 pub(crate) fn handshake_reason(e: &std::io::Error) -> &'static str {

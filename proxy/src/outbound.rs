@@ -16,8 +16,7 @@ use crate::proxy::Shared;
 use crate::tls::destination_sni;
 use crate::workloads::Protocol;
 
-/// The port HBONE servers listen on.
-const HBONE_PORT: u16 = 15008;
+use zmesh_dataplane::HBONE_PORT;
 
 pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let mut log = AccessLog::start(Direction::Outbound, peer, &shared);

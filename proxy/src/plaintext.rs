@@ -11,7 +11,8 @@ use tokio::net::TcpStream;
 use crate::access::AccessLog;
 use crate::authz::{AuthzRequest, Decision};
 use crate::metrics::Direction;
-use crate::proxy::{Capture, Mode, Shared};
+use crate::proxy::{Capture, Shared};
+use crate::Mode;
 
 /// RST rather than FIN: the client learns at once that it was refused.
 fn reset(tcp: &TcpStream) {

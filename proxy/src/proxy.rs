@@ -10,6 +10,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use zmesh_dataplane as ports;
 
 use crate::authz::{AllowAll, Authorizer};
 use crate::clock::Clock;
@@ -21,6 +22,7 @@ use crate::socket::{bind_listener, OriginalDst, SoOriginalDst};
 use crate::tls::TlsCredentials;
 use crate::tunnels::Tunnels;
 use crate::workloads::{WorkloadStore, WorkloadTable};
+use crate::Mode;
 
 /// How traffic reaches the proxy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,16 +34,6 @@ pub enum Capture {
     /// `:authority` must name a workload of this node, and plaintext inbound uses the
     /// [`OriginalDst`] lookup.
     Explicit,
-}
-
-/// What to do with plain TCP to local workloads from outside the mesh.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Mode {
-    /// Pass it through (migration friendly; the default, as Istio's PERMISSIVE).
-    #[default]
-    Permissive,
-    /// Refuse it: only mTLS reaches the workloads.
-    Strict,
 }
 
 /// Where and how the proxy listens.
@@ -72,11 +64,11 @@ impl ProxyConfig {
     pub fn new(node: impl Into<String>, ip: IpAddr) -> Self {
         Self {
             node: node.into(),
-            inbound_addr: SocketAddr::new(ip, 15008),
-            outbound_addr: SocketAddr::new(ip, 15001),
-            plaintext_addr: SocketAddr::new(ip, 15006),
-            metrics_addr: SocketAddr::new(ip, 15020),
-            readiness_addr: SocketAddr::new(ip, 15021),
+            inbound_addr: SocketAddr::new(ip, ports::HBONE_PORT),
+            outbound_addr: SocketAddr::new(ip, ports::OUTBOUND_PORT),
+            plaintext_addr: SocketAddr::new(ip, ports::INBOUND_PLAINTEXT_PORT),
+            metrics_addr: SocketAddr::new(ip, ports::METRICS_PORT),
+            readiness_addr: SocketAddr::new(ip, ports::READINESS_PORT),
             ip_transparent: true,
             capture: Capture::Transparent,
             mode: Mode::Permissive,

@@ -88,15 +88,9 @@ pub enum RedirectError {
 
 type Result<T, E = RedirectError> = std::result::Result<T, E>;
 
-/// How a pod (or the whole node) treats plaintext that arrives for it.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
-pub enum InboundMode {
-    /// Plaintext goes to the proxy's 15006 listener.
-    #[default]
-    Permissive,
-    /// Plaintext SYNs from non-mesh sources are dropped in tc and reported.
-    Strict,
-}
+/// How a pod (or the whole node) treats plaintext that arrives for it: permissive steers it
+/// to the proxy's plaintext listener, strict drops the SYN in tc and reports it.
+pub use zmesh_dataplane::Mode;
 
 /// What the sender of a strict-mode drop sees.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -108,9 +102,10 @@ pub enum RejectMode {
     Drop,
 }
 
-/// Where the node proxy listens and how steered packets are routed to it.
+/// The node proxy as the eBPF programs see it: where its listeners are (derived by the
+/// agent from the proxy's own `ProxyConfig`) and how steered packets are routed to them.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ProxyConfig {
+pub struct ProxyListeners {
     /// Outbound listener that enrolled pods' connects are rewritten to; pods must reach it.
     pub outbound: SocketAddrV4,
     /// IPv6 address of the outbound listener (same port); `None`: IPv6 is not redirected.
@@ -126,23 +121,23 @@ pub struct ProxyConfig {
     /// Routing table holding `local 0.0.0.0/0 dev lo`.
     pub route_table: u32,
     /// Mode of every enrolled pod, on top of the per-pod mode.
-    pub node_mode: InboundMode,
+    pub node_mode: Mode,
     pub reject: RejectMode,
 }
 
-impl ProxyConfig {
+impl ProxyListeners {
     /// Defaults of the Istio ambient ports: 15006 plaintext, 15008 HBONE.
     pub fn new(outbound: SocketAddrV4) -> Self {
         Self {
             outbound,
             outbound_v6: None,
             inbound_addr: None,
-            inbound_plaintext_port: 15006,
-            inbound_hbone_port: 15008,
+            inbound_plaintext_port: zmesh_dataplane::INBOUND_PLAINTEXT_PORT,
+            inbound_hbone_port: zmesh_dataplane::HBONE_PORT,
             other_ports: Vec::new(),
             mark: 0x539,
             route_table: 133,
-            node_mode: InboundMode::Permissive,
+            node_mode: Mode::Permissive,
             reject: RejectMode::Reset,
         }
     }
@@ -172,7 +167,7 @@ impl ProxyConfig {
 
     fn to_abi(&self) -> abi::Config {
         let mut flags = abi::CFG_ENABLED;
-        if self.node_mode == InboundMode::Strict {
+        if self.node_mode == Mode::Strict {
             flags |= abi::CFG_NODE_STRICT;
         }
         if self.reject == RejectMode::Reset {
@@ -207,7 +202,7 @@ pub struct RedirectConfig {
     pub cgroup: PathBuf,
     /// Interfaces (in the calling thread's netns) whose ingress steers inbound traffic.
     pub ingress_interfaces: Vec<String>,
-    pub proxy: ProxyConfig,
+    pub proxy: ProxyListeners,
 }
 
 /// Per-reason drop counters, summed over CPUs.
@@ -527,10 +522,10 @@ impl Redirector {
     }
 
     /// Steer inbound TCP to this pod IP into the proxy.
-    pub fn enroll_pod_ip(&mut self, ip: IpAddr, mode: InboundMode) -> Result<()> {
+    pub fn enroll_pod_ip(&mut self, ip: IpAddr, mode: Mode) -> Result<()> {
         let flags = match mode {
-            InboundMode::Strict => abi::POD_STRICT,
-            InboundMode::Permissive => 0,
+            Mode::Strict => abi::POD_STRICT,
+            Mode::Permissive => 0,
         };
         self.enrolled_ips
             .insert(abi::Ip::new(ip), flags, 0)
@@ -554,7 +549,7 @@ impl Redirector {
 
     /// Changes the proxy's addresses or modes at run time. The mark and route table are
     /// fixed at load (the policy route is built from them).
-    pub fn set_proxy(&mut self, proxy: &ProxyConfig) -> Result<()> {
+    pub fn set_proxy(&mut self, proxy: &ProxyListeners) -> Result<()> {
         proxy.validate()?;
         let current = self.config.get(&0, 0).map_err(map_err("zm_config"))?;
         if current.mark != proxy.mark || current.route_table != proxy.route_table {

@@ -12,7 +12,7 @@ use std::{
 
 use common::*;
 use zmesh_redirect::{
-    DropReason, InboundMode, ProxyConfig, RedirectConfig, RedirectError, Redirector, RejectMode,
+    DropReason, Mode, ProxyListeners, RedirectConfig, RedirectError, Redirector, RejectMode,
 };
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -45,7 +45,7 @@ fn topo() -> Topo {
         pin_dir: pin_dir.clone(),
         netns: node.name.clone(),
     };
-    let mut proxy = ProxyConfig::new("10.77.0.1:15001".parse().unwrap());
+    let mut proxy = ProxyListeners::new("10.77.0.1:15001".parse().unwrap());
     proxy.route_table = 1337;
     proxy.mark = 0x5390;
     let config = RedirectConfig {
@@ -153,7 +153,7 @@ fn plaintext_and_hbone_to_enrolled_pod_reach_the_proxy_listeners() {
     assert!(!has_pending(&plain));
 
     t.red
-        .enroll_pod_ip(POD.parse().unwrap(), InboundMode::Permissive)
+        .enroll_pod_ip(POD.parse().unwrap(), Mode::Permissive)
         .unwrap();
     for ip_options in [false, true] {
         let mut c = connect(&t.client, "10.77.0.2:80", ip_options, WAIT).expect("connect");
@@ -194,7 +194,7 @@ fn strict_mode_refuses_plaintext_at_once_and_reports_it() {
     let mut events = t.red.drop_events().unwrap();
     let (plain, hbone) = proxy_listeners(&t.node);
     t.red
-        .enroll_pod_ip(POD.parse().unwrap(), InboundMode::Strict)
+        .enroll_pod_ip(POD.parse().unwrap(), Mode::Strict)
         .unwrap();
 
     for (i, ip_options) in [false, true].into_iter().enumerate() {
@@ -233,12 +233,12 @@ fn strict_mode_refuses_plaintext_at_once_and_reports_it() {
 
     // node-wide strict mode applies to permissive pods too
     t.red
-        .enroll_pod_ip(POD.parse().unwrap(), InboundMode::Permissive)
+        .enroll_pod_ip(POD.parse().unwrap(), Mode::Permissive)
         .unwrap();
-    let mut proxy = ProxyConfig::new("10.77.0.1:15001".parse().unwrap());
+    let mut proxy = ProxyListeners::new("10.77.0.1:15001".parse().unwrap());
     proxy.route_table = 1337;
     proxy.mark = 0x5390;
-    proxy.node_mode = InboundMode::Strict;
+    proxy.node_mode = Mode::Strict;
     t.red.set_proxy(&proxy).unwrap();
     let err = connect(&t.client, "10.77.0.2:80", false, WAIT).expect_err("refused");
     assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
@@ -282,7 +282,7 @@ fn missing_proxy_listener_fails_closed_and_is_reported() {
     let mut events = t.red.drop_events().unwrap();
     let pod_app = t.pod.run(|| TcpListener::bind("0.0.0.0:80").unwrap());
     t.red
-        .enroll_pod_ip(POD.parse().unwrap(), InboundMode::Permissive)
+        .enroll_pod_ip(POD.parse().unwrap(), Mode::Permissive)
         .unwrap();
     // no 15006 listener: the SYN is dropped, never handed to the pod in plaintext
     let err = connect(&t.client, "10.77.0.2:80", false, Duration::from_millis(300))

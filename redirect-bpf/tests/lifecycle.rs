@@ -11,13 +11,13 @@ use std::{
 use aya::programs::{tc::TcAttachType, SchedClassifier};
 use common::*;
 use zmesh_redirect::{
-    current_netns_cookie, ProxyConfig, RedirectConfig, RedirectError, Redirector,
+    current_netns_cookie, ProxyListeners, RedirectConfig, RedirectError, Redirector,
 };
 
 const WAIT: Duration = Duration::from_secs(5);
 
-fn proxy() -> ProxyConfig {
-    let mut p = ProxyConfig::new("10.77.0.1:15001".parse().unwrap());
+fn proxy() -> ProxyListeners {
+    let mut p = ProxyListeners::new("10.77.0.1:15001".parse().unwrap());
     p.route_table = 1338;
     p.mark = 0x5391;
     p
@@ -198,12 +198,12 @@ fn load_rejects_bad_environment_and_configuration_without_leaving_anything() {
     assert!(!c.pin_dir.exists(), "nothing created outside bpffs");
 
     for bad in [
-        |p: &mut ProxyConfig| p.outbound = "0.0.0.0:15001".parse().unwrap(),
-        |p: &mut ProxyConfig| p.outbound = "127.0.0.1:15001".parse().unwrap(),
-        |p: &mut ProxyConfig| p.mark = 0,
-        |p: &mut ProxyConfig| p.route_table = 254,
-        |p: &mut ProxyConfig| p.inbound_plaintext_port = 0,
-        |p: &mut ProxyConfig| p.other_ports = vec![1; 9],
+        |p: &mut ProxyListeners| p.outbound = "0.0.0.0:15001".parse().unwrap(),
+        |p: &mut ProxyListeners| p.outbound = "127.0.0.1:15001".parse().unwrap(),
+        |p: &mut ProxyListeners| p.mark = 0,
+        |p: &mut ProxyListeners| p.route_table = 254,
+        |p: &mut ProxyListeners| p.inbound_plaintext_port = 0,
+        |p: &mut ProxyListeners| p.other_ports = vec![1; 9],
     ] {
         let mut c = good(Installed::pin_dir("e"));
         bad(&mut c.proxy);

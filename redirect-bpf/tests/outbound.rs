@@ -10,7 +10,7 @@ use std::{
 };
 
 use common::*;
-use zmesh_redirect::{current_netns_cookie, ProxyConfig, RedirectConfig, Redirector};
+use zmesh_redirect::{current_netns_cookie, ProxyListeners, RedirectConfig, Redirector};
 
 const WAIT: Duration = Duration::from_secs(5);
 
@@ -39,7 +39,7 @@ fn topo() -> Topo {
         pin_dir,
         cgroup: cg.path.clone(),
         ingress_interfaces: vec![],
-        proxy: ProxyConfig::new("10.77.0.1:15001".parse().unwrap()),
+        proxy: ProxyListeners::new("10.77.0.1:15001".parse().unwrap()),
     };
     let red = node.run(move || Redirector::load(&config)).expect("load");
     let pod_cookie = pod.run(|| current_netns_cookie().unwrap());

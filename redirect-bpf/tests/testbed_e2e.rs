@@ -9,7 +9,7 @@ use std::{
     time::Duration,
 };
 
-use zmesh_redirect::{ProxyConfig, RedirectConfig, Redirector};
+use zmesh_redirect::{ProxyListeners, RedirectConfig, Redirector};
 use zmesh_testbed::{Cluster, ClusterSpec};
 
 fn accept_within(l: &TcpListener, timeout: Duration) -> Option<(std::net::TcpStream, SocketAddr)> {
@@ -52,7 +52,7 @@ fn enrolled_pod_process_is_proxied_with_its_original_destination() {
         pin_dir,
         cgroup: node.pods_cgroup_path().to_path_buf(),
         ingress_interfaces: vec![],
-        proxy: ProxyConfig::new(outbound),
+        proxy: ProxyListeners::new(outbound),
     })
     .expect("load");
     let proxy = node

@@ -6,12 +6,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::Context;
-use zmesh::agent::kube_source::{watch_kubernetes, RetryPolicy};
-use zmesh::agent::manifests::watch_dir;
-use zmesh::agent::run::{run, AgentConfig, DataPlane, IdentitySource, RedirectSettings};
-use zmesh::agent::token_review::CaTokenCredential;
+use zmesh_agent::ca::CaTokenCredential;
+use zmesh_agent::{run, AgentConfig, DataPlane, IdentitySource, RedirectSettings};
+use zmesh_cluster::kube_source::{watch_kubernetes, RetryPolicy};
+use zmesh_cluster::manifests::watch_dir;
 use zmesh_identity::TrustDomain;
-use zmesh_proxy::Mode;
+
+use super::ModeArg;
 
 #[derive(clap::Args, Debug)]
 pub struct AgentArgs {
@@ -121,13 +122,7 @@ enum DataPlaneArg {
     Ztunnel,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug)]
-enum ModeArg {
-    Permissive,
-    Strict,
-}
-
-pub async fn run_agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
+pub async fn run_agent(args: AgentArgs, proxy_threads: usize) -> anyhow::Result<ExitCode> {
     let trust_domain = TrustDomain::new(&args.trust_domain)
         .with_context(|| format!("invalid trust domain {:?}", args.trust_domain))?;
     let ztunnel = args.data_plane == DataPlaneArg::Ztunnel;
@@ -180,10 +175,8 @@ pub async fn run_agent(args: AgentArgs) -> anyhow::Result<ExitCode> {
         } else {
             DataPlane::Zmesh
         },
-        mode: match args.mode {
-            ModeArg::Permissive => Mode::Permissive,
-            ModeArg::Strict => Mode::Strict,
-        },
+        mode: args.mode.into(),
+        proxy_threads,
         admin_socket: args.admin_socket.clone(),
         cert_validity: args.cert_lifetime,
         redirect: args.redirect_cgroup.clone().map(|cgroup| RedirectSettings {

@@ -8,14 +8,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand, ValueEnum};
-use zmesh::agent::token_review::{
-    ServiceAccountRef, TokenReviewValidator, DEFAULT_AGENT_SERVICE_ACCOUNT, DEFAULT_AUDIENCE,
-    DEFAULT_CACHE_TTL,
-};
 use zmesh_certs::{
     BearerValidator, CaServer, CaStore, CachedBearer, FilePlacement, InitOptions,
     NodeCredentialRenewer, NodeName, Phase, Policy, RotationStep, ServerOptions, StaticTokens,
     Status, StoreError, WorkloadPlacement,
+};
+use zmesh_cluster::token_review::{
+    ServiceAccountRef, TokenReviewValidator, DEFAULT_AGENT_SERVICE_ACCOUNT, DEFAULT_AUDIENCE,
+    DEFAULT_CACHE_TTL,
 };
 use zmesh_identity::TrustDomain;
 
@@ -369,20 +369,20 @@ pub async fn run(args: CaArgs) -> anyhow::Result<ExitCode> {
                 }
                 PlacementSource::Manifests(dir) => {
                     let (state, _errors) =
-                        zmesh::agent::manifests::watch_dir(dir, Duration::from_millis(200));
-                    Arc::new(zmesh::agent::placement::ClusterPlacement::new(state))
+                        zmesh_cluster::manifests::watch_dir(dir, Duration::from_millis(200));
+                    Arc::new(zmesh_cluster::placement::ClusterPlacement::new(state))
                 }
                 PlacementSource::Kubernetes => {
                     let client = kube.context("no Kubernetes client")?;
                     tracing::info!("waiting for the first complete listing of pods");
                     // No node of its own: the CA keeps the compact form of every pod.
-                    let state = zmesh::agent::kube_source::watch_placement(
+                    let state = zmesh_cluster::kube_source::watch_placement(
                         client,
                         String::new(),
-                        zmesh::agent::kube_source::RetryPolicy::default(),
+                        zmesh_cluster::kube_source::RetryPolicy::default(),
                     )
                     .await;
-                    Arc::new(zmesh::agent::placement::ClusterPlacement::new(state))
+                    Arc::new(zmesh_cluster::placement::ClusterPlacement::new(state))
                 }
             };
             let cluster_id = config.cluster_id;

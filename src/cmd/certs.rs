@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
 use serde::Serialize;
-use zmesh::agent::admin::{epoch_seconds, AdminClient, CertInfo as AgentCert, RotateResult};
+use zmesh_agent::admin::{epoch_seconds, AdminClient, CertInfo as AgentCert, RotateResult};
 use zmesh_identity::svid::{describe, fmt_time, CertInfo};
 use zmesh_identity::{lint_chain, SpiffeId, TrustBundle};
 

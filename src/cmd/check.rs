@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use serde::Serialize;
-use zmesh::agent::admin::{epoch_seconds, AdminClient, CertInfo};
+use zmesh_agent::admin::{epoch_seconds, AdminClient, CertInfo};
 use zmesh_certs::NodeCredentials;
 use zmesh_identity::svid::{describe, fmt_time};
 

@@ -10,8 +10,8 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context;
-use zmesh::agent::admin::{epoch_seconds, AdminClient, CertInfo};
-use zmesh::lab::{Lab, LabOptions};
+use zmesh_agent::admin::{epoch_seconds, AdminClient, CertInfo};
+use zmesh_lab::{Lab, LabOptions};
 use zmesh_proxy::flows::{FlowEvent, FlowVerdict};
 
 #[derive(clap::Args)]

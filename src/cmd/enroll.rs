@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use zmesh::agent::enroll::{set_enrollment, Outcome};
+use zmesh_cluster::enroll::{set_enrollment, Outcome};
 
 #[derive(clap::Args)]
 pub struct EnrollArgs {

@@ -5,6 +5,7 @@ pub mod ca;
 pub mod certs;
 pub mod check;
 pub mod compat;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod enroll;
 pub mod observe;
@@ -12,6 +13,24 @@ pub mod proxy;
 pub mod uninstall;
 
 use std::time::Duration;
+
+/// What happens to plaintext TCP from outside the mesh to local workloads.
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+pub enum ModeArg {
+    /// Passed through to the workload, logged as unencrypted.
+    Permissive,
+    /// Refused: only mTLS reaches the workloads; plain TCP is reset.
+    Strict,
+}
+
+impl From<ModeArg> for zmesh_dataplane::Mode {
+    fn from(mode: ModeArg) -> Self {
+        match mode {
+            ModeArg::Permissive => Self::Permissive,
+            ModeArg::Strict => Self::Strict,
+        }
+    }
+}
 
 /// Parses durations like `90s`, `10m`, `24h`, `30d` (a bare number is seconds).
 pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {

@@ -7,8 +7,8 @@ use std::time::SystemTime;
 
 use anyhow::Context;
 use futures::StreamExt;
-use zmesh::agent::admin::AdminClient;
-use zmesh::agent::flows_api::parse_since;
+use zmesh_agent::admin::AdminClient;
+use zmesh_agent::flows_api::parse_since;
 use zmesh_proxy::flows::{FlowEvent, FlowVerdict};
 
 #[derive(clap::Args)]

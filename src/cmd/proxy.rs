@@ -9,20 +9,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use zmesh::agent::credentials::ManagedCredentials;
-use zmesh::agent::run::{zmesh_ca_certificates, CaSettings};
-use zmesh_proxy::{
-    Capture, Mode, Proxy, ProxyConfig, ProxyDeps, StaticCredentials, StaticOriginalDst,
-    TlsCredentials, WorkloadStore, WorkloadTable,
-};
 
-#[derive(Clone, Copy, clap::ValueEnum)]
-pub enum ModeArg {
-    /// Plain TCP from outside the mesh reaches local workloads.
-    Permissive,
-    /// Only mTLS reaches local workloads; plain TCP is reset.
-    Strict,
-}
+use super::ModeArg;
+use zmesh_agent::ca::{zmesh_ca_certificates, CaSettings};
+use zmesh_agent::credentials::ManagedCredentials;
+use zmesh_proxy::{
+    Capture, Proxy, ProxyConfig, ProxyDeps, StaticCredentials, StaticOriginalDst, TlsCredentials,
+    WorkloadStore, WorkloadTable,
+};
 
 #[derive(clap::Args)]
 pub struct ProxyArgs {
@@ -70,7 +64,7 @@ pub struct ProxyArgs {
 }
 
 pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
-    tune_malloc();
+    zmesh_proxy::runtime::tune_malloc();
     let table = WorkloadTable::load(&args.workloads)?;
     let credentials: Arc<dyn TlsCredentials> = match (&args.cert_dir, &args.ca) {
         (Some(cert_dir), _) => Arc::new(
@@ -130,10 +124,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         config.capture = Capture::Explicit;
         config.ip_transparent = false;
     }
-    config.mode = match args.mode {
-        ModeArg::Permissive => Mode::Permissive,
-        ModeArg::Strict => Mode::Strict,
-    };
+    config.mode = args.mode.into();
     config.drain_deadline = Duration::from_secs(args.drain_seconds);
     let mut deps = ProxyDeps::new(Arc::new(WorkloadStore::new(table)), credentials);
     if !args.static_dst.is_empty() {
@@ -159,35 +150,6 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     running.await.context("the proxy task failed")?;
     Ok(ExitCode::SUCCESS)
 }
-
-/// Keeps glibc malloc from returning the copy loop's 256 KiB buffers to the kernel after
-/// every use: by default they are mmap'd or trimmed from the heap top and faulted back in
-/// on the next read, which cost the proxy pair ~15-20% more CPU per GB (BENCHMARKS.md).
-/// One arena instead of one per thread keeps the peak RSS in check.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn tune_malloc() {
-    use std::os::raw::c_int;
-    extern "C" {
-        fn mallopt(param: c_int, value: c_int) -> c_int;
-    }
-    const M_TRIM_THRESHOLD: c_int = -1;
-    const M_MMAP_THRESHOLD: c_int = -3;
-    const M_ARENA_MAX: c_int = -8;
-    for (param, value) in [
-        (M_MMAP_THRESHOLD, 1 << 20),
-        (M_TRIM_THRESHOLD, 2 << 20),
-        (M_ARENA_MAX, 1),
-    ] {
-        // SAFETY: mallopt only changes allocator tuning; it returns 0 on a bad value,
-        // which leaves the default in place.
-        if unsafe { mallopt(param, value) } == 0 {
-            tracing::debug!(param, value, "mallopt refused a setting");
-        }
-    }
-}
-
-#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-fn tune_malloc() {}
 
 /// Parses `CLIENT_IP=IP:PORT` for --static-dst.
 fn parse_static_dst(s: &str) -> Result<(IpAddr, SocketAddr), String> {

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use zmesh::lab::{Lab, LabOptions, ReservedPod};
+use zmesh_lab::{Lab, LabOptions, ReservedPod};
 
 pub fn manifests() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/demo")
@@ -42,8 +42,8 @@ pub fn secret(label: &str) -> Vec<u8> {
 }
 
 /// The certificates `node`'s agent holds, from its admin API.
-pub async fn certs(lab: &Lab, node: &str) -> Vec<zmesh::agent::admin::CertInfo> {
-    zmesh::agent::admin::AdminClient::new(lab.admin_socket(node))
+pub async fn certs(lab: &Lab, node: &str) -> Vec<zmesh_agent::admin::CertInfo> {
+    zmesh_agent::admin::AdminClient::new(lab.admin_socket(node))
         .get_json("/certs")
         .await
         .unwrap()

@@ -20,7 +20,7 @@ use zmesh_proxy::policy::PolicyStore;
 use zmesh_proxy::{WorkloadStore, WorkloadTable};
 use zmesh_redirect::{DropEvent, DropReason, Redirector};
 
-use super::cluster_state::ClusterState;
+use zmesh_cluster::ClusterState;
 
 /// How many recent flow events the agent keeps for `--since` queries.
 pub const FLOW_HISTORY: usize = 4096;

@@ -18,9 +18,9 @@ use zmesh_certs::{CaStore, InitOptions, NodeName, Policy};
 use zmesh_identity::TrustDomain;
 use zmesh_testbed::{Cluster, ClusterSpec};
 
-use crate::agent::admin::{AdminClient, CertInfo};
-use crate::agent::cluster_state::{ClusterState, CGROUP_ANNOTATION, NETNS_ANNOTATION};
-use crate::agent::manifests::ManifestDir;
+use zmesh_agent::admin::{AdminClient, CertInfo};
+use zmesh_cluster::manifests::ManifestDir;
+use zmesh_cluster::state::{ClusterState, CGROUP_ANNOTATION, NETNS_ANNOTATION};
 
 /// Where labs pin their agents' eBPF state, one directory per run.
 const PIN_ROOT: &str = "/sys/fs/bpf/zmesh-lab";
@@ -440,7 +440,7 @@ impl Lab {
         let deadline = Instant::now() + timeout;
         loop {
             if let Ok(certs) = client.get_json::<Vec<CertInfo>>("/certs").await {
-                let now = crate::agent::admin::epoch_seconds(std::time::SystemTime::now());
+                let now = zmesh_agent::admin::epoch_seconds(std::time::SystemTime::now());
                 let ready = expected.iter().all(|id| {
                     certs
                         .iter()

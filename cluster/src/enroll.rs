@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use super::cluster_state::{CILIUM_MTLS_LABEL, ISTIO_DATAPLANE_LABEL};
+use crate::state::{CILIUM_MTLS_LABEL, ISTIO_DATAPLANE_LABEL};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EnrollError {
@@ -125,7 +125,7 @@ fn edit_labels(ns: &mut serde_yaml_ng::Value, enrolled: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::manifests::ManifestDir;
+    use crate::manifests::ManifestDir;
 
     fn enrolled(dir: &Path, ns: &str) -> bool {
         let (state, errors) = ManifestDir::new(dir).rescan();

@@ -31,7 +31,7 @@ use kube::{Api, Client};
 use tokio::sync::{mpsc, watch};
 use zmesh_proxy::policy::{Policy, PolicyErrors, PolicySet};
 
-use super::cluster_state::{ClusterState, NamespaceInfo, PodInfo};
+use crate::state::{ClusterState, NamespaceInfo, PodInfo};
 
 /// How long to wait before retrying after an API error: jittered exponential backoff.
 #[derive(Debug, Clone)]

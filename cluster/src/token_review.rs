@@ -1,10 +1,7 @@
-//! Node agents authenticate to the CA with Kubernetes ServiceAccount tokens.
+//! The CA authenticates node agents by their Kubernetes ServiceAccount tokens (the agent's
+//! side, presenting the token, is `zmesh_agent::ca::CaTokenCredential`).
 //!
-//! Agent side ([`CaTokenCredential`]): the agent presents its projected, audience-bound
-//! token (re-read for every request: the kubelet rotates it) and trusts the CA's roots
-//! from a file (a ConfigMap). No join token, no node certificate to renew.
-//!
-//! CA side ([`TokenReviewValidator`]): the CA asks the API server (TokenReview) who the
+//! [`TokenReviewValidator`]: the CA asks the API server (TokenReview) who the
 //! token is, and accepts it only for the agent's service account, taking the node from
 //! the token's `authentication.kubernetes.io/node-name` extra (bound pod tokens carry it
 //! since Kubernetes 1.30), as Istio does for ztunnel. Fails closed: anything but a
@@ -12,17 +9,13 @@
 //! rejection, and an API error is "unavailable", never "yes".
 
 use std::fmt;
-use std::path::PathBuf;
 use std::str::FromStr;
 use std::time::Duration;
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::PostParams;
 use kube::{Api, Client};
-use zmesh_certs::{
-    BearerError, BearerFuture, BearerValidator, ClientCredential, ClientError, IstioCaClient,
-    NodeName,
-};
+use zmesh_certs::{BearerError, BearerFuture, BearerValidator, NodeName};
 
 /// The audience node agents request for their CA token (the projected volume's
 /// `audience`): a token minted for another service is useless here, and ours is useless
@@ -177,47 +170,6 @@ impl TokenReviewValidator {
 impl BearerValidator for TokenReviewValidator {
     fn validate<'a>(&'a self, token: &'a str) -> BearerFuture<'a> {
         Box::pin(self.review(token))
-    }
-}
-
-/// The agent's credential towards the CA in Kubernetes: its projected ServiceAccount
-/// token and the CA's roots.
-#[derive(Debug, Clone)]
-pub struct CaTokenCredential {
-    /// The projected token (audience = the CA's `--token-audience`).
-    pub token_file: PathBuf,
-    /// PEM roots the CA's serving certificate chains to.
-    pub ca_bundle: PathBuf,
-}
-
-/// Why the agent cannot use its token credential.
-#[derive(Debug, thiserror::Error)]
-pub enum CaTokenError {
-    #[error("cannot read the CA bundle {path}: {source}", path = .path.display())]
-    Bundle {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
-    #[error(transparent)]
-    Client(#[from] ClientError),
-}
-
-impl CaTokenCredential {
-    /// A client for the CA at `ca_addr` presenting the token, and the roots it trusts
-    /// (the workload trust bundle starts from them). Fails now if either file is unusable.
-    pub fn client(&self, ca_addr: &str) -> Result<(IstioCaClient, String), CaTokenError> {
-        let roots_pem =
-            std::fs::read_to_string(&self.ca_bundle).map_err(|source| CaTokenError::Bundle {
-                path: self.ca_bundle.clone(),
-                source,
-            })?;
-        let client = IstioCaClient::new(
-            ca_addr,
-            &roots_pem,
-            ClientCredential::BearerFile(self.token_file.clone()),
-        )?;
-        Ok((client, roots_pem))
     }
 }
 

@@ -7,7 +7,7 @@ use tokio::sync::watch;
 use zmesh_certs::{NodeName, SourceError, WorkloadPlacement};
 use zmesh_identity::WorkloadId;
 
-use super::cluster_state::ClusterState;
+use crate::state::ClusterState;
 
 pub struct ClusterPlacement {
     state: watch::Receiver<Arc<ClusterState>>,
@@ -35,7 +35,7 @@ impl WorkloadPlacement for ClusterPlacement {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::cluster_state::PodInfo;
+    use crate::state::PodInfo;
 
     #[test]
     fn issues_only_identities_scheduled_on_the_node() {

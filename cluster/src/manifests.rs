@@ -16,7 +16,7 @@ use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use zmesh_proxy::policy::{Policy, PolicyErrors, PolicySet};
 
-use super::cluster_state::{ClusterState, NamespaceInfo, PodError, PodInfo};
+use crate::state::{ClusterState, NamespaceInfo, PodError, PodInfo};
 
 /// Why a manifest file (or one object in it) was not taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -13,8 +13,8 @@ use http::{Request, Response, StatusCode};
 use http_body::Frame;
 use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use tokio::sync::{mpsc, watch};
-use zmesh::agent::cluster_state::ClusterState;
-use zmesh::agent::kube_source::{watch_kubernetes, watch_placement, RetryPolicy};
+use zmesh_cluster::kube_source::{watch_kubernetes, watch_placement, RetryPolicy};
+use zmesh_cluster::state::ClusterState;
 use zmesh_proxy::policy::{Action, Denial, Request as PolicyRequest, Verdict};
 
 type Body = BoxBody<Bytes, Infallible>;

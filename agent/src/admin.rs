@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::{UnixListener, UnixStream};
 use zmesh_identity::{CertStatus, TrustDomain, WorkloadId};
 
-use super::credentials::{RotateError, WorkloadCertificates};
+use crate::credentials::{RotateError, WorkloadCertificates};
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -148,8 +148,8 @@ async fn route(req: Request<Incoming>, state: AdminState) -> Response<Body> {
         }
         (&Method::POST, "/certs/rotate") => rotate(&state, &query),
         (&Method::GET, "/flows") => {
-            match super::flows_api::parse_query(&query, SystemTime::now()) {
-                Ok(q) => super::flows_api::flows_response(&state.flows, q),
+            match crate::flows_api::parse_query(&query, SystemTime::now()) {
+                Ok(q) => crate::flows_api::flows_response(&state.flows, q),
                 Err(e) => error(StatusCode::BAD_REQUEST, &e),
             }
         }

@@ -2,7 +2,7 @@
 //!
 //! [`WorkloadCertificates`] is the one interface the agent, the proxy credentials and the
 //! admin API use, whatever issues the certificates: the zmesh CA through identity's
-//! [`CertManager`], or a SPIRE agent (see `super::spire`). [`ManagedCredentials`] builds
+//! [`CertManager`], or a SPIRE agent (see `crate::spire`). [`ManagedCredentials`] builds
 //! rustls configs over it; every handshake uses the workload's current certificate, so
 //! renewals and root rotations need no restart.
 
@@ -18,7 +18,7 @@ use rustls::{ClientConfig, ServerConfig};
 use zmesh_identity::{CertManager, SharedBundle, SpiffeId, TrustDomain, WorkloadId};
 use zmesh_proxy::{TlsCredentials, TlsError};
 
-use super::admin::CertInfo;
+use crate::admin::CertInfo;
 
 /// A boxed future, so that [`WorkloadCertificates`] stays object safe.
 pub type RotateFuture<'a> =

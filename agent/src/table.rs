@@ -7,7 +7,7 @@ use std::sync::Arc;
 use zmesh_identity::{TrustDomain, WorkloadId};
 use zmesh_proxy::{Node, Protocol, Workload, WorkloadTable};
 
-use super::cluster_state::{ClusterState, PodInfo};
+use zmesh_cluster::{ClusterState, PodInfo};
 
 /// The proxy's view of the cluster: every pod with an IP (enrolled ones reached over HBONE,
 /// others as plain TCP), and this node's own HBONE address for same-node traffic.
@@ -80,8 +80,8 @@ pub fn local_enrolled<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::agent::cluster_state::{NamespaceInfo, CILIUM_MTLS_LABEL};
     use std::collections::BTreeMap;
+    use zmesh_cluster::state::{NamespaceInfo, CILIUM_MTLS_LABEL};
 
     fn pod(ns: &str, name: &str, node: &str, ip: &str) -> PodInfo {
         PodInfo {

@@ -17,11 +17,11 @@ use tokio::sync::watch;
 use zmesh_compat::zds::{Delivery, WorkloadInfo, ZdsError, ZdsHandle, ZdsServer};
 use zmesh_identity::{TrustDomain, WorkloadId};
 
-use super::admin::{self, AdminState, CertInfo};
-use super::cluster_state::{ClusterState, PodInfo};
-use super::credentials::{RotateError, RotateFuture, WorkloadCertificates};
-use super::flows_api;
-use super::table::local_enrolled;
+use crate::admin::{self, AdminState, CertInfo};
+use crate::credentials::{RotateError, RotateFuture, WorkloadCertificates};
+use crate::flows_api;
+use crate::table::local_enrolled;
+use zmesh_cluster::{ClusterState, PodInfo};
 
 /// Why a pod could not be handed to ztunnel (it is retried on the next change).
 #[derive(Debug, thiserror::Error)]

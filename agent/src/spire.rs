@@ -17,8 +17,8 @@ use rustls::sign::CertifiedKey;
 use zmesh_compat::spire::{SpireConfig, SpireError, SpireSource};
 use zmesh_identity::{SharedBundle, SpiffeId, WorkloadId};
 
-use super::admin::{epoch_seconds, CertInfo};
-use super::credentials::{RotateError, RotateFuture, WorkloadCertificates};
+use crate::admin::{epoch_seconds, CertInfo};
+use crate::credentials::{RotateError, RotateFuture, WorkloadCertificates};
 
 /// What `zmesh certs rotate` answers when SPIRE issues the certificates.
 pub const ROTATE_REFUSAL: &str = "workload certificates on this node come from SPIRE, which \

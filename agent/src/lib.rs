@@ -1,0 +1,26 @@
+//! The zmesh node agent, one per node: cluster state in (from `zmesh-cluster`); workload
+//! certificates, eBPF redirection and the node proxy's configuration out.
+//!
+//! - [`run`]: the agent itself, its configuration and the reconcile loop.
+//! - `datapath`: the proxy on a thread and runtime of its own, watched.
+//! - `steering`: the eBPF programs and enrollment maps (blocking syscalls).
+//! - [`table`]: cluster state -> the proxy's workload table.
+//! - [`ca`], [`credentials`], [`spire`]: where workload certificates come from (the zmesh
+//!   CA with the node's credential, or a SPIRE agent) and the TLS configs built from them.
+//! - [`admin`], [`flows_api`]: the admin API on a unix socket (certificates, flows).
+//! - [`zds`]: stock ztunnel as the data plane, fed over ZDS.
+
+pub mod admin;
+pub mod ca;
+pub mod credentials;
+mod datapath;
+pub mod flows_api;
+mod run;
+pub mod spire;
+mod steering;
+pub mod table;
+pub mod zds;
+
+pub use datapath::DataPathError;
+pub use run::{run, AgentConfig, AgentError, DataPlane, IdentitySource, RedirectSettings};
+pub use steering::netns_cookie;

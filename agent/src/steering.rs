@@ -1,0 +1,264 @@
+//! The agent's hands on the kernel: the eBPF programs (loaded over their pins, following
+//! the node's interfaces), the enrollment maps kept in step with the cluster state, and the
+//! original-destination lookup the proxy does in those maps. Everything here makes
+//! syscalls: the agent calls it from blocking threads, never from the data path's runtime.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use zmesh_cluster::ClusterState;
+use zmesh_identity::{TrustDomain, WorkloadId};
+use zmesh_proxy::{OriginalDst, ProxyConfig};
+use zmesh_redirect::{Mode, ProxyListeners, RedirectConfig, RedirectError, Redirector};
+
+use crate::credentials::{ManagedCredentials, WorkloadCertificates};
+use crate::run::RedirectSettings;
+use crate::table::local_enrolled;
+
+/// The proxy's listeners as the eBPF programs need them, derived from the proxy's own
+/// configuration so the two never disagree: connects are rewritten to the outbound
+/// listener at `proxy_ip` (the address pods reach), inbound traffic is assigned to the
+/// plaintext and HBONE listeners, and the proxy's other ports are never redirected.
+pub(crate) fn listeners_of(proxy_ip: Ipv4Addr, proxy: &ProxyConfig) -> ProxyListeners {
+    let mut listeners =
+        ProxyListeners::new(SocketAddrV4::new(proxy_ip, proxy.outbound_addr.port()));
+    listeners.inbound_plaintext_port = proxy.plaintext_addr.port();
+    listeners.inbound_hbone_port = proxy.inbound_addr.port();
+    listeners.node_mode = proxy.mode;
+    listeners.other_ports = vec![
+        zmesh_dataplane::ZTUNNEL_ADMIN_PORT,
+        proxy.metrics_addr.port(),
+        proxy.readiness_addr.port(),
+    ];
+    listeners
+}
+
+/// The original destination of a captured connection, from the eBPF map (keyed by the
+/// client's address), so the proxy needs no cgroup/getsockopt hook in its own cgroup.
+pub(crate) struct MapOriginalDst(pub Arc<Mutex<Redirector>>);
+
+impl OriginalDst for MapOriginalDst {
+    fn original_dst(&self, stream: &tokio::net::TcpStream) -> std::io::Result<SocketAddr> {
+        let peer = stream.peer_addr()?;
+        let mut redirector = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        match redirector.original_dst(peer) {
+            Ok(Some(dst)) => Ok(dst),
+            Ok(None) => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                format!("no original destination recorded for {peer}"),
+            )),
+            Err(e) => Err(std::io::Error::other(e.to_string())),
+        }
+    }
+}
+
+/// The installed eBPF programs and which interfaces steer inbound traffic.
+pub(crate) struct Steering {
+    config: RedirectConfig,
+    pub redirector: Arc<Mutex<Redirector>>,
+    /// Attach to every non-loopback interface, following changes.
+    follow: bool,
+}
+
+impl Steering {
+    /// Installs (or takes over) the programs, steering to the listeners of `proxy`.
+    pub fn load(
+        proxy_ip: Ipv4Addr,
+        proxy: &ProxyConfig,
+        settings: &RedirectSettings,
+    ) -> Result<Self, RedirectError> {
+        let listeners = listeners_of(proxy_ip, proxy);
+        let follow = settings.ingress_interfaces.is_empty();
+        let ingress_interfaces = if follow {
+            node_interfaces().unwrap_or_default()
+        } else {
+            settings.ingress_interfaces.clone()
+        };
+        let redirect_config = RedirectConfig {
+            pin_dir: settings.pin_dir.clone(),
+            cgroup: settings.cgroup.clone(),
+            ingress_interfaces,
+            proxy: listeners,
+        };
+        // Over an existing installation this reuses the pinned maps: enrollment survives.
+        let redirector = Redirector::load(&redirect_config)?;
+        Ok(Self {
+            config: redirect_config,
+            redirector: Arc::new(Mutex::new(redirector)),
+            follow,
+        })
+    }
+
+    /// Attaches tc ingress to interfaces that appeared (new pods' veths) and lets go of
+    /// those that left, by reloading over the pins: maps and enrollment are kept.
+    pub fn follow_interfaces(&mut self) {
+        if !self.follow {
+            return;
+        }
+        let interfaces = match node_interfaces() {
+            Ok(list) => list,
+            Err(e) => {
+                tracing::warn!("cannot list the node's interfaces: {e}");
+                return;
+            }
+        };
+        if interfaces == self.config.ingress_interfaces {
+            return;
+        }
+        let mut config = self.config.clone();
+        config.ingress_interfaces = interfaces;
+        match Redirector::load(&config) {
+            Ok(redirector) => {
+                tracing::info!(interfaces = ?config.ingress_interfaces, "steering inbound traffic on");
+                *self.redirector.lock().unwrap_or_else(|p| p.into_inner()) = redirector;
+                self.config = config;
+            }
+            Err(e) => tracing::error!("cannot attach to the node's new interfaces: {e}"),
+        }
+    }
+}
+
+/// The node's non-loopback interfaces (in this process's network namespace), sorted.
+fn node_interfaces() -> std::io::Result<Vec<String>> {
+    let output = std::process::Command::new("ip")
+        .args(["-o", "link", "show"])
+        .output()?;
+    if !output.status.success() {
+        return Err(std::io::Error::other(
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ));
+    }
+    let mut names: Vec<String> = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|line| line.split(": ").nth(1))
+        .map(|name| name.split('@').next().unwrap_or(name).to_owned())
+        .filter(|name| name != "lo")
+        .collect();
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+/// What this agent has enrolled so far, to apply only the differences.
+#[derive(Default)]
+pub(crate) struct Enrolled {
+    workloads: BTreeSet<WorkloadId>,
+    /// Pod (namespace/name) -> (netns cookie, pod IPs) as put into the maps.
+    pods: BTreeMap<String, (Option<u64>, Vec<IpAddr>)>,
+}
+
+impl Enrolled {
+    /// Blocking (netns reads, bpf syscalls): run it off the async workers.
+    pub fn apply(
+        &mut self,
+        state: &ClusterState,
+        trust_domain: &TrustDomain,
+        node: &str,
+        certs: &dyn WorkloadCertificates,
+        tls: &ManagedCredentials,
+        redirector: Option<&Mutex<Redirector>>,
+    ) {
+        let mut want_workloads = BTreeSet::new();
+        let mut want_pods = BTreeMap::new();
+        for (pod, id) in local_enrolled(state, trust_domain, node) {
+            want_workloads.insert(id);
+            let key = pod.key().to_string();
+            // Keep a cookie we already resolved: the netns of a running pod does not change.
+            let cookie = match self.pods.get(&key) {
+                Some((Some(cookie), _)) => Some(*cookie),
+                _ => pod.netns_path.as_deref().and_then(|path| match netns_cookie(path) {
+                    Ok(cookie) => Some(cookie),
+                    Err(e) => {
+                        tracing::warn!(pod = %key, path = %path.display(), "cannot read the pod's network namespace: {e}");
+                        None
+                    }
+                }),
+            };
+            want_pods.insert(key, (cookie, pod.ips.clone()));
+        }
+        for id in want_workloads.difference(&self.workloads) {
+            tracing::info!(workload = %id, "enrolled: fetching its certificate");
+            certs.ensure(id);
+        }
+        for id in self.workloads.difference(&want_workloads) {
+            tracing::info!(workload = %id, "left the mesh on this node: forgetting its certificate");
+            certs.forget(id);
+            tls.forget(id);
+        }
+        self.workloads = want_workloads;
+
+        if let Some(redirector) = redirector {
+            let mut r = redirector.lock().unwrap_or_else(|p| p.into_inner());
+            for (key, (cookie, ips)) in &self.pods {
+                if want_pods.get(key) != Some(&(*cookie, ips.clone())) {
+                    tracing::info!(pod = %key, "un-enrolling from redirection");
+                    if let Some(cookie) = cookie {
+                        log_err(key, r.unenroll_netns(*cookie));
+                    }
+                    for ip in ips {
+                        log_err(key, r.unenroll_pod_ip(*ip));
+                    }
+                }
+            }
+            for (key, (cookie, ips)) in &want_pods {
+                if self.pods.get(key) != Some(&(*cookie, ips.clone())) {
+                    tracing::info!(pod = %key, ?cookie, ?ips, "enrolling in redirection");
+                    if let Some(cookie) = cookie {
+                        log_err(key, r.enroll_netns(*cookie));
+                    }
+                    for ip in ips {
+                        log_err(key, r.enroll_pod_ip(*ip, Mode::Permissive));
+                    }
+                }
+            }
+        }
+        self.pods = want_pods;
+    }
+}
+
+fn log_err(pod: &str, result: Result<(), zmesh_redirect::RedirectError>) {
+    if let Err(e) = result {
+        tracing::error!(%pod, "redirect map update failed: {e}");
+    }
+}
+
+/// The cookie of the network namespace at `path` (e.g. /run/netns/NAME), read from a
+/// socket created inside it on a short-lived thread.
+pub fn netns_cookie(path: &Path) -> std::io::Result<u64> {
+    let file = std::fs::File::open(path)?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .map_err(std::io::Error::from)?;
+                zmesh_redirect::current_netns_cookie()
+            })
+            .join()
+            .unwrap_or_else(|_| Err(std::io::Error::other("netns thread panicked")))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listeners_follow_the_proxy_config() {
+        let mut proxy = ProxyConfig::new("node1", IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        proxy.mode = Mode::Strict;
+        let listeners = listeners_of(Ipv4Addr::new(10, 0, 0, 1), &proxy);
+        assert_eq!(listeners.outbound, "10.0.0.1:15001".parse().unwrap());
+        assert_eq!(listeners.inbound_plaintext_port, 15006);
+        assert_eq!(listeners.inbound_hbone_port, 15008);
+        assert_eq!(listeners.node_mode, Mode::Strict);
+        assert_eq!(listeners.other_ports, vec![15000, 15020, 15021]);
+
+        proxy.outbound_addr.set_port(25001);
+        proxy.readiness_addr.set_port(25021);
+        let listeners = listeners_of(Ipv4Addr::new(10, 0, 0, 1), &proxy);
+        assert_eq!(listeners.outbound.port(), 25001);
+        assert!(listeners.other_ports.contains(&25021));
+    }
+}
