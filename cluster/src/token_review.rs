@@ -30,8 +30,9 @@ pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
 const REVIEW_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A `namespace/name` service account reference.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A `namespace/name` service account reference (shown that way by Debug too, as it is
+/// printed in `zmesh ca serve --dry-run`).
+#[derive(Clone, PartialEq, Eq)]
 pub struct ServiceAccountRef {
     namespace: String,
     name: String,
@@ -70,6 +71,12 @@ impl FromStr for ServiceAccountRef {
 impl fmt::Display for ServiceAccountRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+impl fmt::Debug for ServiceAccountRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:?}", self.to_string())
     }
 }
 

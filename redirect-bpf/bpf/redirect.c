@@ -12,7 +12,8 @@
 // mode, drops plaintext SYNs and answers them with a TCP RST so the client fails
 // at once. Every drop is counted per reason and reported on a ring buffer.
 //
-// The layout of every struct shared with userspace is mirrored in src/abi.rs.
+// Every struct and constant shared with userspace is in abi.h; src/abi.rs mirrors the
+// structs and the build checks their layout against it (build.rs, abi_layout.c).
 
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
@@ -24,6 +25,8 @@
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
+#include "abi.h"
+
 #define AF_INET 2
 #define AF_INET6 10
 #define SOCK_STREAM 1
@@ -32,63 +35,12 @@
 #define SO_ORIGINAL_DST 80
 
 #define MAX_CGROUP_LEVELS 16
-#define MAX_PROXY_PORTS 8
-
-// zm_config.flags
-#define CFG_ENABLED (1u << 0)
-#define CFG_NODE_STRICT (1u << 1)
-#define CFG_REJECT_RST (1u << 2)
-
-// zm_enrolled_ips value flags
-#define POD_STRICT (1u << 0)
-
-// drop reasons (index into zm_drops, reason in zm_events)
-#define REASON_STRICT_PLAINTEXT 1
-#define REASON_PROXY_UNAVAILABLE 2
-#define REASON_FRAGMENT 3
-#define REASON_MAX 8
-
 #define TCP_FLAG_FIN 0x01
 #define TCP_FLAG_SYN 0x02
 #define TCP_FLAG_RST 0x04
 #define TCP_FLAG_ACK 0x10
 
 char LICENSE[] SEC("license") = "GPL";
-
-struct zm_config {
-	__u32 flags;
-	__u32 outbound_ip4;     // network order
-	__u32 outbound_ip6[4];  // network order; all zero: IPv6 is not redirected
-	__u16 outbound_port;    // network order
-	__u16 inbound_plain_port; // network order (15006)
-	__u16 inbound_hbone_port; // network order (15008)
-	__u16 pad0;
-	__u32 inbound_ip4;      // listener address for the lookup, 0: packet's dst
-	__u32 mark;             // set on steered packets, matched by the policy rule
-	__u32 route_table;      // policy routing table, for uninstall
-	__u16 proxy_ports[MAX_PROXY_PORTS]; // network order, 0: unused
-};
-
-// An address + port, IPv4 as v4-mapped IPv6 so both families share one key type.
-struct zm_addr {
-	__u32 addr[4];
-	__u16 port;   // network order
-	__u16 family; // AF_INET or AF_INET6 of the original destination
-	__u32 pad;
-};
-
-struct zm_ip {
-	__u32 addr[4]; // v4-mapped for IPv4
-};
-
-struct zm_drop_event {
-	__u64 ts_ns; // CLOCK_MONOTONIC
-	struct zm_ip src;
-	struct zm_ip dst;
-	__u16 sport;
-	__u16 dport;
-	__u32 reason;
-};
 
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);

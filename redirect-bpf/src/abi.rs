@@ -1,17 +1,31 @@
-//! Mirrors of the structs shared with bpf/redirect.c. Layouts must match exactly.
+//! Mirrors of the structs shared with the eBPF programs, and their constants. The source of
+//! truth is bpf/abi.h: build.rs prints its layouts and constants (`c` below), the constants
+//! are taken from there and every mirror's size and field offsets are checked against it
+//! at compile time, so a change on one side only fails the build.
 
+use std::mem::{offset_of, size_of};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+
+/// bpf/abi.h as the C compiler lays it out.
+#[allow(dead_code, non_upper_case_globals)] // Named as in C; some only serve the checks.
+mod c {
+    include!(concat!(env!("OUT_DIR"), "/abi_layout.rs"));
+}
 
 pub(crate) const AF_INET: u16 = 2;
 pub(crate) const AF_INET6: u16 = 10;
 
-pub(crate) const CFG_ENABLED: u32 = 1 << 0;
-pub(crate) const CFG_NODE_STRICT: u32 = 1 << 1;
-pub(crate) const CFG_REJECT_RST: u32 = 1 << 2;
+pub(crate) const CFG_ENABLED: u32 = c::CFG_ENABLED;
+pub(crate) const CFG_NODE_STRICT: u32 = c::CFG_NODE_STRICT;
+pub(crate) const CFG_REJECT_RST: u32 = c::CFG_REJECT_RST;
 
-pub(crate) const POD_STRICT: u32 = 1 << 0;
+pub(crate) const POD_STRICT: u32 = c::POD_STRICT;
 
-pub(crate) const MAX_PROXY_PORTS: usize = 8;
+pub(crate) const MAX_PROXY_PORTS: usize = c::MAX_PROXY_PORTS;
+
+pub(crate) const REASON_STRICT_PLAINTEXT: u32 = c::REASON_STRICT_PLAINTEXT;
+pub(crate) const REASON_PROXY_UNAVAILABLE: u32 = c::REASON_PROXY_UNAVAILABLE;
+pub(crate) const REASON_FRAGMENT: u32 = c::REASON_FRAGMENT;
 
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -63,9 +77,47 @@ unsafe impl aya::Pod for Addr {}
 // SAFETY: as above.
 unsafe impl aya::Pod for Ip {}
 
-const _: () = assert!(std::mem::size_of::<Config>() == 60);
-const _: () = assert!(std::mem::size_of::<Addr>() == 24);
-const _: () = assert!(std::mem::size_of::<DropEvent>() == 48);
+/// Fails the build unless `$rust` has the C struct's size and each field its C offset.
+macro_rules! same_layout {
+    ($rust:ty, $size:path, { $($field:ident: $offset:path),+ $(,)? }) => {
+        const _: () = assert!(size_of::<$rust>() == $size, "size differs from bpf/abi.h");
+        $(
+            const _: () = assert!(
+                offset_of!($rust, $field) == $offset,
+                concat!(stringify!($rust), ".", stringify!($field), " differs from bpf/abi.h")
+            );
+        )+
+    };
+}
+
+same_layout!(Config, c::zm_config__SIZE, {
+    flags: c::zm_config__flags,
+    outbound_ip4: c::zm_config__outbound_ip4,
+    outbound_ip6: c::zm_config__outbound_ip6,
+    outbound_port: c::zm_config__outbound_port,
+    inbound_plain_port: c::zm_config__inbound_plain_port,
+    inbound_hbone_port: c::zm_config__inbound_hbone_port,
+    pad0: c::zm_config__pad0,
+    inbound_ip4: c::zm_config__inbound_ip4,
+    mark: c::zm_config__mark,
+    route_table: c::zm_config__route_table,
+    proxy_ports: c::zm_config__proxy_ports,
+});
+same_layout!(Addr, c::zm_addr__SIZE, {
+    addr: c::zm_addr__addr,
+    port: c::zm_addr__port,
+    family: c::zm_addr__family,
+    pad: c::zm_addr__pad,
+});
+same_layout!(Ip, c::zm_ip__SIZE, { addr: c::zm_ip__addr });
+same_layout!(DropEvent, c::zm_drop_event__SIZE, {
+    ts_ns: c::zm_drop_event__ts_ns,
+    src: c::zm_drop_event__src,
+    dst: c::zm_drop_event__dst,
+    sport: c::zm_drop_event__sport,
+    dport: c::zm_drop_event__dport,
+    reason: c::zm_drop_event__reason,
+});
 
 impl Ip {
     pub fn new(ip: IpAddr) -> Self {

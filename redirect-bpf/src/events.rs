@@ -27,9 +27,9 @@ pub enum DropReason {
 impl DropReason {
     pub(crate) fn from_code(code: u32) -> Self {
         match code {
-            1 => Self::StrictPlaintext,
-            2 => Self::ProxyUnavailable,
-            3 => Self::Fragment,
+            abi::REASON_STRICT_PLAINTEXT => Self::StrictPlaintext,
+            abi::REASON_PROXY_UNAVAILABLE => Self::ProxyUnavailable,
+            abi::REASON_FRAGMENT => Self::Fragment,
             n => Self::Unknown(n),
         }
     }
@@ -37,9 +37,9 @@ impl DropReason {
     /// The counter index of this reason in the per-CPU drop counters.
     pub fn code(self) -> u32 {
         match self {
-            Self::StrictPlaintext => 1,
-            Self::ProxyUnavailable => 2,
-            Self::Fragment => 3,
+            Self::StrictPlaintext => abi::REASON_STRICT_PLAINTEXT,
+            Self::ProxyUnavailable => abi::REASON_PROXY_UNAVAILABLE,
+            Self::Fragment => abi::REASON_FRAGMENT,
             Self::Unknown(n) => n,
         }
     }

@@ -199,22 +199,6 @@ pub async fn run_agent(args: AgentArgs, proxy_threads: usize) -> anyhow::Result<
             watch_kubernetes(client, args.node.clone(), RetryPolicy::default()).await
         }
     };
-    run(config, cluster, shutdown_signal()).await?;
+    run(config, cluster, super::shutdown_signal()).await?;
     Ok(ExitCode::SUCCESS)
-}
-
-/// SIGTERM (Kubernetes, systemd) or Ctrl-C.
-pub async fn shutdown_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-        }
-    }
 }
