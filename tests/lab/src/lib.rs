@@ -423,6 +423,39 @@ impl Lab {
         Ok(())
     }
 
+    /// Waits for the agent of `node` to exit on its own (nobody signals it) and returns
+    /// its exit status; the agent is then gone from the lab (start it again to replace it).
+    pub async fn wait_agent_exit(
+        &mut self,
+        node: &str,
+        timeout: Duration,
+    ) -> Result<std::process::ExitStatus, LabError> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let child = self.agents.get_mut(node).ok_or_else(|| LabError::Process {
+                what: format!("the agent of {node}"),
+                reason: "not running".into(),
+            })?;
+            if let Some(status) = child.try_wait().map_err(|e| LabError::Process {
+                what: format!("the agent of {node}"),
+                reason: e.to_string(),
+            })? {
+                self.agents.remove(node);
+                return Ok(status);
+            }
+            if Instant::now() > deadline {
+                return Err(LabError::Timeout {
+                    what: format!(
+                        "the agent of {node} to exit; its log:\n{}",
+                        tail(&self.agent_log(node), 30)
+                    ),
+                    after: timeout,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Waits until the agent of `node` serves its admin API and holds a valid certificate
     /// for every enrolled workload of the node.
     pub async fn wait_ready(&self, node: &str, timeout: Duration) -> Result<(), LabError> {
