@@ -19,6 +19,15 @@
 //!     ips: [10.0.1.5]
 //!     protocol: hbone               # hbone (enrolled in the mesh, default) or tcp
 //!     labels: {app: web}            # optional: the pod's labels, for policy selectors
+//!     ports: {http: 8080}           # optional: named container ports, for named targetPorts
+//! services:                         # optional: Kubernetes Services (ClusterIP)
+//!   - name: web
+//!     namespace: default
+//!     vips: [10.96.0.10]            # what clients dial (one per family when dual-stack)
+//!     ports: [{port: 80, targetPort: 8080}]   # targetPort: a number or a named port
+//!     selector: {app: web}          # endpoints: workloads of the namespace with these labels
+//!     sessionAffinity: ClientIP     # optional: a client keeps its endpoint (3 h by default,
+//!     affinityTimeoutSeconds: 600   #   or this long after its last connection)
 //! ```
 //!
 //! Unknown fields are errors, so that a typo never silently disables mTLS.
@@ -27,11 +36,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use serde::Deserialize;
 use tokio::sync::watch;
 use zmesh_identity::{SpiffeIdError, TrustDomain, WorkloadId};
+
+use crate::services::{Endpoint, Service, ServicePort, TargetPort};
 
 /// Why a workload table was rejected.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +81,16 @@ pub enum TableError {
     DuplicateWorkload(String),
     #[error("node {0:?} is listed twice")]
     DuplicateNode(String),
+    #[error("service {0} is listed twice")]
+    DuplicateService(String),
+    #[error("service {service}: {reason}")]
+    InvalidService { service: String, reason: String },
+    #[error("VIP {ip} belongs to both {first} and {second}")]
+    DuplicateVip {
+        ip: IpAddr,
+        first: String,
+        second: String,
+    },
 }
 
 /// Whether traffic to a workload goes through HBONE.
@@ -114,7 +136,50 @@ struct TableFile {
     nodes: Vec<NodeFile>,
     #[serde(default)]
     workloads: Vec<WorkloadFile>,
+    #[serde(default)]
+    services: Vec<ServiceFile>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ServiceFile {
+    name: String,
+    namespace: String,
+    vips: Vec<IpAddr>,
+    ports: Vec<ServicePortFile>,
+    /// Endpoints: the namespace's workloads with all these labels.
+    selector: BTreeMap<String, String>,
+    #[serde(default)]
+    session_affinity: Option<AffinityFile>,
+    #[serde(default)]
+    affinity_timeout_seconds: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct ServicePortFile {
+    #[serde(default)]
+    name: Option<String>,
+    port: u16,
+    #[serde(default)]
+    target_port: Option<TargetPortFile>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum TargetPortFile {
+    Number(u16),
+    Name(String),
+}
+
+#[derive(Deserialize, PartialEq, Eq)]
+enum AffinityFile {
+    None,
+    ClientIP,
+}
+
+/// Kubernetes' default `sessionAffinityConfig.clientIP.timeoutSeconds`.
+pub const DEFAULT_AFFINITY_TIMEOUT: Duration = Duration::from_secs(10800);
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
@@ -136,15 +201,21 @@ struct WorkloadFile {
     protocol: Protocol,
     #[serde(default)]
     labels: BTreeMap<String, String>,
+    #[serde(default)]
+    ports: BTreeMap<String, u16>,
 }
 
-/// An immutable snapshot of all workloads, indexed by IP.
+/// An immutable snapshot of all workloads, indexed by IP, and of the Services.
 #[derive(Debug, Default)]
 pub struct WorkloadTable {
     trust_domain: TrustDomain,
     nodes: HashMap<String, Node>,
     by_ip: HashMap<IpAddr, Arc<Workload>>,
     workloads: Vec<Arc<Workload>>,
+    services: Vec<Arc<Service>>,
+    service_by_vip: HashMap<IpAddr, Arc<Service>>,
+    /// `namespace/name` -> the service.
+    service_by_key: HashMap<String, Arc<Service>>,
 }
 
 impl WorkloadTable {
@@ -191,6 +262,49 @@ impl WorkloadTable {
         Ok(table)
     }
 
+    /// The same table with these Services. A VIP may not be a workload's IP nor another
+    /// service's; a service port may not be listed twice.
+    pub fn with_services(
+        mut self,
+        services: impl IntoIterator<Item = Service>,
+    ) -> Result<Self, TableError> {
+        for service in services {
+            let key = service.key();
+            if self.service_by_key.contains_key(&key) {
+                return Err(TableError::DuplicateService(key));
+            }
+            let invalid = |reason: String| TableError::InvalidService {
+                service: key.clone(),
+                reason,
+            };
+            let mut ports = std::collections::HashSet::new();
+            for port in &service.ports {
+                if port.port == 0 {
+                    return Err(invalid("port 0 is not a service port".into()));
+                }
+                if !ports.insert(port.port) {
+                    return Err(invalid(format!("port {} is listed twice", port.port)));
+                }
+            }
+            if let Some(vip) = service.vips.iter().find(|ip| self.by_ip.contains_key(ip)) {
+                return Err(invalid(format!("VIP {vip} is a workload's IP")));
+            }
+            let service = Arc::new(service);
+            for vip in &service.vips {
+                if let Some(other) = self.service_by_vip.insert(*vip, service.clone()) {
+                    return Err(TableError::DuplicateVip {
+                        ip: *vip,
+                        first: other.key(),
+                        second: key,
+                    });
+                }
+            }
+            self.service_by_key.insert(key, service.clone());
+            self.services.push(service);
+        }
+        Ok(self)
+    }
+
     /// Parses the YAML form (see the module docs).
     pub fn from_yaml(text: &str) -> Result<Self, TableError> {
         let file: TableFile = serde_yaml_ng::from_str(text)?;
@@ -204,6 +318,7 @@ impl WorkloadTable {
             hbone: n.hbone,
         });
         let mut workloads = Vec::with_capacity(file.workloads.len());
+        let mut named_ports = Vec::with_capacity(file.workloads.len());
         for w in file.workloads {
             for (field, value) in [("name", &w.name), ("node", &w.node)] {
                 if value.is_empty() {
@@ -220,6 +335,7 @@ impl WorkloadTable {
                     name: w.name.clone(),
                     source,
                 })?;
+            named_ports.push(w.ports);
             workloads.push(Workload {
                 name: w.name,
                 namespace: w.namespace,
@@ -231,7 +347,12 @@ impl WorkloadTable {
                 labels: Arc::new(w.labels),
             });
         }
-        Self::new(trust_domain, nodes, workloads)
+        let services = file
+            .services
+            .into_iter()
+            .map(|s| service_from_file(s, &workloads, &named_ports))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::new(trust_domain, nodes, workloads)?.with_services(services)
     }
 
     /// Reads and parses a YAML file.
@@ -256,6 +377,19 @@ impl WorkloadTable {
         self.by_ip.get(&ip).filter(|w| w.node == node)
     }
 
+    /// The Service one of whose VIPs is `ip`.
+    pub fn service_by_vip(&self, ip: IpAddr) -> Option<&Arc<Service>> {
+        self.service_by_vip.get(&ip)
+    }
+
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&Arc<Service>> {
+        self.service_by_key.get(&format!("{namespace}/{name}"))
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Arc<Service>> {
+        self.services.iter()
+    }
+
     pub fn node(&self, name: &str) -> Option<&Node> {
         self.nodes.get(name)
     }
@@ -268,6 +402,99 @@ impl WorkloadTable {
     pub fn workloads_on<'a>(&'a self, node: &'a str) -> impl Iterator<Item = &'a Arc<Workload>> {
         self.workloads.iter().filter(move |w| w.node == node)
     }
+}
+
+/// A Service of the YAML form, its endpoints resolved from the table's workloads (every
+/// workload of the file counts as ready).
+fn service_from_file(
+    file: ServiceFile,
+    workloads: &[Workload],
+    named_ports: &[BTreeMap<String, u16>],
+) -> Result<Service, TableError> {
+    let key = format!("{}/{}", file.namespace, file.name);
+    let invalid = |reason: String| TableError::InvalidService {
+        service: key.clone(),
+        reason,
+    };
+    if file.name.is_empty() || file.namespace.is_empty() {
+        return Err(invalid("`name` and `namespace` must not be empty".into()));
+    }
+    if file.vips.is_empty() {
+        return Err(invalid("field `vips` is empty".into()));
+    }
+    if file.ports.is_empty() {
+        return Err(invalid("field `ports` is empty".into()));
+    }
+    if file.selector.is_empty() {
+        return Err(invalid(
+            "field `selector` is empty (it would select every workload of the namespace)".into(),
+        ));
+    }
+    let ports: Vec<ServicePort> = file
+        .ports
+        .into_iter()
+        .map(|p| ServicePort {
+            name: p.name,
+            port: p.port,
+            target: match p.target_port {
+                None => TargetPort::Number(p.port),
+                Some(TargetPortFile::Number(n)) => TargetPort::Number(n),
+                Some(TargetPortFile::Name(name)) => TargetPort::Named(name),
+            },
+        })
+        .collect();
+    if let Some(port) = ports
+        .iter()
+        .find(|p| matches!(p.target, TargetPort::Number(0)))
+    {
+        return Err(invalid(format!("port {}: targetPort 0", port.port)));
+    }
+    let affinity = match file.session_affinity {
+        Some(AffinityFile::ClientIP) => Some(
+            file.affinity_timeout_seconds
+                .map_or(DEFAULT_AFFINITY_TIMEOUT, Duration::from_secs),
+        ),
+        None | Some(AffinityFile::None) => {
+            if file.affinity_timeout_seconds.is_some() {
+                return Err(invalid(
+                    "affinityTimeoutSeconds needs sessionAffinity: ClientIP".into(),
+                ));
+            }
+            None
+        }
+    };
+    let mut endpoints = Vec::new();
+    for (w, named) in workloads.iter().zip(named_ports) {
+        let selected = w.namespace == file.namespace
+            && file
+                .selector
+                .iter()
+                .all(|(k, v)| w.labels.get(k) == Some(v));
+        if !selected {
+            continue;
+        }
+        let targets: BTreeMap<u16, u16> = ports
+            .iter()
+            .filter_map(|p| p.target_on(named).map(|t| (p.port, t)))
+            .collect();
+        if targets.is_empty() {
+            continue;
+        }
+        for ip in &w.ips {
+            endpoints.push(Endpoint {
+                ip: *ip,
+                ports: targets.clone(),
+            });
+        }
+    }
+    Ok(Service {
+        name: file.name,
+        namespace: file.namespace,
+        vips: file.vips,
+        ports,
+        affinity,
+        endpoints,
+    })
 }
 
 /// The current table, swappable while the proxy runs.
@@ -408,6 +635,136 @@ workloads:
             ),
             (GOOD.replace("node: n2", "node: \"\""), "`node` is empty"),
             (GOOD.replace("tier: \"1\"", "tier: [1]"), "labels"),
+        ];
+        for (text, want) in cases {
+            let err = chain(&WorkloadTable::from_yaml(&text).unwrap_err());
+            assert!(err.contains(want), "want {want:?} in {err}");
+        }
+    }
+
+    const SERVICES: &str = r#"
+workloads:
+  - {name: web-1, namespace: shop, serviceAccount: web, node: n1, ips: [10.0.1.1, "fd00::1"], labels: {app: web}, ports: {http: 8080}}
+  - {name: web-2, namespace: shop, serviceAccount: web, node: n2, ips: [10.0.2.1], labels: {app: web}, ports: {http: 9090}}
+  - {name: web-3, namespace: shop, serviceAccount: web, node: n2, ips: [10.0.2.2], labels: {app: web}}
+  - {name: web-x, namespace: other, serviceAccount: web, node: n2, ips: [10.0.2.3], labels: {app: web}, ports: {http: 8080}}
+  - {name: db, namespace: shop, serviceAccount: db, node: n1, ips: [10.0.1.2], labels: {app: db}}
+services:
+  - name: web
+    namespace: shop
+    vips: [10.96.0.10, "fd00:96::10"]
+    ports: [{name: http, port: 80, targetPort: http}, {port: 81, targetPort: 7070}, {port: 82}]
+    selector: {app: web}
+    sessionAffinity: ClientIP
+  - name: db
+    namespace: shop
+    vips: [10.96.0.11]
+    ports: [{port: 5432}]
+    selector: {app: db}
+    sessionAffinity: ClientIP
+    affinityTimeoutSeconds: 60
+"#;
+
+    #[test]
+    fn services_resolve_endpoints_from_workloads() {
+        let t = WorkloadTable::from_yaml(SERVICES).unwrap();
+        let web = t.service_by_vip("fd00:96::10".parse().unwrap()).unwrap();
+        assert_eq!(web.key(), "shop/web");
+        assert_eq!(web.hostname("cluster.local"), "web.shop.svc.cluster.local");
+        assert!(std::ptr::eq(
+            &**web,
+            &**t.service_by_vip("10.96.0.10".parse().unwrap()).unwrap()
+        ));
+        // Named target: each pod's own number; a pod without the name does not serve it.
+        let mut http: Vec<_> = web
+            .endpoints_for(80)
+            .map(|(ip, p)| (ip.to_string(), p))
+            .collect();
+        http.sort();
+        assert_eq!(
+            http,
+            [
+                ("10.0.1.1".to_string(), 8080),
+                ("10.0.2.1".to_string(), 9090),
+                ("fd00::1".to_string(), 8080)
+            ]
+        );
+        // Numeric target (and none: the port itself) on every selected pod of the namespace.
+        assert_eq!(web.endpoints_for(81).count(), 4);
+        assert!(web.endpoints_for(82).all(|(_, p)| p == 82));
+        assert_eq!(web.endpoints_for(83).count(), 0, "not a service port");
+        assert_eq!(web.affinity, Some(DEFAULT_AFFINITY_TIMEOUT));
+        let db = t.service("shop", "db").unwrap();
+        assert_eq!(db.affinity, Some(Duration::from_secs(60)));
+        assert_eq!(
+            db.endpoints_for(5432).collect::<Vec<_>>(),
+            [("10.0.1.2".parse().unwrap(), 5432)]
+        );
+        assert!(t.service_by_vip("10.0.1.1".parse().unwrap()).is_none());
+    }
+
+    #[test]
+    fn bad_services_are_refused_with_the_reason() {
+        let cases = [
+            (
+                SERVICES.replace("[10.96.0.11]", "[10.96.0.10]"),
+                "belongs to both",
+            ),
+            (
+                SERVICES.replace("[10.96.0.11]", "[10.0.1.2]"),
+                "is a workload's IP",
+            ),
+            (SERVICES.replace("[10.96.0.11]", "[]"), "`vips` is empty"),
+            (SERVICES.replace("[{port: 5432}]", "[]"), "`ports` is empty"),
+            (
+                SERVICES.replace("[{port: 5432}]", "[{port: 5432}, {port: 5432}]"),
+                "listed twice",
+            ),
+            (SERVICES.replace("[{port: 5432}]", "[{port: 0}]"), "port 0"),
+            (
+                SERVICES.replace("[{port: 5432}]", "[{port: 5432, targetPort: 0}]"),
+                "targetPort 0",
+            ),
+            (
+                SERVICES.replace("selector: {app: db}", "selector: {}"),
+                "`selector` is empty",
+            ),
+            (
+                SERVICES.replace(
+                    "    sessionAffinity: ClientIP
+    affinityTimeoutSeconds",
+                    "    affinityTimeoutSeconds",
+                ),
+                "needs sessionAffinity",
+            ),
+            (
+                SERVICES.replace(
+                    "sessionAffinity: ClientIP
+  - name: db",
+                    "sessionAffinity: Cookie
+  - name: db",
+                ),
+                "Cookie",
+            ),
+            (
+                SERVICES.replace(
+                    "vips: [10.96.0.11]",
+                    "vips: [10.96.0.11]
+    type: NodePort",
+                ),
+                "type",
+            ),
+            (
+                SERVICES.replace(
+                    "name: db
+    namespace: shop
+    vips",
+                    "name: web
+    namespace: shop
+    vips",
+                ),
+                "listed twice",
+            ),
         ];
         for (text, want) in cases {
             let err = chain(&WorkloadTable::from_yaml(&text).unwrap_err());
