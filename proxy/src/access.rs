@@ -6,6 +6,7 @@ use std::time::{Instant, SystemTime};
 
 use crate::flows::{FlowEndpoint, FlowEvent, FlowVerdict};
 use crate::metrics::Direction;
+use crate::outcome::Outcome;
 use crate::policy::Verdict;
 use crate::proxy::Shared;
 use crate::workloads::Workload;
@@ -21,8 +22,6 @@ pub(crate) struct AccessLog {
     pub encrypted: bool,
     /// The authorization verdict, when policies were consulted.
     pub policy: Option<Verdict>,
-    /// Overrides the reason derived from the result (e.g. "policy changed").
-    pub reason: Option<String>,
 }
 
 fn endpoint_of(w: &Workload, addr: SocketAddr) -> FlowEndpoint {
@@ -31,21 +30,6 @@ fn endpoint_of(w: &Workload, addr: SocketAddr) -> FlowEndpoint {
         pod: Some(w.name.clone()),
         identity: Some(w.identity.to_string()),
         addr,
-    }
-}
-
-/// What a connection's result means for its flow: the verdict and a reason.
-fn classify(result: &'static str) -> (FlowVerdict, Option<&'static str>) {
-    match result {
-        "ok" | "passthrough" => (FlowVerdict::Forwarded, None),
-        "denied" => (FlowVerdict::Denied, None),
-        "status_401" => (
-            FlowVerdict::Denied,
-            Some("denied by the destination's policy"),
-        ),
-        "policy_changed" => (FlowVerdict::Denied, Some("policy changed")),
-        "refused_strict" => (FlowVerdict::Dropped, Some("plaintext_strict")),
-        other => (FlowVerdict::Error, Some(other)),
     }
 }
 
@@ -60,7 +44,6 @@ impl AccessLog {
             dst: None,
             encrypted: false,
             policy: None,
-            reason: None,
         }
     }
 
@@ -77,13 +60,12 @@ impl AccessLog {
 
     /// Logs, counts and publishes the end of the connection. `sent` went to the client
     /// that opened it.
-    pub fn finish(self, shared: &Shared, result: &'static str, sent: u64, received: u64) {
+    pub fn finish(self, shared: &Shared, outcome: Outcome, sent: u64, received: u64) {
         shared
             .metrics
-            .closed(self.direction, result, sent, received);
+            .closed(self.direction, outcome, sent, received);
         let duration = self.start.elapsed();
         let none = || "-".to_string();
-        let (verdict, reason) = classify(result);
         tracing::info!(
             target: "access",
             direction = self.direction.as_str(),
@@ -97,7 +79,7 @@ impl AccessLog {
             bytes_received = received,
             duration_ms = duration.as_millis() as u64,
             encrypted = self.encrypted,
-            result,
+            result = outcome.label(),
             "connection complete"
         );
         let destination = match self.dst {
@@ -117,10 +99,10 @@ impl AccessLog {
             bytes_sent: received,
             bytes_received: sent,
             duration_us: u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
-            verdict,
+            verdict: outcome.verdict(),
             encrypted: self.encrypted,
             policy: self.policy,
-            reason: self.reason.or(reason.map(str::to_owned)),
+            reason: outcome.reason().map(str::to_owned),
         });
     }
 }

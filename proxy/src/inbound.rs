@@ -16,6 +16,7 @@ use crate::access::AccessLog;
 use crate::authz::{AuthzRequest, Decision};
 use crate::copy::{bridge, Transferred};
 use crate::metrics::Direction;
+use crate::outcome::Outcome;
 use crate::proxy::{Capture, Shared};
 use crate::tls::parse_destination_sni;
 use crate::workloads::WorkloadTable;
@@ -244,16 +245,16 @@ async fn tunnel(
     let mut log = AccessLog::start(Direction::Inbound, peer, shared);
     log.src.identity = Some(peer_id.to_string());
     log.encrypted = true;
-    let reject = |log: AccessLog, respond, status: StatusCode, why: &str, result| {
+    let reject = |log: AccessLog, respond, status: StatusCode, why: &str, outcome| {
         tracing::debug!(%peer, %status, "refusing tunnel: {why}");
         respond_error(respond, status);
-        log.finish(shared, result, 0, 0);
+        log.finish(shared, outcome, 0, 0);
     };
     let table = shared.workloads.snapshot();
     attribute_source(&mut log, &table, peer, forwarded_for(&req), peer_id);
     let target = match target_of(&req) {
         Ok(t) => t,
-        Err((status, why)) => return reject(log, respond, status, why, "bad_request"),
+        Err((status, why)) => return reject(log, respond, status, why, Outcome::BadRequest),
     };
     log.dst_addr = Some(target);
     let node = &shared.config.node;
@@ -265,12 +266,24 @@ async fn tunnel(
     if arrived_on_pod_ip {
         if target.ip() != local.ip() {
             let why = "authority is not the address the connection arrived on";
-            return reject(log, respond, StatusCode::BAD_REQUEST, why, "bad_request");
+            return reject(
+                log,
+                respond,
+                StatusCode::BAD_REQUEST,
+                why,
+                Outcome::BadRequest,
+            );
         }
     } else if let Some(w) = table.workload_by_ip(target.ip()) {
         if w.node != *node {
             let why = "authority is a workload of another node";
-            return reject(log, respond, StatusCode::BAD_REQUEST, why, "bad_request");
+            return reject(
+                log,
+                respond,
+                StatusCode::BAD_REQUEST,
+                why,
+                Outcome::BadRequest,
+            );
         }
     }
     if shared.is_proxy_port(target.port()) {
@@ -280,7 +293,7 @@ async fn tunnel(
             respond,
             StatusCode::SERVICE_UNAVAILABLE,
             why,
-            "proxy_port",
+            Outcome::ProxyPort,
         );
     }
     let Some(dest) = table.local_workload(target.ip(), node).cloned() else {
@@ -290,7 +303,7 @@ async fn tunnel(
             respond,
             StatusCode::SERVICE_UNAVAILABLE,
             why,
-            "unknown_destination",
+            Outcome::UnknownDestination,
         );
     };
     drop(table);
@@ -309,7 +322,13 @@ async fn tunnel(
     log.policy = verdict;
     if let Decision::Deny { policy } = decision {
         tracing::info!(%peer, src = %peer_id, dst = %dest.identity, %policy, "tunnel denied by policy");
-        return reject(log, respond, StatusCode::UNAUTHORIZED, "denied", "denied");
+        return reject(
+            log,
+            respond,
+            StatusCode::UNAUTHORIZED,
+            "denied",
+            Outcome::Denied,
+        );
     }
     let counts = Transferred::default();
     let work = async {
@@ -321,12 +340,12 @@ async fn tunnel(
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, %target, "upstream connect failed: {e}");
                     respond_error(respond, StatusCode::SERVICE_UNAVAILABLE);
-                    return "connect_failed";
+                    return Outcome::ConnectFailed;
                 }
                 Err(_) => {
                     tracing::debug!(%peer, %target, "upstream connect timed out");
                     respond_error(respond, StatusCode::SERVICE_UNAVAILABLE);
-                    return "connect_failed";
+                    return Outcome::ConnectFailed;
                 }
             };
         let _ = upstream.set_nodelay(true);
@@ -335,27 +354,27 @@ async fn tunnel(
             Ok(send) => send,
             Err(e) => {
                 tracing::debug!(%peer, "client went away before 200: {e}");
-                return "client_reset";
+                return Outcome::ClientReset;
             }
         };
         match bridge(upstream, send, req.into_body(), &counts).await {
-            Ok(()) => "ok",
+            Ok(()) => Outcome::Ok,
             Err(e) => {
                 tracing::debug!(%peer, %target, "tunnel failed: {e}");
-                "error"
+                Outcome::Error
             }
         }
     };
     // A policy change that now denies the tunnel drops `work`: the upstream socket closes
     // and the HTTP/2 stream is reset, which closes the client's side.
-    let result = tokio::select! {
+    let outcome = tokio::select! {
         biased;
-        result = work => result,
+        outcome = work => outcome,
         _ = guard.closed_by_policy() => {
             log.policy = guard.verdict();
-            "policy_changed"
+            Outcome::PolicyChanged
         }
     };
     // The client of an inbound tunnel is the HBONE peer: it received what went to HTTP/2.
-    log.finish(shared, result, counts.to_h2(), counts.to_tcp());
+    log.finish(shared, outcome, counts.to_h2(), counts.to_tcp());
 }

@@ -15,6 +15,7 @@ mod credentials;
 mod inbound;
 mod keepalive;
 mod outbound;
+mod outcome;
 mod plaintext;
 mod pool;
 mod proxy;
@@ -31,6 +32,7 @@ pub use authz::{AllowAll, Authorizer, AuthzRequest, Decision};
 pub use credentials::{CredentialsError, StaticCredentials};
 pub use keepalive::Keepalive;
 pub use metrics::{Direction, Metrics};
+pub use outcome::Outcome;
 pub use pool::PoolConfig;
 pub use proxy::{
     Capture, DrainHandle, Mode, Proxy, ProxyAddrs, ProxyConfig, ProxyDeps, ProxyError,

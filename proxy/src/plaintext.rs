@@ -11,6 +11,7 @@ use tokio::net::TcpStream;
 use crate::access::AccessLog;
 use crate::authz::{AuthzRequest, Decision};
 use crate::metrics::Direction;
+use crate::outcome::Outcome;
 use crate::proxy::{Capture, Mode, Shared};
 
 /// RST rather than FIN: the client learns at once that it was refused.
@@ -40,20 +41,20 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketA
     }
     if shared.config.mode == Mode::Strict {
         reset(&tcp);
-        return log.finish(shared, "refused_strict", 0, 0);
+        return log.finish(shared, Outcome::RefusedStrict, 0, 0);
     }
     let dst = match dst {
         Ok(d) => d,
         Err(e) => {
             tracing::debug!(%peer, "no destination: {e}");
-            return log.finish(shared, "no_original_dst", 0, 0);
+            return log.finish(shared, Outcome::NoOriginalDst, 0, 0);
         }
     };
     if shared.is_own_listener(dst) || shared.is_proxy_port(dst.port()) {
-        return log.finish(shared, "proxy_port", 0, 0);
+        return log.finish(shared, Outcome::ProxyPort, 0, 0);
     }
     let Some(dest) = table.local_workload(dst.ip(), &shared.config.node).cloned() else {
-        return log.finish(shared, "unknown_destination", 0, 0);
+        return log.finish(shared, Outcome::UnknownDestination, 0, 0);
     };
     drop(table);
     let guard = shared.tunnels.register(None, peer.ip(), dst, dest.clone());
@@ -67,25 +68,25 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketA
     if let Decision::Deny { policy } = decision {
         tracing::info!(%peer, dst = %dest.identity, %policy, "plaintext connection denied by policy");
         reset(&tcp);
-        return log.finish(shared, "denied", 0, 0);
+        return log.finish(shared, Outcome::Denied, 0, 0);
     }
     let mut upstream =
         match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(dst)).await {
             Ok(Ok(s)) => s,
-            _ => return log.finish(shared, "connect_failed", 0, 0),
+            _ => return log.finish(shared, Outcome::ConnectFailed, 0, 0),
         };
     let _ = upstream.set_nodelay(true);
     tokio::select! {
         r = tokio::io::copy_bidirectional(&mut tcp, &mut upstream) => match r {
-            Ok((up, down)) => log.finish(shared, "passthrough", down, up),
-            Err(_) => log.finish(shared, "error", 0, 0),
+            Ok((up, down)) => log.finish(shared, Outcome::Passthrough, down, up),
+            Err(_) => log.finish(shared, Outcome::Error, 0, 0),
         },
         _ = guard.closed_by_policy() => {
             log.policy = guard.verdict();
             reset(&tcp);
             reset(&upstream);
             // Byte counts are lost with copy_bidirectional's future.
-            log.finish(shared, "policy_changed", 0, 0)
+            log.finish(shared, Outcome::PolicyChanged, 0, 0)
         }
     }
 }
