@@ -1,7 +1,9 @@
 //! One access-log line (tracing target "access"), the metrics and one flow event for each
-//! connection, refused or finished.
+//! connection, refused, finished or cut short (an [`AccessLog`] records itself when dropped).
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use crate::flows::{FlowEndpoint, FlowEvent, FlowVerdict};
@@ -11,7 +13,21 @@ use crate::policy::Verdict;
 use crate::proxy::Shared;
 use crate::workloads::Workload;
 
+/// Bytes moved so far, added to as the data flows: a connection cut short (e.g. at the
+/// drain deadline) still reports what it carried.
+#[derive(Debug, Default)]
+pub(crate) struct ByteCounts {
+    /// To the client that opened the connection.
+    pub sent: AtomicU64,
+    /// From the client that opened the connection.
+    pub received: AtomicU64,
+}
+
+/// Records one connection: when it is dropped, it logs, counts and publishes the outcome
+/// given to [`AccessLog::finish`], or [`Outcome::DrainDeadline`] / [`Outcome::Cancelled`]
+/// if it was dropped unfinished (its task cancelled).
 pub(crate) struct AccessLog {
+    shared: Arc<Shared>,
     direction: Direction,
     start: Instant,
     pub src: FlowEndpoint,
@@ -22,6 +38,8 @@ pub(crate) struct AccessLog {
     pub encrypted: bool,
     /// The authorization verdict, when policies were consulted.
     pub policy: Option<Verdict>,
+    pub bytes: ByteCounts,
+    outcome: Option<Outcome>,
 }
 
 fn endpoint_of(w: &Workload, addr: SocketAddr) -> FlowEndpoint {
@@ -34,9 +52,10 @@ fn endpoint_of(w: &Workload, addr: SocketAddr) -> FlowEndpoint {
 }
 
 impl AccessLog {
-    pub fn start(direction: Direction, src_addr: SocketAddr, shared: &Shared) -> Self {
+    pub fn start(direction: Direction, src_addr: SocketAddr, shared: &Arc<Shared>) -> Self {
         shared.metrics.opened(direction);
         Self {
+            shared: shared.clone(),
             direction,
             start: Instant::now(),
             src: FlowEndpoint::addr(src_addr),
@@ -44,6 +63,8 @@ impl AccessLog {
             dst: None,
             encrypted: false,
             policy: None,
+            bytes: ByteCounts::default(),
+            outcome: None,
         }
     }
 
@@ -58,9 +79,16 @@ impl AccessLog {
         self.dst = Some(endpoint_of(w, addr));
     }
 
-    /// Logs, counts and publishes the end of the connection. `sent` went to the client
-    /// that opened it.
-    pub fn finish(self, shared: &Shared, outcome: Outcome, sent: u64, received: u64) {
+    /// Ends the connection with `outcome` (recorded as the log drops).
+    pub fn finish(mut self, outcome: Outcome) {
+        self.outcome = Some(outcome);
+    }
+
+    /// Logs, counts and publishes the end of the connection.
+    fn record(&mut self, outcome: Outcome) {
+        let shared = &*self.shared;
+        let sent = self.bytes.sent.load(Ordering::Relaxed);
+        let received = self.bytes.received.load(Ordering::Relaxed);
         shared
             .metrics
             .closed(self.direction, outcome, sent, received);
@@ -82,7 +110,7 @@ impl AccessLog {
             result = outcome.label(),
             "connection complete"
         );
-        let destination = match self.dst {
+        let destination = match self.dst.take() {
             Some(mut d) => {
                 if let Some(addr) = self.dst_addr {
                     d.addr = addr;
@@ -91,9 +119,11 @@ impl AccessLog {
             }
             None => FlowEndpoint::addr(self.dst_addr.unwrap_or_else(unknown_addr)),
         };
+        let src_addr = self.src.addr;
+        let source = std::mem::replace(&mut self.src, FlowEndpoint::addr(src_addr));
         shared.flows.publish(FlowEvent {
             time: SystemTime::now(),
-            source: self.src,
+            source,
             destination,
             // The flow's direction is source -> destination: what the client sent.
             bytes_sent: received,
@@ -101,9 +131,22 @@ impl AccessLog {
             duration_us: u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
             verdict: outcome.verdict(),
             encrypted: self.encrypted,
-            policy: self.policy,
+            policy: self.policy.take(),
             reason: outcome.reason().map(str::to_owned),
         });
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        let outcome = self.outcome.unwrap_or_else(|| {
+            if self.shared.force.is_cancelled() {
+                Outcome::DrainDeadline
+            } else {
+                Outcome::Cancelled
+            }
+        });
+        self.record(outcome);
     }
 }
 

@@ -14,7 +14,7 @@ use zmesh_identity::{SpiffeId, WorkloadId};
 
 use crate::access::AccessLog;
 use crate::authz::{AuthzRequest, Decision};
-use crate::copy::{bridge, Transferred};
+use crate::copy::bridge;
 use crate::metrics::Direction;
 use crate::outcome::Outcome;
 use crate::proxy::{Capture, Shared};
@@ -114,10 +114,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
                     let s = shared.clone();
                     let id = peer_id.clone();
                     shared.tracker.spawn(async move {
+                        // The deadline first: a tunnel whose connection is being closed
+                        // by it is cut by the deadline, whatever error it would report.
                         tokio::select! {
                             biased;
-                            _ = tunnel(&s, req, respond, &id, local, peer) => {}
                             _ = s.force.cancelled() => {}
+                            _ = tunnel(&s, req, respond, &id, local, peer) => {}
                         }
                     });
                 }
@@ -235,7 +237,7 @@ fn attribute_source(
 }
 
 async fn tunnel(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
     peer_id: &Arc<SpiffeId>,
@@ -248,7 +250,7 @@ async fn tunnel(
     let reject = |log: AccessLog, respond, status: StatusCode, why: &str, outcome| {
         tracing::debug!(%peer, %status, "refusing tunnel: {why}");
         respond_error(respond, status);
-        log.finish(shared, outcome, 0, 0);
+        log.finish(outcome);
     };
     let table = shared.workloads.snapshot();
     attribute_source(&mut log, &table, peer, forwarded_for(&req), peer_id);
@@ -330,7 +332,8 @@ async fn tunnel(
             Outcome::Denied,
         );
     }
-    let counts = Transferred::default();
+    // The client of an inbound tunnel is the HBONE peer: it receives what goes to HTTP/2.
+    let (sent, received) = (&log.bytes.sent, &log.bytes.received);
     let work = async {
         let upstream =
             match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(target))
@@ -357,7 +360,7 @@ async fn tunnel(
                 return Outcome::ClientReset;
             }
         };
-        match bridge(upstream, send, req.into_body(), &counts).await {
+        match bridge(upstream, send, req.into_body(), sent, received).await {
             Ok(()) => Outcome::Ok,
             Err(e) => {
                 tracing::debug!(%peer, %target, "tunnel failed: {e}");
@@ -375,6 +378,5 @@ async fn tunnel(
             Outcome::PolicyChanged
         }
     };
-    // The client of an inbound tunnel is the HBONE peer: it received what went to HTTP/2.
-    log.finish(shared, outcome, counts.to_h2(), counts.to_tcp());
+    log.finish(outcome);
 }

@@ -9,7 +9,7 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use crate::access::AccessLog;
-use crate::copy::{bridge, Transferred};
+use crate::copy::{bridge, splice};
 use crate::metrics::Direction;
 use crate::outcome::Outcome;
 use crate::pool::PoolKey;
@@ -26,12 +26,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         Ok(dst) => dst,
         Err(e) => {
             tracing::warn!(%peer, "no original destination: {e}");
-            return log.finish(&shared, Outcome::NoOriginalDst, 0, 0);
+            return log.finish(Outcome::NoOriginalDst);
         }
     };
     log.dst_addr = Some(dst);
     if shared.is_own_listener(dst) {
-        return log.finish(&shared, Outcome::Loop, 0, 0);
+        return log.finish(Outcome::Loop);
     }
     let table = shared.workloads.snapshot();
     let Some(source) = table
@@ -39,7 +39,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         .cloned()
     else {
         tracing::debug!(%peer, "connection from an IP that is no workload of this node");
-        return log.finish(&shared, Outcome::UnknownSource, 0, 0);
+        return log.finish(Outcome::UnknownSource);
     };
     log.source(&source);
     let dest = table
@@ -74,7 +74,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(%peer, %dst, %hbone, "no HBONE connection: {e}");
-                return log.finish(&shared, Outcome::HboneConnectFailed, 0, 0);
+                return log.finish(Outcome::HboneConnectFailed);
             }
         };
         let request = Request::builder()
@@ -84,7 +84,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             .body(());
         let Ok(request) = request else {
             // Unreachable: an IP:port is always a valid authority.
-            return log.finish(&shared, Outcome::InternalError, 0, 0);
+            return log.finish(Outcome::InternalError);
         };
         let sent = async {
             let mut send = lease.send_request().ready().await?;
@@ -101,7 +101,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             }
             Err(e) => {
                 tracing::warn!(%hbone, "cannot open HBONE stream: {e}");
-                return log.finish(&shared, Outcome::HboneStreamFailed, 0, 0);
+                return log.finish(Outcome::HboneStreamFailed);
             }
         };
         let response = match response.await {
@@ -115,17 +115,18 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             }
             Err(e) => {
                 tracing::warn!(%hbone, %dst, "HBONE CONNECT failed: {e}");
-                return log.finish(&shared, Outcome::HboneStreamFailed, 0, 0);
+                return log.finish(Outcome::HboneStreamFailed);
             }
         };
         // The destination answered over mTLS, whatever it said.
         log.encrypted = true;
         if response.status() != StatusCode::OK {
             tracing::info!(%peer, %dst, status = %response.status(), "HBONE CONNECT refused");
-            return log.finish(&shared, status_outcome(response.status()), 0, 0);
+            return log.finish(status_outcome(response.status()));
         }
-        let counts = Transferred::default();
-        let outcome = match bridge(tcp, stream, response.into_body(), &counts).await {
+        // The client is on the TCP side: it receives what comes from HTTP/2.
+        let (sent, received) = (&log.bytes.sent, &log.bytes.received);
+        let outcome = match bridge(tcp, stream, response.into_body(), received, sent).await {
             Ok(()) => Outcome::Ok,
             Err(e) => {
                 tracing::debug!(%peer, %dst, "tunnel failed: {e}");
@@ -133,7 +134,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             }
         };
         drop(lease);
-        return log.finish(&shared, outcome, counts.to_tcp(), counts.to_h2());
+        return log.finish(outcome);
     }
 }
 
@@ -159,17 +160,17 @@ async fn passthrough(shared: &Shared, mut tcp: TcpStream, dst: SocketAddr, log: 
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::debug!(%dst, "passthrough connect failed: {e}");
-                return log.finish(shared, Outcome::ConnectFailed, 0, 0);
+                return log.finish(Outcome::ConnectFailed);
             }
-            Err(_) => return log.finish(shared, Outcome::ConnectFailed, 0, 0),
+            Err(_) => return log.finish(Outcome::ConnectFailed),
         };
     let _ = upstream.set_nodelay(true);
     let mut upstream = upstream;
-    match tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await {
-        Ok((up, down)) => log.finish(shared, Outcome::Passthrough, down, up),
+    match splice(&mut tcp, &mut upstream, &log.bytes).await {
+        Ok(()) => log.finish(Outcome::Passthrough),
         Err(e) => {
             tracing::debug!(%dst, "passthrough failed: {e}");
-            log.finish(shared, Outcome::Error, 0, 0)
+            log.finish(Outcome::Error)
         }
     }
 }

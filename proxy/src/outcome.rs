@@ -55,11 +55,16 @@ pub enum Outcome {
     InternalError,
     /// The tunnel failed after it was established (reset, I/O error).
     Error,
+    /// Still open when the drain deadline passed: the proxy closed it.
+    DrainDeadline,
+    /// Its task was dropped before the connection finished, the drain deadline aside
+    /// (a panic, or the runtime shutting down).
+    Cancelled,
 }
 
 impl Outcome {
     /// Every outcome, for tests and documentation.
-    pub const ALL: [Outcome; 22] = [
+    pub const ALL: [Outcome; 24] = [
         Outcome::Ok,
         Outcome::Passthrough,
         Outcome::Denied,
@@ -82,6 +87,8 @@ impl Outcome {
         Outcome::ClientReset,
         Outcome::InternalError,
         Outcome::Error,
+        Outcome::DrainDeadline,
+        Outcome::Cancelled,
     ];
 
     /// The `result` label (metrics, access log), the flow verdict, and the flow reason.
@@ -116,6 +123,8 @@ impl Outcome {
             Outcome::ClientReset => error("client_reset"),
             Outcome::InternalError => error("internal_error"),
             Outcome::Error => error("error"),
+            Outcome::DrainDeadline => error("drain_deadline"),
+            Outcome::Cancelled => error("cancelled"),
         }
     }
 
@@ -179,6 +188,8 @@ mod tests {
             "client_reset",
             "internal_error",
             "error",
+            "drain_deadline",
+            "cancelled",
         ];
         assert_eq!(labels, expected.into_iter().collect());
         assert_eq!(Outcome::Status401.to_string(), "status_401");
@@ -199,6 +210,8 @@ mod tests {
             (Outcome::PolicyChanged, Denied, Some("policy changed")),
             (Outcome::RefusedStrict, Dropped, Some("plaintext_strict")),
             (Outcome::ConnectFailed, Error, Some("connect_failed")),
+            (Outcome::DrainDeadline, Error, Some("drain_deadline")),
+            (Outcome::Cancelled, Error, Some("cancelled")),
         ];
         for (outcome, verdict, reason) in cases {
             assert_eq!(outcome.verdict(), verdict, "{outcome}");

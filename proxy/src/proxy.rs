@@ -453,10 +453,12 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, direction: Dire
                     Direction::InboundPlaintext => crate::plaintext::serve(s, stream, peer).await,
                 }
             };
+            // The deadline first: a connection whose HBONE connection is being closed by
+            // it is cut by the deadline (its log says so), whatever error it would report.
             tokio::select! {
                 biased;
-                _ = work => {}
                 _ = force.cancelled() => {}
+                _ = work => {}
             }
         });
     }
