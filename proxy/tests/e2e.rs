@@ -513,8 +513,17 @@ async fn drain_lets_open_tunnel_finish_and_refuses_new_connections() {
 
     // With the tunnel done, both proxies finish (the deadline is 30 s).
     let Mesh { a, b, .. } = mesh;
-    tokio::time::timeout(T, b.task).await.unwrap().unwrap();
-    tokio::time::timeout(T, a.task).await.unwrap().unwrap();
+    let drained = "a drain asked for ends in Ok";
+    tokio::time::timeout(T, b.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect(drained);
+    tokio::time::timeout(T, a.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect(drained);
     assert_eq!(b.metrics.closed_count(Direction::Inbound, Outcome::Ok), 1);
     assert_eq!(a.metrics.closed_count(Direction::Outbound, Outcome::Ok), 1);
 }
@@ -536,7 +545,8 @@ async fn drain_deadline_closes_lingering_tunnels() {
     s.read_exact(&mut buf).await.unwrap();
     mesh.b.drain.drain();
     let Mesh { b, .. } = mesh;
-    tokio::time::timeout(T, b.task).await.unwrap().unwrap();
+    let r = tokio::time::timeout(T, b.task).await.unwrap().unwrap();
+    r.expect("a drain asked for ends in Ok, even past its deadline");
     // B closed the tunnel: the server side sees EOF or a reset.
     let mut rest = Vec::new();
     let r = tokio::time::timeout(T, s.read_to_end(&mut rest))

@@ -17,7 +17,7 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use zmesh_identity::{TrustBundle, TrustDomain, WorkloadId};
 use zmesh_proxy::flows::FlowHub;
 use zmesh_proxy::{
-    Authorizer, Metrics, Node, Protocol, Proxy, ProxyAddrs, ProxyConfig, ProxyDeps,
+    Authorizer, Metrics, Node, Protocol, Proxy, ProxyAddrs, ProxyConfig, ProxyDeps, ProxyError,
     StaticCredentials, StaticOriginalDst, TlsCredentials, Workload, WorkloadStore, WorkloadTable,
 };
 
@@ -133,7 +133,8 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     pub flows: Arc<FlowHub>,
     pub drain: zmesh_proxy::DrainHandle,
-    pub task: tokio::task::JoinHandle<()>,
+    /// What [`Proxy::run`] returned.
+    pub task: tokio::task::JoinHandle<Result<(), ProxyError>>,
 }
 
 impl Running {
