@@ -58,8 +58,7 @@ impl DataPath {
                         }
                     };
                     let _ = bound_tx.send(Ok(proxy.drain_handle()));
-                    proxy.run().await;
-                    let _ = stopped_tx.send(Ok(()));
+                    let _ = stopped_tx.send(proxy.run().await);
                 });
             })
             .map_err(DataPathError::Runtime)?;

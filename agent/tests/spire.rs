@@ -130,7 +130,7 @@ struct Mesh {
     server_id: WorkloadId,
     server: TcpListener,
     outbound_a: SocketAddr,
-    proxies: Vec<JoinHandle<()>>,
+    proxies: Vec<JoinHandle<Result<(), zmesh_proxy::ProxyError>>>,
 }
 
 impl Drop for Mesh {

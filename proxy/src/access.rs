@@ -1,16 +1,33 @@
 //! One access-log line (tracing target "access"), the metrics and one flow event for each
-//! connection, refused or finished.
+//! connection, refused, finished or cut short (an [`AccessLog`] records itself when dropped).
 
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use crate::flows::{FlowEndpoint, FlowEvent, FlowVerdict};
 use crate::metrics::Direction;
+use crate::outcome::Outcome;
 use crate::policy::Verdict;
 use crate::proxy::Shared;
 use crate::workloads::Workload;
 
+/// Bytes moved so far, added to as the data flows: a connection cut short (e.g. at the
+/// drain deadline) still reports what it carried.
+#[derive(Debug, Default)]
+pub(crate) struct ByteCounts {
+    /// To the client that opened the connection.
+    pub sent: AtomicU64,
+    /// From the client that opened the connection.
+    pub received: AtomicU64,
+}
+
+/// Records one connection: when it is dropped, it logs, counts and publishes the outcome
+/// given to [`AccessLog::finish`], or [`Outcome::DrainDeadline`] / [`Outcome::Cancelled`]
+/// if it was dropped unfinished (its task cancelled).
 pub(crate) struct AccessLog {
+    shared: Arc<Shared>,
     direction: Direction,
     start: Instant,
     pub src: FlowEndpoint,
@@ -21,8 +38,8 @@ pub(crate) struct AccessLog {
     pub encrypted: bool,
     /// The authorization verdict, when policies were consulted.
     pub policy: Option<Verdict>,
-    /// Overrides the reason derived from the result (e.g. "policy changed").
-    pub reason: Option<String>,
+    pub bytes: ByteCounts,
+    outcome: Option<Outcome>,
 }
 
 fn endpoint_of(w: &Workload, addr: SocketAddr) -> FlowEndpoint {
@@ -34,25 +51,11 @@ fn endpoint_of(w: &Workload, addr: SocketAddr) -> FlowEndpoint {
     }
 }
 
-/// What a connection's result means for its flow: the verdict and a reason.
-fn classify(result: &'static str) -> (FlowVerdict, Option<&'static str>) {
-    match result {
-        "ok" | "passthrough" => (FlowVerdict::Forwarded, None),
-        "denied" => (FlowVerdict::Denied, None),
-        "status_401" => (
-            FlowVerdict::Denied,
-            Some("denied by the destination's policy"),
-        ),
-        "policy_changed" => (FlowVerdict::Denied, Some("policy changed")),
-        "refused_strict" => (FlowVerdict::Dropped, Some("plaintext_strict")),
-        other => (FlowVerdict::Error, Some(other)),
-    }
-}
-
 impl AccessLog {
-    pub fn start(direction: Direction, src_addr: SocketAddr, shared: &Shared) -> Self {
+    pub fn start(direction: Direction, src_addr: SocketAddr, shared: &Arc<Shared>) -> Self {
         shared.metrics.opened(direction);
         Self {
+            shared: shared.clone(),
             direction,
             start: Instant::now(),
             src: FlowEndpoint::addr(src_addr),
@@ -60,7 +63,8 @@ impl AccessLog {
             dst: None,
             encrypted: false,
             policy: None,
-            reason: None,
+            bytes: ByteCounts::default(),
+            outcome: None,
         }
     }
 
@@ -75,15 +79,21 @@ impl AccessLog {
         self.dst = Some(endpoint_of(w, addr));
     }
 
-    /// Logs, counts and publishes the end of the connection. `sent` went to the client
-    /// that opened it.
-    pub fn finish(self, shared: &Shared, result: &'static str, sent: u64, received: u64) {
+    /// Ends the connection with `outcome` (recorded as the log drops).
+    pub fn finish(mut self, outcome: Outcome) {
+        self.outcome = Some(outcome);
+    }
+
+    /// Logs, counts and publishes the end of the connection.
+    fn record(&mut self, outcome: Outcome) {
+        let shared = &*self.shared;
+        let sent = self.bytes.sent.load(Ordering::Relaxed);
+        let received = self.bytes.received.load(Ordering::Relaxed);
         shared
             .metrics
-            .closed(self.direction, result, sent, received);
+            .closed(self.direction, outcome, sent, received);
         let duration = self.start.elapsed();
         let none = || "-".to_string();
-        let (verdict, reason) = classify(result);
         tracing::info!(
             target: "access",
             direction = self.direction.as_str(),
@@ -97,10 +107,10 @@ impl AccessLog {
             bytes_received = received,
             duration_ms = duration.as_millis() as u64,
             encrypted = self.encrypted,
-            result,
+            result = outcome.label(),
             "connection complete"
         );
-        let destination = match self.dst {
+        let destination = match self.dst.take() {
             Some(mut d) => {
                 if let Some(addr) = self.dst_addr {
                     d.addr = addr;
@@ -109,19 +119,34 @@ impl AccessLog {
             }
             None => FlowEndpoint::addr(self.dst_addr.unwrap_or_else(unknown_addr)),
         };
+        let src_addr = self.src.addr;
+        let source = std::mem::replace(&mut self.src, FlowEndpoint::addr(src_addr));
         shared.flows.publish(FlowEvent {
             time: SystemTime::now(),
-            source: self.src,
+            source,
             destination,
             // The flow's direction is source -> destination: what the client sent.
             bytes_sent: received,
             bytes_received: sent,
             duration_us: u64::try_from(duration.as_micros()).unwrap_or(u64::MAX),
-            verdict,
+            verdict: outcome.verdict(),
             encrypted: self.encrypted,
-            policy: self.policy,
-            reason: self.reason.or(reason.map(str::to_owned)),
+            policy: self.policy.take(),
+            reason: outcome.reason().map(str::to_owned),
         });
+    }
+}
+
+impl Drop for AccessLog {
+    fn drop(&mut self) {
+        let outcome = self.outcome.unwrap_or_else(|| {
+            if self.shared.force.is_cancelled() {
+                Outcome::DrainDeadline
+            } else {
+                Outcome::Cancelled
+            }
+        });
+        self.record(outcome);
     }
 }
 

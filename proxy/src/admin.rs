@@ -1,6 +1,7 @@
 //! Metrics (:15020 /metrics) and readiness (:15021 /healthz/ready) over HTTP/1.1.
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -13,45 +14,44 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::proxy::Shared;
+use crate::proxy::{accept, ProxyError, Shared, METRICS, READINESS};
 
-pub(crate) async fn serve(
+/// Serves /metrics until `stop`; fails if the listener does.
+pub(crate) async fn serve_metrics(
     shared: Arc<Shared>,
-    metrics: TcpListener,
-    readiness: TcpListener,
+    listener: TcpListener,
     stop: CancellationToken,
-) {
+) -> Result<(), ProxyError> {
     let creds = shared.credentials.clone();
     let mut registry = shared
         .metrics
         .registry(Arc::new(move || creds.earliest_expiry()));
     shared.flows.metrics().register(&mut registry);
-    let registry = Arc::new(registry);
-    let m = tokio::spawn(serve_one(
-        metrics,
-        stop.clone(),
-        Arc::new(move |req: &Request<Incoming>| metrics_page(req, &registry)),
-    ));
-    let s = shared.clone();
-    let r = tokio::spawn(serve_one(
-        readiness,
-        stop,
-        Arc::new(move |req: &Request<Incoming>| ready_page(req, &s)),
-    ));
-    let _ = tokio::join!(m, r);
+    let handler: Handler = Arc::new(move |req: &Request<Incoming>| metrics_page(req, &registry));
+    let name = (METRICS, shared.addrs.metrics);
+    serve_one(listener, name, stop, handler).await
+}
+
+/// Serves /healthz/ready until `stop`; fails if the listener does.
+pub(crate) async fn serve_readiness(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    stop: CancellationToken,
+) -> Result<(), ProxyError> {
+    let name = (READINESS, shared.addrs.readiness);
+    let handler: Handler = Arc::new(move |req: &Request<Incoming>| ready_page(req, &shared));
+    serve_one(listener, name, stop, handler).await
 }
 
 type Handler = Arc<dyn Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync>;
 
-async fn serve_one(listener: TcpListener, stop: CancellationToken, handler: Handler) {
-    loop {
-        let stream = tokio::select! {
-            r = listener.accept() => match r {
-                Ok((s, _)) => s,
-                Err(_) => continue,
-            },
-            _ = stop.cancelled() => return,
-        };
+async fn serve_one(
+    listener: TcpListener,
+    name: (&'static str, SocketAddr),
+    stop: CancellationToken,
+    handler: Handler,
+) -> Result<(), ProxyError> {
+    while let Some((stream, _)) = accept(&listener, name, &stop).await? {
         let handler = handler.clone();
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -67,6 +67,7 @@ async fn serve_one(listener: TcpListener, stop: CancellationToken, handler: Hand
             }
         });
     }
+    Ok(())
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
@@ -92,6 +93,9 @@ fn metrics_page(req: &Request<Incoming>, registry: &Registry) -> Response<Full<B
 fn ready_page(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     if req.method() != Method::GET || req.uri().path() != "/healthz/ready" {
         return text(StatusCode::NOT_FOUND, "not found\n".into());
+    }
+    if let Some(why) = shared.failure.get() {
+        return text(StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n"));
     }
     if shared.ready.load(Ordering::Acquire) {
         text(StatusCode::OK, "ready\n".into())

@@ -1,4 +1,5 @@
-//! Moving bytes between a TCP socket and an HTTP/2 stream, each direction on its own.
+//! Moving bytes between a TCP socket and an HTTP/2 stream, each direction on its own
+//! (and between two TCP sockets, for plain TCP passed through).
 //!
 //! TCP EOF becomes END_STREAM; END_STREAM becomes shutdown(SHUT_WR); RST_STREAM with
 //! NO_ERROR or CANCEL counts as end of stream. Memory per stream stays bounded: we only
@@ -7,33 +8,19 @@
 
 use std::future::poll_fn;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
+
+use crate::access::ByteCounts;
 
 /// How much we read from TCP at a time (also caps what one stream buffers for sending).
 const READ_CHUNK: usize = 256 * 1024;
-
-/// Bytes moved each way, readable even when the copy was cut short.
-#[derive(Debug, Default)]
-pub(crate) struct Transferred {
-    /// TCP to HTTP/2.
-    pub to_h2: AtomicU64,
-    /// HTTP/2 to TCP.
-    pub to_tcp: AtomicU64,
-}
-
-impl Transferred {
-    pub fn to_h2(&self) -> u64 {
-        self.to_h2.load(Ordering::Relaxed)
-    }
-    pub fn to_tcp(&self) -> u64 {
-        self.to_tcp.load(Ordering::Relaxed)
-    }
-}
 
 /// Why a tunnel ended before both directions finished.
 #[derive(Debug, thiserror::Error)]
@@ -122,18 +109,20 @@ async fn h2_to_tcp<W: AsyncWrite + Unpin>(
     Ok(())
 }
 
-/// Copies both ways until both directions ended. If either direction fails, both stop
-/// and the stream is reset (by dropping it) and the socket closed.
+/// Copies both ways until both directions ended, adding to `to_h2` and `to_tcp` as the
+/// bytes go. If either direction fails, both stop and the stream is reset (by dropping
+/// it) and the socket closed.
 pub(crate) async fn bridge(
     mut tcp: TcpStream,
     mut send: SendStream<Bytes>,
     recv: RecvStream,
-    counts: &Transferred,
+    to_h2: &AtomicU64,
+    to_tcp: &AtomicU64,
 ) -> Result<(), CopyError> {
     // Borrowed halves: no lock between the two directions (tokio::io::split takes one).
     let (r, w) = tcp.split();
-    let up = tcp_to_h2(r, &mut send, &counts.to_h2);
-    let down = h2_to_tcp(recv, w, &counts.to_tcp);
+    let up = tcp_to_h2(r, &mut send, to_h2);
+    let down = h2_to_tcp(recv, w, to_tcp);
     tokio::pin!(up, down);
     let mut up_done = false;
     let mut down_done = false;
@@ -145,4 +134,79 @@ pub(crate) async fn bridge(
         }
     }
     Ok(())
+}
+
+/// Plain TCP both ways between the connecting `client` and `upstream` until both
+/// directions ended, adding to `bytes` as they are written.
+pub(crate) async fn splice(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    bytes: &ByteCounts,
+) -> io::Result<()> {
+    let mut client = CountWrites {
+        io: client,
+        written: &bytes.sent,
+    };
+    let mut upstream = CountWrites {
+        io: upstream,
+        written: &bytes.received,
+    };
+    tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+    Ok(())
+}
+
+/// A stream that counts the bytes written to it.
+struct CountWrites<'a, S> {
+    io: &'a mut S,
+    written: &'a AtomicU64,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for CountWrites<'_, S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for CountWrites<'_, S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut *this.io).poll_write(cx, buf);
+        if let Poll::Ready(Ok(n)) = r {
+            this.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let this = self.get_mut();
+        let r = Pin::new(&mut *this.io).poll_write_vectored(cx, bufs);
+        if let Poll::Ready(Ok(n)) = r {
+            this.written.fetch_add(n as u64, Ordering::Relaxed);
+        }
+        r
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
+    }
 }

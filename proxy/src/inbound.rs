@@ -14,8 +14,9 @@ use zmesh_identity::{SpiffeId, WorkloadId};
 
 use crate::access::AccessLog;
 use crate::authz::{AuthzRequest, Decision};
-use crate::copy::{bridge, Transferred};
+use crate::copy::bridge;
 use crate::metrics::Direction;
+use crate::outcome::Outcome;
 use crate::proxy::{Capture, Shared};
 use crate::tls::parse_destination_sni;
 use crate::workloads::WorkloadTable;
@@ -113,10 +114,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
                     let s = shared.clone();
                     let id = peer_id.clone();
                     shared.tracker.spawn(async move {
+                        // The deadline first: a tunnel whose connection is being closed
+                        // by it is cut by the deadline, whatever error it would report.
                         tokio::select! {
                             biased;
-                            _ = tunnel(&s, req, respond, &id, local, peer) => {}
                             _ = s.force.cancelled() => {}
+                            _ = tunnel(&s, req, respond, &id, local, peer) => {}
                         }
                     });
                 }
@@ -234,7 +237,7 @@ fn attribute_source(
 }
 
 async fn tunnel(
-    shared: &Shared,
+    shared: &Arc<Shared>,
     req: Request<RecvStream>,
     respond: SendResponse<Bytes>,
     peer_id: &Arc<SpiffeId>,
@@ -244,16 +247,16 @@ async fn tunnel(
     let mut log = AccessLog::start(Direction::Inbound, peer, shared);
     log.src.identity = Some(peer_id.to_string());
     log.encrypted = true;
-    let reject = |log: AccessLog, respond, status: StatusCode, why: &str, result| {
+    let reject = |log: AccessLog, respond, status: StatusCode, why: &str, outcome| {
         tracing::debug!(%peer, %status, "refusing tunnel: {why}");
         respond_error(respond, status);
-        log.finish(shared, result, 0, 0);
+        log.finish(outcome);
     };
     let table = shared.workloads.snapshot();
     attribute_source(&mut log, &table, peer, forwarded_for(&req), peer_id);
     let target = match target_of(&req) {
         Ok(t) => t,
-        Err((status, why)) => return reject(log, respond, status, why, "bad_request"),
+        Err((status, why)) => return reject(log, respond, status, why, Outcome::BadRequest),
     };
     log.dst_addr = Some(target);
     let node = &shared.config.node;
@@ -265,12 +268,24 @@ async fn tunnel(
     if arrived_on_pod_ip {
         if target.ip() != local.ip() {
             let why = "authority is not the address the connection arrived on";
-            return reject(log, respond, StatusCode::BAD_REQUEST, why, "bad_request");
+            return reject(
+                log,
+                respond,
+                StatusCode::BAD_REQUEST,
+                why,
+                Outcome::BadRequest,
+            );
         }
     } else if let Some(w) = table.workload_by_ip(target.ip()) {
         if w.node != *node {
             let why = "authority is a workload of another node";
-            return reject(log, respond, StatusCode::BAD_REQUEST, why, "bad_request");
+            return reject(
+                log,
+                respond,
+                StatusCode::BAD_REQUEST,
+                why,
+                Outcome::BadRequest,
+            );
         }
     }
     if shared.is_proxy_port(target.port()) {
@@ -280,7 +295,7 @@ async fn tunnel(
             respond,
             StatusCode::SERVICE_UNAVAILABLE,
             why,
-            "proxy_port",
+            Outcome::ProxyPort,
         );
     }
     let Some(dest) = table.local_workload(target.ip(), node).cloned() else {
@@ -290,7 +305,7 @@ async fn tunnel(
             respond,
             StatusCode::SERVICE_UNAVAILABLE,
             why,
-            "unknown_destination",
+            Outcome::UnknownDestination,
         );
     };
     drop(table);
@@ -309,9 +324,16 @@ async fn tunnel(
     log.policy = verdict;
     if let Decision::Deny { policy } = decision {
         tracing::info!(%peer, src = %peer_id, dst = %dest.identity, %policy, "tunnel denied by policy");
-        return reject(log, respond, StatusCode::UNAUTHORIZED, "denied", "denied");
+        return reject(
+            log,
+            respond,
+            StatusCode::UNAUTHORIZED,
+            "denied",
+            Outcome::Denied,
+        );
     }
-    let counts = Transferred::default();
+    // The client of an inbound tunnel is the HBONE peer: it receives what goes to HTTP/2.
+    let (sent, received) = (&log.bytes.sent, &log.bytes.received);
     let work = async {
         let upstream =
             match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(target))
@@ -321,12 +343,12 @@ async fn tunnel(
                 Ok(Err(e)) => {
                     tracing::debug!(%peer, %target, "upstream connect failed: {e}");
                     respond_error(respond, StatusCode::SERVICE_UNAVAILABLE);
-                    return "connect_failed";
+                    return Outcome::ConnectFailed;
                 }
                 Err(_) => {
                     tracing::debug!(%peer, %target, "upstream connect timed out");
                     respond_error(respond, StatusCode::SERVICE_UNAVAILABLE);
-                    return "connect_failed";
+                    return Outcome::ConnectFailed;
                 }
             };
         let _ = upstream.set_nodelay(true);
@@ -335,27 +357,26 @@ async fn tunnel(
             Ok(send) => send,
             Err(e) => {
                 tracing::debug!(%peer, "client went away before 200: {e}");
-                return "client_reset";
+                return Outcome::ClientReset;
             }
         };
-        match bridge(upstream, send, req.into_body(), &counts).await {
-            Ok(()) => "ok",
+        match bridge(upstream, send, req.into_body(), sent, received).await {
+            Ok(()) => Outcome::Ok,
             Err(e) => {
                 tracing::debug!(%peer, %target, "tunnel failed: {e}");
-                "error"
+                Outcome::Error
             }
         }
     };
     // A policy change that now denies the tunnel drops `work`: the upstream socket closes
     // and the HTTP/2 stream is reset, which closes the client's side.
-    let result = tokio::select! {
+    let outcome = tokio::select! {
         biased;
-        result = work => result,
+        outcome = work => outcome,
         _ = guard.closed_by_policy() => {
             log.policy = guard.verdict();
-            "policy_changed"
+            Outcome::PolicyChanged
         }
     };
-    // The client of an inbound tunnel is the HBONE peer: it received what went to HTTP/2.
-    log.finish(shared, result, counts.to_h2(), counts.to_tcp());
+    log.finish(outcome);
 }

@@ -9,6 +9,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::registry::Registry;
 
+use crate::outcome::Outcome;
+
 /// Which listener a connection came through.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Direction {
@@ -71,14 +73,14 @@ impl Metrics {
     }
 
     /// Counts a finished connection; `sent` is toward the client that opened it.
-    pub(crate) fn closed(&self, d: Direction, result: &'static str, sent: u64, received: u64) {
+    pub(crate) fn closed(&self, d: Direction, outcome: Outcome, sent: u64, received: u64) {
         let dir = DirLabels {
             direction: d.as_str(),
         };
         self.closed
             .get_or_create(&ResultLabels {
                 direction: d.as_str(),
-                result,
+                result: outcome.label(),
             })
             .inc();
         self.sent_bytes.get_or_create(&dir).inc_by(sent);
@@ -111,12 +113,12 @@ impl Metrics {
             .get()
     }
 
-    /// Connections closed with `result` so far (for tests and health checks).
-    pub fn closed_count(&self, d: Direction, result: &'static str) -> u64 {
+    /// Connections closed with `outcome` so far (for tests and health checks).
+    pub fn closed_count(&self, d: Direction, outcome: Outcome) -> u64 {
         self.closed
             .get_or_create(&ResultLabels {
                 direction: d.as_str(),
-                result,
+                result: outcome.label(),
             })
             .get()
     }

@@ -9,8 +9,9 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use crate::access::AccessLog;
-use crate::copy::{bridge, Transferred};
+use crate::copy::{bridge, splice};
 use crate::metrics::Direction;
+use crate::outcome::Outcome;
 use crate::pool::PoolKey;
 use crate::proxy::Shared;
 use crate::tls::destination_sni;
@@ -24,12 +25,12 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         Ok(dst) => dst,
         Err(e) => {
             tracing::warn!(%peer, "no original destination: {e}");
-            return log.finish(&shared, "no_original_dst", 0, 0);
+            return log.finish(Outcome::NoOriginalDst);
         }
     };
     log.dst_addr = Some(dst);
     if shared.is_own_listener(dst) {
-        return log.finish(&shared, "loop", 0, 0);
+        return log.finish(Outcome::Loop);
     }
     let table = shared.workloads.snapshot();
     let Some(source) = table
@@ -37,7 +38,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         .cloned()
     else {
         tracing::debug!(%peer, "connection from an IP that is no workload of this node");
-        return log.finish(&shared, "unknown_source", 0, 0);
+        return log.finish(Outcome::UnknownSource);
     };
     log.source(&source);
     let dest = table
@@ -72,7 +73,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(%peer, %dst, %hbone, "no HBONE connection: {e}");
-                return log.finish(&shared, "hbone_connect_failed", 0, 0);
+                return log.finish(Outcome::HboneConnectFailed);
             }
         };
         let request = Request::builder()
@@ -82,7 +83,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             .body(());
         let Ok(request) = request else {
             // Unreachable: an IP:port is always a valid authority.
-            return log.finish(&shared, "internal_error", 0, 0);
+            return log.finish(Outcome::InternalError);
         };
         let sent = async {
             let mut send = lease.send_request().ready().await?;
@@ -99,7 +100,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             }
             Err(e) => {
                 tracing::warn!(%hbone, "cannot open HBONE stream: {e}");
-                return log.finish(&shared, "hbone_stream_failed", 0, 0);
+                return log.finish(Outcome::HboneStreamFailed);
             }
         };
         let response = match response.await {
@@ -113,25 +114,26 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             }
             Err(e) => {
                 tracing::warn!(%hbone, %dst, "HBONE CONNECT failed: {e}");
-                return log.finish(&shared, "hbone_stream_failed", 0, 0);
+                return log.finish(Outcome::HboneStreamFailed);
             }
         };
         // The destination answered over mTLS, whatever it said.
         log.encrypted = true;
         if response.status() != StatusCode::OK {
             tracing::info!(%peer, %dst, status = %response.status(), "HBONE CONNECT refused");
-            return log.finish(&shared, status_result(response.status()), 0, 0);
+            return log.finish(status_outcome(response.status()));
         }
-        let counts = Transferred::default();
-        let result = match bridge(tcp, stream, response.into_body(), &counts).await {
-            Ok(()) => "ok",
+        // The client is on the TCP side: it receives what comes from HTTP/2.
+        let (sent, received) = (&log.bytes.sent, &log.bytes.received);
+        let outcome = match bridge(tcp, stream, response.into_body(), received, sent).await {
+            Ok(()) => Outcome::Ok,
             Err(e) => {
                 tracing::debug!(%peer, %dst, "tunnel failed: {e}");
-                "error"
+                Outcome::Error
             }
         };
         drop(lease);
-        return log.finish(&shared, result, counts.to_tcp(), counts.to_h2());
+        return log.finish(outcome);
     }
 }
 
@@ -140,13 +142,13 @@ fn connection_failed(e: &h2::Error) -> bool {
     e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_io() || e.is_go_away()
 }
 
-fn status_result(status: StatusCode) -> &'static str {
+fn status_outcome(status: StatusCode) -> Outcome {
     match status.as_u16() {
-        400 => "status_400",
-        401 => "status_401",
-        403 => "status_403",
-        503 => "status_503",
-        _ => "status_other",
+        400 => Outcome::Status400,
+        401 => Outcome::Status401,
+        403 => Outcome::Status403,
+        503 => Outcome::Status503,
+        _ => Outcome::StatusOther,
     }
 }
 
@@ -157,17 +159,17 @@ async fn passthrough(shared: &Shared, mut tcp: TcpStream, dst: SocketAddr, log: 
             Ok(Ok(s)) => s,
             Ok(Err(e)) => {
                 tracing::debug!(%dst, "passthrough connect failed: {e}");
-                return log.finish(shared, "connect_failed", 0, 0);
+                return log.finish(Outcome::ConnectFailed);
             }
-            Err(_) => return log.finish(shared, "connect_failed", 0, 0),
+            Err(_) => return log.finish(Outcome::ConnectFailed),
         };
     let _ = upstream.set_nodelay(true);
     let mut upstream = upstream;
-    match tokio::io::copy_bidirectional(&mut tcp, &mut upstream).await {
-        Ok((up, down)) => log.finish(shared, "passthrough", down, up),
+    match splice(&mut tcp, &mut upstream, &log.bytes).await {
+        Ok(()) => log.finish(Outcome::Passthrough),
         Err(e) => {
             tracing::debug!(%dst, "passthrough failed: {e}");
-            log.finish(shared, "error", 0, 0)
+            log.finish(Outcome::Error)
         }
     }
 }

@@ -10,7 +10,9 @@ use tokio::net::TcpStream;
 
 use crate::access::AccessLog;
 use crate::authz::{AuthzRequest, Decision};
+use crate::copy::splice;
 use crate::metrics::Direction;
+use crate::outcome::Outcome;
 use crate::proxy::{Capture, Shared};
 use crate::Mode;
 
@@ -20,8 +22,7 @@ fn reset(tcp: &TcpStream) {
 }
 
 pub(crate) async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketAddr) {
-    let shared = &*shared;
-    let mut log = AccessLog::start(Direction::InboundPlaintext, peer, shared);
+    let mut log = AccessLog::start(Direction::InboundPlaintext, peer, &shared);
     let table = shared.workloads.snapshot();
     // Named by address only: without a certificate the source proves nothing.
     if let Some(w) = table.workload_by_ip(peer.ip()) {
@@ -41,20 +42,20 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketA
     }
     if shared.config.mode == Mode::Strict {
         reset(&tcp);
-        return log.finish(shared, "refused_strict", 0, 0);
+        return log.finish(Outcome::RefusedStrict);
     }
     let dst = match dst {
         Ok(d) => d,
         Err(e) => {
             tracing::debug!(%peer, "no destination: {e}");
-            return log.finish(shared, "no_original_dst", 0, 0);
+            return log.finish(Outcome::NoOriginalDst);
         }
     };
     if shared.is_own_listener(dst) || shared.is_proxy_port(dst.port()) {
-        return log.finish(shared, "proxy_port", 0, 0);
+        return log.finish(Outcome::ProxyPort);
     }
     let Some(dest) = table.local_workload(dst.ip(), &shared.config.node).cloned() else {
-        return log.finish(shared, "unknown_destination", 0, 0);
+        return log.finish(Outcome::UnknownDestination);
     };
     drop(table);
     let guard = shared.tunnels.register(None, peer.ip(), dst, dest.clone());
@@ -68,25 +69,25 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketA
     if let Decision::Deny { policy } = decision {
         tracing::info!(%peer, dst = %dest.identity, %policy, "plaintext connection denied by policy");
         reset(&tcp);
-        return log.finish(shared, "denied", 0, 0);
+        return log.finish(Outcome::Denied);
     }
     let mut upstream =
         match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(dst)).await {
             Ok(Ok(s)) => s,
-            _ => return log.finish(shared, "connect_failed", 0, 0),
+            _ => return log.finish(Outcome::ConnectFailed),
         };
     let _ = upstream.set_nodelay(true);
-    tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut tcp, &mut upstream) => match r {
-            Ok((up, down)) => log.finish(shared, "passthrough", down, up),
-            Err(_) => log.finish(shared, "error", 0, 0),
+    let outcome = tokio::select! {
+        r = splice(&mut tcp, &mut upstream, &log.bytes) => match r {
+            Ok(()) => Outcome::Passthrough,
+            Err(_) => Outcome::Error,
         },
         _ = guard.closed_by_policy() => {
             log.policy = guard.verdict();
             reset(&tcp);
             reset(&upstream);
-            // Byte counts are lost with copy_bidirectional's future.
-            log.finish(shared, "policy_changed", 0, 0)
+            Outcome::PolicyChanged
         }
-    }
+    };
+    log.finish(outcome);
 }

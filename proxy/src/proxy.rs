@@ -1,13 +1,15 @@
 //! Binding, running and draining the proxy's listeners.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
+use tokio::task::{JoinError, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use zmesh_dataplane as ports;
@@ -119,17 +121,33 @@ impl ProxyDeps {
     }
 }
 
-/// Why the proxy could not start.
+/// Why the proxy could not start, or stopped serving.
 #[derive(Debug, thiserror::Error)]
 pub enum ProxyError {
     #[error("cannot listen for {what} on {addr}")]
     Bind {
         what: &'static str,
         addr: SocketAddr,
-        source: std::io::Error,
+        source: io::Error,
     },
     #[error("cannot start the proxy's clock thread: {0}")]
-    Clock(std::io::Error),
+    Clock(io::Error),
+    /// A listener's accept failed in a way retrying cannot fix (e.g. EINVAL once the
+    /// socket was destroyed): the proxy drained and [`Proxy::run`] returned this.
+    #[error("{what} listener on {addr} failed")]
+    ListenerFailed {
+        what: &'static str,
+        addr: SocketAddr,
+        source: io::Error,
+    },
+    /// The task serving a listener panicked or ended on its own: the proxy drained and
+    /// [`Proxy::run`] returned this.
+    #[error("the task serving the {what} listener on {addr} {how}")]
+    ListenerTask {
+        what: &'static str,
+        addr: SocketAddr,
+        how: String,
+    },
 }
 
 /// The addresses actually bound (ports resolved when 0 was asked).
@@ -173,6 +191,8 @@ pub(crate) struct Shared {
     pub force: CancellationToken,
     pub tracker: TaskTracker,
     pub ready: AtomicBool,
+    /// Why the proxy is failing (a listener died), for readiness to say.
+    pub failure: OnceLock<String>,
 }
 
 impl Shared {
@@ -192,6 +212,13 @@ impl Shared {
     }
 }
 
+/// The listeners' names, as errors and logs give them.
+const INBOUND: &str = "HBONE";
+const OUTBOUND: &str = "outbound";
+const PLAINTEXT: &str = "plaintext inbound";
+pub(crate) const METRICS: &str = "metrics";
+pub(crate) const READINESS: &str = "readiness";
+
 /// A bound proxy; call [`Proxy::run`] to serve.
 pub struct Proxy {
     shared: Arc<Shared>,
@@ -209,21 +236,21 @@ impl Proxy {
             })
         };
         let t = config.ip_transparent;
-        let inbound = bind("HBONE", config.inbound_addr, t)?;
-        let outbound = bind("outbound", config.outbound_addr, t)?;
-        let plaintext = bind("plaintext inbound", config.plaintext_addr, t)?;
-        let metrics_l = bind("metrics", config.metrics_addr, false)?;
-        let readiness = bind("readiness", config.readiness_addr, false)?;
+        let inbound = bind(INBOUND, config.inbound_addr, t)?;
+        let outbound = bind(OUTBOUND, config.outbound_addr, t)?;
+        let plaintext = bind(PLAINTEXT, config.plaintext_addr, t)?;
+        let metrics_l = bind(METRICS, config.metrics_addr, false)?;
+        let readiness = bind(READINESS, config.readiness_addr, false)?;
         let local = |l: &TcpListener, what, addr| {
             l.local_addr()
                 .map_err(|source| ProxyError::Bind { what, addr, source })
         };
         let addrs = ProxyAddrs {
-            inbound: local(&inbound, "HBONE", config.inbound_addr)?,
-            outbound: local(&outbound, "outbound", config.outbound_addr)?,
-            plaintext: local(&plaintext, "plaintext inbound", config.plaintext_addr)?,
-            metrics: local(&metrics_l, "metrics", config.metrics_addr)?,
-            readiness: local(&readiness, "readiness", config.readiness_addr)?,
+            inbound: local(&inbound, INBOUND, config.inbound_addr)?,
+            outbound: local(&outbound, OUTBOUND, config.outbound_addr)?,
+            plaintext: local(&plaintext, PLAINTEXT, config.plaintext_addr)?,
+            metrics: local(&metrics_l, METRICS, config.metrics_addr)?,
+            readiness: local(&readiness, READINESS, config.readiness_addr)?,
         };
         // Before readiness: the first tunnel after a restart should not pay for it.
         zmesh_identity::tls::warm_up();
@@ -267,6 +294,7 @@ impl Proxy {
             force,
             tracker: TaskTracker::new(),
             ready: AtomicBool::new(false),
+            failure: OnceLock::new(),
         });
         Ok(Self {
             shared,
@@ -291,25 +319,48 @@ impl Proxy {
         self.shared.flows.clone()
     }
 
-    /// Serves until drained (see [`DrainHandle`]); returns when every connection closed.
-    pub async fn run(self) {
+    /// Serves until drained (see [`DrainHandle`]), or until a listener fails; returns
+    /// when every connection closed.
+    ///
+    /// A listener that fails (an accept error retrying cannot fix, or its task panicking)
+    /// turns readiness to 503 naming the failure, and starts a drain like
+    /// [`DrainHandle::drain`]; `run` then returns that error. A drain asked for returns
+    /// `Ok(())`.
+    pub async fn run(self) -> Result<(), ProxyError> {
         let shared = self.shared;
         let [inbound, outbound, plaintext, metrics_l, readiness] = self.listeners;
+        let addrs = shared.addrs;
         let admin_stop = CancellationToken::new();
-        let mut accept = tokio::task::JoinSet::new();
-        accept.spawn(accept_loop(shared.clone(), inbound, Direction::Inbound));
-        accept.spawn(accept_loop(shared.clone(), outbound, Direction::Outbound));
-        accept.spawn(accept_loop(
-            shared.clone(),
-            plaintext,
-            Direction::InboundPlaintext,
-        ));
-        let admin = tokio::spawn(crate::admin::serve(
+        // Which listener each task serves, to name it if the task fails.
+        let mut names = HashMap::new();
+        let mut accept = JoinSet::new();
+        for (listener, direction, what, addr) in [
+            (inbound, Direction::Inbound, INBOUND, addrs.inbound),
+            (outbound, Direction::Outbound, OUTBOUND, addrs.outbound),
+            (
+                plaintext,
+                Direction::InboundPlaintext,
+                PLAINTEXT,
+                addrs.plaintext,
+            ),
+        ] {
+            let name = (what, addr);
+            let task = accept.spawn(accept_loop(shared.clone(), listener, direction, name));
+            names.insert(task.id(), name);
+        }
+        let mut admin = JoinSet::new();
+        let task = admin.spawn(crate::admin::serve_metrics(
             shared.clone(),
             metrics_l,
+            admin_stop.clone(),
+        ));
+        names.insert(task.id(), (METRICS, addrs.metrics));
+        let task = admin.spawn(crate::admin::serve_readiness(
+            shared.clone(),
             readiness,
             admin_stop.clone(),
         ));
+        names.insert(task.id(), (READINESS, addrs.readiness));
         let recheck = tokio::spawn(recheck_on_change(
             shared.clone(),
             shared.authorizer.changes(),
@@ -317,18 +368,33 @@ impl Proxy {
         shared.ready.store(true, Ordering::Release);
         tracing::info!(
             node = %shared.config.node,
-            inbound = %shared.addrs.inbound,
-            outbound = %shared.addrs.outbound,
-            plaintext = %shared.addrs.plaintext,
+            inbound = %addrs.inbound,
+            outbound = %addrs.outbound,
+            plaintext = %addrs.plaintext,
             "proxy ready"
         );
 
-        shared.drain.cancelled().await;
+        // Every listener task runs until its stop token: one that ends first failed.
+        let mut failure = tokio::select! {
+            biased;
+            () = shared.drain.cancelled() => None,
+            Some(r) = accept.join_next_with_id() => ended(r, &names, shared.drain.is_cancelled()),
+            Some(r) = admin.join_next_with_id() => ended(r, &names, false),
+        };
+        if let Some(e) = &failure {
+            failed(&shared, e);
+            shared.drain.cancel();
+        }
         let started = Instant::now();
         shared.ready.store(false, Ordering::Release);
         tracing::info!(deadline = ?shared.config.drain_deadline, "draining");
         // Accept loops return on drain, closing the listeners: new connections are refused.
-        while accept.join_next().await.is_some() {}
+        while let Some(r) = accept.join_next_with_id().await {
+            if let Some(e) = ended(r, &names, true) {
+                failed(&shared, &e);
+                failure.get_or_insert(e);
+            }
+        }
         shared.pool.clear();
         shared.tracker.close();
         if tokio::time::timeout(shared.config.drain_deadline, shared.tracker.wait())
@@ -344,9 +410,78 @@ impl Proxy {
         shared.tracker.wait().await;
         recheck.abort();
         admin_stop.cancel();
-        let _ = admin.await;
+        while let Some(r) = admin.join_next_with_id().await {
+            if let Some(e) = ended(r, &names, true) {
+                failed(&shared, &e);
+                failure.get_or_insert(e);
+            }
+        }
         tracing::info!(took = ?started.elapsed(), "drained");
+        failure.map_or(Ok(()), Err)
     }
+}
+
+/// What a listener task's end means: `None` if it stopped as asked (`stopping`), else
+/// the failure.
+fn ended(
+    r: Result<(tokio::task::Id, Result<(), ProxyError>), JoinError>,
+    names: &HashMap<tokio::task::Id, (&'static str, SocketAddr)>,
+    stopping: bool,
+) -> Option<ProxyError> {
+    let id = match &r {
+        Ok((id, _)) => *id,
+        Err(e) => e.id(),
+    };
+    // Every task's id was recorded when it was spawned.
+    let (what, addr) = names
+        .get(&id)
+        .copied()
+        .unwrap_or(("unknown", unknown_addr()));
+    let how = match r {
+        Ok((_, Ok(()))) if stopping => return None,
+        Ok((_, Ok(()))) => "ended unexpectedly".to_string(),
+        Ok((_, Err(e))) => return Some(e),
+        Err(e) if e.is_panic() => match panic_message(e.into_panic()) {
+            Some(msg) => format!("panicked: {msg}"),
+            None => "panicked".to_string(),
+        },
+        Err(_) => "was cancelled".to_string(),
+    };
+    Some(ProxyError::ListenerTask { what, addr, how })
+}
+
+fn unknown_addr() -> SocketAddr {
+    SocketAddr::from(([0, 0, 0, 0], 0))
+}
+
+fn panic_message(payload: Box<dyn std::any::Any + Send>) -> Option<String> {
+    match payload.downcast::<String>() {
+        Ok(s) => Some(*s),
+        Err(payload) => payload.downcast_ref::<&str>().map(|s| s.to_string()),
+    }
+}
+
+/// `e` and its sources, as one line.
+fn describe(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(source) = next {
+        out.push_str(": ");
+        out.push_str(&source.to_string());
+        next = source.source();
+    }
+    out
+}
+
+/// Reports a listener failure: logged, and readiness says it (the first one) from now on.
+fn failed(shared: &Shared, e: &ProxyError) {
+    let why = describe(e);
+    if shared.drain.is_cancelled() {
+        tracing::error!("{why}");
+    } else {
+        tracing::error!("{why}: draining; the proxy stops when its connections closed");
+    }
+    let _ = shared.failure.set(why);
 }
 
 /// Re-authorizes open connections whenever the authorizer's rules change, or the workload
@@ -418,22 +553,78 @@ fn local_view(table: &WorkloadTable, node: &str) -> LocalView {
 
 type LocalView = BTreeMap<IpAddr, (String, Arc<BTreeMap<String, String>>)>;
 
-async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, direction: Direction) {
+/// How long to wait after an accept error worth retrying.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Whether an accept error is worth retrying: the listener is fine but the moment is not
+/// (out of descriptors, buffers or memory; a connection that failed before it was
+/// accepted, as accept(2) lists them; a signal). Anything else will not go away by
+/// retrying: EINVAL (the socket no longer listens, e.g. destroyed by `ss -K`), EBADF,
+/// ENOTSOCK, EOPNOTSUPP (no stream socket: accept(2) also lists it among a new
+/// connection's network errors, but from our own TCP listener it is taken as fatal),
+/// EFAULT, and whatever is not listed here.
+pub(crate) fn accept_error_is_transient(e: &io::Error) -> bool {
+    match e.raw_os_error() {
+        Some(code) => matches!(
+            code,
+            libc::EMFILE
+                | libc::ENFILE
+                | libc::ENOBUFS
+                | libc::ENOMEM
+                | libc::ECONNABORTED
+                | libc::ECONNRESET
+                | libc::EINTR
+                | libc::EAGAIN
+                | libc::EPERM
+                | libc::EPROTO
+                | libc::ETIMEDOUT
+                | libc::ENETDOWN
+                | libc::ENETUNREACH
+                | libc::ENONET
+                | libc::EHOSTDOWN
+                | libc::EHOSTUNREACH
+                | libc::ENOPROTOOPT
+        ),
+        None => matches!(
+            e.kind(),
+            io::ErrorKind::Interrupted | io::ErrorKind::WouldBlock
+        ),
+    }
+}
+
+/// The next connection on `listener` (named `what`, bound to `addr`), retrying transient
+/// errors after a short pause; `None` once `stop` is cancelled.
+pub(crate) async fn accept(
+    listener: &TcpListener,
+    (what, addr): (&'static str, SocketAddr),
+    stop: &CancellationToken,
+) -> Result<Option<(TcpStream, SocketAddr)>, ProxyError> {
     loop {
-        let (stream, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(x) => x,
-                Err(e) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(direction = direction.as_str(), "accept failed: {e}");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
-                        _ = shared.drain.cancelled() => return,
-                    }
-                }
-            },
-            _ = shared.drain.cancelled() => return,
+        let r = tokio::select! {
+            r = listener.accept() => r,
+            _ = stop.cancelled() => return Ok(None),
         };
+        match r {
+            Ok(x) => return Ok(Some(x)),
+            Err(e) if accept_error_is_transient(&e) => {
+                tracing::warn!(listener = what, %addr, "accept failed, retrying: {e}");
+                tokio::select! {
+                    _ = tokio::time::sleep(ACCEPT_BACKOFF) => {}
+                    _ = stop.cancelled() => return Ok(None),
+                }
+            }
+            Err(source) => return Err(ProxyError::ListenerFailed { what, addr, source }),
+        }
+    }
+}
+
+async fn accept_loop(
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    direction: Direction,
+    name: (&'static str, SocketAddr),
+) -> Result<(), ProxyError> {
+    while let Some((stream, peer)) = accept(&listener, name, &shared.drain).await? {
         let _ = stream.set_nodelay(true);
         let s = shared.clone();
         let force = shared.force.clone();
@@ -445,11 +636,98 @@ async fn accept_loop(shared: Arc<Shared>, listener: TcpListener, direction: Dire
                     Direction::InboundPlaintext => crate::plaintext::serve(s, stream, peer).await,
                 }
             };
+            // The deadline first: a connection whose HBONE connection is being closed by
+            // it is cut by the deadline (its log says so), whatever error it would report.
             tokio::select! {
                 biased;
-                _ = work => {}
                 _ = force.cancelled() => {}
+                _ = work => {}
             }
         });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_errors_worth_retrying_and_not() {
+        let transient = |code| accept_error_is_transient(&io::Error::from_raw_os_error(code));
+        for code in [
+            libc::EMFILE,
+            libc::ENFILE,
+            libc::ENOBUFS,
+            libc::ENOMEM,
+            libc::ECONNABORTED,
+            libc::ECONNRESET,
+            libc::EINTR,
+            libc::EAGAIN,
+            libc::EPERM,
+            libc::EPROTO,
+            libc::ETIMEDOUT,
+            libc::ENETUNREACH,
+            libc::EHOSTUNREACH,
+        ] {
+            assert!(transient(code), "{}", io::Error::from_raw_os_error(code));
+        }
+        for code in [
+            libc::EINVAL,
+            libc::EBADF,
+            libc::ENOTSOCK,
+            libc::EOPNOTSUPP,
+            libc::EFAULT,
+        ] {
+            assert!(!transient(code), "{}", io::Error::from_raw_os_error(code));
+        }
+        let kind = |k: io::ErrorKind| accept_error_is_transient(&io::Error::from(k));
+        assert!(kind(io::ErrorKind::Interrupted));
+        assert!(kind(io::ErrorKind::WouldBlock));
+        assert!(!kind(io::ErrorKind::Other));
+    }
+
+    fn boom() -> Result<(), ProxyError> {
+        panic!("boom")
+    }
+
+    #[tokio::test]
+    async fn listener_tasks_that_end_early_or_panic_are_failures() {
+        let addr = SocketAddr::from(([127, 0, 0, 1], 15001));
+        let mut names = HashMap::new();
+        let mut next = async |task: Result<(), ProxyError>, panics: bool, stopping: bool| {
+            let mut set = JoinSet::new();
+            let handle = if panics {
+                set.spawn(async { boom() })
+            } else {
+                set.spawn(async { task })
+            };
+            names.insert(handle.id(), (OUTBOUND, addr));
+            let r = set.join_next_with_id().await.expect("one task");
+            ended(r, &names, stopping).map(|e| describe(&e))
+        };
+        let failed = || ProxyError::ListenerFailed {
+            what: OUTBOUND,
+            addr,
+            source: io::Error::from_raw_os_error(libc::EINVAL),
+        };
+        let on = "the task serving the outbound listener on 127.0.0.1:15001";
+        assert_eq!(next(Ok(()), false, true).await, None);
+        assert_eq!(
+            next(Ok(()), false, false).await,
+            Some(format!("{on} ended unexpectedly"))
+        );
+        assert_eq!(
+            next(Ok(()), true, true).await,
+            Some(format!("{on} panicked: boom"))
+        );
+        let listener =
+            "outbound listener on 127.0.0.1:15001 failed: Invalid argument (os error 22)";
+        for stopping in [false, true] {
+            assert_eq!(
+                next(Err(failed()), false, stopping).await.as_deref(),
+                Some(listener)
+            );
+        }
     }
 }

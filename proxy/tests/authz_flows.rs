@@ -26,7 +26,7 @@ use zmesh_proxy::policy::{
     Allowed, Denial, PolicyAuthorizer, PolicySet, PolicyStore, TableLabels, Verdict,
 };
 use zmesh_proxy::{
-    Direction, Protocol, ProxyConfig, ProxyDeps, Workload, WorkloadStore, WorkloadTable,
+    Direction, Outcome, Protocol, ProxyConfig, ProxyDeps, Workload, WorkloadStore, WorkloadTable,
 };
 
 const T: Duration = Duration::from_secs(30);
@@ -270,7 +270,7 @@ async fn allow_by_principal_admits_one_identity_and_refuses_the_other() {
     assert_eq!(
         node.proxy
             .metrics
-            .closed_count(Direction::Inbound, "denied"),
+            .closed_count(Direction::Inbound, Outcome::Denied),
         1
     );
     let metrics = scrape(node.proxy.addrs.metrics).await;
@@ -397,7 +397,7 @@ async fn a_new_deny_policy_closes_open_tunnels_it_denies_and_spares_the_others()
     assert_eq!(
         node.proxy
             .metrics
-            .closed_count(Direction::Inbound, "policy_changed"),
+            .closed_count(Direction::Inbound, Outcome::PolicyChanged),
         1
     );
     // New batch tunnels are refused too.

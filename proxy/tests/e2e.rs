@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use zmesh_identity::{SpiffeId, WorkloadId};
-use zmesh_proxy::{Direction, Mode, Protocol, TlsCredentials, TlsError, WorkloadTable};
+use zmesh_proxy::{Direction, Mode, Outcome, Protocol, TlsCredentials, TlsError, WorkloadTable};
 
 const T: Duration = Duration::from_secs(30);
 
@@ -104,7 +104,10 @@ async fn data_integrity_both_directions() {
     assert_eq!(c_got, (size, s_sent), "server->client bytes differ");
     // The access metrics count what went through.
     wait_for("tunnel closed on A", T, || {
-        mesh.a.metrics.closed_count(Direction::Outbound, "ok") == 1
+        mesh.a
+            .metrics
+            .closed_count(Direction::Outbound, Outcome::Ok)
+            == 1
     })
     .await;
     assert_eq!(mesh.a.metrics.pool_connections_created(), 1);
@@ -229,7 +232,10 @@ async fn thousand_concurrent_tunnels_share_few_connections() {
     assert!(created <= 12, "{created} connections for {N} tunnels");
     assert!(mesh.b.metrics.inbound_tls_connections() <= 12);
     wait_for("all tunnels counted", T, || {
-        mesh.a.metrics.closed_count(Direction::Outbound, "ok") == N as u64
+        mesh.a
+            .metrics
+            .closed_count(Direction::Outbound, Outcome::Ok)
+            == N as u64
     })
     .await;
 }
@@ -314,7 +320,7 @@ async fn outbound_refuses_server_with_wrong_identity() {
     wait_for("refusal counted", T, || {
         mesh.a
             .metrics
-            .closed_count(Direction::Outbound, "hbone_connect_failed")
+            .closed_count(Direction::Outbound, Outcome::HboneConnectFailed)
             == 1
     })
     .await;
@@ -356,7 +362,7 @@ async fn unenrolled_destination_passes_through() {
     wait_for("passthrough counted", T, || {
         mesh.a
             .metrics
-            .closed_count(Direction::Outbound, "passthrough")
+            .closed_count(Direction::Outbound, Outcome::Passthrough)
             == 1
     })
     .await;
@@ -375,7 +381,7 @@ async fn unknown_source_is_closed() {
     wait_for("refusal counted", T, || {
         mesh.a
             .metrics
-            .closed_count(Direction::Outbound, "unknown_source")
+            .closed_count(Direction::Outbound, Outcome::UnknownSource)
             == 1
     })
     .await;
@@ -421,18 +427,9 @@ async fn plaintext_inbound_strict_resets() {
     assert_eq!(
         mesh.b
             .metrics
-            .closed_count(Direction::InboundPlaintext, "refused_strict"),
+            .closed_count(Direction::InboundPlaintext, Outcome::RefusedStrict),
         1
     );
-}
-
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).await.unwrap();
-    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
 }
 
 #[tokio::test]
@@ -451,7 +448,10 @@ async fn metrics_and_readiness_endpoints() {
         .await
         .unwrap();
     wait_for("tunnel counted", T, || {
-        mesh.a.metrics.closed_count(Direction::Outbound, "ok") == 1
+        mesh.a
+            .metrics
+            .closed_count(Direction::Outbound, Outcome::Ok)
+            == 1
     })
     .await;
     let page = http_get(mesh.a.addrs.metrics, "/metrics").await;
@@ -513,10 +513,19 @@ async fn drain_lets_open_tunnel_finish_and_refuses_new_connections() {
 
     // With the tunnel done, both proxies finish (the deadline is 30 s).
     let Mesh { a, b, .. } = mesh;
-    tokio::time::timeout(T, b.task).await.unwrap().unwrap();
-    tokio::time::timeout(T, a.task).await.unwrap().unwrap();
-    assert_eq!(b.metrics.closed_count(Direction::Inbound, "ok"), 1);
-    assert_eq!(a.metrics.closed_count(Direction::Outbound, "ok"), 1);
+    let drained = "a drain asked for ends in Ok";
+    tokio::time::timeout(T, b.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect(drained);
+    tokio::time::timeout(T, a.task)
+        .await
+        .unwrap()
+        .unwrap()
+        .expect(drained);
+    assert_eq!(b.metrics.closed_count(Direction::Inbound, Outcome::Ok), 1);
+    assert_eq!(a.metrics.closed_count(Direction::Outbound, Outcome::Ok), 1);
 }
 
 #[tokio::test]
@@ -536,7 +545,8 @@ async fn drain_deadline_closes_lingering_tunnels() {
     s.read_exact(&mut buf).await.unwrap();
     mesh.b.drain.drain();
     let Mesh { b, .. } = mesh;
-    tokio::time::timeout(T, b.task).await.unwrap().unwrap();
+    let r = tokio::time::timeout(T, b.task).await.unwrap().unwrap();
+    r.expect("a drain asked for ends in Ok, even past its deadline");
     // B closed the tunnel: the server side sees EOF or a reset.
     let mut rest = Vec::new();
     let r = tokio::time::timeout(T, s.read_to_end(&mut rest))

@@ -20,7 +20,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsConnector;
 use zmesh_identity::{SharedBundle, TrustDomain, WorkloadId};
 use zmesh_proxy::{
-    Authorizer, AuthzRequest, Decision, Direction, ProxyConfig, ProxyDeps, WorkloadStore,
+    Authorizer, AuthzRequest, Decision, Direction, Outcome, ProxyConfig, ProxyDeps, WorkloadStore,
     WorkloadTable,
 };
 
@@ -296,7 +296,9 @@ async fn authorizer_denial_is_401() {
         StatusCode::UNAUTHORIZED
     );
     assert_eq!(
-        s.proxy.metrics.closed_count(Direction::Inbound, "denied"),
+        s.proxy
+            .metrics
+            .closed_count(Direction::Inbound, Outcome::Denied),
         1
     );
 }

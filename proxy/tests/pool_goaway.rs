@@ -22,8 +22,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 use tokio_rustls::TlsAcceptor;
 use zmesh_identity::TrustDomain;
 use zmesh_proxy::{
-    Direction, Node, PoolConfig, ProxyConfig, ProxyDeps, StaticOriginalDst, TlsCredentials,
-    Workload, WorkloadStore, WorkloadTable,
+    Direction, Node, Outcome, PoolConfig, ProxyConfig, ProxyDeps, StaticOriginalDst,
+    TlsCredentials, Workload, WorkloadStore, WorkloadTable,
 };
 
 const T: Duration = Duration::from_secs(30);
@@ -266,15 +266,19 @@ impl Setup {
         connect_from(self.client.ips[0], self.proxy.addrs.outbound).await
     }
 
-    fn outbound(&self, result: &'static str) -> u64 {
-        self.proxy.metrics.closed_count(Direction::Outbound, result)
+    fn outbound(&self, outcome: Outcome) -> u64 {
+        self.proxy
+            .metrics
+            .closed_count(Direction::Outbound, outcome)
     }
 
     /// The outbound results so far, for failure messages.
     fn results(&self) -> String {
-        ["ok", "error", "hbone_connect_failed", "hbone_stream_failed"]
+        Outcome::ALL
             .iter()
-            .map(|r| format!("{r}={}", self.outbound(r)))
+            .map(|&o| (o, self.outbound(o)))
+            .filter(|&(o, n)| n > 0 || o == Outcome::Ok)
+            .map(|(o, n)| format!("{o}={n}"))
             .collect::<Vec<_>>()
             .join(" ")
             + &format!(
@@ -286,7 +290,7 @@ impl Setup {
 
     async fn wait_ok(&self, n: u64) {
         wait_for(&format!("{n} tunnels logged ok"), T, || {
-            self.outbound("ok") == n
+            self.outbound(Outcome::Ok) == n
         })
         .await;
     }
@@ -373,7 +377,7 @@ async fn goaway_keeps_the_open_tunnel_and_new_tunnels_get_a_new_connection() {
     finish(t2).await;
     s.wait_ok(2).await;
     assert_eq!(s.proxy.metrics.pool_connections_created(), 2);
-    assert_eq!(s.outbound("hbone_stream_failed"), 0);
+    assert_eq!(s.outbound(Outcome::HboneStreamFailed), 0);
 }
 
 #[tokio::test]

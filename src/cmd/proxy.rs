@@ -138,16 +138,30 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     }
     let proxy = Proxy::bind(config, deps).await?;
     let drain = proxy.drain_handle();
-    let running = tokio::spawn(proxy.run());
+    let mut running = tokio::spawn(proxy.run());
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: draining"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupt: draining"),
-    }
-    drain.drain();
-    running.await.context("the proxy task failed")?;
+    let stopped = tokio::select! {
+        _ = term.recv() => {
+            tracing::info!("SIGTERM: draining");
+            None
+        }
+        _ = tokio::signal::ctrl_c() => {
+            tracing::info!("interrupt: draining");
+            None
+        }
+        // A listener failed (the proxy drained on its own): exit non-zero with the reason.
+        stopped = &mut running => Some(stopped),
+    };
+    let stopped = match stopped {
+        Some(stopped) => stopped,
+        None => {
+            drain.drain();
+            running.await
+        }
+    };
+    stopped.context("the proxy task failed")??;
     Ok(ExitCode::SUCCESS)
 }
 

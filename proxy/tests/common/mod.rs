@@ -12,11 +12,12 @@ use rcgen::{
 };
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use time::OffsetDateTime;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use zmesh_identity::{TrustBundle, TrustDomain, WorkloadId};
 use zmesh_proxy::flows::FlowHub;
 use zmesh_proxy::{
-    Authorizer, Metrics, Node, Protocol, Proxy, ProxyAddrs, ProxyConfig, ProxyDeps,
+    Authorizer, Metrics, Node, Protocol, Proxy, ProxyAddrs, ProxyConfig, ProxyDeps, ProxyError,
     StaticCredentials, StaticOriginalDst, TlsCredentials, Workload, WorkloadStore, WorkloadTable,
 };
 
@@ -132,7 +133,8 @@ pub struct Running {
     pub metrics: Arc<Metrics>,
     pub flows: Arc<FlowHub>,
     pub drain: zmesh_proxy::DrainHandle,
-    pub task: tokio::task::JoinHandle<()>,
+    /// What [`Proxy::run`] returned.
+    pub task: tokio::task::JoinHandle<Result<(), ProxyError>>,
 }
 
 impl Running {
@@ -257,4 +259,26 @@ pub async fn wait_for(what: &str, limit: Duration, mut cond: impl FnMut() -> boo
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// A GET over HTTP/1.1: the whole response, status line first.
+pub async fn http_get(addr: SocketAddr, path: &str) -> String {
+    let mut s = TcpStream::connect(addr).await.unwrap();
+    let req = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+/// Sends `up` from `client` to `server`, then `down` back, checking both arrive.
+pub async fn exchange(client: &mut TcpStream, server: &mut TcpStream, up: &[u8], down: &[u8]) {
+    client.write_all(up).await.unwrap();
+    let mut got = vec![0; up.len()];
+    server.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, up);
+    server.write_all(down).await.unwrap();
+    let mut got = vec![0; down.len()];
+    client.read_exact(&mut got).await.unwrap();
+    assert_eq!(got, down);
 }
