@@ -462,6 +462,8 @@ fn pod(name: &str, netns: Option<PathBuf>) -> PodInfo {
         labels: Default::default(),
         netns_path: netns,
         cgroup_path: None,
+        ready: true,
+        ports: Default::default(),
     }
 }
 

@@ -174,6 +174,8 @@ fn pod(name: &str, node: &str, service_account: &str) -> PodInfo {
         labels: Default::default(),
         netns_path: None,
         cgroup_path: None,
+        ready: true,
+        ports: Default::default(),
     }
 }
 

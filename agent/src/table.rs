@@ -94,6 +94,8 @@ mod tests {
             labels: BTreeMap::new(),
             netns_path: None,
             cgroup_path: None,
+            ready: true,
+            ports: BTreeMap::new(),
         }
     }
 

@@ -1,11 +1,19 @@
-//! Kubernetes as the cluster state source: watchers on Namespaces, Pods and Istio
-//! `AuthorizationPolicy` objects.
+//! Kubernetes as the cluster state source: watchers on Namespaces, Pods, Services,
+//! EndpointSlices and Istio `AuthorizationPolicy` objects.
 //!
 //! Outbound identity checks need every pod's IP, node, namespace and service account
-//! cluster-wide, so remote pods are kept in compact form (no labels but the opt-out ones, no
-//! annotations) and only this node's pods in full. A re-list (after a 410 Gone or an
-//! outage) is buffered and swapped in whole on `InitDone`: the agent never acts on a
-//! half-built cache, and nothing is published before every resource is fully listed.
+//! cluster-wide, and Service selectors match remote pods by their labels, so remote pods are
+//! kept in compact form (labels, readiness and named ports, but no node-local paths) and
+//! only this node's pods in full. A re-list (after a 410 Gone or an outage) is buffered and
+//! swapped in whole on `InitDone`: the agent never acts on a half-built cache, and nothing is
+//! published before every resource is fully listed.
+//!
+//! Services (v1) are watched cluster-wide, like pods: a pod dials Services of any namespace.
+//! EndpointSlices (`discovery.k8s.io/v1`) give the endpoints of Services without a selector.
+//! A Service or slice that cannot be used (ExternalName, FQDN addresses, a bad field) is
+//! logged with its namespace/name and field, and left out. An API server that does not
+//! serve EndpointSlices (404) is warned about once: the state is published without slices,
+//! and the API is asked again with backoff, as for the policy CRD below.
 //!
 //! Authorization policies (`security.istio.io/v1`, else `v1beta1`) are parsed one object at
 //! a time with the proxy's [`Policy`] parser. An object that does not parse is reported
@@ -22,8 +30,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::stream::BoxStream;
 use futures::{FutureExt, Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind, TypeMeta};
 use kube::runtime::utils::Backoff;
 use kube::runtime::{watcher, WatchStreamExt};
@@ -31,6 +41,7 @@ use kube::{Api, Client};
 use tokio::sync::{mpsc, watch};
 use zmesh_proxy::policy::{Policy, PolicyErrors, PolicySet};
 
+use crate::services::{EndpointSliceInfo, ServiceInfo};
 use crate::state::{ClusterState, NamespaceInfo, PodInfo};
 
 /// How long to wait before retrying after an API error: jittered exponential backoff.
@@ -176,6 +187,32 @@ fn pod_info(pod: Pod, node: &str) -> Option<PodInfo> {
     }
 }
 
+fn object_id(meta: &kube::api::ObjectMeta) -> String {
+    format!(
+        "{}/{}",
+        meta.namespace.as_deref().unwrap_or("default"),
+        meta.name.as_deref().unwrap_or("")
+    )
+}
+
+fn service_info(service: Service) -> Option<ServiceInfo> {
+    let id = object_id(&service.metadata);
+    ServiceInfo::from_service(service)
+        .inspect_err(
+            |e| tracing::warn!(target: "kubernetes", service = %id, "Service ignored: {e}"),
+        )
+        .ok()
+}
+
+fn endpoint_slice_info(slice: EndpointSlice) -> Option<EndpointSliceInfo> {
+    let id = object_id(&slice.metadata);
+    EndpointSliceInfo::from_endpoint_slice(slice)
+        .inspect_err(|e| {
+            tracing::warn!(target: "kubernetes", endpointslice = %id, "EndpointSlice ignored: {e}")
+        })
+        .ok()
+}
+
 /// The versions of Istio's `AuthorizationPolicy` that share the schema, newest first.
 const POLICY_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
 
@@ -289,51 +326,47 @@ fn fail_closed(value: &serde_json::Value) -> Option<Policy> {
     Policy::from_json(&stand_in).ok()
 }
 
-/// What the policy watcher reports.
-enum PolicyUpdate {
+/// What the watcher of a resource the API server may not serve reports.
+enum OptionalUpdate<K> {
     // Boxed: an object is much larger than the other variants.
-    Event(Box<watcher::Event<DynamicObject>>),
+    Event(Box<watcher::Event<K>>),
     Failed(watcher::Error),
-    /// No version of the CRD is served: there are no policies (for now).
-    NotInstalled,
+    /// The API server serves none of the resource's versions: there are no such objects
+    /// (for now).
+    NotServed,
 }
 
 fn is_not_found(e: &watcher::Error) -> bool {
     matches!(e, watcher::Error::InitialListFailed(kube::Error::Api(status)) if status.is_not_found())
 }
 
-/// Watches `AuthorizationPolicy` objects in the first version the API serves. While the
-/// CRD is not installed, reports so and asks again with backoff.
-async fn watch_policies(
-    client: Client,
+type EventStream<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
+
+/// One way to watch a resource: how logs name it, and how to start the watch.
+struct Candidate<K> {
+    name: String,
+    start: Box<dyn Fn() -> EventStream<K> + Send + Sync>,
+}
+
+/// Watches the first of `candidates` the API server serves (a 404 on the initial list
+/// means not served). While none is, reports [`OptionalUpdate::NotServed`], calls
+/// `not_served` the first time, and asks again with backoff.
+async fn watch_optional<K: Send + 'static>(
+    candidates: Vec<Candidate<K>>,
     retry: RetryPolicy,
-    tx: mpsc::UnboundedSender<PolicyUpdate>,
+    tx: mpsc::UnboundedSender<OptionalUpdate<K>>,
+    not_served: impl FnOnce(),
 ) {
-    let mut not_installed = JitteredBackoff::new(&retry);
-    let mut reported = false;
-    'versions: loop {
-        for version in POLICY_VERSIONS {
-            let resource = policy_resource(version);
-            let types = TypeMeta {
-                api_version: resource.api_version.clone(),
-                kind: resource.kind.clone(),
-            };
-            let mut events = watcher(
-                Api::<DynamicObject>::all_with(client.clone(), &resource),
-                watcher::Config::default(),
-            )
-            .modify(move |object| {
-                object.metadata.managed_fields = None;
-                // List items may come without their type; the parser checks it.
-                object.types.get_or_insert_with(|| types.clone());
-            })
-            .backoff(JitteredBackoff::new(&retry))
-            .boxed();
+    let mut backoff = JitteredBackoff::new(&retry);
+    let mut not_served = Some(not_served);
+    'candidates: loop {
+        for candidate in &candidates {
+            let mut events = (candidate.start)();
             let mut served = false;
             while let Some(event) = events.next().await {
                 let update = match event {
                     Err(e) if !served && is_not_found(&e) => break,
-                    Err(e) => PolicyUpdate::Failed(e),
+                    Err(e) => OptionalUpdate::Failed(e),
                     Ok(event) => {
                         if matches!(
                             event,
@@ -341,9 +374,9 @@ async fn watch_policies(
                         ) && !served
                         {
                             served = true;
-                            tracing::info!(target: "kubernetes", "watching security.istio.io/{version} AuthorizationPolicy");
+                            tracing::info!(target: "kubernetes", "watching {}", candidate.name);
                         }
-                        PolicyUpdate::Event(Box::new(event))
+                        OptionalUpdate::Event(Box::new(event))
                     }
                 };
                 if tx.send(update).is_err() {
@@ -352,20 +385,15 @@ async fn watch_policies(
             }
             if served {
                 // The watcher retries by itself and never ends; should it end anyway,
-                // start over from the newest version (re-listing everything).
-                continue 'versions;
+                // start over from the first candidate (re-listing everything).
+                continue 'candidates;
             }
         }
-        let delay = not_installed.next().unwrap_or(retry.max);
-        if !reported {
-            tracing::info!(
-                target: "kubernetes",
-                "the AuthorizationPolicy CRD (security.istio.io) is not installed: no \
-                 authorization policies; checking again with backoff"
-            );
-            reported = true;
+        let delay = backoff.next().unwrap_or(retry.max);
+        if let Some(report) = not_served.take() {
+            report();
         }
-        if tx.send(PolicyUpdate::NotInstalled).is_err() {
+        if tx.send(OptionalUpdate::NotServed).is_err() {
             return;
         }
         tokio::select! {
@@ -375,27 +403,107 @@ async fn watch_policies(
     }
 }
 
+/// Watches `AuthorizationPolicy` objects in the first version the API serves. While the
+/// CRD is not installed, reports so and asks again with backoff.
+async fn watch_policies(
+    client: Client,
+    retry: RetryPolicy,
+    tx: mpsc::UnboundedSender<OptionalUpdate<DynamicObject>>,
+) {
+    let candidates = POLICY_VERSIONS
+        .into_iter()
+        .map(|version| {
+            let client = client.clone();
+            let retry = retry.clone();
+            let start = move || {
+                let resource = policy_resource(version);
+                let types = TypeMeta {
+                    api_version: resource.api_version.clone(),
+                    kind: resource.kind.clone(),
+                };
+                watcher(
+                    Api::<DynamicObject>::all_with(client.clone(), &resource),
+                    watcher::Config::default(),
+                )
+                .modify(move |object| {
+                    object.metadata.managed_fields = None;
+                    // List items may come without their type; the parser checks it.
+                    object.types.get_or_insert_with(|| types.clone());
+                })
+                .backoff(JitteredBackoff::new(&retry))
+                .boxed()
+            };
+            Candidate {
+                name: format!("security.istio.io/{version} AuthorizationPolicy"),
+                start: Box::new(start) as Box<dyn Fn() -> EventStream<DynamicObject> + Send + Sync>,
+            }
+        })
+        .collect();
+    watch_optional(candidates, retry, tx, || {
+        tracing::info!(
+            target: "kubernetes",
+            "the AuthorizationPolicy CRD (security.istio.io) is not installed: no \
+             authorization policies; checking again with backoff"
+        );
+    })
+    .await;
+}
+
+/// Watches `discovery.k8s.io/v1` EndpointSlices. An API server that does not serve them
+/// is warned about once and asked again with backoff.
+async fn watch_endpoint_slices(
+    client: Client,
+    retry: RetryPolicy,
+    tx: mpsc::UnboundedSender<OptionalUpdate<EndpointSlice>>,
+) {
+    let watch_retry = retry.clone();
+    let start = move || {
+        watcher(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default(),
+        )
+        .modify(|slice| slice.metadata.managed_fields = None)
+        .backoff(JitteredBackoff::new(&watch_retry))
+        .boxed()
+    };
+    let candidates = vec![Candidate {
+        name: "discovery.k8s.io/v1 EndpointSlice".to_owned(),
+        start: Box::new(start) as Box<dyn Fn() -> EventStream<EndpointSlice> + Send + Sync>,
+    }];
+    watch_optional(candidates, retry, tx, || {
+        tracing::warn!(
+            target: "kubernetes",
+            "the API server does not serve discovery.k8s.io/v1 EndpointSlice: Services \
+             without a selector have no endpoints; checking again with backoff"
+        );
+    })
+    .await;
+}
+
 /// Which kinds of objects to watch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kinds {
-    WithPolicies,
+    /// Namespaces, Pods, Services, EndpointSlices and AuthorizationPolicies.
+    All,
+    /// Namespaces and Pods.
     PlacementOnly,
 }
 
-/// Watches Namespaces, Pods and AuthorizationPolicies and returns, once all are fully
-/// listed (or the policy CRD is known not to be installed), a receiver of consistent
-/// snapshots. Until then this waits (retrying API errors with backoff); afterwards errors
-/// keep the last good state while retrying.
+/// Watches Namespaces, Pods, Services, EndpointSlices and AuthorizationPolicies and
+/// returns, once all are fully listed (or the policy CRD, or EndpointSlices, are known not
+/// to be served), a receiver of consistent snapshots. Until then this waits (retrying API
+/// errors with backoff); afterwards errors keep the last good state while retrying.
 pub async fn watch_kubernetes(
     client: Client,
     node: String,
     retry: RetryPolicy,
 ) -> watch::Receiver<Arc<ClusterState>> {
-    watch_cluster(client, node, retry, Kinds::WithPolicies).await
+    watch_cluster(client, node, retry, Kinds::All).await
 }
 
-/// Like [`watch_kubernetes`] without policies (they stay empty in every snapshot): for the
-/// CA, which only places workloads on nodes and may not read policies.
+/// Like [`watch_kubernetes`] without policies, Services and EndpointSlices (they stay empty
+/// in every snapshot): for the CA, which only places workloads on nodes and may not read
+/// them.
 pub async fn watch_placement(
     client: Client,
     node: String,
@@ -422,24 +530,41 @@ async fn watch_cluster(
         .backoff(JitteredBackoff::new(&retry))
         .map(|event| Resource::Pod(Box::new(event)))
         .boxed();
-    let mut policy_mirror = Mirror::new();
-    let policies = match kinds {
-        Kinds::WithPolicies => {
-            let (tx, rx) = mpsc::unbounded_channel();
-            tokio::spawn(watch_policies(client, retry.clone(), tx));
-            receiver_stream(rx).map(Resource::Policy).boxed()
-        }
-        Kinds::PlacementOnly => {
-            policy_mirror.absent();
-            futures::stream::pending().boxed()
-        }
-    };
-    let mut events = futures::stream::select_all([namespaces, pods, policies]);
     let mut mirrors = Mirrors {
         namespaces: Mirror::new(),
         pods: Mirror::new(),
-        policies: policy_mirror,
+        policies: Mirror::new(),
+        services: Mirror::new(),
+        slices: Mirror::new(),
     };
+    let mut streams = vec![namespaces, pods];
+    match kinds {
+        Kinds::All => {
+            streams.push(
+                watcher(
+                    Api::<Service>::all(client.clone()),
+                    watcher::Config::default(),
+                )
+                .modify(|service| service.metadata.managed_fields = None)
+                .backoff(JitteredBackoff::new(&retry))
+                .map(|event| Resource::Service(Box::new(event)))
+                .boxed(),
+            );
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(watch_endpoint_slices(client.clone(), retry.clone(), tx));
+            streams.push(receiver_stream(rx).map(Resource::EndpointSlice).boxed());
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(watch_policies(client, retry.clone(), tx));
+            streams.push(receiver_stream(rx).map(Resource::Policy).boxed());
+        }
+        Kinds::PlacementOnly => {
+            // Never read: complete and empty from the start.
+            mirrors.policies.absent();
+            mirrors.services.absent();
+            mirrors.slices.absent();
+        }
+    }
+    let mut events = futures::stream::select_all(streams);
     let mut sender: Option<watch::Sender<Arc<ClusterState>>> = None;
     let (first_tx, first_rx) = tokio::sync::oneshot::channel();
     let mut first_tx = Some(first_tx);
@@ -490,13 +615,17 @@ enum Resource {
     // Boxed: events are large and of very different sizes.
     Namespace(Box<Result<watcher::Event<Namespace>, watcher::Error>>),
     Pod(Box<Result<watcher::Event<Pod>, watcher::Error>>),
-    Policy(PolicyUpdate),
+    Service(Box<Result<watcher::Event<Service>, watcher::Error>>),
+    EndpointSlice(OptionalUpdate<EndpointSlice>),
+    Policy(OptionalUpdate<DynamicObject>),
 }
 
 struct Mirrors {
     namespaces: Mirror<NamespaceInfo>,
     pods: Mirror<PodInfo>,
     policies: Mirror<Policy>,
+    services: Mirror<ServiceInfo>,
+    slices: Mirror<EndpointSliceInfo>,
 }
 
 impl Mirrors {
@@ -511,16 +640,31 @@ impl Mirrors {
                 Ok(event) => self.pods.apply(event, |p, _| pod_info(p, node)),
                 Err(e) => watch_failed("pods", e),
             },
+            Resource::Service(event) => match *event {
+                Ok(event) => self.services.apply(event, |s, _| service_info(s)),
+                Err(e) => watch_failed("services", e),
+            },
+            Resource::EndpointSlice(update) => match update {
+                OptionalUpdate::Event(event) => {
+                    self.slices.apply(*event, |s, _| endpoint_slice_info(s))
+                }
+                OptionalUpdate::Failed(e) => watch_failed("endpointslices", e),
+                OptionalUpdate::NotServed => self.slices.absent(),
+            },
             Resource::Policy(update) => match update {
-                PolicyUpdate::Event(event) => self.policies.apply(*event, policy_info),
-                PolicyUpdate::Failed(e) => watch_failed("authorizationpolicies", e),
-                PolicyUpdate::NotInstalled => self.policies.absent(),
+                OptionalUpdate::Event(event) => self.policies.apply(*event, policy_info),
+                OptionalUpdate::Failed(e) => watch_failed("authorizationpolicies", e),
+                OptionalUpdate::NotServed => self.policies.absent(),
             },
         }
     }
 
     fn synced(&self) -> bool {
-        self.namespaces.synced && self.pods.synced && self.policies.synced
+        self.namespaces.synced
+            && self.pods.synced
+            && self.policies.synced
+            && self.services.synced
+            && self.slices.synced
     }
 
     fn state(&self) -> ClusterState {
@@ -538,6 +682,8 @@ impl Mirrors {
             self.pods.live.values().cloned(),
         )
         .with_policies(policies)
+        .with_services(self.services.live.values().cloned())
+        .with_endpoint_slices(self.slices.live.values().cloned())
     }
 }
 

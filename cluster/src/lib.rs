@@ -1,7 +1,8 @@
 //! The cluster as zmesh sees it, and where that view comes from.
 //!
-//! - [`state`]: namespaces, pods and authorization policies ([`ClusterState`]), and the
-//!   enrollment rule (who is in the mesh).
+//! - [`state`]: namespaces, pods, authorization policies and Services ([`ClusterState`]),
+//!   the enrollment rule (who is in the mesh) and which endpoints serve a Service.
+//! - [`services`]: Services and EndpointSlices as the state keeps them.
 //! - [`manifests`] and [`kube_source`]: the two sources of that state, a directory of
 //!   Kubernetes YAML (watched) or the Kubernetes API (list/watch). Both publish snapshots on
 //!   a `tokio::sync::watch` channel.
@@ -15,9 +16,13 @@ pub mod enroll;
 pub mod kube_source;
 pub mod manifests;
 pub mod placement;
+pub mod services;
 pub mod state;
 pub mod token_review;
 
+pub use services::{
+    EndpointSliceError, EndpointSliceInfo, ServiceError, ServiceInfo, SERVICE_NAME_LABEL,
+};
 pub use state::{
     ClusterState, NamespaceInfo, PodError, PodInfo, PodKey, CGROUP_ANNOTATION, CILIUM_MTLS_LABEL,
     ISTIO_DATAPLANE_LABEL, NETNS_ANNOTATION,

@@ -1,6 +1,9 @@
-//! A directory of ordinary Kubernetes YAML manifests (Namespace, Pod and Istio
-//! AuthorizationPolicy objects, several per file) as the cluster state source: the default
-//! for running without a cluster.
+//! A directory of ordinary Kubernetes YAML manifests (Namespace, Pod, Service, EndpointSlice
+//! and Istio AuthorizationPolicy objects, several per file) as the cluster state source: the
+//! default for running without a cluster.
+//!
+//! Nothing runs readiness probes here: a pod written with `status.phase: Running` and no
+//! status conditions is ready to serve Services (see [`PodInfo::from_manifest_pod`]).
 //!
 //! A file is accepted or rejected whole. A rejected file is reported with its path and
 //! reason, and the objects it held the last time it was valid stay in force, so a typo never
@@ -11,11 +14,13 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
-use k8s_openapi::api::core::v1::{Namespace, Pod};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::Deserialize;
 use tokio::sync::{mpsc, watch};
 use zmesh_proxy::policy::{Policy, PolicyErrors, PolicySet};
 
+use crate::services::{EndpointSliceError, EndpointSliceInfo, ServiceError, ServiceInfo};
 use crate::state::{ClusterState, NamespaceInfo, PodError, PodInfo};
 
 /// Why a manifest file (or one object in it) was not taken.
@@ -29,7 +34,7 @@ pub enum ManifestError {
         document: usize,
         reason: String,
     },
-    #[error("{file}: document {document}: kind {kind:?} is not supported (only v1 Namespace and Pod, and security.istio.io AuthorizationPolicy)")]
+    #[error("{file}: document {document}: kind {kind:?} is not supported (only v1 Namespace, Pod and Service, discovery.k8s.io/v1 EndpointSlice, and security.istio.io AuthorizationPolicy)")]
     UnknownKind {
         file: PathBuf,
         document: usize,
@@ -78,6 +83,8 @@ struct FileObjects {
     namespaces: Vec<NamespaceInfo>,
     pods: Vec<PodInfo>,
     policies: Vec<Policy>,
+    services: Vec<ServiceInfo>,
+    endpoint_slices: Vec<EndpointSliceInfo>,
 }
 
 /// Every problem of a policy document, with field paths (its origin is the file's).
@@ -119,6 +126,12 @@ fn parse_file(file: &Path, text: &str) -> Result<FileObjects, ManifestError> {
             kind,
             reason: e.to_string(),
         };
+        let rejected = |kind: &'static str, reason: String| ManifestError::InvalidObject {
+            file: file.to_owned(),
+            document: document_number,
+            kind,
+            reason,
+        };
         let missing = |kind: &'static str, field: &'static str| ManifestError::MissingField {
             file: file.to_owned(),
             document: document_number,
@@ -142,10 +155,31 @@ fn parse_file(file: &Path, text: &str) -> Result<FileObjects, ManifestError> {
                 let pod: Pod = serde_yaml_ng::from_value(value).map_err(|e| invalid("Pod", e))?;
                 objects
                     .pods
-                    .push(PodInfo::from_pod(pod).map_err(|e| match e {
+                    .push(PodInfo::from_manifest_pod(pod).map_err(|e| match e {
                         PodError::Missing(field) => missing("Pod", field),
                         PodError::BadIp(_) => missing("Pod", "a valid status.podIP"),
+                        e @ PodError::BadPort { .. } => rejected("Pod", e.to_string()),
                     })?);
+            }
+            (Some("v1"), "Service") => {
+                let service: Service =
+                    serde_yaml_ng::from_value(value).map_err(|e| invalid("Service", e))?;
+                objects
+                    .services
+                    .push(ServiceInfo::from_service(service).map_err(|e| match e {
+                        ServiceError::Missing(field) => missing("Service", field),
+                        e => rejected("Service", e.to_string()),
+                    })?);
+            }
+            (Some("discovery.k8s.io/v1"), "EndpointSlice") => {
+                let slice: EndpointSlice =
+                    serde_yaml_ng::from_value(value).map_err(|e| invalid("EndpointSlice", e))?;
+                objects.endpoint_slices.push(
+                    EndpointSliceInfo::from_endpoint_slice(slice).map_err(|e| match e {
+                        EndpointSliceError::Missing(field) => missing("EndpointSlice", field),
+                        e => rejected("EndpointSlice", e.to_string()),
+                    })?,
+                );
             }
             (Some(v), "AuthorizationPolicy") if v.starts_with("security.istio.io/") => {
                 let policy_error = |reason| ManifestError::InvalidPolicy {
@@ -258,6 +292,8 @@ impl ManifestDir {
         let mut pods: BTreeMap<(String, String), (PodInfo, &Path)> = BTreeMap::new();
         let mut ip_owner: HashMap<IpAddr, String> = HashMap::new();
         let mut policies: BTreeMap<String, (Policy, &Path)> = BTreeMap::new();
+        let mut services: BTreeMap<(String, String), (ServiceInfo, &Path)> = BTreeMap::new();
+        let mut slices: BTreeMap<(String, String), (EndpointSliceInfo, &Path)> = BTreeMap::new();
         for (path, entry) in &self.files {
             let Some(objects) = &entry.last_good else {
                 continue;
@@ -317,6 +353,32 @@ impl ManifestDir {
                 }
                 pods.insert(key, (pod.clone(), path));
             }
+            for service in &objects.services {
+                let key = (service.namespace.clone(), service.name.clone());
+                if let Some((_, other)) = services.get(&key) {
+                    errors.push(ManifestError::Duplicate {
+                        file: path.clone(),
+                        other_file: other.to_path_buf(),
+                        kind: "Service",
+                        name: service.key(),
+                    });
+                    continue;
+                }
+                services.insert(key, (service.clone(), path));
+            }
+            for slice in &objects.endpoint_slices {
+                let key = (slice.namespace.clone(), slice.name.clone());
+                if let Some((_, other)) = slices.get(&key) {
+                    errors.push(ManifestError::Duplicate {
+                        file: path.clone(),
+                        other_file: other.to_path_buf(),
+                        kind: "EndpointSlice",
+                        name: format!("{}/{}", slice.namespace, slice.name),
+                    });
+                    continue;
+                }
+                slices.insert(key, (slice.clone(), path));
+            }
         }
         // Names are unique after the loop above, so the set cannot be refused.
         let policies = PolicySet::new(policies.into_values().map(|(p, _)| p)).unwrap_or_else(|e| {
@@ -327,7 +389,9 @@ impl ManifestDir {
             namespaces.into_values().map(|(n, _)| n),
             pods.into_values().map(|(p, _)| p),
         )
-        .with_policies(policies);
+        .with_policies(policies)
+        .with_services(services.into_values().map(|(s, _)| s))
+        .with_endpoint_slices(slices.into_values().map(|(s, _)| s));
         (state, errors)
     }
 }
@@ -608,6 +672,408 @@ spec:
         assert!(
             matches!(&errors[..], [ManifestError::DuplicateIp { pod, other_pod, .. }] if pod == "shop/thief" && other_pod == "shop/web"),
             "{errors:?}"
+        );
+    }
+
+    const SHOP: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web, tier: front}}
+spec:
+  containers:
+  - name: app
+    image: app
+    ports:
+    - {name: http, containerPort: 8080}
+    - {name: metrics, containerPort: 9090, protocol: TCP}
+    - {name: dns, containerPort: 5353, protocol: UDP}
+  initContainers:
+  - {name: sidecar, image: s, restartPolicy: Always, ports: [{name: admin, containerPort: 15000}]}
+  - {name: setup, image: s, ports: [{name: setup, containerPort: 7000}]}
+status: {phase: Running, podIPs: [{ip: 10.1.0.1}, {ip: "fd00::1"}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-2, namespace: shop, labels: {app: web}}
+spec:
+  containers:
+  - {name: app, image: app, ports: [{name: http, containerPort: 8081}]}
+status: {phase: Running, podIP: 10.1.0.2}
+---
+# Lacks the named port "metrics": it serves only port 80.
+apiVersion: v1
+kind: Pod
+metadata: {name: web-old, namespace: shop, labels: {app: web}}
+spec:
+  containers:
+  - {name: app, image: app, ports: [{name: http, containerPort: 80}]}
+status: {phase: Running, podIP: 10.1.0.3}
+---
+# Not ready: its Ready condition says so.
+apiVersion: v1
+kind: Pod
+metadata: {name: web-unready, namespace: shop, labels: {app: web}}
+spec:
+  containers:
+  - {name: app, image: app, ports: [{name: http, containerPort: 8080}]}
+status:
+  phase: Running
+  podIP: 10.1.0.4
+  conditions: [{type: Ready, status: "False"}]
+---
+# Not ready: being deleted.
+apiVersion: v1
+kind: Pod
+metadata: {name: web-leaving, namespace: shop, labels: {app: web}, deletionTimestamp: "2026-01-01T00:00:00Z"}
+spec:
+  containers:
+  - {name: app, image: app, ports: [{name: http, containerPort: 8080}]}
+status: {phase: Running, podIP: 10.1.0.5}
+---
+# Not ready: not running yet.
+apiVersion: v1
+kind: Pod
+metadata: {name: web-pending, namespace: shop, labels: {app: web}}
+spec:
+  containers:
+  - {name: app, image: app, ports: [{name: http, containerPort: 8080}]}
+status: {phase: Pending, podIP: 10.1.0.6}
+---
+# Ready by its condition, but another namespace.
+apiVersion: v1
+kind: Pod
+metadata: {name: web-elsewhere, namespace: other, labels: {app: web}}
+spec:
+  containers:
+  - {name: app, image: app, ports: [{name: http, containerPort: 8080}]}
+status:
+  podIP: 10.1.0.7
+  conditions: [{type: Ready, status: "True"}]
+---
+# Ready, but the selector wants app=web.
+apiVersion: v1
+kind: Pod
+metadata: {name: api-1, namespace: shop, labels: {app: api}}
+spec:
+  containers:
+  - {name: app, image: app, ports: [{name: http, containerPort: 8080}]}
+status: {phase: Running, podIP: 10.1.0.8}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec:
+  clusterIP: 10.96.0.10
+  clusterIPs: [10.96.0.10, "fd00:96::10"]
+  ipFamilyPolicy: PreferDualStack
+  selector: {app: web}
+  sessionAffinity: ClientIP
+  sessionAffinityConfig: {clientIP: {timeoutSeconds: 600}}
+  ports:
+  - {name: http, port: 80, targetPort: http}
+  - {name: metrics, port: 9090, targetPort: metrics}
+  - {name: admin, port: 15000, targetPort: 15000}
+  - {name: dns, port: 53, protocol: UDP}
+"#;
+
+    const EXTERNAL: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: db, namespace: shop}
+spec:
+  clusterIP: 10.96.0.20
+  ports:
+  - {name: sql, port: 5432, targetPort: 15432}
+  - {port: 6000}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: db-a
+  namespace: shop
+  labels: {kubernetes.io/service-name: db}
+addressType: IPv4
+ports: [{name: sql, port: 15432}, {port: 6001}]
+endpoints:
+- addresses: [192.168.5.1]
+- addresses: [192.168.5.2]
+  conditions: {ready: false}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: db-b
+  namespace: shop
+  labels: {kubernetes.io/service-name: db}
+addressType: IPv4
+ports: [{name: sql, port: 25432}]
+endpoints:
+- addresses: [192.168.5.3]
+  conditions: {ready: true}
+---
+# Same service name, other namespace: not db's.
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata:
+  name: db-x
+  namespace: other
+  labels: {kubernetes.io/service-name: db}
+addressType: IPv4
+ports: [{name: sql, port: 5432}]
+endpoints:
+- addresses: [192.168.9.9]
+"#;
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse().unwrap()
+    }
+
+    fn endpoint(address: &str, ports: &[(u16, u16)]) -> zmesh_proxy::Endpoint {
+        zmesh_proxy::Endpoint {
+            ip: ip(address),
+            ports: ports.iter().copied().collect(),
+        }
+    }
+
+    #[test]
+    fn loads_services_and_resolves_their_endpoints_from_pods() {
+        use zmesh_proxy::{ServicePort, TargetPort};
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "shop.yaml", SHOP);
+        let mut m = ManifestDir::new(dir.path());
+        let (state, errors) = m.rescan();
+        assert!(errors.is_empty(), "{errors:?}");
+        let state = state.unwrap();
+
+        let web = state.pods().find(|p| p.name == "web-1").unwrap();
+        assert!(web.ready, "phase Running without conditions is ready here");
+        assert_eq!(
+            web.ports,
+            BTreeMap::from([
+                ("admin".to_string(), 15000),
+                ("http".to_string(), 8080),
+                ("metrics".to_string(), 9090),
+            ]),
+            "named TCP ports of containers and sidecars only"
+        );
+        let ready: Vec<_> = state
+            .pods()
+            .filter(|p| p.ready)
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(
+            ready,
+            ["web-elsewhere", "api-1", "web-1", "web-2", "web-old"]
+        );
+
+        let service = state.service("shop", "web").unwrap();
+        assert_eq!(state.services().count(), 1);
+        assert_eq!(service.cluster_ips, [ip("10.96.0.10"), ip("fd00:96::10")]);
+        assert_eq!(
+            service.ports,
+            [
+                ServicePort {
+                    name: Some("http".into()),
+                    port: 80,
+                    target: TargetPort::Named("http".into())
+                },
+                ServicePort {
+                    name: Some("metrics".into()),
+                    port: 9090,
+                    target: TargetPort::Named("metrics".into())
+                },
+                ServicePort {
+                    name: Some("admin".into()),
+                    port: 15000,
+                    target: TargetPort::Number(15000)
+                },
+            ],
+            "UDP ports are left out"
+        );
+        assert_eq!(service.affinity, Some(Duration::from_secs(600)));
+        assert_eq!(
+            state.service_endpoints(service),
+            [
+                endpoint("10.1.0.1", &[(80, 8080), (9090, 9090), (15000, 15000)]),
+                endpoint("10.1.0.2", &[(80, 8081), (15000, 15000)]),
+                endpoint("10.1.0.3", &[(80, 80), (15000, 15000)]),
+                endpoint("fd00::1", &[(80, 8080), (9090, 9090), (15000, 15000)]),
+            ]
+        );
+
+        // Every pair of the selector must match.
+        let mut front = service.clone();
+        front.selector = Some(BTreeMap::from([
+            ("app".to_string(), "web".to_string()),
+            ("tier".to_string(), "front".to_string()),
+        ]));
+        let ips: Vec<IpAddr> = state
+            .service_endpoints(&front)
+            .iter()
+            .map(|e| e.ip)
+            .collect();
+        assert_eq!(ips, [ip("10.1.0.1"), ip("fd00::1")]);
+
+        // A pod that serves none of the service's ports is no endpoint.
+        let mut metrics_only = service.clone();
+        metrics_only.ports.retain(|p| p.port == 9090);
+        let ips: Vec<IpAddr> = state
+            .service_endpoints(&metrics_only)
+            .iter()
+            .map(|e| e.ip)
+            .collect();
+        assert_eq!(ips, [ip("10.1.0.1"), ip("fd00::1")]);
+    }
+
+    #[test]
+    fn a_service_without_selector_takes_the_ready_addresses_of_its_slices() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "db.yaml", EXTERNAL);
+        let mut m = ManifestDir::new(dir.path());
+        let (state, errors) = m.rescan();
+        assert!(errors.is_empty(), "{errors:?}");
+        let state = state.unwrap();
+        assert_eq!(state.endpoint_slices().count(), 3);
+        let db = state.service("shop", "db").unwrap();
+        assert_eq!(db.selector, None);
+        assert_eq!(db.affinity, None);
+        assert_eq!(
+            state.service_endpoints(db),
+            [
+                // Named port to the slice port of that name, unnamed to unnamed.
+                endpoint("192.168.5.1", &[(5432, 15432), (6000, 6001)]),
+                endpoint("192.168.5.3", &[(5432, 25432)]),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_service_rejects_its_file_only() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "db.yaml", EXTERNAL);
+        write(dir.path(), "shop.yaml", SHOP);
+        let mut m = ManifestDir::new(dir.path());
+        let good = m.rescan().0.unwrap();
+        assert_eq!(good.services().count(), 2);
+
+        let cases = [
+            (
+                SHOP.replace("port: 9090, targetPort", "port: 0, targetPort"),
+                "spec.ports[1].port: 0 is not a port number (1-65535)",
+            ),
+            (
+                SHOP.replace("targetPort: 15000", "targetPort: 65536"),
+                "spec.ports[2].targetPort: 65536 is not a port number (1-65535)",
+            ),
+            (
+                SHOP.replace(
+                    "clusterIP: 10.96.0.10\n",
+                    "type: ExternalName\n  externalName: web.example.com\n",
+                ),
+                "spec.type: ExternalName services are not supported",
+            ),
+            (
+                SHOP.replace("containerPort: 8081", "containerPort: 0"),
+                "spec.containers[0].ports[0].containerPort: 0 is not a port number (1-65535)",
+            ),
+        ];
+        for (text, reason) in cases {
+            touch_later(dir.path(), "shop.yaml", &text);
+            let (state, errors) = m.rescan();
+            assert_eq!(state, None, "a bad file changes nothing: {reason}");
+            match &errors[..] {
+                [e @ ManifestError::InvalidObject { file, .. }] => {
+                    assert!(file.ends_with("shop.yaml"), "{e}");
+                    let message = e.to_string();
+                    assert!(message.contains("document"), "{message}");
+                    assert!(message.contains(reason), "{message}");
+                }
+                other => panic!("{reason}: {other:?}"),
+            }
+            assert_eq!(m.merge().0, good, "the last good objects stay");
+        }
+
+        // A bad slice, in the other file: the first file's objects stay.
+        touch_later(
+            dir.path(),
+            "db.yaml",
+            &EXTERNAL.replace("[192.168.5.3]", "[not-an-ip]"),
+        );
+        let (state, errors) = m.rescan();
+        assert_eq!(state, None);
+        assert!(
+            matches!(&errors[..], [ManifestError::InvalidObject { kind: "EndpointSlice", reason, .. }]
+                if reason == "endpoints[0].addresses[0]: \"not-an-ip\" is not an IPv4 address"),
+            "{errors:?}"
+        );
+        touch_later(
+            dir.path(),
+            "db.yaml",
+            &EXTERNAL.replace("labels: {kubernetes.io/service-name: db}", "labels: {}"),
+        );
+        let (_, errors) = m.rescan();
+        assert!(
+            matches!(&errors[..], [e @ ManifestError::MissingField { kind: "EndpointSlice", .. }]
+                if e.to_string().contains("db.yaml: document 2: EndpointSlice is missing metadata.labels[\"kubernetes.io/service-name\"]")),
+            "{errors:?}"
+        );
+        assert_eq!(m.merge().0, good);
+
+        // A file with only an ExternalName service is rejected, the others load.
+        write(
+            dir.path(),
+            "ext.yaml",
+            "apiVersion: v1\nkind: Service\nmetadata: {name: ext}\nspec: {type: ExternalName, externalName: example.com}\n",
+        );
+        let (state, errors) = m.rescan();
+        assert_eq!(state, None);
+        assert!(
+            matches!(&errors[..], [e @ ManifestError::InvalidObject { kind: "Service", .. }]
+                if e.to_string().contains("ext.yaml: document 1: Service is invalid: spec.type: ExternalName services are not supported")),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn a_service_or_slice_defined_twice_keeps_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        write(dir.path(), "a.yaml", EXTERNAL);
+        write(
+            dir.path(),
+            "b.yaml",
+            &EXTERNAL.replace("10.96.0.20", "10.96.0.99"),
+        );
+        let mut m = ManifestDir::new(dir.path());
+        let (state, errors) = m.rescan();
+        let state = state.unwrap();
+        let duplicates: Vec<(&str, &str)> = errors
+            .iter()
+            .map(|e| match e {
+                ManifestError::Duplicate {
+                    kind, name, file, ..
+                } => {
+                    assert!(file.ends_with("b.yaml"), "{e}");
+                    (*kind, name.as_str())
+                }
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(
+            duplicates,
+            [
+                ("Service", "shop/db"),
+                ("EndpointSlice", "shop/db-a"),
+                ("EndpointSlice", "shop/db-b"),
+                ("EndpointSlice", "other/db-x"),
+            ]
+        );
+        assert_eq!(
+            state.service("shop", "db").unwrap().cluster_ips,
+            [ip("10.96.0.20")]
         );
     }
 

@@ -49,6 +49,8 @@ mod tests {
             labels: Default::default(),
             netns_path: None,
             cgroup_path: None,
+            ready: true,
+            ports: Default::default(),
         };
         let (tx, rx) = watch::channel(Arc::new(ClusterState::new([], [pod])));
         let placement = ClusterPlacement::new(rx);

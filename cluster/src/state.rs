@@ -1,5 +1,5 @@
-//! What the agent knows of the cluster: namespaces, pods (and which are enrolled), and the
-//! authorization policies in force.
+//! What the agent knows of the cluster: namespaces, pods (and which are enrolled), the
+//! authorization policies in force, and Services with their EndpointSlices.
 //!
 //! The state is an immutable snapshot; sources (a manifest directory, Kubernetes) publish a
 //! new snapshot on every change, so readers never see a half-applied update.
@@ -10,6 +10,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use zmesh_proxy::policy::PolicySet;
+use zmesh_proxy::Endpoint;
+
+use crate::services::{EndpointSliceInfo, ServiceInfo};
 
 /// Namespace label that enrolls a namespace (Cilium's).
 pub const CILIUM_MTLS_LABEL: &str = "io.cilium/mtls-enabled";
@@ -48,6 +51,13 @@ pub struct PodInfo {
     pub labels: BTreeMap<String, String>,
     pub netns_path: Option<PathBuf>,
     pub cgroup_path: Option<PathBuf>,
+    /// Whether it may serve Services: its `Ready` condition is `True` and it is not being
+    /// deleted (no `metadata.deletionTimestamp`).
+    pub ready: bool,
+    /// Named TCP container ports (of its containers, then of its sidecars: init containers
+    /// with `restartPolicy: Always`), for Services' named `targetPort`s. The first of a name
+    /// wins.
+    pub ports: BTreeMap<String, u16>,
 }
 
 /// Why a Pod object could not be used.
@@ -57,16 +67,72 @@ pub enum PodError {
     Missing(&'static str),
     #[error("status.podIP {0:?} is not an IP address")]
     BadIp(String),
+    #[error("{field}: {value} is not a port number (1-65535)")]
+    BadPort { field: String, value: i32 },
 }
 
 impl PodInfo {
     /// Keeps the fields of a Kubernetes Pod the agent needs. A missing namespace means
     /// `default`, as kubectl applies it.
     pub fn from_pod(pod: k8s_openapi::api::core::v1::Pod) -> Result<Self, PodError> {
+        Self::convert(pod, false)
+    }
+
+    /// Like [`PodInfo::from_pod`], for a pod written in a manifest directory: one without
+    /// status conditions but with `status.phase: Running` is ready too (nothing runs
+    /// readiness probes there; the lab writes the phase alone).
+    pub fn from_manifest_pod(pod: k8s_openapi::api::core::v1::Pod) -> Result<Self, PodError> {
+        Self::convert(pod, true)
+    }
+
+    fn convert(
+        pod: k8s_openapi::api::core::v1::Pod,
+        running_is_ready: bool,
+    ) -> Result<Self, PodError> {
         let meta = pod.metadata;
         let name = meta.name.ok_or(PodError::Missing("metadata.name"))?;
         let spec = pod.spec.ok_or(PodError::Missing("spec"))?;
         let status = pod.status.unwrap_or_default();
+        let conditions = status.conditions.unwrap_or_default();
+        let ready = meta.deletion_timestamp.is_none()
+            && if conditions.is_empty() {
+                running_is_ready && status.phase.as_deref() == Some("Running")
+            } else {
+                conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True")
+            };
+        let mut ports = BTreeMap::new();
+        let sidecars = spec
+            .init_containers
+            .iter()
+            .flatten()
+            .enumerate()
+            .filter(|(_, c)| c.restart_policy.as_deref() == Some("Always"));
+        let containers = spec
+            .containers
+            .iter()
+            .enumerate()
+            .map(|(i, c)| ("spec.containers", i, c))
+            .chain(sidecars.map(|(i, c)| ("spec.initContainers", i, c)));
+        for (list, i, container) in containers {
+            for (j, port) in container.ports.iter().flatten().enumerate() {
+                let Some(port_name) = port.name.as_ref().filter(|n| !n.is_empty()) else {
+                    continue;
+                };
+                if !matches!(port.protocol.as_deref(), None | Some("TCP")) {
+                    continue;
+                }
+                let number = u16::try_from(port.container_port)
+                    .ok()
+                    .filter(|p| *p != 0)
+                    .ok_or_else(|| PodError::BadPort {
+                        field: format!("{list}[{i}].ports[{j}].containerPort"),
+                        value: port.container_port,
+                    })?;
+                ports.entry(port_name.clone()).or_insert(number);
+            }
+        }
         let mut ips = Vec::new();
         let all_ips = status.pod_ips.unwrap_or_default().into_iter().map(|p| p.ip);
         for ip in all_ips.chain(status.pod_ip) {
@@ -88,14 +154,14 @@ impl PodInfo {
             labels: meta.labels.unwrap_or_default(),
             netns_path: annotations.get(NETNS_ANNOTATION).map(PathBuf::from),
             cgroup_path: annotations.get(CGROUP_ANNOTATION).map(PathBuf::from),
+            ready,
+            ports,
         })
     }
 
-    /// Drops what only the pod's own node needs (labels other than the opt-out ones,
-    /// node-local paths): remote pods are kept this small so memory scales with the cluster.
+    /// Drops what only the pod's own node needs (its node-local netns and cgroup paths).
+    /// Labels stay: Service selectors match remote pods by them.
     pub fn compact(mut self) -> Self {
-        self.labels
-            .retain(|k, _| k == CILIUM_MTLS_LABEL || k == ISTIO_DATAPLANE_LABEL);
         self.netns_path = None;
         self.cgroup_path = None;
         self
@@ -127,13 +193,18 @@ impl std::fmt::Display for PodKey {
     }
 }
 
-/// One consistent view of namespaces, pods and authorization policies.
+/// One consistent view of namespaces, pods, authorization policies, Services and
+/// EndpointSlices.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClusterState {
     namespaces: BTreeMap<String, NamespaceInfo>,
     pods: BTreeMap<PodKey, PodInfo>,
     /// Only ever a whole, valid set: sources keep the last good policies of a bad input.
     policies: Arc<PolicySet>,
+    /// By (namespace, name).
+    services: BTreeMap<(String, String), ServiceInfo>,
+    /// By (namespace, name).
+    endpoint_slices: BTreeMap<(String, String), EndpointSliceInfo>,
 }
 
 impl ClusterState {
@@ -148,7 +219,32 @@ impl ClusterState {
                 .collect(),
             pods: pods.into_iter().map(|p| (p.key(), p)).collect(),
             policies: Arc::default(),
+            services: BTreeMap::new(),
+            endpoint_slices: BTreeMap::new(),
         }
+    }
+
+    /// The same state with `services` (and no others). A later one of the same
+    /// namespace/name replaces an earlier one.
+    pub fn with_services(mut self, services: impl IntoIterator<Item = ServiceInfo>) -> Self {
+        self.services = services
+            .into_iter()
+            .map(|s| ((s.namespace.clone(), s.name.clone()), s))
+            .collect();
+        self
+    }
+
+    /// The same state with `slices` (and no others). A later one of the same namespace/name
+    /// replaces an earlier one.
+    pub fn with_endpoint_slices(
+        mut self,
+        slices: impl IntoIterator<Item = EndpointSliceInfo>,
+    ) -> Self {
+        self.endpoint_slices = slices
+            .into_iter()
+            .map(|s| ((s.namespace.clone(), s.name.clone()), s))
+            .collect();
+        self
     }
 
     /// The same state with `policies` in force.
@@ -180,6 +276,90 @@ impl ClusterState {
 
     pub fn pod_by_ip(&self, ip: IpAddr) -> Option<&PodInfo> {
         self.pods.values().find(|p| p.ips.contains(&ip))
+    }
+
+    /// Every Service, by namespace then name.
+    pub fn services(&self) -> impl Iterator<Item = &ServiceInfo> {
+        self.services.values()
+    }
+
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&ServiceInfo> {
+        self.services.get(&(namespace.to_owned(), name.to_owned()))
+    }
+
+    /// Every EndpointSlice, by namespace then name.
+    pub fn endpoint_slices(&self) -> impl Iterator<Item = &EndpointSliceInfo> {
+        self.endpoint_slices.values()
+    }
+
+    /// The endpoints serving `service`, ordered by IP; each with its port for every service
+    /// port it serves (an endpoint serving none of them is left out).
+    ///
+    /// - With a selector: the ready pods of the service's namespace that have IPs and whose
+    ///   labels include every pair of the selector, one endpoint per pod IP. A named
+    ///   `targetPort` is looked up in the pod's named ports; a pod without it does not serve
+    ///   that port.
+    /// - Without: the ready addresses of the EndpointSlices labelled with the service's
+    ///   name in its namespace, each service port mapped to the slice port of the same name
+    ///   (an unnamed one to the unnamed one).
+    ///
+    /// Should two pods (or slices) claim one IP, the first in namespace/name order gives its
+    /// ports; for slices, a port it lacks may come from the next.
+    pub fn service_endpoints(&self, service: &ServiceInfo) -> Vec<Endpoint> {
+        let mut endpoints: BTreeMap<IpAddr, BTreeMap<u16, u16>> = BTreeMap::new();
+        match &service.selector {
+            Some(selector) => {
+                let pods = self.pods.values().filter(|p| {
+                    p.namespace == service.namespace
+                        && p.ready
+                        && selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+                });
+                for pod in pods {
+                    let ports: BTreeMap<u16, u16> = service
+                        .ports
+                        .iter()
+                        .filter_map(|sp| Some((sp.port, sp.target_on(&pod.ports)?)))
+                        .collect();
+                    if ports.is_empty() {
+                        continue;
+                    }
+                    for ip in &pod.ips {
+                        endpoints.entry(*ip).or_insert_with(|| ports.clone());
+                    }
+                }
+            }
+            None => {
+                let slices = self
+                    .endpoint_slices
+                    .values()
+                    .filter(|s| s.namespace == service.namespace && s.service == service.name);
+                for slice in slices {
+                    let ports: BTreeMap<u16, u16> = service
+                        .ports
+                        .iter()
+                        .filter_map(|sp| {
+                            let (_, target) =
+                                slice.ports.iter().find(|(name, _)| *name == sp.name)?;
+                            Some((sp.port, *target))
+                        })
+                        .collect();
+                    if ports.is_empty() {
+                        continue;
+                    }
+                    for (ip, _) in slice.endpoints.iter().filter(|(_, ready)| *ready) {
+                        let served = endpoints.entry(*ip).or_default();
+                        for (port, target) in &ports {
+                            served.entry(*port).or_insert(*target);
+                        }
+                    }
+                }
+            }
+        }
+        endpoints
+            .into_iter()
+            .filter(|(_, ports)| !ports.is_empty())
+            .map(|(ip, ports)| Endpoint { ip, ports })
+            .collect()
     }
 
     /// A pod is enrolled when its namespace carries an enrolling label, it did not opt out,
@@ -229,6 +409,8 @@ mod tests {
                 .collect(),
             netns_path: None,
             cgroup_path: None,
+            ready: true,
+            ports: BTreeMap::new(),
         }
     }
 
@@ -253,6 +435,23 @@ mod tests {
         let mut host = pod("cilium", "a", &[]);
         host.host_network = true;
         assert!(!state.is_enrolled(&host));
+    }
+
+    #[test]
+    fn compact_keeps_labels_for_selectors_and_drops_node_local_paths() {
+        let mut full = pod(
+            "mesh",
+            "a",
+            &[("app", "web"), (ISTIO_DATAPLANE_LABEL, "none")],
+        );
+        full.netns_path = Some("/run/netns/a".into());
+        full.cgroup_path = Some("/sys/fs/cgroup/a".into());
+        full.ports.insert("http".into(), 8080);
+        let compact = full.clone().compact();
+        assert_eq!(compact.labels, full.labels);
+        assert_eq!(compact.ports, full.ports);
+        assert!(compact.ready);
+        assert_eq!((compact.netns_path, compact.cgroup_path), (None, None));
     }
 
     #[test]

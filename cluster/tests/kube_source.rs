@@ -1,7 +1,9 @@
 //! The Kubernetes cluster state source against recorded API server responses (list, watch
-//! events, a 410 Gone that forces a re-list, and API outages), for Namespaces, Pods and
-//! Istio AuthorizationPolicies (including a CRD that is not installed). No live API server
-//! was available here: the fake below replays responses captured in tests/fixtures/kube.
+//! events, a 410 Gone that forces a re-list, and API outages), for Namespaces, Pods,
+//! Services, EndpointSlices (including an API server that does not serve them) and Istio
+//! AuthorizationPolicies (including a CRD that is not installed). No live API server was
+//! available here: the fake below replays responses captured in tests/fixtures/kube (the
+//! Service and EndpointSlice ones are written in the API server's list/watch format).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::convert::Infallible;
@@ -28,6 +30,8 @@ enum Reply {
 /// The resources, as the fake names them: the path after `/api/v1/` or `/apis/`.
 const POLICIES_V1: &str = "security.istio.io/v1/authorizationpolicies";
 const POLICIES_V1BETA1: &str = "security.istio.io/v1beta1/authorizationpolicies";
+const SERVICES: &str = "services";
+const SLICES: &str = "discovery.k8s.io/v1/endpointslices";
 
 /// A fixed JSON reply: status and body.
 type Canned = (StatusCode, &'static str);
@@ -137,6 +141,12 @@ const STATUS_403_POLICIES: &str = include_str!("fixtures/kube/status-403-policie
 const POLICIES_LIST: &str = include_str!("fixtures/kube/policies-list.json");
 const POLICIES_LIST_V1BETA1: &str = include_str!("fixtures/kube/policies-list-v1beta1.json");
 const POLICIES_WATCH: &str = include_str!("fixtures/kube/policies-watch.jsonl");
+const SERVICES_LIST: &str = include_str!("fixtures/kube/services-list.json");
+const SERVICES_LIST_EMPTY: &str = include_str!("fixtures/kube/services-list-empty.json");
+const SERVICES_WATCH: &str = include_str!("fixtures/kube/services-watch.jsonl");
+const SLICES_LIST: &str = include_str!("fixtures/kube/endpointslices-list.json");
+const SLICES_LIST_EMPTY: &str = include_str!("fixtures/kube/endpointslices-list-empty.json");
+const SLICES_WATCH: &str = include_str!("fixtures/kube/endpointslices-watch.jsonl");
 
 fn client(api: Arc<FakeApi>) -> kube::Client {
     let service = tower::service_fn(move |request| {
@@ -186,8 +196,15 @@ fn crd_not_installed(api: &FakeApi) {
     }
 }
 
-/// Namespaces and pods list fine and their watches stay quiet.
+/// Every list of Services and EndpointSlices is empty (unless the test scripts one).
+fn no_services(api: &FakeApi) {
+    api.default_reply(SERVICES, false, StatusCode::OK, SERVICES_LIST_EMPTY);
+    api.default_reply(SLICES, false, StatusCode::OK, SLICES_LIST_EMPTY);
+}
+
+/// Namespaces and pods list fine and their watches stay quiet; no Services.
 fn cluster_without_changes(api: &FakeApi) {
+    no_services(api);
     api.push(
         "namespaces",
         false,
@@ -283,6 +300,7 @@ async fn list_watch_gone_and_outages() {
     );
     let pod_events_after_relist = api.watch_stream("pods");
     crd_not_installed(&api);
+    no_services(&api);
 
     let retry = RetryPolicy {
         initial: Duration::from_millis(5),
@@ -315,7 +333,8 @@ async fn list_watch_gone_and_outages() {
         Some(std::path::Path::new("/var/run/netns/cni-1234"))
     );
     assert_eq!(web.labels.get("app").map(String::as_str), Some("web"));
-    // A remote pod keeps what outbound checks need and the opt-out label, nothing more.
+    // A remote pod keeps what outbound checks and Service selectors need, and no node-local
+    // paths.
     let api_pod = state.pods().find(|p| p.name == "api-5c4b").unwrap();
     assert_eq!(api_pod.node.as_deref(), Some("node2"));
     assert_eq!(
@@ -324,7 +343,13 @@ async fn list_watch_gone_and_outages() {
     );
     assert_eq!(api_pod.service_account, "api");
     assert_eq!(api_pod.netns_path, None);
-    assert_eq!(api_pod.labels.len(), 1);
+    assert_eq!(
+        api_pod.labels,
+        BTreeMap::from([
+            ("app".to_string(), "api".to_string()),
+            ("istio.io/dataplane-mode".to_string(), "none".to_string()),
+        ])
+    );
     assert!(!state.is_enrolled(api_pod), "the pod opted out");
     assert!(!state.namespace("legacy").unwrap().enrolls_pods());
 
@@ -587,12 +612,18 @@ async fn policies_that_cannot_be_read_hold_the_first_snapshot_back() {
 async fn the_placement_source_does_not_read_policies() {
     let api = Arc::new(FakeApi::default());
     cluster_without_changes(&api);
-    // Would hold back a source that reads policies forever.
+    // Would hold back a source that reads policies (or Services) forever.
     api.default_reply(
         POLICIES_V1,
         false,
         StatusCode::FORBIDDEN,
         STATUS_403_POLICIES,
+    );
+    api.default_reply(
+        SERVICES,
+        false,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        STATUS_500,
     );
     let mut rx = tokio::time::timeout(
         Duration::from_secs(10),
@@ -604,4 +635,212 @@ async fn the_placement_source_does_not_read_policies() {
     assert_eq!(pod_names(&state).len(), 3);
     assert!(state.policies().is_empty());
     assert_eq!(api.count(POLICIES_V1, false), 0);
+    assert_eq!(state.services().count(), 0);
+    assert_eq!(api.count(SERVICES, false), 0, "nor Services");
+    assert_eq!(api.count(SLICES, false), 0, "nor EndpointSlices");
+}
+
+fn ip(s: &str) -> std::net::IpAddr {
+    s.parse().unwrap()
+}
+
+fn service_names(state: &ClusterState) -> BTreeSet<String> {
+    state.services().map(|s| s.key()).collect()
+}
+
+fn slice_names(state: &ClusterState) -> BTreeSet<String> {
+    state
+        .endpoint_slices()
+        .map(|s| format!("{}/{}", s.namespace, s.name))
+        .collect()
+}
+
+/// The endpoints of `namespace/name`: IP -> (service port -> endpoint port).
+fn endpoints(
+    state: &ClusterState,
+    namespace: &str,
+    name: &str,
+) -> Vec<(std::net::IpAddr, Vec<(u16, u16)>)> {
+    let service = state.service(namespace, name).expect("the service");
+    state
+        .service_endpoints(service)
+        .into_iter()
+        .map(|e| (e.ip, e.ports.into_iter().collect()))
+        .collect()
+}
+
+#[tokio::test]
+async fn services_and_endpoint_slices_are_listed_and_watched() {
+    let api = Arc::new(FakeApi::default());
+    cluster_without_changes(&api);
+    crd_not_installed(&api);
+    api.push(SERVICES, false, Reply::Json(StatusCode::OK, SERVICES_LIST));
+    let service_events = api.watch_stream(SERVICES);
+    api.push(SLICES, false, Reply::Json(StatusCode::OK, SLICES_LIST));
+    let slice_events = api.watch_stream(SLICES);
+    let mut rx = start(&api).await;
+
+    // The first snapshot has the Services of every namespace but the ExternalName one, and
+    // the IP slices (not the FQDN one).
+    let state = rx.borrow_and_update().clone();
+    assert_eq!(
+        service_names(&state),
+        BTreeSet::from([
+            "kube-system/kube-dns".to_string(),
+            "shop/ext".to_string(),
+            "shop/web".to_string(),
+        ])
+    );
+    assert_eq!(
+        slice_names(&state),
+        BTreeSet::from(["shop/ext-1".to_string(), "shop/web-x7k2p".to_string()])
+    );
+    let dns = state.service("kube-system", "kube-dns").unwrap();
+    assert_eq!(dns.cluster_ips, [ip("10.96.0.10")]);
+    let dns_ports: Vec<_> = dns
+        .ports
+        .iter()
+        .map(|p| (p.name.as_deref(), p.port))
+        .collect();
+    assert_eq!(
+        dns_ports,
+        [(Some("dns-tcp"), 53), (Some("metrics"), 9153)],
+        "TCP ports only"
+    );
+    let web = state.service("shop", "web").unwrap();
+    assert_eq!(web.affinity, Some(Duration::from_secs(10800)));
+    // Selector app=web: web-7d9f, ready by its condition, serves "http" on 80.
+    assert_eq!(
+        endpoints(&state, "shop", "web"),
+        [(ip("10.201.1.5"), vec![(80, 80)])]
+    );
+    // Running but without a Ready condition: not ready when Kubernetes is the source.
+    assert!(!state.pods().find(|p| p.name == "api-5c4b").unwrap().ready);
+    // No selector: the ready addresses of its slice.
+    assert_eq!(
+        endpoints(&state, "shop", "ext"),
+        [(ip("192.168.50.1"), vec![(443, 8443)])]
+    );
+
+    // The slice changes: the second endpoint became ready.
+    let [modified, deleted] = <[String; 2]>::try_from(lines(SLICES_WATCH)).unwrap();
+    slice_events.send(modified).unwrap();
+    let state = wait_for(&mut rx, |s| endpoints(s, "shop", "ext").len() == 2)
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(
+        endpoints(&state, "shop", "ext"),
+        [
+            (ip("192.168.50.1"), vec![(443, 8443)]),
+            (ip("192.168.50.2"), vec![(443, 8443)]),
+        ]
+    );
+    // The slice is deleted: the service stays, without endpoints.
+    slice_events.send(deleted).unwrap();
+    let state = wait_for(&mut rx, |s| !slice_names(s).contains("shop/ext-1"))
+        .await
+        .pop()
+        .unwrap();
+    assert!(endpoints(&state, "shop", "ext").is_empty());
+
+    // A Service is added, another deleted.
+    let [added, deleted, to_external] = <[String; 3]>::try_from(lines(SERVICES_WATCH)).unwrap();
+    service_events.send(added).unwrap();
+    let state = wait_for(&mut rx, |s| s.service("shop", "cart").is_some())
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(
+        state.service("shop", "cart").unwrap().cluster_ips,
+        [ip("10.96.10.4")]
+    );
+    service_events.send(deleted).unwrap();
+    wait_for(&mut rx, |s| s.service("shop", "ext").is_none()).await;
+    // A Service turned ExternalName can no longer be served: it goes, and only it.
+    service_events.send(to_external).unwrap();
+    let state = wait_for(&mut rx, |s| s.service("shop", "web").is_none())
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(
+        service_names(&state),
+        BTreeSet::from(["kube-system/kube-dns".to_string(), "shop/cart".to_string(),])
+    );
+    assert_eq!(
+        slice_names(&state),
+        BTreeSet::from(["shop/web-x7k2p".to_string()])
+    );
+    assert_eq!(pod_names(&state).len(), 3);
+}
+
+/// What the source logs from here on (this test's runtime runs on this thread).
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+#[tokio::test]
+async fn without_endpoint_slices_the_state_has_none_and_a_warning_says_so_once() {
+    let logs = Logs::default();
+    let writer = logs.clone();
+    let _guard = tracing::subscriber::set_default(
+        tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish(),
+    );
+    let api = Arc::new(FakeApi::default());
+    cluster_without_changes(&api);
+    crd_not_installed(&api);
+    api.push(SERVICES, false, Reply::Json(StatusCode::OK, SERVICES_LIST));
+    api.default_reply(SLICES, false, StatusCode::NOT_FOUND, STATUS_404);
+    let mut rx = start(&api).await;
+    let state = rx.borrow_and_update().clone();
+    assert_eq!(service_names(&state).len(), 3, "services are not held up");
+    assert_eq!(state.endpoint_slices().count(), 0);
+    assert!(endpoints(&state, "shop", "ext").is_empty());
+
+    // The source keeps asking, and warns only the first time.
+    let asked = api.count(SLICES, false);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while api.count(SLICES, false) < asked + 2 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("the source keeps checking for EndpointSlices");
+    let text = logs.text();
+    let warning = "does not serve discovery.k8s.io/v1 EndpointSlice";
+    assert_eq!(text.matches(warning).count(), 1, "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.contains(warning) && l.contains("WARN")),
+        "{text}"
+    );
+
+    // Once served, the slices arrive.
+    api.push(SLICES, false, Reply::Json(StatusCode::OK, SLICES_LIST));
+    let state = wait_for(&mut rx, |s| s.endpoint_slices().count() > 0)
+        .await
+        .pop()
+        .unwrap();
+    assert_eq!(
+        endpoints(&state, "shop", "ext"),
+        [(ip("192.168.50.1"), vec![(443, 8443)])]
+    );
 }
