@@ -5,12 +5,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use zmesh_identity::{TrustDomain, WorkloadId};
-use zmesh_proxy::{Node, Protocol, Workload, WorkloadTable};
+use zmesh_proxy::{Node, Protocol, Service, Workload, WorkloadTable};
 
 use zmesh_cluster::{ClusterState, PodInfo};
 
 /// The proxy's view of the cluster: every pod with an IP (enrolled ones reached over HBONE,
-/// others as plain TCP), and this node's own HBONE address for same-node traffic.
+/// others as plain TCP), every Service with a ClusterIP and its ready endpoints, and this
+/// node's own HBONE address for same-node traffic.
 pub fn workload_table(
     state: &ClusterState,
     trust_domain: &TrustDomain,
@@ -57,11 +58,44 @@ pub fn workload_table(
         name: node.to_owned(),
         hbone: Some(own_hbone),
     };
+    let services = services(state, &seen_ips);
     // Duplicates were filtered above, so the table cannot refuse them.
-    WorkloadTable::new(trust_domain.clone(), [own], workloads).unwrap_or_else(|e| {
-        tracing::error!("workload table rejected, serving an empty one: {e}");
-        WorkloadTable::default()
-    })
+    WorkloadTable::new(trust_domain.clone(), [own], workloads)
+        .and_then(|table| table.with_services(services))
+        .unwrap_or_else(|e| {
+            tracing::error!("workload table rejected, serving an empty one: {e}");
+            WorkloadTable::default()
+        })
+}
+
+/// The Services clients can dial (those with a ClusterIP), endpoints resolved. A Service
+/// whose ClusterIP is a pod's or another Service's is skipped with a warning.
+fn services(state: &ClusterState, pod_ips: &HashSet<IpAddr>) -> Vec<Service> {
+    let mut vips: HashSet<IpAddr> = HashSet::new();
+    let mut services = Vec::new();
+    for info in state.services() {
+        if info.cluster_ips.is_empty() {
+            continue; // headless: clients dial the pods themselves
+        }
+        if let Some(ip) = info
+            .cluster_ips
+            .iter()
+            .find(|ip| pod_ips.contains(ip) || vips.contains(ip))
+        {
+            tracing::warn!(service = %info.key(), %ip, "service skipped: its ClusterIP is already another's");
+            continue;
+        }
+        vips.extend(info.cluster_ips.iter().copied());
+        services.push(Service {
+            name: info.name.clone(),
+            namespace: info.namespace.clone(),
+            vips: info.cluster_ips.clone(),
+            ports: info.ports.clone(),
+            affinity: info.affinity,
+            endpoints: state.service_endpoints(info),
+        });
+    }
+    services
 }
 
 /// The enrolled pods of this node, with the identity each needs a certificate for.
@@ -139,5 +173,63 @@ mod tests {
             .map(|(p, _)| p.name.clone())
             .collect();
         assert_eq!(local, ["a"]);
+    }
+
+    #[test]
+    fn services_get_their_ready_endpoints_and_conflicts_are_skipped() {
+        use zmesh_cluster::ServiceInfo;
+        use zmesh_proxy::{ServicePort, TargetPort};
+
+        let mut web = pod("shop", "web", "n1", "10.0.0.1");
+        web.labels.insert("app".into(), "web".into());
+        web.ports.insert("http".into(), 8080);
+        let mut unready = pod("shop", "web-2", "n2", "10.0.0.2");
+        unready.labels.insert("app".into(), "web".into());
+        unready.ready = false;
+        let service = |name: &str, vip: &str| ServiceInfo {
+            namespace: "shop".into(),
+            name: name.into(),
+            cluster_ips: if vip.is_empty() {
+                vec![]
+            } else {
+                vec![vip.parse().unwrap()]
+            },
+            ports: vec![ServicePort {
+                name: None,
+                port: 80,
+                target: TargetPort::Named("http".into()),
+            }],
+            selector: Some([("app".to_string(), "web".to_string())].into()),
+            affinity: None,
+        };
+        let state = ClusterState::new([], [web, unready]).with_services([
+            service("web", "10.96.0.10"),
+            service("x-clash", "10.96.0.10"),
+            service("on-a-pod", "10.0.0.1"),
+            service("headless", ""),
+        ]);
+        let table = workload_table(
+            &state,
+            &TrustDomain::default(),
+            "n1",
+            "10.0.0.254:15008".parse().unwrap(),
+        );
+        let web = table.service_by_vip("10.96.0.10".parse().unwrap()).unwrap();
+        assert_eq!(
+            web.key(),
+            "shop/web",
+            "the first service (by namespace/name) keeps its VIP"
+        );
+        assert_eq!(
+            web.endpoints_for(80).collect::<Vec<_>>(),
+            [("10.0.0.1".parse().unwrap(), 8080)],
+            "only the ready pod, at its named port"
+        );
+        assert_eq!(
+            table.services().count(),
+            1,
+            "x-clash, on-a-pod, headless skipped"
+        );
+        assert!(table.workload_by_ip("10.0.0.1".parse().unwrap()).is_some());
     }
 }
