@@ -521,22 +521,50 @@ fn container_args_are_accepted_by_the_real_cli() {
         "the CA's certificate must name {ca_host}"
     );
     // The CA may create TokenReviews and watch what placement reads.
-    let ca_role = objects
-        .cluster_roles
-        .iter()
-        .find(|r| name_of(&r.metadata) == "zmesh-ca")
-        .expect("the CA's ClusterRole");
-    let allows = |group: &str, resource: &str, verb: &str| {
-        ca_role.rules.iter().flatten().any(|rule| {
+    let role = |name: &str| {
+        objects
+            .cluster_roles
+            .iter()
+            .find(|r| name_of(&r.metadata) == name)
+            .unwrap_or_else(|| panic!("ClusterRole {name}"))
+    };
+    let allows = |role: &ClusterRole, group: &str, resource: &str, verb: &str| {
+        role.rules.iter().flatten().any(|rule| {
             rule.api_groups.iter().flatten().any(|g| g == group)
                 && rule.resources.iter().flatten().any(|r| r == resource)
                 && rule.verbs.iter().any(|v| v == verb)
         })
     };
-    assert!(allows("authentication.k8s.io", "tokenreviews", "create"));
+    let ca_role = role("zmesh-ca");
+    assert!(allows(
+        ca_role,
+        "authentication.k8s.io",
+        "tokenreviews",
+        "create"
+    ));
     for resource in ["namespaces", "pods"] {
         for verb in ["list", "watch"] {
-            assert!(allows("", resource, verb), "CA cannot {verb} {resource}");
+            assert!(
+                allows(ca_role, "", resource, verb),
+                "CA cannot {verb} {resource}"
+            );
+        }
+    }
+    // The agent may watch everything its cluster state holds (a watch it may not make
+    // would keep it from ever becoming ready).
+    let agent_role = role("zmesh-agent");
+    for (group, resource) in [
+        ("", "namespaces"),
+        ("", "pods"),
+        ("", "services"),
+        ("discovery.k8s.io", "endpointslices"),
+        ("security.istio.io", "authorizationpolicies"),
+    ] {
+        for verb in ["list", "watch"] {
+            assert!(
+                allows(agent_role, group, resource, verb),
+                "the agent cannot {verb} {resource}"
+            );
         }
     }
 

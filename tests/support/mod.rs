@@ -6,7 +6,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::time::Instant;
+
 use zmesh_lab::{Lab, LabOptions, ReservedPod};
+use zmesh_proxy::flows::FlowEvent;
 
 pub fn manifests() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("examples/demo")
@@ -120,4 +123,50 @@ pub fn serve_echo(
         .serve_echo(port)
         .expect("echo server");
     (addr(lab, ns, pod, port), server)
+}
+
+/// `zmesh observe --output json` against a node's agent, with extra filter flags.
+pub fn observe(lab: &Lab, node: &str, filters: &[&str]) -> Vec<FlowEvent> {
+    let socket = lab.admin_socket(node);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_zmesh"))
+        .args([
+            "observe",
+            "--output",
+            "json",
+            "--since",
+            "10m",
+            "--admin-socket",
+        ])
+        .arg(&socket)
+        .args(filters)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "observe failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("bad flow line {l:?}: {e}")))
+        .collect()
+}
+
+/// Polls `observe` until `pred` holds for the returned flows (flows are published when
+/// connections end, a moment after the client sees the end).
+pub fn wait_flows(
+    lab: &Lab,
+    node: &str,
+    filters: &[&str],
+    pred: impl Fn(&[FlowEvent]) -> bool,
+) -> Vec<FlowEvent> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let flows = observe(lab, node, filters);
+        if pred(&flows) {
+            return flows;
+        }
+        assert!(Instant::now() < deadline, "flows never matched: {flows:#?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -6,6 +6,11 @@
 //! writes what the API would hold (pod IP) and the node-local facts (netns and cgroup
 //! paths, as `zmesh.io/netns` / `zmesh.io/cgroup` annotations) into its copy of the
 //! manifests, which the CA and the agents then watch like any manifest directory.
+//!
+//! It also plays kube-proxy for clients outside the mesh: each node gets one DNAT rule per
+//! Service port (nftables, in the node's namespace; test scaffolding, not zmesh), spreading
+//! a ClusterIP's connections over the Service's ready endpoints, as kube-proxy would. The
+//! mesh never relies on it: enrolled pods' connections to a ClusterIP reach the proxy first.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -216,8 +221,46 @@ impl Lab {
             .expect("the control node exists")
     }
 
-    /// Writes the manifests with each pod's IP, netns and cgroup filled in (as a CNI would).
+    /// Writes the manifests (see `write_manifests`) and follows their Services with the
+    /// nodes' DNAT rules.
     fn render_manifests(&self) -> Result<(), LabError> {
+        self.write_manifests()?;
+        self.route_services()
+    }
+
+    /// Plays kube-proxy: in every node, a DNAT rule per Service port to its ready endpoints
+    /// (or a reset when it has none), replaced atomically on every change.
+    fn route_services(&self) -> Result<(), LabError> {
+        let (state, _errors) = ManifestDir::new(&self.manifests_dir()).rescan();
+        let state = state.unwrap_or_default();
+        let rules = service_rules(&state);
+        let path = self.work.path().join("services.nft");
+        std::fs::write(&path, rules).map_err(io(&path))?;
+        for node in self.cluster().nodes() {
+            if node.name() == CONTROL_NODE {
+                continue;
+            }
+            let output = node
+                .command("nft")?
+                .arg("-f")
+                .arg(&path)
+                .output()
+                .map_err(|e| LabError::Process {
+                    what: format!("nft in {}", node.name()),
+                    reason: e.to_string(),
+                })?;
+            if !output.status.success() {
+                return Err(LabError::Process {
+                    what: format!("nft in {}", node.name()),
+                    reason: String::from_utf8_lossy(&output.stderr).into_owned(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the manifests with each pod's IP, netns and cgroup filled in (as a CNI would).
+    fn write_manifests(&self) -> Result<(), LabError> {
         let dir = self.manifests_dir();
         std::fs::create_dir_all(&dir).map_err(io(&dir))?;
         for (name, text) in &self.sources {
@@ -545,6 +588,47 @@ impl Drop for Lab {
 
 /// Reads Namespace and Pod manifests; any bad file is an error here (the lab's input is
 /// ours to get right).
+/// The nftables ruleset that stands in for kube-proxy (IPv4 ClusterIPs; the lab is IPv4).
+fn service_rules(state: &ClusterState) -> String {
+    let mut rules = String::new();
+    for service in state.services() {
+        let endpoints = state.service_endpoints(service);
+        for vip in service.cluster_ips.iter().filter(|ip| ip.is_ipv4()) {
+            for port in &service.ports {
+                let targets: Vec<String> = endpoints
+                    .iter()
+                    .filter(|e| e.ip.is_ipv4())
+                    .filter_map(|e| e.ports.get(&port.port).map(|t| format!("{} . {t}", e.ip)))
+                    .collect();
+                let action = if targets.is_empty() {
+                    "reject with tcp reset".to_owned()
+                } else {
+                    let map: Vec<String> = targets
+                        .iter()
+                        .enumerate()
+                        .map(|(i, t)| format!("{i} : {t}"))
+                        .collect();
+                    format!(
+                        "dnat ip to numgen random mod {} map {{ {} }}",
+                        targets.len(),
+                        map.join(", ")
+                    )
+                };
+                rules.push_str(&format!(
+                    "    ip daddr {vip} tcp dport {} {action}\n",
+                    port.port
+                ));
+            }
+        }
+    }
+    // Declaring then deleting the table makes the replacement atomic and idempotent.
+    format!(
+        "table ip zmesh_lab_services {{}}\ndelete table ip zmesh_lab_services\n\
+         table ip zmesh_lab_services {{\n  chain prerouting {{\n    \
+         type nat hook prerouting priority dstnat; policy accept;\n{rules}  }}\n}}\n"
+    )
+}
+
 fn read_manifests(dir: &Path) -> Result<(ClusterState, BTreeMap<String, String>), LabError> {
     let mut manifests = ManifestDir::new(dir);
     let (state, errors) = manifests.rescan();
