@@ -157,6 +157,8 @@ pub fn drop_flow(event: &DropEvent, table: &WorkloadTable) -> FlowEvent {
         encrypted: false,
         policy: None,
         reason: Some(drop_reason(event.reason)),
+        // Dropped in tc before any proxy chose an endpoint: the destination is a pod.
+        service: None,
     }
 }
 

@@ -33,6 +33,8 @@ pub(crate) struct AccessLog {
     pub src: FlowEndpoint,
     pub dst_addr: Option<SocketAddr>,
     dst: Option<FlowEndpoint>,
+    /// The Service the client addressed (`namespace/name`), if it addressed one.
+    pub service: Option<String>,
     /// Whether the flow crossed the network inside mTLS (set once the tunnel is up or
     /// the peer's certificate is verified).
     pub encrypted: bool,
@@ -61,6 +63,7 @@ impl AccessLog {
             src: FlowEndpoint::addr(src_addr),
             dst_addr: None,
             dst: None,
+            service: None,
             encrypted: false,
             policy: None,
             bytes: ByteCounts::default(),
@@ -77,6 +80,21 @@ impl AccessLog {
     pub fn destination(&mut self, w: &Workload) {
         let addr = self.dst_addr.unwrap_or_else(unknown_addr);
         self.dst = Some(endpoint_of(w, addr));
+    }
+
+    /// The destination is this workload, reached in plaintext: named, but without an
+    /// identity (nothing proved it).
+    pub fn plaintext_destination(&mut self, w: &Workload) {
+        let addr = self.dst_addr.unwrap_or_else(unknown_addr);
+        self.dst = Some(FlowEndpoint {
+            identity: None,
+            ..endpoint_of(w, addr)
+        });
+    }
+
+    /// Forgets the destination workload (a Service connection moving to another endpoint).
+    pub fn clear_destination(&mut self) {
+        self.dst = None;
     }
 
     /// Ends the connection with `outcome` (recorded as the log drops).
@@ -103,6 +121,7 @@ impl AccessLog {
             dst.addr = %self.dst_addr.map(|a| a.to_string()).unwrap_or_else(none),
             dst.workload = %self.dst.as_ref().and_then(workload_name).unwrap_or_else(none),
             dst.identity = %self.dst.as_ref().and_then(|d| d.identity.as_deref()).unwrap_or("-"),
+            dst.service = %self.service.as_deref().unwrap_or("-"),
             bytes_sent = sent,
             bytes_received = received,
             duration_ms = duration.as_millis() as u64,
@@ -125,6 +144,7 @@ impl AccessLog {
             time: SystemTime::now(),
             source,
             destination,
+            service: self.service.take(),
             // The flow's direction is source -> destination: what the client sent.
             bytes_sent: received,
             bytes_received: sent,
@@ -169,6 +189,7 @@ pub(crate) fn refused(shared: &Shared, src: SocketAddr, dst: SocketAddr, reason:
         time: SystemTime::now(),
         source: FlowEndpoint::addr(src),
         destination: FlowEndpoint::addr(dst),
+        service: None,
         bytes_sent: 0,
         bytes_received: 0,
         duration_us: 0,

@@ -96,6 +96,10 @@ pub struct FlowEvent {
     pub time: SystemTime,
     pub source: FlowEndpoint,
     pub destination: FlowEndpoint,
+    /// The Kubernetes Service the client addressed, `namespace/name` (by its VIP, or by
+    /// its hostname in an HBONE `:authority`); `destination` is the endpoint chosen.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service: Option<String>,
     /// Bytes from source to destination.
     pub bytes_sent: u64,
     /// Bytes from destination back to source.
@@ -189,7 +193,8 @@ fn endpoint(f: &mut fmt::Formatter<'_>, e: &FlowEndpoint) -> fmt::Result {
 }
 
 /// One compact line, like `hubble observe`:
-/// `2025-01-02T03:04:05.678Z default/web-1:40000 (cluster.local/ns/default/sa/web) -> prod/db-0:5432 mTLS FORWARDED sent=1.2KiB recv=300B 12ms`
+/// `2025-01-02T03:04:05.678Z default/web-1:40000 (cluster.local/ns/default/sa/web) -> prod/db-0:5432 mTLS FORWARDED sent=1.2KiB recv=300B 12ms`,
+/// with ` (service prod/db)` after the destination when the client addressed a Service.
 impl fmt::Display for FlowEvent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Millisecond precision is plenty for reading.
@@ -211,6 +216,9 @@ impl fmt::Display for FlowEvent {
         }
         f.write_str(" -> ")?;
         endpoint(f, &self.destination)?;
+        if let Some(service) = &self.service {
+            write!(f, " (service {service})")?;
+        }
         let enc = if self.encrypted { "mTLS" } else { "plaintext" };
         write!(f, " {enc} {}", self.verdict.as_str().to_ascii_uppercase())?;
         match (&self.verdict, self.denial(), &self.reason) {

@@ -9,6 +9,7 @@
 mod access;
 mod admin;
 mod authz;
+mod balance;
 mod clock;
 mod copy;
 mod credentials;

@@ -1,21 +1,29 @@
 //! Outbound (:15001): captured connections from local workloads, sent over HBONE to
-//! enrolled destinations and passed through as plain TCP to everything else.
+//! enrolled destinations and passed through as plain TCP to everything else. A connection
+//! to a Service VIP goes to one of the service's endpoints, as if the client had dialed
+//! that endpoint (see [`crate::balance`] for which one).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
+use bytes::Bytes;
+use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
 use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use crate::access::AccessLog;
+use crate::balance::{self, random_below, MAX_ATTEMPTS};
 use crate::copy::{bridge, splice};
 use crate::metrics::Direction;
 use crate::outcome::Outcome;
-use crate::pool::PoolKey;
+use crate::plaintext::reset;
+use crate::pool::{Lease, PoolKey};
 use crate::proxy::Shared;
+use crate::services::Service;
 use crate::tls::destination_sni;
-use crate::workloads::Protocol;
+use crate::workloads::{Protocol, Workload, WorkloadTable};
 
 use zmesh_dataplane::HBONE_PORT;
 
@@ -41,39 +49,199 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         return log.finish(Outcome::UnknownSource);
     };
     log.source(&source);
-    let dest = table
-        .workload_by_ip(dst.ip())
-        .filter(|w| w.protocol == Protocol::Hbone)
-        .cloned();
-    let Some(dest) = dest else {
-        return passthrough(&shared, tcp, dst, log).await;
-    };
-    log.destination(&dest);
-    let hbone = table
-        .node(&dest.node)
-        .and_then(|n| n.hbone)
-        .unwrap_or(SocketAddr::new(dst.ip(), HBONE_PORT));
-    // Dialing the pod IP needs no hint; dialing a node address tells it which pod we want.
-    let sni = if hbone.ip() == dst.ip() {
-        ServerName::IpAddress(dst.ip().into())
-    } else {
-        destination_sni(dst.ip())
-    };
-    let key = PoolKey {
-        source: source.identity.clone(),
-        expected: vec![dest.identity.spiffe_id().clone()],
-        dst: hbone,
-        downstream_ip: peer.ip(),
-    };
+    if let Some(service) = table.service_by_vip(dst.ip()).cloned() {
+        return to_service(&shared, tcp, peer, dst, &source, &service, table, log).await;
+    }
+    let route = Route::to(&table, dst);
     drop(table);
+    if let Route::Hbone { dest, .. } = &route {
+        log.destination(dest);
+    }
+    match dial(&shared, &source, peer, dst, route, &mut log).await {
+        Ok(upstream) => forward(upstream, tcp, peer, dst, log).await,
+        Err(outcome) => log.finish(outcome),
+    }
+}
 
+/// How to reach a destination address.
+enum Route {
+    /// An enrolled workload: HBONE to its node, which must present `dest`'s identity.
+    Hbone {
+        dest: Arc<Workload>,
+        hbone: SocketAddr,
+        sni: ServerName<'static>,
+    },
+    /// Anything else: plain TCP to the address itself.
+    Plain,
+}
+
+impl Route {
+    fn to(table: &WorkloadTable, dst: SocketAddr) -> Self {
+        let Some(dest) = table
+            .workload_by_ip(dst.ip())
+            .filter(|w| w.protocol == Protocol::Hbone)
+        else {
+            return Route::Plain;
+        };
+        let hbone = table
+            .node(&dest.node)
+            .and_then(|n| n.hbone)
+            .unwrap_or(SocketAddr::new(dst.ip(), HBONE_PORT));
+        // Dialing the pod IP needs no hint; dialing a node address tells it which pod we want.
+        let sni = if hbone.ip() == dst.ip() {
+            ServerName::IpAddress(dst.ip().into())
+        } else {
+            destination_sni(dst.ip())
+        };
+        Route::Hbone {
+            dest: dest.clone(),
+            hbone,
+            sni,
+        }
+    }
+}
+
+/// The way to the destination, open: the client's bytes can flow.
+enum Upstream {
+    /// An HBONE tunnel its destination answered with 200 (the lease keeps its slot on the
+    /// pooled connection).
+    Hbone {
+        lease: Lease,
+        send: SendStream<Bytes>,
+        recv: RecvStream,
+    },
+    Plain(TcpStream),
+}
+
+/// A connection to a Service VIP: it goes to one endpoint serving the port, exactly as if
+/// the client had dialed `endpoint IP:target port` (the VIP itself is never dialed). An
+/// endpoint whose dial fails is replaced by another one not tried yet, up to
+/// [`MAX_ATTEMPTS`], before the client sees anything. With no endpoint for the port the
+/// client's connection is reset at once.
+#[allow(clippy::too_many_arguments)]
+async fn to_service(
+    shared: &Shared,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    vip: SocketAddr,
+    source: &Workload,
+    service: &Service,
+    table: Arc<WorkloadTable>,
+    mut log: AccessLog,
+) {
+    let key = service.key();
+    log.service = Some(key.clone());
+    let candidates = balance::candidates(service, vip);
+    if candidates.is_empty() {
+        tracing::info!(%peer, %vip, service = %key, "no endpoint of the service serves this port: resetting the connection");
+        reset(&tcp);
+        return log.finish(Outcome::NoEndpoints);
+    }
+    let mut tried = Vec::new();
+    // Replaced by the first attempt's: there is at least one candidate.
+    let mut outcome = Outcome::InternalError;
+    while tried.len() < candidates.len().min(MAX_ATTEMPTS) {
+        let chosen = match service.affinity {
+            Some(timeout) => shared.affinity.choose(
+                &key,
+                peer.ip(),
+                timeout,
+                Instant::now(),
+                &candidates,
+                &tried,
+                &mut random_below,
+            ),
+            None => balance::pick(&candidates, &tried, &mut random_below),
+        };
+        let Some(endpoint) = chosen else { break };
+        tried.push(endpoint);
+        // The log describes this attempt only.
+        log.dst_addr = Some(endpoint);
+        log.encrypted = false;
+        log.clear_destination();
+        if shared.is_own_listener(endpoint) {
+            outcome = Outcome::Loop;
+            continue;
+        }
+        let route = Route::to(&table, endpoint);
+        match &route {
+            Route::Hbone { dest, .. } => log.destination(dest),
+            Route::Plain => {
+                if let Some(w) = table.workload_by_ip(endpoint.ip()) {
+                    log.plaintext_destination(w);
+                }
+            }
+        }
+        match dial(shared, source, peer, endpoint, route, &mut log).await {
+            Ok(upstream) => {
+                // Like any connection, it does not keep an old table alive while it runs.
+                drop(table);
+                return forward(upstream, tcp, peer, endpoint, log).await;
+            }
+            Err(o) => {
+                tracing::debug!(%peer, service = %key, %endpoint, result = %o, "service endpoint failed");
+                outcome = o;
+            }
+        }
+    }
+    tracing::info!(%peer, %vip, service = %key, ?tried, result = %outcome, "no endpoint of the service could be reached");
+    log.finish(outcome);
+}
+
+/// Opens the way to `dst` along `route`. The client's connection is not touched, so after a
+/// failure (its outcome) another destination may still be tried.
+async fn dial(
+    shared: &Shared,
+    source: &Workload,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    route: Route,
+    log: &mut AccessLog,
+) -> Result<Upstream, Outcome> {
+    match route {
+        Route::Plain => {
+            match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(dst)).await
+            {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    Ok(Upstream::Plain(s))
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%dst, "passthrough connect failed: {e}");
+                    Err(Outcome::ConnectFailed)
+                }
+                Err(_) => Err(Outcome::ConnectFailed),
+            }
+        }
+        Route::Hbone { dest, hbone, sni } => {
+            let key = PoolKey {
+                source: source.identity.clone(),
+                expected: vec![dest.identity.spiffe_id().clone()],
+                dst: hbone,
+                downstream_ip: peer.ip(),
+            };
+            connect(shared, &key, &sni, peer, dst, log).await
+        }
+    }
+}
+
+/// An HBONE tunnel to `dst` through the node `key` names, answered 200.
+async fn connect(
+    shared: &Shared,
+    key: &PoolKey,
+    sni: &ServerName<'static>,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    log: &mut AccessLog,
+) -> Result<Upstream, Outcome> {
+    let hbone = key.dst;
     // One retry: a pooled connection may have failed or received GOAWAY since it was leased.
     for attempt in 0..2 {
-        let lease = match shared.pool.lease(&key, &sni).await {
+        let lease = match shared.pool.lease(key, sni).await {
             Ok(l) => l,
             Err(e) => {
                 tracing::warn!(%peer, %dst, %hbone, "no HBONE connection: {e}");
-                return log.finish(Outcome::HboneConnectFailed);
+                return Err(Outcome::HboneConnectFailed);
             }
         };
         let request = Request::builder()
@@ -83,7 +251,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             .body(());
         let Ok(request) = request else {
             // Unreachable: an IP:port is always a valid authority.
-            return log.finish(Outcome::InternalError);
+            return Err(Outcome::InternalError);
         };
         let sent = async {
             let mut send = lease.send_request().ready().await?;
@@ -91,7 +259,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             Ok::<_, h2::Error>((response, stream))
         }
         .await;
-        let (response, stream) = match sent {
+        let (response, send) = match sent {
             Ok(x) => x,
             Err(e) if attempt == 0 => {
                 tracing::debug!(%hbone, "pooled connection unusable, retrying: {e}");
@@ -100,7 +268,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             }
             Err(e) => {
                 tracing::warn!(%hbone, "cannot open HBONE stream: {e}");
-                return log.finish(Outcome::HboneStreamFailed);
+                return Err(Outcome::HboneStreamFailed);
             }
         };
         let response = match response.await {
@@ -114,27 +282,56 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             }
             Err(e) => {
                 tracing::warn!(%hbone, %dst, "HBONE CONNECT failed: {e}");
-                return log.finish(Outcome::HboneStreamFailed);
+                return Err(Outcome::HboneStreamFailed);
             }
         };
         // The destination answered over mTLS, whatever it said.
         log.encrypted = true;
         if response.status() != StatusCode::OK {
             tracing::info!(%peer, %dst, status = %response.status(), "HBONE CONNECT refused");
-            return log.finish(status_outcome(response.status()));
+            return Err(status_outcome(response.status()));
         }
-        // The client is on the TCP side: it receives what comes from HTTP/2.
-        let (sent, received) = (&log.bytes.sent, &log.bytes.received);
-        let outcome = match bridge(tcp, stream, response.into_body(), received, sent).await {
-            Ok(()) => Outcome::Ok,
+        return Ok(Upstream::Hbone {
+            lease,
+            send,
+            recv: response.into_body(),
+        });
+    }
+    // Unreachable: the second attempt returns on every path.
+    Err(Outcome::InternalError)
+}
+
+/// Carries the client's connection through `upstream` until both directions end.
+async fn forward(
+    upstream: Upstream,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    log: AccessLog,
+) {
+    let outcome = match upstream {
+        Upstream::Hbone { lease, send, recv } => {
+            // The client is on the TCP side: it receives what comes from HTTP/2.
+            let (sent, received) = (&log.bytes.sent, &log.bytes.received);
+            let outcome = match bridge(tcp, send, recv, received, sent).await {
+                Ok(()) => Outcome::Ok,
+                Err(e) => {
+                    tracing::debug!(%peer, %dst, "tunnel failed: {e}");
+                    Outcome::Error
+                }
+            };
+            drop(lease);
+            outcome
+        }
+        Upstream::Plain(mut upstream) => match splice(&mut tcp, &mut upstream, &log.bytes).await {
+            Ok(()) => Outcome::Passthrough,
             Err(e) => {
-                tracing::debug!(%peer, %dst, "tunnel failed: {e}");
+                tracing::debug!(%dst, "passthrough failed: {e}");
                 Outcome::Error
             }
-        };
-        drop(lease);
-        return log.finish(outcome);
-    }
+        },
+    };
+    log.finish(outcome);
 }
 
 /// The CONNECT failed because of its connection, not because the peer answered it.
@@ -149,27 +346,5 @@ fn status_outcome(status: StatusCode) -> Outcome {
         403 => Outcome::Status403,
         503 => Outcome::Status503,
         _ => Outcome::StatusOther,
-    }
-}
-
-/// Plain TCP to a destination outside the mesh.
-async fn passthrough(shared: &Shared, mut tcp: TcpStream, dst: SocketAddr, log: AccessLog) {
-    let upstream =
-        match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(dst)).await {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
-                tracing::debug!(%dst, "passthrough connect failed: {e}");
-                return log.finish(Outcome::ConnectFailed);
-            }
-            Err(_) => return log.finish(Outcome::ConnectFailed),
-        };
-    let _ = upstream.set_nodelay(true);
-    let mut upstream = upstream;
-    match splice(&mut tcp, &mut upstream, &log.bytes).await {
-        Ok(()) => log.finish(Outcome::Passthrough),
-        Err(e) => {
-            tracing::debug!(%dst, "passthrough failed: {e}");
-            log.finish(Outcome::Error)
-        }
     }
 }

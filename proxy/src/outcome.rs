@@ -41,6 +41,9 @@ pub enum Outcome {
     UnknownDestination,
     /// The destination port belongs to the proxy.
     ProxyPort,
+    /// No endpoint of the Service serves the port: outbound to a VIP, the client's
+    /// connection is reset. The flow names the service.
+    NoEndpoints,
     /// The HBONE CONNECT request was malformed or named a destination it may not.
     BadRequest,
     /// No HBONE (TLS + HTTP/2) connection to the destination's node.
@@ -64,7 +67,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, for tests and documentation.
-    pub const ALL: [Outcome; 24] = [
+    pub const ALL: [Outcome; 25] = [
         Outcome::Ok,
         Outcome::Passthrough,
         Outcome::Denied,
@@ -80,6 +83,7 @@ impl Outcome {
         Outcome::UnknownSource,
         Outcome::UnknownDestination,
         Outcome::ProxyPort,
+        Outcome::NoEndpoints,
         Outcome::BadRequest,
         Outcome::HboneConnectFailed,
         Outcome::HboneStreamFailed,
@@ -116,6 +120,7 @@ impl Outcome {
             Outcome::UnknownSource => error("unknown_source"),
             Outcome::UnknownDestination => error("unknown_destination"),
             Outcome::ProxyPort => error("proxy_port"),
+            Outcome::NoEndpoints => error("no_endpoints"),
             Outcome::BadRequest => error("bad_request"),
             Outcome::HboneConnectFailed => error("hbone_connect_failed"),
             Outcome::HboneStreamFailed => error("hbone_stream_failed"),
@@ -181,6 +186,7 @@ mod tests {
             "unknown_source",
             "unknown_destination",
             "proxy_port",
+            "no_endpoints",
             "bad_request",
             "hbone_connect_failed",
             "hbone_stream_failed",
@@ -210,6 +216,7 @@ mod tests {
             (Outcome::PolicyChanged, Denied, Some("policy changed")),
             (Outcome::RefusedStrict, Dropped, Some("plaintext_strict")),
             (Outcome::ConnectFailed, Error, Some("connect_failed")),
+            (Outcome::NoEndpoints, Error, Some("no_endpoints")),
             (Outcome::DrainDeadline, Error, Some("drain_deadline")),
             (Outcome::Cancelled, Error, Some("cancelled")),
         ];

@@ -17,7 +17,7 @@ use crate::proxy::{Capture, Shared};
 use crate::Mode;
 
 /// RST rather than FIN: the client learns at once that it was refused.
-fn reset(tcp: &TcpStream) {
+pub(crate) fn reset(tcp: &TcpStream) {
     let _ = socket2::SockRef::from(tcp).set_linger(Some(Duration::ZERO));
 }
 

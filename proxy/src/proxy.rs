@@ -15,6 +15,7 @@ use tokio_util::task::TaskTracker;
 use zmesh_dataplane as ports;
 
 use crate::authz::{AllowAll, Authorizer};
+use crate::balance::{Affinity, AFFINITY_CAPACITY};
 use crate::clock::Clock;
 use crate::flows::FlowHub;
 use crate::keepalive::Keepalive;
@@ -182,6 +183,8 @@ pub(crate) struct Shared {
     /// Open inbound connections, re-authorized when policies or local pods' labels change.
     pub tunnels: Tunnels,
     pub pool: Arc<Pool>,
+    /// `sessionAffinity: ClientIP` pins of outbound Service connections.
+    pub affinity: Affinity,
     /// Ticks the long timers (keepalive, idle connections): see clock.rs.
     pub clock: Clock,
     pub addrs: ProxyAddrs,
@@ -288,6 +291,7 @@ impl Proxy {
             flows: deps.flows.unwrap_or_else(|| Arc::new(FlowHub::new(1))),
             tunnels,
             pool,
+            affinity: Affinity::new(AFFINITY_CAPACITY),
             clock,
             addrs,
             drain: CancellationToken::new(),

@@ -41,6 +41,7 @@ fn forwarded(ms: u64) -> FlowEvent {
             Some("spiffe://cluster.local/ns/prod/sa/db"),
             "10.0.2.7:5432",
         ),
+        service: None,
         bytes_sent: 1536,
         bytes_received: 300,
         duration_us: 12_345,
@@ -64,6 +65,7 @@ fn denied(ms: u64) -> FlowEvent {
             "10.0.3.1:41000",
         ),
         destination: ep("prod", "db-0", None, "10.0.2.7:5432"),
+        service: None,
         bytes_sent: 0,
         bytes_received: 0,
         duration_us: 800,
@@ -82,6 +84,7 @@ fn dropped(ms: u64) -> FlowEvent {
         time: at(ms),
         source: FlowEndpoint::addr("192.168.9.9:5555".parse().unwrap()),
         destination: ep("prod", "db-0", None, "10.0.2.7:5432"),
+        service: None,
         bytes_sent: 0,
         bytes_received: 0,
         duration_us: 0,
@@ -124,6 +127,14 @@ fn json_round_trip_and_field_names() {
     let v = serde_json::to_value(dropped(0)).unwrap();
     assert_eq!(v["reason"], "plaintext_strict");
     assert!(v["source"].get("namespace").is_none());
+    assert!(v.get("service").is_none(), "absent fields are left out");
+    // A connection to a Service names it.
+    let mut e = forwarded(0);
+    e.service = Some("prod/db".into());
+    let v = serde_json::to_value(&e).unwrap();
+    assert_eq!(v["service"], "prod/db");
+    let back: FlowEvent = serde_json::from_value(v).unwrap();
+    assert_eq!(back, e);
     // NDJSON: one event per line.
     assert!(!serde_json::to_string(&forwarded(0)).unwrap().contains('\n'));
 }
@@ -144,6 +155,13 @@ fn one_line_format() {
         dropped(5).to_string(),
         "2023-11-14T22:13:20.005Z 192.168.9.9:5555 (no identity) -> prod/db-0:5432 \
          plaintext DROPPED (plaintext_strict)"
+    );
+    let mut e = forwarded(678);
+    e.service = Some("prod/db".into());
+    assert_eq!(
+        e.to_string(),
+        "2023-11-14T22:13:20.678Z web/frontend-7d4f:40000 (cluster.local/ns/web/sa/frontend) \
+         -> prod/db-0:5432 (service prod/db) mTLS FORWARDED sent=1.5KiB recv=300B 12ms"
     );
     let mut e = denied(0);
     e.policy = Some(Verdict::Deny(Denial::NoAllowMatched {
