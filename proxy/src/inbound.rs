@@ -1,6 +1,9 @@
-//! Inbound HBONE (:15008): mTLS, HTTP/2, one CONNECT stream per tunnel.
+//! Inbound HBONE (:15008): mTLS, HTTP/2, one CONNECT stream per tunnel. The `:authority`
+//! names the target as `IP:port`, or as a Service's `<name>.<namespace>.svc.<cluster
+//! domain>:<port>` (ztunnel's tunnels through east-west gateways do), which resolves to an
+//! endpoint of that service on this node.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +17,7 @@ use zmesh_identity::{SpiffeId, WorkloadId};
 
 use crate::access::AccessLog;
 use crate::authz::{AuthzRequest, Decision};
+use crate::balance;
 use crate::copy::bridge;
 use crate::metrics::Direction;
 use crate::outcome::Outcome;
@@ -174,8 +178,23 @@ fn respond_error(mut respond: SendResponse<Bytes>, status: StatusCode) {
     let _ = respond.send_response(response, true);
 }
 
+/// What a CONNECT's `:authority` names.
+#[derive(Debug, PartialEq, Eq)]
+enum Target {
+    Addr(SocketAddr),
+    /// `<name>.<namespace>.svc.<cluster domain>:<port>`: a port of a Service.
+    Service {
+        namespace: String,
+        name: String,
+        port: u16,
+    },
+}
+
 /// Checks the CONNECT request; returns the target or the status to answer.
-fn target_of(req: &Request<RecvStream>) -> Result<SocketAddr, (StatusCode, &'static str)> {
+fn target_of(
+    req: &Request<RecvStream>,
+    cluster_domain: &str,
+) -> Result<Target, (StatusCode, &'static str)> {
     let bad = StatusCode::BAD_REQUEST;
     if req.method() != Method::CONNECT {
         return Err((bad, "not CONNECT"));
@@ -188,14 +207,79 @@ fn target_of(req: &Request<RecvStream>) -> Result<SocketAddr, (StatusCode, &'sta
         return Err((bad, ":scheme or :path present"));
     }
     let authority = uri.authority().ok_or((bad, "no :authority"))?;
-    let target: SocketAddr = authority
-        .as_str()
-        .parse()
-        .map_err(|_| (bad, "authority is not IP:port"))?;
-    if target.port() == 0 {
+    if let Ok(target) = authority.as_str().parse::<SocketAddr>() {
+        if target.port() == 0 {
+            return Err((bad, "port 0"));
+        }
+        return Ok(Target::Addr(target));
+    }
+    let not_ours = (
+        bad,
+        "authority is neither IP:port nor a service hostname:port",
+    );
+    let (host, port) = authority.as_str().rsplit_once(':').ok_or(not_ours)?;
+    // Digits only: u16's parser would also take a leading `+`.
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(not_ours);
+    }
+    let port: u16 = port.parse().map_err(|_| not_ours)?;
+    if port == 0 {
         return Err((bad, "port 0"));
     }
-    Ok(target)
+    let (name, namespace) = service_host(host, cluster_domain).ok_or(not_ours)?;
+    Ok(Target::Service {
+        namespace,
+        name,
+        port,
+    })
+}
+
+/// `(name, namespace)` from `<name>.<namespace>.svc.<cluster domain>` (DNS names ignore
+/// case; one trailing dot is allowed), or `None` if `host` is not of that form.
+fn service_host(host: &str, cluster_domain: &str) -> Option<(String, String)> {
+    let host = host.to_ascii_lowercase();
+    let host = host.strip_suffix('.').unwrap_or(&host);
+    let domain = cluster_domain.to_ascii_lowercase();
+    let domain = domain.strip_suffix('.').unwrap_or(&domain);
+    let rest = host.strip_suffix(domain)?.strip_suffix(".svc.")?;
+    let (name, namespace) = rest.split_once('.')?;
+    // Service names and namespaces are DNS labels (RFC 1123).
+    let label = |l: &str| {
+        (1..=63).contains(&l.len())
+            && l.bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+    };
+    (label(name) && label(namespace)).then(|| (name.to_owned(), namespace.to_owned()))
+}
+
+/// The local endpoint a Service authority resolves to: one of `service`'s endpoints for
+/// `port` on this node (the pod the connection arrived on, if it arrived on a pod IP),
+/// chosen at random; or why there is none.
+fn service_endpoint(
+    table: &WorkloadTable,
+    node: &str,
+    arrived_on: Option<IpAddr>,
+    namespace: &str,
+    name: &str,
+    port: u16,
+) -> Result<SocketAddr, (&'static str, Outcome)> {
+    let service = table
+        .service(namespace, name)
+        .ok_or(("unknown service", Outcome::UnknownService))?;
+    let local: Vec<SocketAddr> = service
+        .endpoints_for(port)
+        .filter(|(ip, _)| match arrived_on {
+            Some(pod) => *ip == pod,
+            None => table.local_workload(*ip, node).is_some(),
+        })
+        .map(SocketAddr::from)
+        .collect();
+    balance::pick(&local, &[], &mut balance::random_below).ok_or((
+        "no endpoint of the service on this node serves the port",
+        Outcome::NoEndpoints,
+    ))
 }
 
 /// The client address from a `forwarded: for=` header (RFC 7239), for logs only: it is
@@ -254,17 +338,33 @@ async fn tunnel(
     };
     let table = shared.workloads.snapshot();
     attribute_source(&mut log, &table, peer, forwarded_for(&req), peer_id);
-    let target = match target_of(&req) {
-        Ok(t) => t,
-        Err((status, why)) => return reject(log, respond, status, why, Outcome::BadRequest),
-    };
-    log.dst_addr = Some(target);
     let node = &shared.config.node;
     // A transparent connection arrived on a pod IP and must name it; one dialed at the
     // node's own address (explicit capture, or same-node traffic) may name only workloads
     // of this node.
     let arrived_on_pod_ip = shared.config.capture == Capture::Transparent
         && table.local_workload(local.ip(), node).is_some();
+    let target = match target_of(&req, &shared.config.cluster_domain) {
+        Ok(Target::Addr(t)) => t,
+        // A Service: one of its local endpoints, then on as if the authority named it.
+        Ok(Target::Service {
+            namespace,
+            name,
+            port,
+        }) => {
+            log.service = Some(format!("{namespace}/{name}"));
+            let arrived_on = arrived_on_pod_ip.then_some(local.ip());
+            match service_endpoint(&table, node, arrived_on, &namespace, &name, port) {
+                Ok(endpoint) => endpoint,
+                Err((why, outcome)) => {
+                    let status = StatusCode::SERVICE_UNAVAILABLE;
+                    return reject(log, respond, status, why, outcome);
+                }
+            }
+        }
+        Err((status, why)) => return reject(log, respond, status, why, Outcome::BadRequest),
+    };
+    log.dst_addr = Some(target);
     if arrived_on_pod_ip {
         if target.ip() != local.ip() {
             let why = "authority is not the address the connection arrived on";
@@ -379,4 +479,110 @@ async fn tunnel(
         }
     };
     log.finish(outcome);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn service_hostnames() {
+        let ok = |host: &str, domain: &str| service_host(host, domain);
+        let web = Some(("web".to_string(), "shop".to_string()));
+        assert_eq!(ok("web.shop.svc.cluster.local", "cluster.local"), web);
+        assert_eq!(ok("Web.Shop.SVC.Cluster.Local.", "cluster.local"), web);
+        assert_eq!(ok("web.shop.svc.corp.example", "corp.example"), web);
+        assert_eq!(
+            ok("web-2.a1.svc.cluster.local", "cluster.local.")
+                .unwrap()
+                .0,
+            "web-2"
+        );
+        for bad in [
+            "web.shop.svc.example.com",
+            "web.shop.cluster.local",
+            "shop.svc.cluster.local",
+            ".shop.svc.cluster.local",
+            "web..svc.cluster.local",
+            "a.web.shop.svc.cluster.local",
+            "web_1.shop.svc.cluster.local",
+            "-web.shop.svc.cluster.local",
+            "web.shop-.svc.cluster.local",
+            "web.shop.svcxcluster.local",
+            "web.shop.svc.xcluster.local",
+            "cluster.local",
+            "",
+        ] {
+            assert_eq!(ok(bad, "cluster.local"), None, "{bad:?}");
+        }
+        let long = "a".repeat(64);
+        assert_eq!(
+            ok(&format!("{long}.shop.svc.cluster.local"), "cluster.local"),
+            None
+        );
+        let max = "a".repeat(63);
+        assert!(ok(&format!("{max}.shop.svc.cluster.local"), "cluster.local").is_some());
+    }
+
+    const TABLE: &str = r#"
+workloads:
+  - {name: web-1, namespace: shop, serviceAccount: web, node: b, ips: [10.0.2.1], labels: {app: web}, ports: {http: 8080}}
+  - {name: web-2, namespace: shop, serviceAccount: web, node: b, ips: [10.0.2.2], labels: {app: web}, ports: {http: 9090}}
+  - {name: web-3, namespace: shop, serviceAccount: web, node: a, ips: [10.0.1.1], labels: {app: web}, ports: {http: 7070}}
+  - {name: web-4, namespace: shop, serviceAccount: web, node: b, ips: [10.0.2.3], labels: {app: web}}
+services:
+  - name: web
+    namespace: shop
+    vips: [10.96.0.10]
+    ports: [{port: 80, targetPort: http}, {port: 81, targetPort: grpc}]
+    selector: {app: web}
+"#;
+
+    #[test]
+    fn service_authorities_resolve_to_local_endpoints_only() {
+        let t = WorkloadTable::from_yaml(TABLE).unwrap();
+        let on_b: std::collections::HashSet<SocketAddr> = (0..200)
+            .map(|_| service_endpoint(&t, "b", None, "shop", "web", 80).unwrap())
+            .collect();
+        let want = ["10.0.2.1:8080", "10.0.2.2:9090"].map(|a| a.parse().unwrap());
+        assert_eq!(
+            on_b,
+            want.into_iter().collect(),
+            "both local endpoints, never web-3"
+        );
+        assert_eq!(
+            service_endpoint(&t, "a", None, "shop", "web", 80),
+            Ok("10.0.1.1:7070".parse().unwrap())
+        );
+        // Arrived on a pod IP: that pod, if it is an endpoint.
+        let pod = Some("10.0.2.2".parse().unwrap());
+        for _ in 0..20 {
+            let got = service_endpoint(&t, "b", pod, "shop", "web", 80);
+            assert_eq!(got, Ok("10.0.2.2:9090".parse().unwrap()));
+        }
+        let not_an_endpoint = Some("10.0.2.3".parse().unwrap());
+        let no_endpoints = Err((
+            "no endpoint of the service on this node serves the port",
+            Outcome::NoEndpoints,
+        ));
+        assert_eq!(
+            service_endpoint(&t, "b", not_an_endpoint, "shop", "web", 80),
+            no_endpoints
+        );
+        assert_eq!(
+            service_endpoint(&t, "c", None, "shop", "web", 80),
+            no_endpoints
+        );
+        assert_eq!(
+            service_endpoint(&t, "b", None, "shop", "web", 81),
+            no_endpoints
+        );
+        assert_eq!(
+            service_endpoint(&t, "b", None, "shop", "web", 82),
+            no_endpoints
+        );
+        let unknown = Err(("unknown service", Outcome::UnknownService));
+        assert_eq!(service_endpoint(&t, "b", None, "shop", "db", 80), unknown);
+        assert_eq!(service_endpoint(&t, "b", None, "other", "web", 80), unknown);
+    }
 }

@@ -41,9 +41,12 @@ pub enum Outcome {
     UnknownDestination,
     /// The destination port belongs to the proxy.
     ProxyPort,
-    /// No endpoint of the Service serves the port: outbound to a VIP, the client's
-    /// connection is reset. The flow names the service.
+    /// No endpoint of the Service serves the port: outbound to a VIP (the client's
+    /// connection is reset), or inbound to a service hostname with no endpoint on this
+    /// node (503). The flow names the service.
     NoEndpoints,
+    /// An HBONE `:authority` named a Service by hostname that the table does not hold.
+    UnknownService,
     /// The HBONE CONNECT request was malformed or named a destination it may not.
     BadRequest,
     /// No HBONE (TLS + HTTP/2) connection to the destination's node.
@@ -67,7 +70,7 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every outcome, for tests and documentation.
-    pub const ALL: [Outcome; 25] = [
+    pub const ALL: [Outcome; 26] = [
         Outcome::Ok,
         Outcome::Passthrough,
         Outcome::Denied,
@@ -84,6 +87,7 @@ impl Outcome {
         Outcome::UnknownDestination,
         Outcome::ProxyPort,
         Outcome::NoEndpoints,
+        Outcome::UnknownService,
         Outcome::BadRequest,
         Outcome::HboneConnectFailed,
         Outcome::HboneStreamFailed,
@@ -121,6 +125,7 @@ impl Outcome {
             Outcome::UnknownDestination => error("unknown_destination"),
             Outcome::ProxyPort => error("proxy_port"),
             Outcome::NoEndpoints => error("no_endpoints"),
+            Outcome::UnknownService => error("unknown_service"),
             Outcome::BadRequest => error("bad_request"),
             Outcome::HboneConnectFailed => error("hbone_connect_failed"),
             Outcome::HboneStreamFailed => error("hbone_stream_failed"),
@@ -187,6 +192,7 @@ mod tests {
             "unknown_destination",
             "proxy_port",
             "no_endpoints",
+            "unknown_service",
             "bad_request",
             "hbone_connect_failed",
             "hbone_stream_failed",
@@ -217,6 +223,7 @@ mod tests {
             (Outcome::RefusedStrict, Dropped, Some("plaintext_strict")),
             (Outcome::ConnectFailed, Error, Some("connect_failed")),
             (Outcome::NoEndpoints, Error, Some("no_endpoints")),
+            (Outcome::UnknownService, Error, Some("unknown_service")),
             (Outcome::DrainDeadline, Error, Some("drain_deadline")),
             (Outcome::Cancelled, Error, Some("cancelled")),
         ];

@@ -60,6 +60,9 @@ pub struct ProxyConfig {
     pub pool: PoolConfig,
     /// HTTP/2 PINGs on every HBONE connection, inbound and pooled outbound.
     pub keepalive: Keepalive,
+    /// The cluster's DNS domain: an HBONE `:authority` may name a Service as
+    /// `<name>.<namespace>.svc.<cluster_domain>:<port>`.
+    pub cluster_domain: String,
 }
 
 impl ProxyConfig {
@@ -79,6 +82,7 @@ impl ProxyConfig {
             connect_timeout: Duration::from_secs(10),
             pool: PoolConfig::default(),
             keepalive: Keepalive::default(),
+            cluster_domain: "cluster.local".into(),
         }
     }
 

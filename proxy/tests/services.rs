@@ -1,7 +1,8 @@
 //! Kubernetes Services: a client dials a VIP, proxy A picks one of the service's endpoints
 //! (HBONE to an enrolled one, plain TCP to any other), spreads, sticks with ClientIP
 //! affinity, retries another endpoint when one fails, and resets the client when no
-//! endpoint serves the port.
+//! endpoint serves the port. Proxy B resolves HBONE authorities that name a service by
+//! hostname (`<name>.<namespace>.svc.<cluster domain>:<port>`) to a local endpoint.
 
 mod common;
 
@@ -10,11 +11,17 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use common::*;
+use h2::client::SendRequest;
+use http::{Method, Request, StatusCode};
+use rustls::sign::CertifiedKey;
+use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
-use zmesh_identity::{TrustDomain, WorkloadId};
+use tokio_rustls::TlsConnector;
+use zmesh_identity::{SharedBundle, TrustDomain, WorkloadId};
 use zmesh_proxy::flows::{FlowEvent, FlowFilter, FlowSubscription, FlowVerdict};
 use zmesh_proxy::{
     Direction, Endpoint, Outcome, ProxyConfig, ProxyDeps, Service, ServicePort, StaticOriginalDst,
@@ -54,6 +61,7 @@ async fn closed_port(ip: IpAddr) -> u16 {
 }
 
 struct Cluster {
+    ca: Ca,
     a: Running,
     b: Running,
 }
@@ -95,7 +103,7 @@ async fn cluster(
         .with_services(extra)
         .unwrap();
     store.replace(table);
-    Cluster { a, b }
+    Cluster { ca, a, b }
 }
 
 /// A connection from `src` through proxy A, once the endpoint said its name.
@@ -531,4 +539,169 @@ services:
     // Directly: B (node b's proxy) saw neither.
     assert_eq!(c.a.metrics.pool_connections_created(), 0);
     assert_eq!(c.b.metrics.inbound_tls_connections(), 0);
+}
+
+/// Node b serving shop/web (web-1 on b) and shop/remote (only on node a); the raw client
+/// is `client` of shop.
+async fn hostname_cluster(net: u8, domain: Option<&str>) -> (Cluster, u16) {
+    // Dropping the handle leaves the server running.
+    let (port, _) = named_server(ip(net, 2), 0, "web-1").await;
+    let yaml = format!(
+        r#"
+workloads:
+  - {{name: client, namespace: shop, serviceAccount: client, node: a, ips: [{c1}], labels: {{app: remote}}, ports: {{http: 8080}}}}
+  - {{name: web-1, namespace: shop, serviceAccount: web, node: b, ips: [{w1}], labels: {{app: web}}, ports: {{http: {port}}}}}
+services:
+  - {{name: web, namespace: shop, vips: [{v1}], ports: [{{port: 80, targetPort: http}}, {{port: 81, targetPort: grpc}}], selector: {{app: web}}}}
+  - {{name: remote, namespace: shop, vips: [{v2}], ports: [{{port: 80, targetPort: http}}], selector: {{app: remote}}}}
+"#,
+        c1 = ip(net, 1),
+        w1 = ip(net, 2),
+        v1 = ip(net, 100),
+        v2 = ip(net, 101),
+    );
+    let domain = domain.map(str::to_owned);
+    let c = cluster(
+        net,
+        &yaml,
+        vec![],
+        &["client"],
+        &["web"],
+        vec![],
+        move |cfg| {
+            if let Some(d) = &domain {
+                cfg.cluster_domain = d.clone();
+            }
+        },
+    )
+    .await;
+    (c, port)
+}
+
+/// A TLS + HTTP/2 connection to B's HBONE port as shop/client.
+async fn h2_to_b(c: &Cluster) -> SendRequest<Bytes> {
+    let tcp = TcpStream::connect(c.b.addrs.inbound).await.unwrap();
+    let (chain, key) = c.ca.leaf(&id("client").to_string());
+    let provider = zmesh_identity::tls::crypto_provider();
+    let cert = Arc::new(CertifiedKey::from_der(chain, key, &provider).unwrap());
+    let bundle = SharedBundle::new(c.ca.bundle());
+    let expected = vec![id("web").spiffe_id().clone()];
+    let config = zmesh_identity::tls::client_config(cert, bundle, expected).unwrap();
+    let name = ServerName::IpAddress(c.b.addrs.inbound.ip().into());
+    let tls = TlsConnector::from(Arc::new(config))
+        .connect(name, tcp)
+        .await
+        .unwrap();
+    let (send, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// CONNECTs to `authority`; on 200, checks the endpoint says `web-1` and echoes, then ends
+/// the tunnel.
+async fn connect_to(send: &SendRequest<Bytes>, authority: &str) -> StatusCode {
+    let req = Request::builder()
+        .method(Method::CONNECT)
+        .uri(authority)
+        .body(())
+        .unwrap();
+    let mut send = send.clone().ready().await.unwrap();
+    let (resp, mut tx) = send.send_request(req, false).unwrap();
+    let resp = tokio::time::timeout(T, resp).await.unwrap().unwrap();
+    if resp.status() != StatusCode::OK {
+        return resp.status();
+    }
+    let mut rx = resp.into_body();
+    let mut got = Vec::new();
+    tx.send_data(Bytes::from_static(b"ping"), true).unwrap();
+    while let Some(chunk) = tokio::time::timeout(T, rx.data()).await.unwrap() {
+        let chunk = chunk.unwrap();
+        let _ = rx.flow_control().release_capacity(chunk.len());
+        got.extend_from_slice(&chunk);
+    }
+    assert_eq!(got, b"web-1\nping", "{authority}");
+    StatusCode::OK
+}
+
+#[tokio::test]
+async fn inbound_service_hostnames_resolve_to_a_local_endpoint() {
+    let net = 126;
+    let (c, port) = hostname_cluster(net, None).await;
+    let mut flows = c.b.flows.subscribe(FlowFilter::default());
+    let send = h2_to_b(&c).await;
+
+    let web = "web.shop.svc.cluster.local:80";
+    assert_eq!(connect_to(&send, web).await, StatusCode::OK);
+    let f = next(&mut flows).await;
+    assert_eq!(f.verdict, FlowVerdict::Forwarded, "{f}");
+    assert_eq!(f.service.as_deref(), Some("shop/web"));
+    assert_eq!(f.destination.pod.as_deref(), Some("web-1"));
+    assert_eq!(f.destination.addr, SocketAddr::new(ip(net, 2), port));
+    assert!(f.encrypted);
+
+    let unavailable = [
+        (
+            "nope.shop.svc.cluster.local:80",
+            "unknown_service",
+            "shop/nope",
+        ),
+        // Its only endpoint is on node a.
+        (
+            "remote.shop.svc.cluster.local:80",
+            "no_endpoints",
+            "shop/remote",
+        ),
+        // No endpoint has a `grpc` port; nor is 82 a port of the service.
+        ("web.shop.svc.cluster.local:81", "no_endpoints", "shop/web"),
+        ("web.shop.svc.cluster.local:82", "no_endpoints", "shop/web"),
+    ];
+    for (authority, reason, service) in unavailable {
+        let status = connect_to(&send, authority).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE, "{authority}");
+        let f = next(&mut flows).await;
+        assert_eq!(f.reason.as_deref(), Some(reason), "{authority}: {f}");
+        assert_eq!(f.service.as_deref(), Some(service), "{authority}");
+    }
+    let bad = [
+        "web.shop.svc.example.com:80",
+        "web.shop:80",
+        "localhost:80",
+        "web_1.shop.svc.cluster.local:80",
+        "a.web.shop.svc.cluster.local:80",
+        "web.shop.svc.cluster.local:0",
+        "web.shop.svc.cluster.local:99999",
+        "web.shop.svc.cluster.local",
+    ];
+    for authority in bad {
+        let status = connect_to(&send, authority).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{authority}");
+        let f = next(&mut flows).await;
+        assert_eq!(f.reason.as_deref(), Some("bad_request"), "{authority}");
+        assert_eq!(f.service, None, "{authority}");
+    }
+    // The connection survived all of it.
+    assert_eq!(connect_to(&send, web).await, StatusCode::OK);
+    assert_eq!(next(&mut flows).await.service.as_deref(), Some("shop/web"));
+    let m = &c.b.metrics;
+    assert_eq!(m.closed_count(Direction::Inbound, Outcome::Ok), 2);
+    assert_eq!(
+        m.closed_count(Direction::Inbound, Outcome::UnknownService),
+        1
+    );
+    assert_eq!(m.closed_count(Direction::Inbound, Outcome::NoEndpoints), 3);
+    assert_eq!(
+        m.closed_count(Direction::Inbound, Outcome::BadRequest),
+        bad.len() as u64
+    );
+}
+
+#[tokio::test]
+async fn the_cluster_domain_is_configurable() {
+    let net = 127;
+    let (c, _) = hostname_cluster(net, Some("corp.example")).await;
+    let send = h2_to_b(&c).await;
+    let ok = connect_to(&send, "web.shop.svc.corp.example:80").await;
+    assert_eq!(ok, StatusCode::OK);
+    let other = connect_to(&send, "web.shop.svc.cluster.local:80").await;
+    assert_eq!(other, StatusCode::BAD_REQUEST);
 }
