@@ -106,6 +106,9 @@ async fn demo(lab: &mut Lab) -> anyhow::Result<Vec<String>> {
         );
     }
     println!("  namespace shop is enrolled (io.cilium/mtls-enabled=true); legacy is not");
+    println!(
+        "  Service shop/web: ClusterIP {SERVICE_VIP}, endpoints shop/web (node1) and shop/web-2 (node2)"
+    );
     println!("  each node's agent joined the CA with a one-time token and runs the proxy + eBPF");
 
     let web = pod_addr(lab, "shop", "web", 8080)?;
@@ -114,6 +117,11 @@ async fn demo(lab: &mut Lab) -> anyhow::Result<Vec<String>> {
         .cluster()
         .pod("shop", "web")
         .context("pod shop/web")?
+        .serve_echo(8080)?;
+    let _web2_server = lab
+        .cluster()
+        .pod("shop", "web-2")
+        .context("pod shop/web-2")?
         .serve_echo(8080)?;
     let _batch_server = lab
         .cluster()
@@ -163,6 +171,25 @@ async fn demo(lab: &mut Lab) -> anyhow::Result<Vec<String>> {
             ),
         );
     }
+    let vip: SocketAddr = SERVICE_VIP.parse()?;
+    let mut served = 0;
+    for i in 0..SERVICE_CONNECTIONS {
+        let payload = secret(&format!("service-{i}"));
+        let run = lab.pod_client("shop", "frontend", vip, &payload)?;
+        served += usize::from(run.success && run.output == payload);
+    }
+    checks.check(
+        served == SERVICE_CONNECTIONS,
+        &format!(
+            "shop/frontend -> {vip} (the Service's ClusterIP): {served} of {SERVICE_CONNECTIONS} connections echoed intact"
+        ),
+    );
+    let legacy_payload = secret("service-legacy");
+    let legacy = lab.pod_client("legacy", "batch", vip, &legacy_payload)?;
+    checks.check(
+        legacy.success && legacy.output == legacy_payload,
+        &format!("legacy/batch -> {vip}: a non-enrolled client still reaches the Service (through kube-proxy's DNAT, permissive)"),
+    );
     let pcap = capture.stop()?;
 
     println!("\n2. Flows seen by the node agents (`zmesh observe --since 5m` on each node)");
@@ -196,6 +223,32 @@ async fn demo(lab: &mut Lab) -> anyhow::Result<Vec<String>> {
             .iter()
             .any(|f| !f.encrypted && f.source.identity.is_none() && f.destination.addr == web),
         "legacy/batch -> shop/web is flagged as plaintext, with no identity",
+    );
+    // frontend's node (node2) chose an endpoint for each connection to the Service.
+    let to_service: Vec<&FlowEvent> = all_flows
+        .iter()
+        .filter(|f| {
+            f.service.as_deref() == Some("shop/web") && f.source.pod.as_deref() == Some("frontend")
+        })
+        .collect();
+    let endpoint_count = |pod: &str| {
+        to_service
+            .iter()
+            .filter(|f| f.destination.pod.as_deref() == Some(pod))
+            .count()
+    };
+    println!(
+        "  Service shop/web: {} connection(s) to shop/web (node1), {} to shop/web-2 (node2)",
+        endpoint_count("web"),
+        endpoint_count("web-2")
+    );
+    checks.check(
+        to_service.len() >= SERVICE_CONNECTIONS
+            && to_service.iter().all(|f| {
+                f.encrypted
+                    && f.destination.identity.as_deref() == Some(id("shop", "web").as_str())
+            }),
+        "every connection to the Service's ClusterIP went to one of its endpoints over mTLS, and its flow names the Service",
     );
 
     println!("\n3. On the wire (tcpdump on the underlay bridge)");
@@ -286,8 +339,23 @@ async fn demo(lab: &mut Lab) -> anyhow::Result<Vec<String>> {
         allowed.success && allowed.output == secret("strict-ok"),
         "shop/frontend -> shop/web still works over mTLS",
     );
+    let mut served = 0;
+    for i in 0..SERVICE_CONNECTIONS {
+        let payload = secret(&format!("strict-service-{i}"));
+        let run = lab.pod_client("shop", "frontend", vip, &payload)?;
+        served += usize::from(run.success && run.output == payload);
+    }
+    checks.check(
+        served == SERVICE_CONNECTIONS,
+        &format!("shop/frontend -> {vip} (the Service) still works: {served} of {SERVICE_CONNECTIONS} connections"),
+    );
     Ok(checks.failed)
 }
+
+/// shop/web's ClusterIP and port (examples/demo/services.yaml).
+const SERVICE_VIP: &str = "10.96.0.10:80";
+/// Connections to the Service per step: enough to see both endpoints chosen, most runs.
+const SERVICE_CONNECTIONS: usize = 8;
 
 fn pod_addr(lab: &Lab, ns: &str, name: &str, port: u16) -> anyhow::Result<SocketAddr> {
     let pod = lab

@@ -231,7 +231,7 @@ impl Lab {
     /// Plays kube-proxy: in every node, a DNAT rule per Service port to its ready endpoints
     /// (or a reset when it has none), replaced atomically on every change.
     fn route_services(&self) -> Result<(), LabError> {
-        let (state, _errors) = ManifestDir::new(&self.manifests_dir()).rescan();
+        let (state, _errors) = ManifestDir::new(self.manifests_dir()).rescan();
         let state = state.unwrap_or_default();
         let rules = service_rules(&state);
         let path = self.work.path().join("services.nft");
