@@ -187,10 +187,42 @@ async fn endpoints_follow_the_cluster_and_non_mesh_endpoints_get_plain_tcp() {
     open.roundtrip("still open with no ready endpoint");
 
     // Ready again: served again.
-    lab.edit_manifest("pods.yaml", |text| *text = pods).unwrap();
+    lab.edit_manifest("pods.yaml", |text| *text = pods.clone())
+        .unwrap();
+    wait_served(&lab, "ready-again").await;
+
+    // Scaled to zero (the endpoint pods deleted), then back up.
+    let scaled_to_zero: String = pods
+        .split("\n---\n")
+        .filter(|doc| !doc.contains("labels: {app: web}"))
+        .collect::<Vec<_>>()
+        .join("\n---\n");
+    lab.edit_manifest("pods.yaml", |text| *text = scaled_to_zero)
+        .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !echoes(&lab, "shop", "frontend", web_vip(), "ready-again") {
-        assert!(Instant::now() < deadline, "never served once ready again");
+    loop {
+        let run = lab
+            .pod_client("shop", "frontend", web_vip(), b"anyone?")
+            .unwrap();
+        if !run.success {
+            assert!(run.elapsed < Duration::from_secs(2), "{:?}", run.elapsed);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still served after scaling to zero"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    lab.edit_manifest("pods.yaml", |text| *text = pods).unwrap();
+    wait_served(&lab, "scaled-up").await;
+}
+
+/// Waits until frontend reaches shop/web through its ClusterIP.
+async fn wait_served(lab: &Lab, label: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !echoes(lab, "shop", "frontend", web_vip(), label) {
+        assert!(Instant::now() < deadline, "{label}: never served");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
