@@ -41,6 +41,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     if !nix::unistd::Uid::effective().is_root() {
         anyhow::bail!("the demo builds network namespaces and loads eBPF: run it as root");
     }
+    // Before anything is built: from here on these signals clean up instead of killing.
+    let mut interrupts = Interrupts::new()?;
     let zmesh_bin = std::env::current_exe().context("cannot find the zmesh binary")?;
     println!(
         "Starting a local cluster from {} ...",
@@ -55,16 +57,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     });
     let mut lab = tokio::select! {
         lab = lab => lab?,
-        _ = tokio::signal::ctrl_c() => {
-            println!("interrupted: cleaned up");
+        signal = interrupts.next() => {
+            println!("{signal}: cleaned up");
             return Ok(ExitCode::FAILURE);
         }
     };
     let result = tokio::select! {
         result = demo(&mut lab) => result,
-        _ = tokio::signal::ctrl_c() => {
-            println!("\ninterrupted");
-            Ok(vec!["interrupted".to_owned()])
+        signal = interrupts.next() => {
+            println!("\n{signal}");
+            Ok(vec![signal.to_owned()])
         }
     };
     println!("\nCleaning up (agents, CA, eBPF programs and pins, namespaces, cgroups) ...");
@@ -350,6 +352,32 @@ async fn demo(lab: &mut Lab) -> anyhow::Result<Vec<String>> {
         &format!("shop/frontend -> {vip} (the Service) still works: {served} of {SERVICE_CONNECTIONS} connections"),
     );
     Ok(checks.failed)
+}
+
+/// Ctrl-C, SIGTERM (`kill`, systemd, CI timeouts) and SIGHUP (a closed terminal): the demo
+/// removes everything it made on any of them.
+struct Interrupts {
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Interrupts {
+    fn new() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Self {
+            term: signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            hup: signal(SignalKind::hangup()).context("installing the SIGHUP handler")?,
+        })
+    }
+
+    /// The next interrupt's name.
+    async fn next(&mut self) -> &'static str {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => "interrupted",
+            _ = self.term.recv() => "terminated (SIGTERM)",
+            _ = self.hup.recv() => "hung up (SIGHUP)",
+        }
+    }
 }
 
 /// shop/web's ClusterIP and port (examples/demo/services.yaml).
