@@ -11,6 +11,8 @@
 // proxy's listeners with bpf_sk_assign (TPROXY without iptables) and, in strict
 // mode, drops plaintext SYNs and answers them with a TCP RST so the client fails
 // at once. Every drop is counted per reason and reported on a ring buffer.
+// IPv6 is not steered yet: strict mode drops (and resets) every IPv6 SYN to an
+// enrolled pod, permissive mode lets IPv6 pass to the pod unsteered.
 //
 // Every struct and constant shared with userspace is in abi.h; src/abi.rs mirrors the
 // structs and the build checks their layout against it (build.rs, abi_layout.c).
@@ -421,8 +423,9 @@ static __always_inline void count_drop(__u32 reason)
 		*n += 1;
 }
 
-static __always_inline void report_drop(__u32 reason, __u32 saddr, __u32 daddr,
-					__u16 sport, __u16 dport)
+// src and dst: on the stack (already copied out of the packet), IPv4 v4-mapped.
+static __always_inline void report_drop_ip(__u32 reason, const struct zm_ip *src,
+					   const struct zm_ip *dst, __u16 sport, __u16 dport)
 {
 	struct zm_drop_event *ev;
 
@@ -431,12 +434,22 @@ static __always_inline void report_drop(__u32 reason, __u32 saddr, __u32 daddr,
 	if (!ev)
 		return;
 	ev->ts_ns = bpf_ktime_get_ns();
-	v4_mapped(ev->src.addr, saddr);
-	v4_mapped(ev->dst.addr, daddr);
+	ev->src = *src;
+	ev->dst = *dst;
 	ev->sport = sport;
 	ev->dport = dport;
 	ev->reason = reason;
 	bpf_ringbuf_submit(ev, 0);
+}
+
+static __always_inline void report_drop(__u32 reason, __u32 saddr, __u32 daddr,
+					__u16 sport, __u16 dport)
+{
+	struct zm_ip src, dst;
+
+	v4_mapped(src.addr, saddr);
+	v4_mapped(dst.addr, daddr);
+	report_drop_ip(reason, &src, &dst, sport, dport);
 }
 
 static __always_inline __u16 csum_fold(__u32 sum)
@@ -525,6 +538,161 @@ static __always_inline int reject_with_rst(struct __sk_buff *skb, struct ethhdr 
 	return bpf_redirect(skb->ifindex, 0);
 }
 
+struct rst6_l3 {
+	struct ethhdr eth;
+	struct ipv6hdr ip6;
+} __attribute__((packed));
+
+// IPv6 twin of reject_with_rst, for a SYN whose TCP header follows the fixed IPv6
+// header directly (no extension headers), so the TCP header stays where it was.
+// src/dst: the SYN's addresses, copied to the stack by the caller.
+static __always_inline int reject_with_rst6(struct __sk_buff *skb, struct ethhdr *eth,
+					    const struct zm_ip *src, const struct zm_ip *dst,
+					    __u16 sport, __u16 dport, __u32 seq)
+{
+	struct rst6_l3 l3 = {};
+	struct tcphdr tcp = {};
+	__u32 sum = 0;
+
+	__builtin_memcpy(l3.eth.h_dest, eth->h_source, ETH_ALEN);
+	__builtin_memcpy(l3.eth.h_source, eth->h_dest, ETH_ALEN);
+	l3.eth.h_proto = bpf_htons(ETH_P_IPV6);
+
+	l3.ip6.version = 6;
+	l3.ip6.payload_len = bpf_htons(sizeof(struct tcphdr));
+	l3.ip6.nexthdr = IPPROTO_TCP;
+	l3.ip6.hop_limit = 64;
+	__builtin_memcpy(&l3.ip6.saddr, dst->addr, 16);
+	__builtin_memcpy(&l3.ip6.daddr, src->addr, 16);
+
+	tcp.source = dport;
+	tcp.dest = sport;
+	tcp.seq = 0;
+	tcp.ack_seq = bpf_htonl(bpf_ntohl(seq) + 1);
+	tcp.doff = 5;
+	tcp.rst = 1;
+	tcp.ack = 1;
+	// pseudo header: saddr, daddr, upper-layer length, next header
+#pragma unroll
+	for (int i = 0; i < 4; i++) {
+		sum += (src->addr[i] & 0xffff) + (src->addr[i] >> 16);
+		sum += (dst->addr[i] & 0xffff) + (dst->addr[i] >> 16);
+	}
+	sum += bpf_htons(IPPROTO_TCP) + bpf_htons(sizeof(struct tcphdr));
+	tcp.check = csum_fold(csum_add16(sum, &tcp, 10));
+
+	if (bpf_skb_change_tail(skb, sizeof(l3) + sizeof(tcp), 0))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, 0, &l3, sizeof(l3), 0))
+		return TC_ACT_SHOT;
+	if (bpf_skb_store_bytes(skb, sizeof(l3), &tcp, sizeof(tcp), 0))
+		return TC_ACT_SHOT;
+	skb->mark = 0;
+	return bpf_redirect(skb->ifindex, 0);
+}
+
+#define IP6_MAX_EXT_HDRS 4
+
+static __always_inline int ip6_ext_hdr(__u8 nexthdr)
+{
+	return nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING ||
+	       nexthdr == IPPROTO_DSTOPTS || nexthdr == IPPROTO_FRAGMENT ||
+	       nexthdr == IPPROTO_AH;
+}
+
+// IPv6 to an enrolled pod. Not steered yet (the proxy's inbound listeners and the
+// socket lookups are IPv4): permissive mode lets it pass to the pod as before, strict
+// mode drops every TCP SYN to the pod (answering it with a RST when it can), whatever
+// the port and source: nothing would take it into the proxy, so a mesh source or an
+// HBONE SYN would otherwise reach the pod in plaintext. Non-SYN segments pass (they
+// cannot open a connection). Every field is read from the packet once, after its bounds
+// check; the copies on the stack are what is used afterwards.
+static __always_inline int ingress_ipv6(struct __sk_buff *skb, struct ethhdr *eth,
+					void *data_end)
+{
+	struct ipv6hdr *ip6 = (void *)(eth + 1);
+	struct zm_config *cfg;
+	struct zm_ip src, dst;
+	struct tcphdr *tcp;
+	__u32 *pod_flags;
+	__u32 off = sizeof(*ip6), seq;
+	__u16 sport, dport;
+	__u8 nexthdr, flags;
+
+	if ((void *)(ip6 + 1) > data_end)
+		return TC_ACT_OK;
+	if (ip6->version != 6)
+		return TC_ACT_OK;
+	nexthdr = ip6->nexthdr;
+	if (nexthdr != IPPROTO_TCP && !ip6_ext_hdr(nexthdr))
+		return TC_ACT_OK; // ICMPv6 (neighbour discovery), UDP, ...
+	cfg = config();
+	if (!cfg)
+		return TC_ACT_OK;
+	if (cfg->mark && (skb->mark & cfg->mark) == cfg->mark)
+		return TC_ACT_OK;
+
+	__builtin_memcpy(src.addr, &ip6->saddr, 16);
+	__builtin_memcpy(dst.addr, &ip6->daddr, 16);
+	pod_flags = bpf_map_lookup_elem(&zm_enrolled_ips, &dst);
+	if (!pod_flags)
+		return TC_ACT_OK;
+	if (!(*pod_flags & POD_STRICT) && !(cfg->flags & CFG_NODE_STRICT))
+		return TC_ACT_OK; // permissive: IPv6 plaintext passes, not steered yet
+
+	// Walk a bounded number of extension headers to the TCP header.
+#pragma unroll
+	for (int i = 0; i < IP6_MAX_EXT_HDRS; i++) {
+		__u8 *h;
+
+		if (nexthdr == IPPROTO_TCP)
+			break;
+		if (!ip6_ext_hdr(nexthdr))
+			return TC_ACT_OK; // not TCP
+		h = (void *)ip6 + off;
+		if ((void *)(h + 8) > data_end)
+			return TC_ACT_OK; // truncated: the pod's stack drops it too
+		if (nexthdr == IPPROTO_FRAGMENT) {
+			__u16 frag = *(__u16 *)(h + 2);
+
+			nexthdr = h[0];
+			// offset or more-fragments set: only the first fragment has ports
+			if ((frag & bpf_htons(0xfff9)) &&
+			    (nexthdr == IPPROTO_TCP || ip6_ext_hdr(nexthdr))) {
+				report_drop_ip(REASON_FRAGMENT, &src, &dst, 0, 0);
+				return TC_ACT_SHOT;
+			}
+			off += 8;
+		} else if (nexthdr == IPPROTO_AH) {
+			nexthdr = h[0];
+			off += ((__u32)h[1] + 2) * 4;
+		} else {
+			nexthdr = h[0];
+			off += ((__u32)h[1] + 1) * 8;
+		}
+	}
+	if (nexthdr != IPPROTO_TCP) {
+		// more extension headers than we walk: refuse rather than guess
+		report_drop_ip(REASON_STRICT_PLAINTEXT, &src, &dst, 0, 0);
+		return TC_ACT_SHOT;
+	}
+
+	tcp = (void *)ip6 + off;
+	if ((void *)(tcp + 1) > data_end)
+		return TC_ACT_OK;
+	sport = tcp->source;
+	dport = tcp->dest;
+	seq = tcp->seq;
+	flags = ((__u8 *)tcp)[13];
+	if (!(flags & TCP_FLAG_SYN) || (flags & TCP_FLAG_ACK))
+		return TC_ACT_OK;
+
+	report_drop_ip(REASON_STRICT_PLAINTEXT, &src, &dst, sport, dport);
+	if ((cfg->flags & CFG_REJECT_RST) && off == sizeof(*ip6))
+		return reject_with_rst6(skb, eth, &src, &dst, sport, dport, seq);
+	return TC_ACT_SHOT;
+}
+
 static __always_inline int assign_listener(struct __sk_buff *skb, struct zm_config *cfg,
 					   __u32 saddr, __u32 daddr, __u16 sport,
 					   __u16 port)
@@ -595,6 +763,8 @@ int zm_tc_ingress(struct __sk_buff *skb)
 
 	if ((void *)(eth + 1) > data_end)
 		return TC_ACT_OK;
+	if (eth->h_proto == bpf_htons(ETH_P_IPV6))
+		return ingress_ipv6(skb, eth, data_end);
 	if (eth->h_proto != bpf_htons(ETH_P_IP))
 		return TC_ACT_OK;
 	ip = (void *)(eth + 1);

@@ -5,7 +5,8 @@
 //!   `getsockopt(SOL_IP, SO_ORIGINAL_DST)` or [`Redirector::original_dst`].
 //! * Inbound: a tc ingress (TCX) program assigns TCP to enrolled pod IPs to the proxy's
 //!   15006 (plaintext) or 15008 (HBONE) listener; strict mode drops plaintext SYNs,
-//!   answers them with a RST and reports every drop.
+//!   answers them with a RST and reports every drop. IPv6 is not steered yet: strict mode
+//!   refuses every IPv6 SYN to an enrolled pod, permissive mode lets IPv6 pass unsteered.
 //!
 //! Everything is pinned under one bpffs directory so that a restarted agent
 //! re-opens it ([`Redirector::open_pinned`]) without interrupting redirection, and

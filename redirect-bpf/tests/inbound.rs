@@ -17,6 +17,10 @@ use zmesh_redirect::{
 
 const WAIT: Duration = Duration::from_secs(5);
 const POD: &str = "10.77.0.2";
+const POD6: &str = "fd77::2";
+/// A second IPv6 address of the pod that is never enrolled.
+const POD6_OTHER: &str = "fd77::3";
+const CLIENT6: &str = "fd79::2";
 
 struct Topo {
     _inst: Installed,
@@ -28,17 +32,31 @@ struct Topo {
     red: Redirector,
 }
 
+/// Adds an IPv6 address without duplicate address detection (usable at once).
+fn addr6(ns: &Netns, ifname: &str, cidr: &str) {
+    ns.exec(&["ip", "-6", "addr", "add", cidr, "dev", ifname, "nodad"]);
+}
+
 /// client 10.79.0.2 -> (10.79.0.1) node (10.77.0.1) -> pod 10.77.0.2; tc on the node's
-/// interface facing the client.
+/// interface facing the client. The same over IPv6: client fd79::2 -> (fd79::1) node
+/// (fd77::1) -> pod fd77::2 and fd77::3.
 fn topo() -> Topo {
     let node = Netns::new("n");
     let pod = Netns::new("p");
     let client = Netns::new("c");
-    veth(&node, "10.77.0.1", &pod, POD);
-    let (node_if_to_client, _) = veth(&node, "10.79.0.1", &client, "10.79.0.2");
+    let (node_if_to_pod, pod_if) = veth(&node, "10.77.0.1", &pod, POD);
+    let (node_if_to_client, client_if) = veth(&node, "10.79.0.1", &client, "10.79.0.2");
     pod.exec(&["ip", "route", "add", "default", "via", "10.77.0.1"]);
     client.exec(&["ip", "route", "add", "default", "via", "10.79.0.1"]);
     node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    addr6(&node, &node_if_to_pod, "fd77::1/64");
+    addr6(&pod, &pod_if, &format!("{POD6}/64"));
+    addr6(&pod, &pod_if, &format!("{POD6_OTHER}/64"));
+    addr6(&node, &node_if_to_client, "fd79::1/64");
+    addr6(&client, &client_if, &format!("{CLIENT6}/64"));
+    pod.exec(&["ip", "-6", "route", "add", "default", "via", "fd77::1"]);
+    client.exec(&["ip", "-6", "route", "add", "default", "via", "fd79::1"]);
+    node.exec(&["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"]);
     let cg = Cgroup::new();
     let pin_dir = Installed::pin_dir("i");
     let inst = Installed {
@@ -113,6 +131,65 @@ fn connect(
         };
         let rc =
             unsafe { libc::connect(s.as_raw_fd(), (&sin as *const libc::sockaddr_in).cast(), 16) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(s)
+    })
+}
+
+/// An IPv6 connect whose packets carry a destination options header (one PadN option)
+/// between the IPv6 and the TCP header.
+fn connect6_with_dstopts(ns: &Netns, addr: &str, timeout: Duration) -> std::io::Result<TcpStream> {
+    let SocketAddr::V6(v6) = addr.parse().unwrap() else {
+        panic!("IPv6 only")
+    };
+    ns.run(move || {
+        // SAFETY: plain socket syscalls on a fresh fd wrapped right away.
+        let fd = unsafe { libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+        assert!(fd >= 0);
+        let s = unsafe { <TcpStream as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+        // next header (set by the kernel), length 0 (8 bytes), PadN of 4 zero bytes
+        let opts = [0u8, 0, 1, 4, 0, 0, 0, 0];
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_DSTOPTS,
+                opts.as_ptr().cast(),
+                8,
+            )
+        };
+        assert_eq!(rc, 0, "IPV6_DSTOPTS: {}", std::io::Error::last_os_error());
+        let tv = libc::timeval {
+            tv_sec: timeout.as_secs() as i64,
+            tv_usec: timeout.subsec_micros() as i64,
+        };
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_SNDTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                16,
+            )
+        };
+        let sin6 = libc::sockaddr_in6 {
+            sin6_family: libc::AF_INET6 as u16,
+            sin6_port: v6.port().to_be(),
+            sin6_flowinfo: 0,
+            sin6_addr: libc::in6_addr {
+                s6_addr: v6.ip().octets(),
+            },
+            sin6_scope_id: 0,
+        };
+        let rc = unsafe {
+            libc::connect(
+                s.as_raw_fd(),
+                (&sin6 as *const libc::sockaddr_in6).cast(),
+                std::mem::size_of::<libc::sockaddr_in6>() as u32,
+            )
+        };
         if rc != 0 {
             return Err(std::io::Error::last_os_error());
         }
@@ -296,4 +373,127 @@ fn missing_proxy_listener_fails_closed_and_is_reported() {
     assert!(!has_pending(&pod_app));
     assert!(t.red.drop_counts().unwrap().proxy_unavailable >= 1);
     let _ = &t.node_if_to_client;
+}
+
+#[test]
+fn strict_mode_refuses_ipv6_plaintext_which_is_not_steered_yet() {
+    let _s = serial();
+    let mut t = topo();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let mut events = t.red.drop_events().unwrap();
+    let (plain, hbone) = proxy_listeners(&t.node);
+    // dual-stack listeners in the pod: whatever gets past tc is accepted, so a refusal
+    // below can only come from the tc program
+    let pod_app = t.pod.run(|| TcpListener::bind("[::]:80").unwrap());
+    let pod_hbone = t.pod.run(|| TcpListener::bind("[::]:15008").unwrap());
+    let pod6: IpAddr = POD6.parse().unwrap();
+    let client6: IpAddr = CLIENT6.parse().unwrap();
+
+    // not enrolled: IPv6 reaches the pod
+    let _c = connect(&t.client, "[fd77::2]:80", false, WAIT).expect("direct v6 connect");
+    assert!(accept_within(&pod_app, WAIT).is_some());
+
+    t.red.enroll_pod_ip(pod6, Mode::Strict).unwrap();
+    for (i, port) in [80u16, 15008].into_iter().enumerate() {
+        let start = Instant::now();
+        let err = connect(&t.client, &format!("[{POD6}]:{port}"), false, WAIT)
+            .expect_err("IPv6 plaintext to a strict pod is refused");
+        let elapsed = start.elapsed();
+        assert_eq!(
+            err.kind(),
+            ErrorKind::ConnectionRefused,
+            "a RST, not a timeout: {err}"
+        );
+        eprintln!("strict IPv6 refusal (port {port}) took {elapsed:?}");
+        let ev = rt
+            .block_on(tokio::time::timeout(WAIT, events.next()))
+            .expect("event")
+            .unwrap();
+        assert_eq!(ev.reason, DropReason::StrictPlaintext);
+        assert_eq!(ev.src.ip(), client6);
+        assert_eq!(ev.dst, SocketAddr::new(pod6, port));
+        assert_eq!(t.red.drop_counts().unwrap().strict_plaintext, i as u64 + 1);
+    }
+    assert!(!has_pending(&pod_app), "nothing reached the pod");
+    assert!(!has_pending(&pod_hbone), "nothing reached the pod");
+    assert!(!has_pending(&plain) && !has_pending(&hbone));
+
+    // another, non-enrolled IPv6 address of the same pod still works
+    let mut c = connect(&t.client, "[fd77::3]:80", false, WAIT).expect("non-enrolled v6");
+    let (mut a, _) = accept_within(&pod_app, WAIT).expect("the pod got it");
+    echo_roundtrip(&mut c, &mut a);
+
+    // a SYN behind an IPv6 extension header (destination options) cannot slip past:
+    // dropped (no RST is built behind extension headers), counted and reported
+    let err = connect6_with_dstopts(&t.client, "[fd77::2]:80", Duration::from_millis(300))
+        .expect_err("dropped");
+    assert_ne!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+    let ev = rt
+        .block_on(tokio::time::timeout(WAIT, events.next()))
+        .expect("event")
+        .unwrap();
+    assert_eq!(ev.reason, DropReason::StrictPlaintext);
+    assert_eq!(ev.dst, SocketAddr::new(pod6, 80));
+    assert_eq!(t.red.drop_counts().unwrap().strict_plaintext, 3);
+    assert!(!has_pending(&pod_app));
+
+    // IPv4 strict refusal is unchanged next to it
+    t.red
+        .enroll_pod_ip(POD.parse().unwrap(), Mode::Strict)
+        .unwrap();
+    let err = connect(&t.client, "10.77.0.2:80", false, WAIT).expect_err("refused");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
+    let ev = rt
+        .block_on(tokio::time::timeout(WAIT, events.next()))
+        .expect("event")
+        .unwrap();
+    assert_eq!(ev.reason, DropReason::StrictPlaintext);
+    assert_eq!(t.red.drop_counts().unwrap().strict_plaintext, 4);
+
+    // silent-drop mode: no RST, the client is left waiting; still counted and reported
+    let mut proxy = ProxyListeners::new("10.77.0.1:15001".parse().unwrap());
+    proxy.route_table = 1337;
+    proxy.mark = 0x5390;
+    proxy.reject = RejectMode::Drop;
+    t.red.set_proxy(&proxy).unwrap();
+    let err =
+        connect(&t.client, "[fd77::2]:80", false, Duration::from_millis(300)).expect_err("dropped");
+    assert_ne!(
+        err.kind(),
+        ErrorKind::ConnectionRefused,
+        "no RST in drop mode: {err}"
+    );
+    let ev = rt
+        .block_on(tokio::time::timeout(WAIT, events.next()))
+        .expect("event")
+        .unwrap();
+    assert_eq!(ev.reason, DropReason::StrictPlaintext);
+    assert_eq!(ev.dst, SocketAddr::new(pod6, 80));
+    assert!(t.red.drop_counts().unwrap().strict_plaintext >= 5);
+    assert!(!has_pending(&pod_app));
+
+    // permissive: IPv6 plaintext passes to the pod as before (not steered yet)
+    t.red.enroll_pod_ip(pod6, Mode::Permissive).unwrap();
+    let counts = t.red.drop_counts().unwrap();
+    let mut c = connect(&t.client, "[fd77::2]:80", false, WAIT).expect("permissive v6");
+    let (mut a, _) = accept_within(&pod_app, WAIT).expect("the pod got it");
+    echo_roundtrip(&mut c, &mut a);
+    assert!(!has_pending(&plain));
+    assert_eq!(t.red.drop_counts().unwrap(), counts);
+
+    // node-wide strict mode covers permissive pods over IPv6 too
+    proxy.node_mode = Mode::Strict;
+    proxy.reject = RejectMode::Reset;
+    t.red.set_proxy(&proxy).unwrap();
+    let err = connect(&t.client, "[fd77::2]:80", false, WAIT).expect_err("refused");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused);
+    assert_eq!(
+        t.red.drop_counts().unwrap().strict_plaintext,
+        counts.strict_plaintext + 1
+    );
+    assert!(!has_pending(&pod_app));
 }
