@@ -265,13 +265,18 @@ fn document(
     let namespace = if clusterwide {
         None
     } else {
-        Some(
-            meta.and_then(|m| m.get("namespace"))
-                .and_then(Value::as_str)
-                .filter(|n| !n.is_empty())
-                .unwrap_or("default")
-                .to_owned(),
-        )
+        let ns = meta
+            .and_then(|m| m.get("namespace"))
+            .and_then(Value::as_str)
+            .filter(|n| !n.is_empty())
+            .unwrap_or("default");
+        if let Some(reason) = namespace_problem(ns) {
+            return Err(malformed(
+                "metadata.namespace",
+                &format!("{ns:?} is not a namespace name: {reason}"),
+            ));
+        }
+        Some(ns.to_owned())
     };
     let label = match &namespace {
         Some(ns) => format!("{kind} {ns}/{name}"),
@@ -555,6 +560,14 @@ impl PolicyCtx<'_> {
                     );
                     return None;
                 }
+                if let Some(reason) = namespace_problem(&value) {
+                    self.report(
+                        format!("{spath}.matchLabels.{key}"),
+                        FindingKind::Selector,
+                        format!("{value:?} is not a namespace name ({reason}); policy skipped"),
+                    );
+                    return None;
+                }
                 namespace = Some(value);
             } else if key == SERVICE_ACCOUNT_LABEL || key.starts_with("io.cilium.k8s.") {
                 self.report(
@@ -759,6 +772,25 @@ impl PolicyCtx<'_> {
             );
             return None;
         }
+        // Only names Kubernetes could have given are carried over: anything else would make
+        // the generated policy invalid, or (a `*`) an Istio wildcard allowing more peers.
+        let bad_namespace = namespace.as_deref().and_then(|ns| {
+            namespace_problem(ns).map(|r| format!("namespace {ns:?} is not a namespace name ({r})"))
+        });
+        let bad_service_account = || {
+            service_account.as_deref().and_then(|sa| {
+                service_account_problem(sa)
+                    .map(|r| format!("service account {sa:?} is not a service account name ({r})"))
+            })
+        };
+        if let Some(problem) = bad_namespace.or_else(bad_service_account) {
+            self.report(
+                format!("{path}.matchLabels"),
+                FindingKind::UnmappableLabel,
+                format!("{problem}; peer dropped"),
+            );
+            return None;
+        }
         if let Some(ns) = &namespace {
             self.enroll.insert(ns.clone());
         }
@@ -777,6 +809,38 @@ impl PolicyCtx<'_> {
             }
         })
     }
+}
+
+/// Why `s` is not a Kubernetes namespace name (an RFC 1123 label), if it is not.
+fn namespace_problem(s: &str) -> Option<&'static str> {
+    if s.len() > 63 {
+        return Some("longer than 63 characters");
+    }
+    dns_label_problem(s)
+}
+
+/// Why `s` is not a Kubernetes service account name (an RFC 1123 subdomain), if it is not.
+fn service_account_problem(s: &str) -> Option<&'static str> {
+    if s.len() > 253 {
+        return Some("longer than 253 characters");
+    }
+    s.split('.').find_map(dns_label_problem)
+}
+
+fn dns_label_problem(s: &str) -> Option<&'static str> {
+    if s.is_empty() {
+        return Some("empty");
+    }
+    if !s
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return Some("only lowercase letters, digits and '-' are allowed");
+    }
+    if s.starts_with('-') || s.ends_with('-') {
+        return Some("must start and end with a letter or digit");
+    }
+    None
 }
 
 /// A label key without Cilium's source prefix (`k8s:`, `any:`); None for other sources

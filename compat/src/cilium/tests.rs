@@ -381,3 +381,72 @@ fn trust_domain_is_configurable() {
         "prod.example/ns/shop/sa/pod-worker"
     );
 }
+
+/// Found by fuzzing (fuzz/ cilium_policy): names that are not valid Kubernetes names were
+/// copied into the generated policy, which zmesh (and the API server) then refused, so the
+/// whole generated file was rejected; and a `*` in a label value became an Istio wildcard,
+/// allowing more peers than the Cilium rule named. Such values are refused or reported now,
+/// and everything generated is a policy zmesh accepts.
+#[test]
+fn names_that_are_not_kubernetes_names_are_never_carried_over() {
+    let accepted = |m: &Migration| {
+        for p in &m.policies {
+            if let Err(e) = zmesh_proxy::policy::Policy::from_json(p) {
+                panic!("generated policy refused: {e}\n{p:#}");
+            }
+        }
+    };
+    let err = migrate(
+        &[(
+            "p.yaml".into(),
+            ECHO.replace("namespace: shop", "namespace: sHop"),
+        )],
+        &MigrateOptions::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, MigrateError::Malformed { ref path, .. } if path == "metadata.namespace"),
+        "{err:?}"
+    );
+
+    let m = run(r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: echo, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: echo}}
+  ingress:
+  - fromEndpoints:
+    - matchLabels: {k8s:io.kubernetes.pod.namespace: "prod-*"}
+    - matchLabels: {io.cilium.k8s.policy.serviceaccount: "*"}
+    - matchLabels: {io.kubernetes.pod.namespace: "", io.cilium.k8s.policy.serviceaccount: web}
+    - matchLabels: {io.kubernetes.pod.namespace: batch, io.cilium.k8s.policy.serviceaccount: Cron_1}
+    - matchLabels: {io.kubernetes.pod.namespace: batch, io.cilium.k8s.policy.serviceaccount: cron}
+    authentication: {mode: required}
+"#);
+    accepted(&m);
+    assert_eq!(
+        m.policies[0]["spec"]["rules"][0]["from"],
+        json!([{"source": {"principals": ["cluster.local/ns/batch/sa/cron"]}}])
+    );
+    assert_eq!(kinds(&m), vec![FindingKind::UnmappableLabel; 4]);
+    assert_eq!(
+        m.namespaces.iter().map(String::as_str).collect::<Vec<_>>(),
+        ["batch", "shop"]
+    );
+
+    let m = run(r#"
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: all}
+spec:
+  endpointSelector: {matchLabels: {k8s:io.kubernetes.pod.namespace: Bad_NS}}
+  ingress:
+  - fromEndpoints: [{}]
+    authentication: {mode: required}
+"#);
+    accepted(&m);
+    assert!(m.policies.is_empty(), "{:#?}", m.policies);
+    assert_eq!(kinds(&m), vec![FindingKind::Selector]);
+    assert!(m.namespaces.is_empty());
+}
