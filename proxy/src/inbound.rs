@@ -5,7 +5,6 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -25,8 +24,6 @@ use crate::proxy::{Capture, Shared};
 use crate::tls::parse_destination_sni;
 use crate::workloads::WorkloadTable;
 
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
 /// Serves one accepted TCP connection until it closes.
 pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let Ok(local) = tcp.local_addr() else {
@@ -36,8 +33,9 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         shared.metrics.handshake_failed(Direction::Inbound, reason);
         crate::access::refused(&shared, peer, local, reason);
     };
+    let handshake_timeout = shared.config.handshake_timeout;
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
-    let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
+    let start = match tokio::time::timeout(handshake_timeout, acceptor).await {
         Ok(Ok(start)) => start,
         Ok(Err(e)) => {
             failed(crate::handshake_reason(&e));
@@ -64,7 +62,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             return;
         }
     };
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config)).await {
+    let tls = match tokio::time::timeout(handshake_timeout, start.into_stream(config)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             failed(crate::handshake_reason(&e));
@@ -95,13 +93,22 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         // Lets requests carrying :protocol/:scheme/:path reach us, so we can answer 400
         // instead of the library resetting them.
         .enable_connect_protocol();
-    let mut conn = match builder.handshake::<_, Bytes>(tls).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::debug!(%peer, "HTTP/2 handshake failed: {e}");
-            return;
-        }
-    };
+    // A peer that finished TLS but never sends the HTTP/2 preface must not hold the
+    // connection forever.
+    let mut conn =
+        match tokio::time::timeout(handshake_timeout, builder.handshake::<_, Bytes>(tls)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                failed("h2_handshake");
+                tracing::debug!(%peer, "HTTP/2 handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                failed("h2_timeout");
+                tracing::debug!(%peer, "no HTTP/2 preface within {handshake_timeout:?}");
+                return;
+            }
+        };
     let keepalive = crate::keepalive::until_unanswered(
         conn.ping_pong(),
         shared.config.keepalive,

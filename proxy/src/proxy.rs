@@ -57,6 +57,9 @@ pub struct ProxyConfig {
     pub drain_deadline: Duration,
     /// Upstream TCP connect timeout.
     pub connect_timeout: Duration,
+    /// How long an inbound HBONE connection may take for each of its TLS handshake and
+    /// its HTTP/2 handshake (the client's preface).
+    pub handshake_timeout: Duration,
     pub pool: PoolConfig,
     /// HTTP/2 PINGs on every HBONE connection, inbound and pooled outbound.
     pub keepalive: Keepalive,
@@ -80,6 +83,7 @@ impl ProxyConfig {
             mode: Mode::Permissive,
             drain_deadline: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
             pool: PoolConfig::default(),
             keepalive: Keepalive::default(),
             cluster_domain: "cluster.local".into(),

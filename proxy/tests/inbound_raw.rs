@@ -48,6 +48,14 @@ struct Server {
 }
 
 async fn start(net: u8, authorizer: Option<Arc<dyn Authorizer>>) -> Server {
+    start_with(net, authorizer, |_| {}).await
+}
+
+async fn start_with(
+    net: u8,
+    authorizer: Option<Arc<dyn Authorizer>>,
+    tweak: impl FnOnce(&mut ProxyConfig),
+) -> Server {
     let ca = Ca::new("cluster.local");
     let client = workload("client", "client-sa", "a", ip(net, 1));
     let server = workload("server", "server-sa", "b", ip(net, 2));
@@ -71,7 +79,9 @@ async fn start(net: u8, authorizer: Option<Arc<dyn Authorizer>>) -> Server {
     if let Some(a) = authorizer {
         deps.authorizer = a;
     }
-    let proxy = Running::start(ProxyConfig::explicit("b", ip(net, 20)), deps).await;
+    let mut config = ProxyConfig::explicit("b", ip(net, 20));
+    tweak(&mut config);
+    let proxy = Running::start(config, deps).await;
     Server {
         ca,
         proxy,
@@ -116,8 +126,16 @@ impl Server {
 
     /// A TLS + HTTP/2 connection to the HBONE port.
     async fn h2(&self, cert: Option<Arc<CertifiedKey>>) -> Result<SendRequest<Bytes>, String> {
+        self.h2_with(self.client_config(cert)).await
+    }
+
+    /// A TLS + HTTP/2 connection to the HBONE port, with this client config.
+    async fn h2_with(
+        &self,
+        config: Arc<rustls::ClientConfig>,
+    ) -> Result<SendRequest<Bytes>, String> {
         let tcp = TcpStream::connect(self.proxy.addrs.inbound).await.unwrap();
-        let connector = TlsConnector::from(self.client_config(cert));
+        let connector = TlsConnector::from(config);
         let name = ServerName::IpAddress(self.proxy.addrs.inbound.ip().into());
         let tls = connector
             .connect(name, tcp)
@@ -466,4 +484,39 @@ async fn rapid_reset_flood_leaves_the_server_serving_others() {
         status_of(&good, connect(&s.echo_addr.to_string())).await,
         StatusCode::OK
     );
+}
+
+#[tokio::test]
+async fn a_peer_silent_after_tls_is_disconnected_within_the_handshake_timeout() {
+    let s = start_with(106, None, |c| {
+        c.handshake_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let tcp = TcpStream::connect(s.proxy.addrs.inbound).await.unwrap();
+    let connector = TlsConnector::from(s.client_config(Some(s.good_cert())));
+    let name = ServerName::IpAddress(s.proxy.addrs.inbound.ip().into());
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    // TLS done, then nothing: not even the HTTP/2 preface. The server's SETTINGS may
+    // arrive; then the connection must close (EOF or an error, either is a close).
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(T, async {
+        let mut buf = Vec::new();
+        let _ = tls.read_to_end(&mut buf).await;
+    })
+    .await;
+    assert!(closed.is_ok(), "the silent connection was held open");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    wait_for("the h2_timeout count", T, || {
+        s.proxy
+            .metrics
+            .handshake_failure_count(Direction::Inbound, "h2_timeout")
+            == 1
+    })
+    .await;
+    // The timeout is per connection: a prompt client is served as usual.
+    s.h2(Some(s.good_cert())).await.unwrap();
 }
