@@ -21,7 +21,7 @@ use crate::copy::bridge;
 use crate::metrics::Direction;
 use crate::outcome::Outcome;
 use crate::proxy::{Capture, Shared};
-use crate::tls::parse_destination_sni;
+use crate::tls::{parse_destination_sni, ALPN_H2};
 use crate::workloads::WorkloadTable;
 
 /// Serves one accepted TCP connection until it closes.
@@ -74,6 +74,13 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             return;
         }
     };
+    // As ztunnel: HBONE is HTTP/2 only. rustls already fails a client offering only other
+    // protocols (no_application_protocol); one offering none gets here without any.
+    if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
+        failed("alpn");
+        tracing::debug!(%peer, "refusing a connection that did not negotiate ALPN h2");
+        return;
+    }
     // The verifier already checked the SVID; without an ID we fail closed.
     let Some(peer_id) = zmesh_identity::tls::peer_identity(tls.get_ref().1) else {
         failed("bad_peer_identity");

@@ -520,3 +520,28 @@ async fn a_peer_silent_after_tls_is_disconnected_within_the_handshake_timeout() 
     // The timeout is per connection: a prompt client is served as usual.
     s.h2(Some(s.good_cert())).await.unwrap();
 }
+
+#[tokio::test]
+async fn clients_not_negotiating_alpn_h2_are_refused() {
+    let s = start(107, None).await;
+    let alpn_failures = || {
+        s.proxy
+            .metrics
+            .handshake_failure_count(Direction::Inbound, "alpn")
+    };
+    let cases: [(&str, Vec<Vec<u8>>); 2] = [
+        ("no ALPN", vec![]),
+        ("http/1.1 only", vec![b"http/1.1".to_vec()]),
+    ];
+    for (what, alpn) in cases {
+        let before = alpn_failures();
+        let mut config = (*s.client_config(Some(s.good_cert()))).clone();
+        config.alpn_protocols = alpn;
+        let r = s.h2_with(Arc::new(config)).await;
+        assert!(r.is_err(), "{what}: served");
+        wait_for(what, T, || alpn_failures() == before + 1).await;
+    }
+    // Offering h2 (the default config) is served.
+    s.h2(Some(s.good_cert())).await.unwrap();
+    assert_eq!(s.proxy.metrics.inbound_tls_connections(), 1);
+}
