@@ -15,6 +15,7 @@ mod copy;
 mod credentials;
 mod inbound;
 mod keepalive;
+mod limits;
 mod outbound;
 mod outcome;
 mod plaintext;

@@ -19,6 +19,7 @@ use crate::balance::{Affinity, AFFINITY_CAPACITY};
 use crate::clock::Clock;
 use crate::flows::FlowHub;
 use crate::keepalive::Keepalive;
+use crate::limits::IdentityLimit;
 use crate::metrics::{Direction, Metrics};
 use crate::pool::{Pool, PoolConfig};
 use crate::socket::{bind_listener, OriginalDst, SoOriginalDst};
@@ -60,6 +61,16 @@ pub struct ProxyConfig {
     /// How long an inbound HBONE connection may take for each of its TLS handshake and
     /// its HTTP/2 handshake (the client's preface).
     pub handshake_timeout: Duration,
+    /// At most this many tunnels at once on one inbound HBONE connection; also advertised
+    /// as its SETTINGS_MAX_CONCURRENT_STREAMS. Further streams get REFUSED_STREAM. 200,
+    /// what ztunnel's server (hyper's default) advertises; ztunnel's pool uses up to 100.
+    pub max_tunnels_per_connection: usize,
+    /// At most this many inbound tunnels at once from one peer identity, over all of its
+    /// connections; further streams get REFUSED_STREAM.
+    pub max_tunnels_per_identity: usize,
+    /// An inbound HBONE connection whose client reset more than this many tunnels before
+    /// sending a byte through them (and more than it used) gets GOAWAY ENHANCE_YOUR_CALM.
+    pub max_client_resets_per_connection: usize,
     pub pool: PoolConfig,
     /// HTTP/2 PINGs on every HBONE connection, inbound and pooled outbound.
     pub keepalive: Keepalive,
@@ -84,6 +95,9 @@ impl ProxyConfig {
             drain_deadline: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
             handshake_timeout: Duration::from_secs(10),
+            max_tunnels_per_connection: 200,
+            max_tunnels_per_identity: 1000,
+            max_client_resets_per_connection: 100,
             pool: PoolConfig::default(),
             keepalive: Keepalive::default(),
             cluster_domain: "cluster.local".into(),
@@ -201,6 +215,8 @@ pub(crate) struct Shared {
     /// Cancelled when the drain deadline passes: everything closes.
     pub force: CancellationToken,
     pub tracker: TaskTracker,
+    /// Open inbound tunnels per peer identity.
+    pub identity_tunnels: Arc<IdentityLimit>,
     pub ready: AtomicBool,
     /// Why the proxy is failing (a listener died), for readiness to say.
     pub failure: OnceLock<String>,
@@ -288,6 +304,7 @@ impl Proxy {
             force.clone(),
         );
         let tunnels = Tunnels::new(deps.workloads.clone(), config.node.clone());
+        let max_per_identity = config.max_tunnels_per_identity;
         let shared = Arc::new(Shared {
             config,
             workloads: deps.workloads,
@@ -305,6 +322,7 @@ impl Proxy {
             drain: CancellationToken::new(),
             force,
             tracker: TaskTracker::new(),
+            identity_tunnels: IdentityLimit::new(max_per_identity),
             ready: AtomicBool::new(false),
             failure: OnceLock::new(),
         });
