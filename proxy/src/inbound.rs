@@ -509,7 +509,7 @@ async fn tunnel(
                 return Outcome::ConnectFailed;
             }
         };
-        let _ = upstream.set_nodelay(true);
+        shared.tune_app_socket(&upstream);
         let send = match respond.send_response(Response::new(()), false) {
             Ok(send) => send,
             Err(e) => {

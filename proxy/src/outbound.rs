@@ -203,7 +203,7 @@ async fn dial(
             match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(dst)).await
             {
                 Ok(Ok(s)) => {
-                    let _ = s.set_nodelay(true);
+                    shared.tune_app_socket(&s);
                     Ok(Upstream::Plain(s))
                 }
                 Ok(Err(e)) => {

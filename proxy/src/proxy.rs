@@ -22,7 +22,7 @@ use crate::keepalive::Keepalive;
 use crate::limits::IdentityLimit;
 use crate::metrics::{Direction, Metrics};
 use crate::pool::{Pool, PoolConfig};
-use crate::socket::{bind_listener, OriginalDst, SoOriginalDst};
+use crate::socket::{bind_listener, set_tcp_keepalive, OriginalDst, SoOriginalDst, TcpKeepalive};
 use crate::tls::TlsCredentials;
 use crate::tunnels::Tunnels;
 use crate::workloads::{WorkloadStore, WorkloadTable};
@@ -72,6 +72,10 @@ pub struct ProxyConfig {
     /// sending a byte through them (and more than it used) gets GOAWAY ENHANCE_YOUR_CALM.
     pub max_client_resets_per_connection: usize,
     pub pool: PoolConfig,
+    /// TCP keepalive on sockets to and from applications (accepted on the outbound and
+    /// plaintext listeners, dialed to workloads and passthrough destinations); `None`
+    /// leaves the system's default (off).
+    pub tcp_keepalive: Option<TcpKeepalive>,
     /// HTTP/2 PINGs on every HBONE connection, inbound and pooled outbound.
     pub keepalive: Keepalive,
     /// The cluster's DNS domain: an HBONE `:authority` may name a Service as
@@ -99,6 +103,7 @@ impl ProxyConfig {
             max_tunnels_per_identity: 1000,
             max_client_resets_per_connection: 100,
             pool: PoolConfig::default(),
+            tcp_keepalive: Some(TcpKeepalive::default()),
             keepalive: Keepalive::default(),
             cluster_domain: "cluster.local".into(),
         }
@@ -230,6 +235,14 @@ impl Shared {
             || [a.inbound, a.outbound, a.plaintext, a.metrics, a.readiness]
                 .iter()
                 .any(|addr| addr.port() == port)
+    }
+
+    /// Settings for a socket to or from an application: no Nagle delay, TCP keepalive.
+    pub fn tune_app_socket(&self, stream: &TcpStream) {
+        let _ = stream.set_nodelay(true);
+        if let Err(e) = set_tcp_keepalive(stream, self.config.tcp_keepalive) {
+            tracing::debug!("cannot set TCP keepalive: {e}");
+        }
     }
 
     /// True if `addr` is one of our listeners (a connection there would loop).
@@ -655,7 +668,13 @@ async fn accept_loop(
     name: (&'static str, SocketAddr),
 ) -> Result<(), ProxyError> {
     while let Some((stream, peer)) = accept(&listener, name, &shared.drain).await? {
-        let _ = stream.set_nodelay(true);
+        match direction {
+            // HBONE peers are proxies: HTTP/2 PINGs watch them.
+            Direction::Inbound => {
+                let _ = stream.set_nodelay(true);
+            }
+            Direction::Outbound | Direction::InboundPlaintext => shared.tune_app_socket(&stream),
+        }
         let s = shared.clone();
         let force = shared.force.clone();
         shared.tracker.spawn(async move {
