@@ -35,12 +35,21 @@ fn is_clean_reset(e: &h2::Error) -> bool {
     matches!(e.reason(), Some(Reason::NO_ERROR) | Some(Reason::CANCEL)) && e.is_reset()
 }
 
-/// TCP -> HTTP/2, ending with END_STREAM on TCP EOF.
+/// How a tunnel's HTTP/2 stream ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Ended {
+    /// Both directions finished (EOF / END_STREAM).
+    Finished,
+    /// The peer reset the stream with NO_ERROR or CANCEL.
+    PeerReset,
+}
+
+/// TCP -> HTTP/2, ending with END_STREAM on TCP EOF; true if the peer reset the stream.
 async fn tcp_to_h2<R: AsyncRead + Unpin>(
     mut tcp: R,
     send: &mut SendStream<Bytes>,
     counter: &AtomicU64,
-) -> Result<(), CopyError> {
+) -> Result<bool, CopyError> {
     let mut buf = BytesMut::with_capacity(READ_CHUNK);
     loop {
         buf.reserve(READ_CHUNK);
@@ -51,7 +60,7 @@ async fn tcp_to_h2<R: AsyncRead + Unpin>(
             n = tcp.read_buf(&mut buf) => n?,
             reset = poll_fn(|cx| send.poll_reset(cx)) => {
                 return match reset {
-                    Ok(Reason::NO_ERROR) | Ok(Reason::CANCEL) => Ok(()),
+                    Ok(Reason::NO_ERROR) | Ok(Reason::CANCEL) => Ok(true),
                     Ok(reason) => Err(CopyError::H2(reason.into())),
                     Err(e) => Err(e.into()),
                 };
@@ -59,7 +68,7 @@ async fn tcp_to_h2<R: AsyncRead + Unpin>(
         };
         if n == 0 {
             send.send_data(Bytes::new(), true)?;
-            return Ok(());
+            return Ok(false);
         }
         let mut data = buf.split().freeze();
         while !data.is_empty() {
@@ -85,12 +94,14 @@ async fn tcp_to_h2<R: AsyncRead + Unpin>(
     }
 }
 
-/// HTTP/2 -> TCP, ending with shutdown(SHUT_WR) on END_STREAM.
+/// HTTP/2 -> TCP, ending with shutdown(SHUT_WR) on END_STREAM; true if the peer reset
+/// the stream.
 async fn h2_to_tcp<W: AsyncWrite + Unpin>(
     mut recv: RecvStream,
     mut tcp: W,
     counter: &AtomicU64,
-) -> Result<(), CopyError> {
+) -> Result<bool, CopyError> {
+    let mut reset = false;
     loop {
         match recv.data().await {
             Some(Ok(chunk)) => {
@@ -100,13 +111,16 @@ async fn h2_to_tcp<W: AsyncWrite + Unpin>(
                 // Only now may the peer send more: bounded memory per stream.
                 let _ = recv.flow_control().release_capacity(len);
             }
-            Some(Err(e)) if is_clean_reset(&e) => break,
+            Some(Err(e)) if is_clean_reset(&e) => {
+                reset = true;
+                break;
+            }
             Some(Err(e)) => return Err(e.into()),
             None => break,
         }
     }
     tcp.shutdown().await?;
-    Ok(())
+    Ok(reset)
 }
 
 /// Copies both ways until both directions ended, adding to `to_h2` and `to_tcp` as the
@@ -118,7 +132,7 @@ pub(crate) async fn bridge(
     recv: RecvStream,
     to_h2: &AtomicU64,
     to_tcp: &AtomicU64,
-) -> Result<(), CopyError> {
+) -> Result<Ended, CopyError> {
     // Borrowed halves: no lock between the two directions (tokio::io::split takes one).
     let (r, w) = tcp.split();
     let up = tcp_to_h2(r, &mut send, to_h2);
@@ -126,14 +140,19 @@ pub(crate) async fn bridge(
     tokio::pin!(up, down);
     let mut up_done = false;
     let mut down_done = false;
+    let mut reset = false;
     while !(up_done && down_done) {
         tokio::select! {
             biased;
-            r = &mut up, if !up_done => { r?; up_done = true; }
-            r = &mut down, if !down_done => { r?; down_done = true; }
+            r = &mut up, if !up_done => { reset |= r?; up_done = true; }
+            r = &mut down, if !down_done => { reset |= r?; down_done = true; }
         }
     }
-    Ok(())
+    Ok(if reset {
+        Ended::PeerReset
+    } else {
+        Ended::Finished
+    })
 }
 
 /// Plain TCP both ways between the connecting `client` and `upstream` until both

@@ -3,9 +3,9 @@
 //! domain>:<port>` (ztunnel's tunnels through east-west gateways do), which resolves to an
 //! endpoint of that service on this node.
 
+use std::future::poll_fn;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
-use std::time::Duration;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -18,14 +18,13 @@ use zmesh_identity::{SpiffeId, WorkloadId};
 use crate::access::AccessLog;
 use crate::authz::{AuthzRequest, Decision};
 use crate::balance;
-use crate::copy::bridge;
+use crate::copy::{bridge, CopyError, Ended};
+use crate::limits::ConnLimits;
 use crate::metrics::Direction;
 use crate::outcome::Outcome;
 use crate::proxy::{Capture, Shared};
-use crate::tls::parse_destination_sni;
+use crate::tls::{parse_destination_sni, ALPN_H2};
 use crate::workloads::WorkloadTable;
-
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Serves one accepted TCP connection until it closes.
 pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
@@ -36,8 +35,9 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         shared.metrics.handshake_failed(Direction::Inbound, reason);
         crate::access::refused(&shared, peer, local, reason);
     };
+    let handshake_timeout = shared.config.handshake_timeout;
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
-    let start = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor).await {
+    let start = match tokio::time::timeout(handshake_timeout, acceptor).await {
         Ok(Ok(start)) => start,
         Ok(Err(e)) => {
             failed(crate::handshake_reason(&e));
@@ -64,7 +64,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             return;
         }
     };
-    let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, start.into_stream(config)).await {
+    let tls = match tokio::time::timeout(handshake_timeout, start.into_stream(config)).await {
         Ok(Ok(tls)) => tls,
         Ok(Err(e)) => {
             failed(crate::handshake_reason(&e));
@@ -76,6 +76,13 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             return;
         }
     };
+    // As ztunnel: HBONE is HTTP/2 only. rustls already fails a client offering only other
+    // protocols (no_application_protocol); one offering none gets here without any.
+    if tls.get_ref().1.alpn_protocol() != Some(ALPN_H2) {
+        failed("alpn");
+        tracing::debug!(%peer, "refusing a connection that did not negotiate ALPN h2");
+        return;
+    }
     // The verifier already checked the SVID; without an ID we fail closed.
     let Some(peer_id) = zmesh_identity::tls::peer_identity(tls.get_ref().1) else {
         failed("bad_peer_identity");
@@ -90,40 +97,71 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         .initial_connection_window_size(crate::CONN_WINDOW)
         .max_frame_size(crate::MAX_FRAME)
         .max_send_buffer_size(crate::MAX_SEND_BUFFER)
-        .max_concurrent_streams(200)
+        .max_concurrent_streams(
+            u32::try_from(shared.config.max_tunnels_per_connection).unwrap_or(u32::MAX),
+        )
         .max_header_list_size(64 * 1024)
         // Lets requests carrying :protocol/:scheme/:path reach us, so we can answer 400
         // instead of the library resetting them.
         .enable_connect_protocol();
-    let mut conn = match builder.handshake::<_, Bytes>(tls).await {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::debug!(%peer, "HTTP/2 handshake failed: {e}");
-            return;
-        }
-    };
+    // A peer that finished TLS but never sends the HTTP/2 preface must not hold the
+    // connection forever.
+    let mut conn =
+        match tokio::time::timeout(handshake_timeout, builder.handshake::<_, Bytes>(tls)).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                failed("h2_handshake");
+                tracing::debug!(%peer, "HTTP/2 handshake failed: {e}");
+                return;
+            }
+            Err(_) => {
+                failed("h2_timeout");
+                tracing::debug!(%peer, "no HTTP/2 preface within {handshake_timeout:?}");
+                return;
+            }
+        };
     let keepalive = crate::keepalive::until_unanswered(
         conn.ping_pong(),
         shared.config.keepalive,
         shared.clock.clone(),
     );
     tokio::pin!(keepalive);
+    let limits = ConnLimits::new(
+        shared.config.max_tunnels_per_connection,
+        shared.config.max_client_resets_per_connection,
+    );
     let mut draining = false;
+    let mut calmed = false;
     loop {
         // Woken for every frame of the connection (accept() drives it): fixed order.
         tokio::select! {
             biased;
             next = conn.accept() => match next {
-                Some(Ok((req, respond))) => {
+                Some(Ok((req, mut respond))) => {
+                    // Checked before any work: a refused stream costs no task, no dial.
+                    let Some(conn_slot) = limits.try_tunnel() else {
+                        shared.metrics.refused_stream("connection_limit");
+                        tracing::debug!(%peer, "refusing a stream: too many tunnels on the connection");
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    };
+                    let Some(id_slot) = shared.identity_tunnels.try_acquire(&peer_id) else {
+                        shared.metrics.refused_stream("identity_limit");
+                        tracing::debug!(%peer, src = %peer_id, "refusing a stream: too many tunnels from the identity");
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    };
                     let s = shared.clone();
                     let id = peer_id.clone();
+                    let limits = limits.clone();
                     shared.tracker.spawn(async move {
+                        let _slots = (conn_slot, id_slot);
                         // The deadline first: a tunnel whose connection is being closed
                         // by it is cut by the deadline, whatever error it would report.
                         tokio::select! {
                             biased;
                             _ = s.force.cancelled() => {}
-                            _ = tunnel(&s, req, respond, &id, local, peer) => {}
+                            _ = tunnel(&s, req, respond, &id, local, peer, &limits) => {}
                         }
                     });
                 }
@@ -133,6 +171,15 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
                 }
                 None => break,
             },
+            _ = limits.too_many_resets(), if !calmed => {
+                // Rapid reset (CVE-2023-44487) past h2's own guard, which only counts
+                // streams reset before they were accepted. GOAWAY goes out as accept()
+                // drives the connection on; its tunnels end with it.
+                calmed = true;
+                tracing::info!(%peer, src = %peer_id, "closing HBONE connection: the client reset too many tunnels");
+                shared.metrics.reset_floods.inc();
+                conn.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+            }
             _ = shared.drain.cancelled(), if !draining => {
                 draining = true;
                 conn.graceful_shutdown();
@@ -327,6 +374,7 @@ async fn tunnel(
     peer_id: &Arc<SpiffeId>,
     local: SocketAddr,
     peer: SocketAddr,
+    limits: &ConnLimits,
 ) {
     let mut log = AccessLog::start(Direction::Inbound, peer, shared);
     log.src.identity = Some(peer_id.to_string());
@@ -435,33 +483,51 @@ async fn tunnel(
     // The client of an inbound tunnel is the HBONE peer: it receives what goes to HTTP/2.
     let (sent, received) = (&log.bytes.sent, &log.bytes.received);
     let work = async {
-        let upstream =
-            match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(target))
-                .await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, %target, "upstream connect failed: {e}");
-                    respond_error(respond, StatusCode::SERVICE_UNAVAILABLE);
-                    return Outcome::ConnectFailed;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, %target, "upstream connect timed out");
-                    respond_error(respond, StatusCode::SERVICE_UNAVAILABLE);
-                    return Outcome::ConnectFailed;
-                }
-            };
-        let _ = upstream.set_nodelay(true);
         let mut respond = respond;
+        let dial = tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(target));
+        // A client that resets the stream while we dial gets no dial: it is abandoned at
+        // once (rapid reset would otherwise cost one upstream connection per stream).
+        let dialed = tokio::select! {
+            biased;
+            reset = poll_fn(|cx| respond.poll_reset(cx)) => {
+                tracing::debug!(%peer, %target, ?reset, "client reset the stream while connecting upstream");
+                limits.client_reset();
+                return Outcome::ClientReset;
+            }
+            dialed = dial => dialed,
+        };
+        let upstream = match dialed {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, %target, "upstream connect failed: {e}");
+                respond_error(respond, StatusCode::SERVICE_UNAVAILABLE);
+                return Outcome::ConnectFailed;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, %target, "upstream connect timed out");
+                respond_error(respond, StatusCode::SERVICE_UNAVAILABLE);
+                return Outcome::ConnectFailed;
+            }
+        };
+        shared.tune_app_socket(&upstream);
         let send = match respond.send_response(Response::new(()), false) {
             Ok(send) => send,
             Err(e) => {
                 tracing::debug!(%peer, "client went away before 200: {e}");
+                limits.client_reset();
                 return Outcome::ClientReset;
             }
         };
-        match bridge(upstream, send, req.into_body(), sent, received).await {
-            Ok(()) => Outcome::Ok,
+        let ended = bridge(upstream, send, req.into_body(), sent, received).await;
+        // What the client sent us went to the upstream: `received` counts it.
+        if received.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+            limits.used();
+        } else if matches!(ended, Ok(Ended::PeerReset) | Err(CopyError::H2(_))) {
+            // Reset (whatever the reason) or failed on the client's side, unused.
+            limits.client_reset();
+        }
+        match ended {
+            Ok(_) => Outcome::Ok,
             Err(e) => {
                 tracing::debug!(%peer, %target, "tunnel failed: {e}");
                 Outcome::Error

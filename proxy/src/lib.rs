@@ -15,6 +15,7 @@ mod copy;
 mod credentials;
 mod inbound;
 mod keepalive;
+mod limits;
 mod outbound;
 mod outcome;
 mod plaintext;
@@ -39,7 +40,7 @@ pub use outcome::Outcome;
 pub use pool::PoolConfig;
 pub use proxy::{Capture, DrainHandle, Proxy, ProxyAddrs, ProxyConfig, ProxyDeps, ProxyError};
 pub use services::{Endpoint, Service, ServicePort, TargetPort};
-pub use socket::{OriginalDst, SoOriginalDst, StaticOriginalDst};
+pub use socket::{OriginalDst, SoOriginalDst, StaticOriginalDst, TcpKeepalive};
 pub use tls::{TlsCredentials, TlsError};
 pub use workloads::{Node, Protocol, TableError, Workload, WorkloadStore, WorkloadTable};
 /// What happens to plaintext from outside the mesh (shared with the eBPF programs).

@@ -61,6 +61,8 @@ pub struct Metrics {
     pub(crate) pool_connections_created: Counter,
     pub(crate) inbound_tls_connections: Counter,
     pub(crate) keepalive_failures: Family<DirLabels, Counter>,
+    pub(crate) refused_streams: Family<ReasonLabels, Counter>,
+    pub(crate) reset_floods: Counter,
 }
 
 impl Metrics {
@@ -102,6 +104,32 @@ impl Metrics {
                 direction: d.as_str(),
             })
             .inc();
+    }
+
+    /// An inbound HBONE stream refused (REFUSED_STREAM) for `reason`.
+    pub(crate) fn refused_stream(&self, reason: &'static str) {
+        self.refused_streams
+            .get_or_create(&ReasonLabels {
+                direction: Direction::Inbound.as_str(),
+                reason,
+            })
+            .inc();
+    }
+
+    /// Inbound HBONE streams refused for `reason` ("connection_limit", "identity_limit").
+    pub fn refused_stream_count(&self, reason: &'static str) -> u64 {
+        self.refused_streams
+            .get_or_create(&ReasonLabels {
+                direction: Direction::Inbound.as_str(),
+                reason,
+            })
+            .get()
+    }
+
+    /// Inbound HBONE connections closed with GOAWAY ENHANCE_YOUR_CALM for resetting too
+    /// many tunnels, so far.
+    pub fn reset_flood_count(&self) -> u64 {
+        self.reset_floods.get()
     }
 
     /// HBONE connections closed because the peer stopped answering PINGs, so far.
@@ -199,6 +227,16 @@ impl Metrics {
             "hbone_keepalive_failures",
             "HBONE connections closed because the peer stopped answering HTTP/2 PINGs",
             self.keepalive_failures.clone(),
+        );
+        r.register(
+            "hbone_refused_streams",
+            "HBONE streams refused with REFUSED_STREAM, by side and limit reached",
+            self.refused_streams.clone(),
+        );
+        r.register(
+            "hbone_reset_floods",
+            "Inbound HBONE connections closed with GOAWAY ENHANCE_YOUR_CALM for resetting too many tunnels",
+            self.reset_floods.clone(),
         );
         r.register_collector(Box::new(CertExpiry(expiry)));
         r

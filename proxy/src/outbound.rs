@@ -203,7 +203,7 @@ async fn dial(
             match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(dst)).await
             {
                 Ok(Ok(s)) => {
-                    let _ = s.set_nodelay(true);
+                    shared.tune_app_socket(&s);
                     Ok(Upstream::Plain(s))
                 }
                 Ok(Err(e)) => {
@@ -314,7 +314,7 @@ async fn forward(
             // The client is on the TCP side: it receives what comes from HTTP/2.
             let (sent, received) = (&log.bytes.sent, &log.bytes.received);
             let outcome = match bridge(tcp, send, recv, received, sent).await {
-                Ok(()) => Outcome::Ok,
+                Ok(_) => Outcome::Ok,
                 Err(e) => {
                     tracing::debug!(%peer, %dst, "tunnel failed: {e}");
                     Outcome::Error

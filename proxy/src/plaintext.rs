@@ -76,7 +76,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketA
             Ok(Ok(s)) => s,
             _ => return log.finish(Outcome::ConnectFailed),
         };
-    let _ = upstream.set_nodelay(true);
+    shared.tune_app_socket(&upstream);
     let outcome = tokio::select! {
         r = splice(&mut tcp, &mut upstream, &log.bytes) => match r {
             Ok(()) => Outcome::Passthrough,

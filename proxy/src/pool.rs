@@ -296,7 +296,7 @@ impl Pool {
             self.metrics.handshake_failed(Direction::Outbound, "alpn");
             return Err(PoolError::NoAlpn(key.dst));
         }
-        let (send, mut connection) = h2::client::Builder::new()
+        let handshake = h2::client::Builder::new()
             .initial_window_size(crate::STREAM_WINDOW)
             .initial_connection_window_size(crate::CONN_WINDOW)
             .max_frame_size(crate::MAX_FRAME)
@@ -305,9 +305,21 @@ impl Pool {
             .max_concurrent_streams(0)
             .initial_max_send_streams(self.config.max_streams)
             .enable_push(false)
-            .handshake::<_, Bytes>(tls)
-            .await
-            .map_err(|e| PoolError::H2(key.dst, e))?;
+            .handshake::<_, Bytes>(tls);
+        // Bounded like the TLS handshake: a peer that stops reading cannot hold us here.
+        let (send, mut connection) = match tokio::time::timeout(timeout, handshake).await {
+            Ok(Ok(c)) => c,
+            Ok(Err(e)) => {
+                self.metrics
+                    .handshake_failed(Direction::Outbound, "h2_handshake");
+                return Err(PoolError::H2(key.dst, e));
+            }
+            Err(_) => {
+                self.metrics
+                    .handshake_failed(Direction::Outbound, "h2_timeout");
+                return Err(PoolError::Timeout(key.dst));
+            }
+        };
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let conn = Arc::new(Conn {
             id,

@@ -19,9 +19,10 @@ use crate::balance::{Affinity, AFFINITY_CAPACITY};
 use crate::clock::Clock;
 use crate::flows::FlowHub;
 use crate::keepalive::Keepalive;
+use crate::limits::IdentityLimit;
 use crate::metrics::{Direction, Metrics};
 use crate::pool::{Pool, PoolConfig};
-use crate::socket::{bind_listener, OriginalDst, SoOriginalDst};
+use crate::socket::{bind_listener, set_tcp_keepalive, OriginalDst, SoOriginalDst, TcpKeepalive};
 use crate::tls::TlsCredentials;
 use crate::tunnels::Tunnels;
 use crate::workloads::{WorkloadStore, WorkloadTable};
@@ -57,7 +58,24 @@ pub struct ProxyConfig {
     pub drain_deadline: Duration,
     /// Upstream TCP connect timeout.
     pub connect_timeout: Duration,
+    /// How long an inbound HBONE connection may take for each of its TLS handshake and
+    /// its HTTP/2 handshake (the client's preface).
+    pub handshake_timeout: Duration,
+    /// At most this many tunnels at once on one inbound HBONE connection; also advertised
+    /// as its SETTINGS_MAX_CONCURRENT_STREAMS. Further streams get REFUSED_STREAM. 200,
+    /// what ztunnel's server (hyper's default) advertises; ztunnel's pool uses up to 100.
+    pub max_tunnels_per_connection: usize,
+    /// At most this many inbound tunnels at once from one peer identity, over all of its
+    /// connections; further streams get REFUSED_STREAM.
+    pub max_tunnels_per_identity: usize,
+    /// An inbound HBONE connection whose client reset more than this many tunnels before
+    /// sending a byte through them (and more than it used) gets GOAWAY ENHANCE_YOUR_CALM.
+    pub max_client_resets_per_connection: usize,
     pub pool: PoolConfig,
+    /// TCP keepalive on sockets to and from applications (accepted on the outbound and
+    /// plaintext listeners, dialed to workloads and passthrough destinations); `None`
+    /// leaves the system's default (off).
+    pub tcp_keepalive: Option<TcpKeepalive>,
     /// HTTP/2 PINGs on every HBONE connection, inbound and pooled outbound.
     pub keepalive: Keepalive,
     /// The cluster's DNS domain: an HBONE `:authority` may name a Service as
@@ -80,7 +98,12 @@ impl ProxyConfig {
             mode: Mode::Permissive,
             drain_deadline: Duration::from_secs(30),
             connect_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            max_tunnels_per_connection: 200,
+            max_tunnels_per_identity: 1000,
+            max_client_resets_per_connection: 100,
             pool: PoolConfig::default(),
+            tcp_keepalive: Some(TcpKeepalive::default()),
             keepalive: Keepalive::default(),
             cluster_domain: "cluster.local".into(),
         }
@@ -197,6 +220,8 @@ pub(crate) struct Shared {
     /// Cancelled when the drain deadline passes: everything closes.
     pub force: CancellationToken,
     pub tracker: TaskTracker,
+    /// Open inbound tunnels per peer identity.
+    pub identity_tunnels: Arc<IdentityLimit>,
     pub ready: AtomicBool,
     /// Why the proxy is failing (a listener died), for readiness to say.
     pub failure: OnceLock<String>,
@@ -210,6 +235,14 @@ impl Shared {
             || [a.inbound, a.outbound, a.plaintext, a.metrics, a.readiness]
                 .iter()
                 .any(|addr| addr.port() == port)
+    }
+
+    /// Settings for a socket to or from an application: no Nagle delay, TCP keepalive.
+    pub fn tune_app_socket(&self, stream: &TcpStream) {
+        let _ = stream.set_nodelay(true);
+        if let Err(e) = set_tcp_keepalive(stream, self.config.tcp_keepalive) {
+            tracing::debug!("cannot set TCP keepalive: {e}");
+        }
     }
 
     /// True if `addr` is one of our listeners (a connection there would loop).
@@ -284,6 +317,7 @@ impl Proxy {
             force.clone(),
         );
         let tunnels = Tunnels::new(deps.workloads.clone(), config.node.clone());
+        let max_per_identity = config.max_tunnels_per_identity;
         let shared = Arc::new(Shared {
             config,
             workloads: deps.workloads,
@@ -301,6 +335,7 @@ impl Proxy {
             drain: CancellationToken::new(),
             force,
             tracker: TaskTracker::new(),
+            identity_tunnels: IdentityLimit::new(max_per_identity),
             ready: AtomicBool::new(false),
             failure: OnceLock::new(),
         });
@@ -633,7 +668,13 @@ async fn accept_loop(
     name: (&'static str, SocketAddr),
 ) -> Result<(), ProxyError> {
     while let Some((stream, peer)) = accept(&listener, name, &shared.drain).await? {
-        let _ = stream.set_nodelay(true);
+        match direction {
+            // HBONE peers are proxies: HTTP/2 PINGs watch them.
+            Direction::Inbound => {
+                let _ = stream.set_nodelay(true);
+            }
+            Direction::Outbound | Direction::InboundPlaintext => shared.tune_app_socket(&stream),
+        }
         let s = shared.clone();
         let force = shared.force.clone();
         shared.tracker.spawn(async move {

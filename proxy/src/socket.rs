@@ -4,6 +4,7 @@ use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
+use std::time::Duration;
 
 use socket2::{Domain, Socket, Type};
 use tokio::net::{TcpListener, TcpStream};
@@ -28,6 +29,44 @@ pub fn bind_listener(addr: SocketAddr, transparent: bool) -> io::Result<TcpListe
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     TcpListener::from_std(socket.into())
+}
+
+/// TCP keepalive on the proxy's sockets to and from applications, so that a peer that
+/// vanished (its node died, a NAT forgot the flow) is noticed on an idle connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TcpKeepalive {
+    /// Idle time before the first probe.
+    pub time: Duration,
+    /// Time between probes.
+    pub interval: Duration,
+    /// Unanswered probes before the connection is dropped.
+    pub retries: u32,
+}
+
+impl Default for TcpKeepalive {
+    /// ztunnel's: first probe after 180 s idle, then every 180 s, 9 probes.
+    fn default() -> Self {
+        Self {
+            time: Duration::from_secs(180),
+            interval: Duration::from_secs(180),
+            retries: 9,
+        }
+    }
+}
+
+/// Applies `keepalive` (none: leaves the socket as it is).
+pub(crate) fn set_tcp_keepalive(
+    stream: &TcpStream,
+    keepalive: Option<TcpKeepalive>,
+) -> io::Result<()> {
+    let Some(k) = keepalive else {
+        return Ok(());
+    };
+    let params = socket2::TcpKeepalive::new()
+        .with_time(k.time)
+        .with_interval(k.interval)
+        .with_retries(k.retries);
+    socket2::SockRef::from(stream).set_tcp_keepalive(&params)
 }
 
 /// Finds where a captured outbound connection was headed.

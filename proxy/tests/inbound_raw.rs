@@ -5,6 +5,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,9 +46,19 @@ struct Server {
     client_ip: std::net::IpAddr,
     server_ip: std::net::IpAddr,
     echo_addr: SocketAddr,
+    /// Connections the echo server accepted (upstream dials that completed).
+    echo_accepted: Arc<AtomicUsize>,
 }
 
 async fn start(net: u8, authorizer: Option<Arc<dyn Authorizer>>) -> Server {
+    start_with(net, authorizer, |_| {}).await
+}
+
+async fn start_with(
+    net: u8,
+    authorizer: Option<Arc<dyn Authorizer>>,
+    tweak: impl FnOnce(&mut ProxyConfig),
+) -> Server {
     let ca = Ca::new("cluster.local");
     let client = workload("client", "client-sa", "a", ip(net, 1));
     let server = workload("server", "server-sa", "b", ip(net, 2));
@@ -55,8 +66,11 @@ async fn start(net: u8, authorizer: Option<Arc<dyn Authorizer>>) -> Server {
         .await
         .unwrap();
     let echo_addr = echo.local_addr().unwrap();
+    let echo_accepted = Arc::new(AtomicUsize::new(0));
+    let accepted = echo_accepted.clone();
     tokio::spawn(async move {
         while let Ok((mut s, _)) = echo.accept().await {
+            accepted.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let (mut r, mut w) = s.split();
                 let _ = tokio::io::copy(&mut r, &mut w).await;
@@ -71,7 +85,9 @@ async fn start(net: u8, authorizer: Option<Arc<dyn Authorizer>>) -> Server {
     if let Some(a) = authorizer {
         deps.authorizer = a;
     }
-    let proxy = Running::start(ProxyConfig::explicit("b", ip(net, 20)), deps).await;
+    let mut config = ProxyConfig::explicit("b", ip(net, 20));
+    tweak(&mut config);
+    let proxy = Running::start(config, deps).await;
     Server {
         ca,
         proxy,
@@ -80,6 +96,7 @@ async fn start(net: u8, authorizer: Option<Arc<dyn Authorizer>>) -> Server {
         client_ip: ip(net, 1),
         server_ip: ip(net, 2),
         echo_addr,
+        echo_accepted,
     }
 }
 
@@ -109,6 +126,25 @@ impl Server {
         }
     }
 
+    /// TLS to the HBONE port with the good certificate, nothing sent yet.
+    async fn raw_tls(&self) -> tokio_rustls::client::TlsStream<TcpStream> {
+        let tcp = TcpStream::connect(self.proxy.addrs.inbound).await.unwrap();
+        let connector = TlsConnector::from(self.client_config(Some(self.good_cert())));
+        let name = ServerName::IpAddress(self.proxy.addrs.inbound.ip().into());
+        connector.connect(name, tcp).await.unwrap()
+    }
+
+    /// An HTTP/2 connection as `cert`, without the probe tunnel `h2` opens.
+    async fn h2_bare(&self, cert: Arc<CertifiedKey>) -> SendRequest<Bytes> {
+        let tcp = TcpStream::connect(self.proxy.addrs.inbound).await.unwrap();
+        let connector = TlsConnector::from(self.client_config(Some(cert)));
+        let name = ServerName::IpAddress(self.proxy.addrs.inbound.ip().into());
+        let tls = connector.connect(name, tcp).await.unwrap();
+        let (send, conn) = h2::client::handshake(tls).await.unwrap();
+        tokio::spawn(conn);
+        send
+    }
+
     fn good_cert(&self) -> Arc<CertifiedKey> {
         let (chain, key) = self.ca.leaf(&self.client_id.to_string());
         certified(chain, key)
@@ -116,8 +152,16 @@ impl Server {
 
     /// A TLS + HTTP/2 connection to the HBONE port.
     async fn h2(&self, cert: Option<Arc<CertifiedKey>>) -> Result<SendRequest<Bytes>, String> {
+        self.h2_with(self.client_config(cert)).await
+    }
+
+    /// A TLS + HTTP/2 connection to the HBONE port, with this client config.
+    async fn h2_with(
+        &self,
+        config: Arc<rustls::ClientConfig>,
+    ) -> Result<SendRequest<Bytes>, String> {
         let tcp = TcpStream::connect(self.proxy.addrs.inbound).await.unwrap();
-        let connector = TlsConnector::from(self.client_config(cert));
+        let connector = TlsConnector::from(config);
         let name = ServerName::IpAddress(self.proxy.addrs.inbound.ip().into());
         let tls = connector
             .connect(name, tcp)
@@ -466,4 +510,292 @@ async fn rapid_reset_flood_leaves_the_server_serving_others() {
         status_of(&good, connect(&s.echo_addr.to_string())).await,
         StatusCode::OK
     );
+}
+
+#[tokio::test]
+async fn a_peer_silent_after_tls_is_disconnected_within_the_handshake_timeout() {
+    let s = start_with(106, None, |c| {
+        c.handshake_timeout = Duration::from_millis(300);
+    })
+    .await;
+    let tcp = TcpStream::connect(s.proxy.addrs.inbound).await.unwrap();
+    let connector = TlsConnector::from(s.client_config(Some(s.good_cert())));
+    let name = ServerName::IpAddress(s.proxy.addrs.inbound.ip().into());
+    let mut tls = connector.connect(name, tcp).await.unwrap();
+    // TLS done, then nothing: not even the HTTP/2 preface. The server's SETTINGS may
+    // arrive; then the connection must close (EOF or an error, either is a close).
+    let started = std::time::Instant::now();
+    let closed = tokio::time::timeout(T, async {
+        let mut buf = Vec::new();
+        let _ = tls.read_to_end(&mut buf).await;
+    })
+    .await;
+    assert!(closed.is_ok(), "the silent connection was held open");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    wait_for("the h2_timeout count", T, || {
+        s.proxy
+            .metrics
+            .handshake_failure_count(Direction::Inbound, "h2_timeout")
+            == 1
+    })
+    .await;
+    // The timeout is per connection: a prompt client is served as usual.
+    s.h2(Some(s.good_cert())).await.unwrap();
+}
+
+#[tokio::test]
+async fn clients_not_negotiating_alpn_h2_are_refused() {
+    let s = start(107, None).await;
+    let alpn_failures = || {
+        s.proxy
+            .metrics
+            .handshake_failure_count(Direction::Inbound, "alpn")
+    };
+    let cases: [(&str, Vec<Vec<u8>>); 2] = [
+        ("no ALPN", vec![]),
+        ("http/1.1 only", vec![b"http/1.1".to_vec()]),
+    ];
+    for (what, alpn) in cases {
+        let before = alpn_failures();
+        let mut config = (*s.client_config(Some(s.good_cert()))).clone();
+        config.alpn_protocols = alpn;
+        let r = s.h2_with(Arc::new(config)).await;
+        assert!(r.is_err(), "{what}: served");
+        wait_for(what, T, || alpn_failures() == before + 1).await;
+    }
+    // Offering h2 (the default config) is served.
+    s.h2(Some(s.good_cert())).await.unwrap();
+    assert_eq!(s.proxy.metrics.inbound_tls_connections(), 1);
+}
+
+/// One whole frame: (type, flags, stream, payload).
+async fn read_frame<R: AsyncReadExt + Unpin>(r: &mut R) -> std::io::Result<(u8, u8, u32, Vec<u8>)> {
+    let mut head = [0u8; 9];
+    r.read_exact(&mut head).await?;
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut payload = vec![0u8; len];
+    r.read_exact(&mut payload).await?;
+    let id = u32::from_be_bytes([head[5], head[6], head[7], head[8]]) & 0x7fff_ffff;
+    Ok((head[3], head[4], id, payload))
+}
+
+const ENHANCE_YOUR_CALM: u32 = 0xb;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rapid_reset_after_accept_gets_goaway_and_dials_stay_bounded() {
+    // Past h2's own guard (it counts only streams reset before they were accepted): open
+    // a round of CONNECTs, wait until each is answered (accepted, dialed), reset them all.
+    const PER_CONN: usize = 10;
+    const RESETS: usize = 20;
+    const ROUNDS: usize = 50;
+    let s = start_with(108, None, |c| {
+        c.max_tunnels_per_connection = PER_CONN;
+        c.max_client_resets_per_connection = RESETS;
+    })
+    .await;
+    let (mut rd, mut wr) = tokio::io::split(s.raw_tls().await);
+    wr.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    wr.write_all(&frame(0x4, 0, 0, &[])).await.unwrap();
+    // HEADERS, RST_STREAM and GOAWAY frames from the server; nothing when it closed.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok(f) = read_frame(&mut rd).await {
+            if matches!(f.0, 0x1 | 0x3 | 0x7) && tx.send(f).is_err() {
+                break;
+            }
+        }
+    });
+    let mut block = Vec::new();
+    hpack_literal(&mut block, ":method", "CONNECT");
+    hpack_literal(&mut block, ":authority", &s.echo_addr.to_string());
+    let mut next_id = 1u32;
+    let mut opened = 0;
+    let mut goaway = None;
+    'rounds: for _ in 0..ROUNDS {
+        let ids: Vec<u32> = (0..PER_CONN as u32).map(|i| next_id + 2 * i).collect();
+        next_id += 2 * PER_CONN as u32;
+        for id in &ids {
+            // END_HEADERS, not END_STREAM.
+            if wr.write_all(&frame(0x1, 0x4, *id, &block)).await.is_err() {
+                break 'rounds;
+            }
+            opened += 1;
+        }
+        let mut answered = std::collections::HashSet::new();
+        while answered.len() < ids.len() {
+            match tokio::time::timeout(T, rx.recv()).await.unwrap() {
+                Some((0x7, _, _, payload)) => {
+                    goaway = Some(payload);
+                    break 'rounds;
+                }
+                Some((_, _, id, _)) => {
+                    answered.insert(id);
+                }
+                None => break 'rounds,
+            }
+        }
+        for id in &ids {
+            // RST_STREAM(CANCEL).
+            if wr
+                .write_all(&frame(0x3, 0, *id, &8u32.to_be_bytes()))
+                .await
+                .is_err()
+            {
+                break 'rounds;
+            }
+        }
+    }
+    if goaway.is_none() {
+        while let Ok(Some(f)) = tokio::time::timeout(T, rx.recv()).await {
+            if f.0 == 0x7 {
+                goaway = Some(f.3);
+                break;
+            }
+        }
+    }
+    let goaway = goaway.expect("no GOAWAY after resetting every tunnel");
+    let code = u32::from_be_bytes(goaway[4..8].try_into().unwrap());
+    assert_eq!(code, ENHANCE_YOUR_CALM, "GOAWAY code");
+    assert!(opened < ROUNDS * PER_CONN, "opened {opened}");
+    let dials = s.echo_accepted.load(Ordering::SeqCst);
+    assert!(
+        dials <= RESETS + 2 * PER_CONN,
+        "{dials} upstream connections for {opened} reset streams"
+    );
+    assert_eq!(s.proxy.metrics.reset_flood_count(), 1);
+    // Another client is served as usual, end to end.
+    let good = s.h2(Some(s.good_cert())).await.unwrap();
+    let (resp, mut tx) = good
+        .clone()
+        .ready()
+        .await
+        .unwrap()
+        .send_request(connect(&s.echo_addr.to_string()), false)
+        .unwrap();
+    let mut rx = tokio::time::timeout(T, resp)
+        .await
+        .unwrap()
+        .unwrap()
+        .into_body();
+    tx.send_data(Bytes::from_static(b"calm"), true).unwrap();
+    let mut got = Vec::new();
+    while let Some(chunk) = rx.data().await {
+        got.extend_from_slice(&chunk.unwrap());
+    }
+    assert_eq!(got, b"calm");
+}
+
+#[tokio::test]
+async fn a_stream_reset_while_dialing_abandons_the_dial() {
+    let s = start_with(109, None, |c| {
+        c.connect_timeout = Duration::from_secs(120);
+    })
+    .await;
+    // An upstream whose accept queue is full: the kernel drops further SYNs, so a dial
+    // to it hangs (until connect_timeout).
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(s.server_ip, 0)).unwrap();
+    let full = sock.listen(0).unwrap();
+    let hang = full.local_addr().unwrap();
+    let _queued = TcpStream::connect(hang).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(hang))
+            .await
+            .is_err(),
+        "precondition: dials to {hang} hang"
+    );
+
+    let mut tls = s.raw_tls().await;
+    tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    tls.write_all(&frame(0x4, 0, 0, &[])).await.unwrap();
+    let mut block = Vec::new();
+    hpack_literal(&mut block, ":method", "CONNECT");
+    hpack_literal(&mut block, ":authority", &hang.to_string());
+    tls.write_all(&frame(0x1, 0x4, 1, &block)).await.unwrap();
+    // Once our PING is answered the server has read the HEADERS and accepted the stream
+    // (h2 hands out streams read in the same pass before it answers).
+    tls.write_all(&frame(0x6, 0, 0, &[7; 8])).await.unwrap();
+    tokio::time::timeout(T, async {
+        loop {
+            let (kind, flags, _, _) = read_frame(&mut tls).await.unwrap();
+            if kind == 0x6 && flags & 0x1 == 0x1 {
+                return;
+            }
+        }
+    })
+    .await
+    .unwrap();
+    tls.write_all(&frame(0x3, 0, 1, &8u32.to_be_bytes()))
+        .await
+        .unwrap();
+    // Ended at once as a client reset, not 120 s later as a failed connect.
+    wait_for(
+        "the tunnel to end as client_reset",
+        Duration::from_secs(10),
+        || {
+            s.proxy
+                .metrics
+                .closed_count(Direction::Inbound, Outcome::ClientReset)
+                == 1
+        },
+    )
+    .await;
+    assert_eq!(
+        s.proxy
+            .metrics
+            .closed_count(Direction::Inbound, Outcome::ConnectFailed),
+        0
+    );
+}
+
+#[tokio::test]
+async fn tunnels_per_identity_are_bounded_across_connections() {
+    let s = start_with(110, None, |c| c.max_tunnels_per_identity = 3).await;
+    let open = |send: SendRequest<Bytes>| {
+        let target = s.echo_addr.to_string();
+        async move {
+            let (resp, stream) = send
+                .ready()
+                .await
+                .unwrap()
+                .send_request(connect(&target), false)
+                .unwrap();
+            tokio::time::timeout(T, resp)
+                .await
+                .unwrap()
+                .map(|r| (r.status(), stream, r.into_body()))
+        }
+    };
+    let a = s.h2_bare(s.good_cert()).await;
+    let b = s.h2_bare(s.good_cert()).await;
+    let mut held = Vec::new();
+    for send in [&a, &a, &b] {
+        let (status, tx, rx) = open(send.clone()).await.unwrap();
+        assert_eq!(status, StatusCode::OK);
+        held.push((tx, rx));
+    }
+    // The fourth tunnel of the identity, on either connection, is refused.
+    let refused = open(b.clone()).await.map(|(status, ..)| status);
+    let reason = refused.as_ref().err().and_then(|e| e.reason());
+    assert_eq!(reason, Some(h2::Reason::REFUSED_STREAM), "{refused:?}");
+    assert_eq!(s.proxy.metrics.refused_stream_count("identity_limit"), 1);
+    // Another identity is not affected.
+    let (chain, key) = s.ca.leaf("spiffe://cluster.local/ns/default/sa/other-sa");
+    let other = s.h2_bare(certified(chain, key)).await;
+    let (status, ..) = open(other).await.unwrap();
+    assert_eq!(status, StatusCode::OK);
+    // The held tunnels still work.
+    for (tx, rx) in &mut held {
+        tx.send_data(Bytes::from_static(b"x"), true).unwrap();
+        let chunk = rx.data().await.unwrap().unwrap();
+        assert_eq!(&chunk[..], b"x");
+    }
 }
