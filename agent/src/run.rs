@@ -11,7 +11,7 @@ use zmesh_cluster::ClusterState;
 use zmesh_identity::{SharedBundle, TrustDomain};
 use zmesh_proxy::flows::FlowHub;
 use zmesh_proxy::policy::{PolicyAuthorizer, PolicyStore, TableLabels};
-use zmesh_proxy::{Mode, ProxyConfig, ProxyDeps, WorkloadStore};
+use zmesh_proxy::{Limits, Mode, ProxyConfig, ProxyDeps, WorkloadStore};
 
 use crate::admin::{self, AdminState};
 use crate::ca::{zmesh_ca_certificates, CaError, CaSettings, CaTokenCredential, NodeRenewal};
@@ -36,6 +36,10 @@ pub struct AgentConfig {
     /// The address pods reach the node at; the proxy's outbound listener is here.
     pub proxy_ip: Ipv4Addr,
     pub mode: Mode,
+    /// The proxy's timeouts and limits.
+    pub proxy_limits: Limits,
+    /// The cluster's DNS domain (Service hostnames in HBONE requests).
+    pub cluster_domain: String,
     /// Worker threads of the proxy's runtime (1: one thread, 0: one per CPU), as `zmesh
     /// proxy --worker-threads`.
     pub proxy_threads: usize,
@@ -146,6 +150,8 @@ pub async fn run(
     let listen = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
     let mut proxy_config = ProxyConfig::new(config.node.clone(), listen);
     proxy_config.mode = config.mode;
+    proxy_config.limits = config.proxy_limits.clone();
+    proxy_config.cluster_domain = config.cluster_domain.clone();
     let own_hbone = SocketAddr::new(
         IpAddr::V4(config.proxy_ip),
         proxy_config.inbound_addr.port(),

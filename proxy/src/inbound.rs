@@ -35,7 +35,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         shared.metrics.handshake_failed(Direction::Inbound, reason);
         crate::access::refused(&shared, peer, local, reason);
     };
-    let handshake_timeout = shared.config.handshake_timeout;
+    let handshake_timeout = shared.config.limits.handshake_timeout;
     let acceptor = LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
     let start = match tokio::time::timeout(handshake_timeout, acceptor).await {
         Ok(Ok(start)) => start,
@@ -98,7 +98,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         .max_frame_size(crate::MAX_FRAME)
         .max_send_buffer_size(crate::MAX_SEND_BUFFER)
         .max_concurrent_streams(
-            u32::try_from(shared.config.max_tunnels_per_connection).unwrap_or(u32::MAX),
+            u32::try_from(shared.config.limits.max_tunnels_per_connection).unwrap_or(u32::MAX),
         )
         .max_header_list_size(64 * 1024)
         // Lets requests carrying :protocol/:scheme/:path reach us, so we can answer 400
@@ -127,8 +127,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
     );
     tokio::pin!(keepalive);
     let limits = ConnLimits::new(
-        shared.config.max_tunnels_per_connection,
-        shared.config.max_client_resets_per_connection,
+        shared.config.limits.max_tunnels_per_connection,
+        shared.config.limits.max_client_resets_per_connection,
     );
     let mut draining = false;
     let mut calmed = false;
@@ -484,7 +484,10 @@ async fn tunnel(
     let (sent, received) = (&log.bytes.sent, &log.bytes.received);
     let work = async {
         let mut respond = respond;
-        let dial = tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(target));
+        let dial = tokio::time::timeout(
+            shared.config.limits.connect_timeout,
+            TcpStream::connect(target),
+        );
         // A client that resets the stream while we dial gets no dial: it is abandoned at
         // once (rapid reset would otherwise cost one upstream connection per stream).
         let dialed = tokio::select! {

@@ -38,7 +38,9 @@ pub use keepalive::Keepalive;
 pub use metrics::{Direction, Metrics};
 pub use outcome::Outcome;
 pub use pool::PoolConfig;
-pub use proxy::{Capture, DrainHandle, Proxy, ProxyAddrs, ProxyConfig, ProxyDeps, ProxyError};
+pub use proxy::{
+    Capture, DrainHandle, Limits, Proxy, ProxyAddrs, ProxyConfig, ProxyDeps, ProxyError,
+};
 pub use services::{Endpoint, Service, ServicePort, TargetPort};
 pub use socket::{OriginalDst, SoOriginalDst, StaticOriginalDst, TcpKeepalive};
 pub use tls::{TlsCredentials, TlsError};

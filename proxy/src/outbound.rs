@@ -200,7 +200,11 @@ async fn dial(
 ) -> Result<Upstream, Outcome> {
     match route {
         Route::Plain => {
-            match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(dst)).await
+            match tokio::time::timeout(
+                shared.config.limits.connect_timeout,
+                TcpStream::connect(dst),
+            )
+            .await
             {
                 Ok(Ok(s)) => {
                     shared.tune_app_socket(&s);

@@ -71,11 +71,15 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketA
         reset(&tcp);
         return log.finish(Outcome::Denied);
     }
-    let mut upstream =
-        match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(dst)).await {
-            Ok(Ok(s)) => s,
-            _ => return log.finish(Outcome::ConnectFailed),
-        };
+    let mut upstream = match tokio::time::timeout(
+        shared.config.limits.connect_timeout,
+        TcpStream::connect(dst),
+    )
+    .await
+    {
+        Ok(Ok(s)) => s,
+        _ => return log.finish(Outcome::ConnectFailed),
+    };
     shared.tune_app_socket(&upstream);
     let outcome = tokio::select! {
         r = splice(&mut tcp, &mut upstream, &log.bytes) => match r {

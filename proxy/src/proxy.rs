@@ -54,28 +54,9 @@ pub struct ProxyConfig {
     pub ip_transparent: bool,
     pub capture: Capture,
     pub mode: Mode,
-    /// How long open tunnels may take to finish after a drain starts.
-    pub drain_deadline: Duration,
-    /// Upstream TCP connect timeout.
-    pub connect_timeout: Duration,
-    /// How long an inbound HBONE connection may take for each of its TLS handshake and
-    /// its HTTP/2 handshake (the client's preface).
-    pub handshake_timeout: Duration,
-    /// At most this many tunnels at once on one inbound HBONE connection; also advertised
-    /// as its SETTINGS_MAX_CONCURRENT_STREAMS. Further streams get REFUSED_STREAM. 200,
-    /// what ztunnel's server (hyper's default) advertises; ztunnel's pool uses up to 100.
-    pub max_tunnels_per_connection: usize,
-    /// At most this many inbound tunnels at once from one peer identity, over all of its
-    /// connections; further streams get REFUSED_STREAM.
-    pub max_tunnels_per_identity: usize,
-    /// An inbound HBONE connection whose client reset more than this many tunnels before
-    /// sending a byte through them (and more than it used) gets GOAWAY ENHANCE_YOUR_CALM.
-    pub max_client_resets_per_connection: usize,
+    /// Timeouts and limits: what an operator tunes (`--handshake-timeout` etc.).
+    pub limits: Limits,
     pub pool: PoolConfig,
-    /// TCP keepalive on sockets to and from applications (accepted on the outbound and
-    /// plaintext listeners, dialed to workloads and passthrough destinations); `None`
-    /// leaves the system's default (off).
-    pub tcp_keepalive: Option<TcpKeepalive>,
     /// HTTP/2 PINGs on every HBONE connection, inbound and pooled outbound.
     pub keepalive: Keepalive,
     /// The cluster's DNS domain: an HBONE `:authority` may name a Service as
@@ -96,14 +77,8 @@ impl ProxyConfig {
             ip_transparent: true,
             capture: Capture::Transparent,
             mode: Mode::Permissive,
-            drain_deadline: Duration::from_secs(30),
-            connect_timeout: Duration::from_secs(10),
-            handshake_timeout: Duration::from_secs(10),
-            max_tunnels_per_connection: 200,
-            max_tunnels_per_identity: 1000,
-            max_client_resets_per_connection: 100,
+            limits: Limits::default(),
             pool: PoolConfig::default(),
-            tcp_keepalive: Some(TcpKeepalive::default()),
             keepalive: Keepalive::default(),
             cluster_domain: "cluster.local".into(),
         }
@@ -121,6 +96,47 @@ impl ProxyConfig {
             ip_transparent: false,
             capture: Capture::Explicit,
             ..Self::new(node, ip)
+        }
+    }
+}
+
+/// The proxy's timeouts and limits, each a flag of `zmesh proxy` and `zmesh agent`
+/// (README, "Limits and timeouts").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// How long open tunnels may take to finish after a drain starts.
+    pub drain_deadline: Duration,
+    /// Upstream TCP connect timeout.
+    pub connect_timeout: Duration,
+    /// How long an inbound HBONE connection may take for each of its TLS handshake and
+    /// its HTTP/2 handshake (the client's preface).
+    pub handshake_timeout: Duration,
+    /// At most this many tunnels at once on one inbound HBONE connection; also advertised
+    /// as its SETTINGS_MAX_CONCURRENT_STREAMS. Further streams get REFUSED_STREAM. 200,
+    /// what ztunnel's server (hyper's default) advertises; ztunnel's pool uses up to 100.
+    pub max_tunnels_per_connection: usize,
+    /// At most this many inbound tunnels at once from one peer identity, over all of its
+    /// connections; further streams get REFUSED_STREAM.
+    pub max_tunnels_per_identity: usize,
+    /// An inbound HBONE connection whose client reset more than this many tunnels before
+    /// sending a byte through them (and more than it used) gets GOAWAY ENHANCE_YOUR_CALM.
+    pub max_client_resets_per_connection: usize,
+    /// TCP keepalive on sockets to and from applications (accepted on the outbound and
+    /// plaintext listeners, dialed to workloads and passthrough destinations); `None`
+    /// leaves the system's default (off).
+    pub tcp_keepalive: Option<TcpKeepalive>,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            drain_deadline: Duration::from_secs(30),
+            connect_timeout: Duration::from_secs(10),
+            handshake_timeout: Duration::from_secs(10),
+            max_tunnels_per_connection: 200,
+            max_tunnels_per_identity: 1000,
+            max_client_resets_per_connection: 100,
+            tcp_keepalive: Some(TcpKeepalive::default()),
         }
     }
 }
@@ -240,7 +256,7 @@ impl Shared {
     /// Settings for a socket to or from an application: no Nagle delay, TCP keepalive.
     pub fn tune_app_socket(&self, stream: &TcpStream) {
         let _ = stream.set_nodelay(true);
-        if let Err(e) = set_tcp_keepalive(stream, self.config.tcp_keepalive) {
+        if let Err(e) = set_tcp_keepalive(stream, self.config.limits.tcp_keepalive) {
             tracing::debug!("cannot set TCP keepalive: {e}");
         }
     }
@@ -317,7 +333,7 @@ impl Proxy {
             force.clone(),
         );
         let tunnels = Tunnels::new(deps.workloads.clone(), config.node.clone());
-        let max_per_identity = config.max_tunnels_per_identity;
+        let max_per_identity = config.limits.max_tunnels_per_identity;
         let shared = Arc::new(Shared {
             config,
             workloads: deps.workloads,
@@ -430,7 +446,7 @@ impl Proxy {
         }
         let started = Instant::now();
         shared.ready.store(false, Ordering::Release);
-        tracing::info!(deadline = ?shared.config.drain_deadline, "draining");
+        tracing::info!(deadline = ?shared.config.limits.drain_deadline, "draining");
         // Accept loops return on drain, closing the listeners: new connections are refused.
         while let Some(r) = accept.join_next_with_id().await {
             if let Some(e) = ended(r, &names, true) {
@@ -440,7 +456,7 @@ impl Proxy {
         }
         shared.pool.clear();
         shared.tracker.close();
-        if tokio::time::timeout(shared.config.drain_deadline, shared.tracker.wait())
+        if tokio::time::timeout(shared.config.limits.drain_deadline, shared.tracker.wait())
             .await
             .is_err()
         {

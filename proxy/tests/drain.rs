@@ -19,7 +19,7 @@ async fn mesh(net: u8) -> Mesh {
     Mesh::with(
         net,
         MeshOptions {
-            config: Box::new(|c| c.drain_deadline = Duration::from_millis(200)),
+            config: Box::new(|c| c.limits.drain_deadline = Duration::from_millis(200)),
             ..Default::default()
         },
     )

@@ -533,7 +533,7 @@ async fn drain_deadline_closes_lingering_tunnels() {
     let mesh = Mesh::with(
         13,
         MeshOptions {
-            config: Box::new(|c| c.drain_deadline = Duration::from_millis(300)),
+            config: Box::new(|c| c.limits.drain_deadline = Duration::from_millis(300)),
             ..Default::default()
         },
     )

@@ -515,7 +515,7 @@ async fn rapid_reset_flood_leaves_the_server_serving_others() {
 #[tokio::test]
 async fn a_peer_silent_after_tls_is_disconnected_within_the_handshake_timeout() {
     let s = start_with(106, None, |c| {
-        c.handshake_timeout = Duration::from_millis(300);
+        c.limits.handshake_timeout = Duration::from_millis(300);
     })
     .await;
     let tcp = TcpStream::connect(s.proxy.addrs.inbound).await.unwrap();
@@ -593,8 +593,8 @@ async fn rapid_reset_after_accept_gets_goaway_and_dials_stay_bounded() {
     const RESETS: usize = 20;
     const ROUNDS: usize = 50;
     let s = start_with(108, None, |c| {
-        c.max_tunnels_per_connection = PER_CONN;
-        c.max_client_resets_per_connection = RESETS;
+        c.limits.max_tunnels_per_connection = PER_CONN;
+        c.limits.max_client_resets_per_connection = RESETS;
     })
     .await;
     let (mut rd, mut wr) = tokio::io::split(s.raw_tls().await);
@@ -694,7 +694,7 @@ async fn rapid_reset_after_accept_gets_goaway_and_dials_stay_bounded() {
 #[tokio::test]
 async fn a_stream_reset_while_dialing_abandons_the_dial() {
     let s = start_with(109, None, |c| {
-        c.connect_timeout = Duration::from_secs(120);
+        c.limits.connect_timeout = Duration::from_secs(120);
     })
     .await;
     // An upstream whose accept queue is full: the kernel drops further SYNs, so a dial
@@ -758,7 +758,7 @@ async fn a_stream_reset_while_dialing_abandons_the_dial() {
 
 #[tokio::test]
 async fn tunnels_per_identity_are_bounded_across_connections() {
-    let s = start_with(110, None, |c| c.max_tunnels_per_identity = 3).await;
+    let s = start_with(110, None, |c| c.limits.max_tunnels_per_identity = 3).await;
     let open = |send: SendRequest<Bytes>| {
         let target = s.echo_addr.to_string();
         async move {

@@ -65,7 +65,7 @@ async fn app_side_sockets_have_tcp_keepalive() {
     let mesh = Mesh::with(
         120,
         MeshOptions {
-            config: Box::new(move |c| c.tcp_keepalive = Some(want)),
+            config: Box::new(move |c| c.limits.tcp_keepalive = Some(want)),
             ..Default::default()
         },
     )

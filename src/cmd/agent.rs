@@ -101,6 +101,8 @@ pub struct AgentArgs {
     /// non-loopback interface of the node, followed as pods come and go.
     #[arg(long = "ingress-interface", value_name = "IFACE")]
     ingress_interfaces: Vec<String>,
+    #[command(flatten)]
+    tuning: super::tuning::ProxyTuningArgs,
     /// Print the effective configuration and exit.
     #[arg(long)]
     dry_run: bool,
@@ -176,6 +178,8 @@ pub async fn run_agent(args: AgentArgs, proxy_threads: usize) -> anyhow::Result<
             DataPlane::Zmesh
         },
         mode: args.mode.into(),
+        proxy_limits: args.tuning.limits(),
+        cluster_domain: args.tuning.cluster_domain.clone(),
         proxy_threads,
         admin_socket: args.admin_socket.clone(),
         cert_validity: args.cert_lifetime,

@@ -10,6 +10,7 @@ pub mod demo;
 pub mod enroll;
 pub mod observe;
 pub mod proxy;
+pub mod tuning;
 pub mod uninstall;
 
 use std::time::Duration;

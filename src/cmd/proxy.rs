@@ -58,9 +58,8 @@ pub struct ProxyArgs {
     /// (benchmarks, tests). Repeatable, one per client IP.
     #[arg(long, value_name = "CLIENT_IP=DST", requires = "explicit", value_parser = parse_static_dst)]
     pub static_dst: Vec<(IpAddr, SocketAddr)>,
-    /// Seconds open tunnels may take to finish after SIGTERM.
-    #[arg(long, default_value_t = 30)]
-    pub drain_seconds: u64,
+    #[command(flatten)]
+    pub tuning: super::tuning::ProxyTuningArgs,
 }
 
 pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
@@ -125,7 +124,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         config.ip_transparent = false;
     }
     config.mode = args.mode.into();
-    config.drain_deadline = Duration::from_secs(args.drain_seconds);
+    config.limits = args.tuning.limits();
+    config.cluster_domain = args.tuning.cluster_domain.clone();
     let mut deps = ProxyDeps::new(Arc::new(WorkloadStore::new(table)), credentials);
     if !args.static_dst.is_empty() {
         let mut seen = std::collections::HashSet::new();
