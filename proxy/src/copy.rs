@@ -14,13 +14,41 @@ use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
 use h2::{Reason, RecvStream, SendStream};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::tcp::ReadHalf;
 use tokio::net::TcpStream;
 
 use crate::access::ByteCounts;
 
-/// How much we read from TCP at a time (also caps what one stream buffers for sending).
-const READ_CHUNK: usize = 256 * 1024;
+/// Read sizes from TCP: a tunnel starts reading at most `MIN_READ` bytes at a time, and
+/// each read that fills its buffer quadruples the next one up to `MAX_READ` (which also
+/// caps what one stream buffers for sending); short reads shrink it again. So a chatty or
+/// idle tunnel holds no read buffer, a chatty one a few KiB at a time, and a bulk transfer reads 256 KiB at a time, as before.
+pub(crate) const MIN_READ: usize = 4 * 1024;
+pub(crate) const MAX_READ: usize = 256 * 1024;
+
+/// The size of the next read from TCP, from how the last one went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ReadSize(usize);
+
+impl ReadSize {
+    pub fn new() -> Self {
+        Self(MIN_READ)
+    }
+
+    pub fn get(self) -> usize {
+        self.0
+    }
+
+    /// After reading `n` bytes into a buffer of the current size.
+    pub fn after_read(&mut self, n: usize) {
+        if n >= self.0 {
+            self.0 = (self.0 * 4).min(MAX_READ);
+        } else if n < self.0 / 16 {
+            self.0 = (self.0 / 4).max(MIN_READ);
+        }
+    }
+}
 
 /// Why a tunnel ended before both directions finished.
 #[derive(Debug, thiserror::Error)]
@@ -45,19 +73,19 @@ pub(crate) enum Ended {
 }
 
 /// TCP -> HTTP/2, ending with END_STREAM on TCP EOF; true if the peer reset the stream.
-async fn tcp_to_h2<R: AsyncRead + Unpin>(
-    mut tcp: R,
+async fn tcp_to_h2(
+    tcp: ReadHalf<'_>,
     send: &mut SendStream<Bytes>,
     counter: &AtomicU64,
 ) -> Result<bool, CopyError> {
-    let mut buf = BytesMut::with_capacity(READ_CHUNK);
+    let mut size = ReadSize::new();
     loop {
-        buf.reserve(READ_CHUNK);
-        // Also watch for the peer resetting the stream while the client is idle.
-        let n = tokio::select! {
+        // Wait for data before taking a buffer: an idle tunnel holds none. Also watch for
+        // the peer resetting the stream meanwhile.
+        tokio::select! {
             // Polled on every wake-up of the tunnel: fixed order, no per-poll RNG.
             biased;
-            n = tcp.read_buf(&mut buf) => n?,
+            ready = tcp.readable() => ready?,
             reset = poll_fn(|cx| send.poll_reset(cx)) => {
                 return match reset {
                     Ok(Reason::NO_ERROR) | Ok(Reason::CANCEL) => Ok(true),
@@ -66,11 +94,18 @@ async fn tcp_to_h2<R: AsyncRead + Unpin>(
                 };
             }
         };
+        let mut buf = BytesMut::with_capacity(size.get());
+        let n = match tcp.try_read_buf(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        };
         if n == 0 {
             send.send_data(Bytes::new(), true)?;
             return Ok(false);
         }
-        let mut data = buf.split().freeze();
+        size.after_read(n);
+        let mut data = buf.freeze();
         while !data.is_empty() {
             send.reserve_capacity(data.len());
             let granted = match poll_fn(|cx| send.poll_capacity(cx)).await {
@@ -227,5 +262,31 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CountWrites<'_, S> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut *self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ReadSize, MAX_READ, MIN_READ};
+
+    #[test]
+    fn reads_grow_while_they_fill_the_buffer_and_shrink_when_short() {
+        let mut size = ReadSize::new();
+        assert_eq!(size.get(), MIN_READ);
+        let mut seen = vec![];
+        for _ in 0..6 {
+            let full = size.get();
+            size.after_read(full);
+            seen.push(size.get());
+        }
+        assert_eq!(seen, [16384, 65536, MAX_READ, MAX_READ, MAX_READ, MAX_READ]);
+        // Partial but sizeable reads (a bulk sender a little slower than us) keep it.
+        size.after_read(MAX_READ / 2);
+        assert_eq!(size.get(), MAX_READ);
+        // A chatty tunnel after a burst is back to small reads within three reads.
+        for want in [65536, 16384, MIN_READ, MIN_READ] {
+            size.after_read(64);
+            assert_eq!(size.get(), want);
+        }
     }
 }
