@@ -127,11 +127,41 @@ impl ManagedCredentials {
         }
     }
 
+    /// Why `workload` has no valid certificate now, from its source's status.
+    fn no_certificate(&self, workload: &WorkloadId) -> TlsError {
+        let id = workload.to_string();
+        let status = self.certs.status().into_iter().find(|c| c.workload == id);
+        let reason = match status {
+            None => "this node does not manage it (not enrolled here)".to_owned(),
+            Some(c) => {
+                let state = match c.not_after {
+                    Some(t) => format!("expired at {}", fmt_epoch(t)),
+                    None => "not issued yet".to_owned(),
+                };
+                match c.last_error {
+                    Some(e) => format!(
+                        "{state}; the last {} issuance attempt(s) failed: {e}",
+                        c.consecutive_failures
+                    ),
+                    None => state,
+                }
+            }
+        };
+        TlsError::NoCertificate {
+            workload: id,
+            reason,
+        }
+    }
+
     /// Drops cached configs of a workload that left this node.
     pub fn forget(&self, workload: &WorkloadId) {
         lock(&self.server_configs).remove(workload);
         lock(&self.client_configs).retain(|(source, _), _| source != workload);
     }
+}
+
+fn fmt_epoch(seconds: u64) -> String {
+    zmesh_identity::svid::fmt_time(SystemTime::UNIX_EPOCH + Duration::from_secs(seconds))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -142,7 +172,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 impl TlsCredentials for ManagedCredentials {
     fn server_config(&self, local: &WorkloadId) -> Result<Arc<ServerConfig>, TlsError> {
         if self.certs.current(local).is_none() {
-            return Err(TlsError::NoCertificate(local.to_string()));
+            return Err(self.no_certificate(local));
         }
         let mut cache = lock(&self.server_configs);
         if let Some(config) = cache.get(local) {
@@ -167,7 +197,7 @@ impl TlsCredentials for ManagedCredentials {
         let key = self
             .certs
             .current(source)
-            .ok_or_else(|| TlsError::NoCertificate(source.to_string()))?;
+            .ok_or_else(|| self.no_certificate(source))?;
         let cache_key = (source.clone(), expected.to_vec());
         let mut cache = lock(&self.client_configs);
         if let Some((cached_key, config)) = cache.get(&cache_key) {

@@ -118,6 +118,22 @@ pub fn peer_identity(conn: &CommonState) -> Option<SpiffeId> {
     svid::leaf_spiffe_id(conn.peer_certificates()?.first()?)
 }
 
+/// When the chain the peer presented in a finished handshake stops being valid: the
+/// earliest `notAfter` in it. A connection authenticated with that chain must not carry
+/// new tunnels past it. None before the handshake completes, without a peer certificate,
+/// or if one of them does not parse (callers fail closed).
+pub fn peer_valid_until(conn: &CommonState) -> Option<SystemTime> {
+    if conn.is_handshaking() {
+        return None;
+    }
+    let mut earliest: Option<SystemTime> = None;
+    for der in conn.peer_certificates()? {
+        let not_after = svid::describe(der).ok()?.not_after;
+        earliest = Some(earliest.map_or(not_after, |e| e.min(not_after)));
+    }
+    earliest
+}
+
 /// Always presents the same certified key (a client's source identity, or a test server).
 #[derive(Debug, Clone)]
 pub struct FixedCert(pub Arc<CertifiedKey>);

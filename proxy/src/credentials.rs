@@ -148,7 +148,10 @@ impl StaticCredentials {
         self.certs
             .get(id)
             .map(|e| e.key.clone())
-            .ok_or_else(|| TlsError::NoCertificate(id.to_string()))
+            .ok_or_else(|| TlsError::NoCertificate {
+                workload: id.to_string(),
+                reason: "none in the certificate directory".into(),
+            })
     }
 }
 

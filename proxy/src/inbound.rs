@@ -6,6 +6,7 @@
 use std::future::poll_fn;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
@@ -88,6 +89,10 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         failed("bad_peer_identity");
         return;
     };
+    let Some(peer_valid_until) = zmesh_identity::tls::peer_valid_until(tls.get_ref().1) else {
+        failed("bad_peer_identity");
+        return;
+    };
     let peer_id = Arc::new(peer_id);
     shared.metrics.inbound_tls_connections.inc();
 
@@ -138,6 +143,23 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
             biased;
             next = conn.accept() => match next {
                 Some(Ok((req, mut respond))) => {
+                    // The peer authenticated with a chain that has since expired: no new
+                    // tunnels on this connection; GOAWAY sends the client to a new
+                    // handshake, which needs a valid certificate.
+                    if SystemTime::now() >= peer_valid_until {
+                        shared.metrics.refused_stream("peer_certificate_expired");
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        if !draining {
+                            draining = true;
+                            tracing::info!(
+                                %peer, src = %peer_id,
+                                expired = %zmesh_identity::svid::fmt_time(peer_valid_until),
+                                "closing HBONE connection: the peer's certificate expired"
+                            );
+                            conn.graceful_shutdown();
+                        }
+                        continue;
+                    }
                     // Checked before any work: a refused stream costs no task, no dial.
                     let Some(conn_slot) = limits.try_tunnel() else {
                         shared.metrics.refused_stream("connection_limit");

@@ -11,7 +11,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::task::{Context, Poll, Waker};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use h2::client::SendRequest;
@@ -76,6 +76,8 @@ pub(crate) enum PoolError {
     Handshake(SocketAddr, std::io::Error),
     #[error("{0} did not negotiate ALPN h2")]
     NoAlpn(SocketAddr),
+    #[error("{0} presented no usable certificate chain")]
+    NoPeerCertificate(SocketAddr),
     #[error("HTTP/2 handshake with {0}: {1}")]
     H2(SocketAddr, h2::Error),
     #[error("the proxy is shutting down")]
@@ -88,15 +90,19 @@ struct Conn {
     active: AtomicUsize,
     dead: AtomicBool,
     idle_since: Mutex<Instant>,
+    /// When the peer's certificate chain expires: no new tunnels after that.
+    peer_valid_until: SystemTime,
 }
 
 impl Conn {
     /// False once the peer sent GOAWAY or the connection failed (hbone.md: a pooled
-    /// connection is reused only if it has not received GOAWAY). Its open tunnels go on.
+    /// connection is reused only if it has not received GOAWAY), or the certificate the
+    /// peer authenticated with expired. Its open tunnels go on.
     fn accepts_streams(&self) -> bool {
         // h2 answers this from its own state; the waker is never stored (no pending open).
         let mut cx = Context::from_waker(Waker::noop());
         matches!(self.send.clone().poll_ready(&mut cx), Poll::Ready(Ok(())))
+            && SystemTime::now() < self.peer_valid_until
     }
 }
 
@@ -296,6 +302,9 @@ impl Pool {
             self.metrics.handshake_failed(Direction::Outbound, "alpn");
             return Err(PoolError::NoAlpn(key.dst));
         }
+        // The verifier accepted the chain, so it parses; if not, fail closed.
+        let peer_valid_until = zmesh_identity::tls::peer_valid_until(tls.get_ref().1)
+            .ok_or(PoolError::NoPeerCertificate(key.dst))?;
         let handshake = h2::client::Builder::new()
             .initial_window_size(crate::STREAM_WINDOW)
             .initial_connection_window_size(crate::CONN_WINDOW)
@@ -327,6 +336,7 @@ impl Pool {
             active: AtomicUsize::new(0),
             dead: AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
+            peer_valid_until,
         });
         self.metrics.pool_connections_created.inc();
         self.metrics.pool_connections.inc();

@@ -15,8 +15,10 @@ use zmesh_identity::{SpiffeId, WorkloadId};
 /// Why TLS could not be set up for a connection.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TlsError {
-    #[error("no certificate for {0}")]
-    NoCertificate(String),
+    /// No valid certificate to present; `reason` says why (expired, never issued, and the
+    /// last issuance error) where the source knows.
+    #[error("no valid certificate for {workload}: {reason}")]
+    NoCertificate { workload: String, reason: String },
     #[error("TLS configuration error: {0}")]
     Config(String),
 }

@@ -108,6 +108,49 @@ impl LongLivedClient {
     }
 }
 
+/// How a round trip on a [`LongLivedClient`] went, when it may fail.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Roundtrip {
+    Echoed,
+    /// The connection ended (reset or closed): `nc` exited, its output ended.
+    Ended,
+    /// Neither an answer nor an end within the time given: the connection hangs.
+    Hung,
+}
+
+impl LongLivedClient {
+    /// Sends one line and reports whether it came back, the connection ended, or nothing
+    /// happened within `timeout`.
+    pub fn try_roundtrip(&mut self, line: &str, timeout: Duration) -> Roundtrip {
+        use std::io::{BufRead, Write};
+        use std::os::fd::AsFd;
+        if self
+            .stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|()| self.stdin.flush())
+            .is_err()
+        {
+            return Roundtrip::Ended;
+        }
+        if self.stdout.buffer().is_empty() {
+            let fd = self.stdout.get_ref().as_fd();
+            let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+            let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+            match nix::poll::poll(&mut fds, ms) {
+                Ok(0) => return Roundtrip::Hung,
+                Ok(_) => {}
+                Err(e) => panic!("poll: {e}"),
+            }
+        }
+        let mut echoed = String::new();
+        match self.stdout.read_line(&mut echoed) {
+            Ok(0) | Err(_) => Roundtrip::Ended,
+            Ok(_) if echoed.trim_end() == line => Roundtrip::Echoed,
+            Ok(_) => panic!("sent {line:?}, got {echoed:?}"),
+        }
+    }
+}
+
 /// Starts an echo server in `ns/pod` on `port` and returns its address (the server stops
 /// when the returned handle is dropped).
 pub fn serve_echo(

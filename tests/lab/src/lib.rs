@@ -336,6 +336,12 @@ impl Lab {
             },
         )
         .map_err(|e| LabError::Ca(e.to_string()))?;
+        self.serve_ca().await
+    }
+
+    /// Starts `zmesh ca serve` on the CA's state and waits until it listens.
+    async fn serve_ca(&mut self) -> Result<(), LabError> {
+        let state_dir = self.ca_state_dir();
         let addr = self.ca_addr();
         let log = self.work.path().join("ca.log");
         let manifests = self.manifests_dir();
@@ -455,6 +461,32 @@ impl Lab {
         if let Some(ca) = self.ca.take() {
             terminate(ca, Duration::from_secs(5));
         }
+    }
+
+    /// Starts the CA again after [`Lab::stop_ca`], on the same state (keys, nodes).
+    pub async fn resume_ca(&mut self) -> Result<(), LabError> {
+        if self.ca.is_some() {
+            return Ok(());
+        }
+        self.serve_ca().await
+    }
+
+    /// Kills the agent of `node` with SIGKILL (a crash, an OOM kill: no drain, no
+    /// clean-up) and waits for it to be gone. Its pinned eBPF state stays behind.
+    pub fn kill_agent(&mut self, node: &str) -> Result<(), LabError> {
+        let mut child = self.agents.remove(node).ok_or_else(|| LabError::Process {
+            what: format!("the agent of {node}"),
+            reason: "not running".into(),
+        })?;
+        child.kill().map_err(|e| LabError::Process {
+            what: format!("killing the agent of {node}"),
+            reason: e.to_string(),
+        })?;
+        child.wait().map_err(|e| LabError::Process {
+            what: format!("the agent of {node}"),
+            reason: e.to_string(),
+        })?;
+        Ok(())
     }
 
     /// Stops the agent of `node` with SIGTERM (graceful drain) and waits for it.

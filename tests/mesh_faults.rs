@@ -1,0 +1,175 @@
+//! Faults a node survives, end to end on a netns cluster with the real CA and agents: a
+//! node's agent (and so its proxy) killed mid-stream, on either side of a tunnel, and the
+//! CA down for longer than the workload certificates live. Needs root.
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use support::{certs, lab, manifests, secret, serve_echo, LongLivedClient, Roundtrip};
+use zmesh_lab::{Lab, LabOptions};
+
+/// How long a client may wait for its connection to end once the proxy carrying it died;
+/// far more than it takes (a dead process's sockets are closed by the kernel at once).
+const END_WITHIN: Duration = Duration::from_secs(15);
+
+/// web runs on node1, frontend on node2 (examples/demo/pods.yaml).
+async fn kill_mid_stream(node: &str) {
+    let mut lab = lab(&[]).await;
+    let (web, _server) = serve_echo(&lab, "shop", "web", 8080);
+    let mut client = LongLivedClient::open(&lab, "shop", "frontend", web);
+    client.roundtrip("before the kill");
+
+    lab.kill_agent(node).unwrap();
+    // The application sees its connection end, not a hang.
+    assert_eq!(
+        client.try_roundtrip("after the kill", END_WITHIN),
+        Roundtrip::Ended,
+        "the connection through {node}'s dead proxy"
+    );
+
+    // While the agent is down, redirection stays pinned: new connections fail closed,
+    // nothing goes out in plaintext.
+    let capture = lab.cluster().start_capture().unwrap();
+    let leaked = secret("while-down");
+    let run = lab.pod_client("shop", "frontend", web, &leaked).unwrap();
+    let pcap = capture.stop().unwrap();
+    assert!(
+        run.output.is_empty(),
+        "a connection got through while {node}'s agent was dead: {:?}",
+        String::from_utf8_lossy(&run.output)
+    );
+    assert!(
+        !pcap.contains(&leaked),
+        "plaintext on the wire while {node}'s agent was dead"
+    );
+
+    // A new agent takes over the pinned state: traffic flows again, encrypted.
+    lab.start_agent(node, false).unwrap();
+    lab.wait_ready(node, Duration::from_secs(60)).await.unwrap();
+    let capture = lab.cluster().start_capture().unwrap();
+    let fresh = secret("after-restart");
+    let run = lab.pod_client("shop", "frontend", web, &fresh).unwrap();
+    let pcap = capture.stop().unwrap();
+    assert_eq!(
+        run.output,
+        fresh,
+        "after the restart: {}; node1's log:\n{}\nnode2's log:\n{}",
+        run.stderr,
+        tail(&lab.agent_log("node1")),
+        tail(&lab.agent_log("node2"))
+    );
+    assert!(
+        !pcap.contains(&fresh),
+        "after the restart: plaintext on the wire"
+    );
+    let mut client = LongLivedClient::open(&lab, "shop", "frontend", web);
+    client.roundtrip("a long-lived connection after the restart");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_server_side_proxy_killed_mid_stream_ends_the_connection_and_fails_closed() {
+    kill_mid_stream("node1").await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_client_side_agent_killed_mid_stream_ends_the_connection_and_fails_closed() {
+    kill_mid_stream("node2").await;
+}
+
+fn tail(log: &str) -> String {
+    let lines: Vec<_> = log.lines().collect();
+    lines[lines.len().saturating_sub(25)..].join("\n")
+}
+
+fn now_epoch() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ca_down_past_certificate_expiry_fails_closed_with_the_reason_and_recovers() {
+    const LIFETIME: Duration = Duration::from_secs(20);
+    let mut lab = Lab::start(LabOptions {
+        manifests: manifests(),
+        zmesh_bin: PathBuf::from(env!("CARGO_BIN_EXE_zmesh")),
+        cert_lifetime: LIFETIME,
+        strict_nodes: vec![],
+        reserved_pods: vec![],
+    })
+    .await
+    .expect("the lab starts");
+    let (web, _server) = serve_echo(&lab, "shop", "web", 8080);
+    let first = secret("before");
+    assert_eq!(
+        lab.pod_client("shop", "frontend", web, &first)
+            .unwrap()
+            .output,
+        first
+    );
+
+    lab.stop_ca();
+    // Every certificate of node2 (frontend's) runs out while the CA is away.
+    let deadline = Instant::now() + 3 * LIFETIME;
+    loop {
+        let held = certs(&lab, "node2").await;
+        let frontend = held
+            .iter()
+            .find(|c| c.workload.ends_with("/ns/shop/sa/frontend"))
+            .unwrap_or_else(|| panic!("node2 keeps no certificate for frontend: {held:?}"));
+        if frontend.not_after.is_some_and(|t| t < now_epoch()) {
+            let error = frontend.last_error.as_deref().unwrap_or_default();
+            assert!(
+                frontend.consecutive_failures > 0 && !error.is_empty(),
+                "expired without a failed renewal on record: {frontend:?}"
+            );
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "frontend's certificate still valid {:?} after the CA stopped: {frontend:?}",
+            3 * LIFETIME
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+
+    // Without a valid certificate nothing is sent, in plaintext or otherwise.
+    let capture = lab.cluster().start_capture().unwrap();
+    let refused = secret("expired");
+    let run = lab.pod_client("shop", "frontend", web, &refused).unwrap();
+    let pcap = capture.stop().unwrap();
+    assert!(
+        run.output.is_empty(),
+        "served with an expired certificate: {:?}",
+        String::from_utf8_lossy(&run.output)
+    );
+    assert!(!pcap.contains(&refused), "plaintext on the wire");
+    let log = lab.agent_log("node2");
+    assert!(
+        log.lines().any(|l| l.contains(
+            "no valid certificate for spiffe://cluster.local/ns/shop/sa/frontend: expired at"
+        ) && l.contains("the CA is unavailable")),
+        "node2's log does not say why the connection failed:\n{}",
+        log.lines().rev().take(20).collect::<Vec<_>>().join("\n")
+    );
+
+    // The CA comes back: certificates are issued again, traffic flows without a restart.
+    lab.resume_ca().await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let again = secret("recovered");
+        let run = lab.pod_client("shop", "frontend", web, &again).unwrap();
+        if run.output == again {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery 240 s after the CA returned; node2's certificates: {:?}",
+            certs(&lab, "node2").await
+        );
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
