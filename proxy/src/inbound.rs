@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use h2::server::SendResponse;
 use h2::RecvStream;
-use http::{Method, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use tokio::net::TcpStream;
 use tokio_rustls::LazyConfigAcceptor;
 use zmesh_identity::{SpiffeId, WorkloadId};
@@ -20,6 +20,7 @@ use crate::access::AccessLog;
 use crate::authz::{AuthzRequest, Decision};
 use crate::balance;
 use crate::copy::{bridge, CopyError, Ended};
+use crate::hbone::{self, ConnectTarget, MalformedConnect};
 use crate::limits::ConnLimits;
 use crate::metrics::Direction;
 use crate::outcome::Outcome;
@@ -247,82 +248,6 @@ fn respond_error(mut respond: SendResponse<Bytes>, status: StatusCode) {
     let _ = respond.send_response(response, true);
 }
 
-/// What a CONNECT's `:authority` names.
-#[derive(Debug, PartialEq, Eq)]
-enum Target {
-    Addr(SocketAddr),
-    /// `<name>.<namespace>.svc.<cluster domain>:<port>`: a port of a Service.
-    Service {
-        namespace: String,
-        name: String,
-        port: u16,
-    },
-}
-
-/// Checks the CONNECT request; returns the target or the status to answer.
-fn target_of(
-    req: &Request<RecvStream>,
-    cluster_domain: &str,
-) -> Result<Target, (StatusCode, &'static str)> {
-    let bad = StatusCode::BAD_REQUEST;
-    if req.method() != Method::CONNECT {
-        return Err((bad, "not CONNECT"));
-    }
-    if req.extensions().get::<h2::ext::Protocol>().is_some() {
-        return Err((bad, ":protocol present"));
-    }
-    let uri = req.uri();
-    if uri.scheme().is_some() || uri.path_and_query().is_some() {
-        return Err((bad, ":scheme or :path present"));
-    }
-    let authority = uri.authority().ok_or((bad, "no :authority"))?;
-    if let Ok(target) = authority.as_str().parse::<SocketAddr>() {
-        if target.port() == 0 {
-            return Err((bad, "port 0"));
-        }
-        return Ok(Target::Addr(target));
-    }
-    let not_ours = (
-        bad,
-        "authority is neither IP:port nor a service hostname:port",
-    );
-    let (host, port) = authority.as_str().rsplit_once(':').ok_or(not_ours)?;
-    // Digits only: u16's parser would also take a leading `+`.
-    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(not_ours);
-    }
-    let port: u16 = port.parse().map_err(|_| not_ours)?;
-    if port == 0 {
-        return Err((bad, "port 0"));
-    }
-    let (name, namespace) = service_host(host, cluster_domain).ok_or(not_ours)?;
-    Ok(Target::Service {
-        namespace,
-        name,
-        port,
-    })
-}
-
-/// `(name, namespace)` from `<name>.<namespace>.svc.<cluster domain>` (DNS names ignore
-/// case; one trailing dot is allowed), or `None` if `host` is not of that form.
-fn service_host(host: &str, cluster_domain: &str) -> Option<(String, String)> {
-    let host = host.to_ascii_lowercase();
-    let host = host.strip_suffix('.').unwrap_or(&host);
-    let domain = cluster_domain.to_ascii_lowercase();
-    let domain = domain.strip_suffix('.').unwrap_or(&domain);
-    let rest = host.strip_suffix(domain)?.strip_suffix(".svc.")?;
-    let (name, namespace) = rest.split_once('.')?;
-    // Service names and namespaces are DNS labels (RFC 1123).
-    let label = |l: &str| {
-        (1..=63).contains(&l.len())
-            && l.bytes()
-                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-    };
-    (label(name) && label(namespace)).then(|| (name.to_owned(), namespace.to_owned()))
-}
-
 /// The local endpoint a Service authority resolves to: one of `service`'s endpoints for
 /// `port` on this node (the pod the connection arrived on, if it arrived on a pod IP),
 /// chosen at random; or why there is none.
@@ -349,23 +274,6 @@ fn service_endpoint(
         "no endpoint of the service on this node serves the port",
         Outcome::NoEndpoints,
     ))
-}
-
-/// The client address from a `forwarded: for=` header (RFC 7239), for logs only: it is
-/// whatever the peer wrote, so it never feeds authorization.
-fn forwarded_for(req: &Request<RecvStream>) -> Option<SocketAddr> {
-    let value = req.headers().get("forwarded")?.to_str().ok()?;
-    let element = value.split(',').next()?;
-    let node = element.split(';').find_map(|pair| {
-        let (k, v) = pair.trim().split_once('=')?;
-        k.eq_ignore_ascii_case("for").then_some(v)
-    })?;
-    let node = node.trim().trim_matches('"');
-    if let Ok(addr) = node.parse::<SocketAddr>() {
-        return Some(addr);
-    }
-    let ip = node.trim_start_matches('[').trim_end_matches(']');
-    ip.parse().ok().map(|ip| SocketAddr::new(ip, 0))
 }
 
 /// Names the source pod: the `forwarded` address or the peer address, whichever belongs
@@ -407,17 +315,17 @@ async fn tunnel(
         log.finish(outcome);
     };
     let table = shared.workloads.snapshot();
-    attribute_source(&mut log, &table, peer, forwarded_for(&req), peer_id);
+    attribute_source(&mut log, &table, peer, hbone::forwarded_for(&req), peer_id);
     let node = &shared.config.node;
     // A transparent connection arrived on a pod IP and must name it; one dialed at the
     // node's own address (explicit capture, or same-node traffic) may name only workloads
     // of this node.
     let arrived_on_pod_ip = shared.config.capture == Capture::Transparent
         && table.local_workload(local.ip(), node).is_some();
-    let target = match target_of(&req, &shared.config.cluster_domain) {
-        Ok(Target::Addr(t)) => t,
+    let target = match hbone::parse_connect(&req, &shared.config.cluster_domain) {
+        Ok(ConnectTarget::Addr(t)) => t,
         // A Service: one of its local endpoints, then on as if the authority named it.
-        Ok(Target::Service {
+        Ok(ConnectTarget::Service {
             namespace,
             name,
             port,
@@ -432,7 +340,10 @@ async fn tunnel(
                 }
             }
         }
-        Err((status, why)) => return reject(log, respond, status, why, Outcome::BadRequest),
+        Err(MalformedConnect(why)) => {
+            let status = StatusCode::BAD_REQUEST;
+            return reject(log, respond, status, why, Outcome::BadRequest);
+        }
     };
     log.dst_addr = Some(target);
     if arrived_on_pod_ip {
@@ -575,45 +486,6 @@ async fn tunnel(
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn service_hostnames() {
-        let ok = |host: &str, domain: &str| service_host(host, domain);
-        let web = Some(("web".to_string(), "shop".to_string()));
-        assert_eq!(ok("web.shop.svc.cluster.local", "cluster.local"), web);
-        assert_eq!(ok("Web.Shop.SVC.Cluster.Local.", "cluster.local"), web);
-        assert_eq!(ok("web.shop.svc.corp.example", "corp.example"), web);
-        assert_eq!(
-            ok("web-2.a1.svc.cluster.local", "cluster.local.")
-                .unwrap()
-                .0,
-            "web-2"
-        );
-        for bad in [
-            "web.shop.svc.example.com",
-            "web.shop.cluster.local",
-            "shop.svc.cluster.local",
-            ".shop.svc.cluster.local",
-            "web..svc.cluster.local",
-            "a.web.shop.svc.cluster.local",
-            "web_1.shop.svc.cluster.local",
-            "-web.shop.svc.cluster.local",
-            "web.shop-.svc.cluster.local",
-            "web.shop.svcxcluster.local",
-            "web.shop.svc.xcluster.local",
-            "cluster.local",
-            "",
-        ] {
-            assert_eq!(ok(bad, "cluster.local"), None, "{bad:?}");
-        }
-        let long = "a".repeat(64);
-        assert_eq!(
-            ok(&format!("{long}.shop.svc.cluster.local"), "cluster.local"),
-            None
-        );
-        let max = "a".repeat(63);
-        assert!(ok(&format!("{max}.shop.svc.cluster.local"), "cluster.local").is_some());
-    }
 
     const TABLE: &str = r#"
 workloads:

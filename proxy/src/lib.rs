@@ -25,6 +25,7 @@ pub mod runtime;
 mod tunnels;
 
 pub mod flows;
+pub mod hbone;
 pub mod metrics;
 pub mod policy;
 pub mod services;
