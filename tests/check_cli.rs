@@ -29,6 +29,13 @@ fn check_without_an_agent_fails_with_a_hint() {
         "{stdout}"
     );
     assert!(stdout.contains("[FAIL] node credential"), "{stdout}");
+    // the kernel is probed feature by feature (the tests run as root, on kernels zmesh
+    // supports): all present, and tc ingress attaches one way or the other
+    assert!(
+        stdout.contains("[PASS] kernel eBPF features: ") && stdout.contains(" present (Linux 5.8"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("[PASS] tc ingress attach: "), "{stdout}");
 
     // The same as JSON, for scripts.
     let output = Command::new(env!("CARGO_BIN_EXE_zmesh"))

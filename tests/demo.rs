@@ -26,6 +26,37 @@ fn the_demo_runs_and_every_claim_holds() {
     }
 }
 
+/// An agent that exits while the demo starts (here: a configuration it refuses, as a
+/// kernel without a needed feature would make it) ends the demo at once, with the agent's
+/// own error line, instead of a wait for readiness that can only time out.
+#[test]
+fn the_demo_fails_at_once_with_the_error_of_an_agent_that_exited() {
+    let start = std::time::Instant::now();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_zmesh"))
+        .arg("demo")
+        .arg("--manifests")
+        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/examples/demo"))
+        // the agents inherit it; the demo itself has no such option
+        .env("ZMESH_TC_ATTACH", "bogus")
+        .output()
+        .unwrap();
+    let elapsed = start.elapsed();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("the agent of node") && stderr.contains("exited (exit status: 2)"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("error: invalid value 'bogus' for '--tc-attach <MODE>'"),
+        "the agent's error line: {stderr}"
+    );
+    assert!(
+        elapsed < std::time::Duration::from_secs(30),
+        "failed after {elapsed:?}, not at once"
+    );
+}
+
 /// SIGTERM or SIGHUP mid-run (a `kill`, a CI timeout, a closed terminal) cleans up like
 /// Ctrl-C: no network namespace, eBPF pin or lab directory of the run is left behind.
 #[test]

@@ -8,7 +8,7 @@ use std::io::Write;
 use std::process::Stdio;
 use std::time::Duration;
 
-use support::{addr, lab, secret, serve_echo, wait_for_cert, LongLivedClient};
+use support::{addr, lab, lab_with_env, secret, serve_echo, wait_for_cert, LongLivedClient};
 use zmesh_lab::access_lines;
 
 #[tokio::test(flavor = "multi_thread")]
@@ -304,4 +304,113 @@ async fn uninstall_removes_redirection_and_traffic_goes_direct() {
         payload
     );
     assert!(capture.stop().unwrap().contains(&payload));
+}
+
+/// The agents forced to attach tc ingress as clsact filters (what kernels before 6.6 get):
+/// mTLS across nodes and strict mode work, an open connection survives both agents'
+/// restarts (the filters stay, their programs are swapped in place), and uninstall takes
+/// every filter away.
+#[tokio::test(flavor = "multi_thread")]
+async fn clsact_filters_carry_the_mesh_through_restarts_and_uninstall() {
+    let mut lab = lab_with_env(&["node1"], &[("ZMESH_TC_ATTACH", "netlink")]).await;
+    let (web, _server) = serve_echo(&lab, "shop", "web", 8080);
+    for node in ["node1", "node2"] {
+        let attachments = zmesh_redirect::Redirector::ingress_attachments(&lab.pin_dir(node))
+            .expect("pins readable");
+        assert!(!attachments.is_empty(), "{node}: no tc attachment");
+        assert!(
+            attachments
+                .iter()
+                .all(|a| a.mode == zmesh_redirect::TcAttach::Netlink),
+            "{node}: {attachments:?}"
+        );
+        assert_eq!(
+            bpf_filters(&lab, node).len(),
+            attachments.len(),
+            "{node}: one zmesh filter per attached interface"
+        );
+    }
+    let capture = lab.cluster().start_capture().unwrap();
+    let cross = secret("clsact-cross");
+    assert_eq!(
+        lab.pod_client("shop", "frontend", web, &cross)
+            .unwrap()
+            .output,
+        cross
+    );
+    let pcap = capture.stop().unwrap();
+    assert!(!pcap.contains(&cross), "cross-node payload seen in clear");
+    assert!(pcap.tcp_ports().contains_key(&15008));
+    let refused = lab.pod_client("legacy", "batch", web, b"hello").unwrap();
+    assert!(!refused.success, "strict node1 refuses plaintext");
+
+    let mut client = LongLivedClient::open(&lab, "shop", "frontend", web);
+    client.roundtrip("before the restarts");
+    let filters_before = bpf_filters(&lab, "node1");
+    lab.restart_agent("node1", true).await.unwrap();
+    lab.restart_agent("node2", false).await.unwrap();
+    client.roundtrip("after both agents restarted");
+    let filters_after = bpf_filters(&lab, "node1");
+    assert_eq!(
+        filters_before.len(),
+        filters_after.len(),
+        "{filters_before:?} -> {filters_after:?}"
+    );
+    assert_ne!(filters_before, filters_after, "the programs were swapped");
+    drop(client);
+
+    lab.stop_agent("node2").unwrap();
+    let pins = lab.pin_dir("node2");
+    let out = lab
+        .cluster()
+        .node("node2")
+        .unwrap()
+        .command(env!("CARGO_BIN_EXE_zmesh"))
+        .unwrap()
+        .args(["uninstall", "--bpf-pin-dir"])
+        .arg(&pins)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!pins.exists());
+    assert!(
+        bpf_filters(&lab, "node2").is_empty(),
+        "filters left on node2"
+    );
+}
+
+/// zmesh's tc filters on every interface of `node` (`tc filter show`, one line each, with
+/// the program's id).
+fn bpf_filters(lab: &zmesh_lab::Lab, node: &str) -> Vec<String> {
+    let node = lab.cluster().node(node).unwrap();
+    let links = node
+        .command("ip")
+        .unwrap()
+        .args(["-o", "link", "show"])
+        .output()
+        .unwrap();
+    let mut filters = Vec::new();
+    for line in String::from_utf8_lossy(&links.stdout).lines() {
+        let Some(name) = line.split(": ").nth(1) else {
+            continue;
+        };
+        let name = name.split('@').next().unwrap_or(name);
+        let out = node
+            .command("tc")
+            .unwrap()
+            .args(["filter", "show", "dev", name, "ingress"])
+            .output()
+            .unwrap();
+        filters.extend(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| l.contains("zm_tc_ingress"))
+                .map(|l| format!("{name}: {l}")),
+        );
+    }
+    filters
 }

@@ -80,6 +80,8 @@ pub struct RedirectSettings {
     /// Interfaces whose ingress steers traffic to enrolled pods (underlay and pod veths).
     /// Empty: every non-loopback interface of the node, followed as pods come and go.
     pub ingress_interfaces: Vec<String>,
+    /// How tc ingress attaches (TCX or a clsact filter); `Auto` probes the kernel.
+    pub tc_attach: zmesh_redirect::TcAttach,
 }
 
 /// Why the agent stopped.

@@ -81,6 +81,7 @@ impl Steering {
             cgroup: settings.cgroup.clone(),
             ingress_interfaces,
             proxy: listeners,
+            tc_attach: settings.tc_attach,
         };
         // Over an existing installation this reuses the pinned maps: enrollment survives.
         let redirector = Redirector::load(&redirect_config)?;

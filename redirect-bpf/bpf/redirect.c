@@ -7,12 +7,13 @@
 // destination; sockops re-keys it by the client's address once the source port is
 // known; cgroup getsockopt answers SO_ORIGINAL_DST on the proxy's accepted socket.
 //
-// Inbound: a tc ingress (TCX) program steers TCP to enrolled pod IPs into the
-// proxy's listeners with bpf_sk_assign (TPROXY without iptables) and, in strict
-// mode, drops plaintext SYNs and answers them with a TCP RST so the client fails
-// at once. Every drop is counted per reason and reported on a ring buffer.
-// IPv6 is not steered yet: strict mode drops (and resets) every IPv6 SYN to an
-// enrolled pod, permissive mode lets IPv6 pass to the pod unsteered.
+// Inbound: a tc ingress program (attached through TCX, or as a cls_bpf filter under a
+// clsact qdisc on kernels before 6.6) steers TCP to enrolled pod IPs into the proxy's
+// listeners with bpf_sk_assign (TPROXY without iptables) and, in strict mode, drops
+// plaintext SYNs and answers them with a TCP RST so the client fails at once. Every
+// drop is counted per reason and reported on a ring buffer. IPv6 is not steered yet:
+// strict mode drops (and resets) every IPv6 SYN to an enrolled pod, permissive mode
+// lets IPv6 pass to the pod unsteered.
 //
 // Every struct and constant shared with userspace is in abi.h; src/abi.rs mirrors the
 // structs and the build checks their layout against it (build.rs, abi_layout.c).
@@ -480,38 +481,39 @@ struct rst_l3 {
 // came in on: the client's connect() fails at once with ECONNREFUSED. IP options are
 // overwritten with NOPs but keep their length, so the TCP header stays where the
 // skb's checksum metadata (CHECKSUM_PARTIAL on veth) expects it.
+//
+// Every bpf_skb_store_bytes() call has a constant length: the options are written 4
+// bytes at a time (their length is a multiple of 4), so no verifier has to follow a
+// variable length through a register spill (the 5.15 and 6.1 verifiers re-read it from
+// the stack and lose its bounds), and the word count is a register value checked
+// against a constant bound in every iteration.
 static __always_inline int reject_with_rst(struct __sk_buff *skb, struct ethhdr *eth,
 					   __u32 ihl_len, __u32 saddr, __u32 daddr,
 					   __u16 sport, __u16 dport, __u32 seq)
 {
-	static const __u8 nops[40] = {
-		1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-		1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1,
-	};
+	const __u32 nop4 = 0x01010101;
 	struct rst_l3 l3 = {};
 	struct tcphdr tcp = {};
-	__u32 opt_len = ihl_len - sizeof(struct iphdr);
-	__u32 sum;
+	__u32 opt_words, sum;
+	long err = 0;
 
 	if (ihl_len < sizeof(struct iphdr) || ihl_len > 60)
 		return TC_ACT_SHOT;
-	opt_len &= 63;
-	if (opt_len > 40)
-		return TC_ACT_SHOT;
+	opt_words = (ihl_len - sizeof(struct iphdr)) / 4; // 0..10
 
 	__builtin_memcpy(l3.eth.h_dest, eth->h_source, ETH_ALEN);
 	__builtin_memcpy(l3.eth.h_source, eth->h_dest, ETH_ALEN);
 	l3.eth.h_proto = bpf_htons(ETH_P_IP);
 
 	l3.ip.version = 4;
-	l3.ip.ihl = ihl_len / 4;
-	l3.ip.tot_len = bpf_htons(ihl_len + sizeof(struct tcphdr));
+	l3.ip.ihl = 5 + opt_words;
+	l3.ip.tot_len = bpf_htons(sizeof(struct iphdr) + opt_words * 4 + sizeof(struct tcphdr));
 	l3.ip.frag_off = bpf_htons(0x4000);
 	l3.ip.ttl = 64;
 	l3.ip.protocol = IPPROTO_TCP;
 	l3.ip.saddr = daddr;
 	l3.ip.daddr = saddr;
-	sum = csum_add16(0, &l3.ip, 10) + (opt_len / 2) * 0x0101;
+	sum = csum_add16(0, &l3.ip, 10) + opt_words * 2 * 0x0101;
 	l3.ip.check = csum_fold(sum);
 
 	tcp.source = dport;
@@ -526,13 +528,18 @@ static __always_inline int reject_with_rst(struct __sk_buff *skb, struct ethhdr 
 	sum += bpf_htons(IPPROTO_TCP) + bpf_htons(sizeof(struct tcphdr));
 	tcp.check = csum_fold(csum_add16(sum, &tcp, 10));
 
-	if (bpf_skb_change_tail(skb, sizeof(l3) + opt_len + sizeof(tcp), 0))
+	if (bpf_skb_change_tail(skb, sizeof(l3) + opt_words * 4 + sizeof(tcp), 0))
 		return TC_ACT_SHOT;
 	if (bpf_skb_store_bytes(skb, 0, &l3, sizeof(l3), 0))
 		return TC_ACT_SHOT;
-	if (opt_len && bpf_skb_store_bytes(skb, sizeof(l3), nops, opt_len, 0))
+#pragma unroll
+	for (__u32 i = 0; i < 10; i++) {
+		if (i < opt_words)
+			err |= bpf_skb_store_bytes(skb, sizeof(l3) + i * 4, &nop4, sizeof(nop4), 0);
+	}
+	if (err)
 		return TC_ACT_SHOT;
-	if (bpf_skb_store_bytes(skb, sizeof(l3) + opt_len, &tcp, sizeof(tcp), 0))
+	if (bpf_skb_store_bytes(skb, sizeof(l3) + opt_words * 4, &tcp, sizeof(tcp), 0))
 		return TC_ACT_SHOT;
 	skb->mark = 0;
 	return bpf_redirect(skb->ifindex, 0);

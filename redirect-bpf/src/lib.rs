@@ -3,10 +3,14 @@
 //! * Outbound: `cgroup/connect4|6` rewrite TCP connects of enrolled pods to the proxy's
 //!   outbound listener; the original destination is answered by
 //!   `getsockopt(SOL_IP, SO_ORIGINAL_DST)` or [`Redirector::original_dst`].
-//! * Inbound: a tc ingress (TCX) program assigns TCP to enrolled pod IPs to the proxy's
+//! * Inbound: a tc ingress program assigns TCP to enrolled pod IPs to the proxy's
 //!   15006 (plaintext) or 15008 (HBONE) listener; strict mode drops plaintext SYNs,
 //!   answers them with a RST and reports every drop. IPv6 is not steered yet: strict mode
 //!   refuses every IPv6 SYN to an enrolled pod, permissive mode lets IPv6 pass unsteered.
+//!
+//! The tc program attaches through a TCX link where the kernel has TCX (6.6+) and as a
+//! cls_bpf filter under the interface's clsact qdisc (netlink) where it does not
+//! ([`TcAttach`]); [`KernelFeatures`] probes everything else the programs need.
 //!
 //! Everything is pinned under one bpffs directory so that a restarted agent
 //! re-opens it ([`Redirector::open_pinned`]) without interrupting redirection, and
@@ -14,25 +18,30 @@
 
 mod abi;
 mod events;
+pub mod probe;
 mod sys;
 
 use std::{
-    fs,
+    fmt, fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4},
     os::fd::AsFd,
     path::{Path, PathBuf},
+    sync::OnceLock,
 };
 
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray, RingBuf},
     programs::{
-        links::FdLink, CgroupAttachMode, CgroupSockAddr, CgroupSockopt, ProgramError, ProgramType,
-        SchedClassifier, SockOps, TcAttachType,
+        links::{FdLink, Link},
+        tc::{self, NlOptions, SchedClassifierLink, TcAttachOptions, TcError, TcHandle},
+        CgroupAttachMode, CgroupSockAddr, CgroupSockopt, LinkOrder, ProgramError, SchedClassifier,
+        SockOps, TcAttachType,
     },
     EbpfLoader,
 };
 
 pub use events::{DropEvent, DropEvents, DropReason};
+pub use probe::{Feature, KernelFeatures, Probe};
 pub use sys::{cgroup_id, current_netns_cookie, netns_cookie_of};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect.o"));
@@ -50,8 +59,8 @@ pub enum RedirectError {
     PinDirNotBpffs(PathBuf),
     #[error("{0} is not a cgroup v2 directory")]
     NotCgroup2(PathBuf),
-    #[error("the kernel does not support {0} programs")]
-    UnsupportedProgram(&'static str),
+    #[error("the kernel lacks {}", list(.0))]
+    MissingFeatures(Vec<Feature>),
     #[error("invalid configuration: {0}")]
     InvalidConfig(String),
     #[error("nothing is installed at {0}")]
@@ -85,6 +94,34 @@ pub enum RedirectError {
     },
     #[error("`{cmd}` failed: {stderr}")]
     Command { cmd: String, stderr: String },
+    #[error("tc ingress on {interface} ({what}): {source}{}", clsact_hint(.source))]
+    Tc {
+        interface: String,
+        what: &'static str,
+        #[source]
+        source: TcError,
+    },
+}
+
+fn list(features: &[Feature]) -> String {
+    let names: Vec<String> = features.iter().map(ToString::to_string).collect();
+    names.join("; ")
+}
+
+/// The clsact qdisc and the bpf classifier are modules on many distributions.
+fn clsact_hint(e: &TcError) -> &'static str {
+    let os = match e {
+        TcError::NetlinkError(n) => n.raw_os_error(),
+        TcError::IoError(io) => io.raw_os_error(),
+        _ => None,
+    };
+    match os {
+        Some(libc::ENOENT | libc::EOPNOTSUPP) => {
+            " (the kernel needs the clsact qdisc and the bpf classifier: modules sch_ingress \
+             and cls_bpf)"
+        }
+        _ => "",
+    }
 }
 
 type Result<T, E = RedirectError> = std::result::Result<T, E>;
@@ -194,6 +231,59 @@ impl ProxyListeners {
     }
 }
 
+/// How the tc ingress program is attached to an interface.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum TcAttach {
+    /// TCX where the kernel has it (6.6+), a clsact filter otherwise (probed at load).
+    #[default]
+    Auto,
+    /// A TCX link (Linux 6.6+), pinned as `links/tc_ingress_<if>`.
+    Tcx,
+    /// A cls_bpf filter in direct-action mode under the interface's clsact qdisc, set up
+    /// through netlink (any kernel); the filter lives in the kernel, the program is pinned
+    /// as `links/tc_clsact_<if>` to record it. Reloads replace the filter's program
+    /// atomically (same priority and handle).
+    Netlink,
+}
+
+impl TcAttach {
+    pub const VALUES: [&'static str; 3] = ["auto", "tcx", "netlink"];
+}
+
+impl fmt::Display for TcAttach {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Auto => "auto",
+            Self::Tcx => "tcx",
+            Self::Netlink => "netlink",
+        })
+    }
+}
+
+impl std::str::FromStr for TcAttach {
+    type Err = RedirectError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "tcx" => Ok(Self::Tcx),
+            "netlink" | "clsact" => Ok(Self::Netlink),
+            other => Err(RedirectError::InvalidConfig(format!(
+                "tc attach mode {other:?}: expected one of {}",
+                Self::VALUES.join(", ")
+            ))),
+        }
+    }
+}
+
+/// One interface's tc ingress attachment, as recorded under the pin directory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct IngressAttachment {
+    pub interface: String,
+    /// [`TcAttach::Tcx`] or [`TcAttach::Netlink`].
+    pub mode: TcAttach,
+}
+
 /// What [`Redirector::load`] installs.
 #[derive(Clone, Debug)]
 pub struct RedirectConfig {
@@ -204,6 +294,8 @@ pub struct RedirectConfig {
     /// Interfaces (in the calling thread's netns) whose ingress steers inbound traffic.
     pub ingress_interfaces: Vec<String>,
     pub proxy: ProxyListeners,
+    /// How tc ingress attaches; [`TcAttach::Auto`] unless testing or working around.
+    pub tc_attach: TcAttach,
 }
 
 /// Per-reason drop counters, summed over CPUs.
@@ -216,7 +308,12 @@ pub struct DropCounts {
 
 const MAPS: &str = "maps";
 const LINKS: &str = "links";
+/// A pinned TCX link.
 const TC_PREFIX: &str = "tc_ingress_";
+/// The pinned program of a clsact filter (the filter itself is not a bpf object).
+const CLSACT_PREFIX: &str = "tc_clsact_";
+/// Priority of zmesh's clsact filters: before any other filter of the interface.
+const CLSACT_PRIORITY: u16 = 1;
 
 /// Handle on installed redirection: the pinned maps. Dropping it changes nothing in the
 /// kernel; [`Redirector::uninstall`] removes everything.
@@ -260,21 +357,187 @@ fn map_err(name: &'static str) -> impl FnOnce(MapError) -> RedirectError {
     move |source| RedirectError::Map { name, source }
 }
 
-fn check_kernel() -> Result<()> {
+/// The kernel's features, probed once per process (they do not change while it runs).
+pub fn kernel_features() -> &'static KernelFeatures {
+    static FEATURES: OnceLock<KernelFeatures> = OnceLock::new();
+    FEATURES.get_or_init(KernelFeatures::probe)
+}
+
+/// Checks that the kernel has every feature the programs need, and resolves how tc
+/// ingress attaches.
+fn check_kernel(attach: TcAttach) -> Result<TcAttach> {
     if !Path::new(BTF_PATH).exists() {
         return Err(RedirectError::NoBtf);
     }
-    for (ty, name) in [
-        (ProgramType::CgroupSockAddr, "cgroup/connect"),
-        (ProgramType::SockOps, "sockops"),
-        (ProgramType::CgroupSockopt, "cgroup/getsockopt"),
-        (ProgramType::SchedClassifier, "tc classifier"),
-    ] {
-        if !aya::sys::is_program_supported(ty).unwrap_or(false) {
-            return Err(RedirectError::UnsupportedProgram(name));
+    let features = kernel_features();
+    let mut missing = features.missing();
+    for f in &features.required {
+        if let Probe::Unknown(e) = &f.probe {
+            tracing::warn!(feature = f.name, error = %e, "cannot probe a kernel feature; trying anyway");
         }
     }
-    sys::ensure_bpffs()
+    let mode = match attach {
+        TcAttach::Auto if features.has_tcx() => TcAttach::Tcx,
+        TcAttach::Auto => TcAttach::Netlink,
+        TcAttach::Tcx => {
+            if !features.has_tcx() {
+                missing.push(features.tcx.clone());
+            }
+            TcAttach::Tcx
+        }
+        TcAttach::Netlink => TcAttach::Netlink,
+    };
+    if !missing.is_empty() {
+        return Err(RedirectError::MissingFeatures(missing));
+    }
+    sys::ensure_bpffs()?;
+    Ok(mode)
+}
+
+/// The handle of this installation's clsact filters: derived from the pin directory, so
+/// that a reload and `uninstall` find them again and two installations on one interface
+/// do not collide.
+fn clsact_handle(pin_dir: &Path) -> TcHandle {
+    use std::os::unix::ffi::OsStrExt;
+    let normalized: PathBuf = pin_dir.components().collect();
+    // FNV-1a
+    let mut hash: u32 = 0x811c_9dc5;
+    for byte in normalized.as_os_str().as_bytes() {
+        hash ^= u32::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    TcHandle::from(hash.max(1))
+}
+
+/// The OS error behind a failed attach or detach, if any.
+fn os_error(e: &ProgramError) -> Option<i32> {
+    match e {
+        ProgramError::TcError(TcError::NetlinkError(n)) | ProgramError::NetlinkError(n) => {
+            n.raw_os_error()
+        }
+        ProgramError::TcError(TcError::IoError(io)) => io.raw_os_error(),
+        ProgramError::SyscallError(s) => s.io_error.raw_os_error(),
+        _ => None,
+    }
+}
+
+fn tc_err<'a>(
+    interface: &'a str,
+    what: &'static str,
+) -> impl FnOnce(TcError) -> RedirectError + 'a {
+    move |source| RedirectError::Tc {
+        interface: interface.to_string(),
+        what,
+        source,
+    }
+}
+
+/// Attaches `prog` to the ingress of `ifname` as zmesh's clsact filter (adding the qdisc
+/// if needed), or swaps it into the filter an earlier run left there, atomically: cls_bpf
+/// replaces the program of an existing (priority, handle) in place. The program is
+/// pinned at `pin` first, so a failure halfway leaves nothing `uninstall` cannot find.
+fn attach_clsact(
+    prog: &mut SchedClassifier,
+    ifname: &str,
+    handle: TcHandle,
+    pin: &Path,
+) -> Result<()> {
+    match tc::qdisc_add_clsact(ifname) {
+        Ok(()) => {}
+        Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => {}
+        Err(e) => return Err(tc_err(ifname, "add the clsact qdisc")(e)),
+    }
+    if pin.exists() {
+        fs::remove_file(pin).map_err(io_err("unpin", pin))?;
+    }
+    prog.pin(pin).map_err(|e| RedirectError::Io {
+        op: "pin program",
+        path: pin.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let existing =
+        SchedClassifierLink::attached(ifname, TcAttachType::Ingress, CLSACT_PRIORITY, handle, None)
+            .map_err(|e| tc_err(ifname, "find the interface")(TcError::IoError(e)))?;
+    let id = match prog.attach_to_link(existing) {
+        Ok(id) => id,
+        Err(e) if os_error(&e) == Some(libc::ENOENT) => prog
+            .attach_with_options(
+                ifname,
+                TcAttachType::Ingress,
+                TcAttachOptions::Netlink(NlOptions {
+                    priority: CLSACT_PRIORITY,
+                    handle,
+                    classid: None,
+                }),
+            )
+            .map_err(prog_err("classifier"))?,
+        Err(e) => return Err(prog_err("classifier")(e)),
+    };
+    // The filter must outlive this process (as a pinned link does): aya's handle on it
+    // detaches on drop, so it is forgotten (it holds no resource, only the filter's ids).
+    let link = prog.take_link(id).map_err(prog_err("classifier"))?;
+    std::mem::forget(link);
+    Ok(())
+}
+
+/// Deletes zmesh's clsact filter from the ingress of `ifname`; a filter or interface that
+/// is already gone is not an error.
+fn remove_clsact(ifname: &str, handle: TcHandle) -> Result<()> {
+    let link = match SchedClassifierLink::attached(
+        ifname,
+        TcAttachType::Ingress,
+        CLSACT_PRIORITY,
+        handle,
+        None,
+    ) {
+        Ok(link) => link,
+        // the interface went away, and its filters with it
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => return Ok(()),
+        Err(e) => return Err(tc_err(ifname, "find the interface")(TcError::IoError(e))),
+    };
+    match link.detach() {
+        Ok(()) => Ok(()),
+        // no such filter (ENOENT) or no clsact qdisc left (EINVAL)
+        Err(e) if matches!(os_error(&e), Some(libc::ENOENT | libc::EINVAL)) => Ok(()),
+        Err(e) => Err(prog_err("classifier")(e)),
+    }
+}
+
+/// Removes one interface's recorded tc attachment: a TCX link goes with its pin, a clsact
+/// filter is deleted, then its program's pin.
+fn detach_ingress(pin: &Path, attachment: &IngressAttachment, handle: TcHandle) -> Result<()> {
+    if attachment.mode == TcAttach::Netlink {
+        remove_clsact(&attachment.interface, handle)?;
+    }
+    fs::remove_file(pin).map_err(io_err("unpin", pin))
+}
+
+/// The tc attachments recorded under `links`, with their pins.
+fn ingress_pins(links: &Path) -> Result<Vec<(PathBuf, IngressAttachment)>> {
+    let mut found = Vec::new();
+    if !links.is_dir() {
+        return Ok(found);
+    }
+    for entry in fs::read_dir(links).map_err(io_err("list", links))? {
+        let entry = entry.map_err(io_err("list", links))?;
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let attachment = if let Some(ifname) = name.strip_prefix(TC_PREFIX) {
+            IngressAttachment {
+                interface: ifname.to_string(),
+                mode: TcAttach::Tcx,
+            }
+        } else if let Some(ifname) = name.strip_prefix(CLSACT_PREFIX) {
+            IngressAttachment {
+                interface: ifname.to_string(),
+                mode: TcAttach::Netlink,
+            }
+        } else {
+            continue;
+        };
+        found.push((entry.path(), attachment));
+    }
+    found.sort_by(|a, b| a.1.interface.cmp(&b.1.interface));
+    Ok(found)
 }
 
 /// Attaches through a fresh link pinned at `pin`, or, when `pin` already holds a link
@@ -305,7 +568,7 @@ impl Redirector {
     /// (enrollment survives) and swaps the programs in the pinned links atomically.
     pub fn load(config: &RedirectConfig) -> Result<Self> {
         config.proxy.validate()?;
-        check_kernel()?;
+        let tc_mode = check_kernel(config.tc_attach)?;
         if !sys::is_cgroup2(&config.cgroup) {
             return Err(RedirectError::NotCgroup2(config.cgroup.clone()));
         }
@@ -326,7 +589,7 @@ impl Redirector {
             return Err(RedirectError::PinDirNotBpffs(config.pin_dir.clone()));
         }
         let fresh = !config.pin_dir.join(MAPS).join("zm_config").exists();
-        let result = Self::install(config);
+        let result = Self::install(config, tc_mode);
         if result.is_err() && fresh && config.pin_dir.exists() {
             // a failed first install leaves nothing behind
             if let Err(e) = Self::uninstall(&config.pin_dir) {
@@ -336,7 +599,7 @@ impl Redirector {
         result
     }
 
-    fn install(config: &RedirectConfig) -> Result<Self> {
+    fn install(config: &RedirectConfig, tc_mode: TcAttach) -> Result<Self> {
         let maps_dir = config.pin_dir.join(MAPS);
         let links_dir = config.pin_dir.join(LINKS);
         fs::create_dir_all(&maps_dir).map_err(io_err("create", &maps_dir))?;
@@ -410,26 +673,42 @@ impl Redirector {
             let fd = fd
                 .try_clone_to_owned()
                 .map_err(io_err("dup", &config.cgroup))?;
+            let handle = clsact_handle(&config.pin_dir);
             // interfaces dropped from the configuration lose their steering
-            for entry in fs::read_dir(&links_dir).map_err(io_err("list", &links_dir))? {
-                let entry = entry.map_err(io_err("list", &links_dir))?;
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if let Some(ifname) = name.strip_prefix(TC_PREFIX) {
-                    if !config.ingress_interfaces.iter().any(|i| i == ifname) {
-                        fs::remove_file(entry.path()).map_err(io_err("unpin", &entry.path()))?;
-                    }
+            for (pin, attachment) in ingress_pins(&links_dir)? {
+                if !config.ingress_interfaces.contains(&attachment.interface) {
+                    detach_ingress(&pin, &attachment, handle)?;
                 }
             }
             for ifname in &config.ingress_interfaces {
-                let pin = links_dir.join(format!("{TC_PREFIX}{ifname}"));
-                pin_or_update(&pin, fd.as_fd(), |pin| {
-                    let id = prog
-                        .attach(ifname, TcAttachType::Ingress)
-                        .map_err(prog_err("classifier"))?;
-                    let link = prog.take_link(id).map_err(prog_err("classifier"))?;
-                    let link = FdLink::try_from(link).map_err(|e| link_error("classifier", e))?;
-                    pin_fd_link(link, pin)
-                })?;
+                let tcx_pin = links_dir.join(format!("{TC_PREFIX}{ifname}"));
+                let clsact_pin = links_dir.join(format!("{CLSACT_PREFIX}{ifname}"));
+                // The new attachment steers before the other mode's (if an earlier run
+                // left one) goes: TCX runs before clsact filters and ends tc processing.
+                if tc_mode == TcAttach::Tcx {
+                    pin_or_update(&tcx_pin, fd.as_fd(), |pin| {
+                        let id = prog
+                            .attach_with_options(
+                                ifname,
+                                TcAttachType::Ingress,
+                                TcAttachOptions::TcxOrder(LinkOrder::default()),
+                            )
+                            .map_err(prog_err("classifier"))?;
+                        let link = prog.take_link(id).map_err(prog_err("classifier"))?;
+                        let link =
+                            FdLink::try_from(link).map_err(|e| link_error("classifier", e))?;
+                        pin_fd_link(link, pin)
+                    })?;
+                    if clsact_pin.exists() {
+                        remove_clsact(ifname, handle)?;
+                        fs::remove_file(&clsact_pin).map_err(io_err("unpin", &clsact_pin))?;
+                    }
+                } else {
+                    attach_clsact(prog, ifname, handle, &clsact_pin)?;
+                    if tcx_pin.exists() {
+                        fs::remove_file(&tcx_pin).map_err(io_err("unpin", &tcx_pin))?;
+                    }
+                }
             }
             if config.ingress_interfaces.is_empty() {
                 // a reload without interfaces takes down what an earlier one set up
@@ -618,14 +897,19 @@ impl Redirector {
                 None
             }
         };
-        let mut had_tc = false;
+        // clsact filters are not bpf objects: they go first, found from their pins
+        let ingress = ingress_pins(&links)?;
+        let handle = clsact_handle(pin_dir);
+        for (pin, attachment) in &ingress {
+            detach_ingress(pin, attachment, handle)?;
+        }
+        let had_tc = !ingress.is_empty();
         for dir in [&links, &maps] {
             if !dir.exists() {
                 continue;
             }
             for entry in fs::read_dir(dir).map_err(io_err("list", dir))? {
                 let entry = entry.map_err(io_err("list", dir))?;
-                had_tc |= entry.file_name().to_string_lossy().starts_with(TC_PREFIX);
                 fs::remove_file(entry.path()).map_err(io_err("unpin", &entry.path()))?;
             }
             fs::remove_dir(dir).map_err(io_err("remove", dir))?;
@@ -635,6 +919,15 @@ impl Redirector {
             Some((mark, table)) if had_tc => sys::del_policy_route(mark, table),
             _ => Ok(()),
         }
+    }
+
+    /// The tc ingress attachments an installation records (one per interface), e.g. for
+    /// `zmesh check`.
+    pub fn ingress_attachments(pin_dir: &Path) -> Result<Vec<IngressAttachment>> {
+        Ok(ingress_pins(&pin_dir.join(LINKS))?
+            .into_iter()
+            .map(|(_, attachment)| attachment)
+            .collect())
     }
 
     fn open_config(maps: &Path) -> Result<abi::Config> {

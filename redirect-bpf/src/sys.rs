@@ -15,12 +15,18 @@ use crate::RedirectError;
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 const CGROUP2_SUPER_MAGIC: i64 = 0x6367_7270;
 const SO_NETNS_COOKIE: libc::c_int = 71;
+const BPF_PROG_LOAD: libc::c_long = 5;
 const BPF_OBJ_PIN: libc::c_long = 6;
 const BPF_OBJ_GET: libc::c_long = 7;
 const BPF_LINK_CREATE: libc::c_long = 28;
 const BPF_LINK_UPDATE: libc::c_long = 29;
 /// `enum bpf_attach_type` value of `cgroup/getsockopt`.
 pub(crate) const BPF_CGROUP_GETSOCKOPT: u32 = 21;
+/// `enum bpf_attach_type` value of `cgroup/connect4`.
+const BPF_CGROUP_INET4_CONNECT: u32 = 10;
+/// `enum bpf_attach_type` value of TCX ingress (Linux 6.6).
+const BPF_TCX_INGRESS: u32 = 46;
+const BPF_PROG_TYPE_SCHED_CLS: u32 = 3;
 
 fn statfs_magic(path: &Path) -> io::Result<i64> {
     let c = c_path(path)?;
@@ -130,16 +136,9 @@ pub(crate) fn cgroup_link_create(
     cgroup: BorrowedFd<'_>,
     attach_type: u32,
 ) -> io::Result<OwnedFd> {
-    #[repr(C)]
-    struct Attr {
-        prog_fd: u32,
-        target_fd: u32,
-        attach_type: u32,
-        flags: u32,
-    }
-    let attr = Attr {
+    let attr = LinkCreateAttr {
         prog_fd: prog.as_raw_fd() as u32,
-        target_fd: cgroup.as_raw_fd() as u32,
+        target: cgroup.as_raw_fd() as u32,
         attach_type,
         flags: 0,
     };
@@ -164,6 +163,97 @@ pub(crate) fn link_update(link: BorrowedFd<'_>, prog: BorrowedFd<'_>) -> io::Res
         old_prog_fd: 0,
     };
     bpf(BPF_LINK_UPDATE, &attr).map(|_| ())
+}
+
+/// Lifts RLIMIT_MEMLOCK: kernels before 5.11 charge eBPF maps and programs to it (later
+/// ones to the memory cgroup), and its default is far below what the maps need.
+pub(crate) fn raise_memlock() -> io::Result<()> {
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: a valid rlimit struct.
+    if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+#[repr(C)]
+struct LinkCreateAttr {
+    prog_fd: u32,
+    target: u32,
+    attach_type: u32,
+    flags: u32,
+}
+
+/// Whether BPF_LINK_CREATE exists (Linux 5.7, with cgroup links and BPF_LINK_UPDATE):
+/// asked with no program at all, a kernel that knows the command answers EBADF for the
+/// program fd, one that does not answers EINVAL. Nothing is created either way.
+pub(crate) fn probe_link_create() -> io::Result<bool> {
+    let attr = LinkCreateAttr {
+        prog_fd: u32::MAX,
+        target: u32::MAX,
+        attach_type: BPF_CGROUP_INET4_CONNECT,
+        flags: 0,
+    };
+    match bpf(BPF_LINK_CREATE, &attr) {
+        Err(e) if e.raw_os_error() == Some(libc::EBADF) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(e),
+        Ok(fd) => {
+            // SAFETY: the kernel returned a new fd (it cannot, without a program).
+            drop(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+            Ok(true)
+        }
+    }
+}
+
+/// Loads `r0 = 0; exit` as a tc classifier, for probes that need a program.
+fn trivial_sched_cls() -> io::Result<OwnedFd> {
+    #[repr(C)]
+    struct ProgLoadAttr {
+        prog_type: u32,
+        insn_cnt: u32,
+        insns: u64,
+        license: u64,
+    }
+    // mov64 r0, 0 (BPF_ALU64 | BPF_MOV | BPF_K); exit (BPF_JMP | BPF_EXIT)
+    let insns: [u64; 2] = [0xb7, 0x95];
+    let license = c"GPL";
+    let attr = ProgLoadAttr {
+        prog_type: BPF_PROG_TYPE_SCHED_CLS,
+        insn_cnt: insns.len() as u32,
+        insns: insns.as_ptr() as u64,
+        license: license.as_ptr() as u64,
+    };
+    let fd = bpf(BPF_PROG_LOAD, &attr)?;
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Whether tc programs attach through TCX links (Linux 6.6): a TCX link asked for on an
+/// interface index that cannot exist fails with ENODEV where TCX exists (the attach
+/// type was accepted and the device looked up) and with EINVAL where it does not.
+/// Nothing is attached either way.
+pub(crate) fn probe_tcx() -> io::Result<bool> {
+    let prog = trivial_sched_cls()?;
+    let attr = LinkCreateAttr {
+        prog_fd: prog.as_raw_fd() as u32,
+        target: u32::MAX,
+        attach_type: BPF_TCX_INGRESS,
+        flags: 0,
+    };
+    match bpf(BPF_LINK_CREATE, &attr) {
+        Err(e) if e.raw_os_error() == Some(libc::ENODEV) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(e),
+        Ok(fd) => {
+            // SAFETY: a new link fd nothing else owns; closing it detaches the probe.
+            drop(unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+            Ok(true)
+        }
+    }
 }
 
 /// The network namespace cookie of a socket (what `bpf_get_netns_cookie` returns).
@@ -208,6 +298,10 @@ pub fn cgroup_id(path: &Path) -> io::Result<u64> {
 }
 
 fn ip(args: &[&str]) -> Result<(), RedirectError> {
+    ip_out(args).map(drop)
+}
+
+fn ip_out(args: &[&str]) -> Result<String, RedirectError> {
     let out = Command::new("ip")
         .args(args)
         .output()
@@ -217,7 +311,7 @@ fn ip(args: &[&str]) -> Result<(), RedirectError> {
             source,
         })?;
     if out.status.success() {
-        return Ok(());
+        return Ok(String::from_utf8_lossy(&out.stdout).into_owned());
     }
     Err(RedirectError::Command {
         cmd: format!("ip {}", args.join(" ")),
@@ -235,19 +329,31 @@ fn rule_args(mark: u32, table: u32) -> [String; 4] {
 }
 
 /// `ip rule add fwmark M/M lookup T` + `ip route replace local 0.0.0.0/0 dev lo table T`
-/// in the calling thread's netns; idempotent.
+/// in the calling thread's netns; idempotent. A route already in place is left alone:
+/// replacing it, even by an identical one, loses a packet being routed at that moment
+/// (seen as a SYN retransmitted a second later on every reload).
 pub(crate) fn add_policy_route(mark: u32, table: u32) -> Result<(), RedirectError> {
     let table_s = table.to_string();
-    ip(&[
-        "route",
-        "replace",
-        "local",
-        "0.0.0.0/0",
-        "dev",
-        "lo",
-        "table",
-        &table_s,
-    ])?;
+    let present = match ip_out(&["route", "show", "table", &table_s]) {
+        Ok(routes) => routes
+            .lines()
+            .any(|l| l.trim() == "local default dev lo scope host"),
+        // a table without routes does not exist yet
+        Err(RedirectError::Command { stderr, .. }) if stderr.contains("does not exist") => false,
+        Err(e) => return Err(e),
+    };
+    if !present {
+        ip(&[
+            "route",
+            "replace",
+            "local",
+            "0.0.0.0/0",
+            "dev",
+            "lo",
+            "table",
+            &table_s,
+        ])?;
+    }
     let r = rule_args(mark, table);
     let mut args = vec!["rule", "add"];
     args.extend(r.iter().map(String::as_str));

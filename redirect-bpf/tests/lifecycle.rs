@@ -1,4 +1,5 @@
-//! Install / restart / upgrade / uninstall, and the loader's rejection paths. Root.
+//! Install / restart / upgrade / uninstall in both tc attach modes, the kernel feature
+//! probes, and the loader's rejection paths. Root.
 
 mod common;
 
@@ -11,7 +12,8 @@ use std::{
 use aya::programs::{tc::TcAttachType, SchedClassifier};
 use common::*;
 use zmesh_redirect::{
-    current_netns_cookie, ProxyListeners, RedirectConfig, RedirectError, Redirector,
+    current_netns_cookie, kernel_features, IngressAttachment, Probe, ProxyListeners,
+    RedirectConfig, RedirectError, Redirector, TcAttach,
 };
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -53,7 +55,12 @@ fn cgroup_attachments(cg: &Path) -> usize {
     out.matches("\"attach_type\"").count()
 }
 
+/// Programs attached to the interface's ingress through TCX (none where the kernel has no
+/// TCX).
 fn tcx_ingress(ns: &Netns, ifname: &str) -> usize {
+    if !kernel_features().has_tcx() {
+        return 0;
+    }
     let ifname = ifname.to_string();
     ns.run(move || {
         SchedClassifier::query_tcx(&ifname, TcAttachType::Ingress)
@@ -63,8 +70,48 @@ fn tcx_ingress(ns: &Netns, ifname: &str) -> usize {
     })
 }
 
+/// The bpf filters under the interface's clsact ingress, as `tc` lists them: one line
+/// per filter, with its program id.
+fn clsact_filters(ns: &Netns, ifname: &str) -> Vec<String> {
+    ns.exec_out(&["tc", "filter", "show", "dev", ifname, "ingress"])
+        .lines()
+        .filter(|l| l.contains(" bpf ") && l.contains("direct-action"))
+        .map(str::to_string)
+        .collect()
+}
+
+/// How `mode` resolves on this kernel.
+fn resolved(mode: TcAttach) -> TcAttach {
+    match mode {
+        TcAttach::Auto if kernel_features().has_tcx() => TcAttach::Tcx,
+        TcAttach::Auto => TcAttach::Netlink,
+        other => other,
+    }
+}
+
+/// (TCX programs, clsact filters) on the interface's ingress.
+fn tc_ingress(ns: &Netns, ifname: &str) -> (usize, usize) {
+    (tcx_ingress(ns, ifname), clsact_filters(ns, ifname).len())
+}
+
+fn expected_tc(mode: TcAttach) -> (usize, usize) {
+    match resolved(mode) {
+        TcAttach::Tcx => (1, 0),
+        _ => (0, 1),
+    }
+}
+
 #[test]
-fn pins_survive_restart_upgrade_swaps_in_place_and_uninstall_leaves_nothing() {
+fn pins_survive_restart_upgrade_swaps_in_place_and_uninstall_leaves_nothing_auto() {
+    lifecycle(TcAttach::Auto);
+}
+
+#[test]
+fn pins_survive_restart_upgrade_swaps_in_place_and_uninstall_leaves_nothing_clsact() {
+    lifecycle(TcAttach::Netlink);
+}
+
+fn lifecycle(tc_attach: TcAttach) {
     let _s = serial();
     let node = Netns::new("n");
     let pod = Netns::new("p");
@@ -81,6 +128,7 @@ fn pins_survive_restart_upgrade_swaps_in_place_and_uninstall_leaves_nothing() {
         cgroup: cg.path.clone(),
         ingress_interfaces: vec![node_if.clone()],
         proxy: proxy(),
+        tc_attach,
     };
     let cookie = pod.run(|| current_netns_cookie().unwrap());
     let _in = cg.enter();
@@ -95,7 +143,15 @@ fn pins_survive_restart_upgrade_swaps_in_place_and_uninstall_leaves_nothing() {
         4,
         "connect4, connect6, sockops, getsockopt"
     );
-    assert_eq!(tcx_ingress(&node, &node_if), 1);
+    assert_eq!(tc_ingress(&node, &node_if), expected_tc(tc_attach));
+    assert_eq!(
+        Redirector::ingress_attachments(&pin_dir).unwrap(),
+        vec![IngressAttachment {
+            interface: node_if.clone(),
+            mode: resolved(tc_attach),
+        }]
+    );
+    let filters_before = clsact_filters(&node, &node_if);
     assert!(node.exec_out(&["ip", "rule"]).contains("lookup 1338"));
     assert!(node
         .exec_out(&["ip", "route", "show", "table", "1338"])
@@ -129,7 +185,23 @@ fn pins_survive_restart_upgrade_swaps_in_place_and_uninstall_leaves_nothing() {
         before.iter().all(|id| !after.contains(id)),
         "new programs swapped in: {before:?} -> {after:?}"
     );
-    assert_eq!(tcx_ingress(&node, &node_if), 1);
+    assert_eq!(tc_ingress(&node, &node_if), expected_tc(tc_attach));
+    if resolved(tc_attach) == TcAttach::Netlink {
+        // the same filter (priority and handle), with the new program in it
+        let filters_after = clsact_filters(&node, &node_if);
+        let id_of = |line: &str| line.split(" id ").nth(1).map(str::to_string);
+        let head = |line: &str| line.split(" zm_tc_ingress").next().map(str::to_string);
+        assert_eq!(
+            filters_before.iter().map(|l| head(l)).collect::<Vec<_>>(),
+            filters_after.iter().map(|l| head(l)).collect::<Vec<_>>(),
+            "same filter: {filters_before:?} -> {filters_after:?}"
+        );
+        assert_ne!(
+            id_of(&filters_before[0]),
+            id_of(&filters_after[0]),
+            "new program in the filter: {filters_before:?} -> {filters_after:?}"
+        );
+    }
     let _c = connect(&pod, "10.77.0.1:80");
     assert!(
         accept_within(&proxy_l, WAIT).is_some(),
@@ -143,7 +215,11 @@ fn pins_survive_restart_upgrade_swaps_in_place_and_uninstall_leaves_nothing() {
         .expect("uninstall");
     assert!(!pin_dir.exists(), "pin directory removed");
     assert_eq!(cgroup_attachments(&cg.path), 0, "no cgroup attachment left");
-    assert_eq!(tcx_ingress(&node, &node_if), 0, "no tcx attachment left");
+    assert_eq!(
+        tc_ingress(&node, &node_if),
+        (0, 0),
+        "no tcx attachment or clsact filter left"
+    );
     assert!(
         !node.exec_out(&["ip", "rule"]).contains("lookup 1338"),
         "policy rule removed"
@@ -180,6 +256,7 @@ fn load_rejects_bad_environment_and_configuration_without_leaving_anything() {
         cgroup: cg.path.clone(),
         ingress_interfaces: vec![],
         proxy: proxy(),
+        tc_attach: TcAttach::Auto,
     };
 
     let mut c = good(Installed::pin_dir("e"));
@@ -229,10 +306,19 @@ fn load_rejects_bad_environment_and_configuration_without_leaving_anything() {
         netns: String::new(),
     };
     c.ingress_interfaces = vec![unique("nodev")];
-    let err = Redirector::load(&c).expect_err("missing interface");
-    assert!(matches!(err, RedirectError::Program { .. }), "{err}");
-    assert!(!c.pin_dir.exists(), "failed first install is rolled back");
-    assert_eq!(cgroup_attachments(&cg.path), 0);
+    for mode in [TcAttach::Auto, TcAttach::Netlink] {
+        c.tc_attach = mode;
+        let err = Redirector::load(&c).expect_err("missing interface");
+        assert!(
+            matches!(
+                err,
+                RedirectError::Program { .. } | RedirectError::Tc { .. }
+            ),
+            "{err}"
+        );
+        assert!(!c.pin_dir.exists(), "failed first install is rolled back");
+        assert_eq!(cgroup_attachments(&cg.path), 0);
+    }
 
     assert!(matches!(
         Redirector::open_pinned(Path::new("/sys/fs/bpf/zmesh-test/none")),
@@ -242,4 +328,72 @@ fn load_rejects_bad_environment_and_configuration_without_leaving_anything() {
         Redirector::uninstall(Path::new("/tmp")),
         Err(RedirectError::NotInstalled(_))
     ));
+}
+
+/// The probes find everything the programs need on every kernel this runs on, and find
+/// TCX exactly where it exists (6.6 and later): a cross-check of the probe, not a rule
+/// the loader uses.
+#[test]
+fn kernel_probes_find_every_feature_and_tcx_from_6_6() {
+    let features = kernel_features();
+    for f in &features.required {
+        assert_eq!(f.probe, Probe::Present, "{f}");
+    }
+    assert!(features.missing().is_empty());
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
+    let mut parts = release
+        .trim()
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().unwrap());
+    let version = (parts.next().unwrap(), parts.next().unwrap());
+    assert_eq!(
+        features.has_tcx(),
+        version >= (6, 6),
+        "TCX probe on {release}: {:?}",
+        features.tcx
+    );
+    assert_eq!(features.tcx.since, "6.6");
+}
+
+/// Forcing TCX where the kernel has it attaches a TCX link; where it has not, the load is
+/// refused up front, naming TCX and the kernel that has it, and nothing is left behind.
+#[test]
+fn forced_tcx_attaches_a_link_or_is_refused_naming_the_feature() {
+    let _s = serial();
+    let node = Netns::new("n");
+    let pod = Netns::new("p");
+    let (node_if, _) = veth(&node, "10.77.0.1", &pod, "10.77.0.2");
+    let cg = Cgroup::new();
+    let pin_dir = Installed::pin_dir("x");
+    let _inst = Installed {
+        pin_dir: pin_dir.clone(),
+        netns: node.name.clone(),
+    };
+    let config = RedirectConfig {
+        pin_dir: pin_dir.clone(),
+        cgroup: cg.path.clone(),
+        ingress_interfaces: vec![node_if.clone()],
+        proxy: proxy(),
+        tc_attach: TcAttach::Tcx,
+    };
+    let result = node.run(move || Redirector::load(&config));
+    if kernel_features().has_tcx() {
+        result.expect("load with TCX");
+        assert_eq!(tc_ingress(&node, &node_if), (1, 0));
+    } else {
+        let err = result.expect_err("no TCX on this kernel");
+        let RedirectError::MissingFeatures(missing) = &err else {
+            panic!("expected MissingFeatures, got {err}");
+        };
+        assert_eq!(missing.len(), 1, "{err}");
+        assert_eq!(missing[0].since, "6.6");
+        let message = err.to_string();
+        assert!(
+            message.contains("TCX") && message.contains("Linux 6.6 has it"),
+            "{message}"
+        );
+        assert!(!pin_dir.exists(), "nothing installed");
+        assert_eq!(cgroup_attachments(&cg.path), 0);
+        assert_eq!(tc_ingress(&node, &node_if), (0, 0));
+    }
 }

@@ -40,6 +40,7 @@ fn topo() -> Topo {
         cgroup: cg.path.clone(),
         ingress_interfaces: vec![],
         proxy: ProxyListeners::new("10.77.0.1:15001".parse().unwrap()),
+        tc_attach: Default::default(),
     };
     let red = node.run(move || Redirector::load(&config)).expect("load");
     let pod_cookie = pod.run(|| current_netns_cookie().unwrap());

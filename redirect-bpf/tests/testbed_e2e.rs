@@ -53,6 +53,7 @@ fn enrolled_pod_process_is_proxied_with_its_original_destination() {
         cgroup: node.pods_cgroup_path().to_path_buf(),
         ingress_interfaces: vec![],
         proxy: ProxyListeners::new(outbound),
+        tc_attach: Default::default(),
     })
     .expect("load");
     let proxy = node

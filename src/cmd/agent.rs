@@ -103,6 +103,16 @@ pub struct AgentArgs {
     ingress_interfaces: Vec<String>,
     #[command(flatten)]
     tuning: super::tuning::ProxyTuningArgs,
+    /// How tc ingress programs attach: `tcx` (Linux 6.6+), `netlink` (a cls_bpf filter
+    /// under the interface's clsact qdisc, any kernel), or `auto` (TCX where the kernel
+    /// has it).
+    #[arg(
+        long,
+        env = "ZMESH_TC_ATTACH",
+        value_name = "MODE",
+        default_value = "auto"
+    )]
+    tc_attach: zmesh_redirect::TcAttach,
     /// Print the effective configuration and exit.
     #[arg(long)]
     dry_run: bool,
@@ -187,6 +197,7 @@ pub async fn run_agent(args: AgentArgs, proxy_threads: usize) -> anyhow::Result<
             cgroup,
             pin_dir: args.bpf_pin_dir.clone(),
             ingress_interfaces: args.ingress_interfaces.clone(),
+            tc_attach: args.tc_attach,
         }),
     };
     if args.dry_run {

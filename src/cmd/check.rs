@@ -14,6 +14,8 @@ use serde::Serialize;
 use zmesh_agent::admin::{epoch_seconds, AdminClient, CertInfo};
 use zmesh_certs::NodeCredentials;
 use zmesh_identity::svid::{describe, fmt_time};
+use zmesh_redirect::probe::{FLOOR, TCX_SINCE};
+use zmesh_redirect::{KernelFeatures, Probe, TcAttach};
 
 #[derive(clap::Args)]
 pub struct CheckArgs {
@@ -102,43 +104,105 @@ impl fmt::Display for Check {
     }
 }
 
-/// TCX (tc programs through bpf links) needs 6.6.
-const MIN_KERNEL: (u32, u32) = (6, 6);
+/// The kernels zmesh was tested on (README: Kernels).
+pub const TESTED_KERNELS: &str = "5.10 (Debian 11), 6.1 (Debian 12) and 6.18";
 
-/// `release` as in /proc/sys/kernel/osrelease, e.g. `6.18.44-fc`.
-pub fn kernel_version(release: &str) -> Check {
-    let name = "kernel version";
-    let mut parts = release
-        .trim()
-        .split(|c: char| !c.is_ascii_digit())
-        .map(str::parse::<u32>);
-    let version = match (parts.next(), parts.next()) {
-        (Some(Ok(major)), Some(Ok(minor))) => (major, minor),
-        _ => {
-            return Check::fail(
-                name,
-                format!("cannot read the kernel release {release:?}"),
-                "check /proc/sys/kernel/osrelease",
-            )
+/// Every eBPF feature the programs need, as probed on the running kernel (never the
+/// version string: distributions backport features). `release` only labels the result.
+pub fn kernel_features(release: &str, features: &KernelFeatures) -> Check {
+    let name = "kernel eBPF features";
+    let release = release.trim();
+    let missing = features.missing();
+    let unknown: Vec<String> = features
+        .required
+        .iter()
+        .filter_map(|f| match &f.probe {
+            Probe::Unknown(e) => Some(format!("{} ({e})", f.name)),
+            _ => None,
+        })
+        .collect();
+    if !missing.is_empty() {
+        let list: Vec<String> = missing.iter().map(ToString::to_string).collect();
+        return Check::fail(
+            name,
+            format!("{release} lacks {}", list.join("; ")),
+            format!(
+                "zmesh needs the eBPF features of Linux {FLOOR} (or a kernel with them \
+                 backported); tested on {TESTED_KERNELS}: upgrade the node's kernel"
+            ),
+        );
+    }
+    if !unknown.is_empty() {
+        return Check {
+            name: name.into(),
+            status: Status::Warn,
+            detail: format!("cannot probe {}", unknown.join("; ")),
+            hint: Some("run zmesh check as root (probing loads small eBPF programs)".into()),
+        };
+    }
+    Check::pass(
+        name,
+        format!(
+            "{release}: all {} present (Linux {FLOOR} has them all)",
+            features.required.len()
+        ),
+    )
+}
+
+/// How tc ingress will attach: TCX, or a clsact filter whose qdisc and classifier may be
+/// modules (`module_available` says whether a module is built in, loaded or installed).
+pub fn tc_attach(features: &KernelFeatures, module_available: impl Fn(&str) -> bool) -> Check {
+    let name = "tc ingress attach";
+    match &features.tcx.probe {
+        Probe::Present => return Check::pass(name, "TCX links"),
+        Probe::Unknown(e) => {
+            return Check {
+                name: name.into(),
+                status: Status::Warn,
+                detail: format!("cannot probe TCX ({e})"),
+                hint: Some("run zmesh check as root".into()),
+            }
         }
-    };
-    if version >= MIN_KERNEL {
+        Probe::Absent => {}
+    }
+    let missing: Vec<&str> = ["sch_ingress", "cls_bpf"]
+        .into_iter()
+        .filter(|m| !module_available(m))
+        .collect();
+    if missing.is_empty() {
         Check::pass(
             name,
-            format!("{} (>= {}.{})", release.trim(), MIN_KERNEL.0, MIN_KERNEL.1),
+            format!("clsact qdisc + bpf filter through netlink (no TCX: Linux {TCX_SINCE} has it)"),
         )
     } else {
         Check::fail(
             name,
             format!(
-                "{} is older than {}.{}",
-                release.trim(),
-                MIN_KERNEL.0,
-                MIN_KERNEL.1
+                "no TCX (Linux {TCX_SINCE} has it), and no {} module for the clsact filter",
+                missing.join(" or ")
             ),
-            "eBPF redirection attaches tc programs through TCX: upgrade the node's kernel",
+            "install the kernel's modules package (the clsact qdisc is sch_ingress, the bpf \
+             classifier cls_bpf)",
         )
     }
+}
+
+/// Whether a kernel module is built in, loaded, or installed for the running kernel.
+fn module_available(release: &str, module: &str) -> bool {
+    if Path::new("/sys/module").join(module).exists() {
+        return true;
+    }
+    let dir = Path::new("/lib/modules").join(release.trim());
+    let listed = |file: &str| {
+        std::fs::read_to_string(dir.join(file)).is_ok_and(|text| {
+            text.lines().any(|l| {
+                let base = l.split(':').next().unwrap_or(l);
+                let file = base.rsplit('/').next().unwrap_or(base);
+                file.split('.').next() == Some(module)
+            })
+        })
+    };
+    listed("modules.builtin") || listed("modules.dep")
 }
 
 /// BTF (`/sys/kernel/btf/vmlinux`) present.
@@ -201,7 +265,8 @@ pub const EXPECTED_MAPS: [&str; 10] = [
     "zm_drops",
     "zm_events",
 ];
-/// The program links every installation pins (plus one `tc_ingress_<if>` per interface).
+/// The program links every installation pins (plus, per interface, `tc_ingress_<if>`: a
+/// TCX link, or `tc_clsact_<if>`: the program of a clsact filter).
 pub const EXPECTED_LINKS: [&str; 4] = ["connect4", "connect6", "sockops", "getsockopt"];
 
 /// Programs attached and maps pinned, read from the pin directory (no bpftool needed).
@@ -223,20 +288,16 @@ pub fn pins(pin_dir: &Path) -> Check {
             missing.push(format!("links/{l}"));
         }
     }
-    let tc: Vec<String> = std::fs::read_dir(pin_dir.join("links"))
-        .map(|d| {
-            d.filter_map(|e| e.ok())
-                .filter_map(|e| {
-                    e.file_name()
-                        .to_str()
-                        .and_then(|n| n.strip_prefix("tc_ingress_"))
-                        .map(str::to_owned)
-                })
-                .collect()
+    let tc: Vec<String> = zmesh_redirect::Redirector::ingress_attachments(pin_dir)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|a| match a.mode {
+            TcAttach::Tcx => format!("{} (TCX)", a.interface),
+            _ => format!("{} (clsact filter)", a.interface),
         })
-        .unwrap_or_default();
+        .collect();
     if tc.is_empty() {
-        missing.push("links/tc_ingress_<interface>".into());
+        missing.push("links/tc_ingress_<interface> or links/tc_clsact_<interface>".into());
     }
     if missing.is_empty() {
         Check::pass(
@@ -540,12 +601,11 @@ fn ca_reachable(addr: &str, creds: Option<&NodeCredentials>) -> (Check, Option<S
 pub async fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
     let now = SystemTime::now();
     let mut checks = Vec::new();
-    checks.push(
-        match std::fs::read_to_string("/proc/sys/kernel/osrelease") {
-            Ok(r) => kernel_version(&r),
-            Err(e) => Check::fail("kernel version", e.to_string(), "is /proc mounted?"),
-        },
-    );
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_else(|_| "the running kernel".into());
+    let features = zmesh_redirect::kernel_features();
+    checks.push(kernel_features(&release, features));
+    checks.push(tc_attach(features, |m| module_available(&release, m)));
     checks.push(btf(Path::new("/sys/kernel/btf/vmlinux")));
     match std::fs::read_to_string("/proc/self/mounts") {
         Ok(m) => checks.extend(mounts(&m)),
@@ -606,22 +666,103 @@ mod tests {
         BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose,
         IsCa, KeyPair, KeyUsagePurpose,
     };
+    use zmesh_redirect::Feature;
 
     const NOW_S: u64 = 1_700_000_000;
     fn now() -> SystemTime {
         SystemTime::UNIX_EPOCH + Duration::from_secs(NOW_S)
     }
 
+    fn feature(name: &'static str, since: &'static str, probe: Probe) -> Feature {
+        Feature {
+            name,
+            needed_for: "testing",
+            since,
+            probe,
+        }
+    }
+
+    fn features(required: Vec<Feature>, tcx: Probe) -> KernelFeatures {
+        KernelFeatures {
+            required,
+            tcx: feature("TCX links", "6.6", tcx),
+        }
+    }
+
     #[test]
-    fn kernel_version_needs_tcx() {
-        assert_eq!(kernel_version("6.18.44-fc-v669\n").status, Status::Pass);
-        assert_eq!(kernel_version("6.6.0").status, Status::Pass);
-        assert_eq!(kernel_version("7.0").status, Status::Pass);
-        let old = kernel_version("5.15.0-91-generic");
-        assert_eq!(old.status, Status::Fail);
-        assert!(old.hint.unwrap().contains("TCX"));
-        assert_eq!(kernel_version("6.5.9").status, Status::Fail);
-        assert_eq!(kernel_version("garbage").status, Status::Fail);
+    fn kernel_check_names_each_missing_feature_and_the_kernel_that_has_it() {
+        let all = features(
+            vec![
+                feature("ring buffer maps", "5.8", Probe::Present),
+                feature("bpf_sk_assign()", "5.7", Probe::Present),
+            ],
+            Probe::Absent,
+        );
+        let ok = kernel_features("6.1.0-57-amd64\n", &all);
+        assert_eq!(ok.status, Status::Pass, "{ok}");
+        assert!(ok.detail.contains("6.1.0-57-amd64: all 2 present"), "{ok}");
+
+        // the release string plays no part: an old number with the features passes
+        let backported = kernel_features("5.14.0-427.el9.x86_64", &all);
+        assert_eq!(backported.status, Status::Pass);
+
+        let lacking = features(
+            vec![
+                feature("ring buffer maps", "5.8", Probe::Absent),
+                feature("bpf_sk_assign()", "5.7", Probe::Absent),
+                feature("LRU hash maps", "4.10", Probe::Present),
+            ],
+            Probe::Absent,
+        );
+        let fail = kernel_features("5.4.0", &lacking);
+        assert_eq!(fail.status, Status::Fail);
+        assert!(
+            fail.detail
+                .contains("ring buffer maps (testing; Linux 5.8 has it)")
+                && fail
+                    .detail
+                    .contains("bpf_sk_assign() (testing; Linux 5.7 has it)")
+                && !fail.detail.contains("LRU"),
+            "{fail}"
+        );
+        assert!(fail.hint.unwrap().contains(FLOOR));
+
+        let unprobed = features(
+            vec![feature(
+                "ring buffer maps",
+                "5.8",
+                Probe::Unknown("EPERM".into()),
+            )],
+            Probe::Absent,
+        );
+        let warn = kernel_features("6.1", &unprobed);
+        assert_eq!(warn.status, Status::Warn);
+        assert!(warn.hint.unwrap().contains("root"));
+    }
+
+    #[test]
+    fn tc_attach_is_tcx_or_a_clsact_filter_whose_modules_must_exist() {
+        let tcx = features(vec![], Probe::Present);
+        let c = tc_attach(&tcx, |_| false);
+        assert_eq!((c.status, c.detail.as_str()), (Status::Pass, "TCX links"));
+
+        let no_tcx = features(vec![], Probe::Absent);
+        let c = tc_attach(&no_tcx, |_| true);
+        assert_eq!(c.status, Status::Pass);
+        assert!(
+            c.detail.contains("clsact") && c.detail.contains("6.6"),
+            "{c}"
+        );
+
+        let c = tc_attach(&no_tcx, |m| m != "cls_bpf");
+        assert_eq!(c.status, Status::Fail);
+        assert!(
+            c.detail.contains("cls_bpf") && !c.detail.contains("sch_ingress"),
+            "{c}"
+        );
+
+        let c = tc_attach(&features(vec![], Probe::Unknown("EPERM".into())), |_| true);
+        assert_eq!(c.status, Status::Warn);
     }
 
     #[test]
@@ -657,9 +798,14 @@ mod tests {
         assert_eq!(no_tc.status, Status::Fail);
         assert!(no_tc.detail.contains("tc_ingress"), "{}", no_tc.detail);
         std::fs::write(pin.join("links/tc_ingress_eth0"), "").unwrap();
+        std::fs::write(pin.join("links/tc_clsact_veth1"), "").unwrap();
         let ok = pins(&pin);
         assert_eq!(ok.status, Status::Pass, "{}", ok.detail);
-        assert!(ok.detail.contains("eth0"));
+        assert!(
+            ok.detail.contains("eth0 (TCX)") && ok.detail.contains("veth1 (clsact filter)"),
+            "{}",
+            ok.detail
+        );
         std::fs::remove_file(pin.join("maps/zm_events")).unwrap();
         let missing = pins(&pin);
         assert_eq!(missing.status, Status::Fail);

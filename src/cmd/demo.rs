@@ -54,6 +54,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         cert_lifetime: args.cert_lifetime,
         strict_nodes: vec![],
         reserved_pods: vec![],
+        agent_env: vec![],
     });
     let mut lab = tokio::select! {
         lab = lab => lab?,
@@ -326,14 +327,24 @@ async fn demo(lab: &mut Lab) -> anyhow::Result<Vec<String>> {
             refused.elapsed
         ),
     );
-    let dropped = flows(lab, "node1", "verdict=dropped&since=5m").await?;
+    // The agent reads drop reports from the eBPF ring buffer on its own: the report may
+    // land a moment after the client was refused (longer on a loaded or emulated machine).
+    let reported = |flows: &[FlowEvent]| {
+        flows
+            .iter()
+            .any(|f| f.destination.addr == web && f.reason.as_deref() == Some("plaintext_strict"))
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut dropped = flows(lab, "node1", "verdict=dropped&since=5m").await?;
+    while !reported(&dropped) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        dropped = flows(lab, "node1", "verdict=dropped&since=5m").await?;
+    }
     for flow in &dropped {
         println!("  node1  {flow}");
     }
     checks.check(
-        dropped
-            .iter()
-            .any(|f| f.destination.addr == web && f.reason.as_deref() == Some("plaintext_strict")),
+        reported(&dropped),
         "the drop is reported by the eBPF program with its reason (zmesh observe --verdict dropped)",
     );
     let allowed = lab.pod_client("shop", "frontend", web, &secret("strict-ok"))?;

@@ -24,15 +24,34 @@ pub async fn lab_from(
     strict_nodes: &[&str],
     reserved_pods: Vec<ReservedPod>,
 ) -> Lab {
-    Lab::start(LabOptions {
+    Lab::start(options(manifests, strict_nodes, reserved_pods))
+        .await
+        .expect("the lab starts")
+}
+
+/// A lab on the demo's manifests whose agents run with `env` (e.g. a forced tc attach mode).
+pub async fn lab_with_env(strict_nodes: &[&str], env: &[(&str, &str)]) -> Lab {
+    let mut options = options(manifests(), strict_nodes, vec![]);
+    options.agent_env = env
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    Lab::start(options).await.expect("the lab starts")
+}
+
+pub fn options(
+    manifests: PathBuf,
+    strict_nodes: &[&str],
+    reserved_pods: Vec<ReservedPod>,
+) -> LabOptions {
+    LabOptions {
         manifests,
         zmesh_bin: PathBuf::from(env!("CARGO_BIN_EXE_zmesh")),
         cert_lifetime: Duration::from_secs(3600),
         strict_nodes: strict_nodes.iter().map(|s| s.to_string()).collect(),
         reserved_pods,
-    })
-    .await
-    .expect("the lab starts")
+        agent_env: vec![],
+    }
 }
 
 pub fn addr(lab: &Lab, ns: &str, pod: &str, port: u16) -> SocketAddr {

@@ -46,6 +46,13 @@ pub enum LabError {
     Process { what: String, reason: String },
     #[error("timed out after {after:?} waiting for {what}")]
     Timeout { what: String, after: Duration },
+    #[error("the agent of {node} exited ({status}) before it was ready: {error}")]
+    AgentExited {
+        node: String,
+        status: std::process::ExitStatus,
+        /// The agent's error line, from its log.
+        error: String,
+    },
     #[error("I/O on {path}: {source}")]
     Io {
         path: PathBuf,
@@ -74,6 +81,8 @@ pub struct LabOptions {
     /// Pods whose sandbox (netns, cgroup, veth) exists from the start but whose manifest
     /// is not there yet: a test adds it later, as a pod being scheduled.
     pub reserved_pods: Vec<ReservedPod>,
+    /// Environment variables for every agent (e.g. `ZMESH_TC_ATTACH=netlink`).
+    pub agent_env: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -433,7 +442,8 @@ impl Lab {
             .arg("--redirect-cgroup")
             .arg(cluster_node.pods_cgroup_path())
             .arg("--bpf-pin-dir")
-            .arg(self.pin_dir(node));
+            .arg(self.pin_dir(node))
+            .envs(self.options.agent_env.iter().map(|(k, v)| (k, v)));
         let child = spawn_logged(command, &self.agent_log_path(node), "the agent")?;
         self.agents.insert(node.to_owned(), child);
         Ok(())
@@ -532,8 +542,9 @@ impl Lab {
     }
 
     /// Waits until the agent of `node` serves its admin API and holds a valid certificate
-    /// for every enrolled workload of the node.
-    pub async fn wait_ready(&self, node: &str, timeout: Duration) -> Result<(), LabError> {
+    /// for every enrolled workload of the node. An agent of the lab that exits meanwhile
+    /// ends the wait at once with its error line.
+    pub async fn wait_ready(&mut self, node: &str, timeout: Duration) -> Result<(), LabError> {
         let (state, _) = read_manifests(&self.manifests_dir())?;
         let expected: Vec<String> = state
             .enrolled_on(node)
@@ -547,6 +558,7 @@ impl Lab {
         let client = AdminClient::new(self.admin_socket(node));
         let deadline = Instant::now() + timeout;
         loop {
+            self.check_agents_alive()?;
             if let Ok(certs) = client.get_json::<Vec<CertInfo>>("/certs").await {
                 let now = zmesh_agent::admin::epoch_seconds(std::time::SystemTime::now());
                 let ready = expected.iter().all(|id| {
@@ -569,6 +581,30 @@ impl Lab {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// An agent that exited is an error naming it, with the error line from its log.
+    fn check_agents_alive(&mut self) -> Result<(), LabError> {
+        let mut exited = None;
+        for (node, child) in &mut self.agents {
+            let status = child.try_wait().map_err(|e| LabError::Process {
+                what: format!("the agent of {node}"),
+                reason: e.to_string(),
+            })?;
+            if let Some(status) = status {
+                exited = Some((node.clone(), status));
+                break;
+            }
+        }
+        let Some((node, status)) = exited else {
+            return Ok(());
+        };
+        self.agents.remove(&node);
+        Err(LabError::AgentExited {
+            error: error_line(&self.agent_log(&node)),
+            node,
+            status,
+        })
     }
 
     /// Edits the lab's manifests (e.g. a namespace label), as `kubectl label` would.
@@ -740,6 +776,30 @@ async fn wait_until(
     Ok(())
 }
 
+/// What an agent that exited said about why: the `error: ...` line the binary prints on
+/// its way out (with the last lines of a long error, such as a verifier log), else its
+/// last ERROR-level log line, else the end of its log.
+pub fn error_line(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().collect();
+    if let Some(at) = lines.iter().rposition(|l| l.starts_with("error: ")) {
+        let rest = &lines[at + 1..];
+        return match rest.len() {
+            0 => lines[at].to_owned(),
+            n if n <= 6 => format!("{}\n{}", lines[at], rest.join("\n")),
+            n => format!(
+                "{}\n  ... ({} more lines)\n{}",
+                lines[at],
+                n - 5,
+                rest[n - 5..].join("\n")
+            ),
+        };
+    }
+    if let Some(line) = lines.iter().rev().find(|l| l.contains(" ERROR ")) {
+        return (*line).to_owned();
+    }
+    format!("no error line in its log, which ends:\n{}", tail(log, 10))
+}
+
 fn tail(text: &str, lines: usize) -> String {
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
@@ -862,5 +922,31 @@ fn remove_stale_pins(root: &Path) {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_line;
+
+    #[test]
+    fn error_line_is_the_binarys_last_words_with_the_end_of_a_long_error() {
+        let log = "2026 INFO zmesh_agent: starting\n2026 ERROR zmesh_agent: a map update failed\n\
+                   error: eBPF redirection: the kernel lacks TCX links (Linux 6.6 has it)\n";
+        assert_eq!(
+            error_line(log),
+            "error: eBPF redirection: the kernel lacks TCX links (Linux 6.6 has it)"
+        );
+        let verifier: String = (0..40).map(|i| format!("{i}: (bf) r1 = r6\n")).collect();
+        let log = format!("INFO starting\nerror: loading failed: verifier output:\n{verifier}");
+        let line = error_line(&log);
+        assert!(
+            line.starts_with("error: loading failed: verifier output:\n  ... (35 more lines)\n35:"),
+            "{line}"
+        );
+        assert!(line.ends_with("39: (bf) r1 = r6"), "{line}");
+        let log = "INFO a\n2026 ERROR zmesh_agent: proxy stopped\nINFO b\n";
+        assert_eq!(error_line(log), "2026 ERROR zmesh_agent: proxy stopped");
+        assert!(error_line("INFO a\nINFO b\n").starts_with("no error line in its log"));
     }
 }
