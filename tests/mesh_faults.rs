@@ -99,6 +99,7 @@ async fn ca_down_past_certificate_expiry_fails_closed_with_the_reason_and_recove
         cert_lifetime: LIFETIME,
         strict_nodes: vec![],
         reserved_pods: vec![],
+        agent_env: vec![],
     })
     .await
     .expect("the lab starts");
