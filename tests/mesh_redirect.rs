@@ -189,6 +189,44 @@ async fn strict_mode_refuses_plaintext_fast_and_reports_the_drop() {
     assert!(counts.strict_plaintext >= 1, "{counts:?}");
 }
 
+/// During an upgrade the old agent drains (here: for as long as a connection stays open)
+/// while the new one runs; the new one must get every eBPF drop report, not the old.
+#[tokio::test(flavor = "multi_thread")]
+async fn drops_during_an_upgrade_are_reported_by_the_new_agent() {
+    let mut lab = lab(&[]).await;
+    let (web, _server) = serve_echo(&lab, "shop", "web", 8080);
+    // Keeps the old agent of node1 draining (alive) through the whole test.
+    let mut lingering = LongLivedClient::open(&lab, "shop", "frontend", web);
+    lingering.roundtrip("keeps the old agent draining");
+    lab.restart_agent("node1", true).await.unwrap();
+    const ATTEMPTS: usize = 10;
+    for i in 0..ATTEMPTS {
+        let refused = lab
+            .pod_client("legacy", "batch", web, format!("strict-{i}").as_bytes())
+            .unwrap();
+        assert!(!refused.success, "attempt {i} was not refused");
+    }
+    let batch = lab.cluster().pod("legacy", "batch").unwrap().ip();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let reported = support::observe(&lab, "node1", &["--verdict", "dropped"])
+            .iter()
+            .filter(|f| {
+                f.destination.addr == web && f.source.addr.ip() == std::net::IpAddr::from(batch)
+            })
+            .count();
+        if reported >= ATTEMPTS {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the new agent reported {reported} of {ATTEMPTS} drops"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    lingering.roundtrip("the old agent still carries its connection");
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn unenroll_and_reenroll_at_run_time() {
     let mut lab = lab(&[]).await;

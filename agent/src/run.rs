@@ -268,6 +268,11 @@ pub async fn run(
         }
         _ = shutdown => {
             tracing::info!("shutting down: draining open connections");
+            // The pinned ring buffer has one reader position: while we drain, a new agent
+            // (an upgrade) already reads it, and every report we took would be lost to it.
+            if let Some(task) = &drop_events {
+                task.abort();
+            }
             data_path.drain();
             data_path.stopped().await.map_err(AgentError::from)
         }
