@@ -12,3 +12,10 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --features zmesh/demo --locked -- -D warnings
 echo "== cargo test"
 cargo test --workspace --features zmesh/demo --locked
+# Every parser of untrusted input, fuzzed briefly from the committed corpus (longer by
+# hand: FUZZ_SECONDS=600 FUZZ_SANITIZER=address bash scripts/fuzz.sh). The fuzz build is
+# kept outside the clone so that a machine pays it once.
+echo "== fuzz (${FUZZ_SECONDS:-30} s per target)"
+CARGO_TARGET_DIR=${FUZZ_TARGET_DIR:-/var/cache/zmesh/fuzz-target} \
+  FUZZ_SECONDS=${FUZZ_SECONDS:-30} FUZZ_SANITIZER=${FUZZ_SANITIZER:-none} \
+  bash scripts/fuzz.sh

@@ -83,7 +83,14 @@ fn recv(fd: RawFd) -> Option<()> {
     let mut buf = [0u8; 2048];
     let mut cmsg = nix::cmsg_space!([RawFd; 4]);
     let mut iov = [IoSliceMut::new(&mut buf)];
-    match sock::recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+    // libFuzzer's timers interrupt blocking calls now and then: retry those.
+    let received = loop {
+        match sock::recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other,
+        }
+    };
+    match received {
         Ok(msg) => {
             let mut fds = 0;
             for c in msg.cmsgs().expect("control messages") {
