@@ -336,8 +336,16 @@ enum OptionalUpdate<K> {
     NotServed,
 }
 
+/// Whether the initial list failed with 404. A real API server answers a group or version
+/// it does not serve (a CRD not installed, EndpointSlice v1 before Kubernetes 1.21) with a
+/// plain-text `404 page not found`, not a `Status` with reason NotFound: kube then reports
+/// an unparsed status whose code alone says 404.
 fn is_not_found(e: &watcher::Error) -> bool {
-    matches!(e, watcher::Error::InitialListFailed(kube::Error::Api(status)) if status.is_not_found())
+    matches!(
+        e,
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+            if status.is_not_found() || status.code == 404
+    )
 }
 
 type EventStream<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
