@@ -696,8 +696,31 @@ impl Mirrors {
 }
 
 fn watch_failed(resource: &str, e: watcher::Error) -> bool {
-    tracing::warn!(target: "kubernetes", resource, "watch failed, keeping the last state and retrying: {e}");
+    if is_forbidden(&e) {
+        // RBAC changed under a running process (a role at start is checked by
+        // `crate::access::check_access`): nothing changes until someone grants it again.
+        tracing::error!(
+            target: "kubernetes",
+            resource,
+            "RBAC denies reading {resource}, keeping the last state (it will go stale) and \
+             retrying: {e}; grant get, list and watch on {resource} \
+             (examples/kubernetes/10-rbac.yaml)"
+        );
+    } else {
+        tracing::warn!(target: "kubernetes", resource, "watch failed, keeping the last state and retrying: {e}");
+    }
     false
+}
+
+/// Whether the API server refused the request (403): RBAC, not an outage.
+fn is_forbidden(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code == 403,
+        watcher::Error::WatchError(status) => status.code == 403,
+        _ => false,
+    }
 }
 
 #[cfg(test)]
