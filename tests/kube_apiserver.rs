@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use control_plane::{ControlPlane, Options};
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
@@ -27,9 +27,19 @@ use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::watch;
+use zmesh_agent::ca::CaTokenCredential;
+use zmesh_certs::{
+    new_key_and_csr, BearerError, BearerValidator, CaServer, CaStore, CachedBearer, InitOptions,
+    IstioCaClient, NodeName, Policy as CaPolicy, ServerOptions, DEFAULT_CLUSTER_ID,
+};
 use zmesh_cluster::access::{self, check_access, AccessError};
-use zmesh_cluster::kube_source::{watch_kubernetes, RetryPolicy};
+use zmesh_cluster::kube_source::{watch_kubernetes, watch_placement, RetryPolicy};
+use zmesh_cluster::placement::ClusterPlacement;
 use zmesh_cluster::state::{ClusterState, PodKey};
+use zmesh_cluster::token_review::{
+    TokenReviewValidator, DEFAULT_AGENT_SERVICE_ACCOUNT, DEFAULT_AUDIENCE, DEFAULT_CACHE_TTL,
+};
+use zmesh_identity::{SpiffeId, TrustDomain};
 use zmesh_proxy::policy::{Action, Request as PolicyRequest};
 
 const NODE: &str = "node-a";
@@ -1167,4 +1177,402 @@ async fn rbac_missing_a_verb_is_named() {
     check_access(&ca, access::CA_PLACEMENT)
         .await
         .expect("placement alone is still allowed");
+}
+
+/// An agent pod of the DaemonSet on `node` (in zmesh-system, as the agent's account).
+async fn agent_pod(client: &kube::Client, name: &str, node: &str) -> Pod {
+    create_pod(
+        client,
+        "zmesh-system",
+        pod(
+            name,
+            Some(node),
+            "zmesh-agent",
+            &[("app", "zmesh-agent")],
+            &[],
+        ),
+    )
+    .await
+}
+
+fn rejected(result: Result<NodeName, BearerError>) -> String {
+    match result {
+        Err(BearerError::Rejected(reason)) => {
+            eprintln!("refused: {reason}");
+            reason
+        }
+        other => panic!("not rejected: {other:?}"),
+    }
+}
+
+/// Claims as the API server (1.20) writes them into a pod-bound token of
+/// zmesh-system/zmesh-agent, valid from `from` to `until` (Unix seconds).
+fn agent_claims(
+    account_uid: &str,
+    pod: &Pod,
+    audience: &str,
+    from: i64,
+    until: i64,
+) -> serde_json::Value {
+    json!({
+        "aud": [audience],
+        "exp": until,
+        "iat": from,
+        "nbf": from,
+        "iss": control_plane::ISSUER,
+        "sub": "system:serviceaccount:zmesh-system:zmesh-agent",
+        "kubernetes.io": {
+            "namespace": "zmesh-system",
+            "serviceaccount": {"name": "zmesh-agent", "uid": account_uid},
+            "pod": {"name": pod.metadata.name, "uid": pod.metadata.uid},
+        },
+    })
+}
+
+fn now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0)
+}
+
+/// The CA's TokenReview authentication (as `zmesh ca serve --bearer kubernetes` builds it,
+/// the CA running as its own ServiceAccount with the project's RBAC) with tokens the API
+/// server really issued: the agent's projected token, bound to its pod, is accepted for the
+/// pod's node (Kubernetes 1.20 names no node in the review, so the node is read from the
+/// pod); a token for another audience, of another account, bound to no pod, the legacy
+/// Secret token, an expired token, the token of a deleted or replaced pod, and the token of
+/// a deleted account are refused; an unreachable API server is "unavailable".
+#[tokio::test]
+async fn token_review_with_real_service_account_tokens() {
+    let Some(mut plane) = control_plane(Options {
+        controller_manager: true,
+    })
+    .await
+    else {
+        return;
+    };
+    let admin = plane.client().await.expect("admin client");
+    apply_example(&admin, "00-namespace.yaml").await;
+    apply_example(&admin, "10-rbac.yaml").await;
+    let ca_token = service_account_token(&admin, "zmesh-system", "zmesh-ca", &[], None).await;
+    let ca = plane.client_with_token(&ca_token).await.expect("CA client");
+    poll("the CA's role to be in force", || async {
+        check_access(&ca, access::CA_TOKEN_REVIEW).await.ok()
+    })
+    .await;
+    let validator = TokenReviewValidator::new(
+        ca,
+        DEFAULT_AUDIENCE,
+        DEFAULT_AGENT_SERVICE_ACCOUNT.parse().expect("account"),
+    );
+    let agent_a = agent_pod(&admin, "zmesh-agent-a", NODE).await;
+
+    // The agent's projected token: for the CA's audience, bound to its pod.
+    let token = service_account_token(
+        &admin,
+        "zmesh-system",
+        "zmesh-agent",
+        &[DEFAULT_AUDIENCE],
+        Some(&agent_a),
+    )
+    .await;
+    let node = validator.validate(&token).await.expect("the agent's token");
+    assert_eq!(node.as_str(), NODE);
+
+    // For the API server's audience (what a pod gets by default): refused.
+    let reason = rejected(
+        validator
+            .validate(
+                &service_account_token(&admin, "zmesh-system", "zmesh-agent", &[], Some(&agent_a))
+                    .await,
+            )
+            .await,
+    );
+    assert!(reason.contains("did not authenticate"), "{reason}");
+    // Another account's token, bound to its own pod, for our audience: refused.
+    let shop = unique("shop");
+    create_namespace(&admin, &shop, &[]).await;
+    create_service_account(&admin, &shop, "web").await;
+    let web = create_pod(&admin, &shop, pod("web-1", Some(NODE), "web", &[], &[])).await;
+    let reason = rejected(
+        validator
+            .validate(
+                &service_account_token(&admin, &shop, "web", &[DEFAULT_AUDIENCE], Some(&web)).await,
+            )
+            .await,
+    );
+    assert!(
+        reason.contains("not the node agent's service account zmesh-system/zmesh-agent"),
+        "{reason}"
+    );
+    // The agent's account, our audience, but bound to no pod: no node to give it.
+    let reason = rejected(
+        validator
+            .validate(
+                &service_account_token(
+                    &admin,
+                    "zmesh-system",
+                    "zmesh-agent",
+                    &[DEFAULT_AUDIENCE],
+                    None,
+                )
+                .await,
+            )
+            .await,
+    );
+    assert!(reason.contains("names no node and no pod"), "{reason}");
+    // The legacy Secret token the tokens controller made for the account: no audience of
+    // ours, refused.
+    let secrets = Api::<Secret>::namespaced(admin.clone(), "zmesh-system");
+    let legacy = poll("the agent account's token Secret", || async {
+        let list = secrets
+            .list(&Default::default())
+            .await
+            .expect("list secrets");
+        list.items.into_iter().find_map(|secret| {
+            let annotations = secret.metadata.annotations.unwrap_or_default();
+            (secret.type_.as_deref() == Some("kubernetes.io/service-account-token")
+                && annotations
+                    .get("kubernetes.io/service-account.name")
+                    .map(String::as_str)
+                    == Some("zmesh-agent"))
+            .then(|| secret.data?.get("token").cloned())
+            .flatten()
+        })
+    })
+    .await;
+    let legacy = String::from_utf8(legacy.0).expect("a text token");
+    let reason = rejected(validator.validate(&legacy).await);
+    assert!(reason.contains("did not authenticate"), "{reason}");
+
+    // Tokens signed with the cluster's key but not issued by the API server: first one it
+    // would issue (so the forgery itself is right), then the same, expired.
+    let account_uid = Api::<ServiceAccount>::namespaced(admin.clone(), "zmesh-system")
+        .get("zmesh-agent")
+        .await
+        .expect("the agent's account")
+        .metadata
+        .uid
+        .expect("a UID");
+    let t = now();
+    let valid = plane
+        .sign_service_account_token(&agent_claims(
+            &account_uid,
+            &agent_a,
+            DEFAULT_AUDIENCE,
+            t - 60,
+            t + 600,
+        ))
+        .expect("sign");
+    assert_eq!(
+        validator
+            .validate(&valid)
+            .await
+            .expect("a well-formed token")
+            .as_str(),
+        NODE
+    );
+    let expired = plane
+        .sign_service_account_token(&agent_claims(
+            &account_uid,
+            &agent_a,
+            DEFAULT_AUDIENCE,
+            t - 7200,
+            t - 3600,
+        ))
+        .expect("sign");
+    let reason = rejected(validator.validate(&expired).await);
+    assert!(reason.contains("expired"), "{reason}");
+
+    // The agent pod is deleted: its token dies with it. A new pod of the same name on
+    // another node does not revive it; the new pod's token names the new node.
+    // The API server checks the bound pod against its informer cache, which may lag
+    // behind the deletion: the CA reads the pod itself, so that the refusal is immediate.
+    force_delete_pod(&admin, "zmesh-system", "zmesh-agent-a").await;
+    let reason = rejected(validator.validate(&token).await);
+    assert!(
+        reason.contains("did not authenticate")
+            || reason.contains("the token's pod zmesh-system/zmesh-agent-a no longer exists"),
+        "{reason}"
+    );
+    let replaced = agent_pod(&admin, "zmesh-agent-a", OTHER_NODE).await;
+    let reason = rejected(validator.validate(&token).await);
+    assert!(
+        reason.contains("did not authenticate")
+            || reason.contains("the token's pod zmesh-system/zmesh-agent-a was replaced"),
+        "{reason}"
+    );
+    let token = service_account_token(
+        &admin,
+        "zmesh-system",
+        "zmesh-agent",
+        &[DEFAULT_AUDIENCE],
+        Some(&replaced),
+    )
+    .await;
+    assert_eq!(
+        validator.validate(&token).await.expect("new pod").as_str(),
+        OTHER_NODE
+    );
+
+    // The account is deleted: none of its tokens is valid any more.
+    Api::<ServiceAccount>::namespaced(admin.clone(), "zmesh-system")
+        .delete("zmesh-agent", &DeleteParams::default())
+        .await
+        .expect("delete the account");
+    // (Through the API server's cache: within moments.)
+    let reason = poll("the deleted account's token to be refused", || async {
+        match validator.validate(&token).await {
+            Err(BearerError::Rejected(reason)) => Some(reason),
+            _ => None,
+        }
+    })
+    .await;
+    assert!(reason.contains("did not authenticate"), "{reason}");
+
+    // No API server: no verdict.
+    plane.stop_apiserver(0);
+    match validator.validate(&token).await {
+        Err(BearerError::Unavailable(reason)) => {
+            assert!(reason.contains("TokenReview"), "{reason}")
+        }
+        other => panic!("an unreachable API must not decide: {other:?}"),
+    }
+}
+
+/// A gRPC refusal's code name, or the chain issued.
+async fn request_certificate(client: &IstioCaClient, id: &str) -> Result<Vec<String>, String> {
+    let csr = new_key_and_csr(&SpiffeId::parse(id).expect("a SPIFFE ID"))
+        .expect("a CSR")
+        .1;
+    client
+        .create_certificate(&csr, Some(id), 3600)
+        .await
+        .map_err(|status| format!("{:?}: {}", status.code(), status.message()))
+}
+
+/// The whole CA as `zmesh ca serve --kubernetes --bearer kubernetes` assembles it, running
+/// as its ServiceAccount with the project's RBAC against the real API server: agents
+/// authenticate with their projected tokens (read from a file, as the agent does) and get
+/// only identities of pods scheduled on their own node, following pod deletions.
+#[tokio::test]
+async fn the_ca_issues_only_to_the_node_of_the_agents_token() {
+    let Some(plane) = control_plane(Options::default()).await else {
+        return;
+    };
+    let admin = plane.client().await.expect("admin client");
+    apply_example(&admin, "00-namespace.yaml").await;
+    apply_example(&admin, "10-rbac.yaml").await;
+    let shop = unique("shop");
+    create_namespace(&admin, &shop, &[("io.cilium/mtls-enabled", "true")]).await;
+    for account in ["web", "db"] {
+        create_service_account(&admin, &shop, account).await;
+    }
+    create_pod(&admin, &shop, pod("web-1", Some(NODE), "web", &[], &[])).await;
+    create_pod(&admin, &shop, pod("db-0", Some(OTHER_NODE), "db", &[], &[])).await;
+    let agent_a = agent_pod(&admin, "zmesh-agent-a", NODE).await;
+    let agent_b = agent_pod(&admin, "zmesh-agent-b", OTHER_NODE).await;
+
+    let ca_token = service_account_token(&admin, "zmesh-system", "zmesh-ca", &[], None).await;
+    let client = plane.client_with_token(&ca_token).await.expect("CA client");
+    let needed = [access::CA_PLACEMENT, access::CA_TOKEN_REVIEW].concat();
+    poll("the CA's role to be in force", || async {
+        check_access(&client, &needed).await.ok()
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let store = CaStore::init(
+        &dir.path().join("ca"),
+        &InitOptions {
+            trust_domain: TrustDomain::default(),
+            policy: CaPolicy::default(),
+        },
+    )
+    .expect("CA init");
+    let state = watch_placement(client.clone(), String::new(), fast_retry()).await;
+    let review = TokenReviewValidator::new(
+        client,
+        DEFAULT_AUDIENCE,
+        DEFAULT_AGENT_SERVICE_ACCOUNT.parse().expect("account"),
+    );
+    let server = CaServer::bind(
+        store.clone(),
+        ServerOptions {
+            listen: "127.0.0.1:0".parse().expect("an address"),
+            serving_names: vec!["127.0.0.1".into()],
+            placement: Arc::new(ClusterPlacement::new(state)),
+            bearer: Some(Arc::new(CachedBearer::new(review, DEFAULT_CACHE_TTL))),
+            cluster_id: DEFAULT_CLUSTER_ID.into(),
+        },
+    )
+    .await
+    .expect("CA bind");
+    let addr = server.local_addr().expect("CA address").to_string();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let serving = tokio::spawn(server.serve(async {
+        let _ = stopped.await;
+    }));
+    let roots = dir.path().join("roots.pem");
+    std::fs::write(&roots, store.load().expect("CA").bundle_pem()).expect("roots");
+    let agent = |name: &str, token: String| {
+        let token_file = dir.path().join(format!("{name}.token"));
+        std::fs::write(&token_file, token).expect("token file");
+        CaTokenCredential {
+            token_file,
+            ca_bundle: roots.clone(),
+        }
+        .client(&addr)
+        .expect("CA client")
+        .0
+    };
+    let token = |pod: Pod, audiences: &'static [&'static str]| {
+        let admin = admin.clone();
+        async move {
+            service_account_token(&admin, "zmesh-system", "zmesh-agent", audiences, Some(&pod))
+                .await
+        }
+    };
+    let node_a = agent("node-a", token(agent_a.clone(), &[DEFAULT_AUDIENCE]).await);
+    let node_b = agent("node-b", token(agent_b, &[DEFAULT_AUDIENCE]).await);
+    let web_id = format!("spiffe://cluster.local/ns/{shop}/sa/web");
+    let db_id = format!("spiffe://cluster.local/ns/{shop}/sa/db");
+
+    let chain = request_certificate(&node_a, &web_id)
+        .await
+        .expect("web on node-a");
+    assert_eq!(chain.len(), 3, "leaf, intermediate, roots");
+    let refused = request_certificate(&node_a, &db_id)
+        .await
+        .expect_err("db is on node-b");
+    assert!(refused.starts_with("PermissionDenied"), "{refused}");
+    request_certificate(&node_b, &db_id)
+        .await
+        .expect("db on node-b");
+    let refused = request_certificate(&node_b, &web_id)
+        .await
+        .expect_err("web is on node-a");
+    assert!(refused.starts_with("PermissionDenied"), "{refused}");
+    // The agent's pod token for the API server's audience is not a CA credential.
+    let wrong = agent("wrong", token(agent_a, &[]).await);
+    let refused = request_certificate(&wrong, &web_id)
+        .await
+        .expect_err("wrong audience");
+    assert!(refused.starts_with("Unauthenticated"), "{refused}");
+
+    // web-1 goes away: node-a gets its identity no more.
+    force_delete_pod(&admin, &shop, "web-1").await;
+    poll("web's identity to be refused on node-a", || async {
+        match request_certificate(&node_a, &web_id).await {
+            Err(refused) if refused.starts_with("PermissionDenied") => Some(()),
+            _ => None,
+        }
+    })
+    .await;
+    let _ = stop.send(());
+    tokio::time::timeout(DEADLINE, serving)
+        .await
+        .expect("the CA stops")
+        .expect("the CA task")
+        .expect("the CA served");
 }
