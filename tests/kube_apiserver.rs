@@ -1576,3 +1576,16 @@ async fn the_ca_issues_only_to_the_node_of_the_agents_token() {
         .expect("the CA task")
         .expect("the CA served");
 }
+
+/// The harness looks for the binaries where scripts/control-plane.sh puts them.
+#[test]
+fn the_script_builds_the_version_the_harness_looks_for() {
+    let script = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/control-plane.sh"),
+    )
+    .expect("scripts/control-plane.sh");
+    let line = format!("KUBE_VERSION={}\n", control_plane::KUBE_VERSION);
+    assert!(script.contains(&line), "the script does not build {line}");
+    assert!(script.contains("CACHE=$CACHE_ROOT/kubernetes-$KUBE_VERSION\n"));
+    assert!(script.contains("${ZMESH_KUBE_CACHE:-/var/cache/zmesh}"));
+}

@@ -1,9 +1,11 @@
 //! The Kubernetes cluster state source against recorded API server responses (list, watch
 //! events, a 410 Gone that forces a re-list, and API outages), for Namespaces, Pods,
 //! Services, EndpointSlices (including an API server that does not serve them) and Istio
-//! AuthorizationPolicies (including a CRD that is not installed). No live API server was
-//! available here: the fake below replays responses captured in tests/fixtures/kube (the
-//! Service and EndpointSlice ones are written in the API server's list/watch format).
+//! AuthorizationPolicies (including a CRD that is not installed). The fake below replays
+//! responses in tests/fixtures/kube (the Service and EndpointSlice ones are written in the
+//! API server's list/watch format; the plain-text 404 is what a real 1.20 API server
+//! answers). The same source against a real API server: tests/kube_apiserver.rs at the
+//! workspace root.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::convert::Infallible;

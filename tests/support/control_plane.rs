@@ -6,7 +6,8 @@
 //! Each [`ControlPlane`] has its own temporary directory (certificates, keys, etcd data,
 //! logs, kubeconfig) and free ports; it kills its processes and removes the directory when
 //! dropped, also when the test panics (then the tail of each process's log is printed
-//! first). Processes also get SIGKILL if the test process dies (`PR_SET_PDEATHSIG`).
+//! first). Processes also get SIGKILL if the test process dies (`PR_SET_PDEATHSIG`), and
+//! the next control plane removes the directories such a process left.
 //!
 //! Authentication: an admin token (group `system:masters`) in a token file; ServiceAccount
 //! tokens come from the TokenRequest API and are signed with the control plane's own RSA
@@ -48,12 +49,15 @@ const BINARIES: [&str; 4] = [
     "kubectl",
 ];
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
+const DIR_PREFIX: &str = "zmesh-kube-";
+/// In each control plane's directory: the test process that owns it.
+const OWNER_FILE: &str = "owner.pid";
 
 #[derive(Debug, thiserror::Error)]
 pub enum HarnessError {
     #[error(
         "the Kubernetes control plane binaries are missing in {dir} ({missing}): build them \
-         with `sudo bash scripts/control-plane.sh` (once per machine, ~10 min), or set \
+         with `sudo bash scripts/control-plane.sh` (once per machine: ~6 min on 2 cores), or set \
          {SKIP_ENV}=1 to skip the tests that need them"
     )]
     Missing { dir: String, missing: String },
@@ -257,10 +261,15 @@ impl ControlPlane {
             }
             Err(e) => return Err(e),
         };
+        remove_stale_dirs();
         let dir = tempfile::Builder::new()
-            .prefix("zmesh-kube-")
+            .prefix(DIR_PREFIX)
             .tempdir()
             .map_err(io("creating the temporary directory"))?;
+        write(
+            &dir.path().join(OWNER_FILE),
+            &std::process::id().to_string(),
+        )?;
         let ca_pem = write_certificates(dir.path())?;
         let sa_key = KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)?;
         write(&dir.path().join("sa.key"), &sa_key.serialize_pem())?;
@@ -591,6 +600,30 @@ impl Drop for ControlPlane {
         taken.remove(&self.etcd_port);
         for server in &self.apiservers {
             taken.remove(&server.port);
+        }
+    }
+}
+
+/// Removes the directories of control planes whose test process died without dropping
+/// them (killed by a timeout): their processes died with it (`PR_SET_PDEATHSIG`).
+fn remove_stale_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let ours = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with(DIR_PREFIX));
+        let owner = std::fs::read_to_string(path.join(OWNER_FILE))
+            .ok()
+            .and_then(|pid| pid.trim().parse::<i32>().ok());
+        if let (true, Some(pid)) = (ours, owner) {
+            let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+            if !alive {
+                let _ = std::fs::remove_dir_all(&path);
+            }
         }
     }
 }
