@@ -1078,10 +1078,13 @@ async fn rbac_missing_a_verb_is_named() {
     let admin = plane.client().await.expect("admin client");
     apply_example(&admin, "00-namespace.yaml").await;
     apply_example(&admin, "10-rbac.yaml").await;
-    let token = service_account_token(&admin, "zmesh-system", "zmesh-agent", &[], None).await;
-    let agent = plane.client_with_token(&token).await.expect("agent client");
-    let token = service_account_token(&admin, "zmesh-system", "zmesh-ca", &[], None).await;
-    let ca = plane.client_with_token(&token).await.expect("CA client");
+    let agent_token = service_account_token(&admin, "zmesh-system", "zmesh-agent", &[], None).await;
+    let agent = plane
+        .client_with_token(&agent_token)
+        .await
+        .expect("agent client");
+    let ca_token = service_account_token(&admin, "zmesh-system", "zmesh-ca", &[], None).await;
+    let ca = plane.client_with_token(&ca_token).await.expect("CA client");
     let ca_needs = [access::CA_PLACEMENT, access::CA_TOKEN_REVIEW].concat();
 
     // The project's roles are enough (RBAC reaches the authorizer within moments).
@@ -1177,6 +1180,76 @@ async fn rbac_missing_a_verb_is_named() {
     check_access(&ca, access::CA_PLACEMENT)
         .await
         .expect("placement alone is still allowed");
+
+    // The real commands refuse to start, with that message.
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let kubeconfig = |name: &str, token: &str| {
+        let path = dir.path().join(format!("{name}.kubeconfig"));
+        std::fs::write(&path, plane.kubeconfig_yaml(0, token)).expect("kubeconfig");
+        path
+    };
+    let agent_config = kubeconfig("agent", &agent_token);
+    let stderr = refused_start(
+        zmesh(&agent_config)
+            .args([
+                "agent",
+                "--kubernetes",
+                "--node",
+                NODE,
+                "--data-plane",
+                "ztunnel",
+            ])
+            .arg("--zds-socket")
+            .arg(dir.path().join("zds.sock"))
+            .arg("--admin-socket")
+            .arg(dir.path().join("admin.sock")),
+    )
+    .await;
+    assert!(
+        stderr.contains("may not watch pods, list authorizationpolicies.security.istio.io"),
+        "{stderr}"
+    );
+    let state_dir = dir.path().join("ca");
+    let init = zmesh(&agent_config)
+        .args(["ca", "init", "--state-dir"])
+        .arg(&state_dir)
+        .output()
+        .await
+        .expect("zmesh ca init");
+    assert!(init.status.success(), "{init:?}");
+    let stderr = refused_start(
+        zmesh(&kubeconfig("ca", &ca_token))
+            .args(["ca", "serve", "--kubernetes", "--bearer", "kubernetes"])
+            .args(["--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(&state_dir),
+    )
+    .await;
+    assert!(
+        stderr.contains("may not create tokenreviews.authentication.k8s.io"),
+        "{stderr}"
+    );
+}
+
+/// The `zmesh` binary with `kubeconfig` as its Kubernetes configuration.
+fn zmesh(kubeconfig: &std::path::Path) -> tokio::process::Command {
+    let mut command = tokio::process::Command::new(env!("CARGO_BIN_EXE_zmesh"));
+    command
+        .env("KUBECONFIG", kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .kill_on_drop(true);
+    command
+}
+
+/// Runs a command that must exit with an error on its own; returns its standard error.
+async fn refused_start(command: &mut tokio::process::Command) -> String {
+    let output = tokio::time::timeout(DEADLINE, command.output())
+        .await
+        .expect("the command exits by itself")
+        .expect("the command runs");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(!output.status.success(), "it started: {stderr}");
+    eprintln!("refused to start: {stderr}");
+    stderr
 }
 
 /// An agent pod of the DaemonSet on `node` (in zmesh-system, as the agent's account).
