@@ -3,7 +3,8 @@
 //! kubernetes` builds it) talking to a fake API server that answers with TokenReview
 //! responses in the API server's format (cluster/tests/fixtures/kube/tokenreview-*.json; written
 //! from the API's documented behaviour, not captured from a live cluster), and the agent's
-//! token-file credential.
+//! token-file credential. tests/kube_apiserver.rs does the same with real ServiceAccount
+//! tokens and a real API server.
 
 use std::collections::HashMap;
 use std::convert::Infallible;

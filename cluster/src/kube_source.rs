@@ -336,8 +336,16 @@ enum OptionalUpdate<K> {
     NotServed,
 }
 
+/// Whether the initial list failed with 404. A real API server answers a group or version
+/// it does not serve (a CRD not installed, EndpointSlice v1 before Kubernetes 1.21) with a
+/// plain-text `404 page not found`, not a `Status` with reason NotFound: kube then reports
+/// an unparsed status whose code alone says 404.
 fn is_not_found(e: &watcher::Error) -> bool {
-    matches!(e, watcher::Error::InitialListFailed(kube::Error::Api(status)) if status.is_not_found())
+    matches!(
+        e,
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+            if status.is_not_found() || status.code == 404
+    )
 }
 
 type EventStream<K> = BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>;
@@ -688,8 +696,31 @@ impl Mirrors {
 }
 
 fn watch_failed(resource: &str, e: watcher::Error) -> bool {
-    tracing::warn!(target: "kubernetes", resource, "watch failed, keeping the last state and retrying: {e}");
+    if is_forbidden(&e) {
+        // RBAC changed under a running process (a role at start is checked by
+        // `crate::access::check_access`): nothing changes until someone grants it again.
+        tracing::error!(
+            target: "kubernetes",
+            resource,
+            "RBAC denies reading {resource}, keeping the last state (it will go stale) and \
+             retrying: {e}; grant get, list and watch on {resource} \
+             (examples/kubernetes/10-rbac.yaml)"
+        );
+    } else {
+        tracing::warn!(target: "kubernetes", resource, "watch failed, keeping the last state and retrying: {e}");
+    }
     false
+}
+
+/// Whether the API server refused the request (403): RBAC, not an outage.
+fn is_forbidden(e: &watcher::Error) -> bool {
+    match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(status))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(status))
+        | watcher::Error::WatchFailed(kube::Error::Api(status)) => status.code == 403,
+        watcher::Error::WatchError(status) => status.code == 403,
+        _ => false,
+    }
 }
 
 #[cfg(test)]

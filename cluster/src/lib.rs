@@ -9,9 +9,11 @@
 //! - [`placement`] and [`token_review`]: what the CA needs of the cluster, which workloads
 //!   run on which node, and which node a ServiceAccount token belongs to.
 //! - [`enroll`]: `zmesh enroll` / `unenroll` in a manifest directory.
+//! - [`access`]: the Kubernetes permissions the agent and the CA need, checked at start.
 //!
 //! No eBPF and no data path here: the agent (`zmesh-agent`) turns this state into them.
 
+pub mod access;
 pub mod enroll;
 pub mod kube_source;
 pub mod manifests;

@@ -3,16 +3,20 @@
 //!
 //! [`TokenReviewValidator`]: the CA asks the API server (TokenReview) who the
 //! token is, and accepts it only for the agent's service account, taking the node from
-//! the token's `authentication.kubernetes.io/node-name` extra (bound pod tokens carry it
-//! since Kubernetes 1.30), as Istio does for ztunnel. Fails closed: anything but a
-//! positive review for the agent account, our audience and exactly one node name is a
-//! rejection, and an API error is "unavailable", never "yes".
+//! the token's `authentication.kubernetes.io/node-name` extra (pod-bound tokens carry it
+//! since Kubernetes 1.30). Before 1.30 a pod-bound token names only its pod
+//! (`.../pod-name` and `.../pod-uid` extras): the node is then that pod's `spec.nodeName`,
+//! read from the API, provided the pod is still the one the token was bound to (same UID),
+//! as Istio does for ztunnel. Fails closed: anything but a positive review for the agent
+//! account and our audience that leads to exactly one node is a rejection, and an API
+//! error is "unavailable", never "yes".
 
 use std::fmt;
 use std::str::FromStr;
 use std::time::Duration;
 
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
+use k8s_openapi::api::core::v1::Pod;
 use kube::api::PostParams;
 use kube::{Api, Client};
 use zmesh_certs::{BearerError, BearerFuture, BearerValidator, NodeName};
@@ -25,6 +29,9 @@ pub const DEFAULT_AUDIENCE: &str = "zmesh-ca";
 pub const DEFAULT_AGENT_SERVICE_ACCOUNT: &str = "zmesh-system/zmesh-agent";
 /// The user extra in which the API server names the node of a pod-bound token.
 pub const NODE_NAME_EXTRA: &str = "authentication.kubernetes.io/node-name";
+/// The user extras in which the API server names the pod a token is bound to.
+pub const POD_NAME_EXTRA: &str = "authentication.kubernetes.io/pod-name";
+pub const POD_UID_EXTRA: &str = "authentication.kubernetes.io/pod-uid";
 /// How long to trust an accepted token without asking again. Short, because a deleted
 /// pod's token stays usable this long.
 pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(60);
@@ -91,6 +98,8 @@ impl ServiceAccountRef {
 /// [`zmesh_certs::CachedBearer`] so every request does not cost a review.
 pub struct TokenReviewValidator {
     api: Api<TokenReview>,
+    /// The agent account's namespace: where the pods its tokens are bound to run.
+    pods: Api<Pod>,
     audience: String,
     agent: ServiceAccountRef,
     username: String,
@@ -98,9 +107,11 @@ pub struct TokenReviewValidator {
 
 impl TokenReviewValidator {
     /// Accepts tokens for `audience` of the `agent` service account. The client's
-    /// identity needs `create` on `tokenreviews.authentication.k8s.io`.
+    /// identity needs `create` on `tokenreviews.authentication.k8s.io` and `get` on pods
+    /// (`crate::access::CA_TOKEN_REVIEW`).
     pub fn new(client: Client, audience: &str, agent: ServiceAccountRef) -> Self {
         Self {
+            pods: Api::namespaced(client.clone(), &agent.namespace),
             api: Api::all(client),
             audience: audience.to_owned(),
             username: agent.username(),
@@ -127,11 +138,52 @@ impl TokenReviewValidator {
         let status = answer.status.ok_or_else(|| {
             BearerError::Unavailable("the API server returned a TokenReview without status".into())
         })?;
-        self.decide(status, token)
+        match self.decide(status, token)? {
+            Bound::Node(node) => Ok(node),
+            Bound::Pod { name, uid } => self.node_of_pod(&name, &uid).await,
+        }
     }
 
-    /// The node a reviewed token belongs to, or why it is refused.
-    fn decide(&self, status: TokenReviewStatus, token: &str) -> Result<NodeName, BearerError> {
+    /// The node of the agent pod `name` a token is bound to, if it is still that pod.
+    async fn node_of_pod(&self, name: &str, uid: &str) -> Result<NodeName, BearerError> {
+        let reject = |reason: String| Err(BearerError::Rejected(reason));
+        let pod = format!("{}/{name}", self.agent.namespace);
+        let found = tokio::time::timeout(REVIEW_TIMEOUT, self.pods.get_opt(name))
+            .await
+            .map_err(|_| BearerError::Unavailable("the API server did not answer in time".into()))?
+            .map_err(|e| {
+                BearerError::Unavailable(format!("cannot read the token's pod {pod}: {e}"))
+            })?;
+        let Some(found) = found else {
+            return reject(format!("the token's pod {pod} no longer exists"));
+        };
+        if found.metadata.uid.as_deref() != Some(uid) {
+            return reject(format!(
+                "the token's pod {pod} was replaced (UID {:?}, the token's {uid:?})",
+                found.metadata.uid.as_deref().unwrap_or("")
+            ));
+        }
+        let spec = found.spec.unwrap_or_default();
+        let account = spec.service_account_name.as_deref().unwrap_or("default");
+        if account != self.agent.name {
+            return reject(format!(
+                "the token's pod {pod} runs as {account:?}, not the node agent's service \
+                 account {}",
+                self.agent
+            ));
+        }
+        match spec.node_name.filter(|n| !n.is_empty()) {
+            Some(node) => NodeName::new(&node).or_else(|e| {
+                reject(format!(
+                    "the node name {node:?} of the token's pod {pod} is not valid: {e}"
+                ))
+            }),
+            None => reject(format!("the token's pod {pod} is not scheduled on a node")),
+        }
+    }
+
+    /// What a reviewed token is bound to, or why it is refused.
+    fn decide(&self, status: TokenReviewStatus, token: &str) -> Result<Bound, BearerError> {
         let reject = |reason: String| Err(BearerError::Rejected(reason));
         if status.authenticated != Some(true) {
             return match status.error.filter(|e| !e.is_empty()) {
@@ -158,20 +210,42 @@ impl TokenReviewValidator {
                 self.agent
             ));
         }
-        let nodes = user
-            .extra
-            .and_then(|mut extra| extra.remove(NODE_NAME_EXTRA))
-            .unwrap_or_default();
-        match nodes.as_slice() {
-            [node] => NodeName::new(node)
+        let mut extra = user.extra.unwrap_or_default();
+        let mut take = |key: &str| extra.remove(key).unwrap_or_default();
+        let (nodes, pods, uids) = (
+            take(NODE_NAME_EXTRA),
+            take(POD_NAME_EXTRA),
+            take(POD_UID_EXTRA),
+        );
+        match (nodes.as_slice(), pods.as_slice(), uids.as_slice()) {
+            ([node], _, _) => NodeName::new(node)
+                .map(Bound::Node)
                 .or_else(|e| reject(format!("the token's node name {node:?} is not valid: {e}"))),
-            [] => reject(format!(
-                "the token names no node ({NODE_NAME_EXTRA}): use the agent pod's projected \
-                 token (Kubernetes 1.30 or later)"
+            ([], [pod], [uid]) => Ok(Bound::Pod {
+                name: pod.clone(),
+                uid: uid.clone(),
+            }),
+            ([], [], []) => reject(format!(
+                "the token names no node and no pod ({NODE_NAME_EXTRA}, {POD_NAME_EXTRA}): \
+                 use the agent pod's projected token"
+            )),
+            ([], _, _) => reject(format!(
+                "the token names {} pods and {} pod UIDs",
+                pods.len(),
+                uids.len()
             )),
             _ => reject(format!("the token names {} nodes", nodes.len())),
         }
     }
+}
+
+/// What a token is bound to, as the review says.
+#[derive(Debug, PartialEq, Eq)]
+enum Bound {
+    /// Kubernetes 1.30+: the node itself.
+    Node(NodeName),
+    /// Before 1.30: the pod only; its node is read from the API.
+    Pod { name: String, uid: String },
 }
 
 impl BearerValidator for TokenReviewValidator {
@@ -182,7 +256,6 @@ impl BearerValidator for TokenReviewValidator {
 
 #[cfg(test)]
 mod tests {
-    use std::collections::BTreeMap;
 
     use k8s_openapi::api::authentication::v1::UserInfo;
 
@@ -201,22 +274,29 @@ mod tests {
     }
 
     fn agent_status(nodes: &[&str]) -> TokenReviewStatus {
+        with_extras(&[(NODE_NAME_EXTRA, nodes)])
+    }
+
+    /// A positive review of the agent's token with these user extras.
+    fn with_extras(extras: &[(&str, &[&str])]) -> TokenReviewStatus {
         TokenReviewStatus {
             authenticated: Some(true),
             audiences: Some(vec![DEFAULT_AUDIENCE.into()]),
             error: None,
             user: Some(UserInfo {
                 username: Some("system:serviceaccount:zmesh-system:zmesh-agent".into()),
-                extra: Some(BTreeMap::from([(
-                    NODE_NAME_EXTRA.to_owned(),
-                    nodes.iter().map(|n| n.to_string()).collect(),
-                )])),
+                extra: Some(
+                    extras
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.iter().map(|s| s.to_string()).collect()))
+                        .collect(),
+                ),
                 ..UserInfo::default()
             }),
         }
     }
 
-    fn rejected(result: Result<NodeName, BearerError>) -> String {
+    fn rejected<T: std::fmt::Debug>(result: Result<T, BearerError>) -> String {
         match result {
             Err(BearerError::Rejected(reason)) => reason,
             other => panic!("not rejected: {other:?}"),
@@ -227,8 +307,8 @@ mod tests {
     async fn decisions() {
         let v = validator();
         assert_eq!(
-            v.decide(agent_status(&["node-a"]), "t").unwrap().as_str(),
-            "node-a"
+            v.decide(agent_status(&["node-a"]), "t").unwrap(),
+            Bound::Node(NodeName::new("node-a").unwrap())
         );
         let reason = rejected(v.decide(agent_status(&["node-a", "node-b"]), "t"));
         assert!(reason.contains("names 2 nodes"), "{reason}");
@@ -249,6 +329,43 @@ mod tests {
         let reason = rejected(v.decide(status, "s3cr3t-token"));
         assert!(!reason.contains("s3cr3t-token"), "{reason}");
         assert!(reason.contains("token <token> is malformed"), "{reason}");
+    }
+
+    #[tokio::test]
+    async fn tokens_bound_to_a_pod_only_are_resolved_through_the_pod() {
+        let v = validator();
+        // Before Kubernetes 1.30: the pod, not the node.
+        let pod_only = with_extras(&[(POD_NAME_EXTRA, &["agent-x"]), (POD_UID_EXTRA, &["u-1"])]);
+        assert_eq!(
+            v.decide(pod_only, "t").unwrap(),
+            Bound::Pod {
+                name: "agent-x".into(),
+                uid: "u-1".into()
+            }
+        );
+        // 1.30 and later name both: the node is taken as is.
+        let both = with_extras(&[
+            (NODE_NAME_EXTRA, &["node-a"]),
+            (POD_NAME_EXTRA, &["agent-x"]),
+            (POD_UID_EXTRA, &["u-1"]),
+        ]);
+        assert_eq!(
+            v.decide(both, "t").unwrap(),
+            Bound::Node(NodeName::new("node-a").unwrap())
+        );
+        // A pod without its UID (it could be any pod of that name): refused.
+        let reason = rejected(v.decide(with_extras(&[(POD_NAME_EXTRA, &["agent-x"])]), "t"));
+        assert!(reason.contains("1 pods and 0 pod UIDs"), "{reason}");
+        // Neither: a token not bound to a pod (a Secret's, or a TokenRequest without one).
+        let reason = rejected(v.decide(with_extras(&[]), "t"));
+        assert!(reason.contains("names no node and no pod"), "{reason}");
+        // The pod is looked up in the API; unreachable, that is not a verdict.
+        match v.node_of_pod("agent-x", "u-1").await {
+            Err(BearerError::Unavailable(reason)) => {
+                assert!(reason.contains("zmesh-system/agent-x"), "{reason}")
+            }
+            other => panic!("an unreachable API must not decide: {other:?}"),
+        }
     }
 
     #[tokio::test]

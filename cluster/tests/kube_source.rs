@@ -1,9 +1,11 @@
 //! The Kubernetes cluster state source against recorded API server responses (list, watch
 //! events, a 410 Gone that forces a re-list, and API outages), for Namespaces, Pods,
 //! Services, EndpointSlices (including an API server that does not serve them) and Istio
-//! AuthorizationPolicies (including a CRD that is not installed). No live API server was
-//! available here: the fake below replays responses captured in tests/fixtures/kube (the
-//! Service and EndpointSlice ones are written in the API server's list/watch format).
+//! AuthorizationPolicies (including a CRD that is not installed). The fake below replays
+//! responses in tests/fixtures/kube (the Service and EndpointSlice ones are written in the
+//! API server's list/watch format; the plain-text 404 is what a real 1.20 API server
+//! answers). The same source against a real API server: tests/kube_apiserver.rs at the
+//! workspace root.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::convert::Infallible;
@@ -137,6 +139,9 @@ const PODS_WATCH: &str = include_str!("fixtures/kube/pods-watch.jsonl");
 const PODS_LIST_AFTER_GONE: &str = include_str!("fixtures/kube/pods-list-after-gone.json");
 const STATUS_500: &str = include_str!("fixtures/kube/status-500.json");
 const STATUS_404: &str = include_str!("fixtures/kube/status-404.json");
+/// What a real API server (1.20) answers for a group or version it does not serve: plain
+/// text, not a Status.
+const NOT_SERVED_404: &str = include_str!("fixtures/kube/not-served-404.txt");
 const STATUS_403_POLICIES: &str = include_str!("fixtures/kube/status-403-policies.json");
 const POLICIES_LIST: &str = include_str!("fixtures/kube/policies-list.json");
 const POLICIES_LIST_V1BETA1: &str = include_str!("fixtures/kube/policies-list-v1beta1.json");
@@ -189,10 +194,11 @@ fn lines(jsonl: &str) -> Vec<String> {
         .collect()
 }
 
-/// Neither version of the AuthorizationPolicy API is served.
+/// Neither version of the AuthorizationPolicy API is served (the group is unknown: the
+/// API server's plain-text 404).
 fn crd_not_installed(api: &FakeApi) {
     for resource in [POLICIES_V1, POLICIES_V1BETA1] {
-        api.default_reply(resource, false, StatusCode::NOT_FOUND, STATUS_404);
+        api.default_reply(resource, false, StatusCode::NOT_FOUND, NOT_SERVED_404);
     }
 }
 
@@ -808,7 +814,8 @@ async fn without_endpoint_slices_the_state_has_none_and_a_warning_says_so_once()
     cluster_without_changes(&api);
     crd_not_installed(&api);
     api.push(SERVICES, false, Reply::Json(StatusCode::OK, SERVICES_LIST));
-    api.default_reply(SLICES, false, StatusCode::NOT_FOUND, STATUS_404);
+    // What Kubernetes 1.20 answers: the group is served (v1beta1), v1 is not.
+    api.default_reply(SLICES, false, StatusCode::NOT_FOUND, NOT_SERVED_404);
     let mut rx = start(&api).await;
     let state = rx.borrow_and_update().clone();
     assert_eq!(service_names(&state).len(), 3, "services are not held up");

@@ -210,6 +210,7 @@ pub async fn run_agent(args: AgentArgs, proxy_threads: usize) -> anyhow::Result<
             let client = kube::Client::try_default()
                 .await
                 .context("cannot configure the Kubernetes client")?;
+            super::check_kube_access(&client, zmesh_cluster::access::AGENT).await?;
             tracing::info!("waiting for the first complete listing of namespaces and pods");
             watch_kubernetes(client, args.node.clone(), RetryPolicy::default()).await
         }

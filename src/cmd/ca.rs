@@ -342,11 +342,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let needs_kube = matches!(config.placement, PlacementSource::Kubernetes)
         || matches!(config.bearer, Some(BearerSource::TokenReview { .. }));
     let kube = if needs_kube {
-        Some(
-            kube::Client::try_default()
-                .await
-                .context("cannot configure the Kubernetes client")?,
-        )
+        let client = kube::Client::try_default()
+            .await
+            .context("cannot configure the Kubernetes client")?;
+        let mut needed = Vec::new();
+        if matches!(config.placement, PlacementSource::Kubernetes) {
+            needed.extend_from_slice(zmesh_cluster::access::CA_PLACEMENT);
+        }
+        if matches!(config.bearer, Some(BearerSource::TokenReview { .. })) {
+            needed.extend_from_slice(zmesh_cluster::access::CA_TOKEN_REVIEW);
+        }
+        super::check_kube_access(&client, &needed).await?;
+        Some(client)
     } else {
         None
     };

@@ -72,6 +72,24 @@ pub async fn shutdown_signal() {
     }
 }
 
+/// Refuses to start without the Kubernetes permissions `needed`, naming every one missing.
+/// A check that cannot be made (the API server unreachable, SelfSubjectAccessReview
+/// refused) is only warned about: the watchers retry and report on their own.
+pub(crate) async fn check_kube_access(
+    client: &kube::Client,
+    needed: &[zmesh_cluster::access::Access],
+) -> anyhow::Result<()> {
+    use zmesh_cluster::access::{check_access, AccessError};
+    match check_access(client, needed).await {
+        Ok(()) => Ok(()),
+        Err(e @ AccessError::Denied(_)) => Err(e.into()),
+        Err(e @ AccessError::Unavailable { .. }) => {
+            tracing::warn!(target: "kubernetes", "{e}; starting anyway");
+            Ok(())
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::parse_duration;
