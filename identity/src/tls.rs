@@ -216,7 +216,7 @@ impl ClientCertVerifier for SvidClientVerifier {
             }
             Err(e) => {
                 tracing::debug!(rule = e.rule_name(), error = %e, "client SVID rejected");
-                Err(to_rustls(e))
+                Err(to_rustls(e, now))
             }
         }
     }
@@ -322,7 +322,7 @@ impl ServerCertVerifier for SvidServerVerifier {
             }
             Err(e) => {
                 tracing::debug!(rule = e.rule_name(), error = %e, "server SVID rejected");
-                Err(to_rustls(e))
+                Err(to_rustls(e, now))
             }
         }
     }
@@ -362,7 +362,9 @@ impl ServerCertVerifier for SvidServerVerifier {
     }
 }
 
-/// The SVID rule that failed a handshake, if the failure came from our verifiers.
+/// The SVID rule that failed a handshake, if the failure came from our verifiers and is
+/// not one of the standard cases `to_rustls` maps to rustls' own variants (untrusted
+/// chains: `UnknownIssuer`; validity: `ExpiredContext`/`NotValidYetContext`).
 pub fn svid_error(err: &rustls::Error) -> Option<&SvidError> {
     match err {
         rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
@@ -372,8 +374,27 @@ pub fn svid_error(err: &rustls::Error) -> Option<&SvidError> {
     }
 }
 
-fn to_rustls(e: SvidError) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
+/// The peer learns why from the TLS alert, which rustls derives from the variant: a chain
+/// we do not trust gets `unknown_ca` and a leaf out of its validity `certificate_expired`,
+/// as from ztunnel (webpki); every other SVID rule `certificate_unknown`.
+fn to_rustls(e: SvidError, now: UnixTime) -> rustls::Error {
+    let unix = |t: SystemTime| {
+        UnixTime::since_unix_epoch(t.duration_since(UNIX_EPOCH).unwrap_or_default())
+    };
+    rustls::Error::InvalidCertificate(match e {
+        SvidError::Untrusted { .. } | SvidError::UnknownTrustDomain(_) => {
+            CertificateError::UnknownIssuer
+        }
+        SvidError::Expired { not_after } => CertificateError::ExpiredContext {
+            time: now,
+            not_after: unix(not_after),
+        },
+        SvidError::NotYetValid { not_before } => CertificateError::NotValidYetContext {
+            time: now,
+            not_before: unix(not_before),
+        },
+        other => CertificateError::Other(OtherError(Arc::new(other))),
+    })
 }
 
 fn full_chain<'a>(

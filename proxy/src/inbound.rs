@@ -106,26 +106,29 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
         .max_concurrent_streams(
             u32::try_from(shared.config.limits.max_tunnels_per_connection).unwrap_or(u32::MAX),
         )
-        .max_header_list_size(64 * 1024)
-        // Lets requests carrying :protocol/:scheme/:path reach us, so we can answer 400
-        // instead of the library resetting them.
-        .enable_connect_protocol();
+        // No SETTINGS_ENABLE_CONNECT_PROTOCOL, as ztunnel: an extended CONNECT
+        // (`:protocol`) is then malformed and h2 resets it (PROTOCOL_ERROR).
+        .max_header_list_size(64 * 1024);
     // A peer that finished TLS but never sends the HTTP/2 preface must not hold the
     // connection forever.
-    let mut conn =
-        match tokio::time::timeout(handshake_timeout, builder.handshake::<_, Bytes>(tls)).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                failed("h2_handshake");
-                tracing::debug!(%peer, "HTTP/2 handshake failed: {e}");
-                return;
-            }
-            Err(_) => {
-                failed("h2_timeout");
-                tracing::debug!(%peer, "no HTTP/2 preface within {handshake_timeout:?}");
-                return;
-            }
-        };
+    let mut conn = match tokio::time::timeout(
+        handshake_timeout,
+        builder.handshake::<_, Bytes>(crate::linger::Lingering::new(tls)),
+    )
+    .await
+    {
+        Ok(Ok(c)) => c,
+        Ok(Err(e)) => {
+            failed("h2_handshake");
+            tracing::debug!(%peer, "HTTP/2 handshake failed: {e}");
+            return;
+        }
+        Err(_) => {
+            failed("h2_timeout");
+            tracing::debug!(%peer, "no HTTP/2 preface within {handshake_timeout:?}");
+            return;
+        }
+    };
     let keepalive = crate::keepalive::until_unanswered(
         conn.ping_pong(),
         shared.config.keepalive,

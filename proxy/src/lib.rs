@@ -16,6 +16,7 @@ mod credentials;
 mod inbound;
 mod keepalive;
 mod limits;
+mod linger;
 mod outbound;
 mod outcome;
 mod plaintext;
@@ -70,6 +71,8 @@ pub(crate) fn handshake_reason(e: &std::io::Error) -> &'static str {
         Error::NoCertificatesPresented => "no_certificate",
         Error::InvalidCertificate(CertificateError::Expired)
         | Error::InvalidCertificate(CertificateError::ExpiredContext { .. }) => "expired",
+        Error::InvalidCertificate(CertificateError::NotValidYet)
+        | Error::InvalidCertificate(CertificateError::NotValidYetContext { .. }) => "not_yet_valid",
         Error::InvalidCertificate(CertificateError::UnknownIssuer) => "unknown_issuer",
         // zmesh-identity's verifiers name the SVID rule that failed.
         Error::InvalidCertificate(CertificateError::Other(other)) => other
