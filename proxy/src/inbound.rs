@@ -360,9 +360,15 @@ async fn tunnel(
                 Outcome::BadRequest,
             );
         }
-    } else if let Some(w) = table.workload_by_ip(target.ip()) {
-        if w.node != *node {
-            let why = "authority is a workload of another node";
+    } else {
+        // As ztunnel: an authority that is not ours to serve is the client's mistake (400),
+        // whether it names another node's workload or no workload at all.
+        let why = match table.workload_by_ip(target.ip()) {
+            Some(w) if w.node == *node => None,
+            Some(_) => Some("authority is a workload of another node"),
+            None => Some("authority is not a workload of this node"),
+        };
+        if let Some(why) = why {
             return reject(
                 log,
                 respond,

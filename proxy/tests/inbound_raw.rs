@@ -270,9 +270,9 @@ async fn bad_requests_get_ztunnels_status_and_spare_other_tunnels() {
             StatusCode::SERVICE_UNAVAILABLE,
         ),
         (
-            "unknown destination",
+            "authority is no workload (explicit capture: 400, as ztunnel)",
             connect(&format!("{}:80", ip(101, 99))),
-            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::BAD_REQUEST,
         ),
         (
             "upstream refuses",
