@@ -40,6 +40,8 @@ pub struct AgentConfig {
     pub proxy_limits: Limits,
     /// The cluster's DNS domain (Service hostnames in HBONE requests).
     pub cluster_domain: String,
+    /// This cluster's id, in the `baggage` of HBONE requests and answers.
+    pub cluster_id: String,
     /// Worker threads of the proxy's runtime (1: one thread, 0: one per CPU), as `zmesh
     /// proxy --worker-threads`.
     pub proxy_threads: usize,
@@ -154,6 +156,7 @@ pub async fn run(
     proxy_config.mode = config.mode;
     proxy_config.limits = config.proxy_limits.clone();
     proxy_config.cluster_domain = config.cluster_domain.clone();
+    proxy_config.cluster_id = config.cluster_id.clone();
     let own_hbone = SocketAddr::new(
         IpAddr::V4(config.proxy_ip),
         proxy_config.inbound_addr.port(),

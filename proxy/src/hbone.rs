@@ -1,10 +1,45 @@
-//! The request side of HBONE: what an inbound CONNECT may look like and what it names.
-//! Pure functions over the request head, so they can be tested and fuzzed alone
+//! The request side of HBONE: what an inbound CONNECT may look like and what it names,
+//! and the telemetry headers ztunnel puts on CONNECTs and their answers. Pure functions
+//! over the request head, so they can be tested and fuzzed alone
 //! (`fuzz/fuzz_targets/hbone_connect.rs`); `inbound` answers a [`MalformedConnect`] with 400.
 
 use std::net::SocketAddr;
 
+use http::header::{HeaderMap, HeaderValue};
 use http::{Method, Request};
+
+use crate::workloads::Workload;
+
+/// Cluster id in `baggage` when none is configured: Istio's default (`clusterid`).
+pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+
+/// A W3C `traceparent` for a CONNECT we send, as ztunnel sends one: a new trace, not
+/// sampled (zmesh records no spans), so that the two ends' logs can name the same trace.
+pub fn traceparent() -> HeaderValue {
+    let trace = rand::random::<u128>().max(1);
+    let span = rand::random::<u64>().max(1);
+    let value = format!("00-{trace:032x}-{span:016x}-00");
+    // Only hex digits and dashes.
+    HeaderValue::try_from(value).expect("traceparent is ASCII")
+}
+
+/// The W3C `baggage` ztunnel sends about a workload (the source on a CONNECT, the
+/// destination on its 200), with what zmesh knows of it: cluster, namespace, pod.
+pub fn baggage(cluster_id: &str, workload: &Workload) -> Option<HeaderValue> {
+    let value = format!(
+        "k8s.cluster.name={cluster_id},k8s.namespace.name={},k8s.pod.name={}",
+        workload.namespace, workload.name
+    );
+    // Names from the API are header-safe; anything else is left out, not sent mangled.
+    HeaderValue::try_from(value).ok()
+}
+
+/// Adds `baggage` for `workload` to `headers` (when it can be expressed).
+pub fn add_baggage(headers: &mut HeaderMap, cluster_id: &str, workload: &Workload) {
+    if let Some(value) = baggage(cluster_id, workload) {
+        headers.insert("baggage", value);
+    }
+}
 
 /// Why a CONNECT request is malformed; answered with 400 Bad Request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

@@ -455,7 +455,9 @@ async fn tunnel(
             }
         };
         shared.tune_app_socket(&upstream);
-        let send = match respond.send_response(Response::new(()), false) {
+        let mut ok = Response::new(());
+        hbone::add_baggage(ok.headers_mut(), &shared.config.cluster_id, &dest);
+        let send = match respond.send_response(ok, false) {
             Ok(send) => send,
             Err(e) => {
                 tracing::debug!(%peer, "client went away before 200: {e}");

@@ -16,6 +16,7 @@ use tokio::net::TcpStream;
 use crate::access::AccessLog;
 use crate::balance::{self, random_below, MAX_ATTEMPTS};
 use crate::copy::{bridge, splice};
+use crate::hbone;
 use crate::metrics::Direction;
 use crate::outcome::Outcome;
 use crate::plaintext::reset;
@@ -224,7 +225,7 @@ async fn dial(
                 dst: hbone,
                 downstream_ip: peer.ip(),
             };
-            connect(shared, &key, &sni, peer, dst, log).await
+            connect(shared, source, &key, &sni, peer, dst, log).await
         }
     }
 }
@@ -232,6 +233,7 @@ async fn dial(
 /// An HBONE tunnel to `dst` through the node `key` names, answered 200.
 async fn connect(
     shared: &Shared,
+    source: &Workload,
     key: &PoolKey,
     sni: &ServerName<'static>,
     peer: SocketAddr,
@@ -252,11 +254,13 @@ async fn connect(
             .method(Method::CONNECT)
             .uri(dst.to_string())
             .header("forwarded", format!("for=\"{peer}\""))
+            .header("traceparent", hbone::traceparent())
             .body(());
-        let Ok(request) = request else {
+        let Ok(mut request) = request else {
             // Unreachable: an IP:port is always a valid authority.
             return Err(Outcome::InternalError);
         };
+        hbone::add_baggage(request.headers_mut(), &shared.config.cluster_id, source);
         let sent = async {
             let mut send = lease.send_request().ready().await?;
             let (response, stream) = send.send_request(request, false)?;

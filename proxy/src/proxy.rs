@@ -62,6 +62,8 @@ pub struct ProxyConfig {
     /// The cluster's DNS domain: an HBONE `:authority` may name a Service as
     /// `<name>.<namespace>.svc.<cluster_domain>:<port>`.
     pub cluster_domain: String,
+    /// This cluster's id (Istio's `clusterid`), sent in `baggage` on CONNECTs and answers.
+    pub cluster_id: String,
 }
 
 impl ProxyConfig {
@@ -81,6 +83,7 @@ impl ProxyConfig {
             pool: PoolConfig::default(),
             keepalive: Keepalive::default(),
             cluster_domain: "cluster.local".into(),
+            cluster_id: crate::hbone::DEFAULT_CLUSTER_ID.into(),
         }
     }
 

@@ -304,6 +304,30 @@ async fn bad_requests_get_ztunnels_status_and_spare_other_tunnels() {
     assert_eq!(s.proxy.metrics.inbound_tls_connections(), 1);
 }
 
+#[tokio::test]
+async fn answers_carry_the_destinations_baggage_as_ztunnels() {
+    let s = start_with(112, None, |c| c.cluster_id = "east".into()).await;
+    let send = s.h2(Some(s.good_cert())).await.unwrap();
+    let mut ready = send.clone().ready().await.unwrap();
+    let (resp, _tx) = ready
+        .send_request(connect(&s.echo_addr.to_string()), false)
+        .unwrap();
+    let resp = tokio::time::timeout(T, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    assert_eq!(
+        resp.headers().get("baggage").map(|v| v.to_str().unwrap()),
+        Some("k8s.cluster.name=east,k8s.namespace.name=default,k8s.pod.name=server")
+    );
+    // Refusals carry none (ztunnel adds it to 200s only).
+    let mut ready = send.clone().ready().await.unwrap();
+    let (resp, _tx) = ready
+        .send_request(connect("127.77.112.99:80"), false)
+        .unwrap();
+    let resp = tokio::time::timeout(T, resp).await.unwrap().unwrap();
+    assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+    assert!(resp.headers().get("baggage").is_none());
+}
+
 #[derive(Debug)]
 struct DenyAll;
 impl Authorizer for DenyAll {

@@ -43,6 +43,8 @@ struct ConnState {
     cmd: mpsc::UnboundedSender<Cmd>,
     /// CONNECT requests answered on it.
     tunnels: AtomicUsize,
+    /// The header blocks of those requests, in arrival order.
+    requests: Mutex<Vec<http::HeaderMap>>,
     /// How its h2 connection future ended; `None` while it runs.
     end: Mutex<Option<Result<(), String>>>,
 }
@@ -121,6 +123,7 @@ async fn serve_conn(tcp: TcpStream, acceptor: TlsAcceptor, conns: Arc<Mutex<Vec<
     let state = Arc::new(ConnState {
         cmd,
         tunnels: AtomicUsize::new(0),
+        requests: Mutex::default(),
         end: Mutex::new(None),
     });
     conns.lock().unwrap().push(state.clone());
@@ -128,6 +131,7 @@ async fn serve_conn(tcp: TcpStream, acceptor: TlsAcceptor, conns: Arc<Mutex<Vec<
         tokio::select! {
             req = conn.accept() => match req {
                 Some(Ok((req, respond))) => {
+                    state.requests.lock().unwrap().push(req.headers().clone());
                     state.tunnels.fetch_add(1, Ordering::SeqCst);
                     tokio::spawn(echo(req, respond));
                 }
@@ -345,6 +349,45 @@ async fn finish(mut t: TcpStream) {
         rest.is_empty(),
         "unexpected bytes after half-close: {rest:?}"
     );
+}
+
+#[tokio::test]
+async fn connects_carry_forwarded_traceparent_and_the_sources_baggage_as_ztunnels() {
+    let s = Setup::new(69, PoolConfig::default()).await;
+    for msg in [&b"one"[..], b"two"] {
+        let mut t = s.tunnel().await;
+        echo_ok(&s, &mut t, msg).await;
+        finish(t).await;
+    }
+    let requests = s.server.conn(0).requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 2);
+    let header = |i: usize, name: &str| {
+        requests[i]
+            .get(name)
+            .unwrap_or_else(|| panic!("no {name} header: {:?}", requests[i]))
+            .to_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert_eq!(
+        header(0, "baggage"),
+        "k8s.cluster.name=Kubernetes,k8s.namespace.name=default,k8s.pod.name=client"
+    );
+    assert!(header(0, "forwarded").starts_with(&format!("for=\"{}:", s.client.ips[0])));
+    // W3C trace context: version 00, 16-byte trace id, 8-byte span id, not sampled; a new
+    // trace per tunnel.
+    let traces: Vec<String> = (0..2).map(|i| header(i, "traceparent")).collect();
+    for t in &traces {
+        let parts: Vec<&str> = t.split('-').collect();
+        assert_eq!(parts.len(), 4, "{t}");
+        assert_eq!((parts[0], parts[3]), ("00", "00"), "{t}");
+        assert_eq!((parts[1].len(), parts[2].len()), (32, 16), "{t}");
+        assert!(parts[1..3].iter().all(|p| p
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+            && p.bytes().any(|b| b != b'0')));
+    }
+    assert_ne!(traces[0], traces[1]);
 }
 
 #[tokio::test]

@@ -190,6 +190,7 @@ pub async fn run_agent(args: AgentArgs, proxy_threads: usize) -> anyhow::Result<
         mode: args.mode.into(),
         proxy_limits: args.tuning.limits(),
         cluster_domain: args.tuning.cluster_domain.clone(),
+        cluster_id: args.tuning.cluster_id.clone(),
         proxy_threads,
         admin_socket: args.admin_socket.clone(),
         cert_validity: args.cert_lifetime,

@@ -126,6 +126,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     config.mode = args.mode.into();
     config.limits = args.tuning.limits();
     config.cluster_domain = args.tuning.cluster_domain.clone();
+    config.cluster_id = args.tuning.cluster_id.clone();
     let mut deps = ProxyDeps::new(Arc::new(WorkloadStore::new(table)), credentials);
     if !args.static_dst.is_empty() {
         let mut seen = std::collections::HashSet::new();

@@ -41,6 +41,25 @@ pub struct ProxyTuningArgs {
     /// `<name>.<namespace>.svc.<domain>:<port>`.
     #[arg(long, default_value = "cluster.local")]
     pub cluster_domain: String,
+    /// This cluster's id (Istio's `clusterid`), sent in the `baggage` of HBONE requests and
+    /// answers as ztunnel does.
+    #[arg(long, default_value = zmesh_proxy::hbone::DEFAULT_CLUSTER_ID, value_parser = parse_cluster_id)]
+    pub cluster_id: String,
+}
+
+/// `--cluster-id`: a name that can go into a `baggage` value as it is.
+fn parse_cluster_id(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err(format!(
+            "{s:?} is not a cluster id: use 1-253 letters, digits, '-', '_' or '.'"
+        ))
+    }
 }
 
 /// `--tcp-keepalive`: an idle time, or off.
@@ -113,6 +132,8 @@ mod tests {
             "off",
             "--cluster-domain",
             "example.org",
+            "--cluster-id",
+            "east-1",
         ])
         .unwrap();
         let l = t.limits();
@@ -129,6 +150,10 @@ mod tests {
         );
         assert_eq!(l.tcp_keepalive, None);
         assert_eq!(t.cluster_domain, "example.org");
+        assert_eq!(t.cluster_id, "east-1");
+        assert!(parse(&["--cluster-id", "a,b=c"]).is_err());
+        assert!(parse(&["--cluster-id", ""]).is_err());
+        assert_eq!(parse(&[]).unwrap().cluster_id, "Kubernetes");
         let k = parse(&["--tcp-keepalive", "1m"])
             .unwrap()
             .limits()
