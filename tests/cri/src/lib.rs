@@ -14,6 +14,8 @@ pub mod v1 {
     tonic::include_proto!("runtime.v1");
 }
 
+/// The tonic this client is built with (for its `Status` and transport errors).
+pub use tonic;
 pub use v1::image_service_client::ImageServiceClient;
 pub use v1::runtime_service_client::RuntimeServiceClient;
 
