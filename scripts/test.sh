@@ -11,6 +11,9 @@ bash scripts/setup.sh
 # The Kubernetes control plane of tests/kube_apiserver.rs: built once per machine (~6 min
 # cold), cached in /var/cache/zmesh; a no-op afterwards.
 bash scripts/control-plane.sh >/dev/null
+# The container runtime of tests/node_runtime.rs (containerd, runc, CNI plugins, two local
+# images): extracted once per machine (seconds) into /var/cache/zmesh; a no-op afterwards.
+bash scripts/node-runtime.sh >/dev/null
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
