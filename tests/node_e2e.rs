@@ -1,0 +1,993 @@
+//! Issue 14 end to end: a real node whose pods carry no zmesh annotations.
+//!
+//! Everything a node has is real here except kubelet: a Kubernetes 1.20 API server
+//! (tests/support/control_plane.rs), containerd + runc + the CNI bridge chain making the
+//! pods (tests/support/node_runtime.rs), the zmesh CA (`zmesh ca init/serve/join`), and the
+//! real `zmesh agent` binary in Kubernetes mode as its ServiceAccount (RBAC of
+//! examples/kubernetes), in the host network namespace where containerd's bridge and the
+//! pods' veths are, with its eBPF attached to the pods' cgroup parent (`kubepods` in the
+//! unified hierarchy). The test plays kubelet: it makes the CRI calls with each Pod object's
+//! UID and writes the pods' status.
+//!
+//! The Pod objects have no `zmesh.io/netns` annotation: the agent has to find each pod's
+//! network namespace from its UID on the node (a process in cgroup `pod<uid>`).
+//!
+//! What a capture can show on one node: the proxy lives in the host network namespace, so
+//! a pod's leg to its own node's proxy (client pod -> proxy's outbound listener) and the
+//! proxy's leg to the destination pod are plain TCP on those pods' veths, as with any
+//! per-node proxy; the HBONE leg between the two proxy halves is mutual TLS on 15008 (over
+//! the host's loopback, since both ends are this node). The test captures on every
+//! interface of the host, restricted to the pods' subnet, and checks exactly that: the
+//! client's connection never went to the server directly, the HBONE leg carried TLS and
+//! never the payload, and the proxy logged both verified identities. A pod of a
+//! non-enrolled namespace is the counter-check: its payload is seen in the clear, directly
+//! between the two pods.
+//!
+//! Needs root, the control plane binaries (`scripts/control-plane.sh`) and the node
+//! runtime (`scripts/node-runtime.sh`).
+
+#[path = "support/control_plane.rs"]
+mod control_plane;
+#[path = "support/node_runtime.rs"]
+mod node_runtime;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener, UdpSocket};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{mpsc, Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
+
+use control_plane::{ControlPlane, Options};
+use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
+use k8s_openapi::api::core::v1::{Namespace, Pod as KubePod, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use node_runtime::{NodeRuntime, NodeRuntimeOptions, Pod, PodSpec, Qos};
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::json;
+use zmesh_testbed::Pcap;
+
+const NODE: &str = "node-a";
+const TRUST_DOMAIN: &str = "cluster.local";
+/// How long anything the test waits for may take (enrollment, a certificate, a listener).
+const DEADLINE: Duration = Duration::from_secs(60);
+/// The proxy's ports in the host network namespace (outbound, plaintext, HBONE, metrics,
+/// readiness): another agent holding one would share connections with ours.
+const PROXY_PORTS: [u16; 5] = [15001, 15006, 15008, 15020, 15021];
+/// Pin directories of this test, `<prefix><owner pid>-<random>` under /sys/fs/bpf (bpffs
+/// holds no plain files, so the owner is in the name).
+const PIN_PREFIX: &str = "zmesh-node-e2e-";
+
+#[test]
+fn pods_without_annotations_are_discovered_and_talk_mtls() {
+    let started = Instant::now();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a tokio runtime");
+    // Processes the harnesses and this test start die with the thread that started them
+    // (PR_SET_PDEATHSIG): everything is started from this thread.
+    let Some(plane) = rt
+        .block_on(ControlPlane::start(Options::default()))
+        .unwrap_or_else(|e| panic!("{e}"))
+    else {
+        return; // skipping was allowed and said so
+    };
+    println!("control plane up in {:?}", plane.startup);
+    let runtime = NodeRuntime::start(NodeRuntimeOptions::default()).expect("the node runtime");
+    println!(
+        "node runtime up in {:?} (bridge {}, subnet {})",
+        runtime.startup,
+        runtime.bridge(),
+        runtime.subnet()
+    );
+    for port in PROXY_PORTS {
+        // A plain bind fails if any listener (even SO_REUSEPORT) holds the port.
+        TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap_or_else(|e| {
+            panic!("port {port} is taken in the host network namespace (another agent?): {e}")
+        });
+    }
+    remove_stale_pins();
+    let client = rt.block_on(plane.client()).expect("an admin client");
+    let work = tempfile::Builder::new()
+        .prefix("zmesh-node-e2e-")
+        .tempdir()
+        .expect("a temporary directory");
+
+    // The project's RBAC: the agent and the CA run as their own ServiceAccounts.
+    rt.block_on(apply_example(&client, "00-namespace.yaml"));
+    rt.block_on(apply_example(&client, "10-rbac.yaml"));
+    let kubeconfig = |account: &str| {
+        let token = rt.block_on(service_account_token(&client, "zmesh-system", account));
+        let path = work.path().join(format!("{account}.kubeconfig"));
+        std::fs::write(&path, plane.kubeconfig_yaml(0, &token)).expect("kubeconfig");
+        path
+    };
+    let agent_kubeconfig = kubeconfig("zmesh-agent");
+    let ca_kubeconfig = kubeconfig("zmesh-ca");
+    let ca = Ca::start(work.path(), &ca_kubeconfig);
+    let credentials = ca.join(work.path(), NODE);
+
+    // The workloads: two pods of an enrolled namespace, two of a plain one.
+    let mesh = unique("mesh");
+    let plain = unique("plain");
+    rt.block_on(create_namespace(
+        &client,
+        &mesh,
+        &[("io.cilium/mtls-enabled", "true")],
+    ));
+    rt.block_on(create_namespace(&client, &plain, &[]));
+    let echo: &[&str] = &["nc", "-ll", "-p", "8080", "-e", "cat"];
+    let idle: &[&str] = &["sleep", "3600"];
+    let node_ip = node_ip();
+    let pods_started = Instant::now();
+    let server = run_pod(&rt, &client, &runtime, &mesh, "server", echo, node_ip);
+    let client_pod = run_pod(&rt, &client, &runtime, &mesh, "client", idle, node_ip);
+    let plain_server = run_pod(&rt, &client, &runtime, &plain, "server", echo, node_ip);
+    let plain_client = run_pod(&rt, &client, &runtime, &plain, "client", idle, node_ip);
+    println!(
+        "4 pods running and reported Running in {:?}",
+        pods_started.elapsed()
+    );
+
+    // Where the agent attaches: the pods' cgroup parent in the unified hierarchy (what
+    // kubelet's cgroupfs driver makes), and the pods' bridge, which the CNI bridge plugin
+    // creates with the first pod: hence the agent starts after the pods (it then finds
+    // them already running, as after an agent restart on a busy node).
+    let cgroup = pods_cgroup();
+    for pod in [&server, &client_pod, &plain_server, &plain_client] {
+        let unified = unified_cgroup_of(pod.sandbox_pid);
+        assert!(
+            unified.starts_with(&format!("/kubepods/besteffort/pod{}/", pod.spec.uid)),
+            "{}/{}: pause is in cgroup {unified}, not under {}",
+            pod.spec.namespace,
+            pod.spec.name,
+            cgroup.display()
+        );
+    }
+    assert!(
+        Path::new("/sys/class/net").join(runtime.bridge()).exists(),
+        "the CNI bridge {} does not exist after the first pod",
+        runtime.bridge()
+    );
+    let agent_started = Instant::now();
+    let mut agent = Agent::start(AgentSetup {
+        work: work.path(),
+        kubeconfig: &agent_kubeconfig,
+        ca_addr: ca.addr,
+        credentials: &credentials,
+        proxy_ip: runtime.subnet().gateway(),
+        cgroup: &cgroup,
+        interfaces: vec![runtime.bridge()],
+    });
+    agent.wait_certificates(&[workload_id(&mesh, "server"), workload_id(&mesh, "client")]);
+    println!(
+        "agent ready (admin API up, certificates of both enrolled workloads) {:?} after its start",
+        agent_started.elapsed()
+    );
+    for pod in [&server, &client_pod] {
+        let cookie = netns_cookie(&pod.netns);
+        let enrolled = agent.wait_enrolled(pod, cookie);
+        println!(
+            "{}/{} enrolled with its network namespace (cookie {cookie}) {:?} after the agent \
+             started, {:?} after the pod",
+            pod.spec.namespace,
+            pod.spec.name,
+            enrolled,
+            pods_started.elapsed()
+        );
+    }
+    println!(
+        "agent start to both pods enrolled: {:?}",
+        agent_started.elapsed()
+    );
+
+    // Enrolled pod to enrolled pod: through the node's proxy, HBONE in mutual TLS.
+    let gateway = runtime.subnet().gateway();
+    let filter = format!("net {}", runtime.subnet());
+    let capture = Capture::start(work.path(), &filter);
+    let payload = secret("mesh");
+    let echoed = echo_from(&client_pod, server.ip, &payload);
+    let pcap = capture.stop(gateway);
+    assert_eq!(echoed, payload);
+    let streams = pcap.tcp_streams();
+    let hbone: Vec<_> = streams
+        .iter()
+        .filter(|((_, sport, _, dport), _)| *sport == 15008 || *dport == 15008)
+        .collect();
+    assert!(
+        hbone.iter().any(|((_, _, _, dport), _)| *dport == 15008),
+        "no HBONE connection to 15008 was captured: {:?}",
+        streams.keys().collect::<Vec<_>>()
+    );
+    for ((src, sport, dst, dport), bytes) in &hbone {
+        assert!(
+            !contains(bytes, payload.as_bytes()),
+            "the payload crossed {src}:{sport} -> {dst}:{dport} in the clear"
+        );
+        // Every TLS record starts with its content type: 0x16 handshake, first.
+        assert_eq!(
+            bytes.first(),
+            Some(&0x16),
+            "{src}:{sport} -> {dst}:{dport} does not start with a TLS handshake record"
+        );
+    }
+    let direct = |ip: Ipv4Addr| {
+        pcap.packets().iter().any(|p| {
+            matches!((p.ipv4, &p.tcp), (Some(h), Some(t))
+                if h.src == client_pod.ip && h.dst == ip && t.dst_port == 8080)
+        })
+    };
+    assert!(
+        !direct(server.ip),
+        "the client's connection went to the server pod directly, not through the proxy"
+    );
+    assert!(
+        pcap.packets().iter().any(|p| matches!((p.ipv4, &p.tcp),
+            (Some(h), Some(t)) if h.src == client_pod.ip && h.dst == gateway && t.dst_port == 15001)),
+        "the client's connection was not redirected to the proxy's outbound listener"
+    );
+    let access = zmesh_lab::access_lines(&agent.log());
+    let client_id = workload_id(&mesh, "client");
+    let server_id = workload_id(&mesh, "server");
+    assert!(
+        access.iter().any(|l| l.direction == "inbound"
+            && l.src_identity == client_id
+            && l.dst_identity == server_id),
+        "the proxy's inbound side logged no tunnel from {client_id} to {server_id}: {access:#?}"
+    );
+    println!(
+        "mesh: echoed through HBONE; {} TLS stream(s) on 15008, payload never in them",
+        hbone.len()
+    );
+
+    // The counter-check: the plain namespace's pods talk directly, payload in the clear.
+    let capture = Capture::start(work.path(), &filter);
+    let payload = secret("plain");
+    let echoed = echo_from(&plain_client, plain_server.ip, &payload);
+    let pcap = capture.stop(gateway);
+    assert_eq!(echoed, payload);
+    assert!(
+        pcap.contains(payload.as_bytes()),
+        "the plain pods' payload is not in the capture: the capture would prove nothing"
+    );
+    assert!(
+        pcap.packets().iter().any(|p| matches!((p.ipv4, &p.tcp),
+            (Some(h), Some(t)) if h.src == plain_client.ip && h.dst == plain_server.ip && t.dst_port == 8080)),
+        "the plain client did not reach the plain server directly"
+    );
+    assert!(
+        !pcap.tcp_ports().contains_key(&15008),
+        "plain traffic went through HBONE"
+    );
+    println!("plain: echoed directly, payload visible in the capture (the check can fail)");
+    println!("total {:?}", started.elapsed());
+}
+
+// ---------------------------------------------------------------------------------------
+// Kubernetes objects, as the project's manifests and kubelet make them.
+
+fn unique(prefix: &str) -> String {
+    format!("{prefix}-{:08x}", rand::random::<u32>())
+}
+
+fn secret(label: &str) -> String {
+    format!("zmesh-node-e2e-{label}-{:016x}", rand::random::<u64>())
+}
+
+fn workload_id(namespace: &str, account: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{account}")
+}
+
+fn from_json<T: DeserializeOwned>(value: serde_json::Value) -> T {
+    serde_json::from_value(value).expect("a valid object")
+}
+
+/// Creates the objects of one of the project's manifests (examples/kubernetes/FILE).
+async fn apply_example(client: &kube::Client, file: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("examples/kubernetes")
+        .join(file);
+    let text = std::fs::read_to_string(&path).expect("the example manifest");
+    let pp = PostParams::default();
+    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
+        let value = serde_yaml_ng::Value::deserialize(doc).expect("YAML");
+        if value.is_null() {
+            continue;
+        }
+        let kind = value["kind"].as_str().expect("a kind").to_owned();
+        let namespace = value["metadata"]["namespace"].as_str().map(str::to_owned);
+        let json = serde_json::to_value(&value).expect("JSON");
+        let created = match kind.as_str() {
+            "Namespace" => Api::<Namespace>::all(client.clone())
+                .create(&pp, &from_json(json))
+                .await
+                .map(drop),
+            "ServiceAccount" => Api::<ServiceAccount>::namespaced(
+                client.clone(),
+                &namespace.expect("a namespaced object"),
+            )
+            .create(&pp, &from_json(json))
+            .await
+            .map(drop),
+            "ClusterRole" => Api::<ClusterRole>::all(client.clone())
+                .create(&pp, &from_json(json))
+                .await
+                .map(drop),
+            "ClusterRoleBinding" => Api::<ClusterRoleBinding>::all(client.clone())
+                .create(&pp, &from_json(json))
+                .await
+                .map(drop),
+            other => panic!("{file}: unexpected kind {other}"),
+        };
+        created.unwrap_or_else(|e| panic!("{file}: {kind}: {e}"));
+    }
+}
+
+/// A token of `namespace/account` for the API server (TokenRequest, one hour).
+async fn service_account_token(client: &kube::Client, namespace: &str, account: &str) -> String {
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: vec![],
+            expiration_seconds: Some(3600),
+            bound_object_ref: None,
+        },
+        ..TokenRequest::default()
+    };
+    Api::<ServiceAccount>::namespaced(client.clone(), namespace)
+        .create_token_request(account, &PostParams::default(), &request)
+        .await
+        .unwrap_or_else(|e| panic!("TokenRequest for {namespace}/{account}: {e}"))
+        .status
+        .expect("a token")
+        .token
+}
+
+/// A namespace with `labels`, and the ServiceAccounts its pods run as (no controller
+/// manager runs to make `default`).
+async fn create_namespace(client: &kube::Client, name: &str, labels: &[(&str, &str)]) {
+    let labels: BTreeMap<_, _> = labels.iter().copied().collect();
+    Api::<Namespace>::all(client.clone())
+        .create(
+            &PostParams::default(),
+            &from_json(json!({"metadata": {"name": name, "labels": labels}})),
+        )
+        .await
+        .unwrap_or_else(|e| panic!("namespace {name}: {e}"));
+    for account in ["server", "client"] {
+        Api::<ServiceAccount>::namespaced(client.clone(), name)
+            .create(
+                &PostParams::default(),
+                &from_json(json!({"metadata": {"name": account}})),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("ServiceAccount {name}/{account}: {e}"));
+    }
+}
+
+/// Plays the scheduler and kubelet for one pod: the Pod object (scheduled on [`NODE`],
+/// running as the ServiceAccount named like the pod, no annotations), its sandbox and
+/// container in containerd under the object's UID, then the status kubelet reports.
+fn run_pod(
+    rt: &tokio::runtime::Runtime,
+    client: &kube::Client,
+    runtime: &NodeRuntime,
+    namespace: &str,
+    name: &str,
+    command: &[&str],
+    node_ip: Ipv4Addr,
+) -> Pod {
+    let api = Api::<KubePod>::namespaced(client.clone(), namespace);
+    let object: KubePod = from_json(json!({
+        "metadata": {"name": name, "labels": {"app": name}},
+        "spec": {
+            "nodeName": NODE,
+            "serviceAccountName": name,
+            "automountServiceAccountToken": false,
+            "containers": [{
+                "name": "workload",
+                "image": node_runtime::workload_image(),
+                "command": command,
+            }],
+        },
+    }));
+    let created = rt
+        .block_on(api.create(&PostParams::default(), &object))
+        .unwrap_or_else(|e| panic!("pod {namespace}/{name}: {e}"));
+    assert!(
+        created
+            .metadata
+            .annotations
+            .as_ref()
+            .is_none_or(|a| a.keys().all(|k| !k.starts_with("zmesh.io/"))),
+        "the Pod object must carry no zmesh annotation"
+    );
+    let uid = created.metadata.uid.expect("the API server's UID");
+    let mut spec = PodSpec::new(namespace, name, Qos::BestEffort, command);
+    spec.uid = uid;
+    spec.labels.insert("app".into(), name.into());
+    let pod = runtime
+        .run_pod(spec)
+        .unwrap_or_else(|e| panic!("running {namespace}/{name} in containerd: {e}"));
+    let ip = pod.ip.to_string();
+    let status = json!({"status": {
+        "phase": "Running",
+        "hostIP": node_ip.to_string(),
+        "podIP": ip,
+        "podIPs": [{"ip": ip}],
+        "conditions": [
+            {"type": "Initialized", "status": "True"},
+            {"type": "Ready", "status": "True"},
+            {"type": "ContainersReady", "status": "True"},
+            {"type": "PodScheduled", "status": "True"},
+        ],
+    }});
+    rt.block_on(api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)))
+        .unwrap_or_else(|e| panic!("status of {namespace}/{name}: {e}"));
+    pod
+}
+
+/// This machine's address on its default route (the pods' hostIP). Connecting a UDP
+/// socket sends nothing.
+fn node_ip() -> Ipv4Addr {
+    let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("a UDP socket");
+    socket
+        .connect((Ipv4Addr::new(192, 0, 2, 1), 9))
+        .expect("a default route");
+    match socket.local_addr().expect("its address").ip() {
+        std::net::IpAddr::V4(ip) => ip,
+        other => panic!("an IPv6 default route ({other})"),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The node: cgroups, network namespaces, the CA and the agent.
+
+/// The cgroup v2 mount (on this machine's hybrid hierarchy /sys/fs/cgroup/unified).
+fn cgroup2_root() -> PathBuf {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    mountinfo
+        .lines()
+        .find_map(|line| {
+            // ... mount point (5th field) ... " - " fstype source options
+            let (left, right) = line.split_once(" - ")?;
+            (right.split_whitespace().next()? == "cgroup2")
+                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
+                .flatten()
+        })
+        .expect("a cgroup2 mount (cgroup v2 or hybrid)")
+}
+
+/// `<cgroup2>/kubepods`: every pod's cgroup is below it, nothing else of the machine is.
+/// runc makes it with the first pod; made here as kubelet does before any pod (it stays,
+/// shared by every runtime on the machine, as on a node).
+fn pods_cgroup() -> PathBuf {
+    let path = cgroup2_root().join("kubepods");
+    std::fs::create_dir_all(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    path
+}
+
+/// A process's cgroup in the unified hierarchy (the `0::` line).
+fn unified_cgroup_of(pid: u32) -> String {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).expect("/proc/PID/cgroup");
+    text.lines()
+        .find_map(|l| l.strip_prefix("0::"))
+        .map(|p| format!("{}/", p.trim_end_matches('/')))
+        .unwrap_or_else(|| panic!("no unified cgroup for {pid}:\n{text}"))
+}
+
+/// The cookie the kernel gives the network namespace at `path` (what the agent puts in
+/// the enrollment map), read from a socket made inside it on a thread of its own.
+fn netns_cookie(path: &Path) -> u64 {
+    let file = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::setns(&file, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .expect("setns into the pod's network namespace");
+                zmesh_redirect::current_netns_cookie().expect("SO_NETNS_COOKIE")
+            })
+            .join()
+            .expect("the netns thread")
+    })
+}
+
+fn zmesh() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_zmesh"));
+    command.env_remove("KUBERNETES_SERVICE_HOST");
+    command
+}
+
+/// Runs a command to completion; its standard output, or a panic with its error.
+fn output(command: &mut Command) -> String {
+    let out = command
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{command:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Starts a long-running process logging to `log`, killed with SIGKILL if the test's
+/// thread dies (PR_SET_PDEATHSIG).
+fn spawn_logged(mut command: Command, log: &Path) -> Child {
+    let file = std::fs::File::create(log).unwrap_or_else(|e| panic!("{}: {e}", log.display()));
+    let stderr = file.try_clone().expect("the log file");
+    command
+        .stdin(Stdio::null())
+        .stdout(file)
+        .stderr(stderr)
+        .env("ZMESH_LOG", "info");
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        command.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+                .map_err(std::io::Error::from)
+        });
+    }
+    command
+        .spawn()
+        .unwrap_or_else(|e| panic!("{command:?}: {e}"))
+}
+
+/// SIGTERM, then SIGKILL if the process has not exited within `grace`.
+fn terminate(child: &mut Child, grace: Duration) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+fn tail(text: &str, lines: usize) -> String {
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// `zmesh ca serve` on a fresh CA, placing workloads from the API server's pods as the
+/// CA's ServiceAccount.
+struct Ca {
+    child: Child,
+    addr: SocketAddrV4,
+    state_dir: PathBuf,
+    bundle: PathBuf,
+    log: PathBuf,
+}
+
+impl Ca {
+    fn start(work: &Path, kubeconfig: &Path) -> Self {
+        let state_dir = work.join("ca");
+        output(zmesh().args(["ca", "init", "--state-dir"]).arg(&state_dir));
+        let bundle = work.join("ca-roots.pem");
+        let roots = output(
+            zmesh()
+                .args(["ca", "bundle", "--state-dir"])
+                .arg(&state_dir),
+        );
+        std::fs::write(&bundle, roots).expect("the CA bundle");
+        // A free port: bound, released, and given to the CA (nothing else on this machine
+        // picks ports in this range between the two).
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let addr = SocketAddrV4::new(Ipv4Addr::LOCALHOST, port);
+        let log = work.join("ca.log");
+        let mut command = zmesh();
+        command
+            .args(["ca", "serve", "--kubernetes", "--state-dir"])
+            .arg(&state_dir)
+            .args(["--listen", &addr.to_string(), "--san", "127.0.0.1"])
+            .env("KUBECONFIG", kubeconfig);
+        let mut ca = Self {
+            child: spawn_logged(command, &log),
+            addr,
+            state_dir,
+            bundle,
+            log,
+        };
+        let deadline = Instant::now() + DEADLINE;
+        while std::net::TcpStream::connect_timeout(&addr.into(), Duration::from_millis(200))
+            .is_err()
+        {
+            if let Ok(Some(status)) = ca.child.try_wait() {
+                panic!("the CA exited ({status}):\n{}", ca.log_text());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "the CA does not listen on {addr}:\n{}",
+                ca.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        ca
+    }
+
+    fn log_text(&self) -> String {
+        tail(&std::fs::read_to_string(&self.log).unwrap_or_default(), 30)
+    }
+
+    /// `zmesh ca join` of `node` with a one-time token; the credentials' directory.
+    fn join(&self, work: &Path, node: &str) -> PathBuf {
+        let token = output(
+            zmesh()
+                .args(["ca", "token", "create", "--node", node, "--state-dir"])
+                .arg(&self.state_dir),
+        );
+        let out = work.join(format!("{node}-credentials"));
+        output(
+            zmesh()
+                .args(["ca", "join", "--node", node, "--ca", &self.addr.to_string()])
+                .arg("--out")
+                .arg(&out)
+                .arg("--ca-bundle")
+                .arg(&self.bundle)
+                .env("ZMESH_JOIN_TOKEN", token.trim()),
+        );
+        out
+    }
+}
+
+impl Drop for Ca {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- CA log:\n{}", self.log_text());
+        }
+        terminate(&mut self.child, Duration::from_secs(5));
+    }
+}
+
+struct AgentSetup<'a> {
+    work: &'a Path,
+    kubeconfig: &'a Path,
+    ca_addr: SocketAddrV4,
+    credentials: &'a Path,
+    proxy_ip: Ipv4Addr,
+    cgroup: &'a Path,
+    interfaces: Vec<String>,
+}
+
+/// The real `zmesh agent` of [`NODE`] in the host network namespace. Dropping it stops it
+/// and removes its eBPF programs, pins, policy rule and route (`zmesh uninstall`).
+struct Agent {
+    child: Child,
+    log: PathBuf,
+    admin_socket: PathBuf,
+    pins: PathBuf,
+}
+
+impl Agent {
+    fn start(setup: AgentSetup) -> Self {
+        let pins = PathBuf::from("/sys/fs/bpf").join(format!(
+            "{PIN_PREFIX}{}-{:08x}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        let log = setup.work.join("agent.log");
+        let admin_socket = setup.work.join("agent.sock");
+        let mut command = zmesh();
+        command
+            .args(["agent", "--kubernetes", "--node", NODE])
+            .args(["--ca", &setup.ca_addr.to_string()])
+            .arg("--credentials")
+            .arg(setup.credentials)
+            .args(["--proxy-ip", &setup.proxy_ip.to_string()])
+            .arg("--redirect-cgroup")
+            .arg(setup.cgroup)
+            .arg("--bpf-pin-dir")
+            .arg(&pins)
+            .arg("--admin-socket")
+            .arg(&admin_socket)
+            .env("KUBECONFIG", setup.kubeconfig);
+        // Explicit interfaces: without them the agent would attach to every interface of
+        // the host network namespace, the machine's uplink included.
+        for interface in &setup.interfaces {
+            command.args(["--ingress-interface", interface]);
+        }
+        Self {
+            child: spawn_logged(command, &log),
+            log,
+            admin_socket,
+            pins,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn check_alive(&mut self) {
+        if let Ok(Some(status)) = self.child.try_wait() {
+            panic!(
+                "the agent exited ({status}):\n{}",
+                zmesh_lab::error_line(&self.log())
+            );
+        }
+    }
+
+    /// Waits until the admin API lists a valid certificate for every one of `ids`.
+    fn wait_certificates(&mut self, ids: &[String]) {
+        let started = Instant::now();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let client = zmesh_agent::admin::AdminClient::new(self.admin_socket.clone());
+        loop {
+            self.check_alive();
+            let last = match runtime
+                .block_on(client.get_json::<Vec<zmesh_agent::admin::CertInfo>>("/certs"))
+            {
+                Ok(certs) => {
+                    let now = zmesh_agent::admin::epoch_seconds(std::time::SystemTime::now());
+                    if ids.iter().all(|id| {
+                        certs
+                            .iter()
+                            .any(|c| &c.workload == id && c.not_after.is_some_and(|t| t > now))
+                    }) {
+                        return;
+                    }
+                    format!(
+                        "{:?}",
+                        certs.iter().map(|c| &c.workload).collect::<Vec<_>>()
+                    )
+                }
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                started.elapsed() < DEADLINE,
+                "the agent holds no certificates for {ids:?} (last: {last}); its log:\n{}",
+                tail(&self.log(), 40)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Waits until the agent logs that it enrolled `pod` in redirection with the network
+    /// namespace whose cookie is `cookie` (the one the test reads from containerd's netns
+    /// path): proof that it found the pod's namespace from its UID alone.
+    fn wait_enrolled(&mut self, pod: &Pod, cookie: u64) -> Duration {
+        let started = Instant::now();
+        let key = format!("pod={}/{}", pod.spec.namespace, pod.spec.name);
+        let wanted = format!("cookie=Some({cookie})");
+        loop {
+            self.check_alive();
+            let log = self.log();
+            let lines: Vec<&str> = log
+                .lines()
+                .filter(|l| l.contains("enrolling in redirection") && l.contains(&key))
+                .collect();
+            if lines.iter().any(|l| l.contains(&wanted)) {
+                return started.elapsed();
+            }
+            assert!(
+                started.elapsed() < DEADLINE,
+                "the agent did not enroll {}/{} with its network namespace (cookie {cookie}) \
+                 within {DEADLINE:?} (`cookie=None`: it did not find the namespace from the \
+                 pod's UID); its enrollment lines for the pod: {lines:#?}; its log:\n{}",
+                pod.spec.namespace,
+                pod.spec.name,
+                tail(&log, 40)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "--- agent log ({}):\n{}",
+                self.log.display(),
+                tail(&self.log(), 60)
+            );
+        }
+        terminate(&mut self.child, Duration::from_secs(10));
+        uninstall(&self.pins);
+    }
+}
+
+/// `zmesh uninstall` of a pin directory, then the directory (if anything is left).
+fn uninstall(pins: &Path) {
+    if !pins.exists() {
+        return;
+    }
+    let out = zmesh()
+        .arg("uninstall")
+        .arg("--bpf-pin-dir")
+        .arg(pins)
+        .output();
+    match out {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => eprintln!(
+            "zmesh uninstall --bpf-pin-dir {}: {}",
+            pins.display(),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => eprintln!("zmesh uninstall: {e}"),
+    }
+    if let Err(e) = std::fs::remove_dir_all(pins) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            eprintln!("removing {}: {e}", pins.display());
+        }
+    }
+}
+
+/// Uninstalls what runs killed before their cleanup left pinned (their programs would
+/// still be attached to the pods' cgroup): pin directories whose owner process is gone.
+fn remove_stale_pins() {
+    let Ok(entries) = std::fs::read_dir("/sys/fs/bpf") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(owner) = name
+            .strip_prefix(PIN_PREFIX)
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(owner), None).is_ok();
+        if !alive {
+            eprintln!("removing the pins of a killed run: {name}");
+            uninstall(&entry.path());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// Traffic and captures.
+
+/// Sends `payload` from `pod` to the echo server at `server`:8080 with busybox `nc` and
+/// returns what came back. The server may not listen yet: retried until the deadline.
+fn echo_from(pod: &Pod, server: Ipv4Addr, payload: &str) -> String {
+    let script = format!("echo {payload} | nc -w 5 {server} 8080");
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        let out = pod
+            .exec(&["sh", "-c", &script])
+            .unwrap_or_else(|e| panic!("exec in {}: {e}", pod.spec.name));
+        if out.code == 0 && !out.stdout.trim().is_empty() {
+            return out.stdout.trim().to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no echo from {server}:8080 to {}/{}: {out:?}",
+            pod.spec.namespace,
+            pod.spec.name
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// tcpdump on every interface of the host network namespace (the pods' veths, the bridge,
+/// loopback where the node's proxy talks HBONE to itself), with a filter.
+struct Capture {
+    child: Option<Child>,
+    path: PathBuf,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Capture {
+    /// Returns once tcpdump says it is listening (its socket is bound and filtered).
+    fn start(dir: &Path, filter: &str) -> Self {
+        let path = dir.join(format!("capture-{:08x}.pcap", rand::random::<u32>()));
+        let mut child = Command::new("tcpdump")
+            .args(["-i", "any", "-n", "-s", "0", "-U", "--immediate-mode"])
+            .args(["-Z", "root", "-w"])
+            .arg(&path)
+            .arg(filter)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("tcpdump (apt-get install tcpdump)");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        if let Some(pipe) = child.stderr.take() {
+            let stderr = stderr.clone();
+            // Drains stderr for tcpdump's whole life, so that it never blocks on the pipe.
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    let listening = line.contains("listening on");
+                    let mut all = stderr.lock().unwrap_or_else(PoisonError::into_inner);
+                    all.push_str(&line);
+                    all.push('\n');
+                    if listening {
+                        let _ = tx.send(());
+                    }
+                }
+            });
+        }
+        let capture = Self {
+            child: Some(child),
+            path,
+            stderr,
+        };
+        if rx.recv_timeout(Duration::from_secs(10)).is_err() {
+            panic!("tcpdump did not start capturing: {}", capture.stderr_text());
+        }
+        capture
+    }
+
+    fn stderr_text(&self) -> String {
+        self.stderr
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Stops once everything sent before is in the file: a marker datagram to
+    /// `marker_to`:9 (inside the filter) is sent until tcpdump has written it.
+    fn stop(mut self, marker_to: Ipv4Addr) -> Pcap {
+        let marker = secret("flush");
+        let socket = UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0)).expect("a UDP socket");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let _ = socket.send_to(marker.as_bytes(), (marker_to, 9));
+            let data = std::fs::read(&self.path).unwrap_or_default();
+            if contains(&data, marker.as_bytes()) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "tcpdump did not write the flush marker: {}",
+                self.stderr_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let mut child = self.child.take().expect("tcpdump runs until stopped");
+        // SIGINT: tcpdump flushes and closes the file.
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let status = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("tcpdump did not exit after SIGINT");
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        assert!(
+            status.success(),
+            "tcpdump: {status}: {}",
+            self.stderr_text()
+        );
+        Pcap::from_file(&self.path).expect("a readable capture")
+    }
+}
+
+impl Drop for Capture {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
