@@ -210,6 +210,11 @@ impl Lab {
         std::fs::read_to_string(self.agent_log_path(node)).unwrap_or_default()
     }
 
+    /// The agent's list of enrolled namespaces for the CNI plugin (`--cni-state-file`).
+    pub fn cni_state_path(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("enrolled-namespaces.json")
+    }
+
     /// Where the agent of `node` pins its eBPF maps and links.
     pub fn pin_dir(&self, node: &str) -> PathBuf {
         self.pin_root.join(node)
@@ -443,6 +448,10 @@ impl Lab {
             .arg(cluster_node.pods_cgroup_path())
             .arg("--bpf-pin-dir")
             .arg(self.pin_dir(node))
+            // Node-local, like the real one, instead of the host's /var/run/zmesh that
+            // every lab (and the machine) would share.
+            .arg("--cni-state-file")
+            .arg(self.cni_state_path(node))
             .envs(self.options.agent_env.iter().map(|(k, v)| (k, v)));
         let child = spawn_logged(command, &self.agent_log_path(node), "the agent")?;
         self.agents.insert(node.to_owned(), child);
