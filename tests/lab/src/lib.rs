@@ -5,7 +5,10 @@
 //! The lab plays kubelet and CNI: it builds each pod's network namespace and cgroup, then
 //! writes what the API would hold (pod IP) and the node-local facts (netns and cgroup
 //! paths, as `zmesh.io/netns` / `zmesh.io/cgroup` annotations) into its copy of the
-//! manifests, which the CA and the agents then watch like any manifest directory.
+//! manifests, which the CA and the agents then watch like any manifest directory. With
+//! `LabOptions::kubelet_cgroups` it hands out no node-local facts and plays kubelet more
+//! closely instead: pod UIDs in the manifests, and per pod a sandbox process in a cgroup
+//! named after the UID, so the agents find the namespaces as on a real node.
 //!
 //! It also plays kube-proxy for clients outside the mesh: each node gets one DNAT rule per
 //! Service port (nftables, in the node's namespace; test scaffolding, not zmesh), spreading
