@@ -34,7 +34,8 @@ enum Command {
     Unenroll(cmd::enroll::EnrollArgs),
     /// Run the node agent: enrollment from cluster state, certificates, eBPF redirection
     /// and the HBONE proxy.
-    Agent(cmd::agent::AgentArgs),
+    // Boxed: by far the largest variant (its many flags), parsed once.
+    Agent(Box<cmd::agent::AgentArgs>),
     /// Run and operate the zmesh CA (Istio CA API), and enrol node agents with it.
     Ca(cmd::ca::CaArgs),
     /// Build a local cluster in network namespaces and run the mesh on it (the demo).
@@ -80,7 +81,7 @@ fn main() -> std::process::ExitCode {
             Command::Uninstall(args) => cmd::uninstall::run(args),
             Command::Enroll(args) => cmd::enroll::run(args, true),
             Command::Unenroll(args) => cmd::enroll::run(args, false),
-            Command::Agent(args) => cmd::agent::run_agent(args, proxy_threads).await,
+            Command::Agent(args) => cmd::agent::run_agent(*args, proxy_threads).await,
             Command::Ca(args) => cmd::ca::run(args).await,
             #[cfg(feature = "demo")]
             Command::Demo(args) => cmd::demo::run(args).await,

@@ -455,6 +455,7 @@ fn pod(name: &str, netns: Option<PathBuf>) -> PodInfo {
     PodInfo {
         namespace: "shop".into(),
         name: name.into(),
+        uid: None,
         node: Some(NODE.into()),
         ips: vec![],
         service_account: format!("{name}-sa"),

@@ -263,7 +263,12 @@ fn kubernetes_manifests_are_consistent() {
         .flatten()
         .map(|m| m.mount_path.as_str())
         .collect();
-    for needed in ["/sys/fs/bpf", "/sys/fs/cgroup"] {
+    for needed in [
+        "/sys/fs/bpf",
+        "/sys/fs/cgroup",
+        "/host/proc",
+        "/var/run/zmesh",
+    ] {
         assert!(mounts.contains(needed), "agent must mount {needed}");
     }
     let caps = container
@@ -272,7 +277,8 @@ fn kubernetes_manifests_are_consistent() {
         .and_then(|s| s.capabilities.as_ref())
         .and_then(|c| c.add.clone())
         .unwrap_or_default();
-    for cap in ["BPF", "NET_ADMIN"] {
+    // SYS_PTRACE: pods' /proc/PID/ns/net belong to other users.
+    for cap in ["BPF", "NET_ADMIN", "SYS_PTRACE"] {
         assert!(caps.iter().any(|c| c == cap), "agent needs CAP_{cap}");
     }
 
@@ -439,12 +445,30 @@ fn container_args_are_accepted_by_the_real_cli() {
         "zmesh-ca.zmesh-system.svc:15012",
         "/var/run/secrets/zmesh/token",
         "/etc/zmesh/ca/roots.pem",
+        "/host/proc",
+        "/var/run/zmesh/enrolled-namespaces.json",
     ] {
         assert!(
             printed.contains(expected),
             "agent config lacks {expected}:\n{printed}"
         );
     }
+
+    // The node's /proc, and a host directory for the CNI plugin's state file.
+    let host_proc = flag(&agent_args, "host-proc").expect("--host-proc");
+    let pid_1 = format!("{host_proc}/1");
+    let (volume, _) = volume_for(&agent_pod, agent_container, &pid_1);
+    assert_eq!(
+        volume.host_path.as_ref().map(|h| h.path.as_str()),
+        Some("/proc"),
+        "--host-proc is the host's /proc"
+    );
+    let state_file = flag(&agent_args, "cni-state-file").expect("--cni-state-file");
+    let (volume, _) = volume_for(&agent_pod, agent_container, state_file);
+    assert!(
+        volume.host_path.is_some(),
+        "the CNI plugin reads {state_file} on the host"
+    );
 
     // Its token is a projected ServiceAccount token for the audience the CA requires.
     let token_path = flag(&agent_args, "ca-token-file").expect("--ca-token-file");

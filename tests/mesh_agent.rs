@@ -255,3 +255,99 @@ async fn certs_status_and_rotate_through_the_cli() {
         "the old certificates stay in use"
     );
 }
+
+/// Waits until `node`'s agent logs that it found `pod`'s network namespace; returns that
+/// line.
+async fn wait_for_netns_found(lab: &zmesh_lab::Lab, node: &str, pod: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let log = lab.agent_log(node);
+        if let Some(line) = log.lines().find(|l| {
+            l.contains("found the pod's network namespace") && l.contains(&format!("pod={pod} "))
+        }) {
+            return line.to_owned();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{node}: no network namespace found for {pod}; its log:\n{log}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A real node has no `zmesh.io/netns` annotations: the agent finds each pod's network
+/// namespace through the pod's processes in kubelet-named cgroups (by its UID), and one
+/// whose sandbox starts after its manifest appeared is found by retrying, with no other
+/// change to wake the agent.
+#[tokio::test(flavor = "multi_thread")]
+async fn pods_without_netns_annotations_are_found_through_their_cgroups() {
+    let mut options = support::options(
+        manifests(),
+        &[],
+        vec![ReservedPod {
+            node: "node2".into(),
+            namespace: "shop".into(),
+            name: "checkout".into(),
+            service_account: "checkout".into(),
+        }],
+    );
+    options.kubelet_cgroups = true;
+    let mut lab = zmesh_lab::Lab::start(options)
+        .await
+        .expect("the lab starts");
+    for entry in std::fs::read_dir(lab.manifests_dir()).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        assert!(
+            !text.contains("zmesh.io/netns") && !text.contains("zmesh.io/cgroup"),
+            "the lab writes no node-local facts:\n{text}"
+        );
+    }
+    let frontend_uid = lab.pod_uid("shop", "frontend");
+    assert!(
+        std::fs::read_to_string(lab.manifests_dir().join("pods.yaml"))
+            .unwrap()
+            .contains(&frontend_uid),
+        "pods carry their UID"
+    );
+    let found = wait_for_netns_found(&lab, "node2", "shop/frontend").await;
+    assert!(found.contains("how=proc"), "{found}");
+
+    // frontend's connections are captured on node2: mTLS on the wire.
+    let (web, _server) = serve_echo(&lab, "shop", "web", 8080);
+    let capture = lab.cluster().start_capture().unwrap();
+    let payload = secret("found-through-cgroups");
+    let run = lab.pod_client("shop", "frontend", web, &payload).unwrap();
+    assert_eq!(run.output, payload, "{}", run.stderr);
+    let pcap = capture.stop().unwrap();
+    assert!(
+        !pcap.contains(&payload),
+        "frontend's netns is enrolled: no plaintext on the wire"
+    );
+    assert!(pcap.tcp_ports().contains_key(&15008));
+
+    // The CNI plugin's view: shop enrolls pods, legacy does not.
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(lab.cni_state_path("node2")).unwrap()).unwrap();
+    assert_eq!(state["enrolled_namespaces"], serde_json::json!(["shop"]));
+
+    // A pod scheduled before its sandbox runs: pending, then found once the sandbox starts
+    // (nothing in the manifests changes in between).
+    let checkout_id = format!("spiffe://{}/ns/shop/sa/checkout", lab.trust_domain());
+    lab.edit_manifest("checkout.yaml", |text| {
+        *text = "apiVersion: v1\nkind: Pod\nmetadata: {name: checkout, namespace: shop}\nspec:\n  nodeName: node2\n  serviceAccountName: checkout\n  containers: [{name: c, image: c}]\n".into();
+    })
+    .unwrap();
+    wait_for_cert(&lab, "node2", &checkout_id, true).await;
+    assert!(
+        !lab.agent_log("node2").contains("pod=shop/checkout path="),
+        "no sandbox yet: nothing to find"
+    );
+    lab.start_sandbox("shop", "checkout").unwrap();
+    let found = wait_for_netns_found(&lab, "node2", "shop/checkout").await;
+    assert!(found.contains("how=proc"), "{found}");
+    let capture = lab.cluster().start_capture().unwrap();
+    let payload = secret("found-on-retry");
+    let run = lab.pod_client("shop", "checkout", web, &payload).unwrap();
+    assert_eq!(run.output, payload, "{}", run.stderr);
+    assert!(!capture.stop().unwrap().contains(&payload));
+}

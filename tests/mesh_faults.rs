@@ -100,6 +100,7 @@ async fn ca_down_past_certificate_expiry_fails_closed_with_the_reason_and_recove
         strict_nodes: vec![],
         reserved_pods: vec![],
         agent_env: vec![],
+        kubelet_cgroups: false,
     })
     .await
     .expect("the lab starts");

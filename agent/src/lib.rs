@@ -4,6 +4,9 @@
 //! - [`run`]: the agent itself, its configuration and the reconcile loop.
 //! - `datapath`: the proxy on a thread and runtime of its own, watched.
 //! - `steering`: the eBPF programs and enrollment maps (blocking syscalls).
+//! - [`discovery`]: where a pod's network namespace is on this node (annotation, registry
+//!   fed by the CNI plugin, or a scan of /proc for the pod's cgroup).
+//! - [`cni_state`]: the node-local file of enrolled namespaces the CNI plugin reads.
 //! - [`table`]: cluster state -> the proxy's workload table.
 //! - [`ca`], [`credentials`], [`spire`]: where workload certificates come from (the zmesh
 //!   CA with the node's credential, or a SPIRE agent) and the TLS configs built from them.
@@ -12,8 +15,10 @@
 
 pub mod admin;
 pub mod ca;
+pub mod cni_state;
 pub mod credentials;
 mod datapath;
+pub mod discovery;
 pub mod flows_api;
 mod run;
 pub mod spire;

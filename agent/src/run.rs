@@ -15,11 +15,13 @@ use zmesh_proxy::{Limits, Mode, ProxyConfig, ProxyDeps, WorkloadStore};
 
 use crate::admin::{self, AdminState};
 use crate::ca::{zmesh_ca_certificates, CaError, CaSettings, CaTokenCredential, NodeRenewal};
+use crate::cni_state::CniStateFile;
 use crate::credentials::{ManagedCredentials, WorkloadCertificates};
 use crate::datapath::{DataPath, DataPathError};
+use crate::discovery::{NetnsRegistry, PodNetnsDiscovery};
 use crate::flows_api;
 use crate::spire::SpireCertificates;
-use crate::steering::{Enrolled, MapOriginalDst, Steering};
+use crate::steering::{Applied, Enrolled, MapOriginalDst, Steering};
 use crate::table::workload_table;
 
 /// Everything `zmesh agent` is configured with.
@@ -53,6 +55,15 @@ pub struct AgentConfig {
     pub identity: IdentitySource,
     /// Who carries the traffic.
     pub data_plane: DataPlane,
+    /// The node's /proc, where pods' network namespaces are found by their cgroups
+    /// (`/proc` with hostPID; the host's /proc mounted elsewhere without).
+    pub host_proc: PathBuf,
+    /// Network namespaces told to the agent by pod UID (by the CNI plugin); they take
+    /// precedence over the scan of `host_proc`. Clones share the table.
+    pub netns_registry: NetnsRegistry,
+    /// Where to keep the list of namespaces that enroll pods, for the CNI plugin (`None`:
+    /// not written).
+    pub cni_state_file: Option<PathBuf>,
 }
 
 /// Who issues workload certificates.
@@ -210,20 +221,33 @@ pub async fn run(
     .await?;
     let admin_inode = admin::socket_inode(&config.admin_socket);
 
-    // The kernel-facing half of reconciling (map updates, netns reads, netlink) blocks:
-    // it runs on a blocking thread, handed back and forth with each state.
-    let mut kernel = Some((Enrolled::default(), steering));
+    // The kernel-facing half of reconciling (map updates, netns reads, the /proc scan,
+    // netlink, the CNI state file) blocks: it runs on a blocking thread, handed back and
+    // forth with each state.
+    let discovery = PodNetnsDiscovery::new(&config.host_proc, config.netns_registry.clone());
+    let cni_state = config.cni_state_file.as_ref().map(CniStateFile::new);
+    let mut kernel = Some((Enrolled::new(discovery), steering, cni_state));
     let reconcile = async {
+        let mut retry = RetryBackoff::default();
+        let mut last_state: Option<Arc<ClusterState>> = None;
         loop {
             let state = cluster.borrow_and_update().clone();
-            workloads.replace(workload_table(
-                &state,
-                &config.trust_domain,
-                &config.node,
-                own_hbone,
-            ));
-            flows_api::sync_policies(&policies, &state);
-            let Some((mut enrolled, mut steering)) = kernel.take() else {
+            // A retry for pods' namespaces comes with the same state: the table and the
+            // policies are already in step with it.
+            if !last_state
+                .as_ref()
+                .is_some_and(|last| Arc::ptr_eq(last, &state))
+            {
+                workloads.replace(workload_table(
+                    &state,
+                    &config.trust_domain,
+                    &config.node,
+                    own_hbone,
+                ));
+                flows_api::sync_policies(&policies, &state);
+                last_state = Some(state.clone());
+            }
+            let Some((mut enrolled, mut steering, mut cni_state)) = kernel.take() else {
                 return AgentError::Reconcile("lost the enrollment state".into());
             };
             let (certs, tls, trust_domain, node) = (
@@ -237,7 +261,7 @@ pub async fn run(
                     steering.follow_interfaces();
                 }
                 let redirector = steering.as_ref().map(|s| s.redirector.clone());
-                enrolled.apply(
+                let applied = enrolled.apply(
                     &state,
                     &trust_domain,
                     &node,
@@ -245,16 +269,38 @@ pub async fn run(
                     &tls,
                     redirector.as_deref(),
                 );
-                (enrolled, steering)
+                if let Some(file) = cni_state.as_mut() {
+                    // Tried again with the next state (the set is remembered only once
+                    // written).
+                    if let Err(e) = file.update(&state) {
+                        tracing::error!("the CNI plugin's state file: {e}");
+                    }
+                }
+                (applied, (enrolled, steering, cni_state))
             })
             .await;
-            match applied {
-                Ok(kept) => kernel = Some(kept),
+            let Applied { unresolved } = match applied {
+                Ok((applied, kept)) => {
+                    kernel = Some(kept);
+                    applied
+                }
                 Err(reason) => return AgentError::Reconcile(reason),
-            }
-            if cluster.changed().await.is_err() {
-                // The source is gone (only at shutdown): keep serving the last state.
-                std::future::pending::<()>().await;
+            };
+            // Pods whose containers have not started yet have no namespace to find: look
+            // again after a short while (nothing else would wake us), less often the
+            // longer it takes; a change of the cluster state wakes us at once.
+            let wait = (unresolved > 0).then(|| retry.next());
+            tokio::select! {
+                changed = cluster.changed() => {
+                    retry = RetryBackoff::default();
+                    if changed.is_err() {
+                        // The source is gone (only at shutdown): keep serving the last state.
+                        std::future::pending::<()>().await;
+                    }
+                }
+                () = sleep_or_never(wait) => {
+                    tracing::debug!(unresolved, "looking again for pods' network namespaces");
+                }
             }
         }
     };
@@ -295,6 +341,38 @@ pub async fn run(
     result
 }
 
+/// How long to wait before looking again for pods' network namespaces: 200 ms, doubling
+/// up to 5 s.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct RetryBackoff {
+    next: Duration,
+}
+
+impl RetryBackoff {
+    const FIRST: Duration = Duration::from_millis(200);
+    const MAX: Duration = Duration::from_secs(5);
+
+    fn next(&mut self) -> Duration {
+        let wait = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        wait
+    }
+}
+
+impl Default for RetryBackoff {
+    fn default() -> Self {
+        Self { next: Self::FIRST }
+    }
+}
+
+/// Sleeps for `wait`, or forever without one.
+async fn sleep_or_never(wait: Option<Duration>) {
+    match wait {
+        Some(wait) => tokio::time::sleep(wait).await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Runs blocking work on tokio's blocking pool; `Err` says why it did not finish.
 async fn blocking<T: Send + 'static>(
     work: impl FnOnce() -> T + Send + 'static,
@@ -302,4 +380,16 @@ async fn blocking<T: Send + 'static>(
     tokio::task::spawn_blocking(work)
         .await
         .map_err(|e| format!("blocking task failed: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_from_200ms_to_5s() {
+        let mut backoff = RetryBackoff::default();
+        let waits: Vec<u64> = (0..8).map(|_| backoff.next().as_millis() as u64).collect();
+        assert_eq!(waits, [200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
+    }
 }

@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use zmesh_cluster::ClusterState;
 use zmesh_identity::{TrustDomain, WorkloadId};
@@ -14,6 +15,7 @@ use zmesh_proxy::{OriginalDst, ProxyConfig};
 use zmesh_redirect::{Mode, ProxyListeners, RedirectConfig, RedirectError, Redirector};
 
 use crate::credentials::{ManagedCredentials, WorkloadCertificates};
+use crate::discovery::{NetnsCookies, PodNetnsDiscovery};
 use crate::run::RedirectSettings;
 use crate::table::local_enrolled;
 
@@ -143,15 +145,32 @@ fn node_interfaces() -> std::io::Result<Vec<String>> {
 }
 
 /// What this agent has enrolled so far, to apply only the differences.
-#[derive(Default)]
 pub(crate) struct Enrolled {
     workloads: BTreeSet<WorkloadId>,
     /// Pod (namespace/name) -> (netns cookie, pod IPs) as put into the maps.
     pods: BTreeMap<String, (Option<u64>, Vec<IpAddr>)>,
+    /// Where the pods' network namespaces are, found once per pod.
+    netns: NetnsCookies,
+}
+
+/// What one [`Enrolled::apply`] left undone.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Applied {
+    /// Enrolled pods whose network namespace is not found yet (their containers have not
+    /// started): worth another look soon, without a change of the cluster state.
+    pub unresolved: usize,
 }
 
 impl Enrolled {
-    /// Blocking (netns reads, bpf syscalls): run it off the async workers.
+    pub fn new(discovery: PodNetnsDiscovery) -> Self {
+        Self {
+            workloads: BTreeSet::new(),
+            pods: BTreeMap::new(),
+            netns: NetnsCookies::new(discovery),
+        }
+    }
+
+    /// Blocking (netns reads, a scan of /proc, bpf syscalls): run it off the async workers.
     pub fn apply(
         &mut self,
         state: &ClusterState,
@@ -160,25 +179,28 @@ impl Enrolled {
         certs: &dyn WorkloadCertificates,
         tls: &ManagedCredentials,
         redirector: Option<&Mutex<Redirector>>,
-    ) {
+    ) -> Applied {
         let mut want_workloads = BTreeSet::new();
-        let mut want_pods = BTreeMap::new();
+        let mut local_pods = Vec::new();
         for (pod, id) in local_enrolled(state, trust_domain, node) {
             want_workloads.insert(id);
-            let key = pod.key().to_string();
-            // Keep a cookie we already resolved: the netns of a running pod does not change.
-            let cookie = match self.pods.get(&key) {
-                Some((Some(cookie), _)) => Some(*cookie),
-                _ => pod.netns_path.as_deref().and_then(|path| match netns_cookie(path) {
-                    Ok(cookie) => Some(cookie),
-                    Err(e) => {
-                        tracing::warn!(pod = %key, path = %path.display(), "cannot read the pod's network namespace: {e}");
-                        None
-                    }
-                }),
-            };
-            want_pods.insert(key, (cookie, pod.ips.clone()));
+            local_pods.push(pod);
         }
+        // Without redirection nothing needs the namespaces: do not look for them.
+        let cookies = if redirector.is_some() {
+            self.netns
+                .cookies(&local_pods, Instant::now(), &|path| netns_cookie(path))
+        } else {
+            BTreeMap::new()
+        };
+        let want_pods: BTreeMap<String, (Option<u64>, Vec<IpAddr>)> = local_pods
+            .iter()
+            .map(|pod| {
+                let key = pod.key().to_string();
+                let cookie = cookies.get(&key).copied().flatten();
+                (key, (cookie, pod.ips.clone()))
+            })
+            .collect();
         for id in want_workloads.difference(&self.workloads) {
             tracing::info!(workload = %id, "enrolled: fetching its certificate");
             certs.ensure(id);
@@ -192,30 +214,51 @@ impl Enrolled {
 
         if let Some(redirector) = redirector {
             let mut r = redirector.lock().unwrap_or_else(|p| p.into_inner());
+            // Only what changed leaves the maps (and first, so that an IP or a namespace
+            // that moved to another pod is then entered for that one), so a pod whose
+            // namespace is found late keeps its IPs steered throughout.
             for (key, (cookie, ips)) in &self.pods {
-                if want_pods.get(key) != Some(&(*cookie, ips.clone())) {
-                    tracing::info!(pod = %key, "un-enrolling from redirection");
-                    if let Some(cookie) = cookie {
-                        log_err(key, r.unenroll_netns(*cookie));
-                    }
-                    for ip in ips {
-                        log_err(key, r.unenroll_pod_ip(*ip));
-                    }
+                let (new_cookie, new_ips) = match want_pods.get(key) {
+                    Some((c, i)) => (*c, i.as_slice()),
+                    None => (None, &[][..]),
+                };
+                let gone_cookie = cookie.filter(|c| new_cookie != Some(*c));
+                let gone_ips: Vec<&IpAddr> =
+                    ips.iter().filter(|ip| !new_ips.contains(ip)).collect();
+                if gone_cookie.is_none() && gone_ips.is_empty() {
+                    continue;
+                }
+                tracing::info!(pod = %key, cookie = ?gone_cookie, ips = ?gone_ips, "un-enrolling from redirection");
+                if let Some(cookie) = gone_cookie {
+                    log_err(key, r.unenroll_netns(cookie));
+                }
+                for ip in gone_ips {
+                    log_err(key, r.unenroll_pod_ip(*ip));
                 }
             }
             for (key, (cookie, ips)) in &want_pods {
-                if self.pods.get(key) != Some(&(*cookie, ips.clone())) {
-                    tracing::info!(pod = %key, ?cookie, ?ips, "enrolling in redirection");
-                    if let Some(cookie) = cookie {
-                        log_err(key, r.enroll_netns(*cookie));
-                    }
-                    for ip in ips {
-                        log_err(key, r.enroll_pod_ip(*ip, Mode::Permissive));
-                    }
+                let (old_cookie, old_ips) = match self.pods.get(key) {
+                    Some((c, i)) => (*c, i.as_slice()),
+                    None => (None, &[][..]),
+                };
+                let new_cookie = cookie.filter(|c| old_cookie != Some(*c));
+                let new_ips: Vec<&IpAddr> = ips.iter().filter(|ip| !old_ips.contains(ip)).collect();
+                if new_cookie.is_none() && new_ips.is_empty() {
+                    continue;
+                }
+                tracing::info!(pod = %key, cookie = ?new_cookie, ips = ?new_ips, "enrolling in redirection");
+                if let Some(cookie) = new_cookie {
+                    log_err(key, r.enroll_netns(cookie));
+                }
+                for ip in new_ips {
+                    log_err(key, r.enroll_pod_ip(*ip, Mode::Permissive));
                 }
             }
         }
         self.pods = want_pods;
+        Applied {
+            unresolved: self.netns.pending(),
+        }
     }
 }
 

@@ -121,6 +121,7 @@ mod tests {
         PodInfo {
             namespace: ns.into(),
             name: name.into(),
+            uid: None,
             node: Some(node.into()),
             ips: vec![ip.parse().unwrap()],
             service_account: name.into(),

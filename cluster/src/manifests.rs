@@ -473,6 +473,7 @@ kind: Pod
 metadata:
   name: web
   namespace: shop
+  uid: 6f1c0b9e-2f6d-4a57-9c1e-3b8f2d7a5e10
   annotations:
     zmesh.io/netns: /run/netns/web
 spec:
@@ -511,6 +512,10 @@ status:
         assert_eq!(pod.node.as_deref(), Some("node1"));
         assert_eq!(pod.ips, vec!["10.1.0.5".parse::<IpAddr>().unwrap()]);
         assert_eq!(pod.netns_path, Some(PathBuf::from("/run/netns/web")));
+        assert_eq!(
+            pod.uid.as_deref(),
+            Some("6f1c0b9e-2f6d-4a57-9c1e-3b8f2d7a5e10")
+        );
         assert!(state.is_enrolled(pod));
         // Unchanged directory: nothing new to publish.
         assert_eq!(m.rescan(), (None, vec![]));

@@ -42,6 +42,10 @@ impl NamespaceInfo {
 pub struct PodInfo {
     pub namespace: String,
     pub name: String,
+    /// `metadata.uid`: tells a pod from an earlier one of the same name, and names its
+    /// cgroup on its node (how the agent finds its network namespace). `None` in manifests
+    /// that do not set it.
+    pub uid: Option<String>,
     /// Node the pod is scheduled on; `None` while unscheduled.
     pub node: Option<String>,
     /// Pod IPs (status.podIPs, or status.podIP); empty until the pod has a network.
@@ -145,6 +149,7 @@ impl PodInfo {
         Ok(Self {
             namespace: meta.namespace.unwrap_or_else(|| "default".into()),
             name,
+            uid: meta.uid.filter(|uid| !uid.is_empty()),
             node: spec.node_name,
             ips,
             service_account: spec
@@ -160,7 +165,8 @@ impl PodInfo {
     }
 
     /// Drops what only the pod's own node needs (its node-local netns and cgroup paths).
-    /// Labels stay: Service selectors match remote pods by them.
+    /// Labels stay: Service selectors match remote pods by them; so does the UID (small, and
+    /// what tells a recreated pod from the old one).
     pub fn compact(mut self) -> Self {
         self.netns_path = None;
         self.cgroup_path = None;
@@ -399,6 +405,7 @@ mod tests {
         PodInfo {
             namespace: ns.into(),
             name: name.into(),
+            uid: Some(format!("uid-{name}")),
             node: Some("node1".into()),
             ips: vec!["10.0.0.1".parse().unwrap()],
             service_account: "default".into(),
@@ -451,6 +458,7 @@ mod tests {
         assert_eq!(compact.labels, full.labels);
         assert_eq!(compact.ports, full.ports);
         assert!(compact.ready);
+        assert_eq!(compact.uid, full.uid);
         assert_eq!((compact.netns_path, compact.cgroup_path), (None, None));
     }
 

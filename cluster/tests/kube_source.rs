@@ -334,6 +334,7 @@ async fn list_watch_gone_and_outages() {
     assert_eq!(local, ["web-7d9f"]);
     let web = state.pods().find(|p| p.name == "web-7d9f").unwrap();
     assert_eq!(web.service_account, "web");
+    assert_eq!(web.uid.as_deref(), Some("a1"));
     assert_eq!(
         web.netns_path.as_deref(),
         Some(std::path::Path::new("/var/run/netns/cni-1234"))
@@ -349,6 +350,7 @@ async fn list_watch_gone_and_outages() {
     );
     assert_eq!(api_pod.service_account, "api");
     assert_eq!(api_pod.netns_path, None);
+    assert_eq!(api_pod.uid.as_deref(), Some("a2"), "compact keeps the UID");
     assert_eq!(
         api_pod.labels,
         BTreeMap::from([

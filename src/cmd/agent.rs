@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use zmesh_agent::ca::CaTokenCredential;
+use zmesh_agent::discovery::NetnsRegistry;
 use zmesh_agent::{run, AgentConfig, DataPlane, IdentitySource, RedirectSettings};
 use zmesh_cluster::kube_source::{watch_kubernetes, RetryPolicy};
 use zmesh_cluster::manifests::watch_dir;
@@ -101,6 +102,19 @@ pub struct AgentArgs {
     /// non-loopback interface of the node, followed as pods come and go.
     #[arg(long = "ingress-interface", value_name = "IFACE")]
     ingress_interfaces: Vec<String>,
+    /// The node's /proc, where pods' network namespaces are found by their cgroups:
+    /// `/proc` when the agent runs with hostPID, else the host's /proc mounted into the
+    /// agent's container (e.g. at /host/proc).
+    #[arg(long, value_name = "DIR", default_value = "/proc")]
+    host_proc: PathBuf,
+    /// Where to keep the list of namespaces that enroll pods (JSON), for the zmesh CNI
+    /// plugin to refuse such pods while the agent is down. `none`: not written.
+    #[arg(
+        long,
+        value_name = "PATH|none",
+        default_value = "/var/run/zmesh/enrolled-namespaces.json"
+    )]
+    cni_state_file: PathBuf,
     #[command(flatten)]
     tuning: super::tuning::ProxyTuningArgs,
     /// How tc ingress programs attach: `tcx` (Linux 6.6+), `netlink` (a cls_bpf filter
@@ -200,6 +214,10 @@ pub async fn run_agent(args: AgentArgs, proxy_threads: usize) -> anyhow::Result<
             ingress_interfaces: args.ingress_interfaces.clone(),
             tc_attach: args.tc_attach,
         }),
+        host_proc: args.host_proc.clone(),
+        netns_registry: NetnsRegistry::default(),
+        cni_state_file: Some(args.cni_state_file.clone())
+            .filter(|path| path.as_os_str() != "none" && !path.as_os_str().is_empty()),
     };
     if args.dry_run {
         println!("{config:#?}");

@@ -55,6 +55,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         strict_nodes: vec![],
         reserved_pods: vec![],
         agent_env: vec![],
+        kubelet_cgroups: false,
     });
     let mut lab = tokio::select! {
         lab = lab => lab?,

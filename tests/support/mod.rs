@@ -51,6 +51,7 @@ pub fn options(
         strict_nodes: strict_nodes.iter().map(|s| s.to_string()).collect(),
         reserved_pods,
         agent_env: vec![],
+        kubelet_cgroups: false,
     }
 }
 

@@ -5,7 +5,10 @@
 //! The lab plays kubelet and CNI: it builds each pod's network namespace and cgroup, then
 //! writes what the API would hold (pod IP) and the node-local facts (netns and cgroup
 //! paths, as `zmesh.io/netns` / `zmesh.io/cgroup` annotations) into its copy of the
-//! manifests, which the CA and the agents then watch like any manifest directory.
+//! manifests, which the CA and the agents then watch like any manifest directory. With
+//! `LabOptions::kubelet_cgroups` it hands out no node-local facts and plays kubelet more
+//! closely instead: pod UIDs in the manifests, and per pod a sandbox process in a cgroup
+//! named after the UID, so the agents find the namespaces as on a real node.
 //!
 //! It also plays kube-proxy for clients outside the mesh: each node gets one DNAT rule per
 //! Service port (nftables, in the node's namespace; test scaffolding, not zmesh), spreading
@@ -83,6 +86,13 @@ pub struct LabOptions {
     pub reserved_pods: Vec<ReservedPod>,
     /// Environment variables for every agent (e.g. `ZMESH_TC_ATTACH=netlink`).
     pub agent_env: Vec<(String, String)>,
+    /// Play kubelet instead of handing out node-local facts: pods get a `metadata.uid` and
+    /// no `zmesh.io/netns` / `zmesh.io/cgroup` annotations, and each gets a sandbox process
+    /// (as a pod's pause container) in its network namespace and in a cgroup named as
+    /// kubelet's cgroupfs driver names it (`kubepods/besteffort/pod<uid>/sandbox`, below
+    /// the pod's testbed cgroup), so agents must find namespaces through /proc. Reserved
+    /// pods' sandboxes start only with [`Lab::start_sandbox`].
+    pub kubelet_cgroups: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -107,6 +117,9 @@ pub struct Lab {
     trust_domain: TrustDomain,
     /// Source manifest file name -> its text, to re-render with pod runtime facts.
     sources: BTreeMap<String, String>,
+    /// With `kubelet_cgroups`: the sandbox process of each pod that has one, by
+    /// (namespace, name).
+    sandboxes: BTreeMap<(String, String), Child>,
 }
 
 impl Lab {
@@ -162,7 +175,13 @@ impl Lab {
             pin_root,
             trust_domain: TrustDomain::default(),
             sources,
+            sandboxes: BTreeMap::new(),
         };
+        if lab.options.kubelet_cgroups {
+            for pod in state.pods().filter(|p| p.node.is_some()) {
+                lab.start_sandbox(&pod.namespace, &pod.name)?;
+            }
+        }
         lab.render_manifests()?;
         lab.start_ca().await?;
         let node_names: Vec<String> = nodes.keys().cloned().collect();
@@ -208,6 +227,11 @@ impl Lab {
 
     pub fn agent_log(&self, node: &str) -> String {
         std::fs::read_to_string(self.agent_log_path(node)).unwrap_or_default()
+    }
+
+    /// The agent's list of enrolled namespaces for the CNI plugin (`--cni-state-file`).
+    pub fn cni_state_path(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("enrolled-namespaces.json")
     }
 
     /// Where the agent of `node` pins its eBPF maps and links.
@@ -329,10 +353,71 @@ impl Lab {
         if metadata.get("annotations").is_none_or(|a| a.is_null()) {
             metadata["annotations"] = Value::Mapping(Default::default());
         }
+        if self.options.kubelet_cgroups {
+            // Only what the API has: the node-local facts are for the agent to find.
+            if metadata.get("uid").is_none_or(|u| u.is_null()) {
+                metadata["uid"] = Value::from(self.pod_uid(&namespace, &name));
+            }
+            return;
+        }
         metadata["annotations"][NETNS_ANNOTATION] =
             Value::from(testbed_pod.netns().path().display().to_string());
         metadata["annotations"][CGROUP_ANNOTATION] =
             Value::from(testbed_pod.cgroup_path().display().to_string());
+    }
+
+    /// The UID the lab gives pod `namespace/name` (unless its manifest has one): a UUID
+    /// derived from the run and the pod, so it is stable across re-renders and differs
+    /// between runs and pods.
+    pub fn pod_uid(&self, namespace: &str, name: &str) -> String {
+        use std::hash::{Hash, Hasher};
+        let half = |salt: u8| {
+            let mut hasher = std::collections::hash_map::DefaultHasher::new();
+            (salt, self.cluster().run_id(), namespace, name).hash(&mut hasher);
+            hasher.finish()
+        };
+        let hex = format!("{:016x}{:016x}", half(1), half(2));
+        format!(
+            "{}-{}-4{}-8{}-{}",
+            &hex[0..8],
+            &hex[8..12],
+            &hex[13..16],
+            &hex[17..20],
+            &hex[20..32]
+        )
+    }
+
+    /// Starts the sandbox process of pod `namespace/name` (see
+    /// [`LabOptions::kubelet_cgroups`]), as the container runtime starts a pod's pause
+    /// container: from then on its network namespace can be found through /proc.
+    pub fn start_sandbox(&mut self, namespace: &str, name: &str) -> Result<(), LabError> {
+        let key = (namespace.to_owned(), name.to_owned());
+        if self.sandboxes.contains_key(&key) {
+            return Ok(());
+        }
+        let uid = self.pod_uid(namespace, name);
+        let pod = self
+            .cluster()
+            .pod(namespace, name)
+            .ok_or_else(|| LabError::Process {
+                what: format!("the sandbox of {namespace}/{name}"),
+                reason: "no such pod in the lab".into(),
+            })?;
+        let mut command = pod.command_in_cgroup(
+            "sleep",
+            Path::new(&format!("kubepods/besteffort/pod{uid}/sandbox")),
+        )?;
+        command
+            .arg("infinity")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        let child = command.spawn().map_err(|e| LabError::Process {
+            what: format!("the sandbox of {namespace}/{name}"),
+            reason: e.to_string(),
+        })?;
+        self.sandboxes.insert(key, child);
+        Ok(())
     }
 
     async fn start_ca(&mut self) -> Result<(), LabError> {
@@ -443,6 +528,10 @@ impl Lab {
             .arg(cluster_node.pods_cgroup_path())
             .arg("--bpf-pin-dir")
             .arg(self.pin_dir(node))
+            // Node-local, like the real one, instead of the host's /var/run/zmesh that
+            // every lab (and the machine) would share.
+            .arg("--cni-state-file")
+            .arg(self.cni_state_path(node))
             .envs(self.options.agent_env.iter().map(|(k, v)| (k, v)));
         let child = spawn_logged(command, &self.agent_log_path(node), "the agent")?;
         self.agents.insert(node.to_owned(), child);
@@ -627,6 +716,10 @@ impl Drop for Lab {
         }
         if let Some(ca) = self.ca.take() {
             terminate(ca, Duration::from_secs(5));
+        }
+        for (_, mut sandbox) in std::mem::take(&mut self.sandboxes) {
+            let _ = sandbox.kill();
+            let _ = sandbox.wait();
         }
         if let Some(cluster) = &self.cluster {
             for node in cluster.nodes() {

@@ -514,6 +514,33 @@ impl Pod {
         &self.cgroup_path
     }
 
+    /// A command whose process runs in this pod's namespace and in the cgroup `relative`
+    /// below the pod's own (created if missing), e.g. named the way kubelet names a pod's
+    /// cgroup. Killed, and the cgroups removed, when the cluster is dropped.
+    pub fn command_in_cgroup(
+        &self,
+        program: impl AsRef<OsStr>,
+        relative: &Path,
+    ) -> Result<Command> {
+        let below = relative
+            .components()
+            .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !below || relative.as_os_str().is_empty() {
+            return Err(crate::Error::io(
+                "creating cgroup",
+                relative,
+                std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "must be a relative path below the pod's cgroup",
+                ),
+            ));
+        }
+        let cgroup = self.cgroup_path.join(relative);
+        std::fs::create_dir_all(&cgroup)
+            .map_err(|e| crate::Error::io("creating cgroup", &cgroup, e))?;
+        self.netns.command(program, &cgroup)
+    }
+
     /// The pod's cgroup id (`bpf_get_current_cgroup_id` of its processes).
     pub fn cgroup_id(&self) -> u64 {
         self.cgroup_id
