@@ -351,3 +351,110 @@ async fn pods_without_netns_annotations_are_found_through_their_cgroups() {
     assert_eq!(run.output, payload, "{}", run.stderr);
     assert!(!capture.stop().unwrap().contains(&payload));
 }
+
+/// Sends one CNI plugin request (zmesh_cni's protocol) to `node`'s agent.
+async fn cni_request(
+    lab: &zmesh_lab::Lab,
+    node: &str,
+    request: &zmesh_cni::protocol::Request,
+) -> zmesh_cni::protocol::Reply {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::UnixStream::connect(lab.cni_socket_path(node))
+        .await
+        .expect("the agent serves the CNI socket");
+    stream
+        .write_all(&zmesh_cni::protocol::encode(request))
+        .await
+        .expect("send the request");
+    let mut line = String::new();
+    tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::io::BufReader::new(stream).read_line(&mut line),
+    )
+    .await
+    .expect("an answer within 30 s")
+    .expect("read the answer");
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line:?}: {e}"))
+}
+
+/// What the CNI plugin does for a starting pod: the pod has no process yet (the sandbox
+/// is not started), so only the plugin's ADD can say where its network namespace is; the
+/// answer comes once it is enrolled, and its first connection is already mTLS.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_cni_add_enrolls_a_pod_before_it_has_a_process() {
+    use zmesh_cni::protocol::{Command, Outcome, Pod, Request};
+    let mut options = support::options(
+        manifests(),
+        &[],
+        vec![ReservedPod {
+            node: "node2".into(),
+            namespace: "shop".into(),
+            name: "basket".into(),
+            service_account: "basket".into(),
+        }],
+    );
+    options.kubelet_cgroups = true;
+    let mut lab = zmesh_lab::Lab::start(options)
+        .await
+        .expect("the lab starts");
+    let basket_id = format!("spiffe://{}/ns/shop/sa/basket", lab.trust_domain());
+    let uid = lab.pod_uid("shop", "basket");
+    lab.edit_manifest("basket.yaml", |text| {
+        *text = format!("apiVersion: v1\nkind: Pod\nmetadata: {{name: basket, namespace: shop, uid: {uid}}}\nspec:\n  nodeName: node2\n  serviceAccountName: basket\n  containers: [{{name: c, image: c}}]\n");
+    })
+    .unwrap();
+    wait_for_cert(&lab, "node2", &basket_id, true).await;
+    let netns = lab
+        .cluster()
+        .pod("shop", "basket")
+        .expect("the reserved pod")
+        .netns()
+        .path()
+        .display()
+        .to_string();
+    let add = Request {
+        command: Command::Add,
+        container_id: "sandbox-1".into(),
+        netns: netns.clone(),
+        ifname: "eth0".into(),
+        pod: Pod {
+            namespace: "shop".into(),
+            name: "basket".into(),
+            uid: uid.clone(),
+        },
+        ips: vec![],
+    };
+    let reply = cni_request(&lab, "node2", &add).await;
+    assert_eq!(reply.outcome, Outcome::Enrolled, "{}", reply.message);
+    let found = wait_for_netns_found(&lab, "node2", "shop/basket").await;
+    assert!(found.contains("how=registry"), "{found}");
+
+    let (web, _server) = serve_echo(&lab, "shop", "web", 8080);
+    let capture = lab.cluster().start_capture().unwrap();
+    let payload = secret("enrolled-by-cni-add");
+    let run = lab.pod_client("shop", "basket", web, &payload).unwrap();
+    assert_eq!(run.output, payload, "{}", run.stderr);
+    let pcap = capture.stop().unwrap();
+    assert!(!pcap.contains(&payload), "basket is enrolled: no plaintext");
+    assert!(pcap.tcp_ports().contains_key(&15008));
+
+    // A pod of a namespace that is not enrolled is answered at once.
+    let mut other = add.clone();
+    other.pod.namespace = "legacy".into();
+    other.pod.name = "old".into();
+    let reply = cni_request(&lab, "node2", &other).await;
+    assert_eq!(reply.outcome, Outcome::NotEnrolled, "{}", reply.message);
+    // CHECK agrees; DEL is acknowledged.
+    let mut check = add.clone();
+    check.command = Command::Check;
+    assert_eq!(
+        cni_request(&lab, "node2", &check).await.outcome,
+        Outcome::Enrolled
+    );
+    let mut del = add;
+    del.command = Command::Del;
+    assert_eq!(
+        cni_request(&lab, "node2", &del).await.outcome,
+        Outcome::NotEnrolled
+    );
+}

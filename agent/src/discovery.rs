@@ -351,6 +351,9 @@ enum Known {
     Resolved {
         uid: Option<String>,
         cookie: u64,
+        /// What it was resolved from: a CNI ADD registering another path for the same UID
+        /// (the runtime made the pod a new sandbox) makes it resolve again.
+        path: PathBuf,
     },
     Pending {
         uid: Option<String>,
@@ -361,9 +364,7 @@ enum Known {
     },
     /// Neither an annotation nor a UID: nothing can find its namespace, retrying is
     /// useless until the pod changes.
-    Unfindable {
-        uid: Option<String>,
-    },
+    Unfindable { uid: Option<String> },
 }
 
 impl Known {
@@ -401,7 +402,11 @@ impl NetnsCookies {
             let previous = self.pods.remove(&key);
             let entry = match previous {
                 // Same pod (same UID, or no UID either time): keep what we know.
-                Some(previous @ Known::Resolved { .. }) if previous.uid() == &pod.uid => previous,
+                Some(previous @ Known::Resolved { .. })
+                    if previous.uid() == &pod.uid && !self.registered_elsewhere(&previous) =>
+                {
+                    previous
+                }
                 Some(previous @ Known::Pending { .. }) if previous.uid() == &pod.uid => {
                     to_resolve.push(pod);
                     previous
@@ -440,6 +445,7 @@ impl NetnsCookies {
                         *entry = Known::Resolved {
                             uid: entry.uid().clone(),
                             cookie,
+                            path,
                         };
                     }
                     Err(e) => {
@@ -490,6 +496,23 @@ impl NetnsCookies {
                 (key.clone(), cookie)
             })
             .collect()
+    }
+
+    /// Whether the CNI plugin registered a namespace for this pod's UID other than the
+    /// one it was resolved from.
+    fn registered_elsewhere(&self, known: &Known) -> bool {
+        let Known::Resolved {
+            uid: Some(uid),
+            path,
+            ..
+        } = known
+        else {
+            return false;
+        };
+        self.discovery
+            .registry()
+            .get(uid)
+            .is_some_and(|registered| &registered != path)
     }
 
     /// How many pods wait for their network namespace and may still find it (worth

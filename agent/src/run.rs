@@ -15,6 +15,7 @@ use zmesh_proxy::{Limits, Mode, ProxyConfig, ProxyDeps, WorkloadStore};
 
 use crate::admin::{self, AdminState};
 use crate::ca::{zmesh_ca_certificates, CaError, CaSettings, CaTokenCredential, NodeRenewal};
+use crate::cni_server::{self, CniServer, EnrollmentView};
 use crate::cni_state::CniStateFile;
 use crate::credentials::{ManagedCredentials, WorkloadCertificates};
 use crate::datapath::{DataPath, DataPathError};
@@ -64,6 +65,8 @@ pub struct AgentConfig {
     /// Where to keep the list of namespaces that enroll pods, for the CNI plugin (`None`:
     /// not written).
     pub cni_state_file: Option<PathBuf>,
+    /// Where the CNI plugin asks to enroll starting pods (`None`: not served).
+    pub cni_socket: Option<PathBuf>,
 }
 
 /// Who issues workload certificates.
@@ -110,6 +113,8 @@ pub enum AgentError {
     Admin(#[from] admin::AdminError),
     #[error("ztunnel data plane: {0}")]
     Ztunnel(#[from] crate::zds::ZtunnelModeError),
+    #[error(transparent)]
+    Cni(#[from] crate::cni_server::CniServerError),
     #[error("the reconcile loop failed: {0}")]
     Reconcile(String),
 }
@@ -226,7 +231,27 @@ pub async fn run(
     // forth with each state.
     let discovery = PodNetnsDiscovery::new(&config.host_proc, config.netns_registry.clone());
     let cni_state = config.cni_state_file.as_ref().map(CniStateFile::new);
+    let redirecting = steering.is_some();
     let mut kernel = Some((Enrolled::new(discovery), steering, cni_state));
+    // What the last pass applied, for the CNI plugin's requests; they wake the loop.
+    let (publish_view, view) = watch::channel(Arc::new(EnrollmentView {
+        state: cluster.borrow().clone(),
+        pods: Default::default(),
+        redirecting,
+    }));
+    let wake = Arc::new(tokio::sync::Notify::new());
+    let cni_task = match &config.cni_socket {
+        Some(path) => Some(cni_server::serve(
+            path,
+            CniServer {
+                node: config.node.clone(),
+                registry: config.netns_registry.clone(),
+                view,
+                wake: wake.clone(),
+            },
+        )?),
+        None => None,
+    };
     let reconcile = async {
         let mut retry = RetryBackoff::default();
         let mut last_state: Option<Arc<ClusterState>> = None;
@@ -269,6 +294,7 @@ pub async fn run(
                     &tls,
                     redirector.as_deref(),
                 );
+                let enrolled_pods = enrolled.netns_cookies();
                 if let Some(file) = cni_state.as_mut() {
                     // Tried again with the next state (the set is remembered only once
                     // written).
@@ -276,12 +302,17 @@ pub async fn run(
                         tracing::error!("the CNI plugin's state file: {e}");
                     }
                 }
-                (applied, (enrolled, steering, cni_state))
+                (applied, enrolled_pods, (enrolled, steering, cni_state))
             })
             .await;
             let Applied { unresolved } = match applied {
-                Ok((applied, kept)) => {
+                Ok((applied, enrolled_pods, kept)) => {
                     kernel = Some(kept);
+                    publish_view.send_replace(Arc::new(EnrollmentView {
+                        state: last_state.clone().unwrap_or_default(),
+                        pods: enrolled_pods,
+                        redirecting,
+                    }));
                     applied
                 }
                 Err(reason) => return AgentError::Reconcile(reason),
@@ -300,6 +331,9 @@ pub async fn run(
                 }
                 () = sleep_or_never(wait) => {
                     tracing::debug!(unresolved, "looking again for pods' network namespaces");
+                }
+                () = wake.notified() => {
+                    tracing::debug!("the CNI plugin registered a pod: enrolling it now");
                 }
             }
         }
@@ -330,6 +364,9 @@ pub async fn run(
         tracing::error!("agent stopping: {e}");
     }
     admin_task.abort();
+    if let Some(task) = cni_task {
+        task.abort();
+    }
     if let Some((stop, task)) = renewal {
         stop.cancel();
         let _ = task.await;

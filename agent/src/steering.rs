@@ -170,6 +170,15 @@ impl Enrolled {
         }
     }
 
+    /// Enrolled pods of this node (`namespace/name`) -> their network namespace cookie in
+    /// the maps (`None`: not found yet).
+    pub fn netns_cookies(&self) -> BTreeMap<String, Option<u64>> {
+        self.pods
+            .iter()
+            .map(|(key, (cookie, _))| (key.clone(), *cookie))
+            .collect()
+    }
+
     /// Blocking (netns reads, a scan of /proc, bpf syscalls): run it off the async workers.
     pub fn apply(
         &mut self,

@@ -115,6 +115,10 @@ pub struct AgentArgs {
         default_value = "/var/run/zmesh/enrolled-namespaces.json"
     )]
     cni_state_file: PathBuf,
+    /// Where the zmesh CNI plugin asks to enroll a starting pod (a unix socket, mode 0600);
+    /// the pod's start waits until it is enrolled. `none`: not served.
+    #[arg(long, value_name = "PATH|none", default_value = zmesh_cni::protocol::DEFAULT_AGENT_SOCKET)]
+    cni_socket: PathBuf,
     #[command(flatten)]
     tuning: super::tuning::ProxyTuningArgs,
     /// How tc ingress programs attach: `tcx` (Linux 6.6+), `netlink` (a cls_bpf filter
@@ -217,6 +221,8 @@ pub async fn run_agent(args: AgentArgs, proxy_threads: usize) -> anyhow::Result<
         host_proc: args.host_proc.clone(),
         netns_registry: NetnsRegistry::default(),
         cni_state_file: Some(args.cni_state_file.clone())
+            .filter(|path| path.as_os_str() != "none" && !path.as_os_str().is_empty()),
+        cni_socket: Some(args.cni_socket.clone())
             .filter(|path| path.as_os_str() != "none" && !path.as_os_str().is_empty()),
     };
     if args.dry_run {

@@ -422,6 +422,27 @@ fn cookies_are_resolved_once_per_uid_and_retried_until_found() {
 }
 
 #[test]
+fn a_new_sandbox_registered_for_the_same_uid_is_resolved_again() {
+    let proc = FakeProc::new();
+    let discovery = proc.discovery();
+    let registry = discovery.registry().clone();
+    let mut cookies = NetnsCookies::new(discovery);
+    let t0 = Instant::now();
+    let a = pod("a", Some(A), None);
+    registry.register(A, proc.netns("sandbox-1"));
+    let got = cookies.cookies(&[&a], t0, &read_fake_cookie);
+    assert_eq!(got["shop/a"], Some(fake_cookie("sandbox-1")));
+    // Unchanged registration: kept.
+    let got = cookies.cookies(&[&a], t0 + Duration::from_secs(1), &read_fake_cookie);
+    assert_eq!(got["shop/a"], Some(fake_cookie("sandbox-1")));
+    // The runtime made the pod a new sandbox (same UID): the CNI ADD registers its
+    // namespace, which replaces the old one.
+    registry.register(A, proc.netns("sandbox-2"));
+    let got = cookies.cookies(&[&a], t0 + Duration::from_secs(2), &read_fake_cookie);
+    assert_eq!(got["shop/a"], Some(fake_cookie("sandbox-2")));
+}
+
+#[test]
 fn a_namespace_that_cannot_be_read_is_retried() {
     let proc = FakeProc::new();
     let mut cookies = NetnsCookies::new(proc.discovery());

@@ -230,6 +230,11 @@ impl Lab {
     }
 
     /// The agent's list of enrolled namespaces for the CNI plugin (`--cni-state-file`).
+    /// Where the node's agent serves the CNI plugin (`--cni-socket`).
+    pub fn cni_socket_path(&self, node: &str) -> PathBuf {
+        self.cni_state_path(node).with_file_name("cni.sock")
+    }
+
     pub fn cni_state_path(&self, node: &str) -> PathBuf {
         self.node_dir(node).join("enrolled-namespaces.json")
     }
@@ -532,6 +537,8 @@ impl Lab {
             // every lab (and the machine) would share.
             .arg("--cni-state-file")
             .arg(self.cni_state_path(node))
+            .arg("--cni-socket")
+            .arg(self.cni_socket_path(node))
             .envs(self.options.agent_env.iter().map(|(k, v)| (k, v)));
         let child = spawn_logged(command, &self.agent_log_path(node), "the agent")?;
         self.agents.insert(node.to_owned(), child);
