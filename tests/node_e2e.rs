@@ -23,8 +23,14 @@
 //! non-enrolled namespace is the counter-check: its payload is seen in the clear, directly
 //! between the two pods.
 //!
-//! Needs root, the control plane binaries (`scripts/control-plane.sh`) and the node
-//! runtime (`scripts/node-runtime.sh`).
+//! The second test chains zmesh-cni after the bridge plugin: a new pod's sandbox is held
+//! until the agent has its network namespace (from the plugin's ADD) in the redirection
+//! maps, so its first connection is already redirected; with the agent stopped, a pod of an
+//! enrolled namespace does not start.
+//!
+//! Needs root, the control plane binaries (`scripts/control-plane.sh`), the node runtime
+//! (`scripts/node-runtime.sh`) and the plugin built next to the test (`cargo build -p
+//! zmesh-cni`: `cargo test --test node_e2e` builds only this package's binaries).
 
 #[path = "support/control_plane.rs"]
 mod control_plane;
@@ -62,73 +68,126 @@ const PROXY_PORTS: [u16; 5] = [15001, 15006, 15008, 15020, 15021];
 /// holds no plain files, so the owner is in the name).
 const PIN_PREFIX: &str = "zmesh-node-e2e-";
 
+/// The agents of both tests use the proxy's fixed ports in the host network namespace:
+/// one at a time.
+static HOST_NETNS: Mutex<()> = Mutex::new(());
+
+/// What both tests start: the control plane, the node runtime (with `chain` after the
+/// bridge plugin), the project's RBAC, the CA and this node's credential. Fields are
+/// dropped in order: the CA, the runtime's pods and containerd, the control plane, and the
+/// directory last.
+struct Node {
+    ca: Ca,
+    credentials: PathBuf,
+    agent_kubeconfig: PathBuf,
+    client: kube::Client,
+    runtime: NodeRuntime,
+    /// Kept running (the agent, the CA and `client` talk to it).
+    _plane: ControlPlane,
+    work: tempfile::TempDir,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Node {
+    /// `None` when the control plane binaries are missing and skipping is allowed.
+    fn start(chain: impl FnOnce(&Path) -> Vec<serde_json::Value>) -> Option<Self> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a tokio runtime");
+        let work = tempfile::Builder::new()
+            .prefix("zmesh-node-e2e-")
+            .tempdir()
+            .expect("a temporary directory");
+        // Processes the harnesses and this test start die with the thread that started
+        // them (PR_SET_PDEATHSIG): everything is started from the test's thread.
+        let plane = rt
+            .block_on(ControlPlane::start(Options::default()))
+            .unwrap_or_else(|e| panic!("{e}"))?;
+        println!("control plane up in {:?}", plane.startup);
+        let runtime = NodeRuntime::start(NodeRuntimeOptions {
+            chained_plugins: chain(work.path()),
+        })
+        .expect("the node runtime");
+        println!(
+            "node runtime up in {:?} (bridge {}, subnet {})",
+            runtime.startup,
+            runtime.bridge(),
+            runtime.subnet()
+        );
+        for port in PROXY_PORTS {
+            // A plain bind fails if any listener (even SO_REUSEPORT) holds the port.
+            TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap_or_else(|e| {
+                panic!("port {port} is taken in the host network namespace (another agent?): {e}")
+            });
+        }
+        remove_stale_pins();
+        let client = rt.block_on(plane.client()).expect("an admin client");
+        // The project's RBAC: the agent and the CA run as their own ServiceAccounts.
+        rt.block_on(apply_example(&client, "00-namespace.yaml"));
+        rt.block_on(apply_example(&client, "10-rbac.yaml"));
+        let kubeconfig = |account: &str| {
+            let token = rt.block_on(service_account_token(&client, "zmesh-system", account));
+            let path = work.path().join(format!("{account}.kubeconfig"));
+            std::fs::write(&path, plane.kubeconfig_yaml(0, &token)).expect("kubeconfig");
+            path
+        };
+        let agent_kubeconfig = kubeconfig("zmesh-agent");
+        let ca_kubeconfig = kubeconfig("zmesh-ca");
+        let ca = Ca::start(work.path(), &ca_kubeconfig);
+        let credentials = ca.join(work.path(), NODE);
+        Some(Self {
+            ca,
+            credentials,
+            agent_kubeconfig,
+            client,
+            runtime,
+            _plane: plane,
+            work,
+            rt,
+        })
+    }
+
+    fn agent(&self, interfaces: Vec<String>, cni_socket: Option<&Path>) -> Agent {
+        Agent::start(AgentSetup {
+            work: self.work.path(),
+            kubeconfig: &self.agent_kubeconfig,
+            ca_addr: self.ca.addr,
+            credentials: &self.credentials,
+            proxy_ip: self.runtime.subnet().gateway(),
+            cgroup: &pods_cgroup(),
+            interfaces,
+            cni_socket,
+        })
+    }
+}
+
 #[test]
 fn pods_without_annotations_are_discovered_and_talk_mtls() {
+    let _one_agent = HOST_NETNS.lock().unwrap_or_else(PoisonError::into_inner);
     let started = Instant::now();
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    // Processes the harnesses and this test start die with the thread that started them
-    // (PR_SET_PDEATHSIG): everything is started from this thread.
-    let Some(plane) = rt
-        .block_on(ControlPlane::start(Options::default()))
-        .unwrap_or_else(|e| panic!("{e}"))
-    else {
+    let Some(node) = Node::start(|_| vec![]) else {
         return; // skipping was allowed and said so
     };
-    println!("control plane up in {:?}", plane.startup);
-    let runtime = NodeRuntime::start(NodeRuntimeOptions::default()).expect("the node runtime");
-    println!(
-        "node runtime up in {:?} (bridge {}, subnet {})",
-        runtime.startup,
-        runtime.bridge(),
-        runtime.subnet()
-    );
-    for port in PROXY_PORTS {
-        // A plain bind fails if any listener (even SO_REUSEPORT) holds the port.
-        TcpListener::bind((Ipv4Addr::UNSPECIFIED, port)).unwrap_or_else(|e| {
-            panic!("port {port} is taken in the host network namespace (another agent?): {e}")
-        });
-    }
-    remove_stale_pins();
-    let client = rt.block_on(plane.client()).expect("an admin client");
-    let work = tempfile::Builder::new()
-        .prefix("zmesh-node-e2e-")
-        .tempdir()
-        .expect("a temporary directory");
-
-    // The project's RBAC: the agent and the CA run as their own ServiceAccounts.
-    rt.block_on(apply_example(&client, "00-namespace.yaml"));
-    rt.block_on(apply_example(&client, "10-rbac.yaml"));
-    let kubeconfig = |account: &str| {
-        let token = rt.block_on(service_account_token(&client, "zmesh-system", account));
-        let path = work.path().join(format!("{account}.kubeconfig"));
-        std::fs::write(&path, plane.kubeconfig_yaml(0, &token)).expect("kubeconfig");
-        path
-    };
-    let agent_kubeconfig = kubeconfig("zmesh-agent");
-    let ca_kubeconfig = kubeconfig("zmesh-ca");
-    let ca = Ca::start(work.path(), &ca_kubeconfig);
-    let credentials = ca.join(work.path(), NODE);
+    let (rt, client, runtime, work) = (&node.rt, &node.client, &node.runtime, &node.work);
 
     // The workloads: two pods of an enrolled namespace, two of a plain one.
     let mesh = unique("mesh");
     let plain = unique("plain");
     rt.block_on(create_namespace(
-        &client,
+        client,
         &mesh,
         &[("io.cilium/mtls-enabled", "true")],
     ));
-    rt.block_on(create_namespace(&client, &plain, &[]));
+    rt.block_on(create_namespace(client, &plain, &[]));
     let echo: &[&str] = &["nc", "-ll", "-p", "8080", "-e", "cat"];
     let idle: &[&str] = &["sleep", "3600"];
     let node_ip = node_ip();
     let pods_started = Instant::now();
-    let server = run_pod(&rt, &client, &runtime, &mesh, "server", echo, node_ip);
-    let client_pod = run_pod(&rt, &client, &runtime, &mesh, "client", idle, node_ip);
-    let plain_server = run_pod(&rt, &client, &runtime, &plain, "server", echo, node_ip);
-    let plain_client = run_pod(&rt, &client, &runtime, &plain, "client", idle, node_ip);
+    let server = run_pod(rt, client, runtime, &mesh, "server", echo, node_ip);
+    let client_pod = run_pod(rt, client, runtime, &mesh, "client", idle, node_ip);
+    let plain_server = run_pod(rt, client, runtime, &plain, "server", echo, node_ip);
+    let plain_client = run_pod(rt, client, runtime, &plain, "client", idle, node_ip);
     println!(
         "4 pods running and reported Running in {:?}",
         pods_started.elapsed()
@@ -155,15 +214,7 @@ fn pods_without_annotations_are_discovered_and_talk_mtls() {
         runtime.bridge()
     );
     let agent_started = Instant::now();
-    let mut agent = Agent::start(AgentSetup {
-        work: work.path(),
-        kubeconfig: &agent_kubeconfig,
-        ca_addr: ca.addr,
-        credentials: &credentials,
-        proxy_ip: runtime.subnet().gateway(),
-        cgroup: &cgroup,
-        interfaces: vec![runtime.bridge()],
-    });
+    let mut agent = node.agent(vec![runtime.bridge()], None);
     agent.wait_certificates(&[workload_id(&mesh, "server"), workload_id(&mesh, "client")]);
     println!(
         "agent ready (admin API up, certificates of both enrolled workloads) {:?} after its start",
@@ -268,6 +319,207 @@ fn pods_without_annotations_are_discovered_and_talk_mtls() {
     println!("total {:?}", started.elapsed());
 }
 
+/// With zmesh-cni chained after the bridge plugin (as the README's conflist), a new pod of
+/// an enrolled namespace is held at its sandbox's creation until the agent has its network
+/// namespace in the redirection maps: its workload's very first connection, made by its
+/// container as it starts, is already redirected. With the agent stopped, such a pod does
+/// not start (fail closed) while a pod of a plain namespace does.
+#[test]
+fn pods_started_through_zmesh_cni_are_enrolled_before_their_first_connection() {
+    let _one_agent = HOST_NETNS.lock().unwrap_or_else(PoisonError::into_inner);
+    let started = Instant::now();
+    let plugin = cni_plugin_binary();
+    let Some(node) = Node::start(|work| {
+        vec![json!({
+            "type": "zmesh-cni",
+            "agent_socket": work.join("cni.sock"),
+            "state_file": work.join("enrolled-namespaces.json"),
+            "failure_policy": "closed",
+            "agent_timeout_seconds": 30,
+            "log_file": work.join("zmesh-cni.log"),
+        })]
+    }) else {
+        return; // skipping was allowed and said so
+    };
+    let (rt, client, runtime, work) = (&node.rt, &node.client, &node.runtime, &node.work);
+    std::os::unix::fs::symlink(&plugin, runtime.cni_bin_dir().join("zmesh-cni"))
+        .expect("linking zmesh-cni into the CNI bin dir");
+    // With the plugin failing closed no pod starts before the agent, and the agent needs
+    // the pods' bridge to attach to: the bridge is made here (the bridge plugin takes an
+    // existing bridge over, as on a node whose bridge outlived its pods).
+    output(Command::new("ip").args(["link", "add", &runtime.bridge(), "type", "bridge"]));
+    output(Command::new("ip").args(["link", "set", &runtime.bridge(), "up"]));
+    let socket = work.path().join("cni.sock");
+    let agent_started = Instant::now();
+    let mut agent = node.agent(vec![runtime.bridge()], Some(&socket));
+    agent.wait_certificates(&[]);
+    println!("agent ready {:?} after its start", agent_started.elapsed());
+
+    let mesh = unique("mesh");
+    let plain = unique("plain");
+    rt.block_on(create_namespace(
+        client,
+        &mesh,
+        &[("io.cilium/mtls-enabled", "true")],
+    ));
+    rt.block_on(create_namespace(client, &plain, &[]));
+    // The state file names the enrolled namespace before the agent is stopped below.
+    wait_for(
+        "the agent to list the enrolled namespace in its state file",
+        || {
+            std::fs::read_to_string(work.path().join("enrolled-namespaces.json"))
+                .is_ok_and(|text| text.contains(&format!("\"{mesh}\"")))
+        },
+    );
+    let node_ip = node_ip();
+    let echo: &[&str] = &["nc", "-ll", "-p", "8080", "-e", "cat"];
+    let server = run_pod(rt, client, runtime, &mesh, "server", echo, node_ip);
+    agent.wait_enrolled_by(&server, netns_cookie(&server.netns), "registry");
+
+    // The client connects as soon as its container starts, until it gets its echo; the
+    // capture runs from before its sandbox exists.
+    let gateway = runtime.subnet().gateway();
+    let capture = Capture::start(work.path(), &format!("net {}", runtime.subnet()));
+    let payload = secret("cni");
+    let script = format!(
+        "until echo {payload} | nc -w 5 {} 8080 > /tmp/echo && [ -s /tmp/echo ]; do \
+         sleep 0.1; done; sleep 3600",
+        server.ip
+    );
+    let command: &[&str] = &["sh", "-c", &script];
+    let uid = create_pod_object(rt, client, &mesh, "client", command);
+    let pod_started = Instant::now();
+    let client_pod = start_pod(runtime, &mesh, "client", &uid, command)
+        .unwrap_or_else(|e| panic!("the client pod: {e}"));
+    let startup = pod_started.elapsed();
+    // No polling: the plugin answered ADD only once the agent had the pod's network
+    // namespace in the maps, so the agent logged it before the container was created.
+    let cookie = netns_cookie(&client_pod.netns);
+    agent.assert_enrolled_by(&client_pod, cookie, "registry");
+    println!(
+        "{mesh}/client started in {startup:?} (RunPodSandbox held by zmesh-cni until the agent \
+         enrolled its network namespace, cookie {cookie}, from the plugin's ADD)"
+    );
+    // kubelet reports the pod's IP after it started; until the agent sees it, the proxy
+    // cannot name the connection's source and refuses it (closed, never plaintext).
+    report_running(rt, client, &client_pod, node_ip);
+    let echoed = wait_for_value("the client's echo", || {
+        let out = client_pod.exec(&["cat", "/tmp/echo"]).ok()?;
+        (out.code == 0 && !out.stdout.trim().is_empty()).then(|| out.stdout.trim().to_owned())
+    });
+    println!(
+        "{mesh}/client got its echo {:?} after it started",
+        pod_started.elapsed()
+    );
+    let pcap = capture.stop(gateway);
+    assert_eq!(echoed, payload);
+    assert!(
+        !pcap.packets().iter().any(|p| matches!((p.ipv4, &p.tcp),
+            (Some(h), Some(t)) if h.src == client_pod.ip && h.dst == server.ip && t.dst_port == 8080)),
+        "a connection of the new pod went to the server directly, not through the proxy"
+    );
+    let streams = ordered_streams(&pcap);
+    let mut hbone = 0;
+    for ((src, sport, dst, dport), bytes) in &streams {
+        if *sport != 15008 && *dport != 15008 {
+            continue;
+        }
+        hbone += 1;
+        assert!(
+            !contains(bytes, payload.as_bytes()),
+            "the payload crossed {src}:{sport} -> {dst}:{dport} in the clear"
+        );
+        tls_records(bytes)
+            .unwrap_or_else(|e| panic!("{src}:{sport} -> {dst}:{dport} is not TLS: {e}"));
+    }
+    assert!(hbone > 0, "no HBONE stream was captured");
+    let access = zmesh_lab::access_lines(&agent.log());
+    let refused = access
+        .iter()
+        .filter(|l| l.direction == "outbound" && l.result.contains("unknown_source"))
+        .count();
+    assert!(
+        access.iter().any(|l| l.direction == "inbound"
+            && l.src_identity == workload_id(&mesh, "client")
+            && l.result == "ok"),
+        "no mTLS tunnel from the new client pod: {access:#?}"
+    );
+    println!(
+        "{mesh}/client: every connection redirected, echoed through HBONE; {refused} early \
+         attempt(s) refused by the proxy before the pod's IP reached the agent"
+    );
+
+    // The agent stops: the plugin cannot ask it and the state file lists the namespace.
+    agent.stop();
+    let uid = create_pod_object(rt, client, &mesh, "late", echo);
+    let refused = match start_pod(runtime, &mesh, "late", &uid, echo) {
+        Ok(_) => panic!("{mesh}/late started without the agent"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        refused.contains("not started without mTLS"),
+        "{mesh}/late failed for another reason: {refused}"
+    );
+    println!("with the agent stopped, {mesh}/late does not start: {refused}");
+    let plain_pod = run_pod(rt, client, runtime, &plain, "server", echo, node_ip);
+    println!(
+        "with the agent stopped, {plain}/server starts ({:?})",
+        plain_pod.startup
+    );
+    println!("total {:?}", started.elapsed());
+}
+
+/// The zmesh-cni binary cargo built next to this test's binary (another package's binary
+/// is not built by `cargo test --test node_e2e`: `cargo build -p zmesh-cni` builds it).
+fn cni_plugin_binary() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test's path");
+    let path = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("zmesh-cni"))
+        .expect("the test runs from target/<profile>/deps");
+    let built = std::fs::metadata(&path)
+        .and_then(|m| m.modified())
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e}: build the CNI plugin first: cargo build -p zmesh-cni",
+                path.display()
+            )
+        });
+    // A stale plugin would test old code: any source newer than the binary fails.
+    let sources = Path::new(env!("CARGO_MANIFEST_DIR")).join("cni/src");
+    for entry in std::fs::read_dir(&sources).expect("cni/src").flatten() {
+        let changed = entry.metadata().and_then(|m| m.modified()).expect("mtime");
+        assert!(
+            changed <= built,
+            "{} is older than {}: rebuild it with cargo build -p zmesh-cni",
+            path.display(),
+            entry.path().display()
+        );
+    }
+    path
+}
+
+/// Polls `check` every 50 ms until it holds, for at most [`DEADLINE`].
+fn wait_for(what: &str, mut check: impl FnMut() -> bool) {
+    wait_for_value(what, || check().then_some(()));
+}
+
+/// Polls `probe` every 50 ms until it returns a value, for at most [`DEADLINE`].
+fn wait_for_value<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        if let Some(value) = probe() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {DEADLINE:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 // ---------------------------------------------------------------------------------------
 // Kubernetes objects, as the project's manifests and kubelet make them.
 
@@ -358,7 +610,7 @@ async fn create_namespace(client: &kube::Client, name: &str, labels: &[(&str, &s
         )
         .await
         .unwrap_or_else(|e| panic!("namespace {name}: {e}"));
-    for account in ["server", "client"] {
+    for account in ["server", "client", "late"] {
         Api::<ServiceAccount>::namespaced(client.clone(), name)
             .create(
                 &PostParams::default(),
@@ -369,9 +621,8 @@ async fn create_namespace(client: &kube::Client, name: &str, labels: &[(&str, &s
     }
 }
 
-/// Plays the scheduler and kubelet for one pod: the Pod object (scheduled on [`NODE`],
-/// running as the ServiceAccount named like the pod, no annotations), its sandbox and
-/// container in containerd under the object's UID, then the status kubelet reports.
+/// Plays the scheduler and kubelet for one pod: the Pod object, its sandbox and container,
+/// then the status kubelet reports (see [`create_pod_object`], [`start_pod`]).
 fn run_pod(
     rt: &tokio::runtime::Runtime,
     client: &kube::Client,
@@ -381,6 +632,22 @@ fn run_pod(
     command: &[&str],
     node_ip: Ipv4Addr,
 ) -> Pod {
+    let uid = create_pod_object(rt, client, namespace, name, command);
+    let pod = start_pod(runtime, namespace, name, &uid, command)
+        .unwrap_or_else(|e| panic!("running {namespace}/{name} in containerd: {e}"));
+    report_running(rt, client, &pod, node_ip);
+    pod
+}
+
+/// The Pod object as the scheduler leaves it: on [`NODE`], running as the ServiceAccount
+/// named like the pod, no annotations. Returns its UID.
+fn create_pod_object(
+    rt: &tokio::runtime::Runtime,
+    client: &kube::Client,
+    namespace: &str,
+    name: &str,
+    command: &[&str],
+) -> String {
     let api = Api::<KubePod>::namespaced(client.clone(), namespace);
     let object: KubePod = from_json(json!({
         "metadata": {"name": name, "labels": {"app": name}},
@@ -406,13 +673,32 @@ fn run_pod(
             .is_none_or(|a| a.keys().all(|k| !k.starts_with("zmesh.io/"))),
         "the Pod object must carry no zmesh annotation"
     );
-    let uid = created.metadata.uid.expect("the API server's UID");
+    created.metadata.uid.expect("the API server's UID")
+}
+
+/// kubelet's CRI calls for the pod with UID `uid` (RunPodSandbox, CreateContainer,
+/// StartContainer).
+fn start_pod(
+    runtime: &NodeRuntime,
+    namespace: &str,
+    name: &str,
+    uid: &str,
+    command: &[&str],
+) -> Result<Pod, node_runtime::NodeRuntimeError> {
     let mut spec = PodSpec::new(namespace, name, Qos::BestEffort, command);
-    spec.uid = uid;
+    spec.uid = uid.to_owned();
     spec.labels.insert("app".into(), name.into());
-    let pod = runtime
-        .run_pod(spec)
-        .unwrap_or_else(|e| panic!("running {namespace}/{name} in containerd: {e}"));
+    runtime.run_pod(spec)
+}
+
+/// What kubelet reports once the pod runs: Running, its IP, Ready.
+fn report_running(
+    rt: &tokio::runtime::Runtime,
+    client: &kube::Client,
+    pod: &Pod,
+    node_ip: Ipv4Addr,
+) {
+    let (namespace, name) = (&pod.spec.namespace, &pod.spec.name);
     let ip = pod.ip.to_string();
     let status = json!({"status": {
         "phase": "Running",
@@ -426,9 +712,14 @@ fn run_pod(
             {"type": "PodScheduled", "status": "True"},
         ],
     }});
-    rt.block_on(api.patch_status(name, &PatchParams::default(), &Patch::Merge(&status)))
-        .unwrap_or_else(|e| panic!("status of {namespace}/{name}: {e}"));
-    pod
+    rt.block_on(
+        Api::<KubePod>::namespaced(client.clone(), namespace).patch_status(
+            name,
+            &PatchParams::default(),
+            &Patch::Merge(&status),
+        ),
+    )
+    .unwrap_or_else(|e| panic!("status of {namespace}/{name}: {e}"));
 }
 
 /// This machine's address on its default route (the pods' hostIP). Connecting a UDP
@@ -660,6 +951,8 @@ struct AgentSetup<'a> {
     proxy_ip: Ipv4Addr,
     cgroup: &'a Path,
     interfaces: Vec<String>,
+    /// Where to serve the CNI plugin (`None`: not served).
+    cni_socket: Option<&'a Path>,
 }
 
 /// The real `zmesh agent` of [`NODE`] in the host network namespace. Dropping it stops it
@@ -696,6 +989,8 @@ impl Agent {
             // Private: the machine's /var/run/zmesh is a real node's (the CNI plugin reads it).
             .arg("--cni-state-file")
             .arg(setup.work.join("enrolled-namespaces.json"))
+            .arg("--cni-socket")
+            .arg(setup.cni_socket.unwrap_or(Path::new("none")))
             .env("KUBECONFIG", setup.kubeconfig);
         // Explicit interfaces: without them the agent would attach to every interface of
         // the host network namespace, the machine's uplink included.
@@ -712,6 +1007,12 @@ impl Agent {
 
     fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the agent (SIGTERM: it drains and exits); its eBPF programs stay pinned, as
+    /// across an upgrade, until the agent is dropped.
+    fn stop(&mut self) {
+        terminate(&mut self.child, Duration::from_secs(10));
     }
 
     fn check_alive(&mut self) {
@@ -766,37 +1067,60 @@ impl Agent {
     /// path) after finding it by scanning /proc for the pod's cgroup: proof that it found
     /// the pod's namespace from its UID alone.
     fn wait_enrolled(&mut self, pod: &Pod, cookie: u64) {
+        self.wait_enrolled_by(pod, cookie, "proc");
+    }
+
+    /// As [`Agent::wait_enrolled`], with the namespace found `how` (`proc`: a scan of
+    /// /proc; `registry`: the CNI plugin's ADD).
+    fn wait_enrolled_by(&mut self, pod: &Pod, cookie: u64, how: &str) {
         let started = Instant::now();
-        let key = format!("pod={}/{}", pod.spec.namespace, pod.spec.name);
-        let wanted = format!("cookie=Some({cookie})");
         loop {
             self.check_alive();
-            let log = self.log();
-            let lines: Vec<&str> = log
-                .lines()
-                .filter(|l| l.contains("enrolling in redirection") && l.contains(&key))
-                .collect();
-            // Found by a scan of /proc (not an annotation, nor the CNI plugin's word).
-            let found = format!("how=proc cookie={cookie}");
-            let discovered = log.lines().any(|l| {
-                l.contains("found the pod's network namespace")
-                    && l.contains(&key)
-                    && l.contains(&found)
-            });
-            if discovered && lines.iter().any(|l| l.contains(&wanted)) {
+            let missing = self.enrollment_missing(pod, cookie, how);
+            let Some(missing) = missing else {
                 return;
-            }
+            };
             assert!(
                 started.elapsed() < DEADLINE,
-                "the agent did not enroll {}/{} with its network namespace (cookie {cookie}) \
-                 within {DEADLINE:?} (`cookie=None`: it did not find the namespace from the \
-                 pod's UID); its enrollment lines for the pod: {lines:#?}; its log:\n{}",
-                pod.spec.namespace,
-                pod.spec.name,
-                tail(&log, 40)
+                "{missing} within {DEADLINE:?}"
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// The agent has logged `pod`'s enrollment (see [`Agent::wait_enrolled_by`]) already.
+    fn assert_enrolled_by(&mut self, pod: &Pod, cookie: u64, how: &str) {
+        if let Some(missing) = self.enrollment_missing(pod, cookie, how) {
+            panic!("{missing}");
+        }
+    }
+
+    /// `None` if the log shows the enrollment, else what is missing (with the log).
+    fn enrollment_missing(&self, pod: &Pod, cookie: u64, how: &str) -> Option<String> {
+        let key = format!("pod={}/{}", pod.spec.namespace, pod.spec.name);
+        let log = self.log();
+        let found = format!("how={how} cookie={cookie}");
+        let discovered = log.lines().any(|l| {
+            l.contains("found the pod's network namespace")
+                && l.contains(&key)
+                && l.contains(&found)
+        });
+        let wanted = format!("cookie=Some({cookie})");
+        let lines: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("enrolling in redirection") && l.contains(&key))
+            .collect();
+        if discovered && lines.iter().any(|l| l.contains(&wanted)) {
+            return None;
+        }
+        Some(format!(
+            "the agent did not enroll {}/{} with its network namespace (cookie {cookie}, found \
+             by {how}; `cookie=None`: it did not find the namespace from the pod's UID); its \
+             enrollment lines for the pod: {lines:#?}; its log:\n{}",
+            pod.spec.namespace,
+            pod.spec.name,
+            tail(&log, 40)
+        ))
     }
 }
 
