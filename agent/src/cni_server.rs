@@ -142,9 +142,11 @@ async fn answer(server: &CniServer, request: Request) -> Reply {
                 return reply(Outcome::Error, format!("ADD for {key} without a netns"));
             }
             if !pod.uid.is_empty() {
-                server
-                    .registry
-                    .register(pod.uid.clone(), request.netns.clone());
+                server.registry.register_with_ips(
+                    pod.uid.clone(),
+                    request.netns.clone(),
+                    request.ips.clone(),
+                );
             }
             tracing::info!(pod = %key, netns = %request.netns, uid = %pod.uid, "CNI ADD: enrolling before the pod starts");
             server.wake.notify_one();

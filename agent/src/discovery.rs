@@ -19,12 +19,14 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io;
+use std::net::IpAddr;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use zmesh_cluster::PodInfo;
+use zmesh_cluster::state::PodKey;
+use zmesh_cluster::{ClusterState, PodInfo};
 
 /// How a pod's network namespace was found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,15 +53,38 @@ impl std::fmt::Display for NetnsSource {
 /// pod ADD). Cheap to clone: clones share one table.
 #[derive(Debug, Clone, Default)]
 pub struct NetnsRegistry {
-    paths: Arc<Mutex<HashMap<String, PathBuf>>>,
+    pods: Arc<Mutex<HashMap<String, Registered>>>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Registered {
+    netns: PathBuf,
+    /// The pod's addresses from the CNI result: known before kubelet reports them in the
+    /// Pod's status, which the agent sees later.
+    ips: Vec<IpAddr>,
 }
 
 impl NetnsRegistry {
     /// Records that the pod `uid` has its network namespace at `netns_path`; replaces an
     /// earlier path of the same UID.
     pub fn register(&self, uid: impl Into<String>, netns_path: impl Into<PathBuf>) {
-        self.lock()
-            .insert(normalize_uid(&uid.into()), netns_path.into());
+        self.register_with_ips(uid, netns_path, Vec::new());
+    }
+
+    /// [`Self::register`], with the pod's addresses as the CNI chain assigned them.
+    pub fn register_with_ips(
+        &self,
+        uid: impl Into<String>,
+        netns_path: impl Into<PathBuf>,
+        ips: Vec<IpAddr>,
+    ) {
+        self.lock().insert(
+            normalize_uid(&uid.into()),
+            Registered {
+                netns: netns_path.into(),
+                ips,
+            },
+        );
     }
 
     /// Forgets the pod `uid` (pod DEL).
@@ -69,12 +94,50 @@ impl NetnsRegistry {
 
     /// The registered path of the pod `uid`.
     pub fn get(&self, uid: &str) -> Option<PathBuf> {
-        self.lock().get(&normalize_uid(uid)).cloned()
+        self.lock()
+            .get(&normalize_uid(uid))
+            .map(|r| r.netns.clone())
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, PathBuf>> {
+    /// The addresses registered for the pod `uid` (empty if none).
+    pub fn ips(&self, uid: &str) -> Vec<IpAddr> {
+        self.lock()
+            .get(&normalize_uid(uid))
+            .map(|r| r.ips.clone())
+            .unwrap_or_default()
+    }
+
+    /// `state` with the registered addresses filled in for its pods that have none yet (a
+    /// pod started a moment ago, before kubelet reported its IP); the same `Arc` when there
+    /// is nothing to fill in.
+    pub fn fill_pod_ips(&self, state: Arc<ClusterState>) -> Arc<ClusterState> {
+        let fill: Vec<(PodKey, Vec<IpAddr>)> = {
+            let pods = self.lock();
+            if pods.is_empty() {
+                return state;
+            }
+            state
+                .pods()
+                .filter(|pod| pod.ips.is_empty())
+                .filter_map(|pod| {
+                    let registered = pods.get(&normalize_uid(pod.uid.as_deref()?))?;
+                    (!registered.ips.is_empty()).then(|| (pod.key(), registered.ips.clone()))
+                })
+                .collect()
+        };
+        if fill.is_empty() {
+            return state;
+        }
+        let mut filled = (*state).clone();
+        for (key, ips) in fill {
+            filled.set_pod_ips(&key, ips);
+        }
+        Arc::new(filled)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Registered>> {
         // A panic while holding the lock cannot leave a HashMap half-updated for readers.
-        self.paths.lock().unwrap_or_else(|p| p.into_inner())
+        self.pods.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
 

@@ -256,7 +256,10 @@ pub async fn run(
         let mut retry = RetryBackoff::default();
         let mut last_state: Option<Arc<ClusterState>> = None;
         loop {
-            let state = cluster.borrow_and_update().clone();
+            // Pods the CNI plugin just started have their IPs before their Pod status does.
+            let state = config
+                .netns_registry
+                .fill_pod_ips(cluster.borrow_and_update().clone());
             // A retry for pods' namespaces comes with the same state: the table and the
             // policies are already in step with it.
             if !last_state

@@ -253,6 +253,14 @@ impl ClusterState {
         self
     }
 
+    /// Sets the addresses of pod `key` (if known): for a node agent that learnt them before
+    /// the Pod's status says so (from the CNI chain's result).
+    pub fn set_pod_ips(&mut self, key: &PodKey, ips: Vec<IpAddr>) {
+        if let Some(pod) = self.pods.get_mut(key) {
+            pod.ips = ips;
+        }
+    }
+
     /// The same state with `policies` in force.
     pub fn with_policies(mut self, policies: PolicySet) -> Self {
         self.policies = Arc::new(policies);
