@@ -487,7 +487,8 @@ fn container_args_are_accepted_by_the_real_cli() {
         ("cni-conf-dir", "/etc/cni/net.d"),
     ] {
         let dir = flag(&agent_args, name).unwrap_or_else(|| panic!("--{name}"));
-        let (volume, _) = volume_for(&agent_pod, agent_container, &format!("{dir}/file"));
+        let file = format!("{dir}/file");
+        let (volume, _) = volume_for(&agent_pod, agent_container, &file);
         assert_eq!(
             volume.host_path.as_ref().map(|h| h.path.as_str()),
             Some(host_dir),
