@@ -447,6 +447,11 @@ fn container_args_are_accepted_by_the_real_cli() {
         "/etc/zmesh/ca/roots.pem",
         "/host/proc",
         "/var/run/zmesh/enrolled-namespaces.json",
+        "/host/opt/cni/bin",
+        "/host/etc/cni/net.d",
+        "failure_policy: Closed",
+        // Next to the zmesh binary unless --cni-plugin-binary says otherwise.
+        "zmesh-cni",
     ] {
         assert!(
             printed.contains(expected),
@@ -463,12 +468,41 @@ fn container_args_are_accepted_by_the_real_cli() {
         Some("/proc"),
         "--host-proc is the host's /proc"
     );
-    let state_file = flag(&agent_args, "cni-state-file").expect("--cni-state-file");
-    let (volume, _) = volume_for(&agent_pod, agent_container, state_file);
-    assert!(
-        volume.host_path.is_some(),
-        "the CNI plugin reads {state_file} on the host"
-    );
+    // The CNI plugin runs on the host and finds the agent's socket and state file at the
+    // paths the agent writes into its entry: each must be a host directory mounted at the
+    // same path.
+    for name in ["cni-state-file", "cni-socket"] {
+        let path = flag(&agent_args, name).unwrap_or_else(|| panic!("--{name}"));
+        let (volume, _) = volume_for(&agent_pod, agent_container, path);
+        let dir = path.rsplit_once('/').unwrap().0;
+        assert_eq!(
+            volume.host_path.as_ref().map(|h| h.path.as_str()),
+            Some(dir),
+            "the CNI plugin looks for {path} on the host"
+        );
+    }
+    // The agent installs the plugin into the host's CNI directories.
+    for (name, host_dir) in [
+        ("cni-bin-dir", "/opt/cni/bin"),
+        ("cni-conf-dir", "/etc/cni/net.d"),
+    ] {
+        let dir = flag(&agent_args, name).unwrap_or_else(|| panic!("--{name}"));
+        let file = format!("{dir}/file");
+        let (volume, _) = volume_for(&agent_pod, agent_container, &file);
+        assert_eq!(
+            volume.host_path.as_ref().map(|h| h.path.as_str()),
+            Some(host_dir),
+            "--{name} is the host's {host_dir}"
+        );
+        let mount = agent_container
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.name == volume.name)
+            .unwrap();
+        assert_ne!(mount.read_only, Some(true), "--{name} is written to");
+    }
+    assert_eq!(flag(&agent_args, "cni-failure-policy"), Some("closed"));
 
     // Its token is a projected ServiceAccount token for the audience the CA requires.
     let token_path = flag(&agent_args, "ca-token-file").expect("--ca-token-file");

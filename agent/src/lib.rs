@@ -7,6 +7,8 @@
 //! - [`discovery`]: where a pod's network namespace is on this node (annotation, registry
 //!   fed by the CNI plugin, or a scan of /proc for the pod's cgroup).
 //! - [`cni_state`]: the node-local file of enrolled namespaces the CNI plugin reads.
+//! - [`cni_install`]: installs the CNI plugin (binary and conflist entry) on the node and
+//!   keeps it installed.
 //! - [`cni_server`]: answers the CNI plugin's ADD/DEL/CHECK (a starting pod waits until
 //!   it is enrolled).
 //! - [`table`]: cluster state -> the proxy's workload table.
@@ -17,6 +19,7 @@
 
 pub mod admin;
 pub mod ca;
+pub mod cni_install;
 pub mod cni_server;
 pub mod cni_state;
 pub mod credentials;

@@ -15,6 +15,7 @@ use zmesh_proxy::{Limits, Mode, ProxyConfig, ProxyDeps, WorkloadStore};
 
 use crate::admin::{self, AdminState};
 use crate::ca::{zmesh_ca_certificates, CaError, CaSettings, CaTokenCredential, NodeRenewal};
+use crate::cni_install::{self, CniInstall};
 use crate::cni_server::{self, CniServer, EnrollmentView};
 use crate::cni_state::CniStateFile;
 use crate::credentials::{ManagedCredentials, WorkloadCertificates};
@@ -67,6 +68,9 @@ pub struct AgentConfig {
     pub cni_state_file: Option<PathBuf>,
     /// Where the CNI plugin asks to enroll starting pods (`None`: not served).
     pub cni_socket: Option<PathBuf>,
+    /// Install the CNI plugin on the node and keep it installed (`None`: someone else
+    /// installs it). Left installed when the agent stops.
+    pub cni_install: Option<CniInstall>,
 }
 
 /// Who issues workload certificates.
@@ -252,6 +256,8 @@ pub async fn run(
         )?),
         None => None,
     };
+    // Only once the socket is served: a pod started through the entry asks it at once.
+    let install_task = config.cni_install.clone().map(cni_install::keep_installed);
     let reconcile = async {
         let mut retry = RetryBackoff::default();
         let mut last_state: Option<Arc<ClusterState>> = None;
@@ -368,6 +374,11 @@ pub async fn run(
     }
     admin_task.abort();
     if let Some(task) = cni_task {
+        task.abort();
+    }
+    // Aborted between passes or while one runs on the blocking pool (it then finishes;
+    // every write is atomic). The entry stays: pods keep starting across agent upgrades.
+    if let Some(task) = install_task {
         task.abort();
     }
     if let Some((stop, task)) = renewal {

@@ -7,10 +7,14 @@ use std::time::Duration;
 
 use anyhow::Context;
 use zmesh_agent::ca::CaTokenCredential;
+use zmesh_agent::cni_install::{
+    CniInstall, PluginEntry, AGENT_TIMEOUT_SECONDS, PLUGIN_TYPE as CNI_PLUGIN_TYPE,
+};
 use zmesh_agent::discovery::NetnsRegistry;
 use zmesh_agent::{run, AgentConfig, DataPlane, IdentitySource, RedirectSettings};
 use zmesh_cluster::kube_source::{watch_kubernetes, RetryPolicy};
 use zmesh_cluster::manifests::watch_dir;
+use zmesh_cni::config::FailurePolicy;
 use zmesh_identity::TrustDomain;
 
 use super::ModeArg;
@@ -119,6 +123,24 @@ pub struct AgentArgs {
     /// the pod's start waits until it is enrolled. `none`: not served.
     #[arg(long, value_name = "PATH|none", default_value = zmesh_cni::protocol::DEFAULT_AGENT_SOCKET)]
     cni_socket: PathBuf,
+    /// Install the zmesh CNI plugin's binary here and keep it installed: the runtime's
+    /// plugin directory (the host's /opt/cni/bin, mounted into the agent's container).
+    /// With --cni-conf-dir; neither: the plugin is not installed by the agent.
+    #[arg(long, value_name = "DIR", requires = "cni_conf_dir")]
+    cni_bin_dir: Option<PathBuf>,
+    /// Add the zmesh CNI plugin at the end of the node's primary CNI configuration in this
+    /// directory (the host's /etc/cni/net.d), and put it back when the network plugin
+    /// rewrites it. With --cni-bin-dir.
+    #[arg(long, value_name = "DIR", requires = "cni_bin_dir")]
+    cni_conf_dir: Option<PathBuf>,
+    /// The `zmesh-cni` binary to install. Default: `zmesh-cni` next to this executable.
+    #[arg(long, value_name = "PATH")]
+    cni_plugin_binary: Option<PathBuf>,
+    /// What the installed CNI plugin does when this agent cannot be asked: `closed` holds
+    /// pods of enrolled namespaces (and every pod if it finds no state file), `open`
+    /// starts them unprotected.
+    #[arg(long, value_enum, default_value = "closed")]
+    cni_failure_policy: FailurePolicyArg,
     #[command(flatten)]
     tuning: super::tuning::ProxyTuningArgs,
     /// How tc ingress programs attach: `tcx` (Linux 6.6+), `netlink` (a cls_bpf filter
@@ -142,6 +164,12 @@ enum IdentitySourceArg {
     Zmesh,
     /// A SPIRE agent's Workload API.
     Spire,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum FailurePolicyArg {
+    Closed,
+    Open,
 }
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
@@ -178,6 +206,42 @@ pub async fn run_agent(args: AgentArgs, proxy_threads: usize) -> anyhow::Result<
             "--proxy-ip IP is required: the node proxy listens there \
              (or use --data-plane ztunnel)"
         ),
+    };
+    let cni_socket = Some(args.cni_socket.clone())
+        .filter(|path| path.as_os_str() != "none" && !path.as_os_str().is_empty());
+    let cni_state_file = Some(args.cni_state_file.clone())
+        .filter(|path| path.as_os_str() != "none" && !path.as_os_str().is_empty());
+    let cni_install = match (&args.cni_bin_dir, &args.cni_conf_dir) {
+        (Some(bin_dir), Some(conf_dir)) => {
+            let Some(agent_socket) = cni_socket.clone().filter(|_| !ztunnel) else {
+                anyhow::bail!(
+                    "--cni-bin-dir/--cni-conf-dir install a plugin that asks this agent's \
+                     --cni-socket, which is not served (--cni-socket none, or --data-plane \
+                     ztunnel)"
+                );
+            };
+            let plugin_binary = match &args.cni_plugin_binary {
+                Some(path) => path.clone(),
+                None => std::env::current_exe()
+                    .context("cannot find this executable, for the default --cni-plugin-binary")?
+                    .with_file_name(CNI_PLUGIN_TYPE),
+            };
+            Some(CniInstall {
+                bin_dir: bin_dir.clone(),
+                conf_dir: conf_dir.clone(),
+                plugin_binary,
+                entry: PluginEntry {
+                    agent_socket,
+                    state_file: cni_state_file.clone(),
+                    failure_policy: match args.cni_failure_policy {
+                        FailurePolicyArg::Closed => FailurePolicy::Closed,
+                        FailurePolicyArg::Open => FailurePolicy::Open,
+                    },
+                    agent_timeout_seconds: AGENT_TIMEOUT_SECONDS,
+                },
+            })
+        }
+        _ => None,
     };
     let config = AgentConfig {
         node: args.node.clone(),
@@ -220,14 +284,21 @@ pub async fn run_agent(args: AgentArgs, proxy_threads: usize) -> anyhow::Result<
         }),
         host_proc: args.host_proc.clone(),
         netns_registry: NetnsRegistry::default(),
-        cni_state_file: Some(args.cni_state_file.clone())
-            .filter(|path| path.as_os_str() != "none" && !path.as_os_str().is_empty()),
-        cni_socket: Some(args.cni_socket.clone())
-            .filter(|path| path.as_os_str() != "none" && !path.as_os_str().is_empty()),
+        cni_state_file,
+        cni_socket,
+        cni_install,
     };
     if args.dry_run {
         println!("{config:#?}");
         return Ok(ExitCode::SUCCESS);
+    }
+    if let Some(install) = &config.cni_install {
+        // A packaging mistake, better said now than by every pass of the installer.
+        anyhow::ensure!(
+            install.plugin_binary.is_file(),
+            "the CNI plugin's binary {} does not exist (--cni-plugin-binary)",
+            install.plugin_binary.display()
+        );
     }
     let cluster = match (&args.manifests, args.kubernetes) {
         (Some(dir), _) => watch_dir(dir.clone(), Duration::from_millis(200)).0,

@@ -1,18 +1,46 @@
-//! `zmesh uninstall`: removes everything the agent's eBPF redirection installed on this node.
+//! `zmesh uninstall`: removes everything the agent installed on this node: its eBPF
+//! redirection and, given the directories, the CNI plugin.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+
+use anyhow::Context;
 
 #[derive(clap::Args)]
 pub struct UninstallArgs {
     /// The agent's bpffs pin directory (its --bpf-pin-dir).
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/zmesh")]
     bpf_pin_dir: PathBuf,
+    /// The agent's --cni-bin-dir: the CNI plugin's binary is removed from it.
+    #[arg(long, value_name = "DIR", requires = "cni_conf_dir")]
+    cni_bin_dir: Option<PathBuf>,
+    /// The agent's --cni-conf-dir: the plugin's entry is removed from every CNI
+    /// configuration there (the rest of each file is kept).
+    #[arg(long, value_name = "DIR", requires = "cni_bin_dir")]
+    cni_conf_dir: Option<PathBuf>,
 }
 
 /// Detaches every program and removes every map, pin, policy rule and route of the
-/// installation. Run it in the network namespace the agent ran in, after stopping the agent.
+/// installation, and the CNI plugin if its directories are given. Run it in the network
+/// namespace the agent ran in, after stopping the agent.
 pub fn run(args: UninstallArgs) -> anyhow::Result<ExitCode> {
+    // The CNI plugin first: once redirection is gone, the plugin would hold pods' starts
+    // for an agent that no longer enrolls them.
+    if let (Some(bin_dir), Some(conf_dir)) = (&args.cni_bin_dir, &args.cni_conf_dir) {
+        let removed = zmesh_agent::cni_install::uninstall(bin_dir, conf_dir)
+            .context("removing the CNI plugin")?;
+        for path in &removed.configs {
+            println!("removed the zmesh CNI plugin from {}", path.display());
+        }
+        if removed.binary {
+            println!(
+                "removed {}",
+                bin_dir
+                    .join(zmesh_agent::cni_install::PLUGIN_TYPE)
+                    .display()
+            );
+        }
+    }
     zmesh_redirect::Redirector::uninstall(&args.bpf_pin_dir)?;
     println!(
         "removed zmesh's eBPF programs, maps, pins, rule and route ({})",
