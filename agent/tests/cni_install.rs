@@ -316,11 +316,11 @@ fn malformed_configurations_are_left_untouched() {
     // A version the plugin does not speak: installing would fail every pod start.
     let path = node.write(
         "10-calico.conflist",
-        &CALICO.replace("\"1.0.0\"", "\"0.3.1\""),
+        &CALICO.replace("\"1.0.0\"", "\"0.2.0\""),
     );
     let error = node.installer().install_config().unwrap_err();
     assert!(
-        matches!(&error, CniInstallError::UnsupportedVersion { version, .. } if version == "0.3.1"),
+        matches!(&error, CniInstallError::UnsupportedVersion { version, .. } if version == "0.2.0"),
         "{error:?}"
     );
     assert!(!fs::read_to_string(&path).unwrap().contains("zmesh"));

@@ -9,9 +9,10 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// The CNI versions this plugin speaks (CHECK came in 0.4.0; results have had today's `ips`
-/// shape since 0.3.0).
-pub const SUPPORTED_VERSIONS: &[&str] = &["0.4.0", "1.0.0", "1.1.0"];
+/// The CNI versions this plugin speaks: results have had today's `ips` shape since 0.3.0
+/// (CHECK came in 0.4.0; runtimes send none under 0.3.x). 0.3.1 is what Calico's and
+/// Flannel's default configurations still say.
+pub const SUPPORTED_VERSIONS: &[&str] = &["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
 /// The version of errors written before the configuration's own version is known.
 pub const FALLBACK_VERSION: &str = "1.0.0";
@@ -231,7 +232,7 @@ mod tests {
         }
         assert_eq!(code(json!({"name": "x"})), 7);
         assert_eq!(code(json!(["cniVersion"])), 7);
-        assert_eq!(code(json!({"cniVersion": "0.3.1"})), 1);
+        assert_eq!(code(json!({"cniVersion": "0.2.0"})), 1);
         assert_eq!(code(json!({"cniVersion": 1})), 7);
         assert_eq!(Config::parse(b"{").unwrap_err().code(), 6);
         assert_eq!(Config::parse(b"").unwrap_err().code(), 6);

@@ -273,7 +273,7 @@ fn version_lists_supported_versions() {
         assert_eq!(info["cniVersion"], expected);
         assert_eq!(
             info["supportedVersions"],
-            json!(["0.4.0", "1.0.0", "1.1.0"])
+            json!(["0.3.0", "0.3.1", "0.4.0", "1.0.0", "1.1.0"])
         );
     }
 }
@@ -301,7 +301,7 @@ fn add_enrolled_passes_the_result_through_and_tells_the_agent_the_pod() {
 
 #[test]
 fn add_result_is_in_the_configured_version() {
-    for version in ["0.4.0", "1.0.0", "1.1.0"] {
+    for version in ["0.3.1", "0.4.0", "1.0.0", "1.1.0"] {
         let node = Node::new();
         let _agent = node.agent(ENROLLED);
         let run = exec(
@@ -568,7 +568,7 @@ fn invalid_plugin_configuration() {
     assert_eq!(code, 7);
     let run = exec(
         &env("ADD", &[]),
-        &node.config(json!({"cniVersion": "0.3.1"})),
+        &node.config(json!({"cniVersion": "0.2.0"})),
     );
     let (code, _) = run.error();
     assert_eq!(code, 1);
