@@ -148,17 +148,44 @@ impl Node {
         })
     }
 
-    fn agent(&self, interfaces: Vec<String>, cni_socket: Option<&Path>) -> Agent {
+    /// An agent that serves `cni_socket` and installs `plugin` into the runtime's CNI
+    /// directories (`--cni-bin-dir`, `--cni-conf-dir`).
+    fn agent_installing_cni(
+        &self,
+        interfaces: Vec<String>,
+        cni_socket: &Path,
+        plugin: &Path,
+    ) -> Agent {
         Agent::start(AgentSetup {
+            install_cni: Some((
+                self.runtime.cni_bin_dir(),
+                self.runtime.cni_conf_dir(),
+                plugin.to_owned(),
+            )),
+            ..self.agent_setup(interfaces, Some(cni_socket))
+        })
+    }
+
+    fn agent(&self, interfaces: Vec<String>, cni_socket: Option<&Path>) -> Agent {
+        Agent::start(self.agent_setup(interfaces, cni_socket))
+    }
+
+    fn agent_setup<'a>(
+        &'a self,
+        interfaces: Vec<String>,
+        cni_socket: Option<&'a Path>,
+    ) -> AgentSetup<'a> {
+        AgentSetup {
             work: self.work.path(),
             kubeconfig: &self.agent_kubeconfig,
             ca_addr: self.ca.addr,
             credentials: &self.credentials,
             proxy_ip: self.runtime.subnet().gateway(),
-            cgroup: &pods_cgroup(),
+            cgroup: pods_cgroup(),
             interfaces,
             cni_socket,
-        })
+            install_cni: None,
+        }
     }
 }
 
@@ -329,21 +356,12 @@ fn pods_started_through_zmesh_cni_are_enrolled_before_their_first_connection() {
     let _one_agent = HOST_NETNS.lock().unwrap_or_else(PoisonError::into_inner);
     let started = Instant::now();
     let plugin = cni_plugin_binary();
-    let Some(node) = Node::start(|work| {
-        vec![json!({
-            "type": "zmesh-cni",
-            "agent_socket": work.join("cni.sock"),
-            "state_file": work.join("enrolled-namespaces.json"),
-            "failure_policy": "closed",
-            "agent_timeout_seconds": 30,
-            "log_file": work.join("zmesh-cni.log"),
-        })]
-    }) else {
+    // Only the bridge chain: the agent installs zmesh-cni itself (binary and conflist
+    // entry), as on a node.
+    let Some(node) = Node::start(|_| vec![]) else {
         return; // skipping was allowed and said so
     };
     let (rt, client, runtime, work) = (&node.rt, &node.client, &node.runtime, &node.work);
-    std::os::unix::fs::symlink(&plugin, runtime.cni_bin_dir().join("zmesh-cni"))
-        .expect("linking zmesh-cni into the CNI bin dir");
     // With the plugin failing closed no pod starts before the agent, and the agent needs
     // the pods' bridge to attach to: the bridge is made here (the bridge plugin takes an
     // existing bridge over, as on a node whose bridge outlived its pods).
@@ -351,9 +369,36 @@ fn pods_started_through_zmesh_cni_are_enrolled_before_their_first_connection() {
     output(Command::new("ip").args(["link", "set", &runtime.bridge(), "up"]));
     let socket = work.path().join("cni.sock");
     let agent_started = Instant::now();
-    let mut agent = node.agent(vec![runtime.bridge()], Some(&socket));
+    let mut agent = node.agent_installing_cni(vec![runtime.bridge()], &socket, &plugin);
     agent.wait_certificates(&[]);
     println!("agent ready {:?} after its start", agent_started.elapsed());
+    // The agent put the plugin into the runtime's CNI directories, last in the chain.
+    let conflist = wait_for_value("the agent to install zmesh-cni in the conflist", || {
+        let dir = std::fs::read_dir(runtime.cni_conf_dir()).ok()?;
+        dir.filter_map(Result::ok)
+            .filter(|e| e.path().extension().is_some_and(|x| x == "conflist"))
+            .find_map(|e| {
+                let config: serde_json::Value =
+                    serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok()?;
+                let last = config["plugins"].as_array()?.last()?.clone();
+                (last["type"] == "zmesh-cni").then_some(config)
+            })
+    });
+    let entry = conflist["plugins"]
+        .as_array()
+        .and_then(|p| p.last())
+        .cloned();
+    assert_eq!(
+        entry
+            .as_ref()
+            .map(|e| (&e["agent_socket"], &e["failure_policy"])),
+        Some((&json!(socket), &json!("closed"))),
+        "{conflist:#}"
+    );
+    assert!(
+        runtime.cni_bin_dir().join("zmesh-cni").is_file(),
+        "the agent copies the plugin binary"
+    );
 
     let mesh = unique("mesh");
     let plain = unique("plain");
@@ -951,10 +996,12 @@ struct AgentSetup<'a> {
     ca_addr: SocketAddrV4,
     credentials: &'a Path,
     proxy_ip: Ipv4Addr,
-    cgroup: &'a Path,
+    cgroup: PathBuf,
     interfaces: Vec<String>,
     /// Where to serve the CNI plugin (`None`: not served).
     cni_socket: Option<&'a Path>,
+    /// (bin dir, conf dir, plugin binary) for the agent to install zmesh-cni into.
+    install_cni: Option<(PathBuf, PathBuf, PathBuf)>,
 }
 
 /// The real `zmesh agent` of [`NODE`] in the host network namespace. Dropping it stops it
@@ -983,7 +1030,7 @@ impl Agent {
             .arg(setup.credentials)
             .args(["--proxy-ip", &setup.proxy_ip.to_string()])
             .arg("--redirect-cgroup")
-            .arg(setup.cgroup)
+            .arg(&setup.cgroup)
             .arg("--bpf-pin-dir")
             .arg(&pins)
             .arg("--admin-socket")
@@ -994,6 +1041,16 @@ impl Agent {
             .arg("--cni-socket")
             .arg(setup.cni_socket.unwrap_or(Path::new("none")))
             .env("KUBECONFIG", setup.kubeconfig);
+        if let Some((bin_dir, conf_dir, plugin)) = &setup.install_cni {
+            command
+                .arg("--cni-bin-dir")
+                .arg(bin_dir)
+                .arg("--cni-conf-dir")
+                .arg(conf_dir)
+                .arg("--cni-plugin-binary")
+                .arg(plugin)
+                .args(["--cni-failure-policy", "closed"]);
+        }
         // Explicit interfaces: without them the agent would attach to every interface of
         // the host network namespace, the machine's uplink included.
         for interface in &setup.interfaces {
