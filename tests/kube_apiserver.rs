@@ -9,6 +9,8 @@
 
 #[path = "support/control_plane.rs"]
 mod control_plane;
+#[path = "support/kube_objects.rs"]
+mod kube_objects;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -16,15 +18,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use control_plane::{ControlPlane, Options};
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Secret, Service, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::ClusterRole;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
-use serde::de::DeserializeOwned;
-use serde::Deserialize;
+use kube_objects::{
+    apply_example, create_service_account, from_json, service_account_token, unique,
+};
 use serde_json::json;
 use tokio::sync::watch;
 use zmesh_agent::ca::CaTokenCredential;
@@ -67,10 +69,6 @@ async fn control_plane(options: Options) -> Option<ControlPlane> {
     }
 }
 
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{:08x}", rand::random::<u32>())
-}
-
 fn fast_retry() -> RetryPolicy {
     RetryPolicy {
         initial: Duration::from_millis(100),
@@ -78,112 +76,10 @@ fn fast_retry() -> RetryPolicy {
     }
 }
 
-fn from_json<T: DeserializeOwned>(value: serde_json::Value) -> T {
-    serde_json::from_value(value).expect("a valid object")
-}
-
-/// Creates the objects of one of the project's manifests (examples/kubernetes/FILE).
-async fn apply_example(client: &kube::Client, file: &str) {
-    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("examples/kubernetes")
-        .join(file);
-    let text = std::fs::read_to_string(&path).expect("the example manifest");
-    let pp = PostParams::default();
-    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-        let value = serde_yaml_ng::Value::deserialize(doc).expect("YAML");
-        if value.is_null() {
-            continue;
-        }
-        let kind = value["kind"].as_str().expect("a kind").to_owned();
-        let namespace = value["metadata"]["namespace"].as_str().map(str::to_owned);
-        let json = serde_json::to_value(&value).expect("JSON");
-        match kind.as_str() {
-            "Namespace" => {
-                Api::<Namespace>::all(client.clone())
-                    .create(&pp, &from_json(json))
-                    .await
-                    .expect("Namespace");
-            }
-            "ServiceAccount" => {
-                Api::<ServiceAccount>::namespaced(client.clone(), &namespace.expect("namespaced"))
-                    .create(&pp, &from_json(json))
-                    .await
-                    .expect("ServiceAccount");
-            }
-            "ClusterRole" => {
-                Api::<ClusterRole>::all(client.clone())
-                    .create(&pp, &from_json(json))
-                    .await
-                    .expect("ClusterRole");
-            }
-            "ClusterRoleBinding" => {
-                Api::<ClusterRoleBinding>::all(client.clone())
-                    .create(&pp, &from_json(json))
-                    .await
-                    .expect("ClusterRoleBinding");
-            }
-            other => panic!("{file}: unexpected kind {other}"),
-        }
-    }
-}
-
-/// A token of `namespace/account` from the TokenRequest API, as the kubelet gets a
-/// projected one: for `audiences` (the API server's own when empty), bound to `pod` if
-/// given.
-async fn service_account_token(
-    client: &kube::Client,
-    namespace: &str,
-    account: &str,
-    audiences: &[&str],
-    pod: Option<&Pod>,
-) -> String {
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: audiences.iter().map(|a| a.to_string()).collect(),
-            expiration_seconds: Some(3600),
-            bound_object_ref: pod.map(|pod| BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: pod.metadata.name.clone(),
-                uid: pod.metadata.uid.clone(),
-            }),
-        },
-        ..TokenRequest::default()
-    };
-    let answer = Api::<ServiceAccount>::namespaced(client.clone(), namespace)
-        .create_token_request(account, &PostParams::default(), &request)
-        .await
-        .unwrap_or_else(|e| panic!("TokenRequest for {namespace}/{account}: {e}"));
-    answer.status.expect("a token").token
-}
-
 /// Creates a namespace with `labels` and its `default` ServiceAccount (which the
 /// controller manager would create, if it runs, and pods need).
 async fn create_namespace(client: &kube::Client, name: &str, labels: &[(&str, &str)]) {
-    let labels: BTreeMap<_, _> = labels.iter().copied().collect();
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &from_json(json!({"metadata": {"name": name, "labels": labels}})),
-        )
-        .await
-        .expect("namespace");
-    create_service_account(client, name, "default").await;
-}
-
-async fn create_service_account(client: &kube::Client, namespace: &str, name: &str) {
-    let accounts = Api::<ServiceAccount>::namespaced(client.clone(), namespace);
-    match accounts
-        .create(
-            &PostParams::default(),
-            &from_json(json!({"metadata": {"name": name}})),
-        )
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(status)) if status.code == 409 => {}
-        Err(e) => panic!("ServiceAccount {namespace}/{name}: {e}"),
-    }
+    kube_objects::create_namespace(client, name, labels, &["default"]).await;
 }
 
 /// A pod as a Deployment would create it, scheduled on `node`.

@@ -34,6 +34,8 @@
 
 #[path = "support/control_plane.rs"]
 mod control_plane;
+#[path = "support/kube_objects.rs"]
+mod kube_objects;
 #[path = "support/node_runtime.rs"]
 mod node_runtime;
 
@@ -47,13 +49,10 @@ use std::sync::{mpsc, Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use control_plane::{ControlPlane, Options};
-use k8s_openapi::api::authentication::v1::{TokenRequest, TokenRequestSpec};
-use k8s_openapi::api::core::v1::{Namespace, Pod as KubePod, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::core::v1::Pod as KubePod;
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube_objects::{apply_example, from_json, service_account_token, unique};
 use node_runtime::{NodeRuntime, NodeRuntimeOptions, Pod, PodSpec, Qos};
-use serde::de::DeserializeOwned;
-use serde::Deserialize;
 use serde_json::json;
 use zmesh_testbed::Pcap;
 
@@ -127,7 +126,13 @@ impl Node {
         rt.block_on(apply_example(&client, "00-namespace.yaml"));
         rt.block_on(apply_example(&client, "10-rbac.yaml"));
         let kubeconfig = |account: &str| {
-            let token = rt.block_on(service_account_token(&client, "zmesh-system", account));
+            let token = rt.block_on(service_account_token(
+                &client,
+                "zmesh-system",
+                account,
+                &[],
+                None,
+            ));
             let path = work.path().join(format!("{account}.kubeconfig"));
             std::fs::write(&path, plane.kubeconfig_yaml(0, &token)).expect("kubeconfig");
             path
@@ -570,10 +575,6 @@ fn wait_for_value<T>(what: &str, mut probe: impl FnMut() -> Option<T>) -> T {
 // ---------------------------------------------------------------------------------------
 // Kubernetes objects, as the project's manifests and kubelet make them.
 
-fn unique(prefix: &str) -> String {
-    format!("{prefix}-{:08x}", rand::random::<u32>())
-}
-
 fn secret(label: &str) -> String {
     format!("zmesh-node-e2e-{label}-{:016x}", rand::random::<u64>())
 }
@@ -582,90 +583,10 @@ fn workload_id(namespace: &str, account: &str) -> String {
     format!("spiffe://{TRUST_DOMAIN}/ns/{namespace}/sa/{account}")
 }
 
-fn from_json<T: DeserializeOwned>(value: serde_json::Value) -> T {
-    serde_json::from_value(value).expect("a valid object")
-}
-
-/// Creates the objects of one of the project's manifests (examples/kubernetes/FILE).
-async fn apply_example(client: &kube::Client, file: &str) {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("examples/kubernetes")
-        .join(file);
-    let text = std::fs::read_to_string(&path).expect("the example manifest");
-    let pp = PostParams::default();
-    for doc in serde_yaml_ng::Deserializer::from_str(&text) {
-        let value = serde_yaml_ng::Value::deserialize(doc).expect("YAML");
-        if value.is_null() {
-            continue;
-        }
-        let kind = value["kind"].as_str().expect("a kind").to_owned();
-        let namespace = value["metadata"]["namespace"].as_str().map(str::to_owned);
-        let json = serde_json::to_value(&value).expect("JSON");
-        let created = match kind.as_str() {
-            "Namespace" => Api::<Namespace>::all(client.clone())
-                .create(&pp, &from_json(json))
-                .await
-                .map(drop),
-            "ServiceAccount" => Api::<ServiceAccount>::namespaced(
-                client.clone(),
-                &namespace.expect("a namespaced object"),
-            )
-            .create(&pp, &from_json(json))
-            .await
-            .map(drop),
-            "ClusterRole" => Api::<ClusterRole>::all(client.clone())
-                .create(&pp, &from_json(json))
-                .await
-                .map(drop),
-            "ClusterRoleBinding" => Api::<ClusterRoleBinding>::all(client.clone())
-                .create(&pp, &from_json(json))
-                .await
-                .map(drop),
-            other => panic!("{file}: unexpected kind {other}"),
-        };
-        created.unwrap_or_else(|e| panic!("{file}: {kind}: {e}"));
-    }
-}
-
-/// A token of `namespace/account` for the API server (TokenRequest, one hour).
-async fn service_account_token(client: &kube::Client, namespace: &str, account: &str) -> String {
-    let request = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences: vec![],
-            expiration_seconds: Some(3600),
-            bound_object_ref: None,
-        },
-        ..TokenRequest::default()
-    };
-    Api::<ServiceAccount>::namespaced(client.clone(), namespace)
-        .create_token_request(account, &PostParams::default(), &request)
-        .await
-        .unwrap_or_else(|e| panic!("TokenRequest for {namespace}/{account}: {e}"))
-        .status
-        .expect("a token")
-        .token
-}
-
 /// A namespace with `labels`, and the ServiceAccounts its pods run as (no controller
 /// manager runs to make `default`).
 async fn create_namespace(client: &kube::Client, name: &str, labels: &[(&str, &str)]) {
-    let labels: BTreeMap<_, _> = labels.iter().copied().collect();
-    Api::<Namespace>::all(client.clone())
-        .create(
-            &PostParams::default(),
-            &from_json(json!({"metadata": {"name": name, "labels": labels}})),
-        )
-        .await
-        .unwrap_or_else(|e| panic!("namespace {name}: {e}"));
-    for account in ["server", "client", "late"] {
-        Api::<ServiceAccount>::namespaced(client.clone(), name)
-            .create(
-                &PostParams::default(),
-                &from_json(json!({"metadata": {"name": account}})),
-            )
-            .await
-            .unwrap_or_else(|e| panic!("ServiceAccount {name}/{account}: {e}"));
-    }
+    kube_objects::create_namespace(client, name, labels, &["server", "client", "late"]).await;
 }
 
 /// Plays the scheduler and kubelet for one pod: the Pod object, its sandbox and container,

@@ -7,7 +7,6 @@
 //!   workload as each finishes (so the CLI can show progress).
 
 use std::convert::Infallible;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::SystemTime;
@@ -19,10 +18,11 @@ use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 use zmesh_identity::{CertStatus, TrustDomain, WorkloadId};
 
 use crate::credentials::{RotateError, WorkloadCertificates};
+use crate::local_socket;
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -104,27 +104,16 @@ pub async fn serve(
     path: &Path,
     state: AdminState,
 ) -> Result<tokio::task::JoinHandle<()>, AdminError> {
-    let bind_error = |source| AdminError::Bind {
+    let listener = local_socket::bind_private(path).map_err(|source| AdminError::Bind {
         path: path.to_owned(),
         source,
-    };
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(bind_error)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(bind_error(e)),
-    }
-    let listener = UnixListener::bind(path).map_err(bind_error)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_error)?;
-    Ok(tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
+    })?;
+    Ok(local_socket::accept_each(
+        listener,
+        "admin",
+        move |stream| {
             let state = state.clone();
-            tokio::spawn(async move {
+            async move {
                 let service = hyper::service::service_fn(move |req| {
                     let state = state.clone();
                     async move { Ok::<_, Infallible>(route(req, state).await) }
@@ -134,9 +123,9 @@ pub async fn serve(
                 if let Err(e) = conn.await {
                     tracing::debug!("admin connection ended: {e}");
                 }
-            });
-        }
-    }))
+            }
+        },
+    ))
 }
 
 async fn route(req: Request<Incoming>, state: AdminState) -> Response<Body> {
@@ -410,19 +399,4 @@ impl AdminClient {
     }
 }
 
-/// Removes the admin socket at shutdown, unless another agent (a replacement started
-/// during an upgrade) has bound the path since: `bound` is the inode we created.
-pub fn remove_socket_if_ours(path: &Path, bound: u64) {
-    use std::os::unix::fs::MetadataExt;
-    if std::fs::symlink_metadata(path).is_ok_and(|m| m.ino() == bound) {
-        let _ = std::fs::remove_file(path);
-    }
-}
-
-/// The inode of the socket file just bound at `path` (0 if it cannot be read).
-pub fn socket_inode(path: &Path) -> u64 {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::symlink_metadata(path)
-        .map(|m| m.ino())
-        .unwrap_or(0)
-}
+pub use crate::local_socket::{remove_socket_if_ours, socket_inode};

@@ -15,13 +15,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::net::UnixStream;
 use tokio::sync::{watch, Notify};
 use zmesh_cluster::state::PodKey;
 use zmesh_cluster::ClusterState;
 use zmesh_cni::protocol::{self, Command, Outcome, Reply, Request};
 
 use crate::discovery::NetnsRegistry;
+use crate::local_socket;
 
 /// How long an ADD may wait for the pod to be enrolled: less than the plugin's default
 /// `agent_timeout_seconds` (30), so that the plugin gets our reason rather than a timeout.
@@ -66,34 +67,12 @@ pub fn serve(
     path: &Path,
     server: CniServer,
 ) -> Result<tokio::task::JoinHandle<()>, CniServerError> {
-    use std::os::unix::fs::PermissionsExt;
-    let bind_error = |source| CniServerError::Bind {
+    let listener = local_socket::bind_private(path).map_err(|source| CniServerError::Bind {
         path: path.to_owned(),
         source,
-    };
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent).map_err(bind_error)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(bind_error(e)),
-    }
-    let listener = UnixListener::bind(path).map_err(bind_error)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(bind_error)?;
-    Ok(tokio::spawn(async move {
-        loop {
-            match listener.accept().await {
-                Ok((stream, _)) => {
-                    tokio::spawn(handle(stream, server.clone()));
-                }
-                Err(e) => {
-                    // Out of descriptors, most likely: do not spin on it.
-                    tracing::warn!("CNI socket: accept failed: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }
+    })?;
+    Ok(local_socket::accept_each(listener, "CNI", move |stream| {
+        handle(stream, server.clone())
     }))
 }
 

@@ -256,6 +256,7 @@ pub async fn run(
         )?),
         None => None,
     };
+    let cni_inode = config.cni_socket.as_deref().map(admin::socket_inode);
     // Only once the socket is served: a pod started through the entry asks it at once.
     let install_task = config.cni_install.clone().map(cni_install::keep_installed);
     let reconcile = async {
@@ -389,6 +390,10 @@ pub async fn run(
         task.abort();
     }
     admin::remove_socket_if_ours(&config.admin_socket, admin_inode);
+    if let (Some(path), Some(inode)) = (&config.cni_socket, cni_inode) {
+        // The plugin then sees the agent as down (its failure policy) at once.
+        admin::remove_socket_if_ours(path, inode);
+    }
     result
 }
 
