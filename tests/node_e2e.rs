@@ -708,17 +708,7 @@ fn node_ip() -> Ipv4Addr {
 
 /// The cgroup v2 mount (on this machine's hybrid hierarchy /sys/fs/cgroup/unified).
 fn cgroup2_root() -> PathBuf {
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
-    mountinfo
-        .lines()
-        .find_map(|line| {
-            // ... mount point (5th field) ... " - " fstype source options
-            let (left, right) = line.split_once(" - ")?;
-            (right.split_whitespace().next()? == "cgroup2")
-                .then(|| left.split_whitespace().nth(4).map(PathBuf::from))
-                .flatten()
-        })
-        .expect("a cgroup2 mount (cgroup v2 or hybrid)")
+    zmesh_testbed::cgroup2_mount().expect("a cgroup2 mount (cgroup v2 or hybrid)")
 }
 
 /// `<cgroup2>/kubepods`: every pod's cgroup is below it, nothing else of the machine is.

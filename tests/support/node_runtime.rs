@@ -1210,7 +1210,7 @@ fn unmount_under(dir: &Path) {
     let mut points: Vec<String> = mountinfo
         .lines()
         .filter_map(|line| line.split_whitespace().nth(4))
-        .map(unescape_mount_path)
+        .map(zmesh_testbed::unescape_mount_path)
         .filter(|p| p.starts_with(&prefix))
         .collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.len()));
@@ -1231,7 +1231,8 @@ fn remove_pod_cgroups(parent: &str) {
         if f.len() < 3 || !(f[2] == "cgroup" || f[2] == "cgroup2") {
             continue;
         }
-        let path = Path::new(&unescape_mount_path(f[1])).join(parent.trim_start_matches('/'));
+        let path = Path::new(&zmesh_testbed::unescape_mount_path(f[1]))
+            .join(parent.trim_start_matches('/'));
         remove_dir_tree(&path);
     }
 }
@@ -1247,29 +1248,6 @@ fn remove_dir_tree(path: &Path) {
         }
     }
     let _ = std::fs::remove_dir(path);
-}
-
-/// /proc/self/mount{s,info} escape space, tab, newline and backslash as \ooo.
-fn unescape_mount_path(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' {
-            if let Some(v) = bytes
-                .get(i + 1..i + 4)
-                .and_then(|o| std::str::from_utf8(o).ok())
-                .and_then(|o| u8::from_str_radix(o, 8).ok())
-            {
-                out.push(v);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn run(command: &mut Command) -> Result<String, NodeRuntimeError> {

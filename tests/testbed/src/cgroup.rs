@@ -16,7 +16,7 @@ const POLL: Duration = Duration::from_millis(10);
 /// The mount point of the cgroup v2 hierarchy, read from /proc/self/mounts.
 ///
 /// On hybrid systems it is /sys/fs/cgroup/unified, on unified ones /sys/fs/cgroup.
-pub(crate) fn cgroup2_mount() -> Result<PathBuf> {
+pub fn cgroup2_mount() -> Result<PathBuf> {
     let mounts = fs::read_to_string("/proc/self/mounts")
         .map_err(|e| Error::io("reading", "/proc/self/mounts", e))?;
     parse_cgroup2_mount(&mounts).ok_or(Error::NoCgroup2)
@@ -31,8 +31,8 @@ fn parse_cgroup2_mount(mounts: &str) -> Option<PathBuf> {
     })
 }
 
-/// /proc/self/mounts escapes space, tab, newline and backslash as \ooo octal.
-fn unescape_mount_path(field: &str) -> String {
+/// /proc/self/mount{s,info} escape space, tab, newline and backslash as \ooo octal.
+pub fn unescape_mount_path(field: &str) -> String {
     let bytes = field.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;

@@ -62,6 +62,7 @@ mod servers;
 mod spec;
 
 pub use capture::Capture;
+pub use cgroup::{cgroup2_mount, unescape_mount_path};
 pub use cluster::{Cluster, Ipv4Cidr, Node, Pod};
 pub use error::{Error, Result};
 pub use netns::Netns;
