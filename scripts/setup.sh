@@ -11,7 +11,9 @@ fi
 # Debian packages: clang-19 + libbpf-dev compile the eBPF programs, iproute2 builds the test
 # cluster, tcpdump captures the underlay, bpftool and iperf3 help debugging and benchmarks,
 # nftables plays kube-proxy for the lab's Services (test scaffolding only).
-packages=(clang-19 libbpf-dev iproute2 tcpdump bpftool iperf3 cmake netcat-openbsd curl nftables)
+# xz-utils, binutils and the archive keyring: scripts/vm-test.sh unpacks Debian kernels.
+packages=(clang-19 libbpf-dev iproute2 tcpdump bpftool iperf3 cmake netcat-openbsd curl nftables
+  xz-utils binutils procps debian-archive-keyring)
 missing=()
 for p in "${packages[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -282,9 +282,13 @@ async fn agent_restart_keeps_established_connections() {
     let (web, _server) = serve_echo(&lab, "shop", "web", 8080);
     let mut client = LongLivedClient::open(&lab, "shop", "frontend", web);
     client.roundtrip("before the restart");
+    let sockets = listening_sockets(&lab, "node1");
+    assert_eq!(sockets.len(), 5, "the proxy's five listeners: {sockets:?}");
     lab.restart_agent("node1", false).await.unwrap();
     lab.restart_agent("node2", false).await.unwrap();
     client.roundtrip("after both agents restarted");
+    // the new agent serves on its predecessor's sockets (handed over, never unbound)
+    assert_eq!(listening_sockets(&lab, "node1"), sockets);
     // New connections work too, through the new agents.
     let fresh = secret("fresh");
     assert_eq!(
@@ -451,4 +455,34 @@ fn bpf_filters(lab: &zmesh_lab::Lab, node: &str) -> Vec<String> {
         );
     }
     filters
+}
+
+/// The listening sockets of the proxy on `node`: (local address, socket inode), sorted.
+fn listening_sockets(lab: &zmesh_lab::Lab, node: &str) -> Vec<(String, String)> {
+    let out = lab
+        .cluster()
+        .node(node)
+        .unwrap()
+        .command("ss")
+        .unwrap()
+        .args(["-Hltne"])
+        .output()
+        .unwrap();
+    let mut sockets: Vec<(String, String)> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| {
+            let fields: Vec<&str> = l.split_whitespace().collect();
+            let local = fields.get(3)?.to_string();
+            let inode = fields
+                .iter()
+                .find_map(|f| f.strip_prefix("ino:"))?
+                .to_string();
+            let port = local.rsplit(':').next()?;
+            ["15001", "15006", "15008", "15020", "15021"]
+                .contains(&port)
+                .then_some((local, inode))
+        })
+        .collect();
+    sockets.sort();
+    sockets
 }

@@ -24,6 +24,8 @@ pub enum DataPathError {
 /// The running proxy.
 pub(crate) struct DataPath {
     drain: DrainHandle,
+    /// Duplicates of the proxy's listening sockets, for a successor (see `handover`).
+    pub listener_fds: Vec<std::os::fd::OwnedFd>,
     stopped: oneshot::Receiver<Result<(), ProxyError>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -57,18 +59,26 @@ impl DataPath {
                             return;
                         }
                     };
-                    let _ = bound_tx.send(Ok(proxy.drain_handle()));
+                    let fds = match proxy.listener_fds() {
+                        Ok(fds) => fds,
+                        Err(e) => {
+                            tracing::warn!("cannot duplicate the listening sockets: {e}");
+                            Vec::new()
+                        }
+                    };
+                    let _ = bound_tx.send(Ok((proxy.drain_handle(), fds)));
                     let _ = stopped_tx.send(proxy.run().await);
                 });
             })
             .map_err(DataPathError::Runtime)?;
         let mut thread = Some(thread);
-        let drain = match bound_rx.await {
+        let (drain, listener_fds) = match bound_rx.await {
             Ok(bound) => bound?,
             Err(_) => return Err(panic_of(&mut thread).await),
         };
         Ok(Self {
             drain,
+            listener_fds,
             stopped,
             thread,
         })

@@ -26,6 +26,7 @@ pub mod credentials;
 mod datapath;
 pub mod discovery;
 pub mod flows_api;
+pub mod handover;
 mod local_socket;
 mod run;
 pub mod spire;

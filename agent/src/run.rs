@@ -22,6 +22,7 @@ use crate::credentials::{ManagedCredentials, WorkloadCertificates};
 use crate::datapath::{DataPath, DataPathError};
 use crate::discovery::{NetnsRegistry, PodNetnsDiscovery};
 use crate::flows_api;
+use crate::handover;
 use crate::spire::SpireCertificates;
 use crate::steering::{Applied, Enrolled, MapOriginalDst, Steering};
 use crate::table::workload_table;
@@ -121,6 +122,8 @@ pub enum AgentError {
     Cni(#[from] crate::cni_server::CniServerError),
     #[error("the reconcile loop failed: {0}")]
     Reconcile(String),
+    #[error("listener handover: {0}")]
+    Handover(#[from] handover::HandoverError),
 }
 
 /// Runs the agent until `shutdown` resolves, then drains the proxy. Redirection stays
@@ -218,7 +221,40 @@ pub async fn run(
     let drop_events = redirector
         .as_deref()
         .and_then(|r| flows_api::spawn_drop_events(r, workloads.clone(), flows.clone()));
+    // A running predecessor hands its listening sockets over: both serve on them until it
+    // drains, so a restart refuses no connection.
+    let handover_path = handover::socket_path(&config.admin_socket);
+    let path = handover_path.clone();
+    deps.inherited_listeners = match blocking(move || handover::receive(&path)).await {
+        Ok(Ok(listeners)) => {
+            if !listeners.is_empty() {
+                tracing::info!(
+                    count = listeners.len(),
+                    "took over the running agent's listening sockets"
+                );
+            }
+            listeners
+        }
+        Ok(Err(e)) => {
+            tracing::warn!("no listener handover, binding fresh sockets: {e}");
+            Vec::new()
+        }
+        Err(e) => return Err(AgentError::Reconcile(e)),
+    };
     let mut data_path = DataPath::start(proxy_config, deps, config.proxy_threads).await?;
+    // Once a successor took the sockets over, it reads the drop reports (one reader of
+    // the ring buffer, or reports go to the agent on its way out).
+    let drop_reader = drop_events.as_ref().map(|task| task.abort_handle());
+    let handover_task = handover::serve(
+        &handover_path,
+        std::mem::take(&mut data_path.listener_fds),
+        move || {
+            if let Some(reader) = &drop_reader {
+                reader.abort();
+            }
+        },
+    )?;
+    let handover_inode = admin::socket_inode(&handover_path);
     let admin_task = admin::serve(
         &config.admin_socket,
         AdminState {
@@ -366,6 +402,8 @@ pub async fn run(
             if let Some(task) = &drop_events {
                 task.abort();
             }
+            // The sockets go with the drain (unless a successor holds them too).
+            handover_task.abort();
             data_path.drain();
             data_path.stopped().await.map_err(AgentError::from)
         }
@@ -382,6 +420,8 @@ pub async fn run(
     if let Some(task) = install_task {
         task.abort();
     }
+    handover_task.abort();
+    admin::remove_socket_if_ours(&handover_path, handover_inode);
     if let Some((stop, task)) = renewal {
         stop.cancel();
         let _ = task.await;

@@ -22,7 +22,7 @@ use crate::keepalive::Keepalive;
 use crate::limits::IdentityLimit;
 use crate::metrics::{Direction, Metrics};
 use crate::pool::{Pool, PoolConfig};
-use crate::socket::{bind_listener, set_tcp_keepalive, OriginalDst, SoOriginalDst, TcpKeepalive};
+use crate::socket::{listener, set_tcp_keepalive, OriginalDst, SoOriginalDst, TcpKeepalive};
 use crate::tls::TlsCredentials;
 use crate::tunnels::Tunnels;
 use crate::workloads::{WorkloadStore, WorkloadTable};
@@ -153,6 +153,9 @@ pub struct ProxyDeps {
     /// Where every finished or refused connection is published; `None`: the proxy keeps
     /// only the counters (served on /metrics either way).
     pub flows: Option<Arc<FlowHub>>,
+    /// Listening sockets of a predecessor (a restarted agent): each one bound to exactly
+    /// a configured address is used instead of a new socket (see [`Proxy::listener_fds`]).
+    pub inherited_listeners: Vec<std::net::TcpListener>,
 }
 
 impl ProxyDeps {
@@ -164,6 +167,7 @@ impl ProxyDeps {
             authorizer: Arc::new(AllowAll),
             original_dst: Arc::new(SoOriginalDst),
             flows: None,
+            inherited_listeners: Vec::new(),
         }
     }
 }
@@ -286,9 +290,10 @@ pub struct Proxy {
 
 impl Proxy {
     /// Binds every listener (so that bind errors surface before serving).
-    pub async fn bind(config: ProxyConfig, deps: ProxyDeps) -> Result<Self, ProxyError> {
-        let bind = |what, addr, transparent| {
-            bind_listener(addr, transparent).map_err(|source| ProxyError::Bind {
+    pub async fn bind(config: ProxyConfig, mut deps: ProxyDeps) -> Result<Self, ProxyError> {
+        let mut inherited = std::mem::take(&mut deps.inherited_listeners);
+        let mut bind = |what, addr, transparent| {
+            listener(addr, transparent, &mut inherited).map_err(|source| ProxyError::Bind {
                 what,
                 addr,
                 source,
@@ -366,6 +371,16 @@ impl Proxy {
 
     pub fn addrs(&self) -> ProxyAddrs {
         self.shared.addrs
+    }
+
+    /// Duplicates of the listening sockets, for a successor to inherit
+    /// ([`ProxyDeps::inherited_listeners`]).
+    pub fn listener_fds(&self) -> std::io::Result<Vec<std::os::fd::OwnedFd>> {
+        use std::os::fd::AsFd;
+        self.listeners
+            .iter()
+            .map(|l| l.as_fd().try_clone_to_owned())
+            .collect()
     }
 
     pub fn metrics(&self) -> Arc<Metrics> {

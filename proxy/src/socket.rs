@@ -12,11 +12,55 @@ use tokio::net::{TcpListener, TcpStream};
 /// Binds a listener. With `transparent`, sets IP_TRANSPARENT so that connections steered
 /// to it by eBPF (sk_assign) for addresses that are not local are accepted.
 pub fn bind_listener(addr: SocketAddr, transparent: bool) -> io::Result<TcpListener> {
+    listener(addr, transparent, &mut Vec::new())
+}
+
+/// The listener for `addr`: the one of `inherited` bound to exactly `addr` (taken out of
+/// it), or a fresh one. A restarted agent inherits its predecessor's listening sockets
+/// (zmesh-agent's handover): one socket then serves both processes, the old one until it
+/// drains, so no connection is refused or lost in between.
+///
+/// Fresh sockets do not set SO_REUSEPORT: before Linux 6.5, tc's bpf_sk_assign refuses a
+/// socket that has it, and inbound steering would drop every SYN. Only when the port is
+/// held by a process that set it (an agent from before the handover) does the socket
+/// set it too, to share the port with that process.
+pub fn listener(
+    addr: SocketAddr,
+    transparent: bool,
+    inherited: &mut Vec<std::net::TcpListener>,
+) -> io::Result<TcpListener> {
+    if addr.port() != 0 {
+        if let Some(at) = inherited
+            .iter()
+            .position(|l| l.local_addr().is_ok_and(|a| a == addr))
+        {
+            let listener = inherited.swap_remove(at);
+            listener.set_nonblocking(true)?;
+            return TcpListener::from_std(listener);
+        }
+    }
+    match fresh_listener(addr, transparent, false) {
+        Err(e) if e.kind() == io::ErrorKind::AddrInUse && addr.port() != 0 => {
+            let listener = fresh_listener(addr, transparent, true).map_err(|_| e)?;
+            tracing::warn!(
+                %addr,
+                "the port is shared with SO_REUSEPORT (held by an agent without the listener \
+                 handover?); tc cannot steer to this socket before Linux 6.5"
+            );
+            Ok(listener)
+        }
+        other => other,
+    }
+}
+
+fn fresh_listener(
+    addr: SocketAddr,
+    transparent: bool,
+    reuse_port: bool,
+) -> io::Result<TcpListener> {
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None)?;
     socket.set_reuse_address(true)?;
-    if addr.port() != 0 {
-        // A restarted agent binds the same ports while the old one drains its tunnels:
-        // new connections go to the new process, open ones finish in the old.
+    if reuse_port {
         socket.set_reuse_port(true)?;
     }
     if transparent {
@@ -167,6 +211,31 @@ mod tests {
         // No netfilter/eBPF redirect: the kernel has no original destination to report.
         assert!(SoOriginalDst.original_dst(&s).is_err());
         drop(c);
+    }
+
+    #[tokio::test]
+    async fn an_inherited_listener_is_taken_for_its_exact_address_else_a_fresh_one() {
+        let first = bind_listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
+        let addr = first.local_addr().unwrap();
+        let held = first.into_std().unwrap();
+        let copy = held.try_clone().unwrap();
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let other_addr = other.local_addr().unwrap();
+        let mut inherited = vec![other, copy];
+        // the same socket: a connection queued on it is accepted through the new handle
+        let taken = listener(addr, false, &mut inherited).unwrap();
+        assert_eq!(inherited.len(), 1, "taken out of the inherited ones");
+        let _c = TcpStream::connect(addr).await.unwrap();
+        let (s, _) = taken.accept().await.unwrap();
+        assert_eq!(s.local_addr().unwrap(), addr);
+        drop(held);
+        // no inherited socket for this address, and the port is free: a fresh one
+        drop(inherited);
+        let fresh = listener(other_addr, false, &mut Vec::new()).unwrap();
+        assert_eq!(fresh.local_addr().unwrap(), other_addr);
+        // a port held without SO_REUSEPORT cannot be shared
+        let err = listener(other_addr, false, &mut Vec::new()).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AddrInUse);
     }
 
     #[tokio::test]

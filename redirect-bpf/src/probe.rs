@@ -45,7 +45,7 @@ impl fmt::Display for Feature {
 }
 
 /// The release whose features everything below (TCX aside) is within.
-pub const FLOOR: &str = "5.8";
+pub const FLOOR: &str = "5.14";
 /// The release that attaches tc programs through TCX links; older ones get a clsact filter.
 pub const TCX_SINCE: &str = "6.6";
 
@@ -120,6 +120,12 @@ const REQUIRED: &[(&str, &str, &str, Check)] = &[
         "enrollment by network namespace",
         "5.7",
         || helper(SOCK_ADDR, BpfHelper::BPF_FUNC_get_netns_cookie),
+    ),
+    (
+        "the SO_NETNS_COOKIE socket option",
+        "reading each pod's network namespace cookie",
+        "5.14",
+        || sys::probe_netns_cookie_sockopt().map_err(|e| e.to_string()),
     ),
     (
         "bpf_get_current_ancestor_cgroup_id() in cgroup/connect",

@@ -285,6 +285,16 @@ pub fn current_netns_cookie() -> io::Result<u64> {
     netns_cookie_of(sock.as_fd())
 }
 
+/// Whether the kernel answers SO_NETNS_COOKIE (Linux 5.14): the agent reads each pod's
+/// network namespace cookie with it.
+pub fn probe_netns_cookie_sockopt() -> io::Result<bool> {
+    match current_netns_cookie() {
+        Ok(_) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::ENOPROTOOPT) => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
 /// The id of a cgroup v2 directory (what `bpf_get_current_cgroup_id` returns).
 pub fn cgroup_id(path: &Path) -> io::Result<u64> {
     use std::os::unix::fs::MetadataExt;

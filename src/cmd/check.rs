@@ -105,7 +105,8 @@ impl fmt::Display for Check {
 }
 
 /// The kernels zmesh was tested on (README: Kernels).
-pub const TESTED_KERNELS: &str = "6.18 only (older kernels are probed but not yet tested in CI)";
+pub const TESTED_KERNELS: &str =
+    "6.18 with TCX and Debian 12's 6.1 with clsact filters (scripts/vm-test.sh)";
 
 /// Every eBPF feature the programs need, as probed on the running kernel (never the
 /// version string: distributions backport features). `release` only labels the result.
@@ -127,7 +128,7 @@ pub fn kernel_features(release: &str, features: &KernelFeatures) -> Check {
             name,
             format!("{release} lacks {}", list.join("; ")),
             format!(
-                "zmesh needs the eBPF features of Linux {FLOOR} (or a kernel with them \
+                "zmesh needs the kernel features of Linux {FLOOR} (or a kernel with them \
                  backported); tested on {TESTED_KERNELS}: upgrade the node's kernel"
             ),
         );

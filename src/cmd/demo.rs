@@ -41,6 +41,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     if !nix::unistd::Uid::effective().is_root() {
         anyhow::bail!("the demo builds network namespaces and loads eBPF: run it as root");
     }
+    // A kernel below the floor is named up front, not by whatever step trips over it.
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .unwrap_or_else(|_| "the running kernel".into());
+    let kernel = super::check::kernel_features(&release, zmesh_redirect::kernel_features());
+    if kernel.status == super::check::Status::Fail {
+        let hint = kernel.hint.unwrap_or_default();
+        anyhow::bail!("{}: {} ({hint})", kernel.name, kernel.detail);
+    }
     // Before anything is built: from here on these signals clean up instead of killing.
     let mut interrupts = Interrupts::new()?;
     let zmesh_bin = std::env::current_exe().context("cannot find the zmesh binary")?;
