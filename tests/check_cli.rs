@@ -32,7 +32,7 @@ fn check_without_an_agent_fails_with_a_hint() {
     // the kernel is probed feature by feature (the tests run as root, on kernels zmesh
     // supports): all present, and tc ingress attaches one way or the other
     assert!(
-        stdout.contains("[PASS] kernel eBPF features: ") && stdout.contains(" present (Linux 5.8"),
+        stdout.contains("[PASS] kernel eBPF features: ") && stdout.contains(" present (Linux 5.14"),
         "{stdout}"
     );
     assert!(stdout.contains("[PASS] tc ingress attach: "), "{stdout}");
