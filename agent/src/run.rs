@@ -239,7 +239,12 @@ pub async fn run(
             tracing::warn!("no listener handover, binding fresh sockets: {e}");
             Vec::new()
         }
-        Err(e) => return Err(AgentError::Reconcile(e)),
+        Err(e) => {
+            tracing::warn!(
+                "no listener handover (the receiving task failed), binding fresh sockets: {e}"
+            );
+            Vec::new()
+        }
     };
     let mut data_path = DataPath::start(proxy_config, deps, config.proxy_threads).await?;
     // Once a successor took the sockets over, it reads the drop reports (one reader of
