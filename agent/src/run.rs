@@ -1,7 +1,7 @@
 //! `zmesh agent`: one per node. Keeps the proxy's workload table, the workload certificates
 //! and the eBPF enrollment maps in step with the cluster state.
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -40,6 +40,9 @@ pub struct AgentConfig {
     pub ca_token: Option<CaTokenCredential>,
     /// The address pods reach the node at; the proxy's outbound listener is here.
     pub proxy_ip: Ipv4Addr,
+    /// The IPv6 address pods reach the node at: with it IPv6 is steered too (dual-stack
+    /// pods) and the proxy listens on `[::]` (both families) instead of 0.0.0.0.
+    pub proxy_ip6: Option<Ipv6Addr>,
     pub mode: Mode,
     /// The proxy's timeouts and limits.
     pub proxy_limits: Limits,
@@ -174,7 +177,10 @@ pub async fn run(
         config.trust_domain.clone(),
     ));
 
-    let listen = IpAddr::V4(Ipv4Addr::UNSPECIFIED);
+    let listen = match config.proxy_ip6 {
+        Some(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+        None => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+    };
     let mut proxy_config = ProxyConfig::new(config.node.clone(), listen);
     proxy_config.mode = config.mode;
     proxy_config.limits = config.proxy_limits.clone();
@@ -203,8 +209,11 @@ pub async fn run(
 
     let steering = match &config.redirect {
         Some(settings) => {
-            let (proxy_ip, listeners, settings) =
-                (config.proxy_ip, proxy_config.clone(), settings.clone());
+            let (proxy_ip, listeners, settings) = (
+                (config.proxy_ip, config.proxy_ip6),
+                proxy_config.clone(),
+                settings.clone(),
+            );
             let steering = blocking(move || Steering::load(proxy_ip, &listeners, &settings))
                 .await
                 .map_err(AgentError::Reconcile)??;

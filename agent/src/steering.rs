@@ -4,7 +4,7 @@
 //! syscalls: the agent calls it from blocking threads, never from the data path's runtime.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -21,11 +21,17 @@ use crate::table::local_enrolled;
 
 /// The proxy's listeners as the eBPF programs need them, derived from the proxy's own
 /// configuration so the two never disagree: connects are rewritten to the outbound
-/// listener at `proxy_ip` (the address pods reach), inbound traffic is assigned to the
-/// plaintext and HBONE listeners, and the proxy's other ports are never redirected.
-pub(crate) fn listeners_of(proxy_ip: Ipv4Addr, proxy: &ProxyConfig) -> ProxyListeners {
+/// listener at `proxy_ip` (the address pods reach; `proxy_ip6` for IPv6, which turns IPv6
+/// steering on), inbound traffic is assigned to the plaintext and HBONE listeners, and the
+/// proxy's other ports are never redirected.
+pub(crate) fn listeners_of(
+    proxy_ip: Ipv4Addr,
+    proxy_ip6: Option<Ipv6Addr>,
+    proxy: &ProxyConfig,
+) -> ProxyListeners {
     let mut listeners =
         ProxyListeners::new(SocketAddrV4::new(proxy_ip, proxy.outbound_addr.port()));
+    listeners.outbound_v6 = proxy_ip6;
     listeners.inbound_plaintext_port = proxy.plaintext_addr.port();
     listeners.inbound_hbone_port = proxy.inbound_addr.port();
     listeners.node_mode = proxy.mode;
@@ -67,11 +73,11 @@ pub(crate) struct Steering {
 impl Steering {
     /// Installs (or takes over) the programs, steering to the listeners of `proxy`.
     pub fn load(
-        proxy_ip: Ipv4Addr,
+        (proxy_ip, proxy_ip6): (Ipv4Addr, Option<Ipv6Addr>),
         proxy: &ProxyConfig,
         settings: &RedirectSettings,
     ) -> Result<Self, RedirectError> {
-        let listeners = listeners_of(proxy_ip, proxy);
+        let listeners = listeners_of(proxy_ip, proxy_ip6, proxy);
         let follow = settings.ingress_interfaces.is_empty();
         let ingress_interfaces = if follow {
             node_interfaces().unwrap_or_default()
@@ -301,8 +307,9 @@ mod tests {
     fn listeners_follow_the_proxy_config() {
         let mut proxy = ProxyConfig::new("node1", IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         proxy.mode = Mode::Strict;
-        let listeners = listeners_of(Ipv4Addr::new(10, 0, 0, 1), &proxy);
+        let listeners = listeners_of(Ipv4Addr::new(10, 0, 0, 1), None, &proxy);
         assert_eq!(listeners.outbound, "10.0.0.1:15001".parse().unwrap());
+        assert!(!listeners.steers_ipv6());
         assert_eq!(listeners.inbound_plaintext_port, 15006);
         assert_eq!(listeners.inbound_hbone_port, 15008);
         assert_eq!(listeners.node_mode, Mode::Strict);
@@ -310,8 +317,11 @@ mod tests {
 
         proxy.outbound_addr.set_port(25001);
         proxy.readiness_addr.set_port(25021);
-        let listeners = listeners_of(Ipv4Addr::new(10, 0, 0, 1), &proxy);
+        let ip6 = "fd00::1".parse().unwrap();
+        let listeners = listeners_of(Ipv4Addr::new(10, 0, 0, 1), Some(ip6), &proxy);
         assert_eq!(listeners.outbound.port(), 25001);
         assert!(listeners.other_ports.contains(&25021));
+        assert_eq!(listeners.outbound_v6, Some(ip6));
+        assert!(listeners.steers_ipv6());
     }
 }

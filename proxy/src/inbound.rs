@@ -30,7 +30,7 @@ use crate::workloads::WorkloadTable;
 
 /// Serves one accepted TCP connection until it closes.
 pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
-    let Ok(local) = tcp.local_addr() else {
+    let Ok(local) = crate::socket::local_addr(&tcp) else {
         return;
     };
     let failed = |reason: &'static str| {

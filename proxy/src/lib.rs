@@ -44,7 +44,7 @@ pub use proxy::{
     Capture, DrainHandle, Limits, Proxy, ProxyAddrs, ProxyConfig, ProxyDeps, ProxyError,
 };
 pub use services::{Endpoint, Service, ServicePort, TargetPort};
-pub use socket::{OriginalDst, SoOriginalDst, StaticOriginalDst, TcpKeepalive};
+pub use socket::{canonical, OriginalDst, SoOriginalDst, StaticOriginalDst, TcpKeepalive};
 pub use tls::{TlsCredentials, TlsError};
 pub use workloads::{Node, Protocol, TableError, Workload, WorkloadStore, WorkloadTable};
 /// What happens to plaintext from outside the mesh (shared with the eBPF programs).

@@ -682,7 +682,8 @@ pub(crate) async fn accept(
             _ = stop.cancelled() => return Ok(None),
         };
         match r {
-            Ok(x) => return Ok(Some(x)),
+            // A dual-stack listener reports IPv4 peers as v4-mapped IPv6.
+            Ok((stream, peer)) => return Ok(Some((stream, crate::socket::canonical(peer)))),
             Err(e) if accept_error_is_transient(&e) => {
                 tracing::warn!(listener = what, %addr, "accept failed, retrying: {e}");
                 tokio::select! {

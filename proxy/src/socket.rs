@@ -63,6 +63,11 @@ fn fresh_listener(
     if reuse_port {
         socket.set_reuse_port(true)?;
     }
+    if let SocketAddr::V6(v6) = addr {
+        // `[::]` takes IPv4 too (one socket per port for both families), whatever the
+        // system's net.ipv6.bindv6only says; a concrete IPv6 address only IPv6.
+        socket.set_only_v6(!v6.ip().is_unspecified())?;
+    }
     if transparent {
         match addr {
             SocketAddr::V4(_) => socket.set_ip_transparent_v4(true)?,
@@ -73,6 +78,24 @@ fn fresh_listener(
     socket.bind(&addr.into())?;
     socket.listen(1024)?;
     TcpListener::from_std(socket.into())
+}
+
+/// `addr` with an IPv4-mapped IPv6 address (what a dual-stack `[::]` listener reports for
+/// IPv4 peers) turned back into IPv4, so that workload lookups, policies and logs see one
+/// form of every address.
+pub fn canonical(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
+/// The local address of an accepted socket, canonical (see [`canonical`]).
+pub(crate) fn local_addr(stream: &TcpStream) -> io::Result<SocketAddr> {
+    stream.local_addr().map(canonical)
 }
 
 /// TCP keepalive on the proxy's sockets to and from applications, so that a peer that
@@ -169,7 +192,7 @@ impl OriginalDst for SoOriginalDst {
                 }
                 let ip = Ipv6Addr::from(sa.sin6_addr.s6_addr);
                 let addr = SocketAddrV6::new(ip, u16::from_be(sa.sin6_port), 0, 0);
-                Ok(addr.into())
+                Ok(canonical(addr.into()))
             }
         }
     }
@@ -188,7 +211,7 @@ impl StaticOriginalDst {
 
 impl OriginalDst for StaticOriginalDst {
     fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
-        let peer = stream.peer_addr()?;
+        let peer = canonical(stream.peer_addr()?);
         self.0.get(&peer.ip()).copied().ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::NotFound,

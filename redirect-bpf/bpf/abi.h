@@ -16,6 +16,7 @@
 #define CFG_ENABLED (1u << 0)
 #define CFG_NODE_STRICT (1u << 1)
 #define CFG_REJECT_RST (1u << 2)
+#define CFG_IPV6 (1u << 3) // steer IPv6 too (listeners and policy route for it)
 
 // zm_enrolled_ips value flags
 #define POD_STRICT (1u << 0)

@@ -11,9 +11,9 @@
 // clsact qdisc on kernels before 6.6) steers TCP to enrolled pod IPs into the proxy's
 // listeners with bpf_sk_assign (TPROXY without iptables) and, in strict mode, drops
 // plaintext SYNs and answers them with a TCP RST so the client fails at once. Every
-// drop is counted per reason and reported on a ring buffer. IPv6 is not steered yet:
-// strict mode drops (and resets) every IPv6 SYN to an enrolled pod, permissive mode
-// lets IPv6 pass to the pod unsteered.
+// drop is counted per reason and reported on a ring buffer. IPv6 is steered the same way
+// when the agent enables it (CFG_IPV6); otherwise strict mode drops (and resets) every
+// IPv6 SYN to an enrolled pod and permissive mode lets IPv6 pass to the pod unsteered.
 //
 // Every struct and constant shared with userspace is in abi.h; src/abi.rs mirrors the
 // structs and the build checks their layout against it (build.rs, abi_layout.c).
@@ -607,12 +607,58 @@ static __always_inline int ip6_ext_hdr(__u8 nexthdr)
 	       nexthdr == IPPROTO_AH;
 }
 
-// IPv6 to an enrolled pod. Not steered yet (the proxy's inbound listeners and the
-// socket lookups are IPv4): permissive mode lets it pass to the pod as before, strict
-// mode drops every TCP SYN to the pod (answering it with a RST when it can), whatever
-// the port and source: nothing would take it into the proxy, so a mesh source or an
-// HBONE SYN would otherwise reach the pod in plaintext. Non-SYN segments pass (they
-// cannot open a connection). Every field is read from the packet once, after its bounds
+// The IPv6 twins of assign_listener and assign_existing (below): src/dst on the stack.
+static __always_inline int assign_listener6(struct __sk_buff *skb, const struct zm_ip *src,
+					    const struct zm_ip *dst, __u16 sport, __u16 port)
+{
+	struct bpf_sock_tuple t = {};
+	struct bpf_sock *sk;
+	long err;
+
+	__builtin_memcpy(t.ipv6.saddr, src->addr, 16);
+	__builtin_memcpy(t.ipv6.daddr, dst->addr, 16);
+	t.ipv6.sport = sport;
+	t.ipv6.dport = port;
+	sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv6), BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return -1;
+	if (sk->state != BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		return -1;
+	}
+	err = bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	return err ? -1 : 0;
+}
+
+static __always_inline int assign_existing6(struct __sk_buff *skb, const struct zm_ip *src,
+					    const struct zm_ip *dst, __u16 sport, __u16 dport)
+{
+	struct bpf_sock_tuple t = {};
+	struct bpf_sock *sk;
+
+	__builtin_memcpy(t.ipv6.saddr, src->addr, 16);
+	__builtin_memcpy(t.ipv6.daddr, dst->addr, 16);
+	t.ipv6.sport = sport;
+	t.ipv6.dport = dport;
+	sk = bpf_skc_lookup_tcp(skb, &t, sizeof(t.ipv6), BPF_F_CURRENT_NETNS, 0);
+	if (!sk)
+		return -1;
+	if (sk->state == BPF_TCP_LISTEN) {
+		bpf_sk_release(sk);
+		return -1;
+	}
+	bpf_sk_assign(skb, sk, 0);
+	bpf_sk_release(sk);
+	return 0;
+}
+
+// IPv6 to an enrolled pod: steered like IPv4 (zm_tc_ingress) when the agent enabled it
+// (CFG_IPV6: its proxy listens on IPv6 and the IPv6 policy route is in place). Without
+// it, permissive mode lets IPv6 pass to the pod unsteered and strict mode drops every TCP
+// SYN to the pod (answering it with a RST when it can), whatever the port and source:
+// nothing would take it into the proxy, so a mesh source or an HBONE SYN would otherwise
+// reach the pod in plaintext. Every field is read from the packet once, after its bounds
 // check; the copies on the stack are what is used afterwards.
 static __always_inline int ingress_ipv6(struct __sk_buff *skb, struct ethhdr *eth,
 					void *data_end)
@@ -625,6 +671,7 @@ static __always_inline int ingress_ipv6(struct __sk_buff *skb, struct ethhdr *et
 	__u32 off = sizeof(*ip6), seq;
 	__u16 sport, dport;
 	__u8 nexthdr, flags;
+	int strict, steer;
 
 	if ((void *)(ip6 + 1) > data_end)
 		return TC_ACT_OK;
@@ -644,8 +691,10 @@ static __always_inline int ingress_ipv6(struct __sk_buff *skb, struct ethhdr *et
 	pod_flags = bpf_map_lookup_elem(&zm_enrolled_ips, &dst);
 	if (!pod_flags)
 		return TC_ACT_OK;
-	if (!(*pod_flags & POD_STRICT) && !(cfg->flags & CFG_NODE_STRICT))
-		return TC_ACT_OK; // permissive: IPv6 plaintext passes, not steered yet
+	strict = (*pod_flags & POD_STRICT) || (cfg->flags & CFG_NODE_STRICT);
+	steer = cfg->flags & CFG_IPV6;
+	if (!strict && !steer)
+		return TC_ACT_OK; // permissive, IPv6 not steered: plaintext passes
 
 	// Walk a bounded number of extension headers to the TCP header.
 #pragma unroll
@@ -666,6 +715,8 @@ static __always_inline int ingress_ipv6(struct __sk_buff *skb, struct ethhdr *et
 			// offset or more-fragments set: only the first fragment has ports
 			if ((frag & bpf_htons(0xfff9)) &&
 			    (nexthdr == IPPROTO_TCP || ip6_ext_hdr(nexthdr))) {
+				if (!strict)
+					return TC_ACT_OK;
 				report_drop_ip(REASON_FRAGMENT, &src, &dst, 0, 0);
 				return TC_ACT_SHOT;
 			}
@@ -680,6 +731,8 @@ static __always_inline int ingress_ipv6(struct __sk_buff *skb, struct ethhdr *et
 	}
 	if (nexthdr != IPPROTO_TCP) {
 		// more extension headers than we walk: refuse rather than guess
+		if (!strict)
+			return TC_ACT_OK;
 		report_drop_ip(REASON_STRICT_PLAINTEXT, &src, &dst, 0, 0);
 		return TC_ACT_SHOT;
 	}
@@ -691,13 +744,34 @@ static __always_inline int ingress_ipv6(struct __sk_buff *skb, struct ethhdr *et
 	dport = tcp->dest;
 	seq = tcp->seq;
 	flags = ((__u8 *)tcp)[13];
-	if (!(flags & TCP_FLAG_SYN) || (flags & TCP_FLAG_ACK))
+	if (!(flags & TCP_FLAG_SYN) || (flags & TCP_FLAG_ACK)) {
+		if (steer && assign_existing6(skb, &src, &dst, sport, dport) == 0)
+			skb->mark = cfg->mark;
 		return TC_ACT_OK;
+	}
 
-	report_drop_ip(REASON_STRICT_PLAINTEXT, &src, &dst, sport, dport);
-	if ((cfg->flags & CFG_REJECT_RST) && off == sizeof(*ip6))
-		return reject_with_rst6(skb, eth, &src, &dst, sport, dport, seq);
-	return TC_ACT_SHOT;
+	if (steer && dport == cfg->inbound_hbone_port) {
+		if (assign_listener6(skb, &src, &dst, sport, cfg->inbound_hbone_port)) {
+			report_drop_ip(REASON_PROXY_UNAVAILABLE, &src, &dst, sport, dport);
+			return TC_ACT_SHOT;
+		}
+		skb->mark = cfg->mark;
+		return TC_ACT_OK;
+	}
+
+	if (strict && (!steer || !bpf_map_lookup_elem(&zm_mesh_sources, &src))) {
+		report_drop_ip(REASON_STRICT_PLAINTEXT, &src, &dst, sport, dport);
+		if ((cfg->flags & CFG_REJECT_RST) && off == sizeof(*ip6))
+			return reject_with_rst6(skb, eth, &src, &dst, sport, dport, seq);
+		return TC_ACT_SHOT;
+	}
+
+	if (assign_listener6(skb, &src, &dst, sport, cfg->inbound_plain_port)) {
+		report_drop_ip(REASON_PROXY_UNAVAILABLE, &src, &dst, sport, dport);
+		return TC_ACT_SHOT;
+	}
+	skb->mark = cfg->mark;
+	return TC_ACT_OK;
 }
 
 static __always_inline int assign_listener(struct __sk_buff *skb, struct zm_config *cfg,

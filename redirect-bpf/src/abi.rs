@@ -18,6 +18,7 @@ pub(crate) const AF_INET6: u16 = 10;
 pub(crate) const CFG_ENABLED: u32 = c::CFG_ENABLED;
 pub(crate) const CFG_NODE_STRICT: u32 = c::CFG_NODE_STRICT;
 pub(crate) const CFG_REJECT_RST: u32 = c::CFG_REJECT_RST;
+pub(crate) const CFG_IPV6: u32 = c::CFG_IPV6;
 
 pub(crate) const POD_STRICT: u32 = c::POD_STRICT;
 

@@ -43,6 +43,7 @@ use aya::{
 pub use events::{DropEvent, DropEvents, DropReason};
 pub use probe::{Feature, KernelFeatures, Probe};
 pub use sys::{cgroup_id, current_netns_cookie, netns_cookie_of};
+use sys::Family;
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect.o"));
 
@@ -146,7 +147,9 @@ pub enum RejectMode {
 pub struct ProxyListeners {
     /// Outbound listener that enrolled pods' connects are rewritten to; pods must reach it.
     pub outbound: SocketAddrV4,
-    /// IPv6 address of the outbound listener (same port); `None`: IPv6 is not redirected.
+    /// IPv6 address of the outbound listener (same port). `Some`: IPv6 is steered like
+    /// IPv4, outbound and inbound (the proxy's listeners must take IPv6, on the wildcard
+    /// address); `None`: IPv6 is not redirected, and strict mode drops IPv6 to enrolled pods.
     pub outbound_v6: Option<Ipv6Addr>,
     /// Address the inbound listeners are bound to; `None` when they are bound to 0.0.0.0.
     pub inbound_addr: Option<Ipv4Addr>,
@@ -180,6 +183,11 @@ impl ProxyListeners {
         }
     }
 
+    /// Whether IPv6 is steered (see [`ProxyListeners::outbound_v6`]).
+    pub fn steers_ipv6(&self) -> bool {
+        self.outbound_v6.is_some()
+    }
+
     fn validate(&self) -> Result<()> {
         let bad = |m: &str| Err(RedirectError::InvalidConfig(m.to_string()));
         if self.outbound.ip().is_unspecified() || self.outbound.port() == 0 {
@@ -190,6 +198,17 @@ impl ProxyListeners {
         }
         if self.inbound_plaintext_port == 0 || self.inbound_hbone_port == 0 {
             return bad("inbound listener ports must not be 0");
+        }
+        if let Some(v6) = self.outbound_v6 {
+            if v6.is_unspecified() || v6.is_loopback() || v6.to_ipv4_mapped().is_some() {
+                return bad("the IPv6 outbound listener needs a concrete IPv6 address pods reach");
+            }
+            if self.inbound_addr.is_some() {
+                return bad(
+                    "IPv6 steering needs the inbound listeners on the wildcard address \
+                     (inbound_addr None)",
+                );
+            }
         }
         if self.other_ports.len() > abi::MAX_PROXY_PORTS {
             return bad("at most 8 other proxy ports");
@@ -210,6 +229,9 @@ impl ProxyListeners {
         }
         if self.reject == RejectMode::Reset {
             flags |= abi::CFG_REJECT_RST;
+        }
+        if self.steers_ipv6() {
+            flags |= abi::CFG_IPV6;
         }
         let mut proxy_ports = [[0u8; 2]; abi::MAX_PROXY_PORTS];
         for (slot, port) in proxy_ports.iter_mut().zip(&self.other_ports) {
@@ -710,11 +732,18 @@ impl Redirector {
                     }
                 }
             }
+            let (mark, table) = (config.proxy.mark, config.proxy.route_table);
             if config.ingress_interfaces.is_empty() {
                 // a reload without interfaces takes down what an earlier one set up
-                sys::del_policy_route(config.proxy.mark, config.proxy.route_table)?;
+                sys::del_policy_route(Family::V4, mark, table)?;
+                sys::del_policy_route(Family::V6, mark, table)?;
             } else {
-                sys::add_policy_route(config.proxy.mark, config.proxy.route_table)?;
+                sys::add_policy_route(Family::V4, mark, table)?;
+                if config.proxy.steers_ipv6() {
+                    sys::add_policy_route(Family::V6, mark, table)?;
+                } else {
+                    sys::del_policy_route(Family::V6, mark, table)?;
+                }
             }
         }
         drop(ebpf);
@@ -916,7 +945,8 @@ impl Redirector {
         }
         fs::remove_dir(pin_dir).map_err(io_err("remove", pin_dir))?;
         match route {
-            Some((mark, table)) if had_tc => sys::del_policy_route(mark, table),
+            Some((mark, table)) if had_tc => sys::del_policy_route(Family::V4, mark, table)
+                .and_then(|()| sys::del_policy_route(Family::V6, mark, table)),
             _ => Ok(()),
         }
     }

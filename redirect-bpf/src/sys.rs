@@ -329,8 +329,33 @@ fn ip_out(args: &[&str]) -> Result<String, RedirectError> {
     })
 }
 
-fn rule_args(mark: u32, table: u32) -> [String; 4] {
+/// The address family of a policy rule and route.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    fn flag(self) -> &'static str {
+        match self {
+            Family::V4 => "-4",
+            Family::V6 => "-6",
+        }
+    }
+
+    fn default_route(self) -> &'static str {
+        match self {
+            Family::V4 => "0.0.0.0/0",
+            Family::V6 => "::/0",
+        }
+    }
+}
+
+fn rule_args(family: Family, mark: u32, table: u32) -> [String; 6] {
     [
+        family.flag().into(),
+        "rule".into(),
         "fwmark".into(),
         format!("{mark:#x}/{mark:#x}"),
         "lookup".into(),
@@ -339,45 +364,54 @@ fn rule_args(mark: u32, table: u32) -> [String; 4] {
 }
 
 /// `ip rule add fwmark M/M lookup T` + `ip route replace local 0.0.0.0/0 dev lo table T`
-/// in the calling thread's netns; idempotent. A route already in place is left alone:
-/// replacing it, even by an identical one, loses a packet being routed at that moment
-/// (seen as a SYN retransmitted a second later on every reload).
-pub(crate) fn add_policy_route(mark: u32, table: u32) -> Result<(), RedirectError> {
+/// (or `::/0` for IPv6) in the calling thread's netns; idempotent. A route already in place
+/// is left alone: replacing it, even by an identical one, loses a packet being routed at
+/// that moment (seen as a SYN retransmitted a second later on every reload).
+pub(crate) fn add_policy_route(family: Family, mark: u32, table: u32) -> Result<(), RedirectError> {
     let table_s = table.to_string();
-    let present = match ip_out(&["route", "show", "table", &table_s]) {
+    let present = match ip_out(&[family.flag(), "route", "show", "table", &table_s]) {
         Ok(routes) => routes
             .lines()
-            .any(|l| l.trim() == "local default dev lo scope host"),
+            .any(|l| l.trim().starts_with("local default dev lo ")),
         // a table without routes does not exist yet
         Err(RedirectError::Command { stderr, .. }) if stderr.contains("does not exist") => false,
         Err(e) => return Err(e),
     };
     if !present {
         ip(&[
+            family.flag(),
             "route",
             "replace",
             "local",
-            "0.0.0.0/0",
+            family.default_route(),
             "dev",
             "lo",
             "table",
             &table_s,
         ])?;
     }
-    let r = rule_args(mark, table);
-    let mut args = vec!["rule", "add"];
-    args.extend(r.iter().map(String::as_str));
+    let r = rule_args(family, mark, table);
+    let mut args: Vec<&str> = r.iter().map(String::as_str).collect();
+    args.insert(2, "add");
     match ip(&args) {
         Err(RedirectError::Command { stderr, .. }) if stderr.contains("File exists") => Ok(()),
         other => other,
     }
 }
 
-/// Removes what [`add_policy_route`] added; absent entries are not an error.
-pub(crate) fn del_policy_route(mark: u32, table: u32) -> Result<(), RedirectError> {
-    let r = rule_args(mark, table);
-    let mut args = vec!["rule", "del"];
-    args.extend(r.iter().map(String::as_str));
+/// Removes what [`add_policy_route`] added; absent entries are not an error, nor is IPv6
+/// switched off in the netns (then there is nothing to remove).
+pub(crate) fn del_policy_route(family: Family, mark: u32, table: u32) -> Result<(), RedirectError> {
+    // IPv6 off in the netns (module absent, or disabled on lo): nothing of ours is there.
+    let is_absent = |stderr: &str| {
+        is_absent(stderr)
+            || (family == Family::V6
+                && (stderr.contains("Address family not supported")
+                    || stderr.contains("Permission denied")))
+    };
+    let r = rule_args(family, mark, table);
+    let mut args: Vec<&str> = r.iter().map(String::as_str).collect();
+    args.insert(2, "del");
     // delete every copy (a crashed agent may have added one more)
     loop {
         match ip(&args) {
@@ -388,10 +422,11 @@ pub(crate) fn del_policy_route(mark: u32, table: u32) -> Result<(), RedirectErro
     }
     let table_s = table.to_string();
     match ip(&[
+        family.flag(),
         "route",
         "del",
         "local",
-        "0.0.0.0/0",
+        family.default_route(),
         "dev",
         "lo",
         "table",

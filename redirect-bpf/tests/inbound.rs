@@ -38,8 +38,9 @@ in_both_modes!(
     plaintext_and_hbone_to_enrolled_pod_reach_the_proxy_listeners,
     strict_mode_refuses_plaintext_at_once_and_reports_it,
     missing_proxy_listener_fails_closed_and_is_reported,
-    strict_mode_refuses_ipv6_plaintext_which_is_not_steered_yet,
+    strict_mode_refuses_ipv6_plaintext_when_ipv6_is_not_steered,
     steering_never_stops_while_the_programs_are_reloaded,
+    ipv6_is_steered_like_ipv4_when_enabled,
 );
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -69,6 +70,11 @@ fn addr6(ns: &Netns, ifname: &str, cidr: &str) {
 /// interface facing the client. The same over IPv6: client fd79::2 -> (fd79::1) node
 /// (fd77::1) -> pod fd77::2 and fd77::3.
 fn topo(tc_attach: TcAttach) -> Topo {
+    topo_with(tc_attach, None)
+}
+
+/// [`topo`], steering IPv6 too when `outbound_v6` is given (the node's fd77::1).
+fn topo_with(tc_attach: TcAttach, outbound_v6: Option<&str>) -> Topo {
     let node = Netns::new("n");
     let pod = Netns::new("p");
     let client = Netns::new("c");
@@ -94,6 +100,7 @@ fn topo(tc_attach: TcAttach) -> Topo {
     let mut proxy = ProxyListeners::new("10.77.0.1:15001".parse().unwrap());
     proxy.route_table = 1337;
     proxy.mark = 0x5390;
+    proxy.outbound_v6 = outbound_v6.map(|ip| ip.parse().unwrap());
     let config = RedirectConfig {
         pin_dir,
         cgroup: cg.path.clone(),
@@ -421,7 +428,7 @@ fn missing_proxy_listener_fails_closed_and_is_reported(tc_attach: TcAttach) {
     let _ = &t.node_if_to_client;
 }
 
-fn strict_mode_refuses_ipv6_plaintext_which_is_not_steered_yet(tc_attach: TcAttach) {
+fn strict_mode_refuses_ipv6_plaintext_when_ipv6_is_not_steered(tc_attach: TcAttach) {
     let _s = serial();
     let mut t = topo(tc_attach);
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -541,6 +548,117 @@ fn strict_mode_refuses_ipv6_plaintext_which_is_not_steered_yet(tc_attach: TcAtta
         counts.strict_plaintext + 1
     );
     assert!(!has_pending(&pod_app));
+}
+
+/// With an IPv6 outbound address the agent steers IPv6 exactly as IPv4: plaintext and HBONE
+/// SYNs to an enrolled pod's IPv6 address are assigned to the proxy's (dual-stack)
+/// listeners, the rest of each connection follows them (the IPv6 policy route), strict mode
+/// refuses non-mesh sources and lets mesh sources into the proxy, a missing listener fails
+/// closed; IPv4 goes on working through the same dual-stack listeners.
+fn ipv6_is_steered_like_ipv4_when_enabled(tc_attach: TcAttach) {
+    let _s = serial();
+    let mut t = topo_with(tc_attach, Some("fd77::1"));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = rt.enter();
+    let mut events = t.red.drop_events().unwrap();
+    let rules = t.node.exec_out(&["ip", "-6", "rule", "show"]);
+    assert!(rules.contains("lookup 1337"), "IPv6 policy rule: {rules}");
+    let routes = t.node.exec_out(&["ip", "-6", "route", "show", "table", "1337"]);
+    assert!(routes.contains("local default dev lo"), "{routes}");
+
+    let (plain, hbone) = t.node.run(|| {
+        (
+            transparent_listener_dual(15006),
+            transparent_listener_dual(15008),
+        )
+    });
+    let pod_app = t.pod.run(|| TcpListener::bind("[::]:80").unwrap());
+    let pod_hbone = t.pod.run(|| TcpListener::bind("[::]:15008").unwrap());
+    let pod6: IpAddr = POD6.parse().unwrap();
+    let client6: IpAddr = CLIENT6.parse().unwrap();
+
+    // permissive: plaintext to 15006, HBONE to 15008, each with its original destination
+    // as the accepted socket's local address, and a full exchange through the proxy socket
+    t.red.enroll_pod_ip(pod6, Mode::Permissive).unwrap();
+    let mut c = connect(&t.client, "[fd77::2]:80", false, WAIT).expect("v6 connect");
+    let (mut a, peer) = accept_within(&plain, WAIT).expect("15006 got the IPv6 connection");
+    assert_eq!(a.local_addr().unwrap(), "[fd77::2]:80".parse().unwrap());
+    assert_eq!(peer, c.local_addr().unwrap());
+    for _ in 0..3 {
+        echo_roundtrip(&mut c, &mut a);
+    }
+    let mut c = connect(&t.client, "[fd77::2]:15008", false, WAIT).expect("v6 HBONE");
+    let (mut a, _) = accept_within(&hbone, WAIT).expect("15008 got the IPv6 HBONE connection");
+    assert_eq!(a.local_addr().unwrap(), "[fd77::2]:15008".parse().unwrap());
+    echo_roundtrip(&mut c, &mut a);
+    assert!(!has_pending(&pod_app) && !has_pending(&pod_hbone));
+
+    // the pod's other, non-enrolled address is not steered
+    let mut c = connect(&t.client, "[fd77::3]:80", false, WAIT).expect("non-enrolled v6");
+    let (mut a, _) = accept_within(&pod_app, WAIT).expect("the pod got it");
+    echo_roundtrip(&mut c, &mut a);
+    assert!(!has_pending(&plain));
+
+    // IPv4 through the same dual-stack listener (v4-mapped local address)
+    t.red
+        .enroll_pod_ip(POD.parse().unwrap(), Mode::Permissive)
+        .unwrap();
+    let mut c = connect(&t.client, "10.77.0.2:80", false, WAIT).expect("v4 connect");
+    let (mut a, _) = accept_within(&plain, WAIT).expect("15006 got the IPv4 connection");
+    assert_eq!(
+        a.local_addr().unwrap(),
+        "[::ffff:10.77.0.2]:80".parse().unwrap()
+    );
+    echo_roundtrip(&mut c, &mut a);
+    assert_eq!(t.red.drop_counts().unwrap(), Default::default());
+
+    // strict: a non-mesh source is refused at once and reported; HBONE still gets in
+    t.red.enroll_pod_ip(pod6, Mode::Strict).unwrap();
+    let err = connect(&t.client, "[fd77::2]:80", false, WAIT).expect_err("refused");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+    let ev = rt
+        .block_on(tokio::time::timeout(WAIT, events.next()))
+        .expect("event")
+        .unwrap();
+    assert_eq!(ev.reason, DropReason::StrictPlaintext);
+    assert_eq!(ev.src.ip(), client6);
+    assert_eq!(ev.dst, SocketAddr::new(pod6, 80));
+    let mut c = connect(&t.client, "[fd77::2]:15008", false, WAIT).expect("strict HBONE");
+    let (mut a, _) = accept_within(&hbone, WAIT).expect("HBONE reaches the proxy in strict");
+    echo_roundtrip(&mut c, &mut a);
+    // a mesh source (another node's proxy) is let into the proxy's plaintext listener
+    t.red.add_mesh_source(client6).unwrap();
+    let mut c = connect(&t.client, "[fd77::2]:80", false, WAIT).expect("mesh source");
+    let (mut a, _) = accept_within(&plain, WAIT).expect("15006 got the mesh source");
+    echo_roundtrip(&mut c, &mut a);
+    assert!(!has_pending(&pod_app) && !has_pending(&pod_hbone));
+    assert_eq!(t.red.drop_counts().unwrap().strict_plaintext, 1);
+
+    // no listener: the SYN is dropped and reported, never passed to the pod
+    drop((plain, hbone));
+    t.red.enroll_pod_ip(pod6, Mode::Permissive).unwrap();
+    connect(&t.client, "[fd77::2]:80", false, Duration::from_millis(300))
+        .expect_err("no proxy listener");
+    let ev = rt
+        .block_on(tokio::time::timeout(WAIT, events.next()))
+        .expect("event")
+        .unwrap();
+    assert_eq!(ev.reason, DropReason::ProxyUnavailable);
+    assert_eq!(ev.dst, SocketAddr::new(pod6, 80));
+    assert!(!has_pending(&pod_app));
+
+    // uninstall removes the IPv6 policy rule and route with the IPv4 ones
+    let pin_dir = t.config.pin_dir.clone();
+    t.node
+        .run(move || Redirector::uninstall(&pin_dir))
+        .expect("uninstall");
+    let rules = t.node.exec_out(&["ip", "-6", "rule", "show"]);
+    assert!(!rules.contains("lookup 1337"), "{rules}");
+    let rules = t.node.exec_out(&["ip", "-4", "rule", "show"]);
+    assert!(!rules.contains("lookup 1337"), "{rules}");
 }
 
 /// An agent restart or upgrade reloads the programs over the pins: new programs swap into

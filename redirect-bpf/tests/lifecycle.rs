@@ -281,6 +281,14 @@ fn load_rejects_bad_environment_and_configuration_without_leaving_anything() {
         |p: &mut ProxyListeners| p.route_table = 254,
         |p: &mut ProxyListeners| p.inbound_plaintext_port = 0,
         |p: &mut ProxyListeners| p.other_ports = vec![1; 9],
+        |p: &mut ProxyListeners| p.outbound_v6 = Some("::".parse().unwrap()),
+        |p: &mut ProxyListeners| p.outbound_v6 = Some("::1".parse().unwrap()),
+        |p: &mut ProxyListeners| p.outbound_v6 = Some("::ffff:10.0.0.1".parse().unwrap()),
+        |p: &mut ProxyListeners| {
+            // IPv6 lookups use the packet's destination: a bound inbound address cannot work
+            p.outbound_v6 = Some("fd00::1".parse().unwrap());
+            p.inbound_addr = Some("10.0.0.1".parse().unwrap());
+        },
     ] {
         let mut c = good(Installed::pin_dir("e"));
         bad(&mut c.proxy);

@@ -1,6 +1,6 @@
 //! `zmesh agent`: the per-node agent (cluster state -> certificates, redirection, proxy).
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -85,6 +85,11 @@ pub struct AgentArgs {
     /// Needed with the zmesh data plane.
     #[arg(long, value_name = "IP")]
     proxy_ip: Option<Ipv4Addr>,
+    /// IPv6 address on this node that pods reach (dual-stack pods): with it the agent steers
+    /// IPv6 as well, inbound and outbound, and the proxy listens on both families. Without
+    /// it IPv6 is not steered, and strict mode drops IPv6 to enrolled pods.
+    #[arg(long, value_name = "IPV6", requires = "proxy_ip")]
+    proxy_ip6: Option<Ipv6Addr>,
     /// Plaintext to enrolled pods from outside the mesh: permissive passes it, strict drops it.
     #[arg(long, value_enum, default_value = "permissive")]
     mode: ModeArg,
@@ -207,6 +212,14 @@ pub async fn run_agent(args: AgentArgs, proxy_threads: usize) -> anyhow::Result<
              (or use --data-plane ztunnel)"
         ),
     };
+    if let Some(ip6) = args.proxy_ip6 {
+        if ztunnel {
+            anyhow::bail!("--proxy-ip6 configures zmesh's own data plane, not --data-plane ztunnel");
+        }
+        if ip6.is_unspecified() || ip6.is_loopback() || ip6.to_ipv4_mapped().is_some() {
+            anyhow::bail!("--proxy-ip6 {ip6}: give the node's IPv6 address that pods reach");
+        }
+    }
     let cni_socket = Some(args.cni_socket.clone())
         .filter(|path| path.as_os_str() != "none" && !path.as_os_str().is_empty());
     let cni_state_file = Some(args.cni_state_file.clone())
@@ -255,6 +268,7 @@ pub async fn run_agent(args: AgentArgs, proxy_threads: usize) -> anyhow::Result<
             },
         ),
         proxy_ip,
+        proxy_ip6: args.proxy_ip6,
         identity: if spire {
             IdentitySource::Spire {
                 socket: args.spire_socket.clone(),

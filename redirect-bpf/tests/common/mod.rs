@@ -266,6 +266,41 @@ pub fn transparent_listener(addr: SocketAddr) -> TcpListener {
     }
 }
 
+/// A dual-stack (`[::]`, IPV6_V6ONLY off) TCP listener on `port` with IPV6_TRANSPARENT, as
+/// the proxy binds it when IPv6 is steered: it takes IPv4 (as v4-mapped) and IPv6.
+pub fn transparent_listener_dual(port: u16) -> TcpListener {
+    // SAFETY: plain socket syscalls on a fresh fd we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET6, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let listener = TcpListener::from_raw_fd(fd);
+        let (one, zero): (libc::c_int, libc::c_int) = (1, 0);
+        for (level, name, value) in [
+            (libc::SOL_IPV6, libc::IPV6_TRANSPARENT, &one),
+            (libc::SOL_IPV6, libc::IPV6_V6ONLY, &zero),
+            (libc::SOL_SOCKET, libc::SO_REUSEADDR, &one),
+        ] {
+            let rc = libc::setsockopt(fd, level, name, (value as *const libc::c_int).cast(), 4);
+            assert_eq!(rc, 0, "setsockopt {name}: {}", io::Error::last_os_error());
+        }
+        let sin6 = libc::sockaddr_in6 {
+            sin6_family: libc::AF_INET6 as u16,
+            sin6_port: port.to_be(),
+            sin6_flowinfo: 0,
+            sin6_addr: libc::in6_addr { s6_addr: [0; 16] },
+            sin6_scope_id: 0,
+        };
+        let rc = libc::bind(
+            fd,
+            (&sin6 as *const libc::sockaddr_in6).cast(),
+            std::mem::size_of::<libc::sockaddr_in6>() as u32,
+        );
+        assert_eq!(rc, 0, "bind [::]:{port}: {}", io::Error::last_os_error());
+        assert_eq!(libc::listen(fd, 16), 0);
+        listener
+    }
+}
+
 /// Accepts with a deadline (poll), so a missing connection fails the test instead of hanging.
 pub fn accept_within(l: &TcpListener, timeout: Duration) -> Option<(TcpStream, SocketAddr)> {
     let mut pfd = libc::pollfd {

@@ -2,7 +2,7 @@
 
 use std::ffi::OsStr;
 use std::fmt;
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -67,6 +67,9 @@ pub struct Node {
     bridge_port: String,
     pod_cidr: Ipv4Cidr,
     gateway_ip: Ipv4Addr,
+    /// Dual-stack clusters only: fd00:200::N on the underlay, fd00:201:N::1 for pods.
+    underlay_ip6: Option<Ipv6Addr>,
+    gateway_ip6: Option<Ipv6Addr>,
     cgroup_path: PathBuf,
     cgroup_id: u64,
     pods_cgroup_path: PathBuf,
@@ -82,6 +85,7 @@ pub struct Pod {
     service_account: String,
     node: String,
     ip: Ipv4Addr,
+    ip6: Option<Ipv6Addr>,
     gateway_ip: Ipv4Addr,
     netns: Netns,
     netns_cookie: u64,
@@ -93,6 +97,20 @@ pub struct Pod {
 
 /// The pod side of every pod's veth is called what Kubernetes pods see.
 const POD_IFACE: &str = "eth0";
+
+/// Dual-stack pods' IPv6 next hop: the same link-local address on every node-side veth
+/// (as Calico does), so a node needs no IPv6 address per pod link.
+const POD_GATEWAY_LINK_LOCAL: &str = "fe80::1";
+
+/// Node N's IPv6 address on the underlay (dual-stack clusters).
+fn underlay_ip6(index: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x200, 0, 0, 0, 0, 0, u16::from(index))
+}
+
+/// Address `host` of node N's IPv6 pod prefix fd00:201:N::/64 (1 is the node's own).
+fn pod_ip6(index: u8, host: u8) -> Ipv6Addr {
+    Ipv6Addr::new(0xfd00, 0x201, u16::from(index), 0, 0, 0, 0, u16::from(host))
+}
 
 impl Cluster {
     /// Builds the cluster described by `spec`, after removing leftovers of crashed runs.
@@ -121,12 +139,17 @@ impl Cluster {
         let nodes_cgroup = cgroup_path.join("nodes");
         cgroup::create(&nodes_cgroup)?;
 
+        let dual_stack = spec.is_dual_stack();
         let underlay = Netns::add(&format!("{id}-underlay"))?;
+        // The bridge only switches frames: it needs no IPv6 of its own in either mode.
         quiet_ipv6(&underlay)?;
         let bridge = format!("{id}-br");
         cmd::ip_batch(
             underlay.name(),
-            &format!("link set lo up\nlink add {bridge} type bridge\nlink set {bridge} up\n"),
+            &format!(
+                "link set lo up\nlink add {bridge} type bridge mcast_snooping 0\n\
+                 link set {bridge} up\n"
+            ),
         )?;
 
         let mut nodes = Vec::with_capacity(spec.nodes().len());
@@ -140,9 +163,12 @@ impl Cluster {
             let pods_cgroup_path = node_cgroup.join("pods");
             let pods_cgroup_id = cgroup::create(&pods_cgroup_path)?;
 
-            let netns = Netns::add(&format!("{id}-node-{}", node_spec.name()))?;
-            quiet_ipv6(&netns)?;
+            let mut netns = Netns::add(&format!("{id}-node-{}", node_spec.name()))?;
+            ipv6_for(&mut netns, dual_stack)?;
             netns.sysctl("net.ipv4.ip_forward", "1")?;
+            if dual_stack {
+                netns.sysctl("net.ipv6.conf.all.forwarding", "1")?;
+            }
             // Pod veths have no address of their own; strict reverse-path checks would drop
             // their traffic on some kernels' defaults.
             netns.sysctl("net.ipv4.conf.all.rp_filter", "0")?;
@@ -161,6 +187,8 @@ impl Cluster {
                 bridge_port: format!("{id}-u{index}"),
                 pod_cidr,
                 gateway_ip: Ipv4Addr::new(10, 201, index, 1),
+                underlay_ip6: dual_stack.then(|| underlay_ip6(index)),
+                gateway_ip6: dual_stack.then(|| pod_ip6(index, 1)),
                 cgroup_path,
                 cgroup_id,
                 pods_cgroup_path,
@@ -176,12 +204,12 @@ impl Cluster {
                     pod_spec.name()
                 ));
                 let cgroup_id = cgroup::create(&cgroup_path)?;
-                let netns = Netns::add(&format!(
+                let mut netns = Netns::add(&format!(
                     "{id}-pod-{}.{}",
                     pod_spec.namespace(),
                     pod_spec.name()
                 ))?;
-                quiet_ipv6(&netns)?;
+                ipv6_for(&mut netns, dual_stack)?;
                 let netns_cookie = netns.cookie()?;
                 node.pods.push(Pod {
                     name: pod_spec.name().to_owned(),
@@ -189,6 +217,7 @@ impl Cluster {
                     service_account: pod_spec.service_account().to_owned(),
                     node: node.name.clone(),
                     ip: Ipv4Addr::new(10, 201, index, slot),
+                    ip6: dual_stack.then(|| pod_ip6(index, slot)),
                     gateway_ip: node.gateway_ip,
                     netns,
                     netns_cookie,
@@ -273,11 +302,33 @@ impl Cluster {
     }
 }
 
-/// Keeps the underlay quiet (no IPv6 autoconfiguration, router solicitations or MLD), so
-/// captures hold only the traffic tests make. The testbed is IPv4-only.
+/// Keeps a namespace quiet (no IPv6 autoconfiguration, router solicitations or MLD), so
+/// captures hold only the traffic tests make: IPv6 off.
 fn quiet_ipv6(netns: &Netns) -> Result<()> {
     netns.sysctl("net.ipv6.conf.all.disable_ipv6", "1")?;
     netns.sysctl("net.ipv6.conf.default.disable_ipv6", "1")
+}
+
+/// A node's or pod's IPv6: off, or (dual-stack) on with static addresses only: no router
+/// advertisements or autoconfiguration, and no duplicate address detection, so an address
+/// is usable the moment it is added. Set before any link exists, through `default`.
+fn ipv6_for(netns: &mut Netns, dual_stack: bool) -> Result<()> {
+    if !dual_stack {
+        return quiet_ipv6(netns);
+    }
+    for conf in ["all", "default"] {
+        for (key, value) in [
+            ("disable_ipv6", "0"),
+            ("accept_ra", "0"),
+            ("autoconf", "0"),
+            ("accept_dad", "0"),
+            ("router_solicitations", "0"),
+        ] {
+            netns.sysctl(&format!("net.ipv6.conf.{conf}.{key}"), value)?;
+        }
+    }
+    netns.set_dual_stack();
+    Ok(())
 }
 
 /// Creates the links, addresses and routes of every node and pod.
@@ -296,11 +347,24 @@ fn wire(underlay: &Netns, bridge: &str, nodes: &[Node]) -> Result<()> {
             underlay = underlay.name(),
             ip = node.underlay_ip,
         );
+        if let (Some(ip6), Some(gw6)) = (node.underlay_ip6, node.gateway_ip6) {
+            script += &format!(
+                "addr add {gw6}/128 dev lo\naddr add {ip6}/64 dev {up}\n",
+                up = node.underlay_iface
+            );
+        }
         for other in nodes.iter().filter(|o| o.index != node.index) {
             script += &format!(
                 "route add {} via {} dev {}\n",
                 other.pod_cidr, other.underlay_ip, node.underlay_iface
             );
+            if let Some(via) = other.underlay_ip6 {
+                script += &format!(
+                    "route add {}/64 via {via} dev {}\n",
+                    pod_ip6(other.index, 0),
+                    node.underlay_iface
+                );
+            }
         }
         for pod in &node.pods {
             script += &format!(
@@ -313,6 +377,13 @@ fn wire(underlay: &Netns, bridge: &str, nodes: &[Node]) -> Result<()> {
                 ip = pod.ip,
                 gw = node.gateway_ip,
             );
+            if let (Some(ip6), Some(gw6)) = (pod.ip6, node.gateway_ip6) {
+                script += &format!(
+                    "addr add {POD_GATEWAY_LINK_LOCAL}/64 dev {host}\n\
+                     route add {ip6}/128 dev {host} src {gw6}\n",
+                    host = pod.veth_host,
+                );
+            }
         }
         cmd::ip_batch(node.netns.name(), &script)?;
         underlay_script += &format!(
@@ -320,19 +391,24 @@ fn wire(underlay: &Netns, bridge: &str, nodes: &[Node]) -> Result<()> {
             port = node.bridge_port
         );
         for pod in &node.pods {
-            cmd::ip_batch(
-                pod.netns.name(),
-                &format!(
-                    "link set lo up\n\
-                     addr add {ip}/32 dev {podif}\n\
-                     link set {podif} up\n\
-                     route add {gw}/32 dev {podif} scope link\n\
-                     route add default via {gw} dev {podif} src {ip}\n",
-                    ip = pod.ip,
+            let mut script = format!(
+                "link set lo up\n\
+                 addr add {ip}/32 dev {podif}\n\
+                 link set {podif} up\n\
+                 route add {gw}/32 dev {podif} scope link\n\
+                 route add default via {gw} dev {podif} src {ip}\n",
+                ip = pod.ip,
+                podif = pod.veth_pod,
+                gw = pod.gateway_ip,
+            );
+            if let Some(ip6) = pod.ip6 {
+                script += &format!(
+                    "addr add {ip6}/128 dev {podif}\n\
+                     route add default via {POD_GATEWAY_LINK_LOCAL} dev {podif} src {ip6}\n",
                     podif = pod.veth_pod,
-                    gw = pod.gateway_ip,
-                ),
-            )?;
+                );
+            }
+            cmd::ip_batch(pod.netns.name(), &script)?;
         }
     }
     cmd::ip_batch(underlay.name(), &underlay_script)
@@ -413,6 +489,17 @@ impl Node {
         &self.bridge_port
     }
 
+    /// The node's IPv6 address on the underlay, fd00:200::N (dual-stack clusters only).
+    pub fn underlay_ip6(&self) -> Option<Ipv6Addr> {
+        self.underlay_ip6
+    }
+
+    /// The node's IPv6 address that its pods reach, fd00:201:N::1 (dual-stack clusters
+    /// only; pods route to it through the link-local fe80::1 on their veth).
+    pub fn pod_gateway_ip6(&self) -> Option<Ipv6Addr> {
+        self.gateway_ip6
+    }
+
     /// The node's pod CIDR, 10.201.N.0/24; other nodes route it via this node's underlay IP.
     pub fn pod_cidr(&self) -> Ipv4Cidr {
         self.pod_cidr
@@ -482,6 +569,11 @@ impl Pod {
     /// The pod's address, 10.201.N.(P+1).
     pub fn ip(&self) -> Ipv4Addr {
         self.ip
+    }
+
+    /// The pod's IPv6 address, fd00:201:N::(P+1) (dual-stack clusters only).
+    pub fn ip6(&self) -> Option<Ipv6Addr> {
+        self.ip6
     }
 
     /// The pod's default gateway: its node's [`Node::pod_gateway_ip`].

@@ -66,7 +66,7 @@ pub use cgroup::{cgroup2_mount, unescape_mount_path};
 pub use cluster::{Cluster, Ipv4Cidr, Node, Pod};
 pub use error::{Error, Result};
 pub use netns::Netns;
-pub use pcap::{Ipv4Header, Packet, Pcap, TcpFlow, TcpSegment, UdpDatagram};
+pub use pcap::{Ipv4Header, Ipv6Header, Packet, Pcap, TcpFlow, TcpFlow6, TcpSegment, UdpDatagram};
 pub use run::{cleanup_leftovers, run_is_recorded, RUN_ID_PREFIX};
 pub use servers::{HttpResponse, Server};
 pub use spec::{ClusterSpec, NodeSpec, PodSpec, MAX_NODES, MAX_PODS_PER_NODE};

@@ -28,6 +28,8 @@ pub struct Netns {
     name: String,
     path: PathBuf,
     file: File,
+    /// Listeners bind `[::]` (both families) instead of 0.0.0.0.
+    dual_stack: bool,
 }
 
 impl Netns {
@@ -40,7 +42,13 @@ impl Netns {
             name: name.to_owned(),
             path,
             file,
+            dual_stack: false,
         })
+    }
+
+    /// Makes [`Netns::tcp_listener`] accept IPv6 as well as IPv4.
+    pub(crate) fn set_dual_stack(&mut self) {
+        self.dual_stack = true;
     }
 
     /// The namespace's name, as `ip netns list` shows it (use with `ip -n NAME`).
@@ -105,10 +113,12 @@ impl Netns {
         .map_err(|source| self.socket_error("reading SO_NETNS_COOKIE".into(), source))
     }
 
-    /// A TCP listener on 0.0.0.0:`port` in this namespace (port 0 picks a free port).
+    /// A TCP listener on 0.0.0.0:`port` in this namespace (port 0 picks a free port); in a
+    /// dual-stack cluster on `[::]:port`, which takes IPv4 too.
     pub fn tcp_listener(&self, port: u16) -> Result<TcpListener> {
-        self.run(|| TcpListener::bind(("0.0.0.0", port)))?
-            .map_err(|e| self.socket_error(format!("binding TCP 0.0.0.0:{port}"), e))
+        let any = if self.dual_stack { "::" } else { "0.0.0.0" };
+        self.run(|| TcpListener::bind((any, port)))?
+            .map_err(|e| self.socket_error(format!("binding TCP {any} port {port}"), e))
     }
 
     /// A UDP socket bound to 0.0.0.0:`port` in this namespace.

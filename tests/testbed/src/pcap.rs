@@ -1,8 +1,8 @@
 //! Reading classic pcap files (what `tcpdump -w` writes): Ethernet or Linux cooked
-//! captures carrying IPv4, with TCP and UDP decoded.
+//! captures carrying IPv4 or IPv6, with TCP and UDP decoded.
 
 use std::collections::{BTreeMap, HashSet};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::Path;
 
 use crate::error::{Error, Result};
@@ -14,6 +14,7 @@ const LINKTYPE_LINUX_SLL: u32 = 113;
 const LINKTYPE_IPV4: u32 = 228;
 const LINKTYPE_LINUX_SLL2: u32 = 276;
 const ETHERTYPE_IPV4: u16 = 0x0800;
+const ETHERTYPE_IPV6: u16 = 0x86dd;
 const ETHERTYPE_VLAN: u16 = 0x8100;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
@@ -25,13 +26,15 @@ pub struct Pcap {
     packets: Vec<Packet>,
 }
 
-/// One captured frame, decoded as far as IPv4 + TCP/UDP.
+/// One captured frame, decoded as far as IPv4 or IPv6 + TCP/UDP.
 #[derive(Debug, Clone)]
 pub struct Packet {
     /// The captured bytes, link-layer header included.
     pub frame: Vec<u8>,
     /// The IPv4 header, if the frame carries IPv4.
     pub ipv4: Option<Ipv4Header>,
+    /// The IPv6 header, if the frame carries IPv6.
+    pub ipv6: Option<Ipv6Header>,
     /// The TCP segment, if it carries TCP (first fragment only).
     pub tcp: Option<TcpSegment>,
     /// The UDP datagram, if it carries UDP (first fragment only).
@@ -47,6 +50,17 @@ pub struct Ipv4Header {
     pub dst: Ipv4Addr,
     /// The protocol number (6 TCP, 17 UDP).
     pub protocol: u8,
+}
+
+/// The IPv6 fields tests look at.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ipv6Header {
+    /// Source address.
+    pub src: Ipv6Addr,
+    /// Destination address.
+    pub dst: Ipv6Addr,
+    /// The fixed header's next header (6 TCP, 17 UDP; extension headers are not walked).
+    pub next_header: u8,
 }
 
 /// A TCP segment.
@@ -77,6 +91,9 @@ pub struct UdpDatagram {
 
 /// A TCP direction: (source address, source port, destination address, destination port).
 pub type TcpFlow = (Ipv4Addr, u16, Ipv4Addr, u16);
+
+/// [`TcpFlow`] for IPv6.
+pub type TcpFlow6 = (Ipv6Addr, u16, Ipv6Addr, u16);
 
 impl Pcap {
     /// Parses a complete pcap file.
@@ -122,6 +139,10 @@ impl Pcap {
                 .tcp_streams()
                 .values()
                 .any(|stream| find(stream, needle).is_some())
+            || self
+                .tcp_streams6()
+                .values()
+                .any(|stream| find(stream, needle).is_some())
     }
 
     /// Per TCP port, how many packets had it as source or destination port.
@@ -146,7 +167,26 @@ impl Pcap {
             .collect()
     }
 
-    /// Each TCP direction's payload bytes in capture order, retransmissions dropped.
+    /// [`Pcap::tcp_streams`] for IPv6.
+    pub fn tcp_streams6(&self) -> BTreeMap<TcpFlow6, Vec<u8>> {
+        let mut streams: BTreeMap<TcpFlow6, Vec<u8>> = BTreeMap::new();
+        let mut seen: HashSet<(TcpFlow6, u32)> = HashSet::new();
+        for p in &self.packets {
+            let (Some(ip), Some(tcp)) = (&p.ipv6, &p.tcp) else {
+                continue;
+            };
+            let flow = (ip.src, tcp.src_port, ip.dst, tcp.dst_port);
+            if !tcp.payload.is_empty() && seen.insert((flow, tcp.seq)) {
+                streams
+                    .entry(flow)
+                    .or_default()
+                    .extend_from_slice(&tcp.payload);
+            }
+        }
+        streams
+    }
+
+    /// Each TCP direction's payload bytes in capture order, retransmissions dropped (IPv4).
     pub fn tcp_streams(&self) -> BTreeMap<TcpFlow, Vec<u8>> {
         let mut streams: BTreeMap<TcpFlow, Vec<u8>> = BTreeMap::new();
         let mut seen: HashSet<(TcpFlow, u32)> = HashSet::new();
@@ -222,14 +262,35 @@ fn be16(b: &[u8], at: usize) -> Option<u16> {
     Some(u16::from_be_bytes([*b.get(at)?, *b.get(at + 1)?]))
 }
 
-/// Decodes what it can; anything malformed or not IPv4 is kept as a bare frame.
+/// Decodes what it can; anything malformed or not IP is kept as a bare frame.
 fn decode(link_type: u32, frame: &[u8]) -> Packet {
     let mut packet = Packet {
         frame: frame.to_vec(),
         ipv4: None,
+        ipv6: None,
         tcp: None,
         udp: None,
     };
+    let ethertype = match link_type {
+        LINKTYPE_ETHERNET => {
+            let mut at = 12;
+            let mut ethertype = be16(frame, at);
+            while ethertype == Some(ETHERTYPE_VLAN) {
+                at += 4;
+                ethertype = be16(frame, at);
+            }
+            ethertype.map(|t| (t, at + 2))
+        }
+        LINKTYPE_LINUX_SLL => be16(frame, 14).map(|t| (t, 16)),
+        LINKTYPE_LINUX_SLL2 => be16(frame, 0).map(|t| (t, 20)),
+        _ => None,
+    };
+    if let Some((ETHERTYPE_IPV6, at)) = ethertype {
+        if let Some(ip6) = frame.get(at..) {
+            decode_ipv6(&mut packet, ip6);
+        }
+        return packet;
+    }
     let ip = match link_type {
         LINKTYPE_ETHERNET => {
             let mut at = 12;
@@ -270,7 +331,32 @@ fn decode(link_type: u32, frame: &[u8]) -> Packet {
     if fragment_offset != 0 {
         return packet;
     }
-    let l4 = &ip[ihl..total];
+    decode_l4(&mut packet, protocol, &ip[ihl..total]);
+    packet
+}
+
+/// The fixed IPv6 header and what directly follows it (no extension headers).
+fn decode_ipv6(packet: &mut Packet, ip: &[u8]) {
+    if ip.len() < 40 || ip[0] >> 4 != 6 {
+        return;
+    }
+    let octets = |at: usize| -> [u8; 16] {
+        let mut a = [0; 16];
+        a.copy_from_slice(&ip[at..at + 16]);
+        a
+    };
+    let next_header = ip[6];
+    packet.ipv6 = Some(Ipv6Header {
+        src: Ipv6Addr::from(octets(8)),
+        dst: Ipv6Addr::from(octets(24)),
+        next_header,
+    });
+    let payload_len = be16(ip, 4).map_or(0, usize::from);
+    let l4 = &ip[40..(40 + payload_len).min(ip.len())];
+    decode_l4(packet, next_header, l4);
+}
+
+fn decode_l4(packet: &mut Packet, protocol: u8, l4: &[u8]) {
     match protocol {
         IPPROTO_TCP if l4.len() >= 20 => {
             let data_offset = usize::from(l4[12] >> 4) * 4;
@@ -293,7 +379,6 @@ fn decode(link_type: u32, frame: &[u8]) -> Packet {
         }
         _ => {}
     }
-    packet
 }
 
 #[cfg(test)]
@@ -321,6 +406,41 @@ pub(crate) mod tests {
         f.extend_from_slice(&[0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
         f.extend_from_slice(payload);
         f
+    }
+
+    /// An Ethernet + IPv6 + TCP frame fd00:201:1::2 -> fd00:201:2::2.
+    pub(crate) fn tcp6_frame(sport: u16, dport: u16, seq: u32, payload: &[u8]) -> Vec<u8> {
+        let mut f = vec![0u8; 12];
+        f.extend_from_slice(&ETHERTYPE_IPV6.to_be_bytes());
+        f.extend_from_slice(&[0x60, 0, 0, 0]);
+        f.extend_from_slice(&((20 + payload.len()) as u16).to_be_bytes());
+        f.extend_from_slice(&[IPPROTO_TCP, 64]);
+        f.extend_from_slice(&Ipv6Addr::new(0xfd00, 0x201, 1, 0, 0, 0, 0, 2).octets());
+        f.extend_from_slice(&Ipv6Addr::new(0xfd00, 0x201, 2, 0, 0, 0, 0, 2).octets());
+        f.extend_from_slice(&sport.to_be_bytes());
+        f.extend_from_slice(&dport.to_be_bytes());
+        f.extend_from_slice(&seq.to_be_bytes());
+        f.extend_from_slice(&[0, 0, 0, 0, 0x50, 0x18, 0xff, 0xff, 0, 0, 0, 0]);
+        f.extend_from_slice(payload);
+        f
+    }
+
+    #[test]
+    fn decodes_ipv6_tcp_and_finds_split_payload() {
+        let data = file(&[
+            tcp6_frame(40000, 15008, 1, b"secret-"),
+            tcp6_frame(40000, 15008, 8, b"payload"),
+            tcp6_frame(40000, 15008, 8, b"payload"), // retransmitted
+        ]);
+        let pcap = Pcap::parse(&data).unwrap();
+        let ip6 = pcap.packets()[0].ipv6.unwrap();
+        assert_eq!(ip6.dst, Ipv6Addr::new(0xfd00, 0x201, 2, 0, 0, 0, 0, 2));
+        assert_eq!(ip6.next_header, IPPROTO_TCP);
+        assert!(pcap.packets()[0].ipv4.is_none());
+        assert_eq!(pcap.tcp_ports().get(&15008), Some(&3));
+        assert!(pcap.contains(b"secret-payload"));
+        let streams = pcap.tcp_streams6();
+        assert_eq!(streams.values().next().unwrap(), b"secret-payload");
     }
 
     pub(crate) fn file(frames: &[Vec<u8>]) -> Vec<u8> {

@@ -21,6 +21,7 @@ pub const MAX_PODS_PER_NODE: usize = 253;
 #[derive(Debug, Clone, Default)]
 pub struct ClusterSpec {
     nodes: Vec<NodeSpec>,
+    dual_stack: bool,
 }
 
 /// A node of a [`ClusterSpec`].
@@ -51,6 +52,18 @@ impl ClusterSpec {
             pods: Vec::new(),
         }));
         self
+    }
+
+    /// Gives every node and pod an IPv6 address too (see [`crate::Pod::ip6`]); without it
+    /// IPv6 is switched off in every namespace of the cluster.
+    pub fn dual_stack(mut self) -> Self {
+        self.dual_stack = true;
+        self
+    }
+
+    /// Whether [`ClusterSpec::dual_stack`] was asked for.
+    pub fn is_dual_stack(&self) -> bool {
+        self.dual_stack
     }
 
     /// The nodes, in the order they were added (node N is `nodes()[N-1]`).
