@@ -101,6 +101,7 @@ async fn ca_down_past_certificate_expiry_fails_closed_with_the_reason_and_recove
         reserved_pods: vec![],
         agent_env: vec![],
         kubelet_cgroups: false,
+        dual_stack: false,
     })
     .await
     .expect("the lab starts");

@@ -42,8 +42,8 @@ use aya::{
 
 pub use events::{DropEvent, DropEvents, DropReason};
 pub use probe::{Feature, KernelFeatures, Probe};
-pub use sys::{cgroup_id, current_netns_cookie, netns_cookie_of};
 use sys::Family;
+pub use sys::{cgroup_id, current_netns_cookie, netns_cookie_of};
 
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/redirect.o"));
 

@@ -566,7 +566,9 @@ fn ipv6_is_steered_like_ipv4_when_enabled(tc_attach: TcAttach) {
     let mut events = t.red.drop_events().unwrap();
     let rules = t.node.exec_out(&["ip", "-6", "rule", "show"]);
     assert!(rules.contains("lookup 1337"), "IPv6 policy rule: {rules}");
-    let routes = t.node.exec_out(&["ip", "-6", "route", "show", "table", "1337"]);
+    let routes = t
+        .node
+        .exec_out(&["ip", "-6", "route", "show", "table", "1337"]);
     assert!(routes.contains("local default dev lo"), "{routes}");
 
     let (plain, hbone) = t.node.run(|| {

@@ -21,14 +21,46 @@ struct Topo {
     cg: Cgroup,
     red: Redirector,
     pod_cookie: u64,
+    node_if: String,
+    pod_if: String,
 }
 
 /// node 10.77.0.1 <-veth-> pod 10.77.0.2; proxy outbound listener at 10.77.0.1:15001.
 fn topo() -> Topo {
+    topo_with(None)
+}
+
+/// [`topo`]; with `outbound_v6` (fd77::1) the link is dual-stack (pod fd77::2) and IPv6
+/// connects are redirected to that address.
+fn topo_with(outbound_v6: Option<&str>) -> Topo {
     let node = Netns::new("n");
     let pod = Netns::new("p");
-    veth(&node, "10.77.0.1", &pod, "10.77.0.2");
+    let (node_if, pod_if) = veth(&node, "10.77.0.1", &pod, "10.77.0.2");
     pod.exec(&["ip", "route", "add", "default", "via", "10.77.0.1"]);
+    if outbound_v6.is_some() {
+        node.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "fd77::1/64",
+            "dev",
+            &node_if,
+            "nodad",
+        ]);
+        pod.exec(&[
+            "ip",
+            "-6",
+            "addr",
+            "add",
+            "fd77::2/64",
+            "dev",
+            &pod_if,
+            "nodad",
+        ]);
+    }
+    let mut proxy = ProxyListeners::new("10.77.0.1:15001".parse().unwrap());
+    proxy.outbound_v6 = outbound_v6.map(|ip| ip.parse().unwrap());
     let cg = Cgroup::new();
     let pin_dir = Installed::pin_dir("o");
     let inst = Installed {
@@ -39,7 +71,7 @@ fn topo() -> Topo {
         pin_dir,
         cgroup: cg.path.clone(),
         ingress_interfaces: vec![],
-        proxy: ProxyListeners::new("10.77.0.1:15001".parse().unwrap()),
+        proxy,
         tc_attach: Default::default(),
     };
     let red = node.run(move || Redirector::load(&config)).expect("load");
@@ -51,6 +83,8 @@ fn topo() -> Topo {
         cg,
         red,
         pod_cookie,
+        node_if,
+        pod_if,
     }
 }
 
@@ -102,6 +136,65 @@ fn enrolled_pod_connect_lands_on_proxy_with_original_dst() {
         Some("10.77.0.1:80".parse().unwrap())
     );
     assert_eq!(t.red.original_dst(peer2).unwrap(), None);
+}
+
+#[test]
+fn ipv6_connects_are_redirected_when_ipv6_is_steered() {
+    let _s = serial();
+    let mut t = topo_with(Some("fd77::1"));
+    t.red.enroll_netns(t.pod_cookie).unwrap();
+    let _in = t.cg.enter();
+    let proxy = listen(&t.node, "[fd77::1]:15001");
+    let direct = listen(&t.node, "[fd77::1]:80");
+    let mut client = connect(&t.pod, "[fd77::1]:80").expect("connect");
+    let (mut accepted, peer) = accept_within(&proxy, WAIT).expect("proxy got the v6 connection");
+    assert_eq!(peer, client.local_addr().unwrap());
+    assert_eq!(
+        t.red.original_dst(peer).unwrap(),
+        Some("[fd77::1]:80".parse().unwrap())
+    );
+    assert!(!has_pending(&direct));
+    client.write_all(b"ping").unwrap();
+    let mut buf = [0u8; 4];
+    accepted.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"ping");
+}
+
+#[test]
+fn ipv6_connects_are_left_alone_when_ipv6_is_not_steered() {
+    let _s = serial();
+    let mut t = topo();
+    // a dual-stack link, but no IPv6 outbound address in the config
+    t.node.exec(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd77::1/64",
+        "dev",
+        &t.node_if,
+        "nodad",
+    ]);
+    t.pod.exec(&[
+        "ip",
+        "-6",
+        "addr",
+        "add",
+        "fd77::2/64",
+        "dev",
+        &t.pod_if,
+        "nodad",
+    ]);
+    t.red.enroll_netns(t.pod_cookie).unwrap();
+    let _in = t.cg.enter();
+    let proxy = listen(&t.node, "[fd77::1]:15001");
+    let direct = listen(&t.node, "[fd77::1]:80");
+    let _client = connect(&t.pod, "[fd77::1]:80").expect("connect");
+    assert!(
+        accept_within(&direct, WAIT).is_some(),
+        "straight to the destination"
+    );
+    assert!(!has_pending(&proxy));
 }
 
 #[test]

@@ -214,7 +214,9 @@ pub async fn run_agent(args: AgentArgs, proxy_threads: usize) -> anyhow::Result<
     };
     if let Some(ip6) = args.proxy_ip6 {
         if ztunnel {
-            anyhow::bail!("--proxy-ip6 configures zmesh's own data plane, not --data-plane ztunnel");
+            anyhow::bail!(
+                "--proxy-ip6 configures zmesh's own data plane, not --data-plane ztunnel"
+            );
         }
         if ip6.is_unspecified() || ip6.is_loopback() || ip6.to_ipv4_mapped().is_some() {
             anyhow::bail!("--proxy-ip6 {ip6}: give the node's IPv6 address that pods reach");

@@ -64,6 +64,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         reserved_pods: vec![],
         agent_env: vec![],
         kubelet_cgroups: false,
+        dual_stack: false,
     });
     let mut lab = tokio::select! {
         lab = lab => lab?,

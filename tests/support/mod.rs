@@ -52,6 +52,7 @@ pub fn options(
         reserved_pods,
         agent_env: vec![],
         kubelet_cgroups: false,
+        dual_stack: false,
     }
 }
 

@@ -93,6 +93,9 @@ pub struct LabOptions {
     /// the pod's testbed cgroup), so agents must find namespaces through /proc. Reserved
     /// pods' sandboxes start only with [`Lab::start_sandbox`].
     pub kubelet_cgroups: bool,
+    /// Dual-stack pods: each gets an IPv6 address too (`status.podIPs`), and agents steer
+    /// IPv6 (`--proxy-ip6`, the node's fd00:201:N::1).
+    pub dual_stack: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -157,6 +160,9 @@ impl Lab {
             });
         }
         spec = spec.node(CONTROL_NODE, |n| n);
+        if options.dual_stack {
+            spec = spec.dual_stack();
+        }
         let cluster = Cluster::build(&spec)?;
         // Building the cluster cleaned up the namespaces of crashed runs; their pins remain.
         remove_stale_pins(Path::new(PIN_ROOT));
@@ -351,6 +357,14 @@ impl Lab {
             .entry(Value::from("status"))
             .or_insert_with(|| Value::Mapping(Default::default()));
         status["podIP"] = Value::from(ip.clone());
+        if let Some(ip6) = testbed_pod.ip6() {
+            let entry = |ip: String| {
+                let mut m = serde_yaml_ng::Mapping::new();
+                m.insert(Value::from("ip"), Value::from(ip));
+                Value::Mapping(m)
+            };
+            status["podIPs"] = Value::Sequence(vec![entry(ip.clone()), entry(ip6.to_string())]);
+        }
         status["phase"] = Value::from("Running");
         let metadata = map
             .entry(Value::from("metadata"))
@@ -524,6 +538,13 @@ impl Lab {
             .arg(dir.join("credentials"))
             .arg("--proxy-ip")
             .arg(cluster_node.pod_gateway_ip().to_string())
+            .args(
+                cluster_node
+                    .pod_gateway_ip6()
+                    .map(|ip6| ["--proxy-ip6".to_string(), ip6.to_string()])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(["--mode", if strict { "strict" } else { "permissive" }])
             .arg("--admin-socket")
             .arg(self.admin_socket(node))

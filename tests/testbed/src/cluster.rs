@@ -310,8 +310,9 @@ fn quiet_ipv6(netns: &Netns) -> Result<()> {
 }
 
 /// A node's or pod's IPv6: off, or (dual-stack) on with static addresses only: no router
-/// advertisements or autoconfiguration, and no duplicate address detection, so an address
-/// is usable the moment it is added. Set before any link exists, through `default`.
+/// advertisements or autoconfiguration, and no duplicate address detection. (Addresses are
+/// still added with `nodad`: without it an address stays tentative until a work item runs,
+/// and a route naming it as source in the same batch is refused.)
 fn ipv6_for(netns: &mut Netns, dual_stack: bool) -> Result<()> {
     if !dual_stack {
         return quiet_ipv6(netns);
@@ -349,7 +350,7 @@ fn wire(underlay: &Netns, bridge: &str, nodes: &[Node]) -> Result<()> {
         );
         if let (Some(ip6), Some(gw6)) = (node.underlay_ip6, node.gateway_ip6) {
             script += &format!(
-                "addr add {gw6}/128 dev lo\naddr add {ip6}/64 dev {up}\n",
+                "addr add {gw6}/128 dev lo nodad\naddr add {ip6}/64 dev {up} nodad\n",
                 up = node.underlay_iface
             );
         }
@@ -379,7 +380,7 @@ fn wire(underlay: &Netns, bridge: &str, nodes: &[Node]) -> Result<()> {
             );
             if let (Some(ip6), Some(gw6)) = (pod.ip6, node.gateway_ip6) {
                 script += &format!(
-                    "addr add {POD_GATEWAY_LINK_LOCAL}/64 dev {host}\n\
+                    "addr add {POD_GATEWAY_LINK_LOCAL}/64 dev {host} nodad\n\
                      route add {ip6}/128 dev {host} src {gw6}\n",
                     host = pod.veth_host,
                 );
@@ -403,7 +404,7 @@ fn wire(underlay: &Netns, bridge: &str, nodes: &[Node]) -> Result<()> {
             );
             if let Some(ip6) = pod.ip6 {
                 script += &format!(
-                    "addr add {ip6}/128 dev {podif}\n\
+                    "addr add {ip6}/128 dev {podif} nodad\n\
                      route add default via {POD_GATEWAY_LINK_LOCAL} dev {podif} src {ip6}\n",
                     podif = pod.veth_pod,
                 );

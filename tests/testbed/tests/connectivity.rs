@@ -266,3 +266,42 @@ fn dual_stack_wildcard_listeners_accept_ipv4_clients() {
     let (_accepted, peer) = listener.accept().unwrap();
     assert_eq!(peer.ip().to_canonical(), std::net::IpAddr::V4(client.ip()));
 }
+
+#[test]
+fn dual_stack_pods_talk_over_ipv6_across_nodes_and_on_one_node() {
+    let spec = common::two_node_spec().dual_stack();
+    let cluster = zmesh_testbed::Cluster::build(&spec).unwrap();
+    let web = cluster.pod("default", "web").unwrap();
+    let client = cluster.pod("default", "client").unwrap();
+    let db = cluster.pod("data", "db").unwrap();
+    let server = web.serve_echo(8080).unwrap();
+    let data = payload();
+    let web6 = SocketAddr::new(web.ip6().unwrap().into(), 8080);
+    // across nodes and on one node, over IPv6; IPv4 to the same dual-stack server
+    assert_eq!(client.echo(web6, &data).unwrap(), data);
+    assert_eq!(db.echo(web6, &data).unwrap(), data);
+    assert_eq!(client.echo(server.addr(), &data).unwrap(), data);
+    // no NAT: the server sees the client's own IPv6 address
+    let listener = web.tcp_listener(0).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let _conn = client
+        .tcp_connect(SocketAddr::new(web.ip6().unwrap().into(), port))
+        .unwrap();
+    let (_accepted, peer) = listener.accept().unwrap();
+    assert_eq!(peer.ip(), std::net::IpAddr::V6(client.ip6().unwrap()));
+    // the node's IPv6 pod gateway is reachable from its pods
+    let node = cluster.node(web.node_name()).unwrap();
+    let gw = node.pod_gateway_ip6().unwrap();
+    let node_listener = node.tcp_listener(0).unwrap();
+    let port = node_listener.local_addr().unwrap().port();
+    let _conn = web.tcp_connect(SocketAddr::new(gw.into(), port)).unwrap();
+    assert!(node_listener.accept().is_ok());
+}
+
+#[test]
+fn single_stack_clusters_have_no_ipv6() {
+    let cluster = common::build();
+    let web = cluster.pod("default", "web").unwrap();
+    assert_eq!(web.ip6(), None);
+    assert_eq!(cluster.nodes()[0].pod_gateway_ip6(), None);
+}
