@@ -64,7 +64,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         reserved_pods: vec![],
         agent_env: vec![],
         kubelet_cgroups: false,
-        dual_stack: false,
+        // Every pod has an IPv4 and an IPv6 address; the agents steer both.
+        dual_stack: true,
     });
     let mut lab = tokio::select! {
         lab = lab => lab?,
@@ -109,7 +110,10 @@ async fn demo(lab: &mut Lab) -> anyhow::Result<Vec<String>> {
         let pods: Vec<String> = node
             .pods()
             .iter()
-            .map(|p| format!("{}/{} {}", p.namespace(), p.name(), p.ip()))
+            .map(|p| match p.ip6() {
+                Some(ip6) => format!("{}/{} {} {ip6}", p.namespace(), p.name(), p.ip()),
+                None => format!("{}/{} {}", p.namespace(), p.name(), p.ip()),
+            })
             .collect();
         println!(
             "  {:<14} {:<12} {}",
@@ -125,6 +129,12 @@ async fn demo(lab: &mut Lab) -> anyhow::Result<Vec<String>> {
     println!("  each node's agent joined the CA with a one-time token and runs the proxy + eBPF");
 
     let web = pod_addr(lab, "shop", "web", 8080)?;
+    let web6 = lab
+        .cluster()
+        .pod("shop", "web")
+        .and_then(|p| p.ip6())
+        .map(|ip6| SocketAddr::new(ip6.into(), 8080))
+        .context("pod shop/web has no IPv6 address")?;
     let batch = pod_addr(lab, "legacy", "batch", 9090)?;
     let _web_server = lab
         .cluster()
@@ -157,6 +167,13 @@ async fn demo(lab: &mut Lab) -> anyhow::Result<Vec<String>> {
             "cross",
         ),
         ("shop", "cart", web, "same node, both enrolled", "same"),
+        (
+            "shop",
+            "frontend",
+            web6,
+            "cross-node over IPv6, both enrolled",
+            "cross6",
+        ),
         (
             "legacy",
             "batch",
@@ -279,13 +296,25 @@ async fn demo(lab: &mut Lab) -> anyhow::Result<Vec<String>> {
     checks.check(
         all_tls,
         &format!(
-            "{} connection(s) to port 15008, each starting with a TLS handshake record",
+            "{} IPv4 connection(s) to port 15008, each starting with a TLS handshake record",
             hbone_streams.len()
         ),
     );
+    let hbone6 = pcap
+        .tcp_streams6()
+        .into_iter()
+        .filter(|(flow, data)| flow.3 == 15008 && !data.is_empty())
+        .collect::<Vec<_>>();
     checks.check(
-        !pcap.contains(&secret("cross")),
-        "the cross-node payload never appears in clear on the underlay",
+        !hbone6.is_empty() && hbone6.iter().all(|(_, d)| d.starts_with(&[0x16, 0x03])),
+        &format!(
+            "{} IPv6 connection(s) to port 15008, each starting with a TLS handshake record",
+            hbone6.len()
+        ),
+    );
+    checks.check(
+        !pcap.contains(&secret("cross")) && !pcap.contains(&secret("cross6")),
+        "the cross-node payloads (IPv4 and IPv6) never appear in clear on the underlay",
     );
     checks.check(
         pcap.contains(&secret("plain")),
