@@ -21,6 +21,7 @@ use zmesh_agent::zds::{PodHandoverError, ZdsReconciler};
 use zmesh_cluster::manifests::watch_dir;
 use zmesh_cluster::state::{ClusterState, NamespaceInfo, PodInfo, CILIUM_MTLS_LABEL};
 use zmesh_compat::zds::ZdsServer;
+use zmesh_dataplane::Mode;
 use zmesh_identity::TrustDomain;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -64,6 +65,38 @@ impl Drop for Netns {
         let _ = Command::new("ip")
             .args(["netns", "delete", &self.name])
             .output();
+    }
+}
+
+/// Whether the agent's in-pod capture (for ztunnel) is in the namespace.
+fn captured(ns: &Netns) -> bool {
+    let file = std::fs::File::open(ns.path()).unwrap();
+    zmesh_agent::inpod::is_installed(std::os::fd::AsFd::as_fd(&file)).unwrap()
+}
+
+/// The capture's policy rules in the namespace (IPv4), to catch duplicates.
+fn capture_rules(ns: &Netns) -> usize {
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns.name, "ip", "rule", "show"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.contains("fwmark 0x111/0xfff lookup 100"))
+        .count()
+}
+
+/// Waits until the capture is (or is not) in the namespace: it follows the ZDS exchange.
+async fn wait_captured(ns: &Netns, want: bool) {
+    let deadline = std::time::Instant::now() + WAIT;
+    while captured(ns) != want {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}: capture present={}, wanted {want}",
+            ns.name,
+            !want
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
@@ -370,7 +403,9 @@ async fn enrolled_pods_reach_ztunnel_with_their_netns_and_leave_again() {
 
     let (cluster, _errors) = watch_dir(manifests.clone(), Duration::from_millis(20));
     let td = TrustDomain::default();
-    let follow = tokio::spawn(ZdsReconciler::new(server.handle(), td, NODE).follow(cluster));
+    let follow = tokio::spawn(
+        ZdsReconciler::new(server.handle(), td, NODE, Mode::Permissive).follow(cluster),
+    );
 
     // A pod appears: add with its netns and identity.
     write(
@@ -386,6 +421,9 @@ async fn enrolled_pods_reach_ztunnel_with_their_netns_and_leave_again() {
         web_ns.id(),
         "the fd is the pod's own network namespace"
     );
+    // ...and the agent installed the pod's capture there, for ztunnel's in-pod listeners.
+    wait_captured(&web_ns, true).await;
+    assert_eq!(capture_rules(&web_ns), 1);
 
     write(
         &manifests,
@@ -398,9 +436,13 @@ async fn enrolled_pods_reach_ztunnel_with_their_netns_and_leave_again() {
         ("shop/api", info("api", "shop", "api-sa"), api_ns.id())
     );
 
-    // The pod leaves: del.
+    wait_captured(&api_ns, true).await;
+
+    // The pod leaves: its capture goes (first), then del.
     std::fs::remove_file(manifests.join("api.yaml")).unwrap();
     assert_eq!(ztunnel.expect_del().await, "shop/api");
+    assert!(!captured(&api_ns), "capture removed before the del");
+    assert_eq!(capture_rules(&api_ns), 0);
 
     // The pod is recreated under the same name (new netns): del of the old, add of the new.
     write(
@@ -411,6 +453,8 @@ async fn enrolled_pods_reach_ztunnel_with_their_netns_and_leave_again() {
     assert_eq!(ztunnel.expect_del().await, "shop/web");
     let (uid, _, netns) = ztunnel.expect_add().await;
     assert_eq!((uid.as_str(), netns), ("shop/web", web_ns2.id()));
+    assert!(!captured(&web_ns), "the old namespace lost its capture");
+    wait_captured(&web_ns2, true).await;
 
     // The namespace opts out of the mesh: every pod of it is taken away.
     write(
@@ -419,6 +463,11 @@ async fn enrolled_pods_reach_ztunnel_with_their_netns_and_leave_again() {
         &NAMESPACES.replace("io.cilium/mtls-enabled: \"true\"", "team: shop"),
     );
     assert_eq!(ztunnel.expect_del().await, "shop/web");
+    assert!(!captured(&web_ns2), "un-enrolled: plaintext again");
+    assert!(
+        !captured(&other_ns),
+        "a pod that is not enrolled is never captured"
+    );
 
     // A restarted ztunnel gets the snapshot of what is enrolled now: nothing... until the
     // namespace is enrolled again; then it gets the pod live.
@@ -472,7 +521,12 @@ fn pod(name: &str, netns: Option<PathBuf>) -> PodInfo {
 async fn pods_without_a_usable_netns_are_reported_and_retried() {
     let dir = tempfile::tempdir().unwrap();
     let server = ZdsServer::bind(dir.path().join("zds.sock")).unwrap();
-    let mut reconciler = ZdsReconciler::new(server.handle(), TrustDomain::default(), NODE);
+    let mut reconciler = ZdsReconciler::new(
+        server.handle(),
+        TrustDomain::default(),
+        NODE,
+        Mode::Permissive,
+    );
     let not_a_netns = dir.path().join("regular-file");
     std::fs::write(&not_a_netns, b"").unwrap();
     let state = enrolled_state(vec![
@@ -487,7 +541,8 @@ async fn pods_without_a_usable_netns_are_reported_and_retried() {
             let pod = match p {
                 PodHandoverError::NoNetnsPath { pod }
                 | PodHandoverError::OpenNetns { pod, .. }
-                | PodHandoverError::Zds { pod, .. } => pod.clone(),
+                | PodHandoverError::Zds { pod, .. }
+                | PodHandoverError::Capture { pod, .. } => pod.clone(),
             };
             (pod, p)
         })
@@ -525,6 +580,81 @@ async fn pods_without_a_usable_netns_are_reported_and_retried() {
         )
     );
     ztunnel.expect_snapshot_sent().await;
+}
+
+/// What an agent restart must do to captures: a running pod's stays as it is (replaced in
+/// place, never duplicated), a pod un-enrolled while no agent ran loses its capture, a pod
+/// whose namespace is gone leaves nothing; strict mode refuses instead of redirecting.
+#[tokio::test]
+async fn agent_restarts_neither_duplicate_nor_leave_captures() {
+    let dir = tempfile::tempdir().unwrap();
+    let running = Netns::new("running");
+    let unenrolled = Netns::new("unenrolled");
+    let server = ZdsServer::bind(dir.path().join("zds.sock")).unwrap();
+    let mut first = ZdsReconciler::new(
+        server.handle(),
+        TrustDomain::default(),
+        NODE,
+        Mode::Permissive,
+    );
+    let both = enrolled_state(vec![
+        pod("running", Some(running.path())),
+        pod("leaving", Some(unenrolled.path())),
+    ]);
+    let problems = first.apply(&both).await;
+    assert!(problems.is_empty(), "{problems:?}");
+    assert!(captured(&running) && captured(&unenrolled));
+    drop(first);
+
+    // While no agent runs, `leaving` moves to a namespace that is not enrolled.
+    let mut moved = pod("leaving", Some(unenrolled.path()));
+    moved.namespace = "legacy".into();
+    let state = ClusterState::new(
+        [NamespaceInfo {
+            name: "shop".into(),
+            labels: [(CILIUM_MTLS_LABEL.to_string(), "true".to_string())].into(),
+        }],
+        vec![pod("running", Some(running.path())), moved],
+    );
+    let mut second = ZdsReconciler::new(
+        server.handle(),
+        TrustDomain::default(),
+        NODE,
+        Mode::Permissive,
+    );
+    let problems = second.apply(&state).await;
+    assert!(problems.is_empty(), "{problems:?}");
+    assert!(captured(&running));
+    assert_eq!(capture_rules(&running), 1, "not duplicated by the restart");
+    assert!(
+        !captured(&unenrolled),
+        "the un-enrolled pod's capture is removed"
+    );
+    assert_eq!(capture_rules(&unenrolled), 0);
+    drop(second);
+
+    // Strict mode: the table refuses plaintext instead of redirecting it to 15006.
+    let mut strict =
+        ZdsReconciler::new(server.handle(), TrustDomain::default(), NODE, Mode::Strict);
+    let problems = strict.apply(&state).await;
+    assert!(problems.is_empty(), "{problems:?}");
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            &running.name,
+            "nft",
+            "list",
+            "table",
+            "inet",
+            "zmesh_inpod",
+        ])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("reject with tcp reset"), "{table}");
+    assert!(!table.contains("redirect to :15006"), "{table}");
+    assert_eq!(capture_rules(&running), 1);
 }
 
 /// Kills the agent process on drop (also when the test panics).

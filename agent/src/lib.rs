@@ -27,6 +27,7 @@ mod datapath;
 pub mod discovery;
 pub mod flows_api;
 pub mod handover;
+pub mod inpod;
 mod local_socket;
 mod run;
 pub mod spire;

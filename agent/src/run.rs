@@ -143,6 +143,7 @@ pub async fn run(
             &config.admin_socket,
             config.trust_domain.clone(),
             config.node.clone(),
+            config.mode,
             cluster,
             shutdown,
         )

@@ -1,16 +1,19 @@
 //! Stock Istio ztunnel as the data plane (`zmesh agent --data-plane ztunnel`): instead of
 //! running our proxy and eBPF redirection, the agent serves ZDS (compat's [`ZdsServer`])
-//! and hands ztunnel every enrolled pod of this node with its network namespace; ztunnel
-//! captures inside the pod and asks the CA for the pod's certificate itself.
+//! and hands ztunnel every enrolled pod of this node with its network namespace, and
+//! installs the pod's capture there ([`crate::inpod`]: what istio-cni does in Istio), so
+//! that ztunnel's in-pod listeners see the pod's traffic; ztunnel asks the CA for the pod's
+//! certificate itself. A pod taken away loses its capture first (its traffic is plaintext
+//! again), then leaves ztunnel.
 //!
 //! A pod's ZDS uid is `<namespace>/<name>` (the cluster state carries no Kubernetes UID).
 //! A pod recreated under the same name has a new network namespace: it is sent as a `del`
 //! of the old one followed by an `add`.
 
 use std::collections::BTreeMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use tokio::sync::watch;
@@ -22,6 +25,9 @@ use crate::credentials::{RotateError, RotateFuture, WorkloadCertificates};
 use crate::flows_api;
 use crate::table::local_enrolled;
 use zmesh_cluster::{ClusterState, PodInfo};
+use zmesh_dataplane::Mode;
+
+use crate::inpod::{self, InPodError};
 
 /// Why a pod could not be handed to ztunnel (it is retried on the next change).
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +42,8 @@ pub enum PodHandoverError {
     },
     #[error("pod {pod}: {source}")]
     Zds { pod: String, source: ZdsError },
+    #[error("pod {pod}: its capture (nftables in its network namespace): {source}")]
+    Capture { pod: String, source: InPodError },
 }
 
 /// What was handed to ztunnel for one pod.
@@ -46,6 +54,10 @@ struct Sent {
     netns: (u64, u64),
     /// ztunnel refused the add: it is sent again on the next reconcile.
     refused: bool,
+    /// Where its network namespace is, to take the capture out again.
+    netns_path: PathBuf,
+    /// The capture is in place (it is installed after ztunnel took the pod).
+    captured: bool,
 }
 
 /// Keeps a ZDS server's workloads equal to the enrolled pods of one node.
@@ -53,16 +65,27 @@ pub struct ZdsReconciler {
     handle: ZdsHandle,
     trust_domain: TrustDomain,
     node: String,
+    mode: Mode,
     sent: BTreeMap<String, Sent>,
+    /// Local pods that are not enrolled have been checked for a capture left behind by an
+    /// earlier agent (once, at the first reconcile).
+    swept: bool,
 }
 
 impl ZdsReconciler {
-    pub fn new(handle: ZdsHandle, trust_domain: TrustDomain, node: impl Into<String>) -> Self {
+    pub fn new(
+        handle: ZdsHandle,
+        trust_domain: TrustDomain,
+        node: impl Into<String>,
+        mode: Mode,
+    ) -> Self {
         Self {
             handle,
             trust_domain,
             node: node.into(),
+            mode,
             sent: BTreeMap::new(),
+            swept: false,
         }
     }
 
@@ -71,21 +94,26 @@ impl ZdsReconciler {
     /// handed over; they are retried on the next call.
     pub async fn apply(&mut self, state: &ClusterState) -> Vec<PodHandoverError> {
         let mut problems = Vec::new();
+        if !self.swept {
+            self.swept = true;
+            problems.extend(self.sweep_unenrolled(state).await);
+        }
         let mut want: BTreeMap<String, (&PodInfo, WorkloadId)> = BTreeMap::new();
         for (pod, id) in local_enrolled(state, &self.trust_domain, &self.node) {
             want.insert(pod.key().to_string(), (pod, id));
         }
         // Open every wanted namespace first, so a recreated pod is noticed by its inode.
-        let mut opened: BTreeMap<String, (OwnedFd, (u64, u64), WorkloadInfo)> = BTreeMap::new();
+        let mut opened: BTreeMap<String, (OwnedFd, (u64, u64), WorkloadInfo, PathBuf)> =
+            BTreeMap::new();
         for (uid, (pod, id)) in &want {
             match open_netns(uid, pod) {
-                Ok((fd, ns)) => {
+                Ok((fd, ns, path)) => {
                     let info = WorkloadInfo {
                         name: pod.name.clone(),
                         namespace: id.namespace().to_owned(),
                         service_account: id.service_account().to_owned(),
                     };
-                    opened.insert(uid.clone(), (fd, ns, info));
+                    opened.insert(uid.clone(), (fd, ns, info, path));
                 }
                 Err(e) => problems.push(e),
             }
@@ -95,14 +123,26 @@ impl ZdsReconciler {
             .sent
             .iter()
             .filter(|(uid, sent)| match opened.get(*uid) {
-                Some((_, ns, info)) => sent.netns != *ns || sent.info != *info,
+                Some((_, ns, info, _)) => sent.netns != *ns || sent.info != *info,
                 // A pod whose namespace cannot be opened any more has gone away too.
                 None => true,
             })
             .map(|(uid, _)| uid.clone())
             .collect();
         for uid in gone {
-            self.sent.remove(&uid);
+            let Some(sent) = self.sent.remove(&uid) else {
+                continue;
+            };
+            // Plaintext again before ztunnel closes the pod's listeners: no connection is
+            // captured to a listener that is going away.
+            if sent.captured {
+                if let Err(source) = uncapture(&sent.netns_path, sent.netns).await {
+                    problems.push(PodHandoverError::Capture {
+                        pod: uid.clone(),
+                        source,
+                    });
+                }
+            }
             tracing::info!(pod = %uid, "taking the pod away from ztunnel");
             match self.handle.del(&uid).await {
                 Ok(delivery) => log_delivery("del", &uid, delivery),
@@ -111,20 +151,56 @@ impl ZdsReconciler {
             }
         }
 
-        for (uid, (fd, ns, info)) in opened {
-            if self.sent.get(&uid).is_some_and(|s| !s.refused) {
-                continue;
+        for (uid, (fd, ns, info, path)) in opened {
+            match self.sent.get_mut(&uid) {
+                Some(s) if !s.refused && s.captured => continue,
+                // Handed over, but its capture failed: try the capture again.
+                Some(s) if !s.refused => {
+                    match capture(&fd, self.mode).await {
+                        Ok(()) => s.captured = true,
+                        Err(source) => {
+                            problems.push(PodHandoverError::Capture { pod: uid, source })
+                        }
+                    }
+                    continue;
+                }
+                _ => {}
             }
+            let for_capture = match fd.try_clone() {
+                Ok(fd) => fd,
+                Err(e) => {
+                    problems.push(PodHandoverError::OpenNetns {
+                        pod: uid.clone(),
+                        path: path.clone(),
+                        source: e,
+                    });
+                    continue;
+                }
+            };
             tracing::info!(pod = %uid, service_account = %info.service_account, "handing the pod to ztunnel");
             match self.handle.add(&uid, info.clone(), fd).await {
                 Ok(delivery) => {
                     log_delivery("add", &uid, delivery);
+                    // After ztunnel has the pod (its in-pod listeners are up once it acked);
+                    // with no ztunnel connected the pod's traffic fails closed until one is.
+                    let captured = match capture(&for_capture, self.mode).await {
+                        Ok(()) => true,
+                        Err(source) => {
+                            problems.push(PodHandoverError::Capture {
+                                pod: uid.clone(),
+                                source,
+                            });
+                            false
+                        }
+                    };
                     self.sent.insert(
                         uid,
                         Sent {
                             info,
                             netns: ns,
                             refused: false,
+                            netns_path: path,
+                            captured,
                         },
                     );
                 }
@@ -137,6 +213,8 @@ impl ZdsReconciler {
                             info,
                             netns: ns,
                             refused: true,
+                            netns_path: path,
+                            captured: false,
                         },
                     );
                     problems.push(PodHandoverError::Zds { pod: uid, source });
@@ -146,6 +224,34 @@ impl ZdsReconciler {
         }
         for p in &problems {
             tracing::warn!("{p}");
+        }
+        problems
+    }
+
+    /// Takes the capture out of every local pod that is not enrolled (any more): an earlier
+    /// agent may have left it when the pod's namespace was un-enrolled while no agent ran.
+    async fn sweep_unenrolled(&self, state: &ClusterState) -> Vec<PodHandoverError> {
+        let enrolled: Vec<(String, String)> = state
+            .enrolled_on(&self.node)
+            .map(|p| (p.namespace.clone(), p.name.clone()))
+            .collect();
+        let candidates: Vec<(String, PathBuf)> = state
+            .pods()
+            .filter(|p| p.node.as_deref() == Some(self.node.as_str()) && !p.host_network)
+            .filter(|p| !enrolled.contains(&(p.namespace.clone(), p.name.clone())))
+            .filter_map(|p| Some((format!("{}/{}", p.namespace, p.name), p.netns_path.clone()?)))
+            .collect();
+        let mut problems = Vec::new();
+        for (pod, path) in candidates {
+            let Ok(file) = std::fs::File::open(&path) else {
+                continue; // gone with its namespace
+            };
+            let fd = OwnedFd::from(file);
+            match blocking(move || inpod::remove(fd.as_fd())).await {
+                Ok(true) => tracing::info!(%pod, "removed the capture an earlier agent left"),
+                Ok(false) => {}
+                Err(source) => problems.push(PodHandoverError::Capture { pod, source }),
+            }
         }
         problems
     }
@@ -171,8 +277,39 @@ fn log_delivery(request: &str, uid: &str, delivery: Delivery) {
     }
 }
 
-/// Opens the pod's network namespace; returns the fd and the namespace's identity.
-fn open_netns(uid: &str, pod: &PodInfo) -> Result<(OwnedFd, (u64, u64)), PodHandoverError> {
+/// Installs the capture in the namespace `fd` on a blocking thread.
+async fn capture(fd: &OwnedFd, mode: Mode) -> Result<(), InPodError> {
+    let fd = fd.try_clone().map_err(InPodError::Enter)?;
+    blocking(move || inpod::install(fd.as_fd(), mode)).await
+}
+
+/// Takes the capture out of the namespace at `path`, if it is still the one with identity
+/// `ns` (a namespace that is gone took its rules with it).
+async fn uncapture(path: &Path, ns: (u64, u64)) -> Result<(), InPodError> {
+    let Ok(file) = std::fs::File::open(path) else {
+        return Ok(());
+    };
+    match file.metadata() {
+        Ok(meta) if (meta.dev(), meta.ino()) == ns => {}
+        _ => return Ok(()),
+    }
+    let fd = OwnedFd::from(file);
+    blocking(move || inpod::remove(fd.as_fd()).map(drop)).await
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, InPodError> + Send + 'static,
+) -> Result<T, InPodError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .unwrap_or_else(|e| Err(InPodError::Enter(std::io::Error::other(e.to_string()))))
+}
+
+/// Opens the pod's network namespace; returns the fd, the namespace's identity and path.
+fn open_netns(
+    uid: &str,
+    pod: &PodInfo,
+) -> Result<(OwnedFd, (u64, u64), PathBuf), PodHandoverError> {
     let path = pod
         .netns_path
         .as_ref()
@@ -186,7 +323,7 @@ fn open_netns(uid: &str, pod: &PodInfo) -> Result<(OwnedFd, (u64, u64)), PodHand
     };
     let file = std::fs::File::open(path).map_err(open_err)?;
     let meta = file.metadata().map_err(open_err)?;
-    Ok((OwnedFd::from(file), (meta.dev(), meta.ino())))
+    Ok((OwnedFd::from(file), (meta.dev(), meta.ino()), path.clone()))
 }
 
 /// The admin API's certificate view in ztunnel mode: ztunnel holds the certificates.
@@ -252,6 +389,7 @@ pub async fn run_ztunnel(
     admin_socket: &std::path::Path,
     trust_domain: TrustDomain,
     node: String,
+    mode: Mode,
     cluster: watch::Receiver<Arc<ClusterState>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ZtunnelModeError> {
@@ -267,7 +405,7 @@ pub async fn run_ztunnel(
     )
     .await?;
     let admin_inode = admin::socket_inode(admin_socket);
-    let reconciler = ZdsReconciler::new(server.handle(), trust_domain, node);
+    let reconciler = ZdsReconciler::new(server.handle(), trust_domain, node, mode);
     tokio::select! {
         _ = async {
             reconciler.follow(cluster).await;
