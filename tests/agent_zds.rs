@@ -657,6 +657,36 @@ async fn agent_restarts_neither_duplicate_nor_leave_captures() {
     assert_eq!(capture_rules(&running), 1);
 }
 
+/// `zmesh uninstall` on a ztunnel-mode node (no eBPF installed) takes every in-pod capture
+/// out and says where it found them.
+#[test]
+fn uninstall_removes_in_pod_captures() {
+    let pod = Netns::new("uninstall");
+    let file = std::fs::File::open(pod.path()).unwrap();
+    zmesh_agent::inpod::install(std::os::fd::AsFd::as_fd(&file), Mode::Permissive).unwrap();
+    assert!(captured(&pod));
+    let out = Command::new(env!("CARGO_BIN_EXE_zmesh"))
+        .args([
+            "uninstall",
+            "--bpf-pin-dir",
+            "/sys/fs/bpf/zmesh-test-not-installed",
+        ])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&pod.name),
+        "names where it removed one: {stdout}"
+    );
+    assert!(!captured(&pod));
+    assert_eq!(capture_rules(&pod), 0);
+}
+
 /// Kills the agent process on drop (also when the test panics).
 struct Agent(std::process::Child);
 

@@ -186,6 +186,48 @@ pub fn remove(netns: BorrowedFd<'_>) -> Result<bool, InPodError> {
     })
 }
 
+/// Removes the capture from every network namespace of this node that it can find: those
+/// of the processes under `proc_dir` (the node's /proc; pods' sandboxes hold theirs) and
+/// those named under `netns_dir` (/run/netns). Returns where it found one (a path to the
+/// namespace). `zmesh uninstall` runs it.
+pub fn remove_everywhere(
+    proc_dir: &std::path::Path,
+    netns_dir: &std::path::Path,
+) -> Result<Vec<String>, InPodError> {
+    use std::os::unix::fs::MetadataExt;
+    let mut candidates: Vec<std::path::PathBuf> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(proc_dir) {
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            if name
+                .to_str()
+                .is_some_and(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            {
+                candidates.push(entry.path().join("ns/net"));
+            }
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(netns_dir) {
+        candidates.extend(entries.flatten().map(|e| e.path()));
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut removed = Vec::new();
+    for path in candidates {
+        // a process that exits meanwhile, or a namespace we may not open, is skipped
+        let Ok(file) = std::fs::File::open(&path) else {
+            continue;
+        };
+        let Ok(meta) = file.metadata() else { continue };
+        if !seen.insert((meta.dev(), meta.ino())) {
+            continue;
+        }
+        if remove(file.as_fd())? {
+            removed.push(path.display().to_string());
+        }
+    }
+    Ok(removed)
+}
+
 /// Whether `netns` holds zmesh's capture table.
 pub fn is_installed(netns: BorrowedFd<'_>) -> Result<bool, InPodError> {
     in_netns(netns, || {
