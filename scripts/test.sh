@@ -20,6 +20,9 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets --features zmesh/demo --locked -- -D warnings
 echo "== cargo test"
+if [ -z "${ZTUNNEL_BIN:-}" ]; then
+  echo "   (tests/ztunnel_inpod.rs is skipped: ZTUNNEL_BIN is not set; README, \"A stock ztunnel in the tests\")"
+fi
 cargo test --workspace --features zmesh/demo --locked
 # Debian's own kernels booted in QEMU (TCG): the redirection tests and the demo on Debian
 # 12's 6.1 (clsact filters, no TCX), and Debian 11's 5.10 refused up front. Kernels, qemu and
