@@ -8,6 +8,7 @@
 
 mod certs;
 mod load;
+mod memory;
 mod procs;
 mod relay;
 mod report;
@@ -54,14 +55,28 @@ struct Args {
     /// deployed proxy would have it).
     #[arg(long, default_value = "info")]
     proxy_log: String,
-    /// Which tests to run (all by default; skipped ones show as 0 / NaN).
+    /// Which tests to run (all by default; skipped ones show as 0 / NaN). "memory" runs
+    /// after the others, on proxy pairs of its own (mesh path only).
     #[arg(
         long,
         value_enum,
         value_delimiter = ',',
-        default_value = "single,multi,ping-pong,conn-rate"
+        default_value = "single,multi,ping-pong,conn-rate,memory"
     )]
     tests: Vec<Test>,
+    /// Memory test: idle tunnels held at once (and idle TCP connections to B's HBONE port
+    /// before TLS).
+    #[arg(long, default_value_t = 1000)]
+    idle_conns: usize,
+    /// Memory test: stalled streams (the server never reads) held at once.
+    #[arg(long, default_value_t = 200)]
+    stalled_streams: usize,
+    /// Memory test: concurrent uploads in the burst.
+    #[arg(long, default_value_t = 256)]
+    burst_conns: usize,
+    /// Memory test: MiB each upload of the burst sends.
+    #[arg(long, default_value_t = 4)]
+    burst_mib: usize,
     /// Which paths to measure, run in the order direct, relay, mesh in each round. Direct
     /// (the denominator) and mesh are always measured; "relay" (two plain TCP relay
     /// processes, the floor of any two-process chain) can be left out.
@@ -110,6 +125,8 @@ enum Test {
     PingPong,
     /// New connections per second.
     ConnRate,
+    /// Memory per idle connection, idle tunnel and stalled stream; RSS after a burst.
+    Memory,
 }
 
 fn main() -> std::process::ExitCode {
@@ -138,7 +155,8 @@ fn run(args: &Args) -> Result<()> {
     if !args.paths.contains(&PathKind::Direct) || !args.paths.contains(&PathKind::Mesh) {
         bail!("--paths must include direct (the denominator) and mesh; only relay can be left out");
     }
-    let with_relay = args.paths.contains(&PathKind::Relay);
+    let with_relay =
+        args.paths.contains(&PathKind::Relay) && args.tests.iter().any(|t| *t != Test::Memory);
     if !(args.seconds > 0.0 && args.seconds <= 600.0) {
         bail!("--seconds must be in (0, 600]");
     }
@@ -147,6 +165,38 @@ fn run(args: &Args) -> Result<()> {
     }
     if args.rounds == 0 || args.rounds > 20 {
         bail!("--rounds must be 1..=20");
+    }
+    let path_tests = args.tests.iter().any(|t| *t != Test::Memory);
+    let with_memory = args.tests.contains(&Test::Memory);
+    // The memory test holds up to this many connections at once; the harness holds both
+    // ends of each, the proxies inherit its limit.
+    let most = args
+        .idle_conns
+        .max(args.stalled_streams)
+        .max(args.burst_conns);
+    let (nofile_before, nofile) = procs::raise_nofile()?;
+    if with_memory {
+        if args.idle_conns == 0
+            || args.idle_conns > 100_000
+            || args.stalled_streams == 0
+            || args.stalled_streams > 10_000
+            || args.burst_conns == 0
+            || args.burst_conns > 1024
+            || args.burst_mib == 0
+            || args.burst_mib > 256
+        {
+            bail!(
+                "--idle-conns must be 1..=100000, --stalled-streams 1..=10000, \
+                 --burst-conns 1..=1024 and --burst-mib 1..=256"
+            );
+        }
+        if (2 * most + 256) as u64 > nofile {
+            bail!(
+                "the memory test needs {} open files, the limit is {nofile} (hard limit \
+                 reached): lower --idle-conns or raise `ulimit -Hn`",
+                2 * most + 256
+            );
+        }
     }
     let zmesh = match &args.zmesh {
         Some(p) => p.clone(),
@@ -190,6 +240,11 @@ fn run(args: &Args) -> Result<()> {
         }
     }
     let server = Server::start(topo.server_ip, 8)?;
+    let mem_server = if with_memory {
+        Some(memory::MemServer::start(topo.server_ip)?)
+    } else {
+        None
+    };
     let proxy_args = |node: &str, certs: &PathBuf, ip| {
         let mut v: Vec<String> = [
             "--log",
@@ -217,12 +272,18 @@ fn run(args: &Args) -> Result<()> {
     args_a.push(format!("{}={}", topo.client_ip, server.addr()));
     let args_b = proxy_args("bench-b", &dir_b, topo.proxy_b_ip);
 
-    let mut b = ProxyProcess::spawn("proxy B", &zmesh, &args_b, dir.path().join("proxy-b.log"))?;
-    let mut a = ProxyProcess::spawn("proxy A", &zmesh, &args_a, dir.path().join("proxy-a.log"))?;
     let ready = |ip| SocketAddr::new(ip, 15021);
     let metrics = |ip| SocketAddr::new(ip, 15020);
-    b.wait_ready(ready(topo.proxy_b_ip), Duration::from_secs(15))?;
-    a.wait_ready(ready(topo.proxy_a_ip), Duration::from_secs(15))?;
+    // Starts proxy B, then A, and waits until both are ready; returns (A, B).
+    let start_pair = |args_a: &[String], args_b: &[String], tag: &str| {
+        let log = |p: &str| dir.path().join(format!("proxy-{p}{tag}.log"));
+        let mut b = ProxyProcess::spawn("proxy B", &zmesh, args_b, log("b"))?;
+        let mut a = ProxyProcess::spawn("proxy A", &zmesh, args_a, log("a"))?;
+        b.wait_ready(ready(topo.proxy_b_ip), Duration::from_secs(15))?;
+        a.wait_ready(ready(topo.proxy_a_ip), Duration::from_secs(15))?;
+        anyhow::Ok((a, b))
+    };
+    let (mut a, mut b) = start_pair(&args_a, &args_b, "")?;
     let idle = [a.memory()?, b.memory()?];
 
     // The relays: this binary again, B forwarding to the server, A to B.
@@ -282,7 +343,7 @@ fn run(args: &Args) -> Result<()> {
     }
 
     let mut rounds = Vec::new();
-    for round in 0..args.rounds {
+    for round in (0..args.rounds).filter(|_| path_tests) {
         eprintln!("round {}/{}", round + 1, args.rounds);
         let children = Children {
             proxies: [&a, &b],
@@ -340,6 +401,49 @@ fn run(args: &Args) -> Result<()> {
         ),
         first_tunnel_ms,
     };
+    // The memory test's pairs take over the addresses.
+    drop(a);
+    drop(b);
+    let memory = match &mem_server {
+        Some(mem_server) => {
+            // Its own pairs: A sends the client's connections to the memory test's server;
+            // B admits more tunnels per identity than its default 1000.
+            let mut args_a = proxy_args("bench-a", &dir_a, topo.proxy_a_ip);
+            args_a.push("--static-dst".into());
+            args_a.push(format!("{}={}", topo.client_ip, mem_server.addr()));
+            let b_identity_limit = (most + 100).max(1000);
+            let mut args_b = args_b.clone();
+            args_b.push("--max-tunnels-per-identity".into());
+            args_b.push(b_identity_limit.to_string());
+            let start = |tag: &str| start_pair(&args_a, &args_b, &format!("-memory-{tag}"));
+            let env = memory::Env {
+                start_pair: &start,
+                mesh,
+                b_hbone: SocketAddr::new(topo.proxy_b_ip, 15008),
+                b_metrics: metrics(topo.proxy_b_ip),
+                server: mem_server,
+                sizes: memory::Sizes {
+                    idle_conns: args.idle_conns,
+                    stalled_streams: args.stalled_streams,
+                    burst_conns: args.burst_conns,
+                    burst_bytes: args.burst_mib << 20,
+                },
+            };
+            let mut rounds = Vec::new();
+            for round in 0..args.rounds {
+                eprintln!("memory round {}/{}", round + 1, args.rounds);
+                rounds.push(memory::run_round(&env)?);
+            }
+            Some(memory::MemoryReport {
+                sizes: env.sizes,
+                nofile,
+                nofile_before,
+                b_identity_limit,
+                rounds,
+            })
+        }
+        None => None,
+    };
 
     let report = Report {
         seconds: args.seconds,
@@ -362,16 +466,21 @@ fn run(args: &Args) -> Result<()> {
         relay_idle_memory: relay_idle,
         relay_end_memory: relay_end,
         counters,
+        memory,
     };
-    print!("{}", report.table());
+    if path_tests {
+        print!("{}", report.table());
+    }
+    if let Some(m) = &report.memory {
+        print!("{}", m.table());
+    }
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
     drop(relays);
-    drop(a);
-    drop(b);
     drop(server);
+    drop(mem_server);
     Ok(())
 }
 

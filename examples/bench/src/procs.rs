@@ -119,6 +119,14 @@ impl ProxyProcess {
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
         parse_status(&text).with_context(|| format!("parsing {path}"))
     }
+
+    /// How many file descriptors the child holds (sockets included).
+    pub fn open_fds(&self) -> Result<usize> {
+        let path = format!("/proc/{}/fd", self.pid());
+        Ok(std::fs::read_dir(&path)
+            .with_context(|| format!("listing {path}"))?
+            .count())
+    }
 }
 
 impl Drop for ProxyProcess {
@@ -202,6 +210,9 @@ pub struct Memory {
     pub rss_kib: u64,
     /// Peak resident set since start, KiB.
     pub hwm_kib: u64,
+    /// The anonymous part of the resident set (heap, stacks), KiB: what connections
+    /// cost, unlike file-backed text.
+    pub rss_anon_kib: u64,
 }
 
 fn parse_status(text: &str) -> Result<Memory> {
@@ -220,7 +231,59 @@ fn parse_status(text: &str) -> Result<Memory> {
     Ok(Memory {
         rss_kib: field("VmRSS:")?,
         hwm_kib: field("VmHWM:")?,
+        rss_anon_kib: field("RssAnon:")?,
     })
+}
+
+/// Raises this process's soft limit on open files to the hard limit (children inherit
+/// it); returns (soft before, soft now).
+pub fn raise_nofile() -> Result<(u64, u64)> {
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    let mut lim: libc::rlimit = unsafe { std::mem::zeroed() };
+    // SAFETY: as above.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        return Err(std::io::Error::last_os_error()).context("getrlimit(RLIMIT_NOFILE)");
+    }
+    let before = lim.rlim_cur;
+    if lim.rlim_cur < lim.rlim_max {
+        lim.rlim_cur = lim.rlim_max;
+        // SAFETY: as above.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("setrlimit(RLIMIT_NOFILE)");
+        }
+    }
+    Ok((before as u64, lim.rlim_cur as u64))
+}
+
+/// Memory of all TCP socket buffers on the machine, KiB (the `mem` pages of the TCP line
+/// of /proc/net/sockstat): what stalled connections cost the kernel, outside any RSS.
+pub fn kernel_tcp_kib() -> Result<u64> {
+    let text =
+        std::fs::read_to_string("/proc/net/sockstat").context("reading /proc/net/sockstat")?;
+    parse_sockstat_tcp_pages(&text).map(|pages| pages * page_kib())
+}
+
+fn parse_sockstat_tcp_pages(text: &str) -> Result<u64> {
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("TCP:"))
+        .context("no TCP line in /proc/net/sockstat")?;
+    let words: Vec<&str> = line.split_whitespace().collect();
+    words
+        .windows(2)
+        .find(|w| w[0] == "mem")
+        .and_then(|w| w[1].parse().ok())
+        .with_context(|| format!("no mem figure in {line:?}"))
+}
+
+fn page_kib() -> u64 {
+    // SAFETY: sysconf has no memory effects.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as u64 / 1024
+    } else {
+        4
+    }
 }
 
 fn clock_ticks() -> u64 {
@@ -402,18 +465,37 @@ mod tests {
 
     #[test]
     fn status_memory_fields() {
-        let text = "Name:\tzmesh\nVmHWM:\t   21000 kB\nVmRSS:\t   18000 kB\n";
+        let text = "Name:\tzmesh\nVmHWM:\t   21000 kB\nVmRSS:\t   18000 kB\n\
+            RssAnon:\t    5000 kB\nRssFile:\t   13000 kB\n";
         assert_eq!(
             parse_status(text).unwrap(),
             Memory {
                 rss_kib: 18000,
-                hwm_kib: 21000
+                hwm_kib: 21000,
+                rss_anon_kib: 5000,
             }
         );
         assert!(parse_status("VmRSS: 1 kB\n").is_err());
         let own = std::fs::read_to_string("/proc/self/status").unwrap();
         let m = parse_status(&own).unwrap();
-        assert!(m.rss_kib > 0 && m.hwm_kib >= m.rss_kib);
+        assert!(m.rss_kib > 0 && m.hwm_kib >= m.rss_kib && m.rss_anon_kib <= m.rss_kib);
+    }
+
+    #[test]
+    fn sockstat_tcp_memory() {
+        let text =
+            "sockets: used 18\nTCP: inuse 5 orphan 0 tw 0 alloc 5 mem 410\nUDP: inuse 0 mem 3\n";
+        assert_eq!(parse_sockstat_tcp_pages(text).unwrap(), 410);
+        assert!(parse_sockstat_tcp_pages("UDP: inuse 0 mem 3\n").is_err());
+        assert!(kernel_tcp_kib().is_ok());
+    }
+
+    #[test]
+    fn nofile_soft_limit_reaches_the_hard_one() {
+        let (before, now) = raise_nofile().unwrap();
+        assert!(now >= before);
+        // Our own descriptors are countable the way the children's are.
+        assert!(std::fs::read_dir("/proc/self/fd").unwrap().count() > 2);
     }
 
     #[test]

@@ -172,6 +172,8 @@ pub struct Report {
     pub relay_idle_memory: Option<[Memory; 2]>,
     pub relay_end_memory: Option<[Memory; 2]>,
     pub counters: Counters,
+    /// The memory test (None when not run).
+    pub memory: Option<crate::memory::MemoryReport>,
 }
 
 /// Stock ztunnel on this machine kind, from the issue.
@@ -750,6 +752,7 @@ mod tests {
         let mem = Memory {
             rss_kib: hwm_kib,
             hwm_kib,
+            rss_anon_kib: hwm_kib / 2,
         };
         Report {
             seconds: 1.0,
@@ -772,6 +775,7 @@ mod tests {
             relay_idle_memory: None,
             relay_end_memory: None,
             counters: Counters::default(),
+            memory: None,
         }
     }
 
@@ -798,6 +802,7 @@ mod tests {
         let mem = Memory {
             rss_kib: 2048,
             hwm_kib: 2500,
+            rss_anon_kib: 1024,
         };
         r.relay_idle_memory = Some([mem, mem]);
         r.relay_end_memory = Some([mem, mem]);
