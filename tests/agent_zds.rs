@@ -331,6 +331,9 @@ metadata: {name: plain}
 "#;
 
 fn pod_yaml(ns: &str, name: &str, node: &str, sa: &str, netns: Option<&Netns>) -> String {
+    // Every pod its own IP: the manifests refuse a pod whose IP another pod has.
+    static NEXT_IP: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let ip = NEXT_IP.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let annotations = match netns {
         Some(n) => format!(
             "\n  annotations: {{zmesh.io/netns: {}}}",
@@ -341,8 +344,9 @@ fn pod_yaml(ns: &str, name: &str, node: &str, sa: &str, netns: Option<&Netns>) -
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}{annotations}\n\
          spec:\n  nodeName: {node}\n  serviceAccountName: {sa}\n  containers: [{{name: app, image: app}}]\n\
-         status:\n  podIP: 10.9.0.{}\n",
-        rand::random::<u8>() % 200 + 1
+         status:\n  podIP: 10.9.{}.{}\n",
+        ip / 250,
+        ip % 250 + 1
     )
 }
 
@@ -665,12 +669,21 @@ fn uninstall_removes_in_pod_captures() {
     let file = std::fs::File::open(pod.path()).unwrap();
     zmesh_agent::inpod::install(std::os::fd::AsFd::as_fd(&file), Mode::Permissive).unwrap();
     assert!(captured(&pod));
+    // Pointed at a directory holding only this test's namespace: by default it clears
+    // every namespace of the machine, other tests' too.
+    let only = tempfile::tempdir().unwrap();
+    std::os::unix::fs::symlink(pod.path(), only.path().join(&pod.name)).unwrap();
+    let no_procs = tempfile::tempdir().unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_zmesh"))
         .args([
             "uninstall",
             "--bpf-pin-dir",
             "/sys/fs/bpf/zmesh-test-not-installed",
         ])
+        .arg("--netns-dir")
+        .arg(only.path())
+        .arg("--host-proc")
+        .arg(no_procs.path())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
