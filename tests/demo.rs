@@ -17,7 +17,9 @@ fn the_demo_runs_and_every_claim_holds() {
     );
     assert!(!stdout.contains("[FAILED]"), "{stdout}");
     for claim in [
-        "the cross-node payload never appears in clear on the underlay",
+        "the cross-node payloads (IPv4 and IPv6) never appear in clear on the underlay",
+        "cross-node over IPv6, both enrolled",
+        "IPv6 connection(s) to port 15008, each starting with a TLS handshake record",
         "same-node traffic shop/cart -> shop/web also went through the proxy with mTLS",
         "plaintext DROPPED (plaintext_strict)",
         "Done: every claim above was checked.",
