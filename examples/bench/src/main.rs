@@ -6,10 +6,7 @@
 //! floor that any two-process chain costs on this machine. All traffic stays on
 //! 127.0.0.0/8. See BENCHMARKS.md.
 
-mod certs;
-mod load;
 mod memory;
-mod procs;
 mod relay;
 mod report;
 
@@ -20,10 +17,11 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 
-use crate::certs::{Ca, Topology};
-use crate::load::{Server, Target};
-use crate::procs::{metric, metric_sum, ProxyProcess};
 use crate::report::{CpuUse, PathResult, Report, RoundResult};
+use zmesh_bench::certs::{Ca, Topology};
+use zmesh_bench::load::{Server, Target};
+use zmesh_bench::procs::{metric, metric_sum, ProxyProcess};
+use zmesh_bench::{load, procs};
 
 /// Direct TCP vs. the zmesh HBONE data path, on loopback.
 #[derive(Parser)]

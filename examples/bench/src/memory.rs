@@ -38,8 +38,8 @@ use serde::Serialize;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::sync::watch;
 
-use crate::load::{self, Target, MSG};
-use crate::procs::{self, ProxyProcess};
+use zmesh_bench::load::{self, Target, MSG};
+use zmesh_bench::procs::{self, ProxyProcess};
 
 /// After the connections are in place, before reading the RSS.
 const SETTLE: Duration = Duration::from_millis(300);

@@ -73,7 +73,7 @@ mod tests {
     use std::thread::JoinHandle;
 
     use super::*;
-    use crate::load::{self, Server, Target, MSG};
+    use zmesh_bench::load::{self, Server, Target, MSG};
 
     /// `serve` on its own thread and runtime (as in the relay process), stopped on drop.
     struct InProcessRelay {

@@ -5,7 +5,7 @@ use std::fmt::Write;
 
 use serde::Serialize;
 
-use crate::procs::Memory;
+use zmesh_bench::procs::Memory;
 
 /// CPU seconds used during one test.
 #[derive(Debug, Default, Clone, Copy, Serialize)]

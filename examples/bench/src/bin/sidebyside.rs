@@ -1,0 +1,568 @@
+//! zmesh-sidebyside: zmesh and a stock ztunnel measured in one run on the same topology
+//! and the same work (issue 17): two network namespaces joined by a veth, the client's
+//! traffic to the server's port captured in the client's namespace with an nftables
+//! REDIRECT to the proxy there (as istio-cni's REDIRECT does), one proxy per namespace,
+//! HBONE (HTTP/2 CONNECT in mutual TLS) between them:
+//!
+//!   client (ns C, 10.90.0.1) -> proxy A :15001 -> HBONE :15008 -> proxy B (ns S) -> server (10.90.0.2)
+//!
+//! Each round runs direct TCP (the same two namespaces, no capture: the denominator), then
+//! the zmesh pair (`zmesh proxy`, transparent listeners, original destination from
+//! conntrack), then the ztunnel pair (`PROXY_MODE=dedicated`, its fake CA and a static
+//! workload table), each pair started fresh for the round. The table shows medians of the
+//! rounds and zmesh/ztunnel ratios against the targets. Needs root; cleans up on exit, on
+//! error and on panic. See BENCHMARKS.md, "zmesh and ztunnel side by side".
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Parser;
+
+use zmesh_bench::certs::{Ca, NAMESPACE, TRUST_DOMAIN};
+use zmesh_bench::load::{self, Server, Target};
+use zmesh_bench::procs::ProxyProcess;
+
+#[derive(Parser)]
+#[command(name = "zmesh-sidebyside")]
+struct Args {
+    /// The zmesh binary (default: `zmesh` next to this binary).
+    #[arg(long, value_name = "PATH")]
+    zmesh: Option<PathBuf>,
+    /// A stock ztunnel (built with its `testing` feature, for the fake CA). Without it
+    /// only direct and zmesh are measured.
+    #[arg(long, value_name = "PATH", env = "ZTUNNEL_BIN")]
+    ztunnel: Option<PathBuf>,
+    /// Seconds per throughput and connection-rate test (and the cap for ping-pong).
+    #[arg(long, default_value_t = 5.0)]
+    seconds: f64,
+    #[arg(long, default_value_t = 3)]
+    rounds: usize,
+    #[arg(long, default_value_t = 8)]
+    streams: usize,
+    #[arg(long, default_value_t = 20_000)]
+    pings: usize,
+    #[arg(long, default_value_t = 4)]
+    conn_threads: usize,
+    /// Worker threads of each proxy: zmesh's `--worker-threads`, ztunnel's
+    /// `ZTUNNEL_WORKER_THREADS`.
+    #[arg(long, default_value_t = 1)]
+    proxy_threads: usize,
+}
+
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 90, 0, 1);
+const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 90, 0, 2);
+
+/// The two namespaces and their veth; deleted on drop.
+struct Namespaces {
+    client: String,
+    server: String,
+}
+
+impl Namespaces {
+    fn create() -> Result<Self> {
+        let tag = std::process::id();
+        let ns = Self {
+            client: format!("zmesh-sbs-c-{tag}"),
+            server: format!("zmesh-sbs-s-{tag}"),
+        };
+        for name in [&ns.client, &ns.server] {
+            ip(&["netns", "add", name])?;
+            ip(&["-n", name, "link", "set", "lo", "up"])?;
+        }
+        let (vc, vs) = (format!("sbsc{tag}"), format!("sbss{tag}"));
+        ip(&[
+            "link", "add", &vc, "netns", &ns.client, "type", "veth", "peer", "name", &vs, "netns",
+            &ns.server,
+        ])?;
+        for (name, dev, addr) in [(&ns.client, &vc, CLIENT_IP), (&ns.server, &vs, SERVER_IP)] {
+            ip(&["-n", name, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
+            ip(&["-n", name, "link", "set", dev, "up"])?;
+        }
+        Ok(ns)
+    }
+
+    fn path(name: &str) -> PathBuf {
+        Path::new("/run/netns").join(name)
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        for name in [&self.client, &self.server] {
+            let _ = ip(&["netns", "delete", name]);
+        }
+    }
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("running ip")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Runs `f` on a thread inside the named namespace: sockets it creates, and threads it
+/// starts, live there.
+fn in_ns<T: Send>(name: &str, f: impl FnOnce() -> T + Send) -> Result<T> {
+    let file = std::fs::File::open(Namespaces::path(name))
+        .with_context(|| format!("opening netns {name}"))?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                // SAFETY: setns on this thread only, with a valid netns fd.
+                let rc = unsafe {
+                    libc::setns(
+                        std::os::fd::AsRawFd::as_raw_fd(&file.as_fd()),
+                        libc::CLONE_NEWNET,
+                    )
+                };
+                if rc != 0 {
+                    bail!("setns {name}: {}", std::io::Error::last_os_error());
+                }
+                Ok(f())
+            })
+            .join()
+            .unwrap_or_else(|_| bail!("a thread in netns {name} panicked"))
+    })
+}
+
+/// The client namespace's capture: TCP to the mesh server's port goes to the proxy's
+/// 15001 (REDIRECT: the original destination stays in conntrack for SO_ORIGINAL_DST).
+fn capture(ns: &str, port: u16) -> Result<()> {
+    let rules = format!(
+        "table inet zmesh_sbs {{\n chain out {{\n  type nat hook output priority -100;\n  \
+         ip daddr {SERVER_IP} tcp dport {port} redirect to :15001\n }}\n}}\n"
+    );
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", ns, "nft", "-f", "-"])
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .context("running nft")?;
+    std::io::Write::write_all(child.stdin.as_mut().context("nft stdin")?, rules.as_bytes())?;
+    if !child.wait()?.success() {
+        bail!("nft refused the capture rules");
+    }
+    Ok(())
+}
+
+/// A proxy pair's figures for one round.
+#[derive(Default, Clone, Copy)]
+struct Figures {
+    single_gbps: f64,
+    multi_gbps: f64,
+    p50_us: f64,
+    p99_us: f64,
+    conns_per_s: f64,
+    /// CPU seconds of both proxies per GB moved, single stream.
+    cpu_s_per_gb: f64,
+    /// Peak RSS of each proxy over the round, MB.
+    peak_rss_mb: [f64; 2],
+}
+
+struct Setup<'a> {
+    args: &'a Args,
+    ns: &'a Namespaces,
+    direct: Target,
+    mesh: Target,
+    duration: Duration,
+}
+
+/// Runs the four tests against `target` from the client namespace; `pair` are the
+/// proxies whose CPU and memory are counted (none for direct).
+fn run_tests(s: &Setup, target: &Target, pair: &[&ProxyProcess]) -> Result<Figures> {
+    let a = s.args;
+    let cpu = || -> Result<f64> {
+        pair.iter()
+            .map(|p| p.cpu().map(|d| d.as_secs_f64()))
+            .sum::<Result<f64>>()
+    };
+    let mut f = Figures::default();
+    let before = cpu()?;
+    let t = in_ns(&s.ns.client, || load::throughput(target, 1, s.duration))??;
+    f.single_gbps = t.gbit_per_s();
+    f.cpu_s_per_gb = (cpu()? - before) / (t.bytes as f64 / 1e9);
+    let t = in_ns(&s.ns.client, || {
+        load::throughput(target, a.streams, s.duration)
+    })??;
+    f.multi_gbps = t.gbit_per_s();
+    let rtts = in_ns(&s.ns.client, || {
+        load::ping_pong(target, 1000, a.pings, s.duration)
+    })??;
+    let (p50, p99) = percentiles(rtts);
+    (f.p50_us, f.p99_us) = (p50, p99);
+    let c = in_ns(&s.ns.client, || {
+        load::conn_rate(target, a.conn_threads, s.duration)
+    })?;
+    if c.errors > 0 {
+        bail!(
+            "{} of {} connections failed; first: {}",
+            c.errors,
+            c.errors + c.conns,
+            c.first_error.as_deref().unwrap_or("?")
+        );
+    }
+    f.conns_per_s = c.per_sec();
+    for (i, p) in pair.iter().enumerate() {
+        f.peak_rss_mb[i] = p.memory()?.hwm_kib as f64 * 1024.0 / 1e6;
+    }
+    Ok(f)
+}
+
+fn percentiles(mut ns: Vec<u64>) -> (f64, f64) {
+    if ns.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    ns.sort_unstable();
+    let rank = |p: f64| {
+        let i = ((p / 100.0) * ns.len() as f64).ceil() as usize;
+        ns[i.clamp(1, ns.len()) - 1] as f64 / 1e3
+    };
+    (rank(50.0), rank(99.0))
+}
+
+/// The zmesh pair for one round: started, measured, stopped.
+fn zmesh_round(s: &Setup, zmesh: &Path, dir: &Path) -> Result<Figures> {
+    let ca = Ca::new()?;
+    let (certs_a, certs_b) = (dir.join("zmesh-a"), dir.join("zmesh-b"));
+    ca.write_cert_dir(&certs_a, "client")?;
+    ca.write_cert_dir(&certs_b, "server")?;
+    let table = dir.join("workloads.yaml");
+    std::fs::write(
+        &table,
+        format!(
+            "trustDomain: {TRUST_DOMAIN}\nnodes:\n  - name: bench-a\n  - name: bench-b\n\
+             workloads:\n  - {{name: client, namespace: {NAMESPACE}, serviceAccount: client, \
+             node: bench-a, ips: [\"{CLIENT_IP}\"]}}\n  - {{name: server, namespace: {NAMESPACE}, \
+             serviceAccount: server, node: bench-b, ips: [\"{SERVER_IP}\"]}}\n"
+        ),
+    )?;
+    let spawn = |name, ns: &str, node: &str, certs: &Path| {
+        let args: Vec<String> = [
+            "netns",
+            "exec",
+            ns,
+            &zmesh.display().to_string(),
+            "--log",
+            "warn",
+            "proxy",
+            "--node",
+            node,
+            "--workloads",
+            &table.display().to_string(),
+            "--cert-dir",
+            &certs.display().to_string(),
+            "--worker-threads",
+            &s.args.proxy_threads.to_string(),
+            "--drain-seconds",
+            "1",
+        ]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+        ProxyProcess::spawn(
+            name,
+            Path::new("ip"),
+            &args,
+            dir.join(format!("{name}.log")),
+        )
+    };
+    let mut b = spawn("zmesh B", &s.ns.server, "bench-b", &certs_b)?;
+    let mut a = spawn("zmesh A", &s.ns.client, "bench-a", &certs_a)?;
+    let ready = Duration::from_secs(15);
+    in_ns(&s.ns.server, || {
+        b.wait_ready(SocketAddr::new(SERVER_IP.into(), 15021), ready)
+    })??;
+    in_ns(&s.ns.client, || {
+        a.wait_ready(SocketAddr::new(CLIENT_IP.into(), 15021), ready)
+    })??;
+    first_exchange(s)?;
+    let f = run_tests(s, &s.mesh, &[&a, &b])?;
+    a.check_alive()?;
+    b.check_alive()?;
+    Ok(f)
+}
+
+/// The ztunnel pair for one round.
+fn ztunnel_round(s: &Setup, ztunnel: &Path, dir: &Path) -> Result<Figures> {
+    let xds = dir.join("ztunnel-xds.yaml");
+    let workload = |name: &str, ip: Ipv4Addr, node: &str| {
+        format!(
+            "- uid: {NAMESPACE}/{name}\n  name: {name}\n  namespace: {NAMESPACE}\n  \
+             serviceAccount: {name}\n  trustDomain: {TRUST_DOMAIN}\n  workloadIps: [\"{ip}\"]\n  \
+             protocol: HBONE\n  node: {node}\n  network: \"\"\n  services: {{}}\n"
+        )
+    };
+    std::fs::write(
+        &xds,
+        format!(
+            "workloads:\n{}{}",
+            workload("client", CLIENT_IP, "bench-a"),
+            workload("server", SERVER_IP, "bench-b")
+        ),
+    )?;
+    let spawn = |name, ns: &str, node: &str, who: &str| {
+        let args: Vec<String> = [
+            "netns".to_string(),
+            "exec".into(),
+            ns.into(),
+            "env".into(),
+            "-i".into(),
+            format!("PATH={}", std::env::var("PATH").unwrap_or_default()),
+            "PROXY_MODE=dedicated".into(),
+            format!("PROXY_WORKLOAD_INFO={NAMESPACE}/{who}/{who}"),
+            format!("LOCAL_XDS_PATH={}", xds.display()),
+            "FAKE_CA=true".into(),
+            "XDS_ADDRESS=".into(),
+            format!("NODE_NAME={node}"),
+            format!("ZTUNNEL_WORKER_THREADS={}", s.args.proxy_threads),
+            // Connect to the server from its own address, as zmesh does: the original
+            // source would need routing back to the proxy that this topology lacks.
+            "ENABLE_ORIG_SRC=false".into(),
+            "RUST_LOG=warn".into(),
+            ztunnel.display().to_string(),
+        ]
+        .to_vec();
+        ProxyProcess::spawn(
+            name,
+            Path::new("ip"),
+            &args,
+            dir.join(format!("{name}.log")),
+        )
+    };
+    let mut b = spawn("ztunnel B", &s.ns.server, "bench-b", "server")?;
+    let mut a = spawn("ztunnel A", &s.ns.client, "bench-a", "client")?;
+    let ready = Duration::from_secs(15);
+    in_ns(&s.ns.server, || {
+        b.wait_ready(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 15021), ready)
+    })??;
+    in_ns(&s.ns.client, || {
+        a.wait_ready(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 15021), ready)
+    })??;
+    first_exchange(s)?;
+    let f = run_tests(s, &s.mesh, &[&a, &b])?;
+    a.check_alive()?;
+    b.check_alive()?;
+    Ok(f)
+}
+
+/// One exchange through the pair: the pooled HBONE connection is open (as on a running
+/// node) before anything is measured, and the path works.
+fn first_exchange(s: &Setup) -> Result<()> {
+    in_ns(&s.ns.client, || {
+        load::ping_pong(&s.mesh, 0, 1, Duration::from_secs(10))
+    })?
+    .context("the first exchange through the proxies")?;
+    Ok(())
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| !x.is_nan());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    match run(&Args::parse()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(args: &Args) -> Result<()> {
+    if !(1..=20).contains(&args.rounds) || !(args.seconds > 0.0 && args.seconds <= 600.0) {
+        bail!("--rounds must be 1..=20 and --seconds in (0, 600]");
+    }
+    let zmesh = match &args.zmesh {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("this binary has no parent directory")?
+            .join("zmesh"),
+    };
+    if !zmesh.is_file() {
+        bail!("{} not found: pass --zmesh", zmesh.display());
+    }
+    if let Some(z) = &args.ztunnel {
+        if !z.is_file() {
+            bail!("{} not found (--ztunnel / ZTUNNEL_BIN)", z.display());
+        }
+    } else {
+        eprintln!("no --ztunnel / ZTUNNEL_BIN: measuring direct and zmesh only");
+    }
+    remove_leftovers();
+    let ns = Namespaces::create()?;
+    let dir = tempfile::Builder::new().prefix("zmesh-sbs").tempdir()?;
+    let table = measure_all(args, &ns, &zmesh, dir.path())?;
+    print!("{table}");
+    Ok(())
+}
+
+/// Runs the measurements; the servers are stopped from inside their namespace (their
+/// acceptors are woken by a connection, which only works from there), also on error.
+fn measure_all(args: &Args, ns: &Namespaces, zmesh: &Path, dir: &Path) -> Result<String> {
+    let direct_server = in_ns(&ns.server, || Server::start(SERVER_IP.into(), 8))??;
+    let mesh_server = in_ns(&ns.server, || Server::start(SERVER_IP.into(), 8))??;
+    let result = (|| {
+        capture(&ns.client, mesh_server.addr().port())?;
+        let src = IpAddr::V4(CLIENT_IP);
+        let setup = Setup {
+            args,
+            ns,
+            direct: Target {
+                src,
+                dst: direct_server.addr(),
+            },
+            mesh: Target {
+                src,
+                dst: mesh_server.addr(),
+            },
+            duration: Duration::from_secs_f64(args.seconds),
+        };
+        let mut direct = Vec::new();
+        let mut zm = Vec::new();
+        let mut zt = Vec::new();
+        for round in 1..=args.rounds {
+            eprintln!("round {round}/{}: direct", args.rounds);
+            direct.push(run_tests(&setup, &setup.direct, &[])?);
+            eprintln!("round {round}/{}: zmesh", args.rounds);
+            zm.push(zmesh_round(&setup, zmesh, dir)?);
+            if let Some(z) = &args.ztunnel {
+                eprintln!("round {round}/{}: ztunnel", args.rounds);
+                zt.push(ztunnel_round(&setup, z, dir)?);
+            }
+        }
+        Ok(table(args, &direct, &zm, &zt))
+    })();
+    in_ns(&ns.server, move || drop((direct_server, mesh_server)))?;
+    result
+}
+
+/// Namespaces of earlier runs whose process is gone (killed before it could clean up).
+fn remove_leftovers() {
+    let Ok(entries) = std::fs::read_dir("/run/netns") else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix("zmesh-sbs-c-")
+            .or_else(|| name.strip_prefix("zmesh-sbs-s-"))
+        else {
+            continue;
+        };
+        if !Path::new("/proc").join(pid).exists() {
+            let _ = ip(&["netns", "delete", &name]);
+        }
+    }
+}
+
+/// The side-by-side table: medians of the rounds, zmesh/ztunnel, the targets.
+fn table(args: &Args, direct: &[Figures], zm: &[Figures], zt: &[Figures]) -> String {
+    let med = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
+    type Row = (&'static str, fn(&Figures) -> f64, bool, Option<(bool, f64)>);
+    // (name, figure, "added to direct", target: (higher is better, ratio bound))
+    let rows: [Row; 8] = [
+        (
+            "1 stream (Gb/s)",
+            |f| f.single_gbps,
+            false,
+            Some((true, 1.5)),
+        ),
+        (
+            "N streams (Gb/s)",
+            |f| f.multi_gbps,
+            false,
+            Some((true, 1.5)),
+        ),
+        (
+            "added RTT p50, 64 B (us)",
+            |f| f.p50_us,
+            true,
+            Some((false, 0.7)),
+        ),
+        ("added RTT p99 (us)", |f| f.p99_us, true, Some((false, 0.5))),
+        (
+            "new connections/s",
+            |f| f.conns_per_s,
+            false,
+            Some((true, 2.0)),
+        ),
+        (
+            "CPU s/GB, both proxies, 1 stream",
+            |f| f.cpu_s_per_gb,
+            false,
+            Some((false, 0.7)),
+        ),
+        (
+            "peak RSS proxy A (MB)",
+            |f| f.peak_rss_mb[0],
+            false,
+            Some((false, 0.5)),
+        ),
+        (
+            "peak RSS proxy B (MB)",
+            |f| f.peak_rss_mb[1],
+            false,
+            Some((false, 0.5)),
+        ),
+    ];
+    let mut out = format!(
+        "\nzmesh and ztunnel side by side: netns + veth, nftables REDIRECT capture, {} s per \
+         test, N = {} streams, {} connection threads, {} proxy thread(s), medians of {} round(s)\n\n\
+         | figure | direct | ztunnel | zmesh | zmesh/ztunnel | target | verdict |\n\
+         |---|---|---|---|---|---|---|\n",
+        args.seconds, args.streams, args.conn_threads, args.proxy_threads, args.rounds
+    );
+    for (name, f, added, target) in rows {
+        let d = med(direct, f);
+        let base = if added { d } else { 0.0 };
+        let (z, t) = (med(zm, f) - base, med(zt, f) - base);
+        let ratio = z / t;
+        let direct_cell = if name.contains("RSS") || name.contains("CPU") {
+            "-".to_string()
+        } else {
+            format!("{d:.1}")
+        };
+        let (target_cell, verdict) = match target {
+            Some((higher, bound)) if !ratio.is_nan() => {
+                let met = if higher {
+                    ratio >= bound
+                } else {
+                    ratio <= bound
+                };
+                (
+                    format!("{} {bound}", if higher { ">=" } else { "<=" }),
+                    if met { "MET" } else { "MISSED" },
+                )
+            }
+            _ => ("-".to_string(), "-"),
+        };
+        out += &format!(
+            "| {name} | {direct_cell} | {t:.2} | {z:.2} | {ratio:.2} | {target_cell} | {verdict} |\n"
+        );
+    }
+    out
+}
