@@ -392,7 +392,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: &Args) -> Result<()> {
-    if !(1..=20).contains(&args.rounds) || !(args.seconds > 0.0 && args.seconds <= 600.0) {
+    if !((1..=20).contains(&args.rounds) && args.seconds > 0.0 && args.seconds <= 600.0) {
         bail!("--rounds must be 1..=20 and --seconds in (0, 600]");
     }
     let zmesh = match &args.zmesh {
