@@ -235,7 +235,9 @@ fn percentiles(mut ns: Vec<u64>) -> (f64, f64) {
 /// The zmesh pair for one round: started, measured, stopped.
 fn zmesh_round(s: &Setup, zmesh: &Path, dir: &Path) -> Result<Figures> {
     let ca = Ca::new()?;
-    let (certs_a, certs_b) = (dir.join("zmesh-a"), dir.join("zmesh-b"));
+    // Fresh keys and certificates every round (the directory of each is created anew).
+    let round = tempfile::tempdir_in(dir)?;
+    let (certs_a, certs_b) = (round.path().join("zmesh-a"), round.path().join("zmesh-b"));
     ca.write_cert_dir(&certs_a, "client")?;
     ca.write_cert_dir(&certs_b, "server")?;
     let table = dir.join("workloads.yaml");
