@@ -23,11 +23,16 @@ async fn kill_mid_stream(node: &str) {
 
     lab.kill_agent(node).unwrap();
     // The application sees its connection end, not a hang.
-    assert_eq!(
-        client.try_roundtrip("after the kill", END_WITHIN),
-        Roundtrip::Ended,
-        "the connection through {node}'s dead proxy"
-    );
+    let outcome = client.try_roundtrip("after the kill", END_WITHIN);
+    if outcome != Roundtrip::Ended {
+        // Seen twice under load in CI (a hang), never reproduced alone: keep what the
+        // living agent knew for the next look.
+        let other = if node == "node1" { "node2" } else { "node1" };
+        panic!(
+            "the connection through {node}'s dead proxy: {outcome:?}; {other}'s log:\n{}",
+            tail(&lab.agent_log(other))
+        );
+    }
 
     // While the agent is down, redirection stays pinned: new connections fail closed,
     // nothing goes out in plaintext.
