@@ -21,7 +21,7 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets --features zmesh/demo --locked -- -D warnings
 echo "== cargo test"
 if [ -z "${ZTUNNEL_BIN:-}" ]; then
-  echo "   (tests/ztunnel_inpod.rs is skipped: ZTUNNEL_BIN is not set; README, \"A stock ztunnel in the tests\")"
+  echo "   (tests/ztunnel_inpod.rs and tests/ztunnel_interop.rs are skipped: ZTUNNEL_BIN is not set; README, \"A stock ztunnel in the tests\")"
 fi
 cargo test --workspace --features zmesh/demo --locked
 # Debian's own kernels booted in QEMU (TCG): the redirection tests and the demo on Debian

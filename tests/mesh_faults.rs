@@ -107,6 +107,7 @@ async fn ca_down_past_certificate_expiry_fails_closed_with_the_reason_and_recove
         agent_env: vec![],
         kubelet_cgroups: false,
         dual_stack: false,
+        ca_args: vec![],
     })
     .await
     .expect("the lab starts");

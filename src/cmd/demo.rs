@@ -66,6 +66,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         kubelet_cgroups: false,
         // Every pod has an IPv4 and an IPv6 address; the agents steer both.
         dual_stack: true,
+        ca_args: vec![],
     });
     let mut lab = tokio::select! {
         lab = lab => lab?,

@@ -53,6 +53,7 @@ pub fn options(
         agent_env: vec![],
         kubelet_cgroups: false,
         dual_stack: false,
+        ca_args: vec![],
     }
 }
 

@@ -96,6 +96,8 @@ pub struct LabOptions {
     /// Dual-stack pods: each gets an IPv6 address too (`status.podIPs`), and agents steer
     /// IPv6 (`--proxy-ip6`, the node's fd00:201:N::1).
     pub dual_stack: bool,
+    /// More arguments for `zmesh ca serve` (e.g. `--bearer-tokens FILE`).
+    pub ca_args: Vec<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -472,7 +474,8 @@ impl Lab {
             .arg("--san")
             .arg(addr.ip().to_string())
             .arg("--manifests")
-            .arg(manifests);
+            .arg(manifests)
+            .args(&self.options.ca_args);
         self.ca = Some(spawn_logged(command, &log, "the CA")?);
         // Ready once it accepts TCP on its port (checked from the control node).
         let ca_ip = addr;
