@@ -71,6 +71,12 @@ pub enum TableError {
         name: String,
         field: &'static str,
     },
+    #[error("workload {namespace}/{name}: named port {port:?} is 0")]
+    NamedPortZero {
+        namespace: String,
+        name: String,
+        port: String,
+    },
     #[error("IP {ip} belongs to both {first} and {second}")]
     DuplicateIp {
         ip: IpAddr,
@@ -335,6 +341,14 @@ impl WorkloadTable {
                     name: w.name.clone(),
                     source,
                 })?;
+            // A Service's named targetPort resolving to 0 would send traffic nowhere.
+            if let Some((port, _)) = w.ports.iter().find(|(_, &number)| number == 0) {
+                return Err(TableError::NamedPortZero {
+                    namespace: w.namespace.clone(),
+                    name: w.name.clone(),
+                    port: port.clone(),
+                });
+            }
             named_ports.push(w.ports);
             workloads.push(Workload {
                 name: w.name,
@@ -721,6 +735,11 @@ services:
                 "listed twice",
             ),
             (SERVICES.replace("[{port: 5432}]", "[{port: 0}]"), "port 0"),
+            (
+                // found by the fuzzer: a named port 0 made a Service endpoint on port 0
+                SERVICES.replace("ports: {http: 9090}", "ports: {http: 0}"),
+                "web-2: named port \"http\" is 0",
+            ),
             (
                 SERVICES.replace("[{port: 5432}]", "[{port: 5432, targetPort: 0}]"),
                 "targetPort 0",
