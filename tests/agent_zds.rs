@@ -508,6 +508,7 @@ fn pod(name: &str, netns: Option<PathBuf>) -> PodInfo {
     PodInfo {
         namespace: "shop".into(),
         name: name.into(),
+        workload_name: name.into(),
         uid: None,
         node: Some(NODE.into()),
         ips: vec![],

@@ -168,6 +168,7 @@ fn pod(name: &str, node: &str, service_account: &str) -> PodInfo {
     PodInfo {
         namespace: "shop".into(),
         name: name.into(),
+        workload_name: name.into(),
         uid: None,
         node: Some(node.into()),
         ips: vec![],

@@ -215,12 +215,14 @@ impl TlsCredentials for ManagedCredentials {
         Ok(config)
     }
 
-    fn earliest_expiry(&self) -> Option<SystemTime> {
+    fn expiries(&self) -> Vec<(String, SystemTime)> {
         self.certs
             .status()
-            .iter()
-            .filter_map(|s| s.not_after)
-            .min()
-            .map(|secs| SystemTime::UNIX_EPOCH + Duration::from_secs(secs))
+            .into_iter()
+            .filter_map(|s| {
+                let at = SystemTime::UNIX_EPOCH + Duration::from_secs(s.not_after?);
+                Some((s.workload, at))
+            })
+            .collect()
     }
 }

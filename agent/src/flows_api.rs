@@ -267,6 +267,7 @@ mod tests {
     fn table() -> WorkloadTable {
         let w = Workload {
             name: "db-0".into(),
+            workload_name: "db-0".into(),
             namespace: "prod".into(),
             service_account: "db".into(),
             node: "n1".into(),

@@ -40,6 +40,7 @@ pub fn workload_table(
         }
         workloads.push(Workload {
             name: pod.name.clone(),
+            workload_name: pod.workload_name.clone(),
             namespace: pod.namespace.clone(),
             service_account: pod.service_account.clone(),
             node: pod_node.clone(),
@@ -121,6 +122,7 @@ mod tests {
         PodInfo {
             namespace: ns.into(),
             name: name.into(),
+            workload_name: name.into(),
             uid: None,
             node: Some(node.into()),
             ips: vec![ip.parse().unwrap()],

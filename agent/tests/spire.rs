@@ -53,6 +53,7 @@ fn workload_id(sa: &str) -> WorkloadId {
 fn workload(name: &str, node: &str, ip: IpAddr) -> Workload {
     Workload {
         name: name.into(),
+        workload_name: name.into(),
         namespace: "default".into(),
         service_account: name.into(),
         node: node.into(),

@@ -42,6 +42,7 @@ mod tests {
         let pod = PodInfo {
             namespace: "shop".into(),
             name: "web-1".into(),
+            workload_name: "web-1".into(),
             uid: None,
             node: Some("node1".into()),
             ips: vec![],

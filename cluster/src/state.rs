@@ -42,6 +42,9 @@ impl NamespaceInfo {
 pub struct PodInfo {
     pub namespace: String,
     pub name: String,
+    /// The workload the pod belongs to, as Istio names it in telemetry (`workload_name`):
+    /// its Deployment, StatefulSet, DaemonSet, Job or CronJob, else the pod itself.
+    pub workload_name: String,
     /// `metadata.uid`: tells a pod from an earlier one of the same name, and names its
     /// cgroup on its node (how the agent finds its network namespace). `None` in manifests
     /// that do not set it.
@@ -62,6 +65,53 @@ pub struct PodInfo {
     /// with `restartPolicy: Always`), for Services' named `targetPort`s. The first of a name
     /// wins.
     pub ports: BTreeMap<String, u16>,
+}
+
+/// Istio's label that names a pod's workload outright.
+pub const WORKLOAD_NAME_LABEL: &str = "service.istio.io/workload-name";
+
+/// The name of the workload a pod belongs to, derived as Istio derives it
+/// (`GetDeployMetaFromPod`): the label [`WORKLOAD_NAME_LABEL`] if set; else its controller,
+/// with a ReplicaSet's `-<pod-template-hash>` taken off (its Deployment) and a Job's
+/// `-<schedule>` suffix taken off (its CronJob); else the pod's own name.
+pub fn workload_name(
+    pod: &str,
+    labels: &BTreeMap<String, String>,
+    owners: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference]>,
+) -> String {
+    if let Some(name) = labels.get(WORKLOAD_NAME_LABEL).filter(|n| !n.is_empty()) {
+        return name.clone();
+    }
+    let Some(controller) = owners
+        .into_iter()
+        .flatten()
+        .find(|o| o.controller == Some(true))
+    else {
+        return pod.to_owned();
+    };
+    let name = controller.name.as_str();
+    match controller.kind.as_str() {
+        "ReplicaSet" => labels
+            .get("pod-template-hash")
+            .filter(|hash| !hash.is_empty())
+            .and_then(|hash| name.strip_suffix(hash.as_str()))
+            .and_then(|rest| rest.strip_suffix('-'))
+            .filter(|deployment| !deployment.is_empty())
+            .unwrap_or(name)
+            .to_owned(),
+        // A CronJob's Jobs are named `<cronjob>-<scheduled time in minutes>`.
+        "Job" => match name.rsplit_once('-') {
+            Some((cronjob, stamp))
+                if !cronjob.is_empty()
+                    && stamp.len() >= 8
+                    && stamp.bytes().all(|b| b.is_ascii_digit()) =>
+            {
+                cronjob.to_owned()
+            }
+            _ => name.to_owned(),
+        },
+        _ => name.to_owned(),
+    }
 }
 
 /// Why a Pod object could not be used.
@@ -146,9 +196,12 @@ impl PodInfo {
             }
         }
         let annotations = meta.annotations.unwrap_or_default();
+        let labels = meta.labels.unwrap_or_default();
+        let workload_name = workload_name(&name, &labels, meta.owner_references.as_deref());
         Ok(Self {
             namespace: meta.namespace.unwrap_or_else(|| "default".into()),
             name,
+            workload_name,
             uid: meta.uid.filter(|uid| !uid.is_empty()),
             node: spec.node_name,
             ips,
@@ -156,7 +209,7 @@ impl PodInfo {
                 .service_account_name
                 .unwrap_or_else(|| "default".into()),
             host_network: spec.host_network.unwrap_or(false),
-            labels: meta.labels.unwrap_or_default(),
+            labels,
             netns_path: annotations.get(NETNS_ANNOTATION).map(PathBuf::from),
             cgroup_path: annotations.get(CGROUP_ANNOTATION).map(PathBuf::from),
             ready,
@@ -413,6 +466,7 @@ mod tests {
         PodInfo {
             namespace: ns.into(),
             name: name.into(),
+            workload_name: name.into(),
             uid: Some(format!("uid-{name}")),
             node: Some("node1".into()),
             ips: vec!["10.0.0.1".parse().unwrap()],
@@ -427,6 +481,59 @@ mod tests {
             ready: true,
             ports: BTreeMap::new(),
         }
+    }
+
+    fn owner(
+        kind: &str,
+        name: &str,
+        controller: bool,
+    ) -> k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference {
+            api_version: "apps/v1".into(),
+            kind: kind.into(),
+            name: name.into(),
+            uid: "u".into(),
+            controller: Some(controller),
+            block_owner_deletion: None,
+        }
+    }
+
+    #[test]
+    fn workload_names_follow_istio() {
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let hash = labels(&[("pod-template-hash", "7c9f8b6d5")]);
+        let rs = [owner("ReplicaSet", "web-7c9f8b6d5", true)];
+        assert_eq!(
+            workload_name("web-7c9f8b6d5-x2k4q", &hash, Some(&rs)),
+            "web"
+        );
+        // A ReplicaSet of its own (no Deployment's hash suffix) is the workload.
+        let bare = [owner("ReplicaSet", "cache", true)];
+        assert_eq!(workload_name("cache-abcde", &hash, Some(&bare)), "cache");
+        let sts = [owner("StatefulSet", "db", true)];
+        assert_eq!(workload_name("db-0", &BTreeMap::new(), Some(&sts)), "db");
+        let cron = [owner("Job", "backup-29012345", true)];
+        assert_eq!(
+            workload_name("backup-29012345-abcde", &BTreeMap::new(), Some(&cron)),
+            "backup"
+        );
+        let job = [owner("Job", "migrate-v2", true)];
+        assert_eq!(
+            workload_name("migrate-v2-abcde", &BTreeMap::new(), Some(&job)),
+            "migrate-v2"
+        );
+        // Only the controller counts; no controller: the pod itself.
+        let not_controller = [owner("ReplicaSet", "web-7c9f8b6d5", false)];
+        assert_eq!(workload_name("p", &hash, Some(&not_controller)), "p");
+        assert_eq!(workload_name("p", &BTreeMap::new(), None), "p");
+        // Istio's label wins.
+        let named = labels(&[("service.istio.io/workload-name", "frontend")]);
+        assert_eq!(workload_name("p", &named, Some(&rs)), "frontend");
     }
 
     #[test]

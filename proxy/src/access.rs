@@ -3,7 +3,7 @@
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime};
 
 use crate::flows::{FlowEndpoint, FlowEvent, FlowVerdict};
@@ -11,6 +11,7 @@ use crate::metrics::Direction;
 use crate::outcome::Outcome;
 use crate::policy::Verdict;
 use crate::proxy::Shared;
+use crate::telemetry::{Connection, TcpLabels};
 use crate::workloads::Workload;
 
 /// Bytes moved so far, added to as the data flows: a connection cut short (e.g. at the
@@ -18,9 +19,36 @@ use crate::workloads::Workload;
 #[derive(Debug, Default)]
 pub(crate) struct ByteCounts {
     /// To the client that opened the connection.
-    pub sent: AtomicU64,
+    pub sent: ByteCount,
     /// From the client that opened the connection.
-    pub received: AtomicU64,
+    pub received: ByteCount,
+}
+
+/// One direction's bytes: this connection's own count, and the `istio_tcp_*_bytes` series
+/// it adds to once it is established.
+#[derive(Debug, Default)]
+pub(crate) struct ByteCount {
+    here: AtomicU64,
+    series: OnceLock<prometheus_client::metrics::counter::Counter>,
+}
+
+impl ByteCount {
+    pub fn add(&self, n: u64) {
+        self.here.fetch_add(n, Ordering::Relaxed);
+        if let Some(series) = self.series.get() {
+            series.inc_by(n);
+        }
+    }
+
+    pub fn get(&self) -> u64 {
+        self.here.load(Ordering::Relaxed)
+    }
+
+    /// From now on, also adds to `series` (and adds what was counted before).
+    fn feed(&self, series: prometheus_client::metrics::counter::Counter) {
+        series.inc_by(self.get());
+        let _ = self.series.set(series);
+    }
 }
 
 /// Records one connection: when it is dropped, it logs, counts and publishes the outcome
@@ -33,6 +61,12 @@ pub(crate) struct AccessLog {
     pub src: FlowEndpoint,
     pub dst_addr: Option<SocketAddr>,
     dst: Option<FlowEndpoint>,
+    /// The workloads at both ends, where the table knows them (for Istio's labels).
+    src_workload: Option<Arc<Workload>>,
+    dst_workload: Option<Arc<Workload>>,
+    /// Its `istio_tcp_*` series, once it was counted as opened (set through a shared
+    /// reference: the tunnel's copy loop borrows the byte counters meanwhile).
+    istio: OnceLock<TcpLabels>,
     /// The Service the client addressed (`namespace/name`), if it addressed one.
     pub service: Option<String>,
     /// Whether the flow crossed the network inside mTLS (set once the tunnel is up or
@@ -63,6 +97,9 @@ impl AccessLog {
             src: FlowEndpoint::addr(src_addr),
             dst_addr: None,
             dst: None,
+            src_workload: None,
+            dst_workload: None,
+            istio: OnceLock::new(),
             service: None,
             encrypted: false,
             policy: None,
@@ -73,28 +110,68 @@ impl AccessLog {
 
     /// The source is this workload (its identity as the table has it: use only where the
     /// source IP was checked, e.g. a local pod).
-    pub fn source(&mut self, w: &Workload) {
+    pub fn source(&mut self, w: &Arc<Workload>) {
         self.src = endpoint_of(w, self.src.addr);
+        self.src_workload = Some(w.clone());
     }
 
-    pub fn destination(&mut self, w: &Workload) {
+    /// The source address belongs to this workload: named, but the identity stays what a
+    /// certificate proved (or none).
+    pub fn source_by_address(&mut self, w: &Arc<Workload>, addr: SocketAddr) {
+        self.src.addr = addr;
+        self.src.namespace = Some(w.namespace.clone());
+        self.src.pod = Some(w.name.clone());
+        self.src_workload = Some(w.clone());
+    }
+
+    pub fn destination(&mut self, w: &Arc<Workload>) {
         let addr = self.dst_addr.unwrap_or_else(unknown_addr);
         self.dst = Some(endpoint_of(w, addr));
+        self.dst_workload = Some(w.clone());
     }
 
     /// The destination is this workload, reached in plaintext: named, but without an
     /// identity (nothing proved it).
-    pub fn plaintext_destination(&mut self, w: &Workload) {
+    pub fn plaintext_destination(&mut self, w: &Arc<Workload>) {
         let addr = self.dst_addr.unwrap_or_else(unknown_addr);
         self.dst = Some(FlowEndpoint {
             identity: None,
             ..endpoint_of(w, addr)
         });
+        self.dst_workload = Some(w.clone());
     }
 
     /// Forgets the destination workload (a Service connection moving to another endpoint).
     pub fn clear_destination(&mut self) {
         self.dst = None;
+        self.dst_workload = None;
+    }
+
+    /// The connection is established (bytes are about to flow): counts it as opened in
+    /// Istio's telemetry, whose byte counters then follow the data as it moves.
+    pub fn established(&self) {
+        if self.istio.get().is_some() {
+            return;
+        }
+        let labels = self.istio_labels();
+        let (received, sent) = self.shared.metrics.istio.opened(&labels);
+        self.bytes.received.feed(received);
+        self.bytes.sent.feed(sent);
+        let _ = self.istio.set(labels);
+    }
+
+    fn istio_labels(&self) -> TcpLabels {
+        let config = &self.shared.config;
+        TcpLabels::new(&Connection {
+            direction: self.direction,
+            source: self.src_workload.as_deref(),
+            source_principal: self.src.identity.as_deref().filter(|_| self.encrypted),
+            destination: self.dst_workload.as_deref(),
+            service: self.service.as_deref(),
+            mutual_tls: self.encrypted,
+            cluster_id: &config.cluster_id,
+            cluster_domain: &config.cluster_domain,
+        })
     }
 
     /// Ends the connection with `outcome` (recorded as the log drops).
@@ -104,12 +181,22 @@ impl AccessLog {
 
     /// Logs, counts and publishes the end of the connection.
     fn record(&mut self, outcome: Outcome) {
-        let shared = &*self.shared;
-        let sent = self.bytes.sent.load(Ordering::Relaxed);
-        let received = self.bytes.received.load(Ordering::Relaxed);
-        shared
+        let sent = self.bytes.sent.get();
+        let received = self.bytes.received.get();
+        self.shared
             .metrics
             .closed(self.direction, outcome, sent, received);
+        // A connection refused or failed before it carried bytes is counted opened and
+        // closed in one go, as ztunnel counts it, once either end is known.
+        if self.istio.get().is_none()
+            && (self.src_workload.is_some() || self.dst_workload.is_some())
+        {
+            self.established();
+        }
+        if let Some(labels) = self.istio.get() {
+            self.shared.metrics.istio.closed(labels, outcome);
+        }
+        let shared = &*self.shared;
         let duration = self.start.elapsed();
         let none = || "-".to_string();
         tracing::info!(

@@ -23,10 +23,11 @@ pub(crate) async fn serve_metrics(
     stop: CancellationToken,
 ) -> Result<(), ProxyError> {
     let creds = shared.credentials.clone();
-    let mut registry = shared
-        .metrics
-        .registry(Arc::new(move || creds.earliest_expiry()));
-    shared.flows.metrics().register(&mut registry);
+    let mut registry = shared.metrics.registry(Arc::new(move || creds.expiries()));
+    shared
+        .flows
+        .metrics()
+        .register(registry.sub_registry_with_prefix("zmesh"));
     let handler: Handler = Arc::new(move |req: &Request<Incoming>| metrics_page(req, &registry));
     let name = (METRICS, shared.addrs.metrics);
     serve_one(listener, name, stop, handler).await

@@ -9,7 +9,6 @@
 use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
@@ -18,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::tcp::ReadHalf;
 use tokio::net::TcpStream;
 
-use crate::access::ByteCounts;
+use crate::access::{ByteCount, ByteCounts};
 
 /// Read sizes from TCP: a tunnel starts reading at most `MIN_READ` bytes at a time, and
 /// each read that fills its buffer quadruples the next one up to `MAX_READ` (which also
@@ -76,7 +75,7 @@ pub(crate) enum Ended {
 async fn tcp_to_h2(
     tcp: ReadHalf<'_>,
     send: &mut SendStream<Bytes>,
-    counter: &AtomicU64,
+    counter: &ByteCount,
 ) -> Result<bool, CopyError> {
     let mut size = ReadSize::new();
     loop {
@@ -124,7 +123,7 @@ async fn tcp_to_h2(
             let chunk = data.split_to(granted.min(data.len()));
             let len = chunk.len() as u64;
             send.send_data(chunk, false)?;
-            counter.fetch_add(len, Ordering::Relaxed);
+            counter.add(len);
         }
     }
 }
@@ -134,7 +133,7 @@ async fn tcp_to_h2(
 async fn h2_to_tcp<W: AsyncWrite + Unpin>(
     mut recv: RecvStream,
     mut tcp: W,
-    counter: &AtomicU64,
+    counter: &ByteCount,
 ) -> Result<bool, CopyError> {
     let mut reset = false;
     loop {
@@ -142,7 +141,7 @@ async fn h2_to_tcp<W: AsyncWrite + Unpin>(
             Some(Ok(chunk)) => {
                 let len = chunk.len();
                 tcp.write_all(&chunk).await?;
-                counter.fetch_add(len as u64, Ordering::Relaxed);
+                counter.add(len as u64);
                 // Only now may the peer send more: bounded memory per stream.
                 let _ = recv.flow_control().release_capacity(len);
             }
@@ -165,8 +164,8 @@ pub(crate) async fn bridge(
     mut tcp: TcpStream,
     mut send: SendStream<Bytes>,
     recv: RecvStream,
-    to_h2: &AtomicU64,
-    to_tcp: &AtomicU64,
+    to_h2: &ByteCount,
+    to_tcp: &ByteCount,
 ) -> Result<Ended, CopyError> {
     // Borrowed halves: no lock between the two directions (tokio::io::split takes one).
     let (r, w) = tcp.split();
@@ -212,7 +211,7 @@ pub(crate) async fn splice(
 /// A stream that counts the bytes written to it.
 struct CountWrites<'a, S> {
     io: &'a mut S,
-    written: &'a AtomicU64,
+    written: &'a ByteCount,
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for CountWrites<'_, S> {
@@ -234,7 +233,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CountWrites<'_, S> {
         let this = self.get_mut();
         let r = Pin::new(&mut *this.io).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = r {
-            this.written.fetch_add(n as u64, Ordering::Relaxed);
+            this.written.add(n as u64);
         }
         r
     }
@@ -247,7 +246,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for CountWrites<'_, S> {
         let this = self.get_mut();
         let r = Pin::new(&mut *this.io).poll_write_vectored(cx, bufs);
         if let Poll::Ready(Ok(n)) = r {
-            this.written.fetch_add(n as u64, Ordering::Relaxed);
+            this.written.add(n as u64);
         }
         r
     }

@@ -192,8 +192,11 @@ impl TlsCredentials for StaticCredentials {
         Ok(Arc::new(config))
     }
 
-    fn earliest_expiry(&self) -> Option<SystemTime> {
-        self.certs.values().map(|e| e.not_after).min()
+    fn expiries(&self) -> Vec<(String, SystemTime)> {
+        self.certs
+            .iter()
+            .map(|(id, e)| (id.spiffe_id().to_string(), e.not_after))
+            .collect()
     }
 }
 

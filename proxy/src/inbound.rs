@@ -291,9 +291,7 @@ fn attribute_source(
     for addr in forwarded.into_iter().chain([peer]) {
         if let Some(w) = table.workload_by_ip(addr.ip()) {
             if w.identity.spiffe_id() == peer_id {
-                log.src.addr = addr;
-                log.src.namespace = Some(w.namespace.clone());
-                log.src.pod = Some(w.name.clone());
+                log.source_by_address(w, addr);
                 return;
             }
         }
@@ -465,9 +463,10 @@ async fn tunnel(
                 return Outcome::ClientReset;
             }
         };
+        log.established();
         let ended = bridge(upstream, send, req.into_body(), sent, received).await;
         // What the client sent us went to the upstream: `received` counts it.
-        if received.load(std::sync::atomic::Ordering::Relaxed) > 0 {
+        if received.get() > 0 {
             limits.used();
         } else if matches!(ended, Ok(Ended::PeerReset) | Err(CopyError::H2(_))) {
             // Reset (whatever the reason) or failed on the client's side, unused.

@@ -23,6 +23,7 @@ mod plaintext;
 mod pool;
 mod proxy;
 pub mod runtime;
+mod telemetry;
 mod tunnels;
 
 pub mod flows;

@@ -317,6 +317,7 @@ async fn forward(
     dst: SocketAddr,
     log: AccessLog,
 ) {
+    log.established();
     let outcome = match upstream {
         Upstream::Hbone { lease, send, recv } => {
             // The client is on the TCP side: it receives what comes from HTTP/2.

@@ -26,8 +26,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketA
     let table = shared.workloads.snapshot();
     // Named by address only: without a certificate the source proves nothing.
     if let Some(w) = table.workload_by_ip(peer.ip()) {
-        log.src.namespace = Some(w.namespace.clone());
-        log.src.pod = Some(w.name.clone());
+        log.source_by_address(w, peer);
     }
     let dst = match shared.config.capture {
         // sk_assign delivered it here: the address the client dialed is our local address.
@@ -81,6 +80,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketA
         _ => return log.finish(Outcome::ConnectFailed),
     };
     shared.tune_app_socket(&upstream);
+    log.established();
     let outcome = tokio::select! {
         r = splice(&mut tcp, &mut upstream, &log.bytes) => match r {
             Ok(()) => Outcome::Passthrough,

@@ -37,9 +37,10 @@ pub trait TlsCredentials: Send + Sync + 'static {
         expected: &[SpiffeId],
     ) -> Result<Arc<ClientConfig>, TlsError>;
 
-    /// When the first of the certificates in use expires (for the expiry metric).
-    fn earliest_expiry(&self) -> Option<SystemTime> {
-        None
+    /// Each workload certificate held, by SPIFFE ID, and when it expires (for the expiry
+    /// metrics).
+    fn expiries(&self) -> Vec<(String, SystemTime)> {
+        Vec::new()
     }
 }
 

@@ -114,6 +114,9 @@ pub enum Protocol {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Workload {
     pub name: String,
+    /// The Deployment (StatefulSet, ...) the pod belongs to, Istio's `workload_name`; the
+    /// pod's own name when it has none.
+    pub workload_name: String,
     pub namespace: String,
     pub service_account: String,
     pub node: String,
@@ -209,6 +212,9 @@ struct WorkloadFile {
     labels: BTreeMap<String, String>,
     #[serde(default)]
     ports: BTreeMap<String, u16>,
+    /// Defaults to `name`.
+    #[serde(default)]
+    workload_name: Option<String>,
 }
 
 /// An immutable snapshot of all workloads, indexed by IP, and of the Services.
@@ -351,6 +357,7 @@ impl WorkloadTable {
             }
             named_ports.push(w.ports);
             workloads.push(Workload {
+                workload_name: w.workload_name.unwrap_or_else(|| w.name.clone()),
                 name: w.name,
                 namespace: w.namespace,
                 service_account: w.service_account,
@@ -546,6 +553,34 @@ impl WorkloadStore {
 }
 
 impl Workload {
+    /// Istio's canonical service (`app` in telemetry): the first of the labels
+    /// `service.istio.io/canonical-name`, `app.kubernetes.io/name`, `app`, else the
+    /// workload's name.
+    pub fn canonical_service(&self) -> &str {
+        [
+            "service.istio.io/canonical-name",
+            "app.kubernetes.io/name",
+            "app",
+        ]
+        .iter()
+        .find_map(|key| self.labels.get(*key).filter(|v| !v.is_empty()))
+        .map_or(&self.workload_name, |v| v)
+    }
+
+    /// Istio's canonical revision (`version` in telemetry): the first of the labels
+    /// `service.istio.io/canonical-revision`, `app.kubernetes.io/version`, `version`, else
+    /// `latest`.
+    pub fn canonical_revision(&self) -> &str {
+        [
+            "service.istio.io/canonical-revision",
+            "app.kubernetes.io/version",
+            "version",
+        ]
+        .iter()
+        .find_map(|key| self.labels.get(*key).filter(|v| !v.is_empty()))
+        .map_or("latest", |v| v)
+    }
+
     /// Whether policies see both the same: same namespace and labels.
     pub(crate) fn same_for_policies(&self, other: &Workload) -> bool {
         self.namespace == other.namespace && self.labels == other.labels

@@ -77,6 +77,7 @@ async fn start(net: u8) -> Node {
     let labels: BTreeMap<String, String> = [("app".to_owned(), "server".to_owned())].into();
     let server = Workload {
         name: "server".into(),
+        workload_name: "server".into(),
         namespace: "prod".into(),
         service_account: "server-sa".into(),
         node: "b".into(),
@@ -88,6 +89,7 @@ async fn start(net: u8) -> Node {
     // The frontend pod, so that its flows can be attributed to it.
     let frontend = Workload {
         name: "frontend-1".into(),
+        workload_name: "frontend-1".into(),
         namespace: "web".into(),
         service_account: "frontend".into(),
         node: "a".into(),

@@ -71,7 +71,9 @@ fn loads_a_certificate_directory() {
     assert!(creds
         .client_config(&other, &[web.spiffe_id().clone()])
         .is_err());
-    assert!(creds.earliest_expiry().is_some());
+    let expiries = creds.expiries();
+    assert_eq!(expiries.len(), 1);
+    assert_eq!(expiries[0].0, "spiffe://cluster.local/ns/shop/sa/web");
 }
 
 #[test]

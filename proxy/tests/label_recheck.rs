@@ -55,6 +55,7 @@ async fn echo_server(ip: IpAddr) -> SocketAddr {
 fn server(name: &str, ip: IpAddr, labels: &[(&str, &str)]) -> Workload {
     Workload {
         name: name.into(),
+        workload_name: name.into(),
         namespace: "prod".into(),
         service_account: "server-sa".into(),
         node: "b".into(),

@@ -930,6 +930,7 @@ fn denies_existing_reevaluates_open_connections() {
 fn workload(ns: &str, name: &str) -> Workload {
     Workload {
         name: name.into(),
+        workload_name: name.into(),
         namespace: ns.into(),
         service_account: name.into(),
         node: "n1".into(),

@@ -23,6 +23,7 @@ fn pod(namespace: &str, name: &str, uid: &str, node: &str) -> PodInfo {
     PodInfo {
         namespace: namespace.into(),
         name: name.into(),
+        workload_name: name.into(),
         uid: Some(uid.into()),
         node: Some(node.into()),
         ips: vec![],

@@ -306,6 +306,7 @@ fn pod(name: &str, uid: Option<&str>, annotation: Option<&Path>) -> PodInfo {
     PodInfo {
         namespace: "shop".into(),
         name: name.into(),
+        workload_name: name.into(),
         uid: uid.map(str::to_owned),
         node: Some("node1".into()),
         ips: vec![],

@@ -106,6 +106,7 @@ pub fn ip(net: u8, host: u8) -> IpAddr {
 pub fn workload(name: &str, sa: &str, node: &str, ip: IpAddr) -> Workload {
     Workload {
         name: name.into(),
+        workload_name: name.into(),
         namespace: "default".into(),
         service_account: sa.into(),
         node: node.into(),
