@@ -300,3 +300,235 @@ async fn certificate_build_and_process_metrics() {
     );
     assert!(one(&all, "process_cpu_seconds_total", &[]).value > 0.0);
 }
+
+/// Every PromQL query of the Grafana dashboard (examples/grafana), panels and variables.
+fn dashboard_queries() -> Vec<String> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/grafana/zmesh-dashboard.json"
+    );
+    let text = std::fs::read_to_string(path).unwrap();
+    let dash: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let mut exprs = Vec::new();
+    for panel in dash["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            exprs.push(target["expr"].as_str().unwrap().to_string());
+        }
+    }
+    for var in dash["templating"]["list"].as_array().unwrap() {
+        if let Some(q) = var["query"]["query"].as_str() {
+            exprs.push(q.to_string());
+        }
+    }
+    exprs
+}
+
+/// Identifiers of `expr` outside quoted strings, with whether each sits inside `{}` or a
+/// label list (`by (...)`, `on (...)`, `group_left (...)`, `label_values(m, label)`).
+fn tokens(expr: &str) -> Vec<(String, bool)> {
+    let mut out = Vec::new();
+    let (mut in_quotes, mut braces) = (false, 0);
+    let mut label_list = false;
+    let mut word = String::new();
+    let mut prev_word = String::new();
+    let flush = |word: &mut String, is_label: bool, out: &mut Vec<(String, bool)>| {
+        if !word.is_empty() {
+            out.push((std::mem::take(word), is_label));
+        }
+    };
+    for c in expr.chars() {
+        if in_quotes {
+            in_quotes = c != '"';
+            continue;
+        }
+        if c.is_ascii_alphanumeric() || c == '_' || c == ':' || c == '$' {
+            word.push(c);
+            continue;
+        }
+        let is_label = braces > 0 || label_list;
+        if !word.is_empty() {
+            prev_word = word.clone();
+        }
+        flush(&mut word, is_label, &mut out);
+        match c {
+            '"' => in_quotes = true,
+            '{' => braces += 1,
+            '}' => braces -= 1,
+            '(' => {
+                label_list = [
+                    "by",
+                    "on",
+                    "ignoring",
+                    "group_left",
+                    "group_right",
+                    "without",
+                ]
+                .contains(&prev_word.as_str())
+            }
+            ')' => label_list = false,
+            ',' if prev_word.starts_with("istio_") || prev_word.starts_with("zmesh_") => {
+                // label_values(metric, label)
+                label_list = expr.starts_with("label_values(");
+            }
+            _ => {}
+        }
+        if c != ' ' && c != ',' {
+            prev_word.clear();
+        }
+    }
+    let is_label = braces > 0 || label_list;
+    flush(&mut word, is_label, &mut out);
+    out
+}
+
+/// A scrape of proxies that saw every kind of event the dashboard charts: a tunnel, a
+/// policy refusal, a TLS handshake failure, a stream refused at a limit, and an eBPF drop
+/// and a policy verdict published as the agent publishes them.
+async fn busy_scrape() -> String {
+    let mesh = labelled_mesh(64, MeshOptions::default()).await;
+    let mut client = mesh.connect().await;
+    let (mut server, _) = tokio::time::timeout(T, mesh.server.accept())
+        .await
+        .unwrap()
+        .unwrap();
+    exchange(&mut client, &mut server, b"ping", b"pong").await;
+    drop((client, server));
+    wait_for("tunnel closed", T, || {
+        mesh.b.metrics.closed_count(Direction::Inbound, Outcome::Ok) == 1
+    })
+    .await;
+    // Not TLS at all.
+    let mut garbage = tokio::net::TcpStream::connect(mesh.b.addrs.inbound)
+        .await
+        .unwrap();
+    garbage.write_all(b"GET / HTTP/1.1\r\n\r\n").await.unwrap();
+    let _ = garbage.read(&mut [0; 16]).await;
+    let event: zmesh_proxy::flows::FlowEvent = serde_json::from_value(serde_json::json!({
+        "time": "2026-12-06T00:00:00Z",
+        "source": {"addr": "10.0.0.1:1234"},
+        "destination": {"addr": "10.0.0.2:80"},
+        "bytes_sent": 0, "bytes_received": 0, "duration_us": 0,
+        "verdict": "dropped", "encrypted": false, "reason": "plaintext_strict",
+    }))
+    .unwrap();
+    let event = zmesh_proxy::flows::FlowEvent {
+        policy: Some(zmesh_proxy::policy::Verdict::Allow(
+            zmesh_proxy::policy::Allowed::NoAllowPolicy,
+        )),
+        ..event
+    };
+    mesh.b.flows.publish(event);
+    wait_for("handshake failure counted", T, || {
+        mesh.b.metrics.inbound_tls_connections() == 1
+    })
+    .await;
+
+    let denied = labelled_mesh(
+        65,
+        MeshOptions {
+            authorizer: Some(Arc::new(DenyAll)),
+            ..MeshOptions::default()
+        },
+    )
+    .await;
+    let mut c = denied.connect().await;
+    let _ = c.read(&mut [0; 1]).await;
+    wait_for("denial counted", T, || {
+        denied
+            .b
+            .metrics
+            .closed_count(Direction::Inbound, Outcome::Denied)
+            == 1
+    })
+    .await;
+
+    let limited = labelled_mesh(
+        66,
+        MeshOptions {
+            config: Box::new(|c| c.limits.max_tunnels_per_identity = 0),
+            ..MeshOptions::default()
+        },
+    )
+    .await;
+    let mut c = limited.connect().await;
+    let _ = c.read(&mut [0; 1]).await;
+    wait_for("refusal counted", T, || {
+        limited.b.metrics.refused_stream_count("identity_limit") >= 1
+    })
+    .await;
+
+    let mut pages = String::new();
+    for addr in [
+        mesh.a.addrs.metrics,
+        mesh.b.addrs.metrics,
+        denied.b.addrs.metrics,
+        limited.b.addrs.metrics,
+    ] {
+        let page = http_get(addr, "/metrics").await;
+        pages.push_str(page.split("\r\n\r\n").nth(1).unwrap());
+    }
+    pages
+}
+
+#[tokio::test]
+async fn the_grafana_dashboard_queries_metrics_the_proxy_serves() {
+    let page = busy_scrape().await;
+    // Names as PromQL sees them: counters get `_total`.
+    let mut served = std::collections::BTreeSet::new();
+    for line in page.lines() {
+        if let Some(rest) = line.strip_prefix("# TYPE ") {
+            let (name, kind) = rest.split_once(' ').unwrap();
+            served.insert(match kind {
+                "counter" => format!("{name}_total"),
+                _ => name.to_string(),
+            });
+        }
+    }
+    let all = samples(&page);
+    // Every metric a query names (`istio_*`, `zmesh_*`, `process_*` outside quotes) is
+    // served, and every label it groups or filters by is on its samples.
+    let queries = dashboard_queries();
+    assert!(queries.len() >= 10, "{queries:?}");
+    for expr in &queries {
+        let toks = tokens(expr);
+        let metrics: Vec<&String> = toks
+            .iter()
+            .filter(|(t, is_label)| {
+                !is_label
+                    && ["istio_", "zmesh_", "process_"]
+                        .iter()
+                        .any(|p| t.starts_with(p))
+            })
+            .map(|(t, _)| t)
+            .collect();
+        assert!(
+            !metrics.is_empty(),
+            "no zmesh/istio/process metric in {expr}"
+        );
+        for m in &metrics {
+            assert!(
+                served.contains(*m),
+                "{m} (in {expr}) is not served; served: {served:?}"
+            );
+        }
+        // Labels, where the scrape has samples to check them against. `instance` is
+        // Prometheus's own.
+        let with_samples: Vec<&Sample> =
+            all.iter().filter(|s| metrics.contains(&&s.name)).collect();
+        if with_samples.is_empty() {
+            continue;
+        }
+        for (label, _) in toks
+            .iter()
+            .filter(|(t, is_label)| *is_label && !t.starts_with('$'))
+        {
+            if label == "instance" {
+                continue;
+            }
+            assert!(
+                with_samples.iter().any(|s| s.labels.contains_key(label)),
+                "label {label} (in {expr}) is on no sample of {metrics:?}"
+            );
+        }
+    }
+}
