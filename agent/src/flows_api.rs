@@ -15,7 +15,9 @@ use bytes::Bytes;
 use http::Response;
 use http_body_util::{combinators::BoxBody, BodyExt, StreamBody};
 use hyper::body::Frame;
-use zmesh_proxy::flows::{parse_time, FlowEndpoint, FlowEvent, FlowFilter, FlowHub, FlowVerdict};
+use zmesh_proxy::flows::{
+    parse_time, FlowDirection, FlowEndpoint, FlowEvent, FlowFilter, FlowHub, FlowPhase, FlowVerdict,
+};
 use zmesh_proxy::policy::PolicyStore;
 use zmesh_proxy::{WorkloadStore, WorkloadTable};
 use zmesh_redirect::{DropEvent, DropReason, Redirector};
@@ -148,6 +150,8 @@ pub fn drop_flow(event: &DropEvent, table: &WorkloadTable) -> FlowEvent {
     }
     FlowEvent {
         time: event.time,
+        phase: FlowPhase::Close,
+        direction: Some(FlowDirection::Inbound),
         source,
         destination,
         bytes_sent: 0,

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime};
 
-use crate::flows::{FlowEndpoint, FlowEvent, FlowVerdict};
+use crate::connections::{OpenConnection, Registration};
+use crate::flows::{FlowDirection, FlowEndpoint, FlowEvent, FlowPhase, FlowVerdict};
 use crate::metrics::Direction;
 use crate::outcome::Outcome;
 use crate::policy::Verdict;
@@ -74,8 +75,10 @@ pub(crate) struct AccessLog {
     pub encrypted: bool,
     /// The authorization verdict, when policies were consulted.
     pub policy: Option<Verdict>,
-    pub bytes: ByteCounts,
+    pub bytes: Arc<ByteCounts>,
     outcome: Option<Outcome>,
+    /// Its entry among the open connections, from established until dropped.
+    open: OnceLock<Registration>,
 }
 
 fn endpoint_of(w: &Workload, addr: SocketAddr) -> FlowEndpoint {
@@ -103,8 +106,9 @@ impl AccessLog {
             service: None,
             encrypted: false,
             policy: None,
-            bytes: ByteCounts::default(),
+            bytes: Arc::default(),
             outcome: None,
+            open: OnceLock::new(),
         }
     }
 
@@ -153,11 +157,56 @@ impl AccessLog {
         if self.istio.get().is_some() {
             return;
         }
+        self.count_istio_open();
+        let now = SystemTime::now();
+        let destination = self.destination_endpoint();
+        let shown = OpenConnection {
+            direction: flow_direction(self.direction),
+            opened: now,
+            source: self.src.clone(),
+            destination: destination.clone(),
+            service: self.service.clone(),
+            encrypted: self.encrypted,
+            bytes_sent: 0,
+            bytes_received: 0,
+        };
+        let _ = self
+            .open
+            .set(self.shared.connections.add(shown, self.bytes.clone()));
+        self.shared.flows.publish(FlowEvent {
+            time: now,
+            phase: FlowPhase::Open,
+            direction: Some(flow_direction(self.direction)),
+            source: self.src.clone(),
+            destination,
+            service: self.service.clone(),
+            bytes_sent: 0,
+            bytes_received: 0,
+            duration_us: 0,
+            verdict: FlowVerdict::Forwarded,
+            encrypted: self.encrypted,
+            policy: self.policy.clone(),
+            reason: None,
+        });
+    }
+
+    fn count_istio_open(&self) {
         let labels = self.istio_labels();
         let (received, sent) = self.shared.metrics.istio.opened(&labels);
         self.bytes.received.feed(received);
         self.bytes.sent.feed(sent);
         let _ = self.istio.set(labels);
+    }
+
+    /// The destination as flows show it: the workload, at the address actually dialed.
+    fn destination_endpoint(&self) -> FlowEndpoint {
+        match &self.dst {
+            Some(d) => FlowEndpoint {
+                addr: self.dst_addr.unwrap_or(d.addr),
+                ..d.clone()
+            },
+            None => FlowEndpoint::addr(self.dst_addr.unwrap_or_else(unknown_addr)),
+        }
     }
 
     fn istio_labels(&self) -> TcpLabels {
@@ -191,7 +240,7 @@ impl AccessLog {
         if self.istio.get().is_none()
             && (self.src_workload.is_some() || self.dst_workload.is_some())
         {
-            self.established();
+            self.count_istio_open();
         }
         if let Some(labels) = self.istio.get() {
             self.shared.metrics.istio.closed(labels, outcome);
@@ -216,19 +265,13 @@ impl AccessLog {
             result = outcome.label(),
             "connection complete"
         );
-        let destination = match self.dst.take() {
-            Some(mut d) => {
-                if let Some(addr) = self.dst_addr {
-                    d.addr = addr;
-                }
-                d
-            }
-            None => FlowEndpoint::addr(self.dst_addr.unwrap_or_else(unknown_addr)),
-        };
+        let destination = self.destination_endpoint();
         let src_addr = self.src.addr;
         let source = std::mem::replace(&mut self.src, FlowEndpoint::addr(src_addr));
         shared.flows.publish(FlowEvent {
             time: SystemTime::now(),
+            phase: FlowPhase::Close,
+            direction: Some(flow_direction(self.direction)),
             source,
             destination,
             service: self.service.take(),
@@ -257,6 +300,13 @@ impl Drop for AccessLog {
     }
 }
 
+fn flow_direction(d: Direction) -> FlowDirection {
+    match d {
+        Direction::Outbound => FlowDirection::Outbound,
+        Direction::Inbound | Direction::InboundPlaintext => FlowDirection::Inbound,
+    }
+}
+
 fn workload_name(e: &FlowEndpoint) -> Option<String> {
     match (&e.namespace, &e.pod) {
         (Some(ns), Some(pod)) => Some(format!("{ns}/{pod}")),
@@ -274,6 +324,8 @@ fn unknown_addr() -> SocketAddr {
 pub(crate) fn refused(shared: &Shared, src: SocketAddr, dst: SocketAddr, reason: &'static str) {
     shared.flows.publish(FlowEvent {
         time: SystemTime::now(),
+        phase: FlowPhase::Close,
+        direction: Some(FlowDirection::Inbound),
         source: FlowEndpoint::addr(src),
         destination: FlowEndpoint::addr(dst),
         service: None,

@@ -60,6 +60,48 @@ impl std::str::FromStr for FlowVerdict {
     }
 }
 
+/// Whether an event opens a flow or ends it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowPhase {
+    /// The connection is established: bytes are about to flow (its end comes later).
+    Open,
+    /// The connection ended, or was refused, failed or dropped.
+    #[default]
+    Close,
+}
+
+/// Which way the observing node saw the flow. A flow between two pods of one node is seen
+/// twice, once each way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FlowDirection {
+    /// Leaving a pod of this node (its proxy's outbound side).
+    Outbound,
+    /// Arriving at a pod of this node (HBONE, plaintext, or dropped by eBPF).
+    Inbound,
+}
+
+impl FlowDirection {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FlowDirection::Outbound => "outbound",
+            FlowDirection::Inbound => "inbound",
+        }
+    }
+}
+
+impl std::str::FromStr for FlowDirection {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "outbound" => Ok(Self::Outbound),
+            "inbound" => Ok(Self::Inbound),
+            _ => Err(format!("unknown direction {s:?}; use inbound or outbound")),
+        }
+    }
+}
+
 /// One end of a flow.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowEndpoint {
@@ -91,9 +133,15 @@ impl FlowEndpoint {
 /// One connection (or dropped packet flow) as the proxy or eBPF saw it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowEvent {
-    /// When the flow ended (or was refused), in RFC 3339.
+    /// When the flow opened, or ended (or was refused), in RFC 3339.
     #[serde(with = "rfc3339")]
     pub time: SystemTime,
+    /// An `open` event comes when the connection is established, a `close` one when it
+    /// ends (its bytes, duration and verdict are final then).
+    #[serde(default)]
+    pub phase: FlowPhase,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub direction: Option<FlowDirection>,
     pub source: FlowEndpoint,
     pub destination: FlowEndpoint,
     /// The Kubernetes Service the client addressed, `namespace/name` (by its VIP, or by
@@ -130,7 +178,7 @@ impl FlowEvent {
     }
 }
 
-mod rfc3339 {
+pub(crate) mod rfc3339 {
     use std::time::SystemTime;
 
     use serde::{Deserialize, Deserializer, Serializer};
@@ -255,6 +303,47 @@ pub struct FlowFilter {
     /// Only events at or after this time (also selects the history replayed on subscribe).
     #[serde(with = "opt_rfc3339")]
     pub since: Option<SystemTime>,
+    /// Only events before this time.
+    #[serde(with = "opt_rfc3339")]
+    pub until: Option<SystemTime>,
+    /// The same, for the source only.
+    pub from: EndpointFilter,
+    /// The same, for the destination only.
+    pub to: EndpointFilter,
+    /// Port of either end.
+    pub ports: Vec<u16>,
+    pub directions: Vec<FlowDirection>,
+    pub phases: Vec<FlowPhase>,
+}
+
+/// What one end of a flow must be (`--from-*`, `--to-*`): any value of a field may match,
+/// every field that is set must.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct EndpointFilter {
+    pub namespaces: Vec<String>,
+    /// `name-prefix` or `namespace/name-prefix`.
+    pub pods: Vec<String>,
+    pub identities: Vec<String>,
+    pub ports: Vec<u16>,
+}
+
+impl EndpointFilter {
+    pub fn is_empty(&self) -> bool {
+        self == &Self::default()
+    }
+
+    fn matches(&self, e: &FlowEndpoint) -> bool {
+        (self.namespaces.is_empty()
+            || self
+                .namespaces
+                .iter()
+                .any(|ns| e.namespace.as_deref() == Some(ns)))
+            && (self.pods.is_empty() || self.pods.iter().any(|p| pod_matches(p, e)))
+            && (self.identities.is_empty()
+                || self.identities.iter().any(|i| identity_matches(i, e)))
+            && (self.ports.is_empty() || self.ports.contains(&e.addr.port()))
+    }
 }
 
 mod opt_rfc3339 {
@@ -313,6 +402,13 @@ impl FlowFilter {
             && (self.verdicts.is_empty() || self.verdicts.contains(&e.verdict))
             && self.encrypted.is_none_or(|want| want == e.encrypted)
             && self.since.is_none_or(|since| e.time >= since)
+            && self.until.is_none_or(|until| e.time < until)
+            && self.from.matches(&e.source)
+            && self.to.matches(&e.destination)
+            && (self.ports.is_empty() || ends.iter().any(|x| self.ports.contains(&x.addr.port())))
+            && (self.directions.is_empty()
+                || e.direction.is_some_and(|d| self.directions.contains(&d)))
+            && (self.phases.is_empty() || self.phases.contains(&e.phase))
     }
 }
 
@@ -357,7 +453,10 @@ impl FlowHub {
     }
 
     pub fn publish(&self, event: FlowEvent) {
-        self.metrics.record(&event);
+        // A flow is counted once, when it ends.
+        if event.phase == FlowPhase::Close {
+            self.metrics.record(&event);
+        }
         let event = Arc::new(event);
         let mut ring = self.ring();
         if ring.len() == self.capacity {

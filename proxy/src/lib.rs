@@ -11,6 +11,7 @@ mod admin;
 mod authz;
 mod balance;
 mod clock;
+pub mod connections;
 mod copy;
 mod credentials;
 mod inbound;

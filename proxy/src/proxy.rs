@@ -17,6 +17,7 @@ use zmesh_dataplane as ports;
 use crate::authz::{AllowAll, Authorizer};
 use crate::balance::{Affinity, AFFINITY_CAPACITY};
 use crate::clock::Clock;
+use crate::connections::OpenConnections;
 use crate::flows::FlowHub;
 use crate::keepalive::Keepalive;
 use crate::limits::IdentityLimit;
@@ -230,6 +231,8 @@ pub(crate) struct Shared {
     pub original_dst: Arc<dyn OriginalDst>,
     pub metrics: Arc<Metrics>,
     pub flows: Arc<FlowHub>,
+    /// Every established connection, for the admin API.
+    pub connections: Arc<OpenConnections>,
     /// Open inbound connections, re-authorized when policies or local pods' labels change.
     pub tunnels: Tunnels,
     pub pool: Arc<Pool>,
@@ -351,6 +354,7 @@ impl Proxy {
             metrics,
             // Without subscribers a one-event ring is enough: it still counts.
             flows: deps.flows.unwrap_or_else(|| Arc::new(FlowHub::new(1))),
+            connections: Arc::default(),
             tunnels,
             pool,
             affinity: Affinity::new(AFFINITY_CAPACITY),
@@ -394,6 +398,11 @@ impl Proxy {
     /// Where the proxy publishes flow events.
     pub fn flows(&self) -> Arc<FlowHub> {
         self.shared.flows.clone()
+    }
+
+    /// The connections open now.
+    pub fn connections(&self) -> Arc<OpenConnections> {
+        self.shared.connections.clone()
     }
 
     /// Serves until drained (see [`DrainHandle`]), or until a listener fails; returns

@@ -21,7 +21,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket};
 use tokio_rustls::TlsConnector;
 use zmesh_identity::{SharedBundle, TrustDomain, WorkloadId};
-use zmesh_proxy::flows::{FlowEvent, FlowFilter, FlowSubscription, FlowVerdict};
+use zmesh_proxy::flows::{
+    FlowDirection, FlowEvent, FlowFilter, FlowPhase, FlowSubscription, FlowVerdict,
+};
 use zmesh_proxy::policy::{
     Allowed, Denial, PolicyAuthorizer, PolicySet, PolicyStore, TableLabels, Verdict,
 };
@@ -234,7 +236,14 @@ async fn allow_by_principal_admits_one_identity_and_refuses_the_other() {
         got.extend_from_slice(&chunk);
     }
     assert_eq!(got, b"ping");
+    // First the tunnel's open event, then its close with the final counts.
+    let opened = next(&mut sub).await;
+    assert_eq!(opened.phase, FlowPhase::Open, "{opened}");
+    assert_eq!(opened.direction, Some(FlowDirection::Inbound));
+    assert_eq!(opened.source.identity, Some(sid(FRONTEND)));
+    assert_eq!(opened.destination.addr, node.echo_addr);
     let ok = next(&mut sub).await;
+    assert_eq!(ok.phase, FlowPhase::Close, "{ok}");
     assert_eq!(ok.verdict, FlowVerdict::Forwarded, "{ok}");
     assert!(ok.encrypted);
     assert_eq!(ok.source.identity, Some(sid(FRONTEND)));
@@ -442,14 +451,47 @@ async fn forwarded_and_plaintext_flows_say_whether_they_were_encrypted() {
         .await
         .unwrap();
 
+    let opened = next(&mut a_sub).await;
+    assert_eq!(
+        (opened.phase, opened.direction),
+        (FlowPhase::Open, Some(FlowDirection::Outbound)),
+        "{opened}"
+    );
     let out = next(&mut a_sub).await;
+    assert_eq!(out.phase, FlowPhase::Close, "{out}");
     assert_eq!(out.verdict, FlowVerdict::Forwarded, "{out}");
     assert!(out.encrypted, "outbound over HBONE is encrypted: {out}");
     assert_eq!(out.source.pod.as_deref(), Some("client"));
     assert_eq!(out.destination.pod.as_deref(), Some("server"));
     assert_eq!((out.bytes_sent, out.bytes_received), (5, 5));
 
-    let inb = next(&mut b_sub).await;
+    // B saw two connections, each opened then closed; the HBONE tunnel's close may come
+    // after the plaintext one opened.
+    let mut b_events = Vec::new();
+    for _ in 0..4 {
+        b_events.push(next(&mut b_sub).await);
+    }
+    let pick = |phase: FlowPhase, encrypted: bool| {
+        let found: Vec<_> = b_events
+            .iter()
+            .filter(|e| e.phase == phase && e.encrypted == encrypted)
+            .collect();
+        assert_eq!(
+            found.len(),
+            1,
+            "{phase:?} encrypted={encrypted}: {b_events:#?}"
+        );
+        found[0].clone()
+    };
+    for encrypted in [true, false] {
+        let opened = pick(FlowPhase::Open, encrypted);
+        assert_eq!(opened.direction, Some(FlowDirection::Inbound), "{opened}");
+        assert_eq!(opened.destination.pod.as_deref(), Some("server"));
+        // Opened before it closed.
+        let at = |e: &FlowEvent| b_events.iter().position(|x| std::ptr::eq(&**x, e));
+        assert!(at(&opened) < at(&pick(FlowPhase::Close, encrypted)));
+    }
+    let inb = pick(FlowPhase::Close, true);
     assert_eq!(inb.verdict, FlowVerdict::Forwarded, "{inb}");
     assert!(inb.encrypted);
     assert_eq!(
@@ -461,7 +503,7 @@ async fn forwarded_and_plaintext_flows_say_whether_they_were_encrypted() {
     assert_eq!(inb.source.addr.ip(), mesh.client_ip);
     assert_eq!(inb.policy, None, "allow-all has no verdict to give");
 
-    let plain = next(&mut b_sub).await;
+    let plain = pick(FlowPhase::Close, false);
     assert_eq!(plain.verdict, FlowVerdict::Forwarded, "{plain}");
     assert!(
         !plain.encrypted,

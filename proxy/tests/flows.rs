@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use prometheus_client::registry::Registry;
-use zmesh_proxy::flows::{FlowEndpoint, FlowEvent, FlowFilter, FlowHub, FlowMetrics, FlowVerdict};
+use zmesh_proxy::flows::{
+    FlowEndpoint, FlowEvent, FlowFilter, FlowHub, FlowMetrics, FlowPhase, FlowVerdict,
+};
 use zmesh_proxy::policy::{Allowed, Denial, PolicyRef, Verdict};
 
 /// 2023-11-14T22:13:20Z plus `ms` milliseconds.
@@ -29,6 +31,8 @@ fn pref(s: &str) -> PolicyRef {
 fn forwarded(ms: u64) -> FlowEvent {
     FlowEvent {
         time: at(ms),
+        phase: FlowPhase::Close,
+        direction: None,
         source: ep(
             "web",
             "frontend-7d4f",
@@ -58,6 +62,8 @@ fn forwarded(ms: u64) -> FlowEvent {
 fn denied(ms: u64) -> FlowEvent {
     FlowEvent {
         time: at(ms),
+        phase: FlowPhase::Close,
+        direction: None,
         source: ep(
             "batch",
             "job-x",
@@ -82,6 +88,8 @@ fn denied(ms: u64) -> FlowEvent {
 fn dropped(ms: u64) -> FlowEvent {
     FlowEvent {
         time: at(ms),
+        phase: FlowPhase::Close,
+        direction: None,
         source: FlowEndpoint::addr("192.168.9.9:5555".parse().unwrap()),
         destination: ep("prod", "db-0", None, "10.0.2.7:5432"),
         service: None,

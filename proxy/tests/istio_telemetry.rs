@@ -175,6 +175,20 @@ async fn tunnels_are_counted_with_istio_labels_and_live_bytes() {
         assert_eq!(sent.value, down.len() as f64, "{reporter}");
     }
 
+    // Both proxies list it among their open connections, with its bytes so far.
+    for (proxy, direction) in [(&mesh.a, "outbound"), (&mesh.b, "inbound")] {
+        let open = proxy.connections.snapshot();
+        assert_eq!(open.len(), 1, "{open:?}");
+        let c = serde_json::to_value(&open[0]).unwrap();
+        assert_eq!(c["direction"], direction);
+        assert_eq!(c["encrypted"], true);
+        assert_eq!(c["bytes_sent"], up.len());
+        assert_eq!(c["bytes_received"], down.len());
+        assert_eq!(c["destination"]["pod"], "server-5c4b-fghij");
+        assert_eq!(c["destination"]["identity"], SERVER_ID);
+        assert_eq!(c["source"]["identity"], CLIENT_ID);
+    }
+
     // More bytes, then the end of the connection.
     client.write_all(&up).await.unwrap();
     let mut got = vec![0; up.len()];
@@ -199,6 +213,7 @@ async fn tunnels_are_counted_with_istio_labels_and_live_bytes() {
         let received = one(&all, "istio_tcp_received_bytes_total", &want);
         assert_eq!(received.value, 2.0 * up.len() as f64, "{reporter}");
         assert_eq!(count(&all, "istio_tcp_connections_failed_total"), 0);
+        assert!(proxy.connections.is_empty(), "{reporter}");
     }
 }
 

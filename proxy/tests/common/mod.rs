@@ -133,6 +133,7 @@ pub struct Running {
     pub addrs: ProxyAddrs,
     pub metrics: Arc<Metrics>,
     pub flows: Arc<FlowHub>,
+    pub connections: Arc<zmesh_proxy::connections::OpenConnections>,
     pub drain: zmesh_proxy::DrainHandle,
     /// What [`Proxy::run`] returned.
     pub task: tokio::task::JoinHandle<Result<(), ProxyError>>,
@@ -148,6 +149,7 @@ impl Running {
             addrs: proxy.addrs(),
             metrics: proxy.metrics(),
             flows: proxy.flows(),
+            connections: proxy.connections(),
             drain: proxy.drain_handle(),
             task: tokio::spawn(proxy.run()),
         }
