@@ -6,7 +6,7 @@ use clap::{Parser, Subcommand};
 
 /// zmesh: sidecar-free mutual TLS with SPIFFE identities for Kubernetes pods.
 #[derive(Parser)]
-#[command(name = "zmesh", version, about, long_about = None)]
+#[command(name = "zmesh", version = env!("ZMESH_VERSION_LINE"), about, long_about = None)]
 struct Cli {
     /// Log filter (tracing's env-filter syntax), e.g. "info" or "zmesh_proxy=debug".
     #[arg(long, global = true, env = "ZMESH_LOG", default_value = "info")]
@@ -51,6 +51,13 @@ enum Command {
     Observe(cmd::observe::ObserveArgs),
     /// Check that this node is ready for the mesh: kernel, eBPF, CA, certificates.
     Check(cmd::check::CheckArgs),
+    /// Show the version of this binary and of the node agent (its admin socket).
+    Version(cmd::version::VersionArgs),
+    /// Print a shell completion script (bash, zsh, fish) to standard output.
+    Completion(cmd::docs::CompletionArgs),
+    /// Write man pages for zmesh and every subcommand into a directory.
+    #[command(hide = true)]
+    Man(cmd::docs::ManArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -90,12 +97,17 @@ fn main() -> std::process::ExitCode {
             Command::Compat(args) => cmd::compat::run(args).await,
             Command::Observe(args) => cmd::observe::run(args).await,
             Command::Check(args) => cmd::check::run(args).await,
+            Command::Version(args) => cmd::version::run(args).await,
+            Command::Completion(args) => {
+                cmd::docs::completion(args, <Cli as clap::CommandFactory>::command())
+            }
+            Command::Man(args) => cmd::docs::man(args, <Cli as clap::CommandFactory>::command()),
         }
     });
     match result {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", cmd::error_chain(&e));
             std::process::ExitCode::FAILURE
         }
     }

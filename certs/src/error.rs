@@ -14,8 +14,18 @@ pub enum StoreError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path} is readable by group or others (mode {mode:o}); run `chmod 600 {path}`", path = .path.display())]
-    InsecurePermissions { path: PathBuf, mode: u32 },
+    /// A key file or the directory holding keys that group or others may use: the fix is
+    /// `chmod 700` for a directory, `chmod 600` for a file.
+    #[error(
+        "{path} is accessible by group or others (mode {mode:o}); run `chmod {fix} {path}`",
+        path = .path.display(),
+        fix = if *.directory { "700" } else { "600" }
+    )]
+    InsecurePermissions {
+        path: PathBuf,
+        mode: u32,
+        directory: bool,
+    },
     #[error("{} already holds a CA; refusing to overwrite it", .0.display())]
     AlreadyInitialized(PathBuf),
     #[error("{} holds no CA; run `zmesh ca init` first", .0.display())]

@@ -29,6 +29,7 @@ pub(crate) fn check_private(path: &Path) -> Result<(), StoreError> {
         return Err(StoreError::InsecurePermissions {
             path: path.to_owned(),
             mode,
+            directory: meta.is_dir(),
         });
     }
     Ok(())
@@ -165,7 +166,10 @@ mod tests {
         assert_eq!(read_secret(&path).unwrap(), "secret");
         fs::set_permissions(&path, fs::Permissions::from_mode(0o644)).unwrap();
         match read_secret(&path) {
-            Err(StoreError::InsecurePermissions { mode, .. }) => assert_eq!(mode, 0o644),
+            Err(e @ StoreError::InsecurePermissions { mode, .. }) => {
+                assert_eq!(mode, 0o644);
+                assert!(e.to_string().contains("run `chmod 600 "), "{e}");
+            }
             other => panic!("expected InsecurePermissions, got {other:?}"),
         }
         // An existing secret is never overwritten.
@@ -197,9 +201,18 @@ mod tests {
             0o700
         );
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o755)).unwrap();
-        assert!(matches!(
-            create_private_dir(&dir),
-            Err(StoreError::InsecurePermissions { .. })
-        ));
+        let e = create_private_dir(&dir).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                StoreError::InsecurePermissions {
+                    directory: true,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        // A directory is fixed with 700 (600 would make it unusable).
+        assert!(e.to_string().contains("run `chmod 700 "), "{e}");
     }
 }

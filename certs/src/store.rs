@@ -556,7 +556,7 @@ mod tests {
             let path = store.dir().join(key);
             std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
             match store.load() {
-                Err(StoreError::InsecurePermissions { path: p, mode }) => {
+                Err(StoreError::InsecurePermissions { path: p, mode, .. }) => {
                     assert_eq!(p, path);
                     assert_eq!(mode, 0o644);
                 }

@@ -44,6 +44,9 @@ pub enum MigrateError {
     },
     #[error("cannot write the output: {0}")]
     Output(String),
+    /// Nothing to migrate: likely the wrong file, or policies of another apiVersion/kind.
+    #[error("no CiliumNetworkPolicy or CiliumClusterwideNetworkPolicy in {inputs} ({documents} document(s) read); nothing to migrate")]
+    NoCiliumPolicy { inputs: String, documents: usize },
 }
 
 /// What kind of thing could not be carried over.
@@ -165,6 +168,17 @@ impl Migration {
         }
     }
 
+    /// Whether everything was carried over: no finding (among them, no generated policy
+    /// that allows nothing).
+    pub fn is_complete(&self) -> bool {
+        self.findings.is_empty()
+    }
+
+    /// The findings of one kind.
+    pub fn findings_of(&self, kind: FindingKind) -> impl Iterator<Item = &Finding> {
+        self.findings.iter().filter(move |f| f.kind == kind)
+    }
+
     /// The report for humans.
     pub fn report_text(&self) -> String {
         let mut s = String::new();
@@ -201,8 +215,10 @@ pub fn migrate(
 ) -> Result<Migration, MigrateError> {
     use serde::Deserialize as _;
     let mut m = Migration::default();
+    let mut documents = 0;
     for (origin, text) in inputs {
         for (i, doc) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
+            documents += 1;
             let origin = format!("{origin}, document {}", i + 1);
             let value = serde_yaml_ng::Value::deserialize(doc)
                 .map_err(|e| e.to_string())
@@ -213,6 +229,13 @@ pub fn migrate(
                 })?;
             document(&value, &origin, options, &mut m)?;
         }
+    }
+    if m.policies_read == 0 {
+        let names: Vec<&str> = inputs.iter().map(|(origin, _)| origin.as_str()).collect();
+        return Err(MigrateError::NoCiliumPolicy {
+            inputs: names.join(", "),
+            documents,
+        });
     }
     Ok(m)
 }
@@ -626,6 +649,18 @@ impl PolicyCtx<'_> {
                 );
             }
         }
+        // L7 rules are listed whatever becomes of the rule's peers: they are never carried.
+        for (i, entry) in array(rule.get("toPorts")).iter().enumerate() {
+            if let Some(protocols) = l7_protocols(entry) {
+                self.report(
+                    format!("{path}.toPorts[{i}].rules"),
+                    FindingKind::L7Rules,
+                    format!(
+                        "L7 rules ({protocols}) are not enforced by an L4 node proxy; dropped, and the ports of this toPorts entry are not allowed by the generated policy"
+                    ),
+                );
+            }
+        }
         let mut sources = Vec::new();
         for (i, sel) in array(rule.get("fromEndpoints")).iter().enumerate() {
             let spath = format!("{path}.fromEndpoints[{i}]");
@@ -677,16 +712,8 @@ impl PolicyCtx<'_> {
         let mut out = BTreeSet::new();
         for (i, entry) in to_ports.iter().enumerate() {
             let epath = format!("{path}.toPorts[{i}]");
-            if entry
-                .get("rules")
-                .and_then(Value::as_object)
-                .is_some_and(|r| !r.is_empty())
-            {
-                self.report(
-                    format!("{epath}.rules"),
-                    FindingKind::L7Rules,
-                    "L7 rules (http/kafka/dns) are not enforced by an L4 node proxy; these ports are not allowed by the generated policy",
-                );
+            if l7_protocols(entry).is_some() {
+                // Reported by `rule`.
                 continue;
             }
             for (j, p) in array(entry.get("ports")).iter().enumerate() {
@@ -809,6 +836,19 @@ impl PolicyCtx<'_> {
             }
         })
     }
+}
+
+/// The L7 protocols of a `toPorts` entry's `rules` (`http`, `kafka`, `dns`, `l7proto`...),
+/// comma-separated; None when it has none.
+fn l7_protocols(entry: &Value) -> Option<String> {
+    let rules = entry.get("rules").filter(|r| !r.is_null())?;
+    let names: Vec<&str> = match rules.as_object() {
+        Some(o) if o.is_empty() => return None,
+        Some(o) => o.keys().map(String::as_str).collect(),
+        // Not a mapping: still not L4; never carried over.
+        None => vec!["unreadable"],
+    };
+    Some(names.join(", "))
 }
 
 /// Why `s` is not a Kubernetes namespace name (an RFC 1123 label), if it is not.

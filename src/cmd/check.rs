@@ -29,6 +29,16 @@ pub struct CheckArgs {
     /// The node's credentials from `zmesh ca join`.
     #[arg(long, value_name = "DIR", default_value = "/var/lib/zmesh/node")]
     credentials: PathBuf,
+    /// The ServiceAccount token the agent authenticates to the CA with (the agent's
+    /// --ca-token-file; the CA runs with --bearer kubernetes): there is then no node
+    /// credential, and the token and --ca-bundle are checked instead. Without it, token mode
+    /// is assumed when --credentials does not exist and the DaemonSet's token
+    /// (/var/run/secrets/zmesh/token) does.
+    #[arg(long, value_name = "PATH", env = "ZMESH_CA_TOKEN_FILE")]
+    ca_token_file: Option<PathBuf>,
+    /// The CA's roots in token mode (the agent's --ca-bundle).
+    #[arg(long, value_name = "FILE", default_value = "/etc/zmesh/ca/roots.pem")]
+    ca_bundle: PathBuf,
     /// The agent's bpffs pin directory.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/zmesh")]
     bpf_pin_dir: PathBuf,
@@ -104,6 +114,14 @@ impl fmt::Display for Check {
     }
 }
 
+/// Where the README explains it: "; see README.md#<anchor>" (GitHub's section anchors).
+fn see(anchor: &str) -> String {
+    format!("; see README.md#{anchor}")
+}
+
+/// Where the agent's DaemonSet (examples/kubernetes/30-agent.yaml) mounts its CA token.
+pub const POD_CA_TOKEN: &str = "/var/run/secrets/zmesh/token";
+
 /// The kernels zmesh was tested on (README: Kernels).
 pub const TESTED_KERNELS: &str =
     "6.18 with TCX and Debian 12's 6.1 with clsact filters (scripts/vm-test.sh)";
@@ -129,7 +147,8 @@ pub fn kernel_features(release: &str, features: &KernelFeatures) -> Check {
             format!("{release} lacks {}", list.join("; ")),
             format!(
                 "zmesh needs the kernel features of Linux {FLOOR} (or a kernel with them \
-                 backported); tested on {TESTED_KERNELS}: upgrade the node's kernel"
+                 backported); tested on {TESTED_KERNELS}: upgrade the node's kernel{}",
+                see("kernels")
             ),
         );
     }
@@ -182,8 +201,11 @@ pub fn tc_attach(features: &KernelFeatures, module_available: impl Fn(&str) -> b
                 "no TCX (Linux {TCX_SINCE} has it), and no {} module for the clsact filter",
                 missing.join(" or ")
             ),
-            "install the kernel's modules package (the clsact qdisc is sch_ingress, the bpf \
-             classifier cls_bpf)",
+            format!(
+                "install the kernel's modules package (the clsact qdisc is sch_ingress, the \
+                 bpf classifier cls_bpf){}",
+                see("kernels")
+            ),
         )
     }
 }
@@ -215,7 +237,7 @@ pub fn btf(path: &Path) -> Check {
         Check::fail(
             name,
             format!("{} is missing", path.display()),
-            "the kernel needs CONFIG_DEBUG_INFO_BTF=y",
+            format!("the kernel needs CONFIG_DEBUG_INFO_BTF=y{}", see("kernels")),
         )
     }
 }
@@ -239,7 +261,10 @@ pub fn mounts(text: &str) -> Vec<Check> {
             None => Check::fail(
                 "bpffs",
                 "no bpf filesystem is mounted",
-                "mount -t bpf bpf /sys/fs/bpf (the agent also mounts it when it starts)",
+                format!(
+                    "mount -t bpf bpf /sys/fs/bpf (the agent also mounts it when it starts){}",
+                    see("what-a-node-needs")
+                ),
             ),
         },
         match cg2.first() {
@@ -247,7 +272,11 @@ pub fn mounts(text: &str) -> Vec<Check> {
             None => Check::fail(
                 "cgroup v2",
                 "no cgroup2 filesystem is mounted",
-                "boot with cgroup v2 (systemd.unified_cgroup_hierarchy=1) or mount cgroup2",
+                format!(
+                    "boot with cgroup v2 (systemd.unified_cgroup_hierarchy=1) or mount \
+                     cgroup2{}",
+                    see("what-a-node-needs")
+                ),
             ),
         },
     ]
@@ -273,10 +302,13 @@ pub const EXPECTED_LINKS: [&str; 4] = ["connect4", "connect6", "sockops", "getso
 /// Programs attached and maps pinned, read from the pin directory (no bpftool needed).
 pub fn pins(pin_dir: &Path) -> Check {
     let name = "eBPF programs and maps";
-    let hint = "start the agent with --redirect-cgroup (it installs and pins the programs), \
-                or pass --bpf-pin-dir if it uses another directory";
+    let hint = format!(
+        "start the agent with --redirect-cgroup (it installs and pins the programs), or pass \
+         --bpf-pin-dir if it uses another directory{}",
+        see("the-cli")
+    );
     if !pin_dir.is_dir() {
-        return Check::fail(name, format!("{} does not exist", pin_dir.display()), hint);
+        return Check::fail(name, format!("{} does not exist", pin_dir.display()), &hint);
     }
     let mut missing: Vec<String> = Vec::new();
     for m in EXPECTED_MAPS {
@@ -343,7 +375,19 @@ pub fn node_credential(creds: Result<&NodeCredentials, String>, now: SystemTime)
     let rejoin = "join again: zmesh ca join --token ... (or check --credentials)";
     let creds = match creds {
         Ok(c) => c,
-        Err(e) => return Check::fail(name, e, rejoin),
+        Err(e) => {
+            return Check::fail(
+                name,
+                e,
+                format!(
+                    "join the node: zmesh ca join --token ... (or pass --credentials DIR); an \
+                     agent that authenticates with a ServiceAccount token (--ca-token-file, \
+                     the CA with --bearer kubernetes) has no node credential: pass \
+                     --ca-token-file and --ca-bundle{}",
+                    see("kubernetes")
+                ),
+            )
+        }
     };
     let chain = match zmesh_identity::pem::parse_certs(creds.cert_chain_pem.as_bytes()) {
         Ok(c) if !c.is_empty() => c,
@@ -406,6 +450,135 @@ pub fn node_credential(creds: Result<&NodeCredentials, String>, now: SystemTime)
     }
 }
 
+/// The agent's CA credential in token mode: the projected ServiceAccount token (readable,
+/// a JWT, not expired) and the CA's roots it verifies the CA with.
+pub fn ca_token(
+    token_file: &Path,
+    token: Result<String, String>,
+    bundle_file: &Path,
+    bundle: Result<String, String>,
+    now: SystemTime,
+) -> Check {
+    let name = "CA credential (ServiceAccount token)";
+    let mount = format!(
+        "the agent's DaemonSet mounts a projected token (audience zmesh-ca) at {POD_CA_TOKEN}; \
+         pass --ca-token-file if it is elsewhere{}",
+        see("kubernetes")
+    );
+    let token = match token {
+        Ok(t) => t,
+        Err(e) => {
+            return Check::fail(
+                name,
+                format!("cannot read {}: {e}", token_file.display()),
+                mount,
+            )
+        }
+    };
+    let claims = match jwt_claims(token.trim()) {
+        Ok(c) => c,
+        Err(e) => {
+            return Check::fail(
+                name,
+                format!(
+                    "{} is not a ServiceAccount token: {e}",
+                    token_file.display()
+                ),
+                mount,
+            )
+        }
+    };
+    let now_s = epoch_seconds(now);
+    let expiry = match claims.get("exp").and_then(serde_json::Value::as_u64) {
+        Some(exp) if exp <= now_s => {
+            return Check::fail(
+                name,
+                format!(
+                    "{} expired {} ago",
+                    token_file.display(),
+                    human(Duration::from_secs(now_s - exp))
+                ),
+                format!(
+                    "the kubelet renews projected tokens: is the token volume a projected \
+                     serviceAccountToken (not a copy)?{}",
+                    see("kubernetes")
+                ),
+            )
+        }
+        Some(exp) => format!("expires in {}", human(Duration::from_secs(exp - now_s))),
+        None => "no expiry".to_owned(),
+    };
+    let audience = match claims.get("aud") {
+        Some(serde_json::Value::String(a)) => a.clone(),
+        Some(serde_json::Value::Array(a)) => a
+            .iter()
+            .filter_map(serde_json::Value::as_str)
+            .collect::<Vec<_>>()
+            .join(","),
+        _ => "none".to_owned(),
+    };
+    let roots = bundle
+        .map_err(|e| format!("cannot read {}: {e}", bundle_file.display()))
+        .and_then(|pem| {
+            root_store(&pem)
+                .map(|r| r.len())
+                .map_err(|e| format!("{}: {e}", bundle_file.display()))
+        });
+    match roots {
+        Ok(n) => Check::pass(
+            name,
+            format!(
+                "{} (audience {audience}, {expiry}); {n} CA root(s) in {}",
+                token_file.display(),
+                bundle_file.display()
+            ),
+        ),
+        Err(e) => Check::fail(
+            name,
+            e,
+            format!(
+                "fill the zmesh-ca-roots ConfigMap with `zmesh ca bundle` (or pass \
+                 --ca-bundle){}",
+                see("kubernetes")
+            ),
+        ),
+    }
+}
+
+/// The claims of a JWT, unverified (only the CA can verify it: TokenReview).
+fn jwt_claims(token: &str) -> Result<serde_json::Map<String, serde_json::Value>, String> {
+    let parts: Vec<&str> = token.split('.').collect();
+    let [_, payload, _] = parts.as_slice() else {
+        return Err(format!("{} part(s), a JWT has 3", parts.len()));
+    };
+    let bytes = base64url(payload).ok_or("its claims are not base64url")?;
+    serde_json::from_slice(&bytes).map_err(|e| format!("its claims are not JSON: {e}"))
+}
+
+/// Decodes unpadded base64url (RFC 4648 section 5).
+fn base64url(s: &str) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(s.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for c in s.trim_end_matches('=').bytes() {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+            acc &= (1 << bits) - 1;
+        }
+    }
+    Some(out)
+}
+
 fn human(d: Duration) -> String {
     let s = d.as_secs();
     match s {
@@ -422,11 +595,15 @@ pub fn workload_certs(certs: Result<Vec<CertInfo>, String>, now: SystemTime) -> 
         Ok(c) => c,
         Err(e) => {
             return vec![Check::fail(
-            "agent admin API",
-            e,
-            "is the agent running on this node? (systemctl status / kubectl -n zmesh get pods), \
-                 or pass --admin-socket",
-        )]
+                "agent admin API",
+                e,
+                format!(
+                    "is the agent running on this node? (kubectl -n zmesh-system get pods -l \
+                 app.kubernetes.io/name=zmesh-agent -o wide; outside Kubernetes, its \
+                 service), or pass --admin-socket{}",
+                    see("kubernetes")
+                ),
+            )]
         }
     };
     let mut out = vec![Check::pass(
@@ -513,7 +690,7 @@ fn ca_reachable(addr: &str, creds: Option<&NodeCredentials>) -> (Check, Option<S
             Check::fail(
                 name,
                 "no CA bundle to verify it with",
-                "fix the node credential first",
+                "fix the credential check above first",
             ),
             None,
         );
@@ -543,12 +720,17 @@ fn ca_reachable(addr: &str, creds: Option<&NodeCredentials>) -> (Check, Option<S
     let chain =
         zmesh_identity::pem::parse_certs(creds.cert_chain_pem.as_bytes()).unwrap_or_default();
     let key = PrivateKeyDer::from_pem_slice(creds.key_pem.as_bytes());
-    let mut config = match key {
-        Ok(key) if !chain.is_empty() => match builder.with_client_auth_cert(chain, key) {
-            Ok(c) => c,
-            Err(e) => return fail(format!("node credential unusable: {e}"), "join again"),
-        },
-        _ => return fail("node credential unusable".into(), "join again"),
+    let mut config = if creds.cert_chain_pem.trim().is_empty() && creds.key_pem.is_empty() {
+        // Token mode: the agent shows the CA a token, not a certificate.
+        builder.with_no_client_auth()
+    } else {
+        match key {
+            Ok(key) if !chain.is_empty() => match builder.with_client_auth_cert(chain, key) {
+                Ok(c) => c,
+                Err(e) => return fail(format!("node credential unusable: {e}"), "join again"),
+            },
+            _ => return fail("node credential unusable".into(), "join again"),
+        }
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
     let result = (|| -> Result<Vec<CertificateDer<'static>>, String> {
@@ -613,9 +795,37 @@ pub async fn run(args: CheckArgs) -> anyhow::Result<ExitCode> {
         Err(e) => checks.push(Check::fail("mounts", e.to_string(), "is /proc mounted?")),
     }
     checks.push(pins(&args.bpf_pin_dir));
-    let creds = NodeCredentials::load(&args.credentials)
-        .map_err(|e| format!("cannot load from {}: {e}", args.credentials.display()));
-    checks.push(node_credential(creds.as_ref().map_err(Clone::clone), now));
+    // Token mode (the DaemonSet's): no node credential, a token and the CA's roots instead.
+    let token_file = args.ca_token_file.clone().or_else(|| {
+        (!args.credentials.exists() && Path::new(POD_CA_TOKEN).exists())
+            .then(|| PathBuf::from(POD_CA_TOKEN))
+    });
+    let creds = match &token_file {
+        Some(token_file) => {
+            let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| e.to_string());
+            let bundle = read(&args.ca_bundle);
+            checks.push(ca_token(
+                token_file,
+                read(token_file),
+                &args.ca_bundle,
+                bundle.clone(),
+                now,
+            ));
+            bundle
+                .map(|roots_pem| NodeCredentials {
+                    cert_chain_pem: String::new(),
+                    key_pem: String::new(),
+                    roots_pem,
+                })
+                .map_err(|e| format!("cannot read {}: {e}", args.ca_bundle.display()))
+        }
+        None => {
+            let creds = NodeCredentials::load(&args.credentials)
+                .map_err(|e| format!("cannot load from {}: {e}", args.credentials.display()));
+            checks.push(node_credential(creds.as_ref().map_err(Clone::clone), now));
+            creds
+        }
+    };
     let serving_not_before = match &args.ca {
         Some(addr) => {
             let addr = addr.clone();
@@ -947,5 +1157,111 @@ mod tests {
         let missing = node_credential(Err("cannot load from /x".into()), now());
         assert_eq!(missing.status, Status::Fail);
         assert!(missing.hint.unwrap().contains("zmesh ca join"));
+    }
+
+    /// base64url without padding, for test tokens.
+    fn b64(data: &[u8]) -> String {
+        const A: &[u8] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in data.chunks(3) {
+            let n = chunk
+                .iter()
+                .enumerate()
+                .fold(0u32, |acc, (i, b)| acc | u32::from(*b) << (16 - 8 * i));
+            for i in 0..=chunk.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+
+    fn jwt(claims: serde_json::Value) -> String {
+        format!(
+            "{}.{}.c2lnbmF0dXJl",
+            b64(br#"{"alg":"RS256"}"#),
+            b64(claims.to_string().as_bytes())
+        )
+    }
+
+    #[test]
+    fn token_mode_checks_the_token_and_the_bundle_not_a_node_credential() {
+        let (_, roots) = credential(NOW_S - 3600, NOW_S + 86400);
+        let (tf, bf) = (Path::new("/t/token"), Path::new("/t/roots.pem"));
+        let token = jwt(serde_json::json!({"aud": ["zmesh-ca"], "exp": NOW_S + 3600}));
+        assert_eq!(
+            jwt_claims(&token).unwrap()["aud"],
+            serde_json::json!(["zmesh-ca"])
+        );
+        let ok = ca_token(tf, Ok(token.clone()), bf, Ok(roots.clone()), now());
+        assert_eq!(ok.status, Status::Pass, "{ok}");
+        assert!(
+            ok.detail.contains("audience zmesh-ca, expires in 1h00m")
+                && ok.detail.contains("1 CA root(s)"),
+            "{ok}"
+        );
+        let expired = jwt(serde_json::json!({"aud": "zmesh-ca", "exp": NOW_S - 60}));
+        let c = ca_token(tf, Ok(expired), bf, Ok(roots.clone()), now());
+        assert_eq!(c.status, Status::Fail);
+        assert!(c.detail.contains("expired 1m ago"), "{c}");
+        let c = ca_token(tf, Ok("not-a-jwt".into()), bf, Ok(roots.clone()), now());
+        assert_eq!(c.status, Status::Fail);
+        assert!(c.detail.contains("not a ServiceAccount token"), "{c}");
+        let c = ca_token(tf, Err("No such file".into()), bf, Ok(roots), now());
+        assert_eq!(c.status, Status::Fail);
+        assert!(c.hint.unwrap().contains(POD_CA_TOKEN));
+        let c = ca_token(tf, Ok(token), bf, Err("No such file".into()), now());
+        assert_eq!(c.status, Status::Fail);
+        assert!(
+            c.hint.as_deref().unwrap().contains("zmesh ca bundle"),
+            "{c}"
+        );
+        assert!(c.hint.unwrap().contains("README.md#kubernetes"));
+    }
+
+    #[test]
+    fn hints_name_the_manifests_namespace_and_link_the_readme() {
+        let down = workload_certs(Err("cannot reach the agent".into()), now());
+        let hint = down[0].hint.as_deref().unwrap();
+        // examples/kubernetes deploys into zmesh-system
+        assert!(hint.contains("kubectl -n zmesh-system get pods"), "{hint}");
+        let manifests = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/examples/kubernetes/30-agent.yaml"
+        ))
+        .unwrap();
+        assert!(manifests.contains("namespace: zmesh-system"));
+        assert!(manifests.contains("app.kubernetes.io/name: zmesh-agent"));
+        assert!(manifests.contains(&format!("--ca-token-file={POD_CA_TOKEN}")));
+        assert!(hint.contains("README.md#kubernetes"), "{hint}");
+        let readme =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+        // every anchor a hint links to is a section of the README
+        let missing = node_credential(Err("cannot load".into()), now());
+        assert!(missing.hint.as_deref().unwrap().contains("--ca-token-file"));
+        for c in [
+            &down[0],
+            &missing,
+            &btf(Path::new("/nonexistent")),
+            &pins(Path::new("/nonexistent")),
+        ]
+        .into_iter()
+        .chain(mounts("").iter())
+        {
+            let hint = c.hint.as_deref().unwrap();
+            let anchor = hint
+                .split("README.md#")
+                .nth(1)
+                .unwrap_or_else(|| panic!("no README link in {hint}"));
+            let found = readme.lines().any(|l| {
+                l.starts_with('#')
+                    && l.trim_start_matches('#')
+                        .trim()
+                        .to_lowercase()
+                        .replace(|c: char| !c.is_alphanumeric() && c != ' ' && c != '-', "")
+                        .replace(' ', "-")
+                        == anchor
+            });
+            assert!(found, "no README section for #{anchor}");
+        }
     }
 }

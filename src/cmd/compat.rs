@@ -23,6 +23,11 @@ enum CompatCommand {
     /// The objects go to standard output, ready for `kubectl apply -f -`; the report of
     /// what could not be carried over goes to standard error. Untranslatable peers and
     /// ports are left out, so the generated policies never allow more than Cilium did.
+    ///
+    /// Exit status: 0 when everything was carried over; 3 when something was not (an
+    /// item of the report, e.g. a dropped L7 rule, or a generated policy that allows
+    /// nothing), unless --allow-partial; 1 on an error (unreadable input, no Cilium policy
+    /// in it).
     MigrateMutualAuth(MigrateArgs),
 }
 
@@ -43,7 +48,13 @@ struct MigrateArgs {
     /// Namespace for policies of cluster-wide scope (Istio's root namespace).
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
+    /// Exit 0 even when something was not carried over (the report still lists it).
+    #[arg(long)]
+    allow_partial: bool,
 }
+
+/// The exit status of a migration that left something out (without --allow-partial).
+pub const EXIT_PARTIAL: u8 = 3;
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum OutputFormat {
@@ -101,6 +112,7 @@ fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
                 "authorizationPolicies": migration.policies.len(),
                 "namespaces": migration.namespaces,
                 "notCarriedOver": migration.findings,
+                "complete": migration.is_complete(),
             });
             serde_json::to_string_pretty(&value)? + "\n"
         }
@@ -108,5 +120,13 @@ fn migrate(args: MigrateArgs) -> anyhow::Result<ExitCode> {
     std::io::stderr()
         .write_all(report.as_bytes())
         .context("writing the report")?;
-    Ok(ExitCode::SUCCESS)
+    if migration.is_complete() || args.allow_partial {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let ReportFormat::Text = args.report {
+        eprintln!(
+            "partial migration (exit status {EXIT_PARTIAL}): review the items above, or pass --allow-partial to accept them"
+        );
+    }
+    Ok(ExitCode::from(EXIT_PARTIAL))
 }

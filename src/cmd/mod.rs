@@ -7,11 +7,13 @@ pub mod check;
 pub mod compat;
 #[cfg(feature = "demo")]
 pub mod demo;
+pub mod docs;
 pub mod enroll;
 pub mod observe;
 pub mod proxy;
 pub mod tuning;
 pub mod uninstall;
+pub mod version;
 
 use std::time::Duration;
 
@@ -56,6 +58,26 @@ pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     Ok(Duration::from_secs(seconds))
 }
 
+/// An error and its causes on one line, `outer: cause: root cause`, like anyhow's `{:#}`
+/// but without repeating a cause whose text an outer message already shows (many errors
+/// put their source in their own message *and* return it as `source()`, which printed the
+/// OS error twice: "cannot read x: Permission denied (os error 13): Permission denied (os
+/// error 13)").
+pub fn error_chain(error: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in error.chain() {
+        let text = cause.to_string();
+        if text.is_empty() || out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
 /// SIGTERM (Kubernetes, systemd) or Ctrl-C.
 pub async fn shutdown_signal() {
     use tokio::signal::unix::{signal, SignalKind};
@@ -92,8 +114,39 @@ pub(crate) async fn check_kube_access(
 
 #[cfg(test)]
 mod tests {
-    use super::parse_duration;
+    use super::{error_chain, parse_duration};
     use std::time::Duration;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("cannot read {path}: {source}")]
+    struct Repeats {
+        path: &'static str,
+        source: std::io::Error,
+    }
+
+    #[test]
+    fn error_chain_shows_each_cause_once() {
+        let denied = || std::io::Error::from_raw_os_error(13);
+        // The source in the message and as source(): shown once.
+        let e = anyhow::Error::new(Repeats {
+            path: "/x",
+            source: denied(),
+        })
+        .context("loading the CA");
+        let text = error_chain(&e);
+        assert_eq!(text.matches("os error 13").count(), 1, "{text}");
+        assert!(
+            text.starts_with("loading the CA: cannot read /x: "),
+            "{text}"
+        );
+        // A cause the outer message does not show is kept.
+        let e = anyhow::Error::new(denied()).context("writing /y");
+        let text = error_chain(&e);
+        assert!(
+            text.starts_with("writing /y: ") && text.contains("os error 13"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn durations() {

@@ -450,3 +450,102 @@ spec:
     assert_eq!(kinds(&m), vec![FindingKind::Selector]);
     assert!(m.namespaces.is_empty());
 }
+
+#[test]
+fn l7_rules_are_listed_with_policy_and_rule_index_even_when_the_rule_is_dropped() {
+    let m = run(r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: kafka-api, namespace: shop}
+spec:
+  endpointSelector: {matchLabels: {app: broker}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {io.cilium.k8s.policy.serviceaccount: web}}]
+    toPorts:
+    - ports: [{port: "8443", protocol: TCP}]
+    authentication: {mode: required}
+  - fromEntities: [world]
+    toPorts:
+    - ports: [{port: "9092", protocol: TCP}]
+      rules: {kafka: [{role: produce, topic: orders}]}
+    - ports: [{port: "80", protocol: TCP}]
+      rules: {http: [{method: GET}]}
+    authentication: {mode: required}
+---
+apiVersion: cilium.io/v2
+kind: CiliumClusterwideNetworkPolicy
+metadata: {name: dns}
+spec:
+  endpointSelector: {matchLabels: {k8s:io.kubernetes.pod.namespace: kube-system}}
+  ingress:
+  - fromEndpoints: [{matchLabels: {k8s:io.kubernetes.pod.namespace: shop}}]
+    toPorts:
+    - ports: [{port: "53", protocol: ANY}]
+      rules: {dns: [{matchPattern: "*"}]}
+    authentication: {mode: required}
+"#);
+    let l7: Vec<(&str, &str, &str)> = m
+        .findings_of(FindingKind::L7Rules)
+        .map(|f| (f.policy.as_str(), f.rule.as_str(), f.reason.as_str()))
+        .collect();
+    assert_eq!(l7.len(), 3, "{l7:#?}");
+    // The second rule has no identity peer, so it is dropped whole: its L7 rules are still
+    // listed, each with its index.
+    assert!(l7[0].0.starts_with("CiliumNetworkPolicy shop/kafka-api"));
+    assert_eq!(l7[0].1, "spec.ingress[1].toPorts[0].rules");
+    assert!(l7[0].2.contains("(kafka)"), "{}", l7[0].2);
+    assert_eq!(l7[1].1, "spec.ingress[1].toPorts[1].rules");
+    assert!(l7[1].2.contains("(http)"), "{}", l7[1].2);
+    assert!(l7[2].0.starts_with("CiliumClusterwideNetworkPolicy dns"));
+    assert_eq!(l7[2].1, "spec.ingress[0].toPorts[0].rules");
+    assert!(l7[2].2.contains("(dns)"), "{}", l7[2].2);
+    assert!(!m.is_complete());
+    let report = m.report_text();
+    assert!(
+        report.contains("[l7-rules] CiliumNetworkPolicy shop/kafka-api (policy.yaml, document 1) spec.ingress[1].toPorts[0].rules: L7 rules (kafka)"),
+        "{report}"
+    );
+    // The first rule stays, without the dropped ports.
+    assert_eq!(
+        m.policies[0]["spec"]["rules"],
+        json!([{
+            "from": [{"source": {"principals": ["cluster.local/ns/shop/sa/web"]}}],
+            "to": [{"operation": {"ports": ["8443"]}}],
+        }])
+    );
+}
+
+#[test]
+fn input_without_a_cilium_policy_is_an_error() {
+    for text in [
+        "apiVersion: v1\nkind: Service\nmetadata: {name: echo}\n",
+        "",
+        "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {name: np}\n",
+    ] {
+        let e = migrate(
+            &[("in.yaml".to_owned(), text.to_owned())],
+            &MigrateOptions::default(),
+        )
+        .unwrap_err();
+        assert!(matches!(e, MigrateError::NoCiliumPolicy { .. }), "{e}");
+        assert!(e.to_string().contains("no CiliumNetworkPolicy"), "{e}");
+        assert!(e.to_string().contains("in.yaml"), "{e}");
+    }
+}
+
+#[test]
+fn complete_only_when_nothing_was_left_out() {
+    assert!(run(ECHO).is_complete());
+    let none = run(r#"
+apiVersion: cilium.io/v2
+kind: CiliumNetworkPolicy
+metadata: {name: w, namespace: shop}
+spec:
+  endpointSelector: {}
+  ingress:
+  - fromEntities: [world]
+    authentication: {mode: required}
+"#);
+    assert!(!none.is_complete());
+    assert_eq!(none.findings_of(FindingKind::AllowsNothing).count(), 1);
+}
