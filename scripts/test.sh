@@ -24,6 +24,11 @@ if [ -z "${ZTUNNEL_BIN:-}" ]; then
   echo "   (tests/ztunnel_inpod.rs and tests/ztunnel_interop.rs are skipped: ZTUNNEL_BIN is not set; README, \"A stock ztunnel in the tests\")"
 fi
 cargo test --workspace --features zmesh/demo --locked
+# The Dockerfile's build stage, run outside a container (no container builder here): the
+# same build script, and the runtime stage's libraries and programs checked. The dist build
+# is cached in /var/cache/zmesh/dist-target (cold: 10-14 min on 2 cores).
+echo "== image build stage (no image is built: scripts/image-check.sh)"
+bash scripts/image-check.sh
 # Debian's own kernels booted in QEMU (TCG): the redirection tests and the demo on Debian
 # 12's 6.1 (clsact filters, no TCX), and Debian 11's 5.10 refused up front. Kernels, qemu and
 # the guest's base are cached in /var/cache/zmesh/vm (~1.5 min warm).
