@@ -51,6 +51,11 @@ enum Command {
     Observe(cmd::observe::ObserveArgs),
     /// Check that this node is ready for the mesh: kernel, eBPF, CA, certificates.
     Check(cmd::check::CheckArgs),
+    /// What a node agent holds now: workloads, services, policies (and the invalid ones),
+    /// open connections, certificates (like istioctl ztunnel-config).
+    Config(cmd::config::ConfigArgs),
+    /// Show or change a node agent's log level at run time.
+    Log(cmd::config::LogArgs),
     /// Show the version of this binary and of the node agent (its admin socket).
     Version(cmd::version::VersionArgs),
     /// Print a shell completion script (bash, zsh, fish) to standard output.
@@ -60,13 +65,31 @@ enum Command {
     Man(cmd::docs::ManArgs),
 }
 
+/// Logs to stderr through a filter that the agent's admin API can change at run time
+/// (`zmesh log --level`).
+fn init_logging(filter: &str) -> zmesh_agent::config_api::LogControl {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::EnvFilter;
+    let (filter_layer, handle) = tracing_subscriber::reload::Layer::new(EnvFilter::new(filter));
+    tracing_subscriber::registry()
+        .with(filter_layer)
+        .with(
+            tracing_subscriber::fmt::layer()
+                .with_writer(std::io::stderr)
+                .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr())),
+        )
+        .init();
+    zmesh_agent::config_api::LogControl::new(filter, move |spec| {
+        zmesh_agent::config_api::check_filter(spec)?;
+        let parsed = EnvFilter::try_new(spec).map_err(|e| e.to_string())?;
+        handle.reload(parsed).map_err(|e| e.to_string())
+    })
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(&cli.log))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let log = init_logging(&cli.log);
     // The data path's threads: `zmesh proxy` serves on the main runtime; the agent runs its
     // proxy on a runtime of its own, configured the same way, next to its control work.
     let proxy_threads = cli
@@ -88,7 +111,7 @@ fn main() -> std::process::ExitCode {
             Command::Uninstall(args) => cmd::uninstall::run(args),
             Command::Enroll(args) => cmd::enroll::run(args, true),
             Command::Unenroll(args) => cmd::enroll::run(args, false),
-            Command::Agent(args) => cmd::agent::run_agent(*args, proxy_threads).await,
+            Command::Agent(args) => cmd::agent::run_agent(*args, proxy_threads, log).await,
             Command::Ca(args) => cmd::ca::run(args).await,
             #[cfg(feature = "demo")]
             Command::Demo(args) => cmd::demo::run(args).await,
@@ -96,6 +119,8 @@ fn main() -> std::process::ExitCode {
             Command::Proxy(args) => cmd::proxy::run(args).await,
             Command::Compat(args) => cmd::compat::run(args).await,
             Command::Observe(args) => cmd::observe::run(args).await,
+            Command::Config(args) => cmd::config::run(args).await,
+            Command::Log(args) => cmd::config::log(args).await,
             Command::Check(args) => cmd::check::run(args).await,
             Command::Version(args) => cmd::version::run(args).await,
             Command::Completion(args) => {

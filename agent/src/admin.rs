@@ -5,6 +5,8 @@
 //! - `GET /flows?...`: flow events as NDJSON, history then live (see `flows_api`).
 //! - `POST /certs/rotate?workload=NS/SA` or `?all=true`: renews now, one JSON line per
 //!   workload as each finishes (so the CLI can show progress).
+//! - `GET /config/{workloads,services,policies,connections}`, `GET /version`, `GET|PUT
+//!   /log`: see `config_api`.
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -21,6 +23,7 @@ use serde::{Deserialize, Serialize};
 use tokio::net::UnixStream;
 use zmesh_identity::{CertStatus, TrustDomain, WorkloadId};
 
+use crate::config_api;
 use crate::credentials::{RotateError, WorkloadCertificates};
 use crate::local_socket;
 
@@ -96,7 +99,26 @@ pub struct AdminState {
     pub trust_domain: TrustDomain,
     /// The flow events `GET /flows` streams (see `flows_api`).
     pub flows: Arc<zmesh_proxy::flows::FlowHub>,
+    /// Our proxy, `None` when a stock ztunnel carries the traffic.
+    pub data_path: Option<DataPathView>,
+    /// The cluster as the agent sees it (policies, and the invalid ones).
+    pub cluster: tokio::sync::watch::Receiver<Arc<zmesh_cluster::ClusterState>>,
+    pub build: crate::config_api::BuildInfo,
+    /// `None`: the log level cannot be changed at run time.
+    pub log: Option<crate::config_api::LogControl>,
 }
+
+/// What the admin API shows of the proxy.
+#[derive(Clone)]
+pub struct DataPathView {
+    /// Its workload table.
+    pub workloads: Arc<zmesh_proxy::WorkloadStore>,
+    /// Its open connections.
+    pub connections: Arc<zmesh_proxy::connections::OpenConnections>,
+}
+
+const ZTUNNEL_HOLDS_IT: &str =
+    "a stock ztunnel carries this node's traffic: ask it (istioctl ztunnel-config)";
 
 /// Serves the admin API on `path` until the task is dropped. A stale socket from a crashed
 /// agent is replaced.
@@ -136,6 +158,42 @@ async fn route(req: Request<Incoming>, state: AdminState) -> Response<Body> {
             json(StatusCode::OK, &infos)
         }
         (&Method::POST, "/certs/rotate") => rotate(&state, &query),
+        (&Method::GET, "/config/workloads") => match &state.data_path {
+            Some(dp) => json(
+                StatusCode::OK,
+                &config_api::workloads(&dp.workloads.snapshot()),
+            ),
+            None => error(StatusCode::NOT_IMPLEMENTED, ZTUNNEL_HOLDS_IT),
+        },
+        (&Method::GET, "/config/services") => match &state.data_path {
+            Some(dp) => json(
+                StatusCode::OK,
+                &config_api::services(&dp.workloads.snapshot()),
+            ),
+            None => error(StatusCode::NOT_IMPLEMENTED, ZTUNNEL_HOLDS_IT),
+        },
+        (&Method::GET, "/config/policies") => {
+            let cluster = state.cluster.borrow().clone();
+            json(StatusCode::OK, &config_api::policies(&cluster))
+        }
+        (&Method::GET, "/config/connections") => match &state.data_path {
+            Some(dp) => json(StatusCode::OK, &dp.connections.snapshot()),
+            None => error(StatusCode::NOT_IMPLEMENTED, ZTUNNEL_HOLDS_IT),
+        },
+        (&Method::GET, "/version") => json(StatusCode::OK, &state.build),
+        (&Method::GET, "/log") => match &state.log {
+            Some(log) => json(
+                StatusCode::OK,
+                &config_api::LogLevel {
+                    level: log.current(),
+                },
+            ),
+            None => error(
+                StatusCode::NOT_IMPLEMENTED,
+                "this agent's log level is fixed",
+            ),
+        },
+        (&Method::PUT, "/log") => set_log(&state, &query),
         (&Method::GET, "/flows") => {
             match crate::flows_api::parse_query(&query, SystemTime::now()) {
                 Ok(q) => crate::flows_api::flows_response(&state.flows, q),
@@ -143,6 +201,34 @@ async fn route(req: Request<Incoming>, state: AdminState) -> Response<Body> {
             }
         }
         _ => error(StatusCode::NOT_FOUND, "no such admin endpoint"),
+    }
+}
+
+fn set_log(state: &AdminState, query: &[(String, String)]) -> Response<Body> {
+    let Some(log) = &state.log else {
+        return error(
+            StatusCode::NOT_IMPLEMENTED,
+            "this agent's log level is fixed",
+        );
+    };
+    let level = match query {
+        [(key, level)] if key == "level" => level,
+        _ => return error(StatusCode::BAD_REQUEST, "give exactly one parameter: level"),
+    };
+    match log.set(level) {
+        Ok(()) => {
+            tracing::info!(level = %level, "log level changed through the admin API");
+            json(
+                StatusCode::OK,
+                &config_api::LogLevel {
+                    level: log.current(),
+                },
+            )
+        }
+        Err(e) => error(
+            StatusCode::BAD_REQUEST,
+            &format!("invalid log level {level:?}: {e}"),
+        ),
     }
 }
 
@@ -390,7 +476,16 @@ impl AdminClient {
         &self,
         path: &str,
     ) -> Result<T, AdminError> {
-        let mut lines = Box::pin(self.lines(Method::GET, path).await?);
+        self.send_json(Method::GET, path).await
+    }
+
+    /// A request without a body returning one JSON document.
+    pub async fn send_json<T: for<'de> Deserialize<'de>>(
+        &self,
+        method: Method,
+        path: &str,
+    ) -> Result<T, AdminError> {
+        let mut lines = Box::pin(self.lines(method, path).await?);
         let mut text = String::new();
         while let Some(line) = lines.next().await {
             text.push_str(&line?);

@@ -7,7 +7,10 @@
 //! reason if it ended on its own (a listener failed, a panic), and the agent then exits
 //! non-zero so that it is restarted.
 
+use std::sync::Arc;
+
 use tokio::sync::oneshot;
+use zmesh_proxy::connections::OpenConnections;
 use zmesh_proxy::{DrainHandle, Proxy, ProxyConfig, ProxyDeps, ProxyError};
 
 /// Why the data path could not start or stopped on its own.
@@ -26,6 +29,8 @@ pub(crate) struct DataPath {
     drain: DrainHandle,
     /// Duplicates of the proxy's listening sockets, for a successor (see `handover`).
     pub listener_fds: Vec<std::os::fd::OwnedFd>,
+    /// The proxy's open connections (for the admin API).
+    pub connections: Arc<OpenConnections>,
     stopped: oneshot::Receiver<Result<(), ProxyError>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
@@ -66,19 +71,20 @@ impl DataPath {
                             Vec::new()
                         }
                     };
-                    let _ = bound_tx.send(Ok((proxy.drain_handle(), fds)));
+                    let _ = bound_tx.send(Ok((proxy.drain_handle(), fds, proxy.connections())));
                     let _ = stopped_tx.send(proxy.run().await);
                 });
             })
             .map_err(DataPathError::Runtime)?;
         let mut thread = Some(thread);
-        let (drain, listener_fds) = match bound_rx.await {
+        let (drain, listener_fds, connections) = match bound_rx.await {
             Ok(bound) => bound?,
             Err(_) => return Err(panic_of(&mut thread).await),
         };
         Ok(Self {
             drain,
             listener_fds,
+            connections,
             stopped,
             thread,
         })

@@ -3,9 +3,12 @@
 //!
 //! `GET /flows?namespace=NS&pod=[NS/]NAME&identity=ID&verdict=V&encrypted=BOOL&since=T&follow=true`:
 //! every parameter but `follow` may repeat where it makes sense (namespace, pod, identity,
-//! verdict: any value may match). `since` is RFC 3339 or a duration back from now (`5m`).
+//! verdict: any value may match). `since` and `until` are RFC 3339 or a duration back from
+//! now (`5m`). `from_namespace`, `from_pod`, `from_identity`, `from_port` (and `to_...`)
+//! match one end only; `port` either end; `direction` (`inbound`, `outbound`) and `phase`
+//! (`open`, `close`) the event. `last=N` keeps the last N matching events of the history.
 //! Without `follow` the retained history is returned and the response ends; with it, the
-//! history since `since` (if given) and then live events until the client goes away.
+//! history since `since` (or the last N) and then live events until the client goes away.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -32,6 +35,8 @@ pub const FLOW_HISTORY: usize = 4096;
 pub struct FlowQuery {
     pub filter: FlowFilter,
     pub follow: bool,
+    /// Only the last N matching events of the history.
+    pub last: Option<usize>,
 }
 
 /// A duration like `90s`, `5m`, `2h`, `1d`.
@@ -70,6 +75,13 @@ pub fn parse_query(query: &[(String, String)], now: SystemTime) -> Result<FlowQu
     let mut q = FlowQuery {
         filter: FlowFilter::default(),
         follow: false,
+        last: None,
+    };
+    let port = |v: &str| {
+        v.parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{v:?} is not a port number (1-65535)"))
     };
     for (key, value) in query {
         if value.is_empty() {
@@ -82,11 +94,38 @@ pub fn parse_query(query: &[(String, String)], now: SystemTime) -> Result<FlowQu
             "verdict" => q.filter.verdicts.push(value.parse::<FlowVerdict>()?),
             "encrypted" => q.filter.encrypted = Some(parse_bool(key, value)?),
             "since" => q.filter.since = Some(parse_since(value, now)?),
+            "until" => q.filter.until = Some(parse_since(value, now)?),
             "follow" => q.follow = parse_bool(key, value)?,
+            "from_namespace" => q.filter.from.namespaces.push(value.clone()),
+            "to_namespace" => q.filter.to.namespaces.push(value.clone()),
+            "from_pod" => q.filter.from.pods.push(value.clone()),
+            "to_pod" => q.filter.to.pods.push(value.clone()),
+            "from_identity" => q.filter.from.identities.push(value.clone()),
+            "to_identity" => q.filter.to.identities.push(value.clone()),
+            "from_port" => q.filter.from.ports.push(port(value)?),
+            "to_port" => q.filter.to.ports.push(port(value)?),
+            "port" => q.filter.ports.push(port(value)?),
+            "direction" => q.filter.directions.push(value.parse()?),
+            "phase" => q.filter.phases.push(match value.as_str() {
+                "open" => FlowPhase::Open,
+                "close" => FlowPhase::Close,
+                _ => return Err(format!("phase must be open or close, not {value:?}")),
+            }),
+            "last" => {
+                q.last = Some(
+                    value
+                        .parse::<usize>()
+                        .ok()
+                        .filter(|n| *n > 0)
+                        .ok_or_else(|| format!("last must be a positive number, not {value:?}"))?,
+                )
+            }
             other => {
                 return Err(format!(
-                    "unknown parameter {other:?}; use namespace, pod, identity, verdict, encrypted, since or follow"
-                ))
+                "unknown parameter {other:?}; use namespace, pod, identity, verdict, encrypted, \
+                     since, until, from_/to_ namespace, pod, identity or port, port, direction, \
+                     phase, last or follow"
+            ))
             }
         }
     }
@@ -103,7 +142,10 @@ fn line(event: &FlowEvent) -> Result<Frame<Bytes>, Infallible> {
 /// The `/flows` response body: NDJSON, one [`FlowEvent`] per line.
 pub fn flows_response(hub: &FlowHub, query: FlowQuery) -> Response<BoxBody<Bytes, Infallible>> {
     let body = if query.follow {
-        let subscription = hub.subscribe(query.filter);
+        let subscription = match query.last {
+            Some(n) => hub.subscribe_last(query.filter, n),
+            None => hub.subscribe(query.filter),
+        };
         let stream = futures::stream::unfold(subscription, |mut sub| async move {
             let event = sub.recv().await?;
             if sub.missed() > 0 {
@@ -113,7 +155,7 @@ pub fn flows_response(hub: &FlowHub, query: FlowQuery) -> Response<BoxBody<Bytes
         });
         StreamBody::new(stream).boxed()
     } else {
-        let events = hub.recent(&query.filter, usize::MAX);
+        let events = hub.recent(&query.filter, query.last.unwrap_or(usize::MAX));
         StreamBody::new(futures::stream::iter(events.into_iter().map(|e| line(&e)))).boxed()
     };
     let mut response = Response::new(body);

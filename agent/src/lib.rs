@@ -14,7 +14,8 @@
 //! - [`table`]: cluster state -> the proxy's workload table.
 //! - [`ca`], [`credentials`], [`spire`]: where workload certificates come from (the zmesh
 //!   CA with the node's credential, or a SPIRE agent) and the TLS configs built from them.
-//! - [`admin`], [`flows_api`]: the admin API on a unix socket (certificates, flows).
+//! - [`admin`], [`flows_api`], [`config_api`]: the admin API on a unix socket (certificates,
+//!   flows, what the agent holds, its version and log level).
 //! - [`zds`]: stock ztunnel as the data plane, fed over ZDS.
 
 pub mod admin;
@@ -22,6 +23,7 @@ pub mod ca;
 pub mod cni_install;
 pub mod cni_server;
 pub mod cni_state;
+pub mod config_api;
 pub mod credentials;
 mod datapath;
 pub mod discovery;

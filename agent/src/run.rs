@@ -75,6 +75,10 @@ pub struct AgentConfig {
     /// Install the CNI plugin on the node and keep it installed (`None`: someone else
     /// installs it). Left installed when the agent stops.
     pub cni_install: Option<CniInstall>,
+    /// This build, as the admin API's `GET /version` reports it.
+    pub build: crate::config_api::BuildInfo,
+    /// Changes the log filter at run time (admin API `PUT /log`); `None`: fixed.
+    pub log: Option<crate::config_api::LogControl>,
 }
 
 /// Who issues workload certificates.
@@ -138,16 +142,7 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), AgentError> {
     if let DataPlane::Ztunnel { zds_socket } = &config.data_plane {
-        return Ok(crate::zds::run_ztunnel(
-            zds_socket,
-            &config.admin_socket,
-            config.trust_domain.clone(),
-            config.node.clone(),
-            config.mode,
-            cluster,
-            shutdown,
-        )
-        .await?);
+        return Ok(crate::zds::run_ztunnel(zds_socket, &config, cluster, shutdown).await?);
     }
     let (certs, bundle, renewal): (
         Arc<dyn WorkloadCertificates>,
@@ -276,6 +271,13 @@ pub async fn run(
             certs: certs.clone(),
             trust_domain: config.trust_domain.clone(),
             flows: flows.clone(),
+            data_path: Some(crate::admin::DataPathView {
+                workloads: workloads.clone(),
+                connections: data_path.connections.clone(),
+            }),
+            cluster: cluster.clone(),
+            build: config.build.clone(),
+            log: config.log.clone(),
         },
     )
     .await?;

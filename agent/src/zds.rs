@@ -386,13 +386,16 @@ pub enum ZtunnelModeError {
 /// `admin_socket` (it says that certificates are ztunnel's).
 pub async fn run_ztunnel(
     zds_socket: &std::path::Path,
-    admin_socket: &std::path::Path,
-    trust_domain: TrustDomain,
-    node: String,
-    mode: Mode,
+    config: &crate::AgentConfig,
     cluster: watch::Receiver<Arc<ClusterState>>,
     shutdown: impl std::future::Future<Output = ()>,
 ) -> Result<(), ZtunnelModeError> {
+    let admin_socket = config.admin_socket.as_path();
+    let (trust_domain, node, mode) = (
+        config.trust_domain.clone(),
+        config.node.clone(),
+        config.mode,
+    );
     let server = ZdsServer::bind(zds_socket)?;
     tracing::info!(socket = %zds_socket.display(), "serving ZDS: waiting for ztunnel to connect");
     let admin_task = admin::serve(
@@ -401,6 +404,11 @@ pub async fn run_ztunnel(
             certs: Arc::new(HeldByZtunnel),
             trust_domain: trust_domain.clone(),
             flows: Arc::new(zmesh_proxy::flows::FlowHub::new(flows_api::FLOW_HISTORY)),
+            // ztunnel holds the workloads and connections (`istioctl ztunnel-config`).
+            data_path: None,
+            cluster: cluster.clone(),
+            build: config.build.clone(),
+            log: config.log.clone(),
         },
     )
     .await?;

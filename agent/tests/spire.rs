@@ -366,6 +366,10 @@ async fn admin_api_lists_spire_svids_and_refuses_rotation() {
             certs,
             trust_domain: TrustDomain::new(TD).unwrap(),
             flows: Arc::new(zmesh_proxy::flows::FlowHub::new(16)),
+            data_path: None,
+            cluster: tokio::sync::watch::channel(Arc::default()).1,
+            build: Default::default(),
+            log: None,
         },
     )
     .await

@@ -42,7 +42,7 @@ use tokio::sync::{mpsc, watch};
 use zmesh_proxy::policy::{Policy, PolicyErrors, PolicySet};
 
 use crate::services::{EndpointSliceInfo, ServiceInfo};
-use crate::state::{ClusterState, NamespaceInfo, PodInfo};
+use crate::state::{ClusterState, NamespaceInfo, PodInfo, PolicyProblem};
 
 /// How long to wait before retrying after an API error: jittered exponential backoff.
 #[derive(Debug, Clone)]
@@ -239,23 +239,57 @@ fn policy_problems(errors: &PolicyErrors) -> String {
         .join("; ")
 }
 
+/// A policy object as the agent holds it: what it enforces (`None`: nothing), and what is
+/// wrong with the object if it is invalid.
+#[derive(Debug, Clone, PartialEq)]
+struct PolicyEntry {
+    policy: Option<Policy>,
+    problem: Option<PolicyProblem>,
+}
+
 /// Parses a policy object. An invalid one keeps `last_good`, or else becomes its
-/// fail-closed stand-in (see the module docs); `None` means it decides nothing.
-fn policy_info(object: DynamicObject, last_good: Option<&Policy>) -> Option<Policy> {
+/// fail-closed stand-in (see the module docs); either way the problem is noted.
+fn policy_info(object: DynamicObject, last_good: Option<&PolicyEntry>) -> Option<PolicyEntry> {
+    let last_good = last_good.and_then(|e| e.policy.as_ref());
     let id = format!(
         "{}/{}",
         object.metadata.namespace.as_deref().unwrap_or("default"),
         object.metadata.name.as_deref().unwrap_or("")
     );
+    let problem = |reason: &str, enforced: &str| {
+        Some(PolicyProblem {
+            policy: id.clone(),
+            namespace: Some(
+                object
+                    .metadata
+                    .namespace
+                    .clone()
+                    .unwrap_or_else(|| "default".into()),
+            ),
+            reason: reason.to_owned(),
+            enforced: enforced.to_owned(),
+        })
+    };
     let value = match serde_json::to_value(&object) {
         Ok(value) => value,
         Err(e) => {
             tracing::warn!(target: "kubernetes", policy = %id, "AuthorizationPolicy cannot be read: {e}");
-            return last_good.cloned();
+            return Some(PolicyEntry {
+                policy: last_good.cloned(),
+                problem: problem(
+                    &format!("cannot be read: {e}"),
+                    "its last good version, if any",
+                ),
+            });
         }
     };
     let problems = match Policy::from_json(&value) {
-        Ok(policy) => return Some(policy),
+        Ok(policy) => {
+            return Some(PolicyEntry {
+                policy: Some(policy),
+                problem: None,
+            })
+        }
         Err(errors) => policy_problems(&errors),
     };
     if let Some(last_good) = last_good {
@@ -264,7 +298,10 @@ fn policy_info(object: DynamicObject, last_good: Option<&Policy>) -> Option<Poli
             policy = %id,
             "AuthorizationPolicy is invalid, its last good version stays in force: {problems}"
         );
-        return Some(last_good.clone());
+        return Some(PolicyEntry {
+            policy: Some(last_good.clone()),
+            problem: problem(&problems, "its last good version"),
+        });
     }
     match fail_closed(&value) {
         Some(stand_in) => {
@@ -275,7 +312,14 @@ fn policy_info(object: DynamicObject, last_good: Option<&Policy>) -> Option<Poli
                 "AuthorizationPolicy is invalid; enforcing it fail-closed (DENY: deny all, \
                  ALLOW: allow nothing) for the workloads it selects: {problems}"
             );
-            Some(stand_in)
+            let enforced = match stand_in.action() {
+                zmesh_proxy::policy::Action::Deny => "fail-closed: DENY everything it selects",
+                _ => "fail-closed: ALLOW nothing for what it selects",
+            };
+            Some(PolicyEntry {
+                policy: Some(stand_in),
+                problem: problem(&problems, enforced),
+            })
         }
         None => {
             tracing::warn!(
@@ -283,7 +327,13 @@ fn policy_info(object: DynamicObject, last_good: Option<&Policy>) -> Option<Poli
                 policy = %id,
                 "AuthorizationPolicy is invalid and skipped: {problems}"
             );
-            None
+            Some(PolicyEntry {
+                policy: None,
+                problem: problem(
+                    &problems,
+                    "nothing (AUDIT and CUSTOM policies decide no traffic)",
+                ),
+            })
         }
     }
 }
@@ -631,7 +681,7 @@ enum Resource {
 struct Mirrors {
     namespaces: Mirror<NamespaceInfo>,
     pods: Mirror<PodInfo>,
-    policies: Mirror<Policy>,
+    policies: Mirror<PolicyEntry>,
     services: Mirror<ServiceInfo>,
     slices: Mirror<EndpointSliceInfo>,
 }
@@ -682,6 +732,7 @@ impl Mirrors {
             .policies
             .live
             .values()
+            .filter_map(|e| e.policy.as_ref())
             .map(|p| (p.id().clone(), p.clone()))
             .collect();
         let policies = PolicySet::new(policies.into_values()).expect("policy ids are unique");
@@ -690,6 +741,12 @@ impl Mirrors {
             self.pods.live.values().cloned(),
         )
         .with_policies(policies)
+        .with_policy_problems(
+            self.policies
+                .live
+                .values()
+                .filter_map(|e| e.problem.clone()),
+        )
         .with_services(self.services.live.values().cloned())
         .with_endpoint_slices(self.slices.live.values().cloned())
     }
@@ -812,11 +869,20 @@ mod tests {
             serde_json::from_value(invalid(spec)).unwrap()
         };
         let good = policy_info(object(json!({"action": "DENY", "rules": [{}]})), None).unwrap();
+        assert_eq!(good.problem, None);
         let bad = object(
             json!({"action": "ALLOW", "rules": [{"to": [{"operation": {"paths": ["/"]}}]}]}),
         );
         let logs = capture_logs(|| {
-            assert_eq!(policy_info(bad.clone(), Some(&good)), Some(good.clone()));
+            let kept = policy_info(bad.clone(), Some(&good)).unwrap();
+            assert_eq!(kept.policy, good.policy);
+            // The object's problem is noted for `zmesh config policies`.
+            let problem = kept.problem.unwrap();
+            assert_eq!(problem.policy, "shop/p");
+            assert!(problem
+                .reason
+                .contains("spec.rules[0].to[0].operation.paths"));
+            assert_eq!(problem.enforced, "its last good version");
         });
         // The operator learns which object and which field.
         assert!(logs.contains("WARN"), "{logs}");
@@ -828,6 +894,7 @@ mod tests {
         assert!(logs.contains("last good version stays in force"), "{logs}");
         // A valid update replaces it.
         let allow = policy_info(object(json!({"rules": [{}]})), Some(&good)).unwrap();
-        assert_eq!(allow.action(), Action::Allow);
+        assert_eq!(allow.problem, None);
+        assert_eq!(allow.policy.unwrap().action(), Action::Allow);
     }
 }

@@ -26,6 +26,6 @@ pub use services::{
     EndpointSliceError, EndpointSliceInfo, ServiceError, ServiceInfo, SERVICE_NAME_LABEL,
 };
 pub use state::{
-    ClusterState, NamespaceInfo, PodError, PodInfo, PodKey, CGROUP_ANNOTATION, CILIUM_MTLS_LABEL,
-    ISTIO_DATAPLANE_LABEL, NETNS_ANNOTATION,
+    ClusterState, NamespaceInfo, PodError, PodInfo, PodKey, PolicyProblem, CGROUP_ANNOTATION,
+    CILIUM_MTLS_LABEL, ISTIO_DATAPLANE_LABEL, NETNS_ANNOTATION,
 };

@@ -21,7 +21,7 @@ use tokio::sync::{mpsc, watch};
 use zmesh_proxy::policy::{Policy, PolicyErrors, PolicySet};
 
 use crate::services::{EndpointSliceError, EndpointSliceInfo, ServiceError, ServiceInfo};
-use crate::state::{ClusterState, NamespaceInfo, PodError, PodInfo};
+use crate::state::{ClusterState, NamespaceInfo, PodError, PodInfo, PolicyProblem};
 
 /// Why a manifest file (or one object in it) was not taken.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -59,6 +59,8 @@ pub enum ManifestError {
         file: PathBuf,
         document: usize,
         reason: String,
+        /// `(namespace, name)` from its metadata, when they can be read.
+        name: Option<(String, String)>,
     },
     #[error("{file}: {kind} {name} is also defined in {other_file}; the first definition is kept")]
     Duplicate {
@@ -182,10 +184,14 @@ fn parse_file(file: &Path, text: &str) -> Result<FileObjects, ManifestError> {
                 );
             }
             (Some(v), "AuthorizationPolicy") if v.starts_with("security.istio.io/") => {
+                let meta = |key: &str| value.get("metadata")?.get(key)?.as_str().map(str::to_owned);
+                let name = meta("name")
+                    .map(|n| (meta("namespace").unwrap_or_else(|| "default".into()), n));
                 let policy_error = |reason| ManifestError::InvalidPolicy {
                     file: file.to_owned(),
                     document: document_number,
                     reason,
+                    name: name.clone(),
                 };
                 let json = serde_json::to_value(&value).map_err(|e| policy_error(e.to_string()))?;
                 let policy =
@@ -212,6 +218,8 @@ struct FileEntry {
     fingerprint: (SystemTime, u64),
     /// The objects of the last valid version of the file.
     last_good: Option<FileObjects>,
+    /// Set while the file holds an invalid AuthorizationPolicy.
+    policy_problem: Option<PolicyProblem>,
 }
 
 /// Reads a manifest directory incrementally: only changed files are parsed again.
@@ -265,8 +273,32 @@ impl ManifestDir {
             let entry = self.files.entry(path).or_insert(FileEntry {
                 fingerprint,
                 last_good: None,
+                policy_problem: None,
             });
             entry.fingerprint = fingerprint;
+            let problem = match &parsed {
+                Err(ManifestError::InvalidPolicy {
+                    file,
+                    document,
+                    reason,
+                    name,
+                }) => Some(PolicyProblem {
+                    policy: match name {
+                        Some((ns, n)) => {
+                            format!("{ns}/{n} ({}, document {document})", file.display())
+                        }
+                        None => format!("{} (document {document})", file.display()),
+                    },
+                    namespace: name.as_ref().map(|(ns, _)| ns.clone()),
+                    reason: reason.clone(),
+                    enforced: "the file's previous policies, if any".into(),
+                }),
+                _ => None,
+            };
+            if entry.policy_problem != problem {
+                entry.policy_problem = problem;
+                changed = true;
+            }
             match parsed {
                 Ok(objects) => {
                     if entry.last_good.as_ref() != Some(&objects) {
@@ -390,6 +422,7 @@ impl ManifestDir {
             pods.into_values().map(|(p, _)| p),
         )
         .with_policies(policies)
+        .with_policy_problems(self.files.values().filter_map(|e| e.policy_problem.clone()))
         .with_services(services.into_values().map(|(s, _)| s))
         .with_endpoint_slices(slices.into_values().map(|(s, _)| s));
         (state, errors)
@@ -605,7 +638,25 @@ spec:
         );
         touch_later(dir.path(), "policy.yaml", &bad);
         let (changed, errors) = m.rescan();
-        assert_eq!(changed, None, "a bad policy file changes nothing");
+        // The policies in force do not change; the bad file is noted.
+        let changed = changed.expect("the problem is part of the state");
+        assert_eq!(
+            changed.policies(),
+            state.policies(),
+            "a bad policy file changes no policy"
+        );
+        match changed.policy_problems() {
+            [p] => {
+                assert!(p.policy.starts_with("shop/bad ("), "{p:?}");
+                assert!(p.policy.ends_with("policy.yaml, document 2)"), "{p:?}");
+                assert_eq!(p.namespace.as_deref(), Some("shop"));
+                assert!(
+                    p.reason.contains("spec.rules[0].to[0].operation.methods"),
+                    "{p:?}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
         match &errors[..] {
             [e @ ManifestError::InvalidPolicy {
                 document: 2,
@@ -652,7 +703,12 @@ spec:
             ),
             "{errors:?}"
         );
-        assert_eq!(state.unwrap().policies().policies().len(), 1);
+        let state = state.unwrap();
+        assert_eq!(state.policies().policies().len(), 1);
+        assert!(
+            state.policy_problems().is_empty(),
+            "a fixed file is no problem any more"
+        );
 
         // Removing the files removes the policies.
         std::fs::remove_file(dir.path().join("policy.yaml")).unwrap();

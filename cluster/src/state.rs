@@ -252,6 +252,21 @@ impl std::fmt::Display for PodKey {
     }
 }
 
+/// An AuthorizationPolicy that could not be used as written, and what is enforced in its
+/// place (`zmesh config policies` shows them).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PolicyProblem {
+    /// `namespace/name`, and the manifest file and document it is in when it came from one.
+    pub policy: String,
+    /// Its namespace, when the object names one.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Every problem found, with field paths.
+    pub reason: String,
+    /// What is enforced instead.
+    pub enforced: String,
+}
+
 /// One consistent view of namespaces, pods, authorization policies, Services and
 /// EndpointSlices.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -260,6 +275,8 @@ pub struct ClusterState {
     pods: BTreeMap<PodKey, PodInfo>,
     /// Only ever a whole, valid set: sources keep the last good policies of a bad input.
     policies: Arc<PolicySet>,
+    /// The policy objects that are invalid, by name.
+    policy_problems: Arc<Vec<PolicyProblem>>,
     /// By (namespace, name).
     services: BTreeMap<(String, String), ServiceInfo>,
     /// By (namespace, name).
@@ -278,6 +295,7 @@ impl ClusterState {
                 .collect(),
             pods: pods.into_iter().map(|p| (p.key(), p)).collect(),
             policies: Arc::default(),
+            policy_problems: Arc::default(),
             services: BTreeMap::new(),
             endpoint_slices: BTreeMap::new(),
         }
@@ -323,6 +341,20 @@ impl ClusterState {
     /// The authorization policies in force (the proxy's `PolicyStore` follows them).
     pub fn policies(&self) -> &Arc<PolicySet> {
         &self.policies
+    }
+
+    /// The same state with these invalid policy objects noted.
+    pub fn with_policy_problems(
+        mut self,
+        problems: impl IntoIterator<Item = PolicyProblem>,
+    ) -> Self {
+        self.policy_problems = Arc::new(problems.into_iter().collect());
+        self
+    }
+
+    /// The policy objects that could not be used as written.
+    pub fn policy_problems(&self) -> &[PolicyProblem] {
+        &self.policy_problems
     }
 
     pub fn namespace(&self, name: &str) -> Option<&NamespaceInfo> {

@@ -165,6 +165,15 @@ pub struct FlowEvent {
 }
 
 impl FlowEvent {
+    /// RFC 3339 in UTC with millisecond precision, as flows are shown.
+    pub fn format_time(t: SystemTime) -> String {
+        let millis = t
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos() % 1_000_000)
+            .unwrap_or(0);
+        rfc3339::format(t - Duration::from_nanos(u64::from(millis))).unwrap_or_else(|_| "-".into())
+    }
+
     pub fn duration(&self) -> Duration {
         Duration::from_micros(self.duration_us)
     }
@@ -246,16 +255,7 @@ fn endpoint(f: &mut fmt::Formatter<'_>, e: &FlowEndpoint) -> fmt::Result {
 impl fmt::Display for FlowEvent {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         // Millisecond precision is plenty for reading.
-        let millis = self
-            .time
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos() % 1_000_000)
-            .unwrap_or(0);
-        let shown = self.time - Duration::from_nanos(u64::from(millis));
-        match rfc3339::format(shown) {
-            Ok(t) => f.write_str(&t)?,
-            Err(_) => f.write_str("-")?,
-        }
+        f.write_str(&Self::format_time(self.time))?;
         f.write_str(" ")?;
         endpoint(f, &self.source)?;
         match &self.source.identity {
@@ -478,6 +478,28 @@ impl FlowHub {
             None => VecDeque::new(),
         };
         drop(ring);
+        FlowSubscription {
+            backlog,
+            rx,
+            filter,
+            missed: 0,
+        }
+    }
+
+    /// Like [`FlowHub::subscribe`], with the last `last` retained events matching `filter`
+    /// first (whatever its `since`).
+    pub fn subscribe_last(&self, filter: FlowFilter, last: usize) -> FlowSubscription {
+        let ring = self.ring();
+        let rx = self.tx.subscribe();
+        let mut backlog: VecDeque<_> = ring
+            .iter()
+            .rev()
+            .filter(|e| filter.matches(e))
+            .take(last)
+            .cloned()
+            .collect();
+        drop(ring);
+        backlog.make_contiguous().reverse();
         FlowSubscription {
             backlog,
             rx,

@@ -185,7 +185,11 @@ enum DataPlaneArg {
     Ztunnel,
 }
 
-pub async fn run_agent(args: AgentArgs, proxy_threads: usize) -> anyhow::Result<ExitCode> {
+pub async fn run_agent(
+    args: AgentArgs,
+    proxy_threads: usize,
+    log: zmesh_agent::config_api::LogControl,
+) -> anyhow::Result<ExitCode> {
     let trust_domain = TrustDomain::new(&args.trust_domain)
         .with_context(|| format!("invalid trust domain {:?}", args.trust_domain))?;
     let ztunnel = args.data_plane == DataPlaneArg::Ztunnel;
@@ -290,6 +294,11 @@ pub async fn run_agent(args: AgentArgs, proxy_threads: usize) -> anyhow::Result<
         cluster_domain: args.tuning.cluster_domain.clone(),
         cluster_id: args.tuning.cluster_id.clone(),
         proxy_threads,
+        build: zmesh_agent::config_api::BuildInfo {
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            git_commit: crate::cmd::version::GIT_COMMIT.map(str::to_owned),
+        },
+        log: Some(log),
         admin_socket: args.admin_socket.clone(),
         cert_validity: args.cert_lifetime,
         redirect: args.redirect_cgroup.clone().map(|cgroup| RedirectSettings {

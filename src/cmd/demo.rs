@@ -223,10 +223,10 @@ async fn demo(lab: &mut Lab) -> anyhow::Result<Vec<String>> {
     );
     let pcap = capture.stop()?;
 
-    println!("\n2. Flows seen by the node agents (`zmesh observe --since 5m` on each node)");
+    println!("\n2. Flows seen by the node agents, as each ended (`zmesh observe --phase close --since 5m` on each node)");
     let mut all_flows = Vec::new();
     for node in ["node1", "node2"] {
-        for flow in flows(lab, node, "since=5m").await? {
+        for flow in flows(lab, node, "phase=close&since=5m").await? {
             println!("  {node}  {flow}");
             all_flows.push(flow);
         }

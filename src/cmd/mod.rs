@@ -5,6 +5,7 @@ pub mod ca;
 pub mod certs;
 pub mod check;
 pub mod compat;
+pub mod config;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod docs;
@@ -110,6 +111,19 @@ pub(crate) async fn check_kube_access(
             Ok(())
         }
     }
+}
+
+/// Percent-encodes a query value (SPIFFE IDs carry `:` and `/`, times carry `+`).
+pub(crate) fn percent_encode(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 #[cfg(test)]

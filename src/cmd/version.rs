@@ -16,7 +16,12 @@ pub const GIT_COMMIT: Option<&str> = option_env!("ZMESH_GIT_COMMIT");
 #[derive(clap::Args)]
 pub struct VersionArgs {
     /// The node agent's admin socket: the agent's version is asked for there.
-    #[arg(long, value_name = "PATH", default_value = "/run/zmesh/agent.sock")]
+    #[arg(
+        long = "admin-socket",
+        alias = "agent-socket",
+        value_name = "PATH",
+        default_value = "/run/zmesh/agent.sock"
+    )]
     agent_socket: PathBuf,
     /// Only this binary's version: do not ask the agent.
     #[arg(long)]

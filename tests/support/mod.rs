@@ -200,6 +200,9 @@ pub fn observe(lab: &Lab, node: &str, filters: &[&str]) -> Vec<FlowEvent> {
             "json",
             "--since",
             "10m",
+            // What these tests check is how flows ended.
+            "--phase",
+            "close",
             "--admin-socket",
         ])
         .arg(&socket)
