@@ -56,6 +56,9 @@ enum Command {
     Config(cmd::config::ConfigArgs),
     /// Show or change a node agent's log level at run time.
     Log(cmd::config::LogArgs),
+    /// The mesh across the cluster: CA roots and issuance, every node agent, enrolled
+    /// namespaces (like cilium status). Exit 1 when anything is unhealthy.
+    Status(cmd::status::StatusArgs),
     /// Show the version of this binary and of the node agent (its admin socket).
     Version(cmd::version::VersionArgs),
     /// Print a shell completion script (bash, zsh, fish) to standard output.
@@ -121,6 +124,7 @@ fn main() -> std::process::ExitCode {
             Command::Observe(args) => cmd::observe::run(args).await,
             Command::Config(args) => cmd::config::run(args).await,
             Command::Log(args) => cmd::config::log(args).await,
+            Command::Status(args) => cmd::status::run(args).await,
             Command::Check(args) => cmd::check::run(args).await,
             Command::Version(args) => cmd::version::run(args).await,
             Command::Completion(args) => {

@@ -1570,3 +1570,115 @@ fn the_script_builds_the_version_the_harness_looks_for() {
     assert!(script.contains("CACHE=$CACHE_ROOT/kubernetes-$KUBE_VERSION\n"));
     assert!(script.contains("${ZMESH_KUBE_CACHE:-/var/cache/zmesh}"));
 }
+
+fn sample_status(node: &str) -> zmesh_cluster::agent_status::AgentStatus {
+    serde_json::from_value(json!({
+        "node": node, "version": "0.1.0", "git_commit": "abc", "ready": true,
+        "mode": "strict", "data_plane": "zmesh",
+        "kernel": {"release": "6.18.0", "tc_attach": "tcx", "interfaces": 3},
+        "enrolled_pods": 4, "pods_waiting": 0,
+        "certificates": {"total": 4, "valid": 4, "unusable": 0, "failing": 0,
+                         "next_expiry": "2030-01-01T00:00:00Z"},
+        "problems": [], "updated": "2026-12-06T10:00:00Z"
+    }))
+    .unwrap()
+}
+
+/// Agents report their status in Leases, with the project's RBAC, and `zmesh status
+/// --kubernetes` reads them: a reporting agent, a stale one (its Lease not renewed), the
+/// enrolled namespaces; exit 1 while one is stale.
+#[tokio::test]
+async fn agents_report_status_in_leases_that_zmesh_status_reads() {
+    let Some(plane) = control_plane(Options {
+        controller_manager: false,
+    })
+    .await
+    else {
+        return;
+    };
+    let admin = plane.client().await.expect("admin client");
+    apply_example(&admin, "00-namespace.yaml").await;
+    apply_example(&admin, "10-rbac.yaml").await;
+    let token = service_account_token(&admin, "zmesh-system", "zmesh-agent", &[], None).await;
+    let agent = plane.client_with_token(&token).await.expect("agent client");
+    let shop = unique("shop");
+    create_namespace(&admin, &shop, &[("istio.io/dataplane-mode", "ambient")]).await;
+
+    // The agent's publisher, as the agent's ServiceAccount.
+    let (reports, updates) = watch::channel(None);
+    let publisher = tokio::spawn(zmesh_cluster::agent_status::publish(
+        agent,
+        "zmesh-system".into(),
+        updates,
+    ));
+    let sent = sample_status("node-a");
+    reports.send(Some(sent.clone())).unwrap();
+    let listed = poll("the agent's Lease", || async {
+        let all = zmesh_cluster::agent_status::list(admin.clone(), "zmesh-system")
+            .await
+            .ok()?;
+        all.into_iter().find(|a| a.status.is_some())
+    })
+    .await;
+    assert_eq!(listed.node, "node-a");
+    assert_eq!(listed.status.as_ref(), Some(&sent));
+    assert!(listed.is_current(std::time::SystemTime::now()));
+
+    let status = |kubeconfig: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_zmesh"))
+            .args(["status", "--kubernetes", "-n", "zmesh-system", "-o", "json"])
+            .env("KUBECONFIG", kubeconfig)
+            .output()
+            .unwrap()
+    };
+    let out = status(&plane.admin_kubeconfig());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert!(out.status.success(), "{report:#}");
+    assert_eq!(report["healthy"], true);
+    assert_eq!(report["agents"][0]["node"], "node-a");
+    assert_eq!(report["agents"][0]["state"], "reporting");
+    assert_eq!(report["agents"][0]["status"]["kernel"]["tc_attach"], "tcx");
+    let enrolled = report["enrolled_namespaces"].as_array().unwrap();
+    assert!(enrolled.iter().any(|ns| ns == &json!(shop)), "{report:#}");
+
+    // An agent that stopped reporting: its Lease is an hour old.
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(admin.clone(), "zmesh-system");
+    let mut stale = json!({
+        "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+        "metadata": {"name": "zmesh-agent-node-b", "namespace": "zmesh-system",
+                     "labels": {"app.kubernetes.io/name": "zmesh-agent"},
+                     "annotations": {"zmesh.io/agent-status":
+                         serde_json::to_string(&sample_status("node-b")).unwrap()}},
+        "spec": {"holderIdentity": "node-b", "leaseDurationSeconds": 30,
+                 "renewTime": "2026-12-06T09:00:00.000000Z"}
+    });
+    let hour_ago =
+        k8s_openapi::jiff::Timestamp::now() - k8s_openapi::jiff::SignedDuration::from_hours(1);
+    stale["spec"]["renewTime"] = json!(hour_ago.strftime("%Y-%m-%dT%H:%M:%S%.6fZ").to_string());
+    leases
+        .create(
+            &PostParams::default(),
+            &serde_json::from_value(stale).unwrap(),
+        )
+        .await
+        .unwrap();
+    let out = status(&plane.admin_kubeconfig());
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(
+        !out.status.success(),
+        "a stale agent is unhealthy: {report:#}"
+    );
+    assert_eq!(report["agents"][1]["node"], "node-b");
+    assert_eq!(report["agents"][1]["state"], "stale");
+    assert!(
+        report["agents"][1]["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("last report 1h"),
+        "{report:#}"
+    );
+    drop(reports);
+    publisher.await.unwrap();
+}

@@ -375,3 +375,89 @@ async fn log_level_and_version_of_a_running_agent() {
     assert_eq!(v["agent"]["state"], "reported", "{v:#}");
     assert_eq!(v["agent"]["version"], v["client"]["version"]);
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn status_shows_the_mesh_across_nodes() {
+    let mut lab = lab(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = dir.path().join("roots.pem");
+    let pem = zmesh(&[
+        "ca",
+        "bundle",
+        "--state-dir",
+        lab.ca_state_dir().to_str().unwrap(),
+    ]);
+    assert!(
+        pem.status.success(),
+        "{}",
+        String::from_utf8_lossy(&pem.stderr)
+    );
+    std::fs::write(&bundle, &pem.stdout).unwrap();
+    let (n1, n2) = (lab.admin_socket("node1"), lab.admin_socket("node2"));
+    let manifests = lab.manifests_dir();
+    let status = |extra: &[&str]| {
+        let mut args = vec![
+            "status",
+            "--admin-socket",
+            n1.to_str().unwrap(),
+            "--admin-socket",
+            n2.to_str().unwrap(),
+            "--manifests",
+            manifests.to_str().unwrap(),
+            "--ca-bundle",
+            bundle.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        zmesh(&args)
+    };
+    // Every node's certificates are issued once the agents are up.
+    let mut report = Value::Null;
+    eventually("a healthy mesh", || {
+        let out = status(&["-o", "json"]);
+        report = serde_json::from_slice(&out.stdout).unwrap();
+        out.status.success()
+    });
+    assert_eq!(report["healthy"], true);
+    let agents = report["agents"].as_array().unwrap();
+    let nodes: Vec<&str> = agents.iter().map(|a| a["node"].as_str().unwrap()).collect();
+    assert_eq!(nodes, ["node1", "node2"]);
+    for a in agents {
+        assert_eq!(a["state"], "reporting");
+        let s = &a["status"];
+        assert_eq!(s["ready"], true);
+        assert_eq!(s["data_plane"], "zmesh");
+        assert_ne!(s["kernel"]["tc_attach"], "none", "{a:#}");
+        assert!(s["enrolled_pods"].as_u64().unwrap() >= 2, "{a:#}");
+        assert_eq!(s["certificates"]["valid"], s["certificates"]["total"]);
+    }
+    assert_eq!(report["enrolled_namespaces"], serde_json::json!(["shop"]));
+    assert_eq!(report["ca"]["roots"].as_array().unwrap().len(), 1);
+    assert_eq!(report["ca"]["nodes_issued"], 2);
+    let table = String::from_utf8(status(&[]).stdout).unwrap();
+    assert!(table.starts_with("zmesh: healthy"), "{table}");
+    assert!(table.contains("Enrolled namespaces (1): shop"), "{table}");
+    assert!(table.contains("node2  reporting  yes"), "{table}");
+
+    // A node whose agent is gone: unhealthy, exit 1, named with the reason.
+    lab.kill_agent("node2").unwrap();
+    let out = status(&["-o", "json"]);
+    assert!(!out.status.success());
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["healthy"], false);
+    let gone = report["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["state"] == "unreachable")
+        .unwrap_or_else(|| panic!("{report:#}"));
+    assert!(
+        gone["reason"]
+            .as_str()
+            .unwrap()
+            .contains("cannot reach the agent"),
+        "{gone:#}"
+    );
+    let table = String::from_utf8(status(&[]).stdout).unwrap();
+    assert!(table.starts_with("zmesh: NOT healthy"), "{table}");
+    assert!(table.contains("Problems"), "{table}");
+}

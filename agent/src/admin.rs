@@ -7,6 +7,7 @@
 //!   workload as each finishes (so the CLI can show progress).
 //! - `GET /config/{workloads,services,policies,connections}`, `GET /version`, `GET|PUT
 //!   /log`: see `config_api`.
+//! - `GET /status`: the agent's report about itself (see `status`).
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -106,6 +107,8 @@ pub struct AdminState {
     pub build: crate::config_api::BuildInfo,
     /// `None`: the log level cannot be changed at run time.
     pub log: Option<crate::config_api::LogControl>,
+    /// The agent's report about itself (`GET /status`); `None` in ztunnel mode.
+    pub status: Option<crate::status::StatusSource>,
 }
 
 /// What the admin API shows of the proxy.
@@ -181,6 +184,13 @@ async fn route(req: Request<Incoming>, state: AdminState) -> Response<Body> {
             None => error(StatusCode::NOT_IMPLEMENTED, ZTUNNEL_HOLDS_IT),
         },
         (&Method::GET, "/version") => json(StatusCode::OK, &state.build),
+        (&Method::GET, "/status") => match state.status.clone() {
+            Some(source) => match tokio::task::spawn_blocking(move || source.current()).await {
+                Ok(status) => json(StatusCode::OK, &status),
+                Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("status: {e}")),
+            },
+            None => error(StatusCode::NOT_IMPLEMENTED, ZTUNNEL_HOLDS_IT),
+        },
         (&Method::GET, "/log") => match &state.log {
             Some(log) => json(
                 StatusCode::OK,

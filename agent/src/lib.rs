@@ -33,6 +33,7 @@ pub mod inpod;
 mod local_socket;
 mod run;
 pub mod spire;
+pub mod status;
 mod steering;
 pub mod table;
 pub mod zds;

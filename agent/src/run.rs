@@ -79,6 +79,9 @@ pub struct AgentConfig {
     pub build: crate::config_api::BuildInfo,
     /// Changes the log filter at run time (admin API `PUT /log`); `None`: fixed.
     pub log: Option<crate::config_api::LogControl>,
+    /// Where to send the agent's status report every `REPORT_EVERY` (the Kubernetes Lease
+    /// publisher); `None`: only `GET /status` on the admin socket.
+    pub status_reports: Option<watch::Sender<Option<zmesh_cluster::agent_status::AgentStatus>>>,
 }
 
 /// Who issues workload certificates.
@@ -265,6 +268,22 @@ pub async fn run(
         },
     )?;
     let handover_inode = admin::socket_inode(&handover_path);
+    // What the last pass applied, for the CNI plugin's requests (they wake the loop) and
+    // the status report.
+    let redirecting = steering.is_some();
+    let (publish_view, view) = watch::channel(Arc::new(EnrollmentView {
+        state: cluster.borrow().clone(),
+        pods: Default::default(),
+        redirecting,
+    }));
+    let status_source = crate::status::StatusSource {
+        node: config.node.clone(),
+        mode: config.mode,
+        build: config.build.clone(),
+        certs: certs.clone(),
+        view: view.clone(),
+        pin_dir: config.redirect.as_ref().map(|r| r.pin_dir.clone()),
+    };
     let admin_task = admin::serve(
         &config.admin_socket,
         AdminState {
@@ -278,24 +297,25 @@ pub async fn run(
             cluster: cluster.clone(),
             build: config.build.clone(),
             log: config.log.clone(),
+            status: Some(status_source.clone()),
         },
     )
     .await?;
     let admin_inode = admin::socket_inode(&config.admin_socket);
+    let status_task = config.status_reports.clone().map(|sink| {
+        tokio::spawn(crate::status::refresh(
+            status_source.clone(),
+            sink,
+            zmesh_cluster::agent_status::REPORT_EVERY,
+        ))
+    });
 
     // The kernel-facing half of reconciling (map updates, netns reads, the /proc scan,
     // netlink, the CNI state file) blocks: it runs on a blocking thread, handed back and
     // forth with each state.
     let discovery = PodNetnsDiscovery::new(&config.host_proc, config.netns_registry.clone());
     let cni_state = config.cni_state_file.as_ref().map(CniStateFile::new);
-    let redirecting = steering.is_some();
     let mut kernel = Some((Enrolled::new(discovery), steering, cni_state));
-    // What the last pass applied, for the CNI plugin's requests; they wake the loop.
-    let (publish_view, view) = watch::channel(Arc::new(EnrollmentView {
-        state: cluster.borrow().clone(),
-        pods: Default::default(),
-        redirecting,
-    }));
     let wake = Arc::new(tokio::sync::Notify::new());
     let cni_task = match &config.cni_socket {
         Some(path) => Some(cni_server::serve(
@@ -429,6 +449,9 @@ pub async fn run(
         tracing::error!("agent stopping: {e}");
     }
     admin_task.abort();
+    if let Some(task) = status_task {
+        task.abort();
+    }
     if let Some(task) = cni_task {
         task.abort();
     }

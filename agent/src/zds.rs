@@ -409,6 +409,7 @@ pub async fn run_ztunnel(
             cluster: cluster.clone(),
             build: config.build.clone(),
             log: config.log.clone(),
+            status: None,
         },
     )
     .await?;

@@ -370,6 +370,7 @@ async fn admin_api_lists_spire_svids_and_refuses_rotation() {
             cluster: tokio::sync::watch::channel(Arc::default()).1,
             build: Default::default(),
             log: None,
+            status: None,
         },
     )
     .await

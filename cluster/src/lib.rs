@@ -14,6 +14,7 @@
 //! No eBPF and no data path here: the agent (`zmesh-agent`) turns this state into them.
 
 pub mod access;
+pub mod agent_status;
 pub mod enroll;
 pub mod kube_source;
 pub mod manifests;

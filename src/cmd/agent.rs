@@ -35,6 +35,10 @@ pub struct AgentArgs {
     /// Watch namespaces and pods in Kubernetes (in-cluster config or KUBECONFIG).
     #[arg(long)]
     kubernetes: bool,
+    /// With --kubernetes: the namespace of the Lease the agent reports its status in
+    /// (`zmesh status`); default: the agent's own (its ServiceAccount's).
+    #[arg(long, value_name = "NS", requires = "kubernetes")]
+    status_namespace: Option<String>,
     /// The CA's address, HOST:PORT (Istio's CA API, default port 15012). Needed unless
     /// certificates come from SPIRE or ztunnel carries the traffic.
     #[arg(long, value_name = "HOST:PORT")]
@@ -299,6 +303,7 @@ pub async fn run_agent(
             git_commit: crate::cmd::version::GIT_COMMIT.map(str::to_owned),
         },
         log: Some(log),
+        status_reports: None,
         admin_socket: args.admin_socket.clone(),
         cert_validity: args.cert_lifetime,
         redirect: args.redirect_cgroup.clone().map(|cgroup| RedirectSettings {
@@ -325,6 +330,7 @@ pub async fn run_agent(
             install.plugin_binary.display()
         );
     }
+    let mut config = config;
     let cluster = match (&args.manifests, args.kubernetes) {
         (Some(dir), _) => watch_dir(dir.clone(), Duration::from_millis(200)).0,
         (None, _) => {
@@ -332,6 +338,18 @@ pub async fn run_agent(
                 .await
                 .context("cannot configure the Kubernetes client")?;
             super::check_kube_access(&client, zmesh_cluster::access::AGENT).await?;
+            // The agent's status goes to a Lease in its own namespace, for `zmesh status`.
+            let namespace = args
+                .status_namespace
+                .clone()
+                .unwrap_or_else(|| client.default_namespace().to_owned());
+            let (reports, updates) = tokio::sync::watch::channel(None);
+            config.status_reports = Some(reports);
+            tokio::spawn(zmesh_cluster::agent_status::publish(
+                client.clone(),
+                namespace,
+                updates,
+            ));
             tracing::info!("waiting for the first complete listing of namespaces and pods");
             watch_kubernetes(client, args.node.clone(), RetryPolicy::default()).await
         }

@@ -12,6 +12,7 @@ pub mod docs;
 pub mod enroll;
 pub mod observe;
 pub mod proxy;
+pub mod status;
 pub mod tuning;
 pub mod uninstall;
 pub mod version;

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use kube::api::{Api, PostParams};
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -57,6 +57,19 @@ pub async fn apply_example(client: &kube::Client, file: &str) {
                 .create(&pp, &from_json(json))
                 .await
                 .map(drop),
+            "Role" => {
+                Api::<Role>::namespaced(client.clone(), &namespace.expect("a namespaced object"))
+                    .create(&pp, &from_json(json))
+                    .await
+                    .map(drop)
+            }
+            "RoleBinding" => Api::<RoleBinding>::namespaced(
+                client.clone(),
+                &namespace.expect("a namespaced object"),
+            )
+            .create(&pp, &from_json(json))
+            .await
+            .map(drop),
             other => panic!("{file}: unexpected kind {other}"),
         };
         created.unwrap_or_else(|e| panic!("{file}: {kind}: {e}"));
