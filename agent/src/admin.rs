@@ -56,8 +56,10 @@ pub enum AdminError {
 pub struct CertInfo {
     pub workload: String,
     pub serial: Option<String>,
-    /// Seconds since the epoch.
+    /// Seconds since the epoch (RFC 3339 in JSON, as every time the CLI prints).
+    #[serde(with = "epoch_rfc3339")]
     pub not_after: Option<u64>,
+    #[serde(with = "epoch_rfc3339")]
     pub next_attempt: Option<u64>,
     pub last_error: Option<String>,
     pub consecutive_failures: u32,
@@ -82,8 +84,37 @@ pub struct RotateResult {
     pub workload: String,
     pub ok: bool,
     pub serial: Option<String>,
+    #[serde(with = "epoch_rfc3339")]
     pub not_after: Option<u64>,
     pub error: Option<String>,
+}
+
+/// Seconds since the epoch, written as RFC 3339 (UTC).
+mod epoch_rfc3339 {
+    use serde::{Deserialize, Deserializer, Serializer};
+    use time::format_description::well_known::Rfc3339;
+    use time::OffsetDateTime;
+
+    pub fn serialize<S: Serializer>(t: &Option<u64>, s: S) -> Result<S::Ok, S::Error> {
+        match t {
+            None => s.serialize_none(),
+            Some(secs) => {
+                let at = OffsetDateTime::from_unix_timestamp(*secs as i64)
+                    .map_err(serde::ser::Error::custom)?;
+                s.serialize_str(&at.format(&Rfc3339).map_err(serde::ser::Error::custom)?)
+            }
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+        let Some(text) = Option::<String>::deserialize(d)? else {
+            return Ok(None);
+        };
+        let at = OffsetDateTime::parse(&text, &Rfc3339).map_err(serde::de::Error::custom)?;
+        u64::try_from(at.unix_timestamp())
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 pub fn epoch_seconds(t: SystemTime) -> u64 {

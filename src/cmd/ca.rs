@@ -159,7 +159,7 @@ struct RotateRootArgs {
 struct StatusArgs {
     #[command(flatten)]
     state: StateDir,
-    #[arg(long, value_enum, default_value = "text")]
+    #[arg(short = 'o', long, value_enum, default_value = "text")]
     output: Output,
 }
 

@@ -36,7 +36,7 @@ struct StatusArgs {
     /// The node agent's admin socket.
     #[arg(long, value_name = "PATH", default_value = "/run/zmesh/agent.sock")]
     admin_socket: PathBuf,
-    #[arg(long, value_enum, default_value_t = Output::Human)]
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Human)]
     output: Output,
 }
 
@@ -51,7 +51,7 @@ struct RotateArgs {
     all: bool,
     #[arg(long, value_name = "PATH", default_value = "/run/zmesh/agent.sock")]
     admin_socket: PathBuf,
-    #[arg(long, value_enum, default_value_t = Output::Human)]
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Human)]
     output: Output,
 }
 
@@ -63,7 +63,7 @@ struct InspectArgs {
     #[arg(long, value_name = "ROOTS.pem")]
     bundle: Option<PathBuf>,
     /// Output format.
-    #[arg(long, value_enum, default_value_t = Output::Human)]
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Human)]
     output: Output,
 }
 

@@ -42,7 +42,7 @@ pub struct CheckArgs {
     /// The agent's bpffs pin directory.
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/zmesh")]
     bpf_pin_dir: PathBuf,
-    #[arg(long, value_enum, default_value_t = Output::Human)]
+    #[arg(short = 'o', long, value_enum, default_value_t = Output::Human)]
     output: Output,
 }
 
