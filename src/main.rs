@@ -41,6 +41,11 @@ enum Command {
     /// Build a local cluster in network namespaces and run the mesh on it (the demo).
     #[cfg(feature = "demo")]
     Demo(cmd::demo::DemoArgs),
+    /// Deploy test pods into a local lab and run a connectivity matrix (same node, cross
+    /// node, Service, permissive and strict plaintext, policy allow and deny), like cilium
+    /// connectivity test; --junit writes JUnit XML.
+    #[cfg(feature = "demo")]
+    Connectivity(cmd::connectivity::ConnectivityArgs),
     /// Inspect and manage workload certificates (X.509-SVIDs).
     Certs(cmd::certs::CertsArgs),
     /// Run the node proxy (HBONE on 15008, outbound 15001, plaintext inbound 15006).
@@ -118,6 +123,8 @@ fn main() -> std::process::ExitCode {
             Command::Ca(args) => cmd::ca::run(args).await,
             #[cfg(feature = "demo")]
             Command::Demo(args) => cmd::demo::run(args).await,
+            #[cfg(feature = "demo")]
+            Command::Connectivity(args) => cmd::connectivity::run(args).await,
             Command::Certs(args) => cmd::certs::run(args).await,
             Command::Proxy(args) => cmd::proxy::run(args).await,
             Command::Compat(args) => cmd::compat::run(args).await,

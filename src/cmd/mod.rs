@@ -7,6 +7,8 @@ pub mod check;
 pub mod compat;
 pub mod config;
 #[cfg(feature = "demo")]
+pub mod connectivity;
+#[cfg(feature = "demo")]
 pub mod demo;
 pub mod docs;
 pub mod enroll;
