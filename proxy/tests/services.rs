@@ -22,7 +22,15 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsConnector;
 use zmesh_identity::{SharedBundle, TrustDomain, WorkloadId};
-use zmesh_proxy::flows::{FlowEvent, FlowFilter, FlowSubscription, FlowVerdict};
+use zmesh_proxy::flows::{FlowEvent, FlowFilter, FlowPhase, FlowSubscription, FlowVerdict};
+
+/// How connections ended (what these tests check), without their open events.
+fn closed() -> FlowFilter {
+    FlowFilter {
+        phases: vec![FlowPhase::Close],
+        ..FlowFilter::default()
+    }
+}
 use zmesh_proxy::{
     Direction, Endpoint, Outcome, ProxyConfig, ProxyDeps, Service, ServicePort, StaticOriginalDst,
     TargetPort, WorkloadStore, WorkloadTable,
@@ -184,8 +192,8 @@ services:
         |_| {},
     )
     .await;
-    let mut a_flows = c.a.flows.subscribe(FlowFilter::default());
-    let mut b_flows = c.b.flows.subscribe(FlowFilter::default());
+    let mut a_flows = c.a.flows.subscribe(closed());
+    let mut b_flows = c.b.flows.subscribe(closed());
 
     assert_eq!(who(&c, ip(net, 1)).await, "web-1");
 
@@ -371,7 +379,7 @@ services:
         |_| {},
     )
     .await;
-    let mut flows = c.a.flows.subscribe(FlowFilter::default());
+    let mut flows = c.a.flows.subscribe(closed());
     for i in 0..40 {
         assert_eq!(who(&c, ip(net, 1)).await, "web-1", "connection {i}");
         let f = next(&mut flows).await;
@@ -436,7 +444,7 @@ services:
         (ip(net, 5), SocketAddr::new(web, 81)),
     ];
     let c = cluster(net, &yaml, vec![], &["client"], &["web"], routes, |_| {}).await;
-    let mut flows = c.a.flows.subscribe(FlowFilter::default());
+    let mut flows = c.a.flows.subscribe(closed());
     for (src, vip, service) in [
         (ip(net, 1), SocketAddr::new(nobody, 80), "shop/nobody"),
         (ip(net, 5), SocketAddr::new(web, 81), "shop/web"),
@@ -512,7 +520,7 @@ services:
         |_| {},
     )
     .await;
-    let mut flows = c.a.flows.subscribe(FlowFilter::default());
+    let mut flows = c.a.flows.subscribe(closed());
 
     assert_eq!(who(&c, ip(net, 1)).await, "legacy");
     let f = next(&mut flows).await;
@@ -627,7 +635,7 @@ async fn connect_to(send: &SendRequest<Bytes>, authority: &str) -> StatusCode {
 async fn inbound_service_hostnames_resolve_to_a_local_endpoint() {
     let net = 126;
     let (c, port) = hostname_cluster(net, None).await;
-    let mut flows = c.b.flows.subscribe(FlowFilter::default());
+    let mut flows = c.b.flows.subscribe(closed());
     let send = h2_to_b(&c).await;
 
     let web = "web.shop.svc.cluster.local:80";
