@@ -32,7 +32,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Container, PersistentVolumeClaim, PodSpec, Probe, Service, ServiceAccount,
 };
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use pod_args::{expand_args, flag, zmesh};
 use serde::de::DeserializeOwned;
@@ -225,6 +225,8 @@ impl Rendered {
                 ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
                     drop(typed::<ClusterRoleBinding>(doc))
                 }
+                ("rbac.authorization.k8s.io/v1", "Role") => drop(typed::<Role>(doc)),
+                ("rbac.authorization.k8s.io/v1", "RoleBinding") => drop(typed::<RoleBinding>(doc)),
                 ("apps/v1", "Deployment") => drop(typed::<Deployment>(doc)),
                 ("apps/v1", "DaemonSet") => drop(typed::<DaemonSet>(doc)),
                 // Not a Kubernetes type: checked field by field where it is rendered.
@@ -638,6 +640,12 @@ fn values_steer_the_rendered_deployment() {
             (Some("mesh"), name)
         );
     }
+    let status: RoleBinding = rendered.get("RoleBinding", "zmesh-agent-status");
+    let subject = &status.subjects.unwrap()[0];
+    assert_eq!(
+        (subject.namespace.as_deref(), subject.name.as_str()),
+        (Some("mesh"), "zmesh-agent")
+    );
 
     // Metrics: no scrape annotations; a ServiceMonitor whose Service selects the agents
     // and whose endpoint is the agent's metrics port.

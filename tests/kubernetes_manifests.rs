@@ -14,7 +14,7 @@ use k8s_openapi::api::core::v1::{
     ConfigMap, Container, Namespace, PersistentVolumeClaim, PodSpec, PodTemplateSpec, Service,
     ServiceAccount,
 };
-use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use pod_args::{expand_args, flag, zmesh};
 use serde::Deserialize;
@@ -25,6 +25,8 @@ struct Objects {
     service_accounts: Vec<ServiceAccount>,
     cluster_roles: Vec<ClusterRole>,
     cluster_role_bindings: Vec<ClusterRoleBinding>,
+    roles: Vec<Role>,
+    role_bindings: Vec<RoleBinding>,
     deployments: Vec<Deployment>,
     daemon_sets: Vec<DaemonSet>,
     services: Vec<Service>,
@@ -68,6 +70,8 @@ fn load(dir: &Path) -> Objects {
                 ("rbac.authorization.k8s.io/v1", "ClusterRoleBinding") => {
                     parse!(cluster_role_bindings)
                 }
+                ("rbac.authorization.k8s.io/v1", "Role") => parse!(roles),
+                ("rbac.authorization.k8s.io/v1", "RoleBinding") => parse!(role_bindings),
                 ("apps/v1", "Deployment") => parse!(deployments),
                 ("apps/v1", "DaemonSet") => parse!(daemon_sets),
                 _ => panic!("{ctx}: unexpected kind"),
@@ -555,6 +559,42 @@ fn container_args_are_accepted_by_the_real_cli() {
             );
         }
     }
+
+    // The agent may write its status Lease in its own namespace, and nothing else: the Role
+    // is namespaced and bound to the agent's ServiceAccount there.
+    let status_role = objects
+        .roles
+        .iter()
+        .find(|r| name_of(&r.metadata) == "zmesh-agent-status")
+        .expect("Role zmesh-agent-status");
+    assert_eq!(
+        status_role.metadata.namespace.as_deref(),
+        Some("zmesh-system")
+    );
+    let rules = status_role.rules.as_deref().unwrap_or_default();
+    assert_eq!(rules.len(), 1);
+    assert_eq!(
+        rules[0].api_groups.as_deref(),
+        Some(&["coordination.k8s.io".to_owned()][..])
+    );
+    assert_eq!(
+        rules[0].resources.as_deref(),
+        Some(&["leases".to_owned()][..])
+    );
+    for verb in ["get", "create", "patch"] {
+        assert!(rules[0].verbs.iter().any(|v| v == verb), "{verb} leases");
+    }
+    let binding = objects
+        .role_bindings
+        .iter()
+        .find(|b| name_of(&b.metadata) == "zmesh-agent-status")
+        .expect("RoleBinding zmesh-agent-status");
+    assert_eq!(binding.role_ref.kind, "Role");
+    let subject = &binding.subjects.as_deref().unwrap()[0];
+    assert_eq!(
+        (subject.name.as_str(), subject.namespace.as_deref()),
+        ("zmesh-agent", Some("zmesh-system"))
+    );
 
     // The init container really creates the CA, and a restart leaves it alone.
     let init = &ca_pod.init_containers.as_ref().expect("an init container")[0];
