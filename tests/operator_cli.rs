@@ -374,6 +374,10 @@ async fn log_level_and_version_of_a_running_agent() {
     let v = json(&lab, "node1", &["version"]);
     assert_eq!(v["agent"]["state"], "reported", "{v:#}");
     assert_eq!(v["agent"]["version"], v["client"]["version"]);
+    // The CA named its version to the agent when it issued the agent's certificates.
+    assert_eq!(v["agent"]["ca_version"], v["client"]["version"], "{v:#}");
+    let human = run(&lab, "node1", &["version"]);
+    assert!(human.contains("ca:     zmesh "), "{human}");
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -429,6 +433,7 @@ async fn status_shows_the_mesh_across_nodes() {
         assert_ne!(s["kernel"]["tc_attach"], "none", "{a:#}");
         assert!(s["enrolled_pods"].as_u64().unwrap() >= 2, "{a:#}");
         assert_eq!(s["certificates"]["valid"], s["certificates"]["total"]);
+        assert_eq!(s["ca_version"], s["version"], "{a:#}");
     }
     assert_eq!(report["enrolled_namespaces"], serde_json::json!(["shop"]));
     assert_eq!(report["ca"]["roots"].as_array().unwrap().len(), 1);
@@ -436,6 +441,7 @@ async fn status_shows_the_mesh_across_nodes() {
     let table = String::from_utf8(status(&[]).stdout).unwrap();
     assert!(table.starts_with("zmesh: healthy"), "{table}");
     assert!(table.contains("Enrolled namespaces (1): shop"), "{table}");
+    assert!(table.contains("  version:      zmesh "), "{table}");
     assert!(table.contains("node2  reporting  yes"), "{table}");
 
     // A node whose agent is gone: unhealthy, exit 1, named with the reason.

@@ -214,7 +214,20 @@ async fn route(req: Request<Incoming>, state: AdminState) -> Response<Body> {
             Some(dp) => json(StatusCode::OK, &dp.connections.snapshot()),
             None => error(StatusCode::NOT_IMPLEMENTED, ZTUNNEL_HOLDS_IT),
         },
-        (&Method::GET, "/version") => json(StatusCode::OK, &state.build),
+        (&Method::GET, "/version") => {
+            let ca_version = state
+                .status
+                .as_ref()
+                .and_then(|s| s.ca.as_ref())
+                .and_then(|ca| ca.ca_version());
+            json(
+                StatusCode::OK,
+                &config_api::VersionReport {
+                    build: state.build.clone(),
+                    ca_version,
+                },
+            )
+        }
         (&Method::GET, "/status") => match state.status.clone() {
             Some(source) => match tokio::task::spawn_blocking(move || source.current()).await {
                 Ok(status) => json(StatusCode::OK, &status),

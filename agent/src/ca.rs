@@ -44,9 +44,7 @@ pub type NodeRenewal = (
 /// Workload certificates from the zmesh CA, with the trust bundle it teaches us. The node
 /// credential renews itself at half-life (and moves to a new root chain during a root
 /// rotation), so a node never needs a second join token.
-pub fn zmesh_ca_certificates(
-    ca: &CaSettings,
-) -> Result<(Arc<CertManager>, SharedBundle, Option<NodeRenewal>), CaError> {
+pub fn zmesh_ca_certificates(ca: &CaSettings) -> Result<ZmeshCaCertificates, CaError> {
     let node_name = NodeName::new(&ca.node).map_err(|_| CaError::NodeName(ca.node.clone()))?;
     let (client, roots_pem, renewal) = match &ca.ca_token {
         Some(token) => {
@@ -86,14 +84,30 @@ pub fn zmesh_ca_certificates(
         .map_err(|e| CaError::Bundle(e.to_string()))?;
     let bundle = SharedBundle::new(bundle);
     let certs = Arc::new(CertManager::new(
-        Arc::new(client),
+        Arc::new(client.clone()),
         bundle.clone(),
         CertManagerConfig {
             validity: ca.cert_validity,
             ..CertManagerConfig::default()
         },
     ));
-    Ok((certs, bundle, renewal))
+    Ok(ZmeshCaCertificates {
+        certs,
+        bundle,
+        renewal,
+        client,
+    })
+}
+
+/// What [`zmesh_ca_certificates`] sets up.
+pub struct ZmeshCaCertificates {
+    pub certs: Arc<CertManager>,
+    /// The trust bundle, kept in step with the CA's roots.
+    pub bundle: SharedBundle,
+    /// The node credential's renewal (`None` with a ServiceAccount token).
+    pub renewal: Option<NodeRenewal>,
+    /// The CA client (its version, as the CA last named it).
+    pub client: IstioCaClient,
 }
 
 /// The agent's credential towards the CA in Kubernetes: its projected ServiceAccount

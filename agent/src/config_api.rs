@@ -21,7 +21,15 @@ use zmesh_cluster::{ClusterState, PolicyProblem};
 use zmesh_proxy::policy::Action;
 use zmesh_proxy::{Protocol, TargetPort, WorkloadTable};
 
-/// This build, as `GET /version` answers.
+/// `GET /version`: this build, and the CA's version as the CA last named it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct VersionReport {
+    #[serde(flatten)]
+    pub build: BuildInfo,
+    pub ca_version: Option<String>,
+}
+
+/// This build.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BuildInfo {
     pub version: String,

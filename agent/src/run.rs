@@ -147,19 +147,20 @@ pub async fn run(
     if let DataPlane::Ztunnel { zds_socket } = &config.data_plane {
         return Ok(crate::zds::run_ztunnel(zds_socket, &config, cluster, shutdown).await?);
     }
-    let (certs, bundle, renewal): (
+    let (certs, bundle, renewal, ca_client): (
         Arc<dyn WorkloadCertificates>,
         SharedBundle,
         Option<NodeRenewal>,
+        Option<zmesh_certs::IstioCaClient>,
     ) = match &config.identity {
         IdentitySource::Spire { socket } => {
             // SPIRE's bundles fill the trust bundle as they arrive; no node credential.
             let bundle = SharedBundle::default();
             let certs = SpireCertificates::start(socket.clone(), bundle.clone());
-            (Arc::new(certs), bundle, None)
+            (Arc::new(certs), bundle, None, None)
         }
         IdentitySource::ZmeshCa => {
-            let (certs, bundle, renewal) = zmesh_ca_certificates(&CaSettings {
+            let ca = zmesh_ca_certificates(&CaSettings {
                 node: config.node.clone(),
                 trust_domain: config.trust_domain.clone(),
                 ca_addr: config.ca_addr.clone(),
@@ -167,7 +168,8 @@ pub async fn run(
                 ca_token: config.ca_token.clone(),
                 cert_validity: config.cert_validity,
             })?;
-            (certs as Arc<dyn WorkloadCertificates>, bundle, renewal)
+            let certs = ca.certs as Arc<dyn WorkloadCertificates>;
+            (certs, ca.bundle, ca.renewal, Some(ca.client))
         }
     };
     let tls = Arc::new(ManagedCredentials::new(
@@ -283,6 +285,7 @@ pub async fn run(
         certs: certs.clone(),
         view: view.clone(),
         pin_dir: config.redirect.as_ref().map(|r| r.pin_dir.clone()),
+        ca: ca_client,
     };
     let admin_task = admin::serve(
         &config.admin_socket,

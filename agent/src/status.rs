@@ -25,6 +25,8 @@ pub struct StatusSource {
     pub view: watch::Receiver<Arc<EnrollmentView>>,
     /// The eBPF pins, `None` without redirection.
     pub pin_dir: Option<PathBuf>,
+    /// The zmesh CA's client (`None` with SPIRE).
+    pub ca: Option<zmesh_certs::IstioCaClient>,
 }
 
 impl StatusSource {
@@ -74,6 +76,7 @@ impl StatusSource {
             node: self.node.clone(),
             version: self.build.version.clone(),
             git_commit: self.build.git_commit.clone(),
+            ca_version: self.ca.as_ref().and_then(|c| c.ca_version()),
             ready: true,
             mode: match self.mode {
                 zmesh_dataplane::Mode::Permissive => "permissive".into(),

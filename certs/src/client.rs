@@ -29,7 +29,7 @@ use crate::pb::istio::istio_certificate_service_client::IstioCertificateServiceC
 use crate::pb::istio::IstioCertificateRequest;
 use crate::pb::zmesh::node_join_client::NodeJoinClient;
 use crate::pb::zmesh::{JoinRequest, RenewRequest};
-use crate::server::{CLUSTER_ID_HEADER, IMPERSONATED_IDENTITY};
+use crate::server::{CLUSTER_ID_HEADER, IMPERSONATED_IDENTITY, VERSION_HEADER};
 
 const NODE_KEY_FILE: &str = "node.key";
 const NODE_CERT_FILE: &str = "node.pem";
@@ -252,6 +252,8 @@ struct ClientInner {
     channel: RwLock<Channel>,
     /// The intermediate of the last chain the CA issued: the signing chain right now.
     signing_intermediate: watch::Sender<Option<CertificateDer<'static>>>,
+    /// The version the CA named in its last answer.
+    ca_version: RwLock<Option<String>>,
 }
 
 /// Where the bearer token comes from.
@@ -343,6 +345,7 @@ impl IstioCaClient {
                 cluster_id: RwLock::new(None),
                 channel: RwLock::new(channel),
                 signing_intermediate: watch::Sender::new(None),
+                ca_version: RwLock::new(None),
             }),
         })
     }
@@ -435,6 +438,7 @@ impl IstioCaClient {
         let response = IstioCertificateServiceClient::new(self.channel())
             .create_certificate(request)
             .await?;
+        self.note_version(response.metadata());
         let chain = response.into_inner().cert_chain;
         self.note_signing_chain(&chain);
         Ok(chain)
@@ -456,9 +460,32 @@ impl IstioCaClient {
             csr: csr_pem.to_owned(),
         })?;
         let response = NodeJoinClient::new(self.channel()).renew(request).await?;
+        self.note_version(response.metadata());
         let chain = response.into_inner().cert_chain;
         self.note_signing_chain(&chain);
         Ok(chain)
+    }
+
+    fn note_version(&self, metadata: &tonic::metadata::MetadataMap) {
+        let version = metadata
+            .get(VERSION_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned);
+        *self
+            .inner
+            .ca_version
+            .write()
+            .unwrap_or_else(|p| p.into_inner()) = version;
+    }
+
+    /// The version the CA named in its last answer (`None`: no answer yet, or a CA that
+    /// does not name one, such as istiod).
+    pub fn ca_version(&self) -> Option<String> {
+        self.inner
+            .ca_version
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Changes to the CA's signing intermediate, as seen in the chains it issues.

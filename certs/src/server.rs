@@ -53,6 +53,19 @@ pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 pub const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
 /// gRPC request header in which Istio clients name their cluster.
 pub const CLUSTER_ID_HEADER: &str = "clusterid";
+/// The response header naming the CA's version (`zmesh status`, `zmesh version` show it as
+/// the nodes see it).
+pub const VERSION_HEADER: &str = "x-zmesh-ca-version";
+
+/// `response` with the CA's version in its metadata.
+fn versioned<T>(body: T) -> Response<T> {
+    let mut response = Response::new(body);
+    response.metadata_mut().insert(
+        VERSION_HEADER,
+        tonic::metadata::AsciiMetadataValue::from_static(env!("CARGO_PKG_VERSION")),
+    );
+    response
+}
 const SERVING_CERT_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -843,7 +856,7 @@ impl IstioCertificateService for Service {
         let peer = peer_of(&request);
         let decision = self.decide_workload(request).await;
         let cert_chain = self.conclude("CreateCertificate", peer, decision)?;
-        Ok(Response::new(IstioCertificateResponse { cert_chain }))
+        Ok(versioned(IstioCertificateResponse { cert_chain }))
     }
 }
 
@@ -853,7 +866,7 @@ impl NodeJoin for Service {
         let peer = peer_of(&request);
         let decision = self.decide_join(request).await;
         let cert_chain = self.conclude("Join", peer, decision)?;
-        Ok(Response::new(JoinResponse { cert_chain }))
+        Ok(versioned(JoinResponse { cert_chain }))
     }
 
     async fn renew(
@@ -863,6 +876,6 @@ impl NodeJoin for Service {
         let peer = peer_of(&request);
         let decision = self.decide_renew(request).await;
         let cert_chain = self.conclude("Renew", peer, decision)?;
-        Ok(Response::new(JoinResponse { cert_chain }))
+        Ok(versioned(JoinResponse { cert_chain }))
     }
 }

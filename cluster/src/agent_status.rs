@@ -29,6 +29,9 @@ pub struct AgentStatus {
     pub version: String,
     #[serde(default)]
     pub git_commit: Option<String>,
+    /// The zmesh CA's version, as it named it in its last answer to this agent.
+    #[serde(default)]
+    pub ca_version: Option<String>,
     /// Serving: its proxy runs, or ztunnel is fed over ZDS.
     pub ready: bool,
     /// `permissive` or `strict`.

@@ -79,7 +79,8 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
                 ca_token: None,
                 cert_validity: args.cert_lifetime,
             };
-            let (certs, bundle, _renewal) = zmesh_ca_certificates(&settings)?;
+            let ca = zmesh_ca_certificates(&settings)?;
+            let (certs, bundle) = (ca.certs, ca.bundle);
             for w in table.workloads_on(&args.node) {
                 certs.ensure(&w.identity);
             }

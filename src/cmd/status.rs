@@ -299,6 +299,20 @@ pub fn render(s: &MeshStatus, now: SystemTime) -> String {
             zmesh_proxy::flows::FlowEvent::format_time(root.not_after),
         ));
     }
+    let mut versions: Vec<&str> = s
+        .agents
+        .iter()
+        .filter_map(|a| a.status.as_ref()?.ca_version.as_deref())
+        .collect();
+    versions.sort();
+    versions.dedup();
+    if !versions.is_empty() {
+        let shown: Vec<String> = versions.iter().map(|v| format!("zmesh {v}")).collect();
+        out.push_str(&format!(
+            "  version:      {} (as the CA named it to the nodes)\n",
+            shown.join(", ")
+        ));
+    }
     out.push_str(&format!(
         "  issuing:      every certificate valid and renewing on {}/{} reporting node(s)\n\n",
         s.ca.nodes_issued, s.ca.nodes_reporting

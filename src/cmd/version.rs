@@ -46,6 +46,16 @@ pub struct BuildInfo {
     pub git_commit: Option<String>,
 }
 
+/// The agent's `GET /version`: its build, and the CA's version as the CA last named it to
+/// the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct AgentAnswer {
+    #[serde(flatten)]
+    pub build: BuildInfo,
+    #[serde(default)]
+    pub ca_version: Option<String>,
+}
+
 /// What is known of the agent's version.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -66,6 +76,9 @@ pub struct AgentVersion {
     pub version: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub git_commit: Option<String>,
+    /// The zmesh CA's version, as the CA last named it to this agent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_version: Option<String>,
     /// Why there is no version.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
@@ -85,8 +98,10 @@ pub fn client() -> BuildInfo {
     }
 }
 
-/// The agent's answer to `GET /version`, classified.
-pub fn agent_version(socket: PathBuf, answer: Result<BuildInfo, AdminError>) -> AgentVersion {
+/// The agent's answer to `GET /version`, classified, with the CA's version it passed on.
+pub fn agent_report(socket: PathBuf, answer: Result<AgentAnswer, AdminError>) -> AgentVersion {
+    let ca_version = answer.as_ref().ok().and_then(|a| a.ca_version.clone());
+    let answer = answer.map(|a| a.build);
     let (state, info, reason) = match answer {
         Ok(info) => (AgentState::Reported, Some(info), None),
         Err(e @ AdminError::Connect { .. }) => {
@@ -109,6 +124,7 @@ pub fn agent_version(socket: PathBuf, answer: Result<BuildInfo, AdminError>) -> 
         state,
         version,
         git_commit,
+        ca_version,
         reason,
     }
 }
@@ -134,6 +150,13 @@ pub fn human(report: &Report) -> String {
             AgentState::Unreachable => format!("unreachable ({reason})"),
         };
         out.push_str(&format!("agent:  {line}\n"));
+        if agent.state == AgentState::Reported {
+            let ca = match &agent.ca_version {
+                Some(v) => format!("zmesh {v} (as it last answered the agent)"),
+                None => "not known (the agent has not heard from a zmesh CA)".into(),
+            };
+            out.push_str(&format!("ca:     {ca}\n"));
+        }
     }
     out
 }
@@ -143,9 +166,9 @@ pub async fn run(args: VersionArgs) -> anyhow::Result<ExitCode> {
         None
     } else {
         let answer = AdminClient::new(&args.agent_socket)
-            .get_json::<BuildInfo>("/version")
+            .get_json::<AgentAnswer>("/version")
             .await;
-        Some(agent_version(args.agent_socket.clone(), answer))
+        Some(agent_report(args.agent_socket.clone(), answer))
     };
     let report = Report {
         client: client(),
@@ -164,6 +187,16 @@ pub async fn run(args: VersionArgs) -> anyhow::Result<ExitCode> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn agent_version(socket: PathBuf, answer: Result<BuildInfo, AdminError>) -> AgentVersion {
+        agent_report(
+            socket,
+            answer.map(|build| AgentAnswer {
+                build,
+                ca_version: None,
+            }),
+        )
+    }
 
     #[test]
     fn agent_answers_are_reported_as_they_are() {
