@@ -159,7 +159,10 @@ async fn h2_to_tcp<W: AsyncWrite + Unpin>(
 
 /// Copies both ways until both directions ended, adding to `to_h2` and `to_tcp` as the
 /// bytes go. If either direction fails, both stop and the stream is reset (by dropping
-/// it) and the socket closed.
+/// it). The TCP side is then reset too (RST, not FIN), as it is when the far side reset
+/// the stream: its application must not mistake a broken tunnel for a clean end (an EOF
+/// would pass a truncated answer off as complete, and a client that keeps its side open,
+/// such as `nc`, would never notice).
 pub(crate) async fn bridge(
     mut tcp: TcpStream,
     mut send: SendStream<Bytes>,
@@ -167,26 +170,33 @@ pub(crate) async fn bridge(
     to_h2: &ByteCount,
     to_tcp: &ByteCount,
 ) -> Result<Ended, CopyError> {
-    // Borrowed halves: no lock between the two directions (tokio::io::split takes one).
-    let (r, w) = tcp.split();
-    let up = tcp_to_h2(r, &mut send, to_h2);
-    let down = h2_to_tcp(recv, w, to_tcp);
-    tokio::pin!(up, down);
-    let mut up_done = false;
-    let mut down_done = false;
-    let mut reset = false;
-    while !(up_done && down_done) {
-        tokio::select! {
-            biased;
-            r = &mut up, if !up_done => { reset |= r?; up_done = true; }
-            r = &mut down, if !down_done => { reset |= r?; down_done = true; }
+    let result = async {
+        // Borrowed halves: no lock between the two directions (tokio::io::split takes one).
+        let (r, w) = tcp.split();
+        let up = tcp_to_h2(r, &mut send, to_h2);
+        let down = h2_to_tcp(recv, w, to_tcp);
+        tokio::pin!(up, down);
+        let mut up_done = false;
+        let mut down_done = false;
+        let mut reset = false;
+        while !(up_done && down_done) {
+            tokio::select! {
+                biased;
+                r = &mut up, if !up_done => { reset |= r?; up_done = true; }
+                r = &mut down, if !down_done => { reset |= r?; down_done = true; }
+            }
         }
+        Ok(if reset {
+            Ended::PeerReset
+        } else {
+            Ended::Finished
+        })
     }
-    Ok(if reset {
-        Ended::PeerReset
-    } else {
-        Ended::Finished
-    })
+    .await;
+    if !matches!(result, Ok(Ended::Finished)) {
+        let _ = socket2::SockRef::from(&tcp).set_linger(Some(std::time::Duration::ZERO));
+    }
+    result
 }
 
 /// Plain TCP both ways between the connecting `client` and `upstream` until both

@@ -155,3 +155,23 @@ fn connections_dropped_unfinished_are_logged_as_cancelled() {
     }
     drop(conns);
 }
+
+/// A tunnel the destination's proxy cuts (here at its drain deadline; a crash or a reset
+/// stream does the same) reaches the client as a reset, not an EOF: an EOF would pass a
+/// truncated answer off as a complete one, and a client that keeps its own side open would
+/// never notice.
+#[tokio::test]
+async fn a_tunnel_cut_by_the_far_side_resets_the_client() {
+    use tokio::io::AsyncReadExt;
+    let mesh = mesh(91).await;
+    let (mut client, _server) = open(&mesh, mesh.connect().await, b"ping", b"pong!").await;
+    mesh.b.drain.drain();
+    let mut buf = [0u8; 16];
+    let read = tokio::time::timeout(T, client.read(&mut buf))
+        .await
+        .unwrap();
+    match read {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("the client read {n} bytes (an EOF when 0) instead of a reset"),
+    }
+}
