@@ -11,6 +11,7 @@
 
 mod support;
 
+use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -285,6 +286,68 @@ async fn zmesh_and_stock_ztunnel_nodes_carry_hbone_both_ways_with_the_zmesh_ca()
         "ztunnel verified the zmesh client:\n{}",
         logs()
     );
+
+    // Telemetry parity: the istio_tcp_* series carry ztunnel's label names, and for the
+    // tunnel frontend (ztunnel) -> web (zmesh) both sides agree on its identities.
+    let scrape = |node: &str| {
+        let out = lab
+            .cluster()
+            .node(node)
+            .unwrap()
+            .command("curl")
+            .unwrap()
+            .args(["-s", "--max-time", "5", "http://127.0.0.1:15020/metrics"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let series = |page: &str, reporter: &str| -> Vec<BTreeMap<String, String>> {
+        page.lines()
+            .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+            .map(|l| {
+                let inner = &l[l.find('{').unwrap() + 1..l.rfind('}').unwrap()];
+                inner
+                    .split("\",")
+                    .filter_map(|kv| kv.split_once("=\""))
+                    .map(|(k, v)| (k.to_owned(), v.trim_end_matches('"').to_owned()))
+                    .collect::<BTreeMap<_, _>>()
+            })
+            .filter(|labels| labels.get("reporter").map(String::as_str) == Some(reporter))
+            .collect()
+    };
+    let (zmesh_page, ztunnel_page) = (scrape("node1"), scrape("node2"));
+    let zmesh_in = series(&zmesh_page, "destination");
+    let ztunnel_out = series(&ztunnel_page, "source");
+    let keys = |s: &BTreeMap<String, String>| s.keys().cloned().collect::<Vec<_>>();
+    let (Some(ours), Some(theirs)) = (
+        zmesh_in
+            .iter()
+            .find(|l| l["source_principal"] == id("frontend")),
+        ztunnel_out
+            .iter()
+            .find(|l| l["destination_principal"] == id("web")),
+    ) else {
+        panic!("no istio_tcp series for frontend -> web:\nzmesh:\n{zmesh_page}\nztunnel:\n{ztunnel_page}")
+    };
+    assert_eq!(
+        keys(ours),
+        keys(theirs),
+        "label names: zmesh {ours:#?}\nztunnel {theirs:#?}"
+    );
+    for label in [
+        "source_principal",
+        "destination_principal",
+        "source_workload_namespace",
+        "destination_workload_namespace",
+        "connection_security_policy",
+        "request_protocol",
+        "response_flags",
+    ] {
+        assert_eq!(
+            ours[label], theirs[label],
+            "{label}: zmesh {ours:#?}\nztunnel {theirs:#?}"
+        );
+    }
 
     // The same ztunnel with certificates from another root (its fake CA): refused both
     // ways, nothing in clear.

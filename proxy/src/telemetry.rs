@@ -44,6 +44,11 @@ pub(crate) struct TcpLabels {
     request_protocol: &'static str,
     response_flags: &'static str,
     connection_security_policy: &'static str,
+    /// Locality (ztunnel has them from istiod; zmesh does not know nodes' topology labels).
+    source_region: &'static str,
+    source_zone: &'static str,
+    destination_region: &'static str,
+    destination_zone: &'static str,
 }
 
 /// What one connection is known to be when it opens.
@@ -104,6 +109,10 @@ impl TcpLabels {
             request_protocol: "tcp",
             response_flags: "-",
             connection_security_policy: if c.mutual_tls { "mutual_tls" } else { UNKNOWN },
+            source_region: UNKNOWN,
+            source_zone: UNKNOWN,
+            destination_region: UNKNOWN,
+            destination_zone: UNKNOWN,
         }
     }
 
