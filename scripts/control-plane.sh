@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Builds, once per machine, the Kubernetes control plane the tests start on 127.0.0.1
-# (tests/kube_apiserver.rs): kube-apiserver and kube-controller-manager compiled from
-# Debian bookworm's `kubernetes` source package, etcd and kubectl extracted from Debian's
-# .debs. Everything goes to a cache outside the clone, keyed by the pinned versions below:
+# (tests/kube_apiserver.rs, tests/node_e2e.rs): kube-apiserver, kube-controller-manager,
+# kube-scheduler and kubelet compiled from Debian bookworm's `kubernetes` source package,
+# etcd and kubectl extracted from Debian's .debs. Everything goes to a cache outside the clone, keyed by the pinned versions below:
 #
 #   $ZMESH_KUBE_CACHE (default /var/cache/zmesh)/kubernetes-<version>/
-#     bin/      kube-apiserver kube-controller-manager etcd kubectl
+#     bin/      kube-apiserver kube-controller-manager kube-scheduler kubelet etcd kubectl
 #     gocache/  Go's build cache (~1.4 GB): a rebuild after a lost binary takes seconds
 #
 # If every binary is there, this prints the bin directory and exits without touching the
 # network. Otherwise it installs what the build needs (golang-go, rsync, make, dpkg-dev,
 # golang-github-modern-go-reflect2-dev), fetches the sources through a private APT
-# configuration (the system's sources are left alone), builds (cold: ~6-10 min on 2
+# configuration (the system's sources are left alone), builds (cold: ~10-14 min on 2
 # cores) and removes the source tree. Idempotent; concurrent runs wait on a lock.
 # Must run as root (it installs Debian packages and writes /var/cache).
 #
@@ -30,7 +30,7 @@ SNAPSHOT=http://snapshot.debian.org/archive/debian/20250520T000000Z
 CACHE_ROOT=${ZMESH_KUBE_CACHE:-/var/cache/zmesh}
 CACHE=$CACHE_ROOT/kubernetes-$KUBE_VERSION
 BIN=$CACHE/bin
-BINARIES=(kube-apiserver kube-controller-manager etcd kubectl)
+BINARIES=(kube-apiserver kube-controller-manager kube-scheduler kubelet etcd kubectl)
 
 say() { echo "zmesh control plane: $*" >&2; }
 
@@ -130,12 +130,14 @@ cp -a /usr/share/gocode/src/github.com/modern-go/reflect2 "$tree/vendor/github.c
 # The build sets GOCACHE=_output/local/go/cache: point that at the kept cache.
 mkdir -p "$CACHE/gocache" "$tree/_output/local/go"
 ln -s "$CACHE/gocache" "$tree/_output/local/go/cache"
-say "building kube-apiserver and kube-controller-manager (cold: ~6-10 min on 2 cores)"
+say "building kube-apiserver, kube-controller-manager, kube-scheduler and kubelet (cold: ~8-12 min on 2 cores)"
 (
   cd "$tree"
   export GOFLAGS=-tags=providerless GOTOOLCHAIN=local
   make WHAT=cmd/kube-apiserver
   make WHAT=cmd/kube-controller-manager
+  make WHAT=cmd/kube-scheduler
+  make WHAT=cmd/kubelet
 ) >"$work/build.log" 2>&1 || {
   tail -n 40 "$work/build.log" >&2
   say "build failed (log above)"
@@ -151,6 +153,8 @@ install_bin() {
 built=$tree/_output/local/bin/linux/$(go env GOARCH)
 install_bin "$built/kube-apiserver" kube-apiserver
 install_bin "$built/kube-controller-manager" kube-controller-manager
+install_bin "$built/kube-scheduler" kube-scheduler
+install_bin "$built/kubelet" kubelet
 install_bin "$work/root/usr/bin/etcd" etcd
 install_bin "$work/root/usr/bin/kubectl" kubectl
 complete

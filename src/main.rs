@@ -41,10 +41,9 @@ enum Command {
     /// Build a local cluster in network namespaces and run the mesh on it (the demo).
     #[cfg(feature = "demo")]
     Demo(cmd::demo::DemoArgs),
-    /// Deploy test pods into a local lab and run a connectivity matrix (same node, cross
-    /// node, Service, permissive and strict plaintext, policy allow and deny), like cilium
-    /// connectivity test; --junit writes JUnit XML.
-    #[cfg(feature = "demo")]
+    /// Deploy test pods into the cluster (or a local lab) and run a connectivity matrix
+    /// (same node, cross node, Service, permissive and strict plaintext, policy allow and
+    /// deny), like cilium connectivity test; --junit writes JUnit XML.
     Connectivity(cmd::connectivity::ConnectivityArgs),
     /// Inspect and manage workload certificates (X.509-SVIDs).
     Certs(cmd::certs::CertsArgs),
@@ -123,7 +122,6 @@ fn main() -> std::process::ExitCode {
             Command::Ca(args) => cmd::ca::run(args).await,
             #[cfg(feature = "demo")]
             Command::Demo(args) => cmd::demo::run(args).await,
-            #[cfg(feature = "demo")]
             Command::Connectivity(args) => cmd::connectivity::run(args).await,
             Command::Certs(args) => cmd::certs::run(args).await,
             Command::Proxy(args) => cmd::proxy::run(args).await,

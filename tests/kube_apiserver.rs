@@ -231,6 +231,7 @@ fn ip(s: &str) -> IpAddr {
 async fn agent_source_follows_namespaces_pods_and_enrollment() {
     let Some(plane) = control_plane(Options {
         controller_manager: true,
+        ..Options::default()
     })
     .await
     else {
@@ -450,6 +451,7 @@ async fn controller_endpoints(
 async fn services_get_their_endpoints_from_ready_pods() {
     let Some(plane) = control_plane(Options {
         controller_manager: true,
+        ..Options::default()
     })
     .await
     else {
@@ -1228,6 +1230,7 @@ fn now() -> i64 {
 async fn token_review_with_real_service_account_tokens() {
     let Some(mut plane) = control_plane(Options {
         controller_manager: true,
+        ..Options::default()
     })
     .await
     else {
@@ -1589,11 +1592,7 @@ fn sample_status(node: &str) -> zmesh_cluster::agent_status::AgentStatus {
 /// enrolled namespaces; exit 1 while one is stale.
 #[tokio::test]
 async fn agents_report_status_in_leases_that_zmesh_status_reads() {
-    let Some(plane) = control_plane(Options {
-        controller_manager: false,
-    })
-    .await
-    else {
+    let Some(plane) = control_plane(Options::default()).await else {
         return;
     };
     let admin = plane.client().await.expect("admin client");

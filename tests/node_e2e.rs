@@ -36,6 +36,8 @@
 mod control_plane;
 #[path = "support/kube_objects.rs"]
 mod kube_objects;
+#[path = "support/kubelet.rs"]
+mod kubelet;
 #[path = "support/node_runtime.rs"]
 mod node_runtime;
 
@@ -82,7 +84,7 @@ struct Node {
     client: kube::Client,
     runtime: NodeRuntime,
     /// Kept running (the agent, the CA and `client` talk to it).
-    _plane: ControlPlane,
+    plane: ControlPlane,
     work: tempfile::TempDir,
     rt: tokio::runtime::Runtime,
 }
@@ -90,6 +92,13 @@ struct Node {
 impl Node {
     /// `None` when the control plane binaries are missing and skipping is allowed.
     fn start(chain: impl FnOnce(&Path) -> Vec<serde_json::Value>) -> Option<Self> {
+        Self::start_with(Options::default(), chain)
+    }
+
+    fn start_with(
+        options: Options,
+        chain: impl FnOnce(&Path) -> Vec<serde_json::Value>,
+    ) -> Option<Self> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -101,7 +110,7 @@ impl Node {
         // Processes the harnesses and this test start die with the thread that started
         // them (PR_SET_PDEATHSIG): everything is started from the test's thread.
         let plane = rt
-            .block_on(ControlPlane::start(Options::default()))
+            .block_on(ControlPlane::start(options))
             .unwrap_or_else(|e| panic!("{e}"))?;
         println!("control plane up in {:?}", plane.startup);
         let runtime = NodeRuntime::start(NodeRuntimeOptions {
@@ -147,7 +156,7 @@ impl Node {
             agent_kubeconfig,
             client,
             runtime,
-            _plane: plane,
+            plane,
             work,
             rt,
         })
@@ -519,6 +528,195 @@ fn pods_started_through_zmesh_cni_are_enrolled_before_their_first_connection() {
         plain_pod.startup
     );
     println!("total {:?}", started.elapsed());
+}
+
+/// The whole node for real, kubelet included: kube-scheduler binds the pods, kubelet runs
+/// them on containerd through zmesh-cni (installed by the agent), and `zmesh connectivity
+/// test` runs its matrix against this one-node cluster through the API server, as an
+/// operator would. The tests that need a second node or strict mode are skipped, saying
+/// why. With the agent stopped, the echo pods cannot start (zmesh-cni fails closed) and the
+/// command fails with the pod's events.
+#[test]
+fn connectivity_test_passes_on_a_cluster_with_a_real_kubelet() {
+    let _one_agent = HOST_NETNS.lock().unwrap_or_else(PoisonError::into_inner);
+    let started = Instant::now();
+    let plugin = cni_plugin_binary();
+    let options = Options {
+        controller_manager: true,
+        scheduler: true,
+    };
+    let Some(node) = Node::start_with(options, |_| vec![]) else {
+        return; // skipping was allowed and said so
+    };
+    let (rt, client, runtime, work) = (&node.rt, &node.client, &node.runtime, &node.work);
+    install_policy_crd(rt, client);
+    // The bridge first (the agent attaches to it; the plugin fails closed without the
+    // agent), and the pods' cgroup parent under kubelet's cgroup root.
+    output(Command::new("ip").args(["link", "add", &runtime.bridge(), "type", "bridge"]));
+    output(Command::new("ip").args(["link", "set", &runtime.bridge(), "up"]));
+    let cgroup_root = kubelet::cgroup_root(runtime).expect("kubelet's cgroup root");
+    let pods_cgroup =
+        cgroup2_root().join(format!("{}/kubepods", cgroup_root.trim_start_matches('/')));
+    std::fs::create_dir_all(&pods_cgroup).expect("the pods' cgroup");
+    let socket = work.path().join("cni.sock");
+    let mut agent = Agent::start(AgentSetup {
+        cgroup: pods_cgroup,
+        install_cni: Some((
+            runtime.cni_bin_dir(),
+            runtime.cni_conf_dir(),
+            plugin.clone(),
+        )),
+        // The bridge and the pods' host-side veths as the CNI bridge plugin names them,
+        // followed as they come: plaintext between pods on the bridge is switched past
+        // the node's stack, and only their ports see it.
+        ..node.agent_setup(vec![runtime.bridge(), "veth*".into()], Some(&socket))
+    });
+    agent.wait_certificates(&[]);
+    let kubelet_started = Instant::now();
+    let kubelet = rt
+        .block_on(kubelet::Kubelet::start(
+            &node.plane,
+            runtime,
+            NODE,
+            node_ip(),
+        ))
+        .unwrap_or_else(|e| panic!("{e}"));
+    println!(
+        "kubelet: node {NODE} Ready in {:?}",
+        kubelet_started.elapsed()
+    );
+
+    let junit = work.path().join("connectivity.xml");
+    let connectivity = |extra: &[&str]| {
+        let out = zmesh()
+            .args(["connectivity", "test", "--image"])
+            .arg(node_runtime::workload_image())
+            .args(extra)
+            .env("KUBECONFIG", node.plane.admin_kubeconfig())
+            .stdin(Stdio::null())
+            .output()
+            .expect("zmesh connectivity test");
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let run_started = Instant::now();
+    let (code, stdout, stderr) =
+        connectivity(&["--junit", junit.to_str().expect("utf-8"), "--keep"]);
+    agent.check_alive();
+    println!(
+        "zmesh connectivity test ({:?}):\n{stdout}{stderr}",
+        run_started.elapsed()
+    );
+    assert_eq!(
+        code,
+        Some(0),
+        "{stdout}{stderr}\nagent:\n{}",
+        tail(&agent.log(), 40)
+    );
+    for test in [
+        "pod-to-pod/same-node",
+        "service/cluster-ip",
+        "plaintext/permissive",
+        "policy/deny",
+        "policy/allow",
+    ] {
+        assert!(
+            stdout
+                .lines()
+                .any(|l| l.starts_with("pass") && l.contains(test)),
+            "{test} did not pass:\n{stdout}"
+        );
+    }
+    for (test, why) in [
+        ("pod-to-pod/cross-node", "one node runs a ready agent"),
+        ("strict", "runs in permissive mode"),
+    ] {
+        assert!(
+            stdout.contains(&format!("[skip] {test}")) && stdout.contains(why),
+            "{test} not skipped with its reason:\n{stdout}"
+        );
+    }
+    assert!(
+        stdout.contains("5 of 5 tests passed, 2 skipped"),
+        "{stdout}"
+    );
+    let xml = std::fs::read_to_string(&junit).expect("the JUnit file");
+    assert!(
+        xml.contains("tests=\"7\" failures=\"0\" skipped=\"2\""),
+        "{xml}"
+    );
+    // --keep leaves the test namespaces (and the agent has told the CNI plugin that
+    // zmesh-test enrolls pods).
+    assert!(stdout.contains("Keeping zmesh-test and zmesh-test-plain (--keep)"));
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let test_namespace = || {
+        rt.block_on(namespaces.get_opt("zmesh-test"))
+            .expect("get namespace")
+    };
+    assert!(test_namespace().is_some_and(|ns| ns.metadata.deletion_timestamp.is_none()));
+
+    // Without the agent: its Lease goes stale only after 30 s, so the command still
+    // finds it, replaces the kept namespaces, deploys, and the enrolled echo pods never
+    // start (the CNI plugin fails closed for an enrolled namespace).
+    agent.stop();
+    let (code, stdout, stderr) = connectivity(&["--test", "same-node", "--timeout", "15s"]);
+    println!("with the agent stopped:\n{stdout}{stderr}");
+    assert_eq!(code, Some(1), "{stdout}{stderr}");
+    assert!(
+        stderr.contains("pod zmesh-test/echo-a is not running after 15s"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("not started without mTLS"), "{stderr}");
+    // Without --keep the command removes what it deployed, also after a failure.
+    assert!(test_namespace().is_none_or(|ns| ns.metadata.deletion_timestamp.is_some()));
+    drop(kubelet);
+    println!("total {:?}", started.elapsed());
+}
+
+/// Istio's AuthorizationPolicy CRD (what the agent and `zmesh connectivity test` use),
+/// with an open schema: a cluster with Istio's CRDs installed.
+fn install_policy_crd(rt: &tokio::runtime::Runtime, client: &kube::Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let schema = json!({"openAPIV3Schema": {
+        "type": "object",
+        "properties": {
+            "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+            "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+        },
+    }});
+    let crd: CustomResourceDefinition = from_json(json!({
+        "metadata": {"name": "authorizationpolicies.security.istio.io"},
+        "spec": {
+            "group": "security.istio.io",
+            "names": {
+                "kind": "AuthorizationPolicy",
+                "listKind": "AuthorizationPolicyList",
+                "plural": "authorizationpolicies",
+                "singular": "authorizationpolicy",
+            },
+            "scope": "Namespaced",
+            "versions": [
+                {"name": "v1", "served": true, "storage": true, "schema": schema},
+                {"name": "v1beta1", "served": true, "storage": false, "schema": schema},
+            ],
+        },
+    }));
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    rt.block_on(crds.create(&PostParams::default(), &crd))
+        .expect("the CRD");
+    wait_for_value("the CRD to be established", || {
+        let crd = rt
+            .block_on(crds.get("authorizationpolicies.security.istio.io"))
+            .ok()?;
+        crd.status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True")
+            .then_some(())
+    });
 }
 
 /// The zmesh-cni binary cargo built next to this test's binary (another package's binary
@@ -936,6 +1134,8 @@ impl Agent {
         let mut command = zmesh();
         command
             .args(["agent", "--kubernetes", "--node", NODE])
+            // In a DaemonSet its ServiceAccount's namespace; the kubeconfig here names none.
+            .args(["--status-namespace", "zmesh-system"])
             .args(["--ca", &setup.ca_addr.to_string()])
             .arg("--credentials")
             .arg(setup.credentials)

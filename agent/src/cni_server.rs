@@ -11,6 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,6 +40,8 @@ pub struct EnrollmentView {
     pub pods: BTreeMap<String, Option<u64>>,
     /// Whether this agent redirects traffic (without it there is no namespace to wait for).
     pub redirecting: bool,
+    /// The reconcile pass that published this view (its number in [`CniServer::passes`]).
+    pub pass: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +62,9 @@ pub struct CniServer {
     pub view: watch::Receiver<Arc<EnrollmentView>>,
     /// Wakes the reconcile loop (a new namespace was registered).
     pub wake: Arc<Notify>,
+    /// How many reconcile passes have started: a pass that starts after a request sees
+    /// the pod's host-side interface, which the runtime made before calling us.
+    pub passes: Arc<AtomicU64>,
 }
 
 /// Serves the plugin on `path` (mode 0600: only root, which the runtime runs plugins as)
@@ -128,9 +134,10 @@ async fn answer(server: &CniServer, request: Request) -> Reply {
                 );
             }
             tracing::info!(pod = %key, netns = %request.netns, uid = %pod.uid, "CNI ADD: enrolling before the pod starts");
+            let passes_before = server.passes.load(Ordering::SeqCst);
             server.wake.notify_one();
             let started = tokio::time::Instant::now();
-            let answer = wait_for_decision(server, pod, ADD_WAIT).await;
+            let answer = wait_for_decision(server, pod, passes_before, ADD_WAIT).await;
             tracing::info!(pod = %key, outcome = ?answer.outcome, waited_ms = started.elapsed().as_millis() as u64, "CNI ADD answered: {}", answer.message);
             answer
         }
@@ -153,15 +160,26 @@ async fn answer(server: &CniServer, request: Request) -> Reply {
     }
 }
 
-/// Waits until the pod is enrolled or known not to be, at most `wait`.
-async fn wait_for_decision(server: &CniServer, pod: &protocol::Pod, wait: Duration) -> Reply {
+/// Waits until the pod is enrolled or known not to be, at most `wait`. A pod outside the
+/// mesh still waits for a pass that started after `passes_before`: that pass steers its
+/// host-side interface, so its plaintext to enrolled pods on this node is steered (and in
+/// strict mode refused) from its first packet.
+async fn wait_for_decision(
+    server: &CniServer,
+    pod: &protocol::Pod,
+    passes_before: u64,
+    wait: Duration,
+) -> Reply {
     let mut view = server.view.clone();
     let deadline = tokio::time::Instant::now() + wait;
     loop {
         let current = view.borrow_and_update().clone();
         let why = match decide(&current, pod, &server.node) {
             Decision::Enrolled(m) => return reply(Outcome::Enrolled, m),
-            Decision::NotEnrolled(m) => return reply(Outcome::NotEnrolled, m),
+            Decision::NotEnrolled(m) if !current.redirecting || current.pass > passes_before => {
+                return reply(Outcome::NotEnrolled, m)
+            }
+            Decision::NotEnrolled(m) => format!("{m}, and its interface is not steered yet"),
             Decision::Pending(why) => why,
         };
         match tokio::time::timeout_at(deadline, view.changed()).await {

@@ -3,6 +3,7 @@
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -277,7 +278,9 @@ pub async fn run(
         state: cluster.borrow().clone(),
         pods: Default::default(),
         redirecting,
+        pass: 0,
     }));
+    let passes = Arc::new(AtomicU64::new(0));
     let status_source = crate::status::StatusSource {
         node: config.node.clone(),
         mode: config.mode,
@@ -328,6 +331,7 @@ pub async fn run(
                 registry: config.netns_registry.clone(),
                 view,
                 wake: wake.clone(),
+                passes: passes.clone(),
             },
         )?),
         None => None,
@@ -339,6 +343,7 @@ pub async fn run(
         let mut retry = RetryBackoff::default();
         let mut last_state: Option<Arc<ClusterState>> = None;
         loop {
+            let pass = passes.fetch_add(1, Ordering::SeqCst) + 1;
             // Pods the CNI plugin just started have their IPs before their Pod status does.
             let state = config
                 .netns_registry
@@ -398,6 +403,7 @@ pub async fn run(
                         state: last_state.clone().unwrap_or_default(),
                         pods: enrolled_pods,
                         redirecting,
+                        pass,
                     }));
                     applied
                 }

@@ -66,8 +66,10 @@ impl OriginalDst for MapOriginalDst {
 pub(crate) struct Steering {
     config: RedirectConfig,
     pub redirector: Arc<Mutex<Redirector>>,
-    /// Attach to every non-loopback interface, following changes.
+    /// Attach to every matching interface, following changes.
     follow: bool,
+    /// `--ingress-interface` values: names, or prefixes ending in `*`; none: all but lo.
+    patterns: Vec<String>,
 }
 
 impl Steering {
@@ -78,11 +80,12 @@ impl Steering {
         settings: &RedirectSettings,
     ) -> Result<Self, RedirectError> {
         let listeners = listeners_of(proxy_ip, proxy_ip6, proxy);
-        let follow = settings.ingress_interfaces.is_empty();
+        let patterns = settings.ingress_interfaces.clone();
+        let follow = patterns.is_empty() || patterns.iter().any(|p| p.ends_with('*'));
         let ingress_interfaces = if follow {
-            node_interfaces().unwrap_or_default()
+            node_interfaces(&patterns).unwrap_or_default()
         } else {
-            settings.ingress_interfaces.clone()
+            patterns.clone()
         };
         let redirect_config = RedirectConfig {
             pin_dir: settings.pin_dir.clone(),
@@ -97,16 +100,18 @@ impl Steering {
             config: redirect_config,
             redirector: Arc::new(Mutex::new(redirector)),
             follow,
+            patterns,
         })
     }
 
     /// Attaches tc ingress to interfaces that appeared (new pods' veths) and lets go of
-    /// those that left, by reloading over the pins: maps and enrollment are kept.
+    /// those that left, by reloading over the pins: maps and enrollment are kept. The
+    /// bridge ports are recorded again every time (a bridge's MAC moves as ports join).
     pub fn follow_interfaces(&mut self) {
         if !self.follow {
             return;
         }
-        let interfaces = match node_interfaces() {
+        let interfaces = match node_interfaces(&self.patterns) {
             Ok(list) => list,
             Err(e) => {
                 tracing::warn!("cannot list the node's interfaces: {e}");
@@ -114,6 +119,10 @@ impl Steering {
             }
         };
         if interfaces == self.config.ingress_interfaces {
+            let mut redirector = self.redirector.lock().unwrap_or_else(|p| p.into_inner());
+            if let Err(e) = redirector.sync_bridge_ports(&interfaces) {
+                tracing::warn!("cannot record the node's bridge ports: {e}");
+            }
             return;
         }
         let mut config = self.config.clone();
@@ -129,8 +138,21 @@ impl Steering {
     }
 }
 
-/// The node's non-loopback interfaces (in this process's network namespace), sorted.
-fn node_interfaces() -> std::io::Result<Vec<String>> {
+/// Whether `--ingress-interface` values select `name`: no values select every interface
+/// but loopback; `veth*` selects by prefix.
+fn selected(patterns: &[String], name: &str) -> bool {
+    if patterns.is_empty() {
+        return name != "lo";
+    }
+    patterns.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => name == p,
+    })
+}
+
+/// The node's interfaces (in this process's network namespace) that `patterns` select,
+/// sorted.
+fn node_interfaces(patterns: &[String]) -> std::io::Result<Vec<String>> {
     let output = std::process::Command::new("ip")
         .args(["-o", "link", "show"])
         .output()?;
@@ -143,7 +165,7 @@ fn node_interfaces() -> std::io::Result<Vec<String>> {
         .lines()
         .filter_map(|line| line.split(": ").nth(1))
         .map(|name| name.split('@').next().unwrap_or(name).to_owned())
-        .filter(|name| name != "lo")
+        .filter(|name| selected(patterns, name))
         .collect();
     names.sort();
     names.dedup();
@@ -302,6 +324,19 @@ pub fn netns_cookie(path: &Path) -> std::io::Result<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ingress_interface_patterns_select_by_name_or_prefix() {
+        let patterns = |list: &[&str]| list.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert!(selected(&[], "eth0"));
+        assert!(!selected(&[], "lo"));
+        let chosen = patterns(&["cni0", "veth*"]);
+        assert!(selected(&chosen, "cni0"));
+        assert!(selected(&chosen, "veth0a1b2c"));
+        assert!(!selected(&chosen, "eth0"));
+        assert!(!selected(&chosen, "cni01"));
+        assert!(!selected(&patterns(&["veth*"]), "lo"));
+    }
 
     #[test]
     fn listeners_follow_the_proxy_config() {

@@ -53,6 +53,15 @@ struct zm_ip {
 	__u32 addr[4]; // v4-mapped for IPv4
 };
 
+// zm_bridge_ports value: the bridge a port (a pod's host-side veth) belongs to, when
+// both carry the tc program. Steered frames are handed to the bridge device, addressed
+// to its MAC, instead of being switched to the pod.
+struct zm_bridge_port {
+	__u32 bridge_ifindex;
+	__u8 bridge_mac[6];
+	__u16 pad;
+};
+
 struct zm_drop_event {
 	__u64 ts_ns; // CLOCK_MONOTONIC
 	struct zm_ip src;

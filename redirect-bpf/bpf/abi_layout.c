@@ -37,6 +37,11 @@ int main(void) {
 	SIZE(zm_ip);
 	FIELD(zm_ip, addr);
 
+	SIZE(zm_bridge_port);
+	FIELD(zm_bridge_port, bridge_ifindex);
+	FIELD(zm_bridge_port, bridge_mac);
+	FIELD(zm_bridge_port, pad);
+
 	SIZE(zm_drop_event);
 	FIELD(zm_drop_event, ts_ns);
 	FIELD(zm_drop_event, src);

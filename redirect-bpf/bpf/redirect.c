@@ -117,6 +117,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } zm_mesh_sources SEC(".maps");
 
+// ifindex of a bridge port -> its bridge (see struct zm_bridge_port); filled by the
+// loader for the attached interfaces.
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 4096);
+	__type(key, __u32);
+	__type(value, struct zm_bridge_port);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} zm_bridge_ports SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, REASON_MAX);
@@ -598,6 +608,30 @@ static __always_inline int reject_with_rst6(struct __sk_buff *skb, struct ethhdr
 	return bpf_redirect(skb->ifindex, 0);
 }
 
+// The bridge whose port this frame came in on, if the loader recorded one.
+static __always_inline struct zm_bridge_port *bridge_port(struct __sk_buff *skb)
+{
+	__u32 ifindex = skb->ingress_ifindex;
+
+	return bpf_map_lookup_elem(&zm_bridge_ports, &ifindex);
+}
+
+// On a bridge port (a pod's host-side veth), a frame from a pod on the same bridge is
+// switched straight to the destination pod's port: neither the node's IP stack nor a
+// socket assigned here would ever see it, so plaintext would bypass the proxy (and
+// policy). Hand it to the bridge device instead, addressed to the bridge's own MAC: the
+// stack takes it as the node's, and the program attached there steers it.
+static __always_inline int to_bridge(struct __sk_buff *skb, struct zm_bridge_port *port)
+{
+	__u32 bridge = port->bridge_ifindex;
+	__u8 mac[ETH_ALEN];
+
+	__builtin_memcpy(mac, port->bridge_mac, ETH_ALEN);
+	if (bpf_skb_store_bytes(skb, 0 /* h_dest */, mac, ETH_ALEN, 0))
+		return TC_ACT_SHOT;
+	return bpf_redirect(bridge, BPF_F_INGRESS);
+}
+
 #define IP6_MAX_EXT_HDRS 4
 
 static __always_inline int ip6_ext_hdr(__u8 nexthdr)
@@ -632,7 +666,8 @@ static __always_inline int assign_listener6(struct __sk_buff *skb, const struct 
 }
 
 static __always_inline int assign_existing6(struct __sk_buff *skb, const struct zm_ip *src,
-					    const struct zm_ip *dst, __u16 sport, __u16 dport)
+					    const struct zm_ip *dst, __u16 sport, __u16 dport,
+					    int assign)
 {
 	struct bpf_sock_tuple t = {};
 	struct bpf_sock *sk;
@@ -648,7 +683,8 @@ static __always_inline int assign_existing6(struct __sk_buff *skb, const struct 
 		bpf_sk_release(sk);
 		return -1;
 	}
-	bpf_sk_assign(skb, sk, 0);
+	if (assign)
+		bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);
 	return 0;
 }
@@ -665,6 +701,7 @@ static __always_inline int ingress_ipv6(struct __sk_buff *skb, struct ethhdr *et
 {
 	struct ipv6hdr *ip6 = (void *)(eth + 1);
 	struct zm_config *cfg;
+	struct zm_bridge_port *port;
 	struct zm_ip src, dst;
 	struct tcphdr *tcp;
 	__u32 *pod_flags;
@@ -744,13 +781,19 @@ static __always_inline int ingress_ipv6(struct __sk_buff *skb, struct ethhdr *et
 	dport = tcp->dest;
 	seq = tcp->seq;
 	flags = ((__u8 *)tcp)[13];
+	port = bridge_port(skb);
 	if (!(flags & TCP_FLAG_SYN) || (flags & TCP_FLAG_ACK)) {
-		if (steer && assign_existing6(skb, &src, &dst, sport, dport) == 0)
+		if (steer && assign_existing6(skb, &src, &dst, sport, dport, !port) == 0) {
+			if (port)
+				return to_bridge(skb, port);
 			skb->mark = cfg->mark;
+		}
 		return TC_ACT_OK;
 	}
 
 	if (steer && dport == cfg->inbound_hbone_port) {
+		if (port)
+			return to_bridge(skb, port);
 		if (assign_listener6(skb, &src, &dst, sport, cfg->inbound_hbone_port)) {
 			report_drop_ip(REASON_PROXY_UNAVAILABLE, &src, &dst, sport, dport);
 			return TC_ACT_SHOT;
@@ -766,6 +809,8 @@ static __always_inline int ingress_ipv6(struct __sk_buff *skb, struct ethhdr *et
 		return TC_ACT_SHOT;
 	}
 
+	if (port)
+		return to_bridge(skb, port);
 	if (assign_listener6(skb, &src, &dst, sport, cfg->inbound_plain_port)) {
 		report_drop_ip(REASON_PROXY_UNAVAILABLE, &src, &dst, sport, dport);
 		return TC_ACT_SHOT;
@@ -800,12 +845,13 @@ static __always_inline int assign_listener(struct __sk_buff *skb, struct zm_conf
 
 // An existing proxy socket for this 4-tuple (handshake in progress, established,
 // or the proxy's own transparent connection) takes the packet.
+// With !assign, only says whether there is one (the frame goes to the bridge first).
 static __always_inline int assign_existing(struct __sk_buff *skb, __u32 saddr, __u32 daddr,
-					   __u16 sport, __u16 dport)
+					   __u16 sport, __u16 dport, int assign)
 {
 	struct bpf_sock_tuple t = {};
 	struct bpf_sock *sk;
-	long err;
+	long err = 0;
 
 	t.ipv4.saddr = saddr;
 	t.ipv4.sport = sport;
@@ -819,7 +865,8 @@ static __always_inline int assign_existing(struct __sk_buff *skb, __u32 saddr, _
 		bpf_sk_release(sk);
 		return -1;
 	}
-	err = bpf_sk_assign(skb, sk, 0);
+	if (assign)
+		err = bpf_sk_assign(skb, sk, 0);
 	bpf_sk_release(sk);
 	// a time-wait socket cannot be assigned; local delivery (mark) still finds it
 	(void)err;
@@ -832,6 +879,7 @@ int zm_tc_ingress(struct __sk_buff *skb)
 	void *data = (void *)(long)skb->data;
 	void *data_end = (void *)(long)skb->data_end;
 	struct zm_config *cfg;
+	struct zm_bridge_port *port;
 	struct ethhdr *eth = data;
 	struct iphdr *ip;
 	struct tcphdr *tcp;
@@ -888,14 +936,20 @@ int zm_tc_ingress(struct __sk_buff *skb)
 	flags = ((__u8 *)tcp)[13];
 	syn = (flags & TCP_FLAG_SYN) && !(flags & TCP_FLAG_ACK);
 
+	port = bridge_port(skb);
 	if (!syn) {
-		if (assign_existing(skb, saddr, daddr, sport, dport) == 0)
+		if (assign_existing(skb, saddr, daddr, sport, dport, !port) == 0) {
+			if (port)
+				return to_bridge(skb, port);
 			skb->mark = cfg->mark;
+		}
 		// no proxy socket: a flow the proxy does not own; let the pod answer it
 		return TC_ACT_OK;
 	}
 
 	if (dport == cfg->inbound_hbone_port) {
+		if (port)
+			return to_bridge(skb, port);
 		if (assign_listener(skb, cfg, saddr, daddr, sport, cfg->inbound_hbone_port)) {
 			report_drop(REASON_PROXY_UNAVAILABLE, saddr, daddr, sport, dport);
 			return TC_ACT_SHOT;
@@ -917,6 +971,8 @@ int zm_tc_ingress(struct __sk_buff *skb)
 		}
 	}
 
+	if (port)
+		return to_bridge(skb, port);
 	if (assign_listener(skb, cfg, saddr, daddr, sport, cfg->inbound_plain_port)) {
 		report_drop(REASON_PROXY_UNAVAILABLE, saddr, daddr, sport, dport);
 		return TC_ACT_SHOT;

@@ -61,6 +61,14 @@ pub(crate) struct Ip {
 }
 
 #[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct BridgePort {
+    pub bridge_ifindex: u32,
+    pub bridge_mac: [u8; 6],
+    pub pad: u16,
+}
+
+#[repr(C)]
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct DropEvent {
     pub ts_ns: u64,
@@ -77,6 +85,8 @@ unsafe impl aya::Pod for Config {}
 unsafe impl aya::Pod for Addr {}
 // SAFETY: as above.
 unsafe impl aya::Pod for Ip {}
+// SAFETY: as above.
+unsafe impl aya::Pod for BridgePort {}
 
 /// Fails the build unless `$rust` has the C struct's size and each field its C offset.
 macro_rules! same_layout {
@@ -111,6 +121,11 @@ same_layout!(Addr, c::zm_addr__SIZE, {
     pad: c::zm_addr__pad,
 });
 same_layout!(Ip, c::zm_ip__SIZE, { addr: c::zm_ip__addr });
+same_layout!(BridgePort, c::zm_bridge_port__SIZE, {
+    bridge_ifindex: c::zm_bridge_port__bridge_ifindex,
+    bridge_mac: c::zm_bridge_port__bridge_mac,
+    pad: c::zm_bridge_port__pad,
+});
 same_layout!(DropEvent, c::zm_drop_event__SIZE, {
     ts_ns: c::zm_drop_event__ts_ns,
     src: c::zm_drop_event__src,

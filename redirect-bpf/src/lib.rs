@@ -349,6 +349,7 @@ pub struct Redirector {
     orig_by_peer: HashMap<MapData, abi::Addr, abi::Addr>,
     enrolled_ips: HashMap<MapData, abi::Ip, u32>,
     mesh_sources: HashMap<MapData, abi::Ip, u8>,
+    bridge_ports: HashMap<MapData, u32, abi::BridgePort>,
     drops: PerCpuArray<MapData, u64>,
 }
 
@@ -747,7 +748,44 @@ impl Redirector {
             }
         }
         drop(ebpf);
-        Self::open_pinned(&config.pin_dir)
+        let mut redirector = Self::open_pinned(&config.pin_dir)?;
+        redirector.sync_bridge_ports(&config.ingress_interfaces)?;
+        Ok(redirector)
+    }
+
+    /// Records which of the steered `interfaces` are ports of a steered bridge (the
+    /// programs hand steered frames from them to the bridge) and forgets the rest. Call
+    /// it whenever ports come and go: a bridge's MAC can change as ports join.
+    pub fn sync_bridge_ports(&mut self, interfaces: &[String]) -> Result<()> {
+        let wanted: std::collections::HashMap<u32, abi::BridgePort> =
+            sys::bridge_ports(interfaces)?
+                .into_iter()
+                .map(|p| {
+                    let value = abi::BridgePort {
+                        bridge_ifindex: p.bridge_ifindex,
+                        bridge_mac: p.bridge_mac,
+                        pad: 0,
+                    };
+                    (p.port_ifindex, value)
+                })
+                .collect();
+        let stale: Vec<u32> = self
+            .bridge_ports
+            .keys()
+            .filter_map(|k| k.ok())
+            .filter(|k| !wanted.contains_key(k))
+            .collect();
+        for ifindex in stale {
+            remove(&mut self.bridge_ports, &ifindex, "zm_bridge_ports")?;
+        }
+        for (ifindex, port) in wanted {
+            if self.bridge_ports.get(&ifindex, 0).ok() != Some(port) {
+                self.bridge_ports
+                    .insert(ifindex, port, 0)
+                    .map_err(map_err("zm_bridge_ports"))?;
+            }
+        }
+        Ok(())
     }
 
     /// Opens an installation made by [`Redirector::load`] (possibly by another process)
@@ -776,6 +814,7 @@ impl Redirector {
             orig_by_peer: typed!("zm_orig_by_peer"),
             enrolled_ips: typed!("zm_enrolled_ips"),
             mesh_sources: typed!("zm_mesh_sources"),
+            bridge_ports: typed!("zm_bridge_ports"),
             drops: typed!("zm_drops"),
         })
     }

@@ -329,6 +329,81 @@ fn ip_out(args: &[&str]) -> Result<String, RedirectError> {
     })
 }
 
+/// A bridge port among the steered interfaces whose bridge is steered too.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct BridgePort {
+    pub port_ifindex: u32,
+    pub bridge_ifindex: u32,
+    pub bridge_mac: [u8; 6],
+}
+
+/// The bridge ports among `interfaces` (in the calling thread's netns, hence `ip` rather
+/// than /sys/class/net, which shows the netns sysfs was mounted in).
+pub(crate) fn bridge_ports(interfaces: &[String]) -> Result<Vec<BridgePort>, RedirectError> {
+    Ok(parse_bridge_ports(
+        &ip_out(&["-o", "link", "show"])?,
+        interfaces,
+    ))
+}
+
+/// Parses `ip -o link show`: lines like
+/// `7: veth1@if2: <...> mtu 1500 qdisc noqueue master cni0 state UP ...\    link/ether 0a:...`.
+fn parse_bridge_ports(text: &str, interfaces: &[String]) -> Vec<BridgePort> {
+    struct Link<'a> {
+        index: u32,
+        name: &'a str,
+        master: Option<&'a str>,
+        mac: Option<[u8; 6]>,
+    }
+    let links: Vec<Link> = text
+        .lines()
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let index = fields.next()?.strip_suffix(':')?.parse().ok()?;
+            let name = fields.next()?.strip_suffix(':')?;
+            let name = name.split('@').next().unwrap_or(name);
+            let (mut master, mut mac) = (None, None);
+            while let Some(field) = fields.next() {
+                match field {
+                    "master" => master = fields.next(),
+                    "link/ether" => mac = fields.next().and_then(parse_mac),
+                    _ => {}
+                }
+            }
+            Some(Link {
+                index,
+                name,
+                master,
+                mac,
+            })
+        })
+        .collect();
+    let steered = |name: &str| interfaces.iter().any(|i| i == name);
+    links
+        .iter()
+        .filter(|port| steered(port.name))
+        .filter_map(|port| {
+            let bridge = links
+                .iter()
+                .find(|l| Some(l.name) == port.master && steered(l.name))?;
+            Some(BridgePort {
+                port_ifindex: port.index,
+                bridge_ifindex: bridge.index,
+                bridge_mac: bridge.mac?,
+            })
+        })
+        .collect()
+}
+
+fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        *byte = u8::from_str_radix(parts.next()?, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
 /// The address family of a policy rule and route.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Family {
@@ -442,4 +517,61 @@ fn is_absent(stderr: &str) -> bool {
         || stderr.contains("No such process")
         || stderr.contains("not found")
         || stderr.contains("does not exist")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LINKS: &str = "\
+1: lo: <LOOPBACK,UP,LOWER_UP> mtu 65536 qdisc noqueue state UNKNOWN mode DEFAULT group default qlen 1000\\    link/loopback 00:00:00:00:00:00 brd 00:00:00:00:00:00
+4: eth0: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1400 qdisc pfifo_fast state UP mode DEFAULT group default qlen 1000\\    link/ether 02:fc:00:00:00:01 brd ff:ff:ff:ff:ff:ff
+7: cni0: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noqueue state UP mode DEFAULT group default qlen 1000\\    link/ether 0a:58:0a:f4:00:01 brd ff:ff:ff:ff:ff:ff
+9: veth1a@if2: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noqueue master cni0 state UP mode DEFAULT group default qlen 1000\\    link/ether e6:fa:ff:99:b1:ca brd ff:ff:ff:ff:ff:ff link-netns cni-1
+10: veth2b@if2: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noqueue master cni0 state UP mode DEFAULT group default qlen 1000\\    link/ether e6:fa:ff:99:b1:cb brd ff:ff:ff:ff:ff:ff link-netns cni-2
+11: veth3c@if2: <BROADCAST,MULTICAST,UP,LOWER_UP> mtu 1500 qdisc noqueue master other0 state UP mode DEFAULT group default qlen 1000\\    link/ether e6:fa:ff:99:b1:cc brd ff:ff:ff:ff:ff:ff
+";
+
+    fn names(list: &[&str]) -> Vec<String> {
+        list.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn bridge_ports_are_the_steered_ports_of_steered_bridges() {
+        let ports = parse_bridge_ports(
+            LINKS,
+            &names(&["eth0", "cni0", "veth1a", "veth2b", "veth3c", "lo"]),
+        );
+        let bridge_mac = [0x0a, 0x58, 0x0a, 0xf4, 0x00, 0x01];
+        assert_eq!(
+            ports,
+            [
+                BridgePort {
+                    port_ifindex: 9,
+                    bridge_ifindex: 7,
+                    bridge_mac
+                },
+                BridgePort {
+                    port_ifindex: 10,
+                    bridge_ifindex: 7,
+                    bridge_mac
+                },
+            ]
+        );
+        // A port whose bridge is not steered would hand frames to nobody: left alone.
+        assert_eq!(parse_bridge_ports(LINKS, &names(&["veth1a", "veth2b"])), []);
+        assert_eq!(parse_bridge_ports(LINKS, &names(&["cni0"])), []);
+    }
+
+    #[test]
+    fn malformed_lines_and_addresses_are_skipped() {
+        let text = "garbage\n7: cni0: <UP> link/ether 0a:58:zz:f4:00:01\n9: v@if2: <UP> master cni0 link/ether 01:02:03:04:05:06\n";
+        assert_eq!(parse_bridge_ports(text, &names(&["cni0", "v"])), []);
+        assert_eq!(parse_mac("01:02:03:04:05:06:07"), None);
+        assert_eq!(parse_mac("01:02:03"), None);
+        assert_eq!(
+            parse_mac("0a:58:0a:f4:00:01"),
+            Some([10, 88, 10, 244, 0, 1])
+        );
+    }
 }

@@ -41,6 +41,7 @@ in_both_modes!(
     strict_mode_refuses_ipv6_plaintext_when_ipv6_is_not_steered,
     steering_never_stops_while_the_programs_are_reloaded,
     ipv6_is_steered_like_ipv4_when_enabled,
+    plaintext_between_pods_on_one_bridge_is_steered_too,
 );
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -793,4 +794,127 @@ fn steering_never_stops_while_the_programs_are_reloaded(tc_attach: TcAttach) {
         );
     });
     assert!(!has_pending(&pod_app), "nothing reached the pod directly");
+}
+
+/// IPv4 as the dual-stack listener's v4-mapped IPv6 addresses show it, as IPv4.
+fn unmapped(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V6(ip) => match ip.to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(IpAddr::V4(v4), addr.port()),
+            None => addr,
+        },
+        IpAddr::V4(_) => addr,
+    }
+}
+
+/// A pod on `bridge` (in `node`, 10.78.0.1/24) at `ip`; returns the host-side veth.
+fn bridged_pod(node: &Netns, bridge: &str, pod: &Netns, ip: &str, ip6: &str) -> String {
+    let (host, peer) = (unique("h"), unique("q"));
+    sh(&[
+        "ip", "link", "add", &host, "netns", &node.name, "type", "veth", "peer", "name", &peer,
+        "netns", &pod.name,
+    ]);
+    node.exec(&["ip", "link", "set", &host, "master", bridge]);
+    node.exec(&["ip", "link", "set", &host, "up"]);
+    pod.exec(&["ip", "addr", "add", &format!("{ip}/24"), "dev", &peer]);
+    addr6(pod, &peer, &format!("{ip6}/64"));
+    pod.exec(&["ip", "link", "set", &peer, "up"]);
+    pod.exec(&["ip", "route", "add", "default", "via", "10.78.0.1"]);
+    host
+}
+
+/// Pods on one bridge (a CNI bridge such as flannel's cni0) reach each other by switching,
+/// never through the node's IP stack: plaintext from a pod outside the mesh to an enrolled
+/// pod next to it must still reach the proxy (permissive) or be refused (strict).
+fn plaintext_between_pods_on_one_bridge_is_steered_too(tc_attach: TcAttach) {
+    let _s = serial();
+    let node = Netns::new("n");
+    let enrolled = Netns::new("e");
+    let plain = Netns::new("u");
+    let bridge = unique("br");
+    node.exec(&["ip", "link", "add", &bridge, "type", "bridge"]);
+    node.exec(&["ip", "addr", "add", "10.78.0.1/24", "dev", &bridge]);
+    addr6(&node, &bridge, "fd78::1/64");
+    node.exec(&["ip", "link", "set", &bridge, "up"]);
+    let enrolled_if = bridged_pod(&node, &bridge, &enrolled, "10.78.0.2", "fd78::2");
+    let plain_if = bridged_pod(&node, &bridge, &plain, "10.78.0.3", "fd78::3");
+    plain.exec(&["ip", "-6", "route", "add", "default", "via", "fd78::1"]);
+    let cg = Cgroup::new();
+    let pin_dir = Installed::pin_dir("b");
+    let _inst = Installed {
+        pin_dir: pin_dir.clone(),
+        netns: node.name.clone(),
+    };
+    let mut proxy = ProxyListeners::new("10.78.0.1:15001".parse().unwrap());
+    proxy.route_table = 1338;
+    proxy.mark = 0x5390;
+    proxy.outbound_v6 = Some("fd78::1".parse().unwrap());
+    let config = RedirectConfig {
+        pin_dir,
+        cgroup: cg.path.clone(),
+        ingress_interfaces: vec![bridge.clone(), enrolled_if, plain_if],
+        proxy: proxy.clone(),
+        tc_attach,
+    };
+    let cfg = config.clone();
+    let mut red = node.run(move || Redirector::load(&cfg)).expect("load");
+    let plain_listener = node.run(|| transparent_listener_dual(15006));
+    let pod_app = enrolled.run(|| TcpListener::bind("[::]:80").unwrap());
+
+    // Not enrolled: switched straight to the pod.
+    let _c = connect(&plain, "10.78.0.2:80", false, WAIT).expect("direct connect");
+    assert!(accept_within(&pod_app, WAIT).is_some());
+    assert!(!has_pending(&plain_listener));
+
+    red.enroll_pod_ip("10.78.0.2".parse().unwrap(), Mode::Permissive)
+        .unwrap();
+    red.enroll_pod_ip("fd78::2".parse().unwrap(), Mode::Permissive)
+        .unwrap();
+    for (dst, src) in [("10.78.0.2:80", "10.78.0.3"), ("[fd78::2]:80", "fd78::3")] {
+        let mut c = connect(&plain, dst, false, WAIT).expect("connect");
+        let (mut a, peer) = accept_within(&plain_listener, WAIT)
+            .unwrap_or_else(|| panic!("15006 got the bridged connection to {dst}"));
+        assert_eq!(
+            unmapped(a.local_addr().unwrap()),
+            dst.parse().unwrap(),
+            "original dst"
+        );
+        assert_eq!(unmapped(peer).ip(), src.parse::<IpAddr>().unwrap());
+        // Established packets follow the handshake's path (a 64 KiB echo both ways).
+        let data = vec![7u8; 64 * 1024];
+        let writer = {
+            let mut c = c.try_clone().unwrap();
+            let data = data.clone();
+            std::thread::spawn(move || c.write_all(&data).unwrap())
+        };
+        let mut got = vec![0u8; data.len()];
+        a.read_exact(&mut got).unwrap();
+        writer.join().unwrap();
+        a.write_all(&got).unwrap();
+        let mut back = vec![0u8; data.len()];
+        c.read_exact(&mut back).unwrap();
+        assert_eq!(back, data);
+        assert!(!has_pending(&pod_app), "the pod was reached directly");
+    }
+
+    // Strict: refused at the plain pod's port, with a RST.
+    red.enroll_pod_ip("10.78.0.2".parse().unwrap(), Mode::Strict)
+        .unwrap();
+    let err = connect(&plain, "10.78.0.2:80", false, WAIT).expect_err("refused");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+    assert_eq!(red.drop_counts().unwrap().strict_plaintext, 1);
+    assert!(!has_pending(&plain_listener));
+    assert!(!has_pending(&pod_app));
+
+    // Interfaces leaving the bridge are forgotten (the bridge alone has no ports).
+    red.sync_bridge_ports(std::slice::from_ref(&bridge))
+        .expect("sync");
+    red.enroll_pod_ip("10.78.0.2".parse().unwrap(), Mode::Permissive)
+        .unwrap();
+    let _c = connect(&plain, "10.78.0.2:80", false, WAIT).expect("connect");
+    assert!(
+        accept_within(&pod_app, WAIT).is_some(),
+        "without its bridge recorded, a port switches frames as before"
+    );
+    drop(config);
 }

@@ -111,8 +111,9 @@ pub struct AgentArgs {
     #[arg(long, value_name = "DIR", default_value = "/sys/fs/bpf/zmesh")]
     bpf_pin_dir: PathBuf,
     /// Interfaces whose ingress traffic to enrolled pods is steered to the proxy
-    /// (the node's uplink and the pods' host-side veths). Repeatable. Default: every
-    /// non-loopback interface of the node, followed as pods come and go.
+    /// (the node's uplink and the pods' host-side veths). Repeatable; a value ending in
+    /// `*` selects by prefix (`veth*`), followed as pods come and go. Default: every
+    /// non-loopback interface of the node, followed likewise.
     #[arg(long = "ingress-interface", value_name = "IFACE")]
     ingress_interfaces: Vec<String>,
     /// The node's /proc, where pods' network namespaces are found by their cgroups:

@@ -6,7 +6,6 @@ pub mod certs;
 pub mod check;
 pub mod compat;
 pub mod config;
-#[cfg(feature = "demo")]
 pub mod connectivity;
 #[cfg(feature = "demo")]
 pub mod demo;

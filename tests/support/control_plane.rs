@@ -1,5 +1,5 @@
 //! A real Kubernetes control plane on 127.0.0.1 for tests: etcd, one or more
-//! kube-apiservers and, if asked, kube-controller-manager, from the binaries
+//! kube-apiservers and, if asked, kube-controller-manager and kube-scheduler, from the binaries
 //! `scripts/control-plane.sh` builds once per machine (Debian bookworm's Kubernetes 1.20.2
 //! and etcd 3.4) into `/var/cache/zmesh/kubernetes-<version>/bin`.
 //!
@@ -38,14 +38,16 @@ use rcgen::{
 pub const KUBE_VERSION: &str = "1.20.2";
 /// Set to `1` to let tests skip (pass with a message) when the binaries are missing.
 pub const SKIP_ENV: &str = "ZMESH_SKIP_KUBE_TESTS";
-/// Overrides where the binaries are (a directory holding all four).
+/// Overrides where the binaries are (a directory holding all six).
 pub const BIN_ENV: &str = "ZMESH_KUBE_BIN";
 /// The issuer and the API audience of the test control plane's ServiceAccount tokens.
 pub const ISSUER: &str = "https://kubernetes.default.svc.cluster.local";
-const BINARIES: [&str; 4] = [
+const BINARIES: [&str; 6] = [
     "etcd",
     "kube-apiserver",
     "kube-controller-manager",
+    "kube-scheduler",
+    "kubelet",
     "kubectl",
 ];
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
@@ -230,6 +232,11 @@ pub struct Options {
     /// Run kube-controller-manager too: ServiceAccounts of new namespaces, endpoints and
     /// EndpointSlices of Services, namespace deletion, garbage collection.
     pub controller_manager: bool,
+    /// Run kube-scheduler too (pods without a nodeName are bound to a node), and let the
+    /// controller manager run its node lifecycle controller: with real kubelets, nodes
+    /// register tainted `not-ready` and only that controller lifts the taint. (Without
+    /// kubelets it would evict the pods of hand-made Nodes, so it stays off then.)
+    pub scheduler: bool,
 }
 
 /// A control plane on 127.0.0.1; see the module docs.
@@ -240,6 +247,7 @@ pub struct ControlPlane {
     etcd_port: u16,
     apiservers: Vec<ApiServer>,
     controller_manager: Option<Process>,
+    scheduler: Option<Process>,
     ca_pem: String,
     admin_token: String,
     sa_key: KeyPair,
@@ -285,6 +293,7 @@ impl ControlPlane {
             etcd_port: 0,
             apiservers: Vec::new(),
             controller_manager: None,
+            scheduler: None,
             ca_pem,
             admin_token,
             sa_key,
@@ -300,9 +309,17 @@ impl ControlPlane {
             &plane.kubeconfig_yaml(0, &plane.admin_token.clone()),
         )?;
         if options.controller_manager {
-            plane.start_controller_manager().await?;
+            plane.start_controller_manager(options.scheduler).await?;
+        }
+        if options.scheduler {
+            plane.start_scheduler()?;
         }
         Ok(Some(plane))
+    }
+
+    /// Where the Kubernetes binaries are.
+    pub fn bin(&self) -> &Path {
+        &self.bin
     }
 
     /// The temporary directory (logs are there too).
@@ -429,6 +446,8 @@ impl ControlPlane {
             .arg(format!("--api-audiences={ISSUER}"))
             .arg("--service-cluster-ip-range=10.96.0.0/16")
             .arg("--endpoint-reconciler-type=none")
+            // As kubeadm sets it: node names need not resolve, their InternalIP does.
+            .arg("--kubelet-preferred-address-types=InternalIP,ExternalIP,Hostname")
             .arg("--profiling=false")
             .arg("--v=1");
         let log = d.join(format!("apiserver-{index}.{}.log", server.starts));
@@ -457,7 +476,7 @@ impl ControlPlane {
         Ok(())
     }
 
-    async fn start_controller_manager(&mut self) -> Result<(), HarnessError> {
+    async fn start_controller_manager(&mut self, node_lifecycle: bool) -> Result<(), HarnessError> {
         let d = self.dir.path();
         let mut command = Command::new(self.bin.join("kube-controller-manager"));
         command
@@ -470,7 +489,11 @@ impl ControlPlane {
                 d.join("sa.key").display()
             ))
             .arg(format!("--root-ca-file={}", d.join("ca.pem").display()))
-            .arg("--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle")
+            .arg(if node_lifecycle {
+                "--controllers=*,-nodeipam,-cloud-node-lifecycle"
+            } else {
+                "--controllers=*,-nodeipam,-nodelifecycle,-cloud-node-lifecycle"
+            })
             .arg("--leader-elect=false")
             .arg("--port=0")
             .arg("--secure-port=0")
@@ -498,6 +521,26 @@ impl ControlPlane {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         self.controller_manager = Some(process);
+        Ok(())
+    }
+
+    /// kube-scheduler binds pods as they come (it has no readiness of its own to wait for:
+    /// a pod it has not bound yet is simply pending).
+    fn start_scheduler(&mut self) -> Result<(), HarnessError> {
+        let d = self.dir.path();
+        let mut command = Command::new(self.bin.join("kube-scheduler"));
+        command
+            .arg(format!(
+                "--kubeconfig={}",
+                d.join("admin.kubeconfig").display()
+            ))
+            .arg("--leader-elect=false")
+            .arg("--port=0")
+            .arg("--secure-port=0")
+            .arg("--v=1");
+        let mut process = Process::spawn("kube-scheduler", &mut command, d.join("scheduler.log"))?;
+        process.check_running()?;
+        self.scheduler = Some(process);
         Ok(())
     }
 
@@ -591,6 +634,7 @@ impl Drop for ControlPlane {
             }
         }
         // Clients first, then the store.
+        self.scheduler = None;
         self.controller_manager = None;
         for server in &mut self.apiservers {
             server.process = None;

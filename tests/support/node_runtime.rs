@@ -397,6 +397,17 @@ impl NodeRuntime {
         &self.dir
     }
 
+    /// The run's unique id (in its directory's and bridge's names).
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Records a cgroup (a path in every hierarchy) to remove with the run, also after a
+    /// test killed before dropping the runtime.
+    pub fn record_cgroup(&self, path: &str) -> Result<(), NodeRuntimeError> {
+        record(&self.dir, &format!("cgroup {path}"))
+    }
+
     /// containerd's CRI socket (what kubelet's `--container-runtime-endpoint` names).
     pub fn socket(&self) -> PathBuf {
         self.dir.join("containerd.sock")

@@ -45,6 +45,7 @@ fn view(pods: Vec<PodInfo>, cookies: &[(&str, Option<u64>)]) -> EnrollmentView {
         )),
         pods: cookies.iter().map(|(k, c)| (k.to_string(), *c)).collect(),
         redirecting: true,
+        pass: 0,
     }
 }
 
@@ -109,6 +110,7 @@ struct Running {
     publish: watch::Sender<Arc<EnrollmentView>>,
     registry: NetnsRegistry,
     wake: Arc<Notify>,
+    passes: Arc<AtomicU64>,
     _task: tokio::task::JoinHandle<()>,
 }
 
@@ -118,11 +120,13 @@ impl Running {
         let (publish, view) = watch::channel(Arc::new(initial));
         let registry = NetnsRegistry::default();
         let wake = Arc::new(Notify::new());
+        let passes = Arc::new(AtomicU64::new(0));
         let server = CniServer {
             node: NODE.into(),
             registry: registry.clone(),
             view,
             wake: wake.clone(),
+            passes: passes.clone(),
         };
         let task = serve(&dir.path().join("cni.sock"), server).expect("serve");
         Self {
@@ -130,8 +134,24 @@ impl Running {
             publish,
             registry,
             wake,
+            passes,
             _task: task,
         }
+    }
+
+    /// Sends `line` from a task of its own: the answer may wait for the reconcile loop.
+    fn ask(&self, line: Vec<u8>) -> tokio::task::JoinHandle<Reply> {
+        let sock = self.dir.path().join("cni.sock");
+        tokio::spawn(async move {
+            let mut stream = UnixStream::connect(sock).await.expect("connect");
+            stream.write_all(&line).await.expect("write");
+            let mut answer = String::new();
+            BufReader::new(stream)
+                .read_line(&mut answer)
+                .await
+                .expect("read");
+            serde_json::from_str::<Reply>(&answer).expect("reply")
+        })
     }
 
     async fn send(&self, line: &[u8]) -> Reply {
@@ -164,20 +184,7 @@ async fn add_is_answered_once_the_pod_is_enrolled_and_registers_its_netns() {
     let web = pod("shop", "web", UID, NODE);
     let server = Running::start(view(vec![web.clone()], &[("shop/web", None)]));
     let woken = server.wake.clone();
-    let answer = tokio::spawn({
-        let line = add("shop", "web");
-        let sock = server.dir.path().join("cni.sock");
-        async move {
-            let mut stream = UnixStream::connect(sock).await.expect("connect");
-            stream.write_all(&line).await.expect("write");
-            let mut answer = String::new();
-            BufReader::new(stream)
-                .read_line(&mut answer)
-                .await
-                .expect("read");
-            serde_json::from_str::<Reply>(&answer).expect("reply")
-        }
-    });
+    let answer = server.ask(add("shop", "web"));
     // The server wakes the reconcile loop after registering the namespace...
     tokio::time::timeout(Duration::from_secs(10), woken.notified())
         .await
@@ -204,12 +211,59 @@ async fn add_is_answered_once_the_pod_is_enrolled_and_registers_its_netns() {
 }
 
 #[tokio::test]
+async fn add_outside_the_mesh_waits_for_a_pass_that_started_after_it() {
+    let web = pod("shop", "web", UID, NODE);
+    let server = Running::start(view(vec![web.clone()], &[("shop/web", Some(5))]));
+    // A pass is under way when the request comes: it may have listed the node's
+    // interfaces before the runtime made this pod's.
+    server.passes.store(3, Ordering::SeqCst);
+    let woken = server.wake.clone();
+    let mut answer = server.ask(add("plain", "x"));
+    tokio::time::timeout(Duration::from_secs(10), woken.notified())
+        .await
+        .expect("reconcile woken");
+    let publish = |pass| {
+        server
+            .publish
+            .send(Arc::new(EnrollmentView {
+                pass,
+                ..view(vec![web.clone()], &[("shop/web", Some(5))])
+            }))
+            .expect("publish");
+    };
+    publish(3);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), &mut answer)
+            .await
+            .is_err(),
+        "answered after a pass that began before the request"
+    );
+    server.passes.store(4, Ordering::SeqCst);
+    publish(4);
+    let reply = tokio::time::timeout(Duration::from_secs(10), answer)
+        .await
+        .expect("answered")
+        .expect("task");
+    assert_eq!(reply.outcome, Outcome::NotEnrolled, "{}", reply.message);
+    assert!(
+        reply.message.contains("plain is not enrolled"),
+        "{}",
+        reply.message
+    );
+
+    // Without redirection there is no interface to steer: answered at once.
+    let unredirected = Running::start(EnrollmentView {
+        redirecting: false,
+        ..view(vec![web], &[])
+    });
+    let reply = unredirected.send(&add("plain", "x")).await;
+    assert_eq!(reply.outcome, Outcome::NotEnrolled, "{}", reply.message);
+}
+
+#[tokio::test]
 async fn other_requests() {
     let web = pod("shop", "web", UID, NODE);
     let server = Running::start(view(vec![web], &[("shop/web", Some(5))]));
-    // Not enrolled: at once.
-    let reply = server.send(&add("plain", "x")).await;
-    assert_eq!(reply.outcome, Outcome::NotEnrolled, "{}", reply.message);
     // CHECK of an enrolled pod.
     let mut check: Request = serde_json::from_slice(&add("shop", "web")).expect("request");
     check.command = Command::Check;
@@ -264,10 +318,12 @@ async fn add_times_out_with_the_reason() {
         registry: NetnsRegistry::default(),
         view: view_rx,
         wake: Arc::new(Notify::new()),
+        passes: Arc::new(AtomicU64::new(0)),
     };
     let reply = wait_for_decision(
         &server,
         &request_pod("shop", "web", UID),
+        0,
         Duration::from_millis(200),
     )
     .await;

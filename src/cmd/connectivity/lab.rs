@@ -1,13 +1,8 @@
-//! `zmesh connectivity test`, like `cilium connectivity test`: deploys test pods into the
-//! local lab (network namespaces, the real CA and agents), runs a matrix of connections
-//! (same node, cross node, Service, plaintext in permissive and strict mode, policy allow
-//! and deny), checks each against what the agents saw (identities, encryption, verdict),
-//! prints the results and can write them as JUnit XML.
+//! `zmesh connectivity test --lab`: the test pods in a local lab (network namespaces, the
+//! real CA and agents); each connection is checked against the flows the agents recorded
+//! (identities, encryption, verdict).
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -15,31 +10,7 @@ use zmesh_agent::admin::AdminClient;
 use zmesh_lab::{Lab, LabOptions};
 use zmesh_proxy::flows::{FlowEvent, FlowVerdict};
 
-#[derive(clap::Args)]
-pub struct ConnectivityArgs {
-    #[command(subcommand)]
-    what: What,
-}
-
-#[derive(clap::Subcommand)]
-enum What {
-    /// Deploy test pods, run the matrix, report.
-    Test(TestArgs),
-}
-
-#[derive(clap::Args)]
-struct TestArgs {
-    /// Run in a local lab built for the test (network namespaces on this machine; root).
-    /// The only target today: see README "Connectivity test".
-    #[arg(long, required = true)]
-    lab: bool,
-    /// Only the tests whose name contains this. Repeatable.
-    #[arg(long, value_name = "TEXT")]
-    test: Vec<String>,
-    /// Also write the results as JUnit XML here.
-    #[arg(long, value_name = "FILE")]
-    junit: Option<PathBuf>,
-}
+use super::{Outcome, Recorder};
 
 /// The test pods: two echo servers (one per node) behind a Service, an allowed and a
 /// refused client in the enrolled namespace, and a client outside the mesh.
@@ -109,17 +80,9 @@ spec:
 const SERVICE_VIP: &str = "10.96.0.20:80";
 const SERVICE_TRIES: usize = 12;
 
-/// One test's outcome.
-#[derive(Debug)]
-pub struct Outcome {
-    pub name: &'static str,
-    pub passed: bool,
-    pub detail: String,
-    pub elapsed: Duration,
-}
-
-pub async fn run(args: ConnectivityArgs) -> anyhow::Result<ExitCode> {
-    let What::Test(args) = args.what;
+/// Builds the lab, runs the matrix (tests whose name contains one of `only`), tears the lab
+/// down.
+pub async fn run(only: &[String]) -> anyhow::Result<Vec<Outcome>> {
     if !nix::unistd::Uid::effective().is_root() {
         anyhow::bail!("the lab builds network namespaces and loads eBPF: run it as root");
     }
@@ -139,20 +102,9 @@ pub async fn run(args: ConnectivityArgs) -> anyhow::Result<ExitCode> {
         ca_args: vec![],
     })
     .await?;
-    let results = matrix(&mut lab, &args.test).await;
+    let results = matrix(&mut lab, only).await;
     drop(lab);
-    let results = results?;
-    print!("{}", report(&results));
-    if let Some(path) = &args.junit {
-        std::fs::write(path, junit(&results))
-            .with_context(|| format!("cannot write {}", path.display()))?;
-        println!("JUnit XML written to {}", path.display());
-    }
-    Ok(if results.iter().all(|r| r.passed) {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    results
 }
 
 fn secret(label: &str) -> Vec<u8> {
@@ -237,25 +189,9 @@ async fn matrix(lab: &mut Lab, only: &[String]) -> anyhow::Result<Vec<Outcome>> 
             .context("echo pod")?
             .serve_echo(8080)?,
     ];
-    let mut results = Vec::new();
+    let mut results = Recorder::default();
     let mut record = |name: &'static str, start: Instant, r: Result<(), String>| {
-        let passed = r.is_ok();
-        let detail = r.err().unwrap_or_default();
-        println!(
-            "  [{}] {name}{}",
-            if passed { "pass" } else { "FAIL" },
-            if passed {
-                String::new()
-            } else {
-                format!(": {detail}")
-            }
-        );
-        results.push(Outcome {
-            name,
-            passed,
-            detail,
-            elapsed: start.elapsed(),
-        });
+        results.record(name, start, r);
     };
     let client = "cx-mesh/sa/client";
 
@@ -419,111 +355,5 @@ async fn matrix(lab: &mut Lab, only: &[String]) -> anyhow::Result<Vec<Outcome>> 
             r,
         );
     }
-    Ok(results)
-}
-
-/// The results as a table and a summary line.
-pub fn report(results: &[Outcome]) -> String {
-    let mut out = String::from("\nRESULT  TIME     TEST\n");
-    for r in results {
-        let _ = writeln!(
-            out,
-            "{:<6}  {:>6}ms  {}{}",
-            if r.passed { "pass" } else { "FAIL" },
-            r.elapsed.as_millis(),
-            r.name,
-            if r.passed {
-                String::new()
-            } else {
-                format!("\n                 {}", r.detail)
-            }
-        );
-    }
-    let passed = results.iter().filter(|r| r.passed).count();
-    let _ = writeln!(out, "\n{passed} of {} tests passed", results.len());
-    out
-}
-
-fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
-}
-
-/// The results as JUnit XML (one testsuite, one testcase per test, a `<failure>` with the
-/// detail for each failed one), as CI systems read it.
-pub fn junit(results: &[Outcome]) -> String {
-    let failures = results.iter().filter(|r| !r.passed).count();
-    let total: f64 = results.iter().map(|r| r.elapsed.as_secs_f64()).sum();
-    let mut out = String::from("<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n");
-    let _ = writeln!(
-        out,
-        "<testsuites name=\"zmesh connectivity test\" tests=\"{}\" failures=\"{failures}\" time=\"{total:.3}\">",
-        results.len()
-    );
-    let _ = writeln!(
-        out,
-        "  <testsuite name=\"connectivity\" tests=\"{}\" failures=\"{failures}\" time=\"{total:.3}\">",
-        results.len()
-    );
-    for r in results {
-        let name = xml_escape(r.name);
-        let time = r.elapsed.as_secs_f64();
-        if r.passed {
-            let _ = writeln!(
-                out,
-                "    <testcase classname=\"connectivity\" name=\"{name}\" time=\"{time:.3}\"/>"
-            );
-        } else {
-            let _ = writeln!(
-                out,
-                "    <testcase classname=\"connectivity\" name=\"{name}\" time=\"{time:.3}\">\n      <failure message=\"{}\"/>\n    </testcase>",
-                xml_escape(&r.detail)
-            );
-        }
-    }
-    out.push_str("  </testsuite>\n</testsuites>\n");
-    out
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn junit_is_golden_and_escapes_details() {
-        let results = [
-            Outcome {
-                name: "pod-to-pod/same-node",
-                passed: true,
-                detail: String::new(),
-                elapsed: Duration::from_millis(120),
-            },
-            Outcome {
-                name: "policy/deny",
-                passed: false,
-                detail: "node2 saw: a -> b \"FORWARDED\" & <more>".into(),
-                elapsed: Duration::from_millis(2500),
-            },
-        ];
-        assert_eq!(
-            junit(&results),
-            "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n\
-             <testsuites name=\"zmesh connectivity test\" tests=\"2\" failures=\"1\" time=\"2.620\">\n\
-             \x20 <testsuite name=\"connectivity\" tests=\"2\" failures=\"1\" time=\"2.620\">\n\
-             \x20   <testcase classname=\"connectivity\" name=\"pod-to-pod/same-node\" time=\"0.120\"/>\n\
-             \x20   <testcase classname=\"connectivity\" name=\"policy/deny\" time=\"2.500\">\n\
-             \x20     <failure message=\"node2 saw: a -&gt; b &quot;FORWARDED&quot; &amp; &lt;more&gt;\"/>\n\
-             \x20   </testcase>\n\
-             \x20 </testsuite>\n\
-             </testsuites>\n"
-        );
-        let text = report(&results);
-        assert!(
-            text.contains("pass       120ms  pod-to-pod/same-node"),
-            "{text}"
-        );
-        assert!(text.contains("1 of 2 tests passed"), "{text}");
-    }
+    Ok(results.into_outcomes())
 }
