@@ -199,6 +199,7 @@ impl Node {
             interfaces,
             cni_socket,
             install_cni: None,
+            strict: false,
         }
     }
 }
@@ -559,18 +560,20 @@ fn connectivity_test_passes_on_a_cluster_with_a_real_kubelet() {
         cgroup2_root().join(format!("{}/kubepods", cgroup_root.trim_start_matches('/')));
     std::fs::create_dir_all(&pods_cgroup).expect("the pods' cgroup");
     let socket = work.path().join("cni.sock");
-    let mut agent = Agent::start(AgentSetup {
-        cgroup: pods_cgroup,
+    let agent_setup = |strict| AgentSetup {
+        cgroup: pods_cgroup.clone(),
         install_cni: Some((
             runtime.cni_bin_dir(),
             runtime.cni_conf_dir(),
             plugin.clone(),
         )),
+        strict,
         // The bridge and the pods' host-side veths as the CNI bridge plugin names them,
         // followed as they come: plaintext between pods on the bridge is switched past
         // the node's stack, and only their ports see it.
         ..node.agent_setup(vec![runtime.bridge(), "veth*".into()], Some(&socket))
-    });
+    };
+    let mut agent = Agent::start(agent_setup(false));
     agent.wait_certificates(&[]);
     let kubelet_started = Instant::now();
     let kubelet = rt
@@ -658,6 +661,26 @@ fn connectivity_test_passes_on_a_cluster_with_a_real_kubelet() {
     };
     assert!(test_namespace().is_some_and(|ns| ns.metadata.deletion_timestamp.is_none()));
 
+    // Strict mode: the agent restarted with --mode strict; once its Lease says so, the
+    // command runs the strict test (plaintext from the plain pod, on the same bridge,
+    // refused and counted as a strict drop; mTLS still echoes).
+    drop(agent);
+    let mut agent = Agent::start(agent_setup(true));
+    agent.wait_certificates(&[]);
+    wait_for_reported_mode(rt, client, "strict");
+    let (code, stdout, stderr) = connectivity(&["--test", "strict", "--keep"]);
+    println!("in strict mode:\n{stdout}{stderr}");
+    assert_eq!(
+        code,
+        Some(0),
+        "{stdout}{stderr}\nagent:\n{}",
+        tail(&agent.log(), 40)
+    );
+    assert!(
+        stdout.contains("[pass] strict") && stdout.contains("1 of 1 tests passed"),
+        "{stdout}"
+    );
+
     // Without the agent: its Lease goes stale only after 30 s, so the command still
     // finds it, replaces the kept namespaces, deploys, and the enrolled echo pods never
     // start (the CNI plugin fails closed for an enrolled namespace).
@@ -674,6 +697,32 @@ fn connectivity_test_passes_on_a_cluster_with_a_real_kubelet() {
     assert!(test_namespace().is_none_or(|ns| ns.metadata.deletion_timestamp.is_some()));
     drop(kubelet);
     println!("total {:?}", started.elapsed());
+}
+
+/// Waits until the agent of [`NODE`] reports `mode` and ready in its Lease (what `zmesh
+/// connectivity test` reads).
+fn wait_for_reported_mode(rt: &tokio::runtime::Runtime, client: &kube::Client, mode: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let agents = rt
+            .block_on(zmesh_cluster::agent_status::list(
+                client.clone(),
+                "zmesh-system",
+            ))
+            .expect("the agents' Leases");
+        let reported = agents
+            .iter()
+            .find(|a| a.node == NODE)
+            .and_then(|a| a.status.as_ref());
+        if reported.is_some_and(|s| s.ready && s.mode == mode) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the agent did not report mode {mode} within 60 s: {reported:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// Istio's AuthorizationPolicy CRD (what the agent and `zmesh connectivity test` use),
@@ -1111,6 +1160,8 @@ struct AgentSetup<'a> {
     cni_socket: Option<&'a Path>,
     /// (bin dir, conf dir, plugin binary) for the agent to install zmesh-cni into.
     install_cni: Option<(PathBuf, PathBuf, PathBuf)>,
+    /// `--mode strict` (default permissive).
+    strict: bool,
 }
 
 /// The real `zmesh agent` of [`NODE`] in the host network namespace. Dropping it stops it
@@ -1161,6 +1212,9 @@ impl Agent {
                 .arg("--cni-plugin-binary")
                 .arg(plugin)
                 .args(["--cni-failure-policy", "closed"]);
+        }
+        if setup.strict {
+            command.args(["--mode", "strict"]);
         }
         // Explicit interfaces: without them the agent would attach to every interface of
         // the host network namespace, the machine's uplink included.

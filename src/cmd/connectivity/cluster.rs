@@ -51,6 +51,8 @@ const SERVICE_TRIES: usize = 12;
 /// How long the intruder keeps trying while the DENY policy reaches the agents.
 const POLICY_PROPAGATION_TRIES: usize = 30;
 const METRICS_PORT: u16 = 15020;
+/// Plaintext the agents' eBPF programs dropped, by reason (`plaintext_strict`).
+const STRICT_DROPS: &str = "zmesh_flow_drops_total";
 
 pub async fn run(args: &ClusterArgs, only: &[String]) -> anyhow::Result<Vec<super::Outcome>> {
     let client = Client::try_default()
@@ -386,6 +388,18 @@ impl Test {
             .with_context(|| format!("cannot read the agent's metrics on node {node}"))
     }
 
+    /// How many plaintext connections `node`'s eBPF program refused in strict mode.
+    async fn strict_drops(&self, node: &str) -> anyhow::Result<f64> {
+        let text = self.metrics(node).await?;
+        Ok(series(&text, STRICT_DROPS)
+            .iter()
+            .filter(|(labels, _)| {
+                labels.get("reason").map(String::as_str) == Some("plaintext_strict")
+            })
+            .map(|(_, value)| value)
+            .sum())
+    }
+
     /// Checks that `node`'s agent counted a connection of `metric` matching every label in
     /// `want` (a value starting with `*` matches as a suffix); else says what it counted
     /// for the client pod.
@@ -626,6 +640,7 @@ impl Test {
         }
         if self.strict_a {
             step!("strict (plaintext refused, mTLS still works)", async {
+                let drops_before = self.strict_drops(a).await?;
                 let run = self
                     .exchange(plain, "plain", a, "strict-plain", &d.echo_a, 1)
                     .await?;
@@ -633,6 +648,14 @@ impl Test {
                     return Ok(Err(format!(
                         "plaintext reached an enrolled pod in strict mode ({})",
                         run.pod
+                    )));
+                }
+                let drops = self.strict_drops(a).await?;
+                if drops <= drops_before {
+                    return Ok(Err(format!(
+                        "{} failed ({}) but the agent on {a} reported no plaintext dropped by \
+                         strict mode ({STRICT_DROPS} stayed at {drops_before})",
+                        run.pod, run.message
                     )));
                 }
                 let run = self
