@@ -106,17 +106,19 @@ impl Steering {
 
     /// Attaches tc ingress to interfaces that appeared (new pods' veths) and lets go of
     /// those that left, by reloading over the pins: maps and enrollment are kept. The
-    /// bridge ports are recorded again every time (a bridge's MAC moves as ports join).
+    /// bridge ports are recorded again every time, also with a fixed list of interfaces
+    /// (a bridge's MAC moves as ports join and leave).
     pub fn follow_interfaces(&mut self) {
-        if !self.follow {
-            return;
-        }
-        let interfaces = match node_interfaces(&self.patterns) {
-            Ok(list) => list,
-            Err(e) => {
-                tracing::warn!("cannot list the node's interfaces: {e}");
-                return;
+        let interfaces = if self.follow {
+            match node_interfaces(&self.patterns) {
+                Ok(list) => list,
+                Err(e) => {
+                    tracing::warn!("cannot list the node's interfaces: {e}");
+                    return;
+                }
             }
+        } else {
+            self.config.ingress_interfaces.clone()
         };
         if interfaces == self.config.ingress_interfaces {
             let mut redirector = self.redirector.lock().unwrap_or_else(|p| p.into_inner());

@@ -499,7 +499,7 @@ struct rst_l3 {
 // against a constant bound in every iteration.
 static __always_inline int reject_with_rst(struct __sk_buff *skb, struct ethhdr *eth,
 					   __u32 ihl_len, __u32 saddr, __u32 daddr,
-					   __u16 sport, __u16 dport, __u32 seq)
+					   __u16 sport, __u16 dport, __u32 seq, __u64 back)
 {
 	const __u32 nop4 = 0x01010101;
 	struct rst_l3 l3 = {};
@@ -552,7 +552,7 @@ static __always_inline int reject_with_rst(struct __sk_buff *skb, struct ethhdr 
 	if (bpf_skb_store_bytes(skb, sizeof(l3) + opt_words * 4, &tcp, sizeof(tcp), 0))
 		return TC_ACT_SHOT;
 	skb->mark = 0;
-	return bpf_redirect(skb->ifindex, 0);
+	return bpf_redirect(skb->ifindex, back);
 }
 
 struct rst6_l3 {
@@ -565,7 +565,7 @@ struct rst6_l3 {
 // src/dst: the SYN's addresses, copied to the stack by the caller.
 static __always_inline int reject_with_rst6(struct __sk_buff *skb, struct ethhdr *eth,
 					    const struct zm_ip *src, const struct zm_ip *dst,
-					    __u16 sport, __u16 dport, __u32 seq)
+					    __u16 sport, __u16 dport, __u32 seq, __u64 back)
 {
 	struct rst6_l3 l3 = {};
 	struct tcphdr tcp = {};
@@ -605,7 +605,7 @@ static __always_inline int reject_with_rst6(struct __sk_buff *skb, struct ethhdr
 	if (bpf_skb_store_bytes(skb, sizeof(l3), &tcp, sizeof(tcp), 0))
 		return TC_ACT_SHOT;
 	skb->mark = 0;
-	return bpf_redirect(skb->ifindex, 0);
+	return bpf_redirect(skb->ifindex, back);
 }
 
 // The bridge whose port this frame came in on, if the loader recorded one.
@@ -805,7 +805,7 @@ static __always_inline int ingress_ipv6(struct __sk_buff *skb, struct ethhdr *et
 	if (strict && (!steer || !bpf_map_lookup_elem(&zm_mesh_sources, &src))) {
 		report_drop_ip(REASON_STRICT_PLAINTEXT, &src, &dst, sport, dport);
 		if ((cfg->flags & CFG_REJECT_RST) && off == sizeof(*ip6))
-			return reject_with_rst6(skb, eth, &src, &dst, sport, dport, seq);
+			return reject_with_rst6(skb, eth, &src, &dst, sport, dport, seq, 0);
 		return TC_ACT_SHOT;
 	}
 
@@ -966,7 +966,7 @@ int zm_tc_ingress(struct __sk_buff *skb)
 			report_drop(REASON_STRICT_PLAINTEXT, saddr, daddr, sport, dport);
 			if (cfg->flags & CFG_REJECT_RST)
 				return reject_with_rst(skb, eth, ihl_len, saddr, daddr, sport,
-						       dport, seq);
+						       dport, seq, 0);
 			return TC_ACT_SHOT;
 		}
 	}
@@ -979,4 +979,89 @@ int zm_tc_ingress(struct __sk_buff *skb)
 	}
 	skb->mark = cfg->mark;
 	return TC_ACT_OK;
+}
+
+// tc egress on the same interfaces: the last hop into a local pod. In strict mode a SYN
+// to an enrolled pod that the node forwards rather than sends from one of its own sockets
+// (the proxy, kubelet's probes) went around tc ingress: plaintext to a Service VIP that
+// kube-proxy translated after ingress, from a pod on this node or through a NodePort. It
+// is refused as at ingress; the RST is handed to the node as if the pod had sent it, so
+// conntrack translates it back for the client. Permissive mode lets it pass.
+SEC("classifier")
+int zm_tc_egress(struct __sk_buff *skb)
+{
+	void *data = (void *)(long)skb->data;
+	void *data_end = (void *)(long)skb->data_end;
+	struct ethhdr *eth = data;
+	struct zm_config *cfg;
+	struct zm_ip src = {}, dst = {};
+	struct tcphdr *tcp;
+	__u32 *pod_flags;
+	__u32 ihl_len = 0, seq;
+	__u16 sport, dport;
+	__u8 flags;
+	int ipv6 = 0;
+
+	if (skb->sk)
+		return TC_ACT_OK; // sent by a socket of the node
+	if ((void *)(eth + 1) > data_end)
+		return TC_ACT_OK;
+	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+		struct iphdr *ip = (void *)(eth + 1);
+
+		if ((void *)(ip + 1) > data_end || ip->protocol != IPPROTO_TCP)
+			return TC_ACT_OK;
+		if (ip->frag_off & bpf_htons(0x1fff))
+			return TC_ACT_OK; // a later fragment: no TCP header
+		ihl_len = ip->ihl * 4;
+		if (ihl_len < sizeof(*ip) || ihl_len > 60)
+			return TC_ACT_OK;
+		tcp = (void *)ip + ihl_len;
+		v4_mapped(src.addr, ip->saddr);
+		v4_mapped(dst.addr, ip->daddr);
+	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+		struct ipv6hdr *ip6 = (void *)(eth + 1);
+
+		if ((void *)(ip6 + 1) > data_end)
+			return TC_ACT_OK;
+		__builtin_memcpy(src.addr, &ip6->saddr, 16);
+		__builtin_memcpy(dst.addr, &ip6->daddr, 16);
+		if (ip6->nexthdr != IPPROTO_TCP) {
+			// extension headers could hide a SYN: strict mode refuses them as at ingress
+			if (!ip6_ext_hdr(ip6->nexthdr))
+				return TC_ACT_OK;
+			pod_flags = bpf_map_lookup_elem(&zm_enrolled_ips, &dst);
+			cfg = config();
+			if (!pod_flags || !cfg ||
+			    !((*pod_flags & POD_STRICT) || (cfg->flags & CFG_NODE_STRICT)))
+				return TC_ACT_OK;
+			report_drop_ip(REASON_STRICT_PLAINTEXT, &src, &dst, 0, 0);
+			return TC_ACT_SHOT;
+		}
+		tcp = (void *)(ip6 + 1);
+		ipv6 = 1;
+	} else {
+		return TC_ACT_OK;
+	}
+	if ((void *)(tcp + 1) > data_end)
+		return TC_ACT_OK;
+	flags = ((__u8 *)tcp)[13];
+	if (!(flags & TCP_FLAG_SYN) || (flags & TCP_FLAG_ACK))
+		return TC_ACT_OK;
+	pod_flags = bpf_map_lookup_elem(&zm_enrolled_ips, &dst);
+	if (!pod_flags)
+		return TC_ACT_OK;
+	cfg = config();
+	if (!cfg || !((*pod_flags & POD_STRICT) || (cfg->flags & CFG_NODE_STRICT)))
+		return TC_ACT_OK;
+	sport = tcp->source;
+	dport = tcp->dest;
+	seq = tcp->seq;
+	report_drop_ip(REASON_STRICT_PLAINTEXT, &src, &dst, sport, dport);
+	if (!(cfg->flags & CFG_REJECT_RST))
+		return TC_ACT_SHOT;
+	if (ipv6)
+		return reject_with_rst6(skb, eth, &src, &dst, sport, dport, seq, BPF_F_INGRESS);
+	return reject_with_rst(skb, eth, ihl_len, src.addr[3], dst.addr[3], sport, dport, seq,
+			       BPF_F_INGRESS);
 }

@@ -337,6 +337,31 @@ const CLSACT_PREFIX: &str = "tc_clsact_";
 /// Priority of zmesh's clsact filters: before any other filter of the interface.
 const CLSACT_PRIORITY: u16 = 1;
 
+/// One of the two tc hooks on each steered interface: its program and how its pins are
+/// named (prefixes that never extend one another).
+#[derive(Clone, Copy)]
+struct TcHook {
+    attach_type: TcAttachType,
+    program: &'static str,
+    tcx_prefix: &'static str,
+    clsact_prefix: &'static str,
+}
+
+/// Steering into the proxy, strict mode's refusals.
+const INGRESS: TcHook = TcHook {
+    attach_type: TcAttachType::Ingress,
+    program: "zm_tc_ingress",
+    tcx_prefix: TC_PREFIX,
+    clsact_prefix: CLSACT_PREFIX,
+};
+/// Strict mode's last check on the way into a pod (what went around ingress).
+const EGRESS: TcHook = TcHook {
+    attach_type: TcAttachType::Egress,
+    program: "zm_tc_egress",
+    tcx_prefix: "tx_tcx_",
+    clsact_prefix: "tx_clsact_",
+};
+
 /// Handle on installed redirection: the pinned maps. Dropping it changes nothing in the
 /// kernel; [`Redirector::uninstall`] removes everything.
 pub struct Redirector {
@@ -461,6 +486,7 @@ fn tc_err<'a>(
 /// pinned at `pin` first, so a failure halfway leaves nothing `uninstall` cannot find.
 fn attach_clsact(
     prog: &mut SchedClassifier,
+    hook: TcHook,
     ifname: &str,
     handle: TcHandle,
     pin: &Path,
@@ -479,14 +505,14 @@ fn attach_clsact(
         source: std::io::Error::other(e.to_string()),
     })?;
     let existing =
-        SchedClassifierLink::attached(ifname, TcAttachType::Ingress, CLSACT_PRIORITY, handle, None)
+        SchedClassifierLink::attached(ifname, hook.attach_type, CLSACT_PRIORITY, handle, None)
             .map_err(|e| tc_err(ifname, "find the interface")(TcError::IoError(e)))?;
     let id = match prog.attach_to_link(existing) {
         Ok(id) => id,
         Err(e) if os_error(&e) == Some(libc::ENOENT) => prog
             .attach_with_options(
                 ifname,
-                TcAttachType::Ingress,
+                hook.attach_type,
                 TcAttachOptions::Netlink(NlOptions {
                     priority: CLSACT_PRIORITY,
                     handle,
@@ -503,12 +529,12 @@ fn attach_clsact(
     Ok(())
 }
 
-/// Deletes zmesh's clsact filter from the ingress of `ifname`; a filter or interface that
-/// is already gone is not an error.
-fn remove_clsact(ifname: &str, handle: TcHandle) -> Result<()> {
+/// Deletes zmesh's clsact filter from `hook` of `ifname`; a filter or interface that is
+/// already gone is not an error.
+fn remove_clsact(hook: TcHook, ifname: &str, handle: TcHandle) -> Result<()> {
     let link = match SchedClassifierLink::attached(
         ifname,
-        TcAttachType::Ingress,
+        hook.attach_type,
         CLSACT_PRIORITY,
         handle,
         None,
@@ -528,15 +554,25 @@ fn remove_clsact(ifname: &str, handle: TcHandle) -> Result<()> {
 
 /// Removes one interface's recorded tc attachment: a TCX link goes with its pin, a clsact
 /// filter is deleted, then its program's pin.
-fn detach_ingress(pin: &Path, attachment: &IngressAttachment, handle: TcHandle) -> Result<()> {
+fn detach_tc(
+    hook: TcHook,
+    pin: &Path,
+    attachment: &IngressAttachment,
+    handle: TcHandle,
+) -> Result<()> {
     if attachment.mode == TcAttach::Netlink {
-        remove_clsact(&attachment.interface, handle)?;
+        remove_clsact(hook, &attachment.interface, handle)?;
     }
     fs::remove_file(pin).map_err(io_err("unpin", pin))
 }
 
-/// The tc attachments recorded under `links`, with their pins.
+/// The ingress attachments recorded under `links`, with their pins.
 fn ingress_pins(links: &Path) -> Result<Vec<(PathBuf, IngressAttachment)>> {
+    tc_pins(links, INGRESS)
+}
+
+/// The attachments of `hook` recorded under `links`, with their pins.
+fn tc_pins(links: &Path, hook: TcHook) -> Result<Vec<(PathBuf, IngressAttachment)>> {
     let mut found = Vec::new();
     if !links.is_dir() {
         return Ok(found);
@@ -544,12 +580,12 @@ fn ingress_pins(links: &Path) -> Result<Vec<(PathBuf, IngressAttachment)>> {
     for entry in fs::read_dir(links).map_err(io_err("list", links))? {
         let entry = entry.map_err(io_err("list", links))?;
         let name = entry.file_name().to_string_lossy().into_owned();
-        let attachment = if let Some(ifname) = name.strip_prefix(TC_PREFIX) {
+        let attachment = if let Some(ifname) = name.strip_prefix(hook.tcx_prefix) {
             IngressAttachment {
                 interface: ifname.to_string(),
                 mode: TcAttach::Tcx,
             }
-        } else if let Some(ifname) = name.strip_prefix(CLSACT_PREFIX) {
+        } else if let Some(ifname) = name.strip_prefix(hook.clsact_prefix) {
             IngressAttachment {
                 interface: ifname.to_string(),
                 mode: TcAttach::Netlink,
@@ -689,8 +725,8 @@ impl Redirector {
                 sys::obj_pin(link.as_fd(), pin).map_err(io_err("pin link", pin))
             })?;
         }
-        {
-            let prog: &mut SchedClassifier = program(&mut ebpf, "zm_tc_ingress")?;
+        for hook in [INGRESS, EGRESS] {
+            let prog: &mut SchedClassifier = program(&mut ebpf, hook.program)?;
             prog.load().map_err(prog_err("classifier"))?;
             let fd = prog.fd().map_err(prog_err("classifier"))?.as_fd();
             let fd = fd
@@ -698,14 +734,14 @@ impl Redirector {
                 .map_err(io_err("dup", &config.cgroup))?;
             let handle = clsact_handle(&config.pin_dir);
             // interfaces dropped from the configuration lose their steering
-            for (pin, attachment) in ingress_pins(&links_dir)? {
+            for (pin, attachment) in tc_pins(&links_dir, hook)? {
                 if !config.ingress_interfaces.contains(&attachment.interface) {
-                    detach_ingress(&pin, &attachment, handle)?;
+                    detach_tc(hook, &pin, &attachment, handle)?;
                 }
             }
             for ifname in &config.ingress_interfaces {
-                let tcx_pin = links_dir.join(format!("{TC_PREFIX}{ifname}"));
-                let clsact_pin = links_dir.join(format!("{CLSACT_PREFIX}{ifname}"));
+                let tcx_pin = links_dir.join(format!("{}{ifname}", hook.tcx_prefix));
+                let clsact_pin = links_dir.join(format!("{}{ifname}", hook.clsact_prefix));
                 // The new attachment steers before the other mode's (if an earlier run
                 // left one) goes: TCX runs before clsact filters and ends tc processing.
                 if tc_mode == TcAttach::Tcx {
@@ -713,7 +749,7 @@ impl Redirector {
                         let id = prog
                             .attach_with_options(
                                 ifname,
-                                TcAttachType::Ingress,
+                                hook.attach_type,
                                 TcAttachOptions::TcxOrder(LinkOrder::default()),
                             )
                             .map_err(prog_err("classifier"))?;
@@ -723,16 +759,18 @@ impl Redirector {
                         pin_fd_link(link, pin)
                     })?;
                     if clsact_pin.exists() {
-                        remove_clsact(ifname, handle)?;
+                        remove_clsact(hook, ifname, handle)?;
                         fs::remove_file(&clsact_pin).map_err(io_err("unpin", &clsact_pin))?;
                     }
                 } else {
-                    attach_clsact(prog, ifname, handle, &clsact_pin)?;
+                    attach_clsact(prog, hook, ifname, handle, &clsact_pin)?;
                     if tcx_pin.exists() {
                         fs::remove_file(&tcx_pin).map_err(io_err("unpin", &tcx_pin))?;
                     }
                 }
             }
+        }
+        {
             let (mark, table) = (config.proxy.mark, config.proxy.route_table);
             if config.ingress_interfaces.is_empty() {
                 // a reload without interfaces takes down what an earlier one set up
@@ -969,7 +1007,10 @@ impl Redirector {
         let ingress = ingress_pins(&links)?;
         let handle = clsact_handle(pin_dir);
         for (pin, attachment) in &ingress {
-            detach_ingress(pin, attachment, handle)?;
+            detach_tc(INGRESS, pin, attachment, handle)?;
+        }
+        for (pin, attachment) in &tc_pins(&links, EGRESS)? {
+            detach_tc(EGRESS, pin, attachment, handle)?;
         }
         let had_tc = !ingress.is_empty();
         for dir in [&links, &maps] {

@@ -42,6 +42,7 @@ in_both_modes!(
     steering_never_stops_while_the_programs_are_reloaded,
     ipv6_is_steered_like_ipv4_when_enabled,
     plaintext_between_pods_on_one_bridge_is_steered_too,
+    strict_mode_refuses_plaintext_that_a_vip_translation_sent_around_ingress,
 );
 
 const WAIT: Duration = Duration::from_secs(5);
@@ -917,4 +918,88 @@ fn plaintext_between_pods_on_one_bridge_is_steered_too(tc_attach: TcAttach) {
         "without its bridge recorded, a port switches frames as before"
     );
     drop(config);
+}
+
+/// kube-proxy translates a Service VIP to a pod after tc ingress has seen the packet (to
+/// the VIP, not an enrolled pod): plaintext from a pod on this node, or through a NodePort,
+/// reaches an enrolled pod without passing ingress's checks. Egress, the last hop into the
+/// pod, refuses it in strict mode; the node's own sockets (the proxy, kubelet's probes)
+/// still get through. Routed pods (a point-to-point CNI), an nftables DNAT for the VIP.
+fn strict_mode_refuses_plaintext_that_a_vip_translation_sent_around_ingress(tc_attach: TcAttach) {
+    let _s = serial();
+    let node = Netns::new("n");
+    let enrolled = Netns::new("e");
+    let plain = Netns::new("u");
+    let (node_to_enrolled, _) = veth(&node, "10.76.0.1", &enrolled, "10.76.0.2");
+    let (node_to_plain, _) = veth(&node, "10.75.0.1", &plain, "10.75.0.2");
+    enrolled.exec(&["ip", "route", "add", "default", "via", "10.76.0.1"]);
+    plain.exec(&["ip", "route", "add", "default", "via", "10.75.0.1"]);
+    node.exec(&["sysctl", "-qw", "net.ipv4.ip_forward=1"]);
+    let rules = "table ip zr_vip {
+        chain prerouting {
+            type nat hook prerouting priority dstnat;
+            ip daddr 10.96.0.10 tcp dport 80 dnat to 10.76.0.2:80
+        }
+    }";
+    let rules_file = std::env::temp_dir().join(unique("nft"));
+    std::fs::write(&rules_file, rules).unwrap();
+    node.exec(&["nft", "-f", rules_file.to_str().unwrap()]);
+    std::fs::remove_file(&rules_file).unwrap();
+    let cg = Cgroup::new();
+    let pin_dir = Installed::pin_dir("v");
+    let _inst = Installed {
+        pin_dir: pin_dir.clone(),
+        netns: node.name.clone(),
+    };
+    let mut proxy = ProxyListeners::new("10.76.0.1:15001".parse().unwrap());
+    proxy.route_table = 1339;
+    proxy.mark = 0x5390;
+    let config = RedirectConfig {
+        pin_dir,
+        cgroup: cg.path.clone(),
+        ingress_interfaces: vec![node_to_enrolled, node_to_plain],
+        proxy,
+        tc_attach,
+    };
+    let mut red = node.run(move || Redirector::load(&config)).expect("load");
+    let pod_app = enrolled.run(|| TcpListener::bind("0.0.0.0:80").unwrap());
+
+    // Permissive: the translated connection reaches the pod (nothing to refuse).
+    red.enroll_pod_ip("10.76.0.2".parse().unwrap(), Mode::Permissive)
+        .unwrap();
+    let _c = connect(&plain, "10.96.0.10:80", false, WAIT).expect("through the VIP");
+    assert!(accept_within(&pod_app, WAIT).is_some());
+
+    // Strict: refused with a reset the client sees as coming from the VIP, and reported.
+    red.enroll_pod_ip("10.76.0.2".parse().unwrap(), Mode::Strict)
+        .unwrap();
+    let err = connect(&plain, "10.96.0.10:80", false, WAIT).expect_err("refused");
+    assert_eq!(
+        err.kind(),
+        ErrorKind::ConnectionRefused,
+        "a RST, not a timeout: {err}"
+    );
+    assert!(!has_pending(&pod_app), "the pod was reached in plaintext");
+    assert_eq!(red.drop_counts().unwrap().strict_plaintext, 1);
+    // Directly to the pod's IP it is ingress that refuses, as before.
+    let err = connect(&plain, "10.76.0.2:80", false, WAIT).expect_err("refused");
+    assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+    assert_eq!(red.drop_counts().unwrap().strict_plaintext, 2);
+
+    // A socket of the node itself (the proxy's upstream leg, kubelet's probes) is let in.
+    let _c = connect(&node, "10.76.0.2:80", false, WAIT).expect("from the node");
+    assert!(accept_within(&pod_app, WAIT).is_some());
+    assert_eq!(red.drop_counts().unwrap().strict_plaintext, 2);
+
+    // Silent-drop mode: no RST, the client waits.
+    let mut silent = ProxyListeners::new("10.76.0.1:15001".parse().unwrap());
+    silent.route_table = 1339;
+    silent.mark = 0x5390;
+    silent.reject = RejectMode::Drop;
+    red.set_proxy(&silent).unwrap();
+    let err =
+        connect(&plain, "10.96.0.10:80", false, Duration::from_millis(300)).expect_err("dropped");
+    assert_ne!(err.kind(), ErrorKind::ConnectionRefused, "{err}");
+    assert!(!has_pending(&pod_app));
+    assert_eq!(red.drop_counts().unwrap().strict_plaintext, 3);
 }

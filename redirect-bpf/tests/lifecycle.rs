@@ -55,15 +55,15 @@ fn cgroup_attachments(cg: &Path) -> usize {
     out.matches("\"attach_type\"").count()
 }
 
-/// Programs attached to the interface's ingress through TCX (none where the kernel has no
-/// TCX).
-fn tcx_ingress(ns: &Netns, ifname: &str) -> usize {
+/// Programs attached to the interface's ingress (or egress) through TCX (none where the
+/// kernel has no TCX).
+fn tcx_programs(ns: &Netns, ifname: &str, attach_type: TcAttachType) -> usize {
     if !kernel_features().has_tcx() {
         return 0;
     }
     let ifname = ifname.to_string();
     ns.run(move || {
-        SchedClassifier::query_tcx(&ifname, TcAttachType::Ingress)
+        SchedClassifier::query_tcx(&ifname, attach_type)
             .unwrap()
             .1
             .len()
@@ -73,7 +73,11 @@ fn tcx_ingress(ns: &Netns, ifname: &str) -> usize {
 /// The bpf filters under the interface's clsact ingress, as `tc` lists them: one line
 /// per filter, with its program id.
 fn clsact_filters(ns: &Netns, ifname: &str) -> Vec<String> {
-    ns.exec_out(&["tc", "filter", "show", "dev", ifname, "ingress"])
+    clsact_filters_on(ns, ifname, "ingress")
+}
+
+fn clsact_filters_on(ns: &Netns, ifname: &str, direction: &str) -> Vec<String> {
+    ns.exec_out(&["tc", "filter", "show", "dev", ifname, direction])
         .lines()
         .filter(|l| l.contains(" bpf ") && l.contains("direct-action"))
         .map(str::to_string)
@@ -91,7 +95,18 @@ fn resolved(mode: TcAttach) -> TcAttach {
 
 /// (TCX programs, clsact filters) on the interface's ingress.
 fn tc_ingress(ns: &Netns, ifname: &str) -> (usize, usize) {
-    (tcx_ingress(ns, ifname), clsact_filters(ns, ifname).len())
+    (
+        tcx_programs(ns, ifname, TcAttachType::Ingress),
+        clsact_filters(ns, ifname).len(),
+    )
+}
+
+/// (TCX programs, clsact filters) on the interface's egress.
+fn tc_egress(ns: &Netns, ifname: &str) -> (usize, usize) {
+    (
+        tcx_programs(ns, ifname, TcAttachType::Egress),
+        clsact_filters_on(ns, ifname, "egress").len(),
+    )
 }
 
 fn expected_tc(mode: TcAttach) -> (usize, usize) {
@@ -144,6 +159,7 @@ fn lifecycle(tc_attach: TcAttach) {
         "connect4, connect6, sockops, getsockopt"
     );
     assert_eq!(tc_ingress(&node, &node_if), expected_tc(tc_attach));
+    assert_eq!(tc_egress(&node, &node_if), expected_tc(tc_attach));
     assert_eq!(
         Redirector::ingress_attachments(&pin_dir).unwrap(),
         vec![IngressAttachment {
@@ -186,6 +202,11 @@ fn lifecycle(tc_attach: TcAttach) {
         "new programs swapped in: {before:?} -> {after:?}"
     );
     assert_eq!(tc_ingress(&node, &node_if), expected_tc(tc_attach));
+    assert_eq!(
+        tc_egress(&node, &node_if),
+        expected_tc(tc_attach),
+        "not twice"
+    );
     if resolved(tc_attach) == TcAttach::Netlink {
         // the same filter (priority and handle), with the new program in it
         let filters_after = clsact_filters(&node, &node_if);
@@ -220,6 +241,7 @@ fn lifecycle(tc_attach: TcAttach) {
         (0, 0),
         "no tcx attachment or clsact filter left"
     );
+    assert_eq!(tc_egress(&node, &node_if), (0, 0), "none on egress either");
     assert!(
         !node.exec_out(&["ip", "rule"]).contains("lookup 1338"),
         "policy rule removed"

@@ -283,7 +283,7 @@ pub fn mounts(text: &str) -> Vec<Check> {
 }
 
 /// The maps every installation pins.
-pub const EXPECTED_MAPS: [&str; 10] = [
+pub const EXPECTED_MAPS: [&str; 11] = [
     "zm_config",
     "zm_enrolled_netns",
     "zm_enrolled_cgroups",
@@ -292,11 +292,13 @@ pub const EXPECTED_MAPS: [&str; 10] = [
     "zm_orig_by_peer",
     "zm_enrolled_ips",
     "zm_mesh_sources",
+    "zm_bridge_ports",
     "zm_drops",
     "zm_events",
 ];
-/// The program links every installation pins (plus, per interface, `tc_ingress_<if>`: a
-/// TCX link, or `tc_clsact_<if>`: the program of a clsact filter).
+/// The program links every installation pins (plus, per interface, `tc_ingress_<if>` and
+/// `tx_tcx_<if>`: TCX links, or `tc_clsact_<if>` and `tx_clsact_<if>`: the programs of
+/// clsact filters; ingress and egress).
 pub const EXPECTED_LINKS: [&str; 4] = ["connect4", "connect6", "sockops", "getsockopt"];
 
 /// Programs attached and maps pinned, read from the pin directory (no bpftool needed).
