@@ -37,7 +37,8 @@ pub struct ClusterArgs {
     /// The test pods' image: it needs `sh` and a busybox `nc` (`-l -e`, `-w`).
     #[arg(long, default_value = "busybox:1.36")]
     image: String,
-    /// How long pods may take to start or to finish.
+    /// How long pods may take to start or to finish (an earlier run's namespaces get at
+    /// least 90 s to go away).
     #[arg(long, default_value = "2m", value_parser = parse_duration)]
     timeout: Duration,
     /// Leave the test namespaces in place afterwards (to look at them).
@@ -51,6 +52,8 @@ const SERVICE_TRIES: usize = 12;
 /// How long the intruder keeps trying while the DENY policy reaches the agents.
 const POLICY_PROPAGATION_TRIES: usize = 30;
 const METRICS_PORT: u16 = 15020;
+/// The least time given to an earlier run's namespaces to go away.
+const NAMESPACE_DELETION: Duration = Duration::from_secs(90);
 /// Plaintext the agents' eBPF programs dropped, by reason (`plaintext_strict`).
 const STRICT_DROPS: &str = "zmesh_flow_drops_total";
 
@@ -144,14 +147,14 @@ impl Test {
                 Err(e) => return Err(e).with_context(|| format!("cannot delete namespace {ns}")),
             }
         }
-        let deadline = Instant::now() + self.timeout;
+        // Namespace deletion waits for kubelet to stop every pod and for the namespace
+        // controller's next pass: often tens of seconds, whatever the pods' timeout.
+        let wait = self.timeout.max(NAMESPACE_DELETION);
+        let deadline = Instant::now() + wait;
         for ns in [&self.mesh, &self.plain] {
             while api.get_opt(ns).await?.is_some() {
                 if Instant::now() > deadline {
-                    bail!(
-                        "namespace {ns} is still being deleted after {:?}",
-                        self.timeout
-                    );
+                    bail!("namespace {ns} is still being deleted after {wait:?}");
                 }
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
