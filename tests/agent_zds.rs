@@ -18,6 +18,7 @@ use prost::Message;
 use tokio::io::Interest;
 use tokio::net::UnixStream;
 use zmesh_agent::zds::{PodHandoverError, ZdsReconciler};
+use zmesh_cluster::agent_status::AgentStatus;
 use zmesh_cluster::manifests::watch_dir;
 use zmesh_cluster::state::{ClusterState, NamespaceInfo, PodInfo, CILIUM_MTLS_LABEL};
 use zmesh_compat::zds::ZdsServer;
@@ -567,6 +568,11 @@ async fn pods_without_a_usable_netns_are_reported_and_retried() {
         by_pod["shop/file"]
     );
     assert_eq!(server.handle().status().await.workloads, 0);
+    // The status report counts them as enrolled but waiting, each with its reason.
+    let report = reconciler.reports().borrow().clone();
+    assert_eq!(report.enrolled, 3);
+    assert_eq!(report.failed.len(), 3, "{report:?}");
+    assert!(report.failed.iter().any(|f| f.contains("shop/no-path")));
 
     // Once the namespace exists the pod is handed over on the next reconcile, and ztunnel
     // (connecting later) finds it in the snapshot.
@@ -574,6 +580,13 @@ async fn pods_without_a_usable_netns_are_reported_and_retried() {
     let state = enrolled_state(vec![pod("missing", Some(netns.path()))]);
     assert!(reconciler.apply(&state).await.is_empty());
     assert_eq!(server.handle().status().await.workloads, 1);
+    assert_eq!(
+        *reconciler.reports().borrow(),
+        zmesh_agent::zds::HandoverReport {
+            enrolled: 1,
+            failed: vec![]
+        }
+    );
     let ztunnel = Ztunnel::connect(server.path()).await;
     let (uid, got, ns) = ztunnel.expect_add().await;
     assert_eq!(
@@ -765,6 +778,27 @@ async fn zmesh_agent_with_ztunnel_data_plane_serves_zds_and_explains_certificate
         "the ZDS socket hands out pod namespaces: owner only"
     );
 
+    // Until a ztunnel connects, the agent reports itself not ready, and why.
+    wait_for_path(&mut agent, &admin_socket).await;
+    let admin = zmesh_agent::admin::AdminClient::new(&admin_socket);
+    let status: AgentStatus = admin.get_json("/status").await.unwrap();
+    assert_eq!(
+        (
+            status.data_plane.as_str(),
+            status.ready,
+            status.mode.as_str()
+        ),
+        ("ztunnel", false, "permissive")
+    );
+    assert!(
+        status
+            .problems
+            .iter()
+            .any(|p| p.contains("no ztunnel is connected")),
+        "{:?}",
+        status.problems
+    );
+
     let ztunnel = Ztunnel::connect(&zds_socket).await;
     // The pod arrives either in the snapshot or right after it, depending on whether the
     // agent had read the manifests when ztunnel connected.
@@ -782,9 +816,24 @@ async fn zmesh_agent_with_ztunnel_data_plane_serves_zds_and_explains_certificate
         ("shop/web", info("web", "shop", "web-sa"), netns.id())
     );
 
-    // The admin API answers, and says whose certificates these are.
-    wait_for_path(&mut agent, &admin_socket).await;
-    let admin = zmesh_agent::admin::AdminClient::new(&admin_socket);
+    // Connected, with the pod handed over: ready, one enrolled pod, nothing wrong.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let status: AgentStatus = admin.get_json("/status").await.unwrap();
+        if status.ready && status.enrolled_pods == 1 {
+            assert_eq!(status.pods_waiting, 0);
+            assert!(status.problems.is_empty(), "{:?}", status.problems);
+            assert_eq!(status.certificates.total, 0, "ztunnel holds them");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never ready with the pod: {status:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The admin API says whose certificates these are.
     let certs: Vec<zmesh_agent::admin::CertInfo> = admin.get_json("/certs").await.unwrap();
     assert!(certs.is_empty(), "this agent holds no workload certificate");
     match admin

@@ -228,12 +228,15 @@ async fn route(req: Request<Incoming>, state: AdminState) -> Response<Body> {
                 },
             )
         }
-        (&Method::GET, "/status") => match state.status.clone() {
-            Some(source) => match tokio::task::spawn_blocking(move || source.current()).await {
+        (&Method::GET, "/status") => match &state.status {
+            Some(source) => match source.report().await {
                 Ok(status) => json(StatusCode::OK, &status),
                 Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, &format!("status: {e}")),
             },
-            None => error(StatusCode::NOT_IMPLEMENTED, ZTUNNEL_HOLDS_IT),
+            None => error(
+                StatusCode::NOT_IMPLEMENTED,
+                "this agent makes no status report",
+            ),
         },
         (&Method::GET, "/log") => match &state.log {
             Some(log) => json(

@@ -285,10 +285,12 @@ pub async fn run(
         node: config.node.clone(),
         mode: config.mode,
         build: config.build.clone(),
-        certs: certs.clone(),
-        view: view.clone(),
-        pin_dir: config.redirect.as_ref().map(|r| r.pin_dir.clone()),
         ca: ca_client,
+        data_plane: crate::status::DataPlaneSource::Zmesh {
+            certs: certs.clone(),
+            view: view.clone(),
+            pin_dir: config.redirect.as_ref().map(|r| r.pin_dir.clone()),
+        },
     };
     let admin_task = admin::serve(
         &config.admin_socket,

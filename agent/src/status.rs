@@ -10,9 +10,12 @@ use tokio::sync::watch;
 use zmesh_cluster::agent_status::{AgentStatus, CertificateSummary, KernelStatus};
 use zmesh_redirect::{Redirector, TcAttach};
 
+use zmesh_compat::zds::ZdsHandle;
+
 use crate::cni_server::EnrollmentView;
 use crate::config_api::BuildInfo;
 use crate::credentials::WorkloadCertificates;
+use crate::zds::HandoverReport;
 
 /// What the report is made from.
 #[derive(Clone)]
@@ -20,24 +23,66 @@ pub struct StatusSource {
     pub node: String,
     pub mode: zmesh_dataplane::Mode,
     pub build: BuildInfo,
-    pub certs: Arc<dyn WorkloadCertificates>,
-    /// The enrollment the reconcile loop applied last.
-    pub view: watch::Receiver<Arc<EnrollmentView>>,
-    /// The eBPF pins, `None` without redirection.
-    pub pin_dir: Option<PathBuf>,
-    /// The zmesh CA's client (`None` with SPIRE).
+    /// The zmesh CA's client (`None` with SPIRE, or when ztunnel talks to the CA).
     pub ca: Option<zmesh_certs::IstioCaClient>,
+    pub data_plane: DataPlaneSource,
+}
+
+/// Where the data plane's half of the report comes from.
+#[derive(Clone)]
+pub enum DataPlaneSource {
+    /// zmesh's proxy and eBPF programs.
+    Zmesh {
+        certs: Arc<dyn WorkloadCertificates>,
+        /// The enrollment the reconcile loop applied last.
+        view: watch::Receiver<Arc<EnrollmentView>>,
+        /// The eBPF pins, `None` without redirection.
+        pin_dir: Option<PathBuf>,
+    },
+    /// A stock ztunnel fed over ZDS: it holds the certificates and the traffic.
+    Ztunnel {
+        zds: ZdsHandle,
+        handover: watch::Receiver<HandoverReport>,
+    },
 }
 
 impl StatusSource {
-    /// The report now. Reads the pins (a few small files): call it off the data path.
-    pub fn current(&self) -> AgentStatus {
+    /// The report now (zmesh's reads the pins, a few small files: off the runtime).
+    pub async fn report(&self) -> Result<AgentStatus, String> {
+        match &self.data_plane {
+            DataPlaneSource::Zmesh {
+                certs,
+                view,
+                pin_dir,
+            } => {
+                let (source, certs, view, pin_dir) =
+                    (self.clone(), certs.clone(), view.clone(), pin_dir.clone());
+                tokio::task::spawn_blocking(move || {
+                    source.zmesh(&*certs, &view.borrow(), pin_dir.as_deref())
+                })
+                .await
+                .map_err(|e| e.to_string())
+            }
+            DataPlaneSource::Ztunnel { zds, handover } => {
+                let connected = *zds.connected().borrow();
+                let last_error = zds.status().await.last_error.map(|e| e.to_string());
+                let handover = handover.borrow().clone();
+                Ok(self.ztunnel(connected, last_error, handover))
+            }
+        }
+    }
+
+    fn zmesh(
+        &self,
+        certs: &dyn WorkloadCertificates,
+        view: &EnrollmentView,
+        pin_dir: Option<&std::path::Path>,
+    ) -> AgentStatus {
         let now = SystemTime::now();
-        let view = self.view.borrow().clone();
         let waiting = view.pods.values().filter(|cookie| cookie.is_none()).count();
         let mut problems = Vec::new();
         let mut certificates = CertificateSummary::default();
-        for cert in self.certs.status() {
+        for cert in certs.status() {
             certificates.total += 1;
             let expiry = cert
                 .not_after
@@ -73,21 +118,68 @@ impl StatusSource {
             ));
         }
         AgentStatus {
-            node: self.node.clone(),
-            version: self.build.version.clone(),
-            git_commit: self.build.git_commit.clone(),
-            ca_version: self.ca.as_ref().and_then(|c| c.ca_version()),
             ready: true,
-            mode: match self.mode {
-                zmesh_dataplane::Mode::Permissive => "permissive".into(),
-                zmesh_dataplane::Mode::Strict => "strict".into(),
-            },
             data_plane: "zmesh".into(),
-            kernel: kernel(self.pin_dir.as_deref()),
+            kernel: kernel(pin_dir),
             enrolled_pods: view.pods.len(),
             pods_waiting: waiting,
             certificates,
             problems,
+            ..self.common(now)
+        }
+    }
+
+    /// ztunnel holds the certificates and the connections (`istioctl ztunnel-config`):
+    /// this agent reports whether one is connected and what it handed over.
+    fn ztunnel(
+        &self,
+        connected: bool,
+        last_error: Option<String>,
+        handover: HandoverReport,
+    ) -> AgentStatus {
+        let mut problems = Vec::new();
+        if !connected {
+            problems.push(match last_error {
+                Some(e) => format!(
+                    "no ztunnel is connected over ZDS (last error: {e}): enrolled pods cannot \
+                     connect until one is"
+                ),
+                None => "no ztunnel is connected over ZDS: enrolled pods cannot connect until \
+                         one is"
+                    .into(),
+            });
+        }
+        problems.extend(handover.failed.iter().cloned());
+        AgentStatus {
+            ready: connected,
+            data_plane: "ztunnel".into(),
+            kernel: kernel(None),
+            enrolled_pods: handover.enrolled,
+            pods_waiting: handover.failed.len().min(handover.enrolled),
+            certificates: CertificateSummary::default(),
+            problems,
+            ..self.common(SystemTime::now())
+        }
+    }
+
+    /// The fields that do not depend on the data plane (the rest are placeholders).
+    fn common(&self, now: SystemTime) -> AgentStatus {
+        AgentStatus {
+            node: self.node.clone(),
+            version: self.build.version.clone(),
+            git_commit: self.build.git_commit.clone(),
+            ca_version: self.ca.as_ref().and_then(|c| c.ca_version()),
+            ready: false,
+            mode: match self.mode {
+                zmesh_dataplane::Mode::Permissive => "permissive".into(),
+                zmesh_dataplane::Mode::Strict => "strict".into(),
+            },
+            data_plane: String::new(),
+            kernel: kernel(None),
+            enrolled_pods: 0,
+            pods_waiting: 0,
+            certificates: CertificateSummary::default(),
+            problems: Vec::new(),
             updated: now,
         }
     }
@@ -127,8 +219,7 @@ pub async fn refresh(
     every: Duration,
 ) {
     loop {
-        let s = source.clone();
-        match tokio::task::spawn_blocking(move || s.current()).await {
+        match source.report().await {
             Ok(status) => {
                 if sink.send(Some(status)).is_err() {
                     return;

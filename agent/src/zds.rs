@@ -60,6 +60,15 @@ struct Sent {
     captured: bool,
 }
 
+/// What the reconciler's last pass achieved, for the agent's status report.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct HandoverReport {
+    /// The node's enrolled pods.
+    pub enrolled: usize,
+    /// What went wrong with some of them (not handed over, or not captured).
+    pub failed: Vec<String>,
+}
+
 /// Keeps a ZDS server's workloads equal to the enrolled pods of one node.
 pub struct ZdsReconciler {
     handle: ZdsHandle,
@@ -67,6 +76,7 @@ pub struct ZdsReconciler {
     node: String,
     mode: Mode,
     sent: BTreeMap<String, Sent>,
+    report: watch::Sender<HandoverReport>,
     /// Local pods that are not enrolled have been checked for a capture left behind by an
     /// earlier agent (once, at the first reconcile).
     swept: bool,
@@ -85,8 +95,14 @@ impl ZdsReconciler {
             node: node.into(),
             mode,
             sent: BTreeMap::new(),
+            report: watch::channel(HandoverReport::default()).0,
             swept: false,
         }
+    }
+
+    /// Follows [`HandoverReport`]s, one after each pass.
+    pub fn reports(&self) -> watch::Receiver<HandoverReport> {
+        self.report.subscribe()
     }
 
     /// Sends the differences between `state` and what ztunnel has: `del` for pods that
@@ -102,6 +118,7 @@ impl ZdsReconciler {
         for (pod, id) in local_enrolled(state, &self.trust_domain, &self.node) {
             want.insert(pod.key().to_string(), (pod, id));
         }
+        let enrolled = want.len();
         // Open every wanted namespace first, so a recreated pod is noticed by its inode.
         let mut opened: BTreeMap<String, (OwnedFd, (u64, u64), WorkloadInfo, PathBuf)> =
             BTreeMap::new();
@@ -225,6 +242,10 @@ impl ZdsReconciler {
         for p in &problems {
             tracing::warn!("{p}");
         }
+        self.report.send_replace(HandoverReport {
+            enrolled,
+            failed: problems.iter().map(ToString::to_string).collect(),
+        });
         problems
     }
 
@@ -398,6 +419,24 @@ pub async fn run_ztunnel(
     );
     let server = ZdsServer::bind(zds_socket)?;
     tracing::info!(socket = %zds_socket.display(), "serving ZDS: waiting for ztunnel to connect");
+    let reconciler = ZdsReconciler::new(server.handle(), trust_domain.clone(), node, mode);
+    let status_source = crate::status::StatusSource {
+        node: config.node.clone(),
+        mode,
+        build: config.build.clone(),
+        ca: None,
+        data_plane: crate::status::DataPlaneSource::Ztunnel {
+            zds: server.handle(),
+            handover: reconciler.reports(),
+        },
+    };
+    let status_task = config.status_reports.clone().map(|sink| {
+        tokio::spawn(crate::status::refresh(
+            status_source.clone(),
+            sink,
+            zmesh_cluster::agent_status::REPORT_EVERY,
+        ))
+    });
     let admin_task = admin::serve(
         admin_socket,
         AdminState {
@@ -409,12 +448,11 @@ pub async fn run_ztunnel(
             cluster: cluster.clone(),
             build: config.build.clone(),
             log: config.log.clone(),
-            status: None,
+            status: Some(status_source),
         },
     )
     .await?;
     let admin_inode = admin::socket_inode(admin_socket);
-    let reconciler = ZdsReconciler::new(server.handle(), trust_domain, node, mode);
     tokio::select! {
         _ = async {
             reconciler.follow(cluster).await;
@@ -424,6 +462,9 @@ pub async fn run_ztunnel(
         _ = shutdown => {}
     }
     admin_task.abort();
+    if let Some(task) = status_task {
+        task.abort();
+    }
     admin::remove_socket_if_ours(admin_socket, admin_inode);
     // Dropping the server removes its socket; ztunnel keeps its pods until a new agent
     // connects and sends a snapshot.

@@ -347,7 +347,11 @@ pub fn render(s: &MeshStatus, now: SystemTime) -> String {
                     0 => st.enrolled_pods.to_string(),
                     n => format!("{} ({n} waiting)", st.enrolled_pods),
                 },
-                format!("{}/{} valid", st.certificates.valid, st.certificates.total),
+                if st.data_plane == "ztunnel" {
+                    "in ztunnel".to_owned()
+                } else {
+                    format!("{}/{} valid", st.certificates.valid, st.certificates.total)
+                },
             ],
             None => {
                 let mut row = vec![a.node.clone(), a.state.to_owned()];
