@@ -791,6 +791,13 @@ impl Redirector {
         Ok(redirector)
     }
 
+    /// The interfaces (ifindex) recorded as bridge ports, sorted.
+    pub fn bridge_ports(&self) -> Vec<u32> {
+        let mut ports: Vec<u32> = self.bridge_ports.keys().filter_map(|k| k.ok()).collect();
+        ports.sort_unstable();
+        ports
+    }
+
     /// Records which of the steered `interfaces` are ports of a steered bridge (the
     /// programs hand steered frames from them to the bridge) and forgets the rest. Call
     /// it whenever ports come and go: a bridge's MAC can change as ports join.
