@@ -406,3 +406,108 @@ mod rfc3339 {
         s.serialize_str(&zmesh_proxy::flows::FlowEvent::format_time(*t))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zmesh_cluster::agent_status::{CertificateSummary, KernelStatus};
+
+    fn agent(node: &str, data_plane: &str, ready: bool, problems: &[&str]) -> AgentEntry {
+        AgentEntry {
+            node: node.into(),
+            state: "reporting",
+            reason: None,
+            status: Some(AgentStatus {
+                node: node.into(),
+                version: "0.1.0".into(),
+                git_commit: None,
+                ca_version: None,
+                ready,
+                mode: "strict".into(),
+                data_plane: data_plane.into(),
+                kernel: KernelStatus {
+                    release: "6.1.0".into(),
+                    tc_attach: if data_plane == "zmesh" { "tcx" } else { "none" }.into(),
+                    interfaces: 2,
+                },
+                enrolled_pods: 3,
+                pods_waiting: 0,
+                certificates: CertificateSummary {
+                    total: if data_plane == "zmesh" { 2 } else { 0 },
+                    valid: if data_plane == "zmesh" { 2 } else { 0 },
+                    ..Default::default()
+                },
+                problems: problems.iter().map(|p| p.to_string()).collect(),
+                updated: SystemTime::UNIX_EPOCH,
+            }),
+        }
+    }
+
+    /// A ztunnel node's certificates are ztunnel's: the table says so rather than "0/0
+    /// valid", and its problem is listed under its node.
+    #[test]
+    fn ztunnel_nodes_show_where_their_certificates_are() {
+        let status = MeshStatus {
+            healthy: false,
+            ca: CaStatus {
+                roots: vec![],
+                nodes_issued: 2,
+                nodes_reporting: 2,
+            },
+            agents: vec![
+                agent("node1", "zmesh", true, &[]),
+                agent(
+                    "node2",
+                    "ztunnel",
+                    false,
+                    &["no ztunnel is connected over ZDS"],
+                ),
+            ],
+            enrolled_namespaces: None,
+        };
+        let text = render(&status, SystemTime::UNIX_EPOCH);
+        let row = |node: &str| {
+            text.lines()
+                .find(|l| l.trim_start().starts_with(node))
+                .unwrap_or_else(|| panic!("no row for {node}:\n{text}"))
+                .split_whitespace()
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            row("node1"),
+            [
+                "node1",
+                "reporting",
+                "yes",
+                "0.1.0",
+                "strict",
+                "zmesh",
+                "6.1.0",
+                "tcx",
+                "3",
+                "2/2",
+                "valid"
+            ]
+        );
+        assert_eq!(
+            row("node2"),
+            [
+                "node2",
+                "reporting",
+                "no",
+                "0.1.0",
+                "strict",
+                "ztunnel",
+                "6.1.0",
+                "none",
+                "3",
+                "in",
+                "ztunnel"
+            ]
+        );
+        assert!(
+            text.contains("  node2: no ztunnel is connected over ZDS\n"),
+            "{text}"
+        );
+    }
+}
