@@ -318,6 +318,34 @@ fn stock_ztunnel_carries_enrolled_pods_as_hbone_and_unenrolled_as_plaintext() {
         !captured(mesh.pod("legacy", "batch")),
         "not enrolled: no capture"
     );
+    // `zmesh status` over both agents: ready (each has its ztunnel connected), the
+    // enrolled pods handed over, certificates held by ztunnel.
+    wait_until("both agents report ready with their pods", || {
+        let out = Command::new(&mesh.zmesh)
+            .args(["status", "-o", "json"])
+            .arg("--admin-socket")
+            .arg(mesh.node_dir("node1").join("agent.sock"))
+            .arg("--admin-socket")
+            .arg(mesh.node_dir("node2").join("agent.sock"))
+            .output()
+            .unwrap();
+        let Ok(status) = serde_json::from_slice::<serde_json::Value>(&out.stdout) else {
+            return false;
+        };
+        let agents = status["agents"].as_array().cloned().unwrap_or_default();
+        let pods: Vec<u64> = agents
+            .iter()
+            .filter(|a| {
+                a["status"]["ready"] == true
+                    && a["status"]["data_plane"] == "ztunnel"
+                    && a["status"]["problems"]
+                        .as_array()
+                        .is_some_and(Vec::is_empty)
+            })
+            .filter_map(|a| a["status"]["enrolled_pods"].as_u64())
+            .collect();
+        out.status.success() && pods == [2, 1]
+    });
 
     // Cross-node and same-node between enrolled pods: HBONE, by ztunnel.
     let capture = mesh.cluster.start_capture().unwrap();
