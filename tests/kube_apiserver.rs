@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 use control_plane::{ControlPlane, Options};
 use k8s_openapi::api::core::v1::{Endpoints, Namespace, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::ClusterRole;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{
     Api, ApiResource, DeleteParams, DynamicObject, GroupVersionKind, Patch, PatchParams, PostParams,
 };
 use kube_objects::{
-    apply_example, create_service_account, from_json, service_account_token, unique,
+    apply_example, create_service_account, from_json, install_policy_crd, service_account_token,
+    unique, POLICY_GROUP,
 };
 use serde_json::json;
 use tokio::sync::watch;
@@ -608,53 +608,6 @@ async fn services_get_their_endpoints_from_ready_pods() {
     })
     .await;
     assert!(state.service(&shop, "ext").is_some());
-}
-
-const POLICY_GROUP: &str = "security.istio.io";
-
-/// Istio's AuthorizationPolicy CRD as Istio installs it (v1 stored, v1beta1 served),
-/// without a schema for `spec` so that the agent sees what users write, invalid or not.
-async fn install_policy_crd(client: &kube::Client) {
-    let schema = json!({"openAPIV3Schema": {
-        "type": "object",
-        "properties": {
-            "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
-            "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
-        },
-    }});
-    let crd: CustomResourceDefinition = from_json(json!({
-        "metadata": {"name": format!("authorizationpolicies.{POLICY_GROUP}")},
-        "spec": {
-            "group": POLICY_GROUP,
-            "names": {
-                "kind": "AuthorizationPolicy",
-                "listKind": "AuthorizationPolicyList",
-                "plural": "authorizationpolicies",
-                "singular": "authorizationpolicy",
-            },
-            "scope": "Namespaced",
-            "versions": [
-                {"name": "v1", "served": true, "storage": true, "schema": schema},
-                {"name": "v1beta1", "served": true, "storage": false, "schema": schema},
-            ],
-        },
-    }));
-    let crds = Api::<CustomResourceDefinition>::all(client.clone());
-    crds.create(&PostParams::default(), &crd)
-        .await
-        .expect("the CRD");
-    poll("the CRD to be established", || async {
-        let crd = crds
-            .get(&format!("authorizationpolicies.{POLICY_GROUP}"))
-            .await
-            .expect("get CRD");
-        let conditions = crd.status?.conditions?;
-        conditions
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True")
-            .then_some(())
-    })
-    .await;
 }
 
 fn policies_api(client: &kube::Client, namespace: &str) -> Api<DynamicObject> {

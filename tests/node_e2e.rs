@@ -550,7 +550,7 @@ fn connectivity_test_passes_on_a_cluster_with_a_real_kubelet() {
         return; // skipping was allowed and said so
     };
     let (rt, client, runtime, work) = (&node.rt, &node.client, &node.runtime, &node.work);
-    install_policy_crd(rt, client);
+    rt.block_on(kube_objects::install_policy_crd(client));
     // The bridge first (the agent attaches to it; the plugin fails closed without the
     // agent), and the pods' cgroup parent under kubelet's cgroup root.
     output(Command::new("ip").args(["link", "add", &runtime.bridge(), "type", "bridge"]));
@@ -723,49 +723,6 @@ fn wait_for_reported_mode(rt: &tokio::runtime::Runtime, client: &kube::Client, m
         );
         std::thread::sleep(Duration::from_millis(250));
     }
-}
-
-/// Istio's AuthorizationPolicy CRD (what the agent and `zmesh connectivity test` use),
-/// with an open schema: a cluster with Istio's CRDs installed.
-fn install_policy_crd(rt: &tokio::runtime::Runtime, client: &kube::Client) {
-    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-    let schema = json!({"openAPIV3Schema": {
-        "type": "object",
-        "properties": {
-            "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
-            "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
-        },
-    }});
-    let crd: CustomResourceDefinition = from_json(json!({
-        "metadata": {"name": "authorizationpolicies.security.istio.io"},
-        "spec": {
-            "group": "security.istio.io",
-            "names": {
-                "kind": "AuthorizationPolicy",
-                "listKind": "AuthorizationPolicyList",
-                "plural": "authorizationpolicies",
-                "singular": "authorizationpolicy",
-            },
-            "scope": "Namespaced",
-            "versions": [
-                {"name": "v1", "served": true, "storage": true, "schema": schema},
-                {"name": "v1beta1", "served": true, "storage": false, "schema": schema},
-            ],
-        },
-    }));
-    let crds = Api::<CustomResourceDefinition>::all(client.clone());
-    rt.block_on(crds.create(&PostParams::default(), &crd))
-        .expect("the CRD");
-    wait_for_value("the CRD to be established", || {
-        let crd = rt
-            .block_on(crds.get("authorizationpolicies.security.istio.io"))
-            .ok()?;
-        crd.status?
-            .conditions?
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True")
-            .then_some(())
-    });
 }
 
 /// The zmesh-cni binary cargo built next to this test's binary (another package's binary

@@ -141,3 +141,58 @@ pub async fn create_namespace(
         create_service_account(client, name, account).await;
     }
 }
+
+/// Istio's AuthorizationPolicy API group.
+pub const POLICY_GROUP: &str = "security.istio.io";
+
+/// Istio's AuthorizationPolicy CRD as Istio installs it (v1 stored, v1beta1 served),
+/// without a schema for `spec` so that the agent sees what users write, invalid or not;
+/// returns once the API server reports it Established.
+pub async fn install_policy_crd(client: &kube::Client) {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+    let schema = json!({"openAPIV3Schema": {
+        "type": "object",
+        "properties": {
+            "spec": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+            "status": {"type": "object", "x-kubernetes-preserve-unknown-fields": true},
+        },
+    }});
+    let name = format!("authorizationpolicies.{POLICY_GROUP}");
+    let crd: CustomResourceDefinition = from_json(json!({
+        "metadata": {"name": name},
+        "spec": {
+            "group": POLICY_GROUP,
+            "names": {
+                "kind": "AuthorizationPolicy",
+                "listKind": "AuthorizationPolicyList",
+                "plural": "authorizationpolicies",
+                "singular": "authorizationpolicy",
+            },
+            "scope": "Namespaced",
+            "versions": [
+                {"name": "v1", "served": true, "storage": true, "schema": schema},
+                {"name": "v1beta1", "served": true, "storage": false, "schema": schema},
+            ],
+        },
+    }));
+    let crds = Api::<CustomResourceDefinition>::all(client.clone());
+    crds.create(&PostParams::default(), &crd)
+        .await
+        .expect("the CRD");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let crd = crds.get(&name).await.expect("get CRD");
+        let established = crd.status.and_then(|s| s.conditions).is_some_and(|c| {
+            c.iter()
+                .any(|c| c.type_ == "Established" && c.status == "True")
+        });
+        if established {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the CRD is not Established after 30 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+}

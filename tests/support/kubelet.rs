@@ -23,7 +23,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::control_plane::ControlPlane;
-use crate::node_runtime::{pause_image, NodeRuntime};
+use crate::node_runtime::{die_with_the_test, pause_image, NodeRuntime};
 
 /// The kernel settings kubelet's container manager checks (`setupKernelTunables`), with
 /// the values it wants: shown to it inside its mount namespace only.
@@ -117,14 +117,7 @@ impl Kubelet {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
-        unsafe {
-            use std::os::unix::process::CommandExt;
-            command.pre_exec(|| {
-                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
-                    .map_err(std::io::Error::from)
-            });
-        }
+        die_with_the_test(&mut command);
         let child = command
             .spawn()
             .map_err(|e| format!("starting kubelet: {e}"))?;
