@@ -49,6 +49,9 @@ enum Command {
     Certs(cmd::certs::CertsArgs),
     /// Run the node proxy (HBONE on 15008, outbound 15001, plaintext inbound 15006).
     Proxy(cmd::proxy::ProxyArgs),
+    /// Run the node proxy in a process of its own, configured by the node agent (zmesh
+    /// agent --datapath-socket): its connections outlive the agent.
+    Datapath(cmd::datapath::DatapathArgs),
     /// Move to zmesh from other meshes (e.g. migrate Cilium mutual-auth policies).
     Compat(cmd::compat::CompatArgs),
     /// Show this node's flows (forwarded, denied, dropped, failed), like hubble observe.
@@ -103,7 +106,7 @@ fn main() -> std::process::ExitCode {
         .worker_threads
         .unwrap_or(zmesh_proxy::runtime::DEFAULT_WORKER_THREADS);
     let threads = match cli.command {
-        Command::Proxy(_) => proxy_threads,
+        Command::Proxy(_) | Command::Datapath(_) => proxy_threads,
         _ => 0,
     };
     let runtime = match zmesh_proxy::runtime::build(threads) {
@@ -125,6 +128,7 @@ fn main() -> std::process::ExitCode {
             Command::Connectivity(args) => cmd::connectivity::run(args).await,
             Command::Certs(args) => cmd::certs::run(args).await,
             Command::Proxy(args) => cmd::proxy::run(args).await,
+            Command::Datapath(args) => cmd::datapath::run(args).await,
             Command::Compat(args) => cmd::compat::run(args).await,
             Command::Observe(args) => cmd::observe::run(args).await,
             Command::Config(args) => cmd::config::run(args).await,

@@ -1,14 +1,16 @@
 //! Faults a node survives, end to end on a netns cluster with the real CA and agents: a
-//! node's agent (and so its proxy) killed mid-stream, on either side of a tunnel, and the
-//! CA down for longer than the workload certificates live. Needs root.
+//! node's agent (and so its proxy) killed mid-stream, on either side of a tunnel; the
+//! agents killed while their proxies run in `zmesh datapath` processes; and the CA down for
+//! longer than the workload certificates live. Needs root.
 
 mod support;
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use support::{certs, lab, manifests, secret, serve_echo, LongLivedClient, Roundtrip};
+use support::{certs, lab, manifests, observe, secret, serve_echo, LongLivedClient, Roundtrip};
 use zmesh_lab::{Lab, LabOptions};
+use zmesh_proxy::flows::FlowVerdict;
 
 /// How long a client may wait for its connection to end once the proxy carrying it died;
 /// far more than it takes (a dead process's sockets are closed by the kernel at once).
@@ -84,6 +86,128 @@ async fn the_client_side_agent_killed_mid_stream_ends_the_connection_and_fails_c
     kill_mid_stream("node2").await;
 }
 
+/// With each node's proxy in a `zmesh datapath` process, SIGKILL of the agents (a crash,
+/// an OOM kill) takes no connection with it: open tunnels keep flowing, new ones are made
+/// with what the data paths were last given, and a new agent takes its data path over
+/// (what changes after it started reaches the proxy).
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_killed_while_the_proxies_run_apart_keep_connections_and_new_agents_take_over() {
+    let mut options = support::options(manifests(), &[], vec![]);
+    options.datapath_process = true;
+    let mut lab = Lab::start(options).await.expect("the lab starts");
+    let (web, _server) = serve_echo(&lab, "shop", "web", 8080);
+    // The agents hold their certificates; the data paths get them a moment later.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let hello = secret("first");
+        if lab
+            .pod_client("shop", "frontend", web, &hello)
+            .unwrap()
+            .output
+            == hello
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no connection through the data paths; node1's:\n{}\nnode2's:\n{}",
+            tail(&lab.datapath_log("node1")),
+            tail(&lab.datapath_log("node2"))
+        );
+    }
+    let mut client = LongLivedClient::open(&lab, "shop", "frontend", web);
+    client.roundtrip("before the kill");
+
+    lab.kill_agent("node1").unwrap();
+    lab.kill_agent("node2").unwrap();
+    // The open connection carries on through both proxies.
+    assert_eq!(
+        client.try_roundtrip("after both agents were killed", END_WITHIN),
+        Roundtrip::Echoed,
+        "node1's data path:\n{}\nnode2's:\n{}",
+        tail(&lab.datapath_log("node1")),
+        tail(&lab.datapath_log("node2"))
+    );
+    // New connections too, still in mTLS.
+    let capture = lab.cluster().start_capture().unwrap();
+    let fresh = secret("agents-dead");
+    let run = lab.pod_client("shop", "frontend", web, &fresh).unwrap();
+    let pcap = capture.stop().unwrap();
+    assert_eq!(
+        run.output, fresh,
+        "a new connection with the agents dead: {}",
+        run.stderr
+    );
+    assert!(
+        !pcap.contains(&fresh),
+        "plaintext on the wire with the agents dead"
+    );
+
+    // New agents take over the running data paths (the same processes: they say so).
+    lab.start_agent("node1", false).unwrap();
+    lab.start_agent("node2", false).unwrap();
+    lab.wait_ready("node1", Duration::from_secs(60))
+        .await
+        .unwrap();
+    lab.wait_ready("node2", Duration::from_secs(60))
+        .await
+        .unwrap();
+    client.roundtrip("after the new agents started");
+    for node in ["node1", "node2"] {
+        let log = lab.datapath_log(node);
+        assert_eq!(
+            log.matches("a node agent connected").count(),
+            2,
+            "{node}'s data path:\n{}",
+            tail(&log)
+        );
+    }
+    // What the new agent is told reaches its data path: a DENY for frontend closes the
+    // open connection and refuses new ones, and the data path's flow events reach the
+    // agent's API.
+    lab.edit_manifest("policy-deny.yaml", |t| {
+        *t = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-frontend, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: DENY
+  rules:
+  - from:
+    - source: {principals: ["cluster.local/ns/shop/sa/frontend"]}
+"#
+        .to_owned()
+    })
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let denied = lab
+            .pod_client("shop", "frontend", web, &secret("denied"))
+            .unwrap();
+        if denied.output.is_empty() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the DENY never applied");
+    }
+    assert_eq!(
+        client.try_roundtrip("after the DENY", END_WITHIN),
+        Roundtrip::Ended,
+        "the open connection outlived a DENY given to the new agent"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !observe(&lab, "node1", &["--verdict", "denied"])
+        .iter()
+        .any(|f| f.verdict == FlowVerdict::Denied)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "no denied flow reached node1's agent from its data path"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 fn tail(log: &str) -> String {
     let lines: Vec<_> = log.lines().collect();
     lines[lines.len().saturating_sub(25)..].join("\n")
@@ -109,6 +233,7 @@ async fn ca_down_past_certificate_expiry_fails_closed_with_the_reason_and_recove
         kubelet_cgroups: false,
         dual_stack: false,
         ca_args: vec![],
+        datapath_process: false,
     })
     .await
     .expect("the lab starts");

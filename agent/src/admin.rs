@@ -148,7 +148,16 @@ pub struct DataPathView {
     /// Its workload table.
     pub workloads: Arc<zmesh_proxy::WorkloadStore>,
     /// Its open connections.
-    pub connections: Arc<zmesh_proxy::connections::OpenConnections>,
+    pub connections: ConnectionsSource,
+}
+
+/// Where the proxy's open connections are read.
+#[derive(Clone)]
+pub enum ConnectionsSource {
+    /// The proxy runs on a thread of the agent.
+    Thread(Arc<zmesh_proxy::connections::OpenConnections>),
+    /// The proxy runs in the data path process: asked over the link.
+    Process(crate::datapath::link::DataPathLink),
 }
 
 const ZTUNNEL_HOLDS_IT: &str =
@@ -211,7 +220,17 @@ async fn route(req: Request<Incoming>, state: AdminState) -> Response<Body> {
             json(StatusCode::OK, &config_api::policies(&cluster))
         }
         (&Method::GET, "/config/connections") => match &state.data_path {
-            Some(dp) => json(StatusCode::OK, &dp.connections.snapshot()),
+            Some(DataPathView {
+                connections: ConnectionsSource::Thread(open),
+                ..
+            }) => json(StatusCode::OK, &open.snapshot()),
+            Some(DataPathView {
+                connections: ConnectionsSource::Process(link),
+                ..
+            }) => match link.connections().await {
+                Ok(open) => json(StatusCode::OK, &open),
+                Err(e) => error(StatusCode::SERVICE_UNAVAILABLE, &e),
+            },
             None => error(StatusCode::NOT_IMPLEMENTED, ZTUNNEL_HOLDS_IT),
         },
         (&Method::GET, "/version") => {

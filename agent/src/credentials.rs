@@ -15,7 +15,7 @@ use std::time::{Duration, SystemTime};
 use rustls::server::ResolvesServerCert;
 use rustls::sign::CertifiedKey;
 use rustls::{ClientConfig, ServerConfig};
-use zmesh_identity::{CertManager, SharedBundle, SpiffeId, TrustDomain, WorkloadId};
+use zmesh_identity::{CertManager, ExportedCert, SharedBundle, SpiffeId, TrustDomain, WorkloadId};
 use zmesh_proxy::{TlsCredentials, TlsError};
 
 use crate::admin::CertInfo;
@@ -52,6 +52,16 @@ pub trait WorkloadCertificates: Send + Sync + 'static {
     fn can_rotate(&self) -> Result<(), RotateError>;
     /// Renews `workload`'s certificate now (`zmesh certs rotate`).
     fn rotate<'a>(&'a self, workload: &'a WorkloadId) -> RotateFuture<'a>;
+    /// Every valid certificate with its key, for a data path in another process
+    /// (`zmesh datapath`); none where someone else holds them.
+    fn export(&self) -> Vec<ExportedCert> {
+        Vec::new()
+    }
+    /// Changes whenever what [`WorkloadCertificates::export`] returns may have changed;
+    /// `None`: it never does.
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
+    }
 }
 
 impl WorkloadCertificates for CertManager {
@@ -92,6 +102,14 @@ impl WorkloadCertificates for CertManager {
                 Err(e) => Err(RotateError::Failed(e.to_string())),
             }
         })
+    }
+
+    fn export(&self) -> Vec<ExportedCert> {
+        CertManager::export(self)
+    }
+
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(CertManager::changes(self))
     }
 }
 

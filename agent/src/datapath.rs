@@ -9,6 +9,10 @@
 
 use std::sync::Arc;
 
+pub(crate) mod link;
+pub mod protocol;
+pub mod server;
+
 use tokio::sync::oneshot;
 use zmesh_proxy::connections::OpenConnections;
 use zmesh_proxy::{DrainHandle, Proxy, ProxyConfig, ProxyDeps, ProxyError};

@@ -25,7 +25,7 @@ pub mod cni_server;
 pub mod cni_state;
 pub mod config_api;
 pub mod credentials;
-mod datapath;
+pub mod datapath;
 pub mod discovery;
 pub mod flows_api;
 pub mod handover;

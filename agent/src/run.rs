@@ -20,6 +20,7 @@ use crate::cni_install::{self, CniInstall};
 use crate::cni_server::{self, CniServer, EnrollmentView};
 use crate::cni_state::CniStateFile;
 use crate::credentials::{ManagedCredentials, WorkloadCertificates};
+use crate::datapath::link::{DataPathLink, LinkSources};
 use crate::datapath::{DataPath, DataPathError};
 use crate::discovery::{NetnsRegistry, PodNetnsDiscovery};
 use crate::flows_api;
@@ -97,8 +98,12 @@ pub enum IdentitySource {
 /// Who carries the traffic.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DataPlane {
-    /// Our proxy and eBPF redirection.
+    /// Our proxy (on a thread of the agent: it goes down with the agent) and eBPF
+    /// redirection.
     Zmesh,
+    /// Our proxy in its own process (`zmesh datapath` serving `socket`), so that the
+    /// connections it carries outlive the agent; eBPF redirection.
+    ZmeshProcess { socket: PathBuf },
     /// A stock Istio ztunnel, fed the node's pods over ZDS on `zds_socket`.
     Ztunnel { zds_socket: PathBuf },
 }
@@ -257,20 +262,51 @@ pub async fn run(
             Vec::new()
         }
     };
-    let mut data_path = DataPath::start(proxy_config, deps, config.proxy_threads).await?;
-    // Once a successor took the sockets over, it reads the drop reports (one reader of
-    // the ring buffer, or reports go to the agent on its way out).
-    let drop_reader = drop_events.as_ref().map(|task| task.abort_handle());
-    let handover_task = handover::serve(
-        &handover_path,
-        std::mem::take(&mut data_path.listener_fds),
-        move || {
-            if let Some(reader) = &drop_reader {
-                reader.abort();
-            }
-        },
-    )?;
-    let handover_inode = admin::socket_inode(&handover_path);
+    let link_stop = tokio_util::sync::CancellationToken::new();
+    let (mut running, connections) = match &config.data_plane {
+        DataPlane::ZmeshProcess { socket } => {
+            let (link, task) = DataPathLink::start(
+                LinkSources {
+                    socket: socket.clone(),
+                    config: proxy_config,
+                    pin_dir: config.redirect.as_ref().map(|r| r.pin_dir.clone()),
+                    workloads: workloads.clone(),
+                    policies: policies.clone(),
+                    certs: certs.clone(),
+                    bundle: bundle.clone(),
+                    trust_domain: config.trust_domain.clone(),
+                    flows: flows.clone(),
+                },
+                link_stop.clone(),
+            );
+            let connections = admin::ConnectionsSource::Process(link.clone());
+            (Running::Process { link, task }, connections)
+        }
+        DataPlane::Zmesh | DataPlane::Ztunnel { .. } => {
+            let mut data_path = DataPath::start(proxy_config, deps, config.proxy_threads).await?;
+            // Once a successor took the sockets over, it reads the drop reports (one
+            // reader of the ring buffer, or reports go to the agent on its way out).
+            let drop_reader = drop_events.as_ref().map(|task| task.abort_handle());
+            let handover_task = handover::serve(
+                &handover_path,
+                std::mem::take(&mut data_path.listener_fds),
+                move || {
+                    if let Some(reader) = &drop_reader {
+                        reader.abort();
+                    }
+                },
+            )?;
+            let connections = admin::ConnectionsSource::Thread(data_path.connections.clone());
+            (
+                Running::Thread {
+                    data_path,
+                    handover_task,
+                    handover_inode: admin::socket_inode(&handover_path),
+                },
+                connections,
+            )
+        }
+    };
     // What the last pass applied, for the CNI plugin's requests (they wake the loop) and
     // the status report.
     let redirecting = steering.is_some();
@@ -290,6 +326,7 @@ pub async fn run(
             certs: certs.clone(),
             view: view.clone(),
             pin_dir: config.redirect.as_ref().map(|r| r.pin_dir.clone()),
+            link: running.link(),
         },
     };
     let admin_task = admin::serve(
@@ -300,7 +337,7 @@ pub async fn run(
             flows: flows.clone(),
             data_path: Some(crate::admin::DataPathView {
                 workloads: workloads.clone(),
-                connections: data_path.connections.clone(),
+                connections,
             }),
             cluster: cluster.clone(),
             build: config.build.clone(),
@@ -434,7 +471,7 @@ pub async fn run(
     };
     let result = tokio::select! {
         error = reconcile => Err(error),
-        stopped = data_path.stopped() => {
+        stopped = running.stopped_on_its_own() => {
             // The proxy stopped on its own: nothing carries traffic any more.
             Err(match stopped {
                 Ok(()) => AgentError::Proxy(DataPathError::Panicked(
@@ -444,16 +481,26 @@ pub async fn run(
             })
         }
         _ = shutdown => {
-            tracing::info!("shutting down: draining open connections");
             // The pinned ring buffer has one reader position: while we drain, a new agent
             // (an upgrade) already reads it, and every report we took would be lost to it.
             if let Some(task) = &drop_events {
                 task.abort();
             }
-            // The sockets go with the drain (unless a successor holds them too).
-            handover_task.abort();
-            data_path.drain();
-            data_path.stopped().await.map_err(AgentError::from)
+            match &mut running {
+                Running::Thread { data_path, handover_task, .. } => {
+                    tracing::info!("shutting down: draining open connections");
+                    // The sockets go with the drain (unless a successor holds them too).
+                    handover_task.abort();
+                    data_path.drain();
+                    data_path.stopped().await.map_err(AgentError::from)
+                }
+                Running::Process { .. } => {
+                    tracing::info!(
+                        "shutting down; the data path process keeps serving the open connections"
+                    );
+                    Ok(())
+                }
+            }
         }
     };
     if let Err(e) = &result {
@@ -471,8 +518,20 @@ pub async fn run(
     if let Some(task) = install_task {
         task.abort();
     }
-    handover_task.abort();
-    admin::remove_socket_if_ours(&handover_path, handover_inode);
+    match running {
+        Running::Thread {
+            handover_task,
+            handover_inode,
+            ..
+        } => {
+            handover_task.abort();
+            admin::remove_socket_if_ours(&handover_path, handover_inode);
+        }
+        Running::Process { task, .. } => {
+            link_stop.cancel();
+            let _ = task.await;
+        }
+    }
     if let Some((stop, task)) = renewal {
         stop.cancel();
         let _ = task.await;
@@ -486,6 +545,39 @@ pub async fn run(
         admin::remove_socket_if_ours(path, inode);
     }
     result
+}
+
+/// The proxy as this agent runs it.
+enum Running {
+    /// On a thread of ours, its listening sockets offered to a successor.
+    Thread {
+        data_path: DataPath,
+        handover_task: tokio::task::JoinHandle<()>,
+        handover_inode: u64,
+    },
+    /// In the data path process, kept in step over the link.
+    Process {
+        link: DataPathLink,
+        task: tokio::task::JoinHandle<()>,
+    },
+}
+
+impl Running {
+    fn link(&self) -> Option<DataPathLink> {
+        match self {
+            Running::Process { link, .. } => Some(link.clone()),
+            Running::Thread { .. } => None,
+        }
+    }
+
+    /// Resolves when a proxy on our thread stopped by itself; a data path process that
+    /// goes away is reconnected to instead (the link says so meanwhile).
+    async fn stopped_on_its_own(&mut self) -> Result<(), DataPathError> {
+        match self {
+            Running::Thread { data_path, .. } => data_path.stopped().await,
+            Running::Process { .. } => std::future::pending().await,
+        }
+    }
 }
 
 /// How long to wait before looking again for pods' network namespaces: 200 ms, doubling

@@ -142,4 +142,17 @@ impl WorkloadCertificates for SpireCertificates {
         };
         Box::pin(std::future::ready(result))
     }
+
+    fn export(&self) -> Vec<zmesh_identity::ExportedCert> {
+        let expected = self.expected().clone();
+        self.source
+            .export()
+            .into_iter()
+            .filter(|cert| expected.contains(&cert.workload))
+            .collect()
+    }
+
+    fn changes(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.source.changes())
+    }
 }

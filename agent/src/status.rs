@@ -38,6 +38,8 @@ pub enum DataPlaneSource {
         view: watch::Receiver<Arc<EnrollmentView>>,
         /// The eBPF pins, `None` without redirection.
         pin_dir: Option<PathBuf>,
+        /// The data path process, when the proxy runs in one.
+        link: Option<crate::datapath::link::DataPathLink>,
     },
     /// A stock ztunnel fed over ZDS: it holds the certificates and the traffic.
     Ztunnel {
@@ -54,14 +56,23 @@ impl StatusSource {
                 certs,
                 view,
                 pin_dir,
+                link,
             } => {
                 let (source, certs, view, pin_dir) =
                     (self.clone(), certs.clone(), view.clone(), pin_dir.clone());
-                tokio::task::spawn_blocking(move || {
+                let link = link.as_ref().map(|l| (l.state(), l.socket().to_owned()));
+                let mut report = tokio::task::spawn_blocking(move || {
                     source.zmesh(&*certs, &view.borrow(), pin_dir.as_deref())
                 })
                 .await
-                .map_err(|e| e.to_string())
+                .map_err(|e| e.to_string())?;
+                if let Some((state, socket)) = link {
+                    if let Some(problem) = link_problem(&state, &socket) {
+                        report.ready = false;
+                        report.problems.insert(0, problem);
+                    }
+                }
+                Ok(report)
             }
             DataPlaneSource::Ztunnel { zds, handover } => {
                 let connected = *zds.connected().borrow();
@@ -228,5 +239,26 @@ pub async fn refresh(
             Err(e) => tracing::warn!("cannot make the status report: {e}"),
         }
         tokio::time::sleep(every).await;
+    }
+}
+
+/// What to say when the data path process is not connected: the proxy there keeps serving
+/// what it was last given, but this agent's changes do not reach it.
+fn link_problem(
+    state: &crate::datapath::link::LinkState,
+    socket: &std::path::Path,
+) -> Option<String> {
+    use crate::datapath::link::LinkState;
+    match state {
+        LinkState::Connected { .. } => None,
+        LinkState::Connecting { last_error } => Some(format!(
+            "the data path process ({}) is not connected{}: it serves with what it was last \
+             sent, if anything, and no change reaches it",
+            socket.display(),
+            last_error
+                .as_ref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        )),
     }
 }

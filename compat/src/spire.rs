@@ -99,6 +99,8 @@ impl SpireConfig {
 #[derive(Debug)]
 struct Held {
     key: Arc<CertifiedKey>,
+    /// The private key as SPIRE sent it, for [`SpireSource::export`].
+    pkcs8: PrivatePkcs8KeyDer<'static>,
     not_before: SystemTime,
     not_after: SystemTime,
     serial: String,
@@ -293,6 +295,27 @@ impl SpireSource {
     /// A receiver that is notified on every change (SVIDs, bundles, connection state).
     pub fn changes(&self) -> watch::Receiver<u64> {
         self.inner.version.subscribe()
+    }
+
+    /// Every expected workload's valid SVID with its key, for a data path in another
+    /// process.
+    pub fn export(&self) -> Vec<zmesh_identity::ExportedCert> {
+        let state = self.inner.lock();
+        let now = SystemTime::now();
+        let mut out: Vec<zmesh_identity::ExportedCert> = state
+            .expected
+            .iter()
+            .filter_map(|id| {
+                let held = state.svids.get(id).filter(|h| h.is_valid_at(now))?;
+                Some(zmesh_identity::ExportedCert {
+                    workload: WorkloadId::try_from(id.clone()).ok()?,
+                    chain: held.key.cert.clone(),
+                    key: held.pkcs8.clone_key(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.workload.cmp(&b.workload));
+        out
     }
 }
 
@@ -712,7 +735,8 @@ fn validate_svid(
         id: id.clone(),
         source,
     })?;
-    let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key_der));
+    let pkcs8 = PrivatePkcs8KeyDer::from(key_der);
+    let private = PrivateKeyDer::Pkcs8(pkcs8.clone_key());
     let signing = zmesh_identity::tls::crypto_provider()
         .key_provider
         .load_private_key(private)
@@ -725,6 +749,7 @@ fn validate_svid(
         .map_err(|_| SpireError::KeyMismatch { id: id.clone() })?;
     Ok(Held {
         key: Arc::new(key),
+        pkcs8,
         not_before: info.not_before,
         not_after: verified.not_after,
         serial: info.serial,

@@ -30,7 +30,8 @@ pub const PROXY_PORTS: [u16; 6] = [
 /// What happens to plaintext TCP that reaches an enrolled pod from outside the mesh.
 /// The eBPF programs enforce it in the kernel (per node and per pod), the proxy on its
 /// plaintext listener.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// Passed through to the pod, logged as unencrypted (migration friendly; the default,
     /// as Istio's PERMISSIVE).

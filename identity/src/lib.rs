@@ -20,4 +20,4 @@ pub use bundle::{Fingerprint, SharedBundle, TrustBundle};
 pub use svid::{lint_chain, verify_svid, SvidError, VerifiedSvid};
 pub mod manager;
 
-pub use manager::{CertError, CertManager, CertManagerConfig, CertStatus};
+pub use manager::{CertError, CertManager, CertManagerConfig, CertStatus, ExportedCert};

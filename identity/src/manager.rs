@@ -1,7 +1,8 @@
 //! The node's workload certificate manager.
 //!
 //! One task per local workload keeps a fresh X.509-SVID: a new ECDSA P-256 key and CSR per
-//! issuance (keys never leave memory), renewal at half of the lifetime, jittered exponential
+//! issuance (keys never touch disk; [`CertManager::export`] hands them to a data path in
+//! another process of the node), renewal at half of the lifetime, jittered exponential
 //! backoff on failure while the previous certificate stays in use until it expires. What the
 //! CA returns is validated as an SVID of the requested identity before it is used, and the
 //! CA's roots replace the node's roots for that trust domain (so root rotations are learned).
@@ -73,6 +74,8 @@ impl Default for CertManagerConfig {
 #[derive(Debug)]
 pub(crate) struct IssuedCert {
     pub key: Arc<CertifiedKey>,
+    /// The private key as issued, for [`CertManager::export`].
+    pub pkcs8: Arc<PrivatePkcs8KeyDer<'static>>,
     pub serial: String,
     pub not_before: SystemTime,
     pub not_after: SystemTime,
@@ -147,6 +150,17 @@ struct Inner {
     bundle: SharedBundle,
     config: CertManagerConfig,
     slots: RwLock<HashMap<WorkloadId, Slot>>,
+    /// Bumped whenever a certificate is issued or a workload is forgotten.
+    changes: Arc<watch::Sender<u64>>,
+}
+
+/// A workload's certificate chain (leaf first) and its private key, as handed to a data
+/// path that runs in another process.
+#[derive(Debug)]
+pub struct ExportedCert {
+    pub workload: WorkloadId,
+    pub chain: Vec<CertificateDer<'static>>,
+    pub key: PrivatePkcs8KeyDer<'static>,
 }
 
 /// Keeps certificates for the workloads local to this node. Cheap to clone. Its tasks run
@@ -178,6 +192,7 @@ impl CertManager {
                 bundle,
                 config,
                 slots: RwLock::default(),
+                changes: Arc::new(watch::channel(0).0),
             }),
         }
     }
@@ -200,6 +215,7 @@ impl CertManager {
             config: self.inner.config.clone(),
             workload: workload.clone(),
             state: state_tx,
+            changes: self.inner.changes.clone(),
         };
         let task = tokio::spawn(renewer.run(renew_rx));
         slots.insert(
@@ -214,7 +230,36 @@ impl CertManager {
 
     /// Stops renewing for `workload` and drops its key. Returns whether it was managed.
     pub fn forget(&self, workload: &WorkloadId) -> bool {
-        self.write_slots().remove(workload).is_some()
+        let forgotten = self.write_slots().remove(workload).is_some();
+        if forgotten {
+            self.inner.changes.send_modify(|n| *n += 1);
+        }
+        forgotten
+    }
+
+    /// Changes whenever a certificate was issued or a workload forgotten.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.inner.changes.subscribe()
+    }
+
+    /// Every valid certificate held now with its key, for a data path in another process.
+    pub fn export(&self) -> Vec<ExportedCert> {
+        let now = SystemTime::now();
+        let mut out: Vec<ExportedCert> = self
+            .read_slots()
+            .iter()
+            .filter_map(|(workload, slot)| {
+                let state = slot.state.borrow();
+                let cert = state.cert.as_ref().filter(|c| c.is_valid_at(now))?;
+                Some(ExportedCert {
+                    workload: workload.clone(),
+                    chain: cert.key.cert.clone(),
+                    key: cert.pkcs8.clone_key(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| a.workload.cmp(&b.workload));
+        out
     }
 
     /// The workload's certificate if one is valid now. Never waits for the CA.
@@ -343,6 +388,7 @@ struct Renewer {
     ca: Arc<dyn CertificateAuthority>,
     bundle: SharedBundle,
     config: CertManagerConfig,
+    changes: Arc<watch::Sender<u64>>,
     workload: WorkloadId,
     state: watch::Sender<State>,
 }
@@ -405,6 +451,9 @@ impl Renewer {
                 }
                 s.next_attempt = Some(next_wall);
             });
+            if outcome.is_ok() {
+                self.changes.send_modify(|n| *n += 1);
+            }
             if let Some(reply) = reply {
                 let answer = outcome.map(|_| status_of(&self.workload, &self.state.borrow()));
                 // The caller may have given up waiting; nothing to do then.
@@ -439,7 +488,8 @@ impl Renewer {
             });
         }
         let info = svid::describe(&chain[0]).map_err(CertError::InvalidSvid)?;
-        let private = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der()));
+        let pkcs8 = PrivatePkcs8KeyDer::from(key.serialize_der());
+        let private = PrivateKeyDer::Pkcs8(pkcs8.clone_key());
         let signing_key = crate::tls::crypto_provider()
             .key_provider
             .load_private_key(private)
@@ -454,6 +504,7 @@ impl Renewer {
         }
         Ok(Arc::new(IssuedCert {
             key: Arc::new(certified),
+            pkcs8: Arc::new(pkcs8),
             serial: info.serial,
             not_before: info.not_before,
             not_after: info.not_after,
@@ -510,6 +561,7 @@ mod tests {
         let not_before = SystemTime::UNIX_EPOCH + Duration::from_secs(1000);
         let cert = IssuedCert {
             key: ck.clone(),
+            pkcs8: Arc::new(PrivatePkcs8KeyDer::from(vec![1, 2, 3])),
             serial: "01".into(),
             not_before,
             not_after: not_before + Duration::from_secs(100),
@@ -520,6 +572,7 @@ mod tests {
         let arrived = not_before + Duration::from_secs(60);
         let short = IssuedCert {
             key: ck,
+            pkcs8: Arc::new(PrivatePkcs8KeyDer::from(vec![1, 2, 3])),
             serial: "02".into(),
             not_before,
             not_after: arrived + Duration::from_secs(10),

@@ -351,3 +351,26 @@ mod tests {
         assert!(WorkloadId::new(&TrustDomain::default(), "a/b", "c").is_err());
     }
 }
+
+/// Serialized as their string form and validated again when read back (the data path gets
+/// its workload table and certificates this way from the agent).
+macro_rules! serde_as_string {
+    ($ty:ty, $parse:expr) => {
+        impl serde::Serialize for $ty {
+            fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+                s.collect_str(self)
+            }
+        }
+
+        impl<'de> serde::Deserialize<'de> for $ty {
+            fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                let text = <std::borrow::Cow<'de, str>>::deserialize(d)?;
+                $parse(&text).map_err(serde::de::Error::custom)
+            }
+        }
+    };
+}
+
+serde_as_string!(TrustDomain, TrustDomain::new);
+serde_as_string!(SpiffeId, SpiffeId::parse);
+serde_as_string!(WorkloadId, <WorkloadId as FromStr>::from_str);

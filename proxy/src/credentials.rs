@@ -77,18 +77,44 @@ impl StaticCredentials {
             ),
         >,
     ) -> Result<Self, CredentialsError> {
+        let (credentials, mut refused) = Self::new_partial(trust_domain, bundle, certs);
+        match refused.is_empty() {
+            true => Ok(credentials),
+            false => Err(refused.swap_remove(0)),
+        }
+    }
+
+    /// Like [`StaticCredentials::new`], but a chain that fails the checks is left out
+    /// (and returned with the reason) instead of failing the whole set.
+    pub fn new_partial(
+        trust_domain: TrustDomain,
+        bundle: TrustBundle,
+        certs: impl IntoIterator<
+            Item = (
+                WorkloadId,
+                Vec<CertificateDer<'static>>,
+                PrivateKeyDer<'static>,
+            ),
+        >,
+    ) -> (Self, Vec<CredentialsError>) {
         let mut map = HashMap::new();
+        let mut refused = Vec::new();
         for (workload, chain, key) in certs {
             let where_ = PathBuf::from(workload.to_string());
-            let entry = certified(&workload, chain, key, &bundle, &where_)?;
-            map.insert(workload, entry);
+            match certified(&workload, chain, key, &bundle, &where_) {
+                Ok(entry) => {
+                    map.insert(workload, entry);
+                }
+                Err(e) => refused.push(e),
+            }
         }
-        Ok(Self {
+        let credentials = Self {
             trust_domain,
             bundle: SharedBundle::new(bundle),
             certs: map,
             server_configs: Mutex::default(),
-        })
+        };
+        (credentials, refused)
     }
 
     /// Loads a certificate directory (see the module docs).

@@ -7,7 +7,7 @@ use std::time::Duration;
 use crate::clock::Clock;
 
 /// How often an idle or busy HBONE connection is pinged, and how long an answer may take.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Keepalive {
     pub interval: Duration,
     pub timeout: Duration,

@@ -27,7 +27,7 @@ use crate::metrics::{Direction, Metrics};
 use crate::tls::{TlsCredentials, TlsError, ALPN_H2};
 
 /// Pool tuning; the defaults are ztunnel's.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct PoolConfig {
     /// Close a connection after it carried no tunnel for this long.
     pub idle_timeout: Duration,

@@ -30,7 +30,7 @@ use crate::workloads::{WorkloadStore, WorkloadTable};
 use crate::Mode;
 
 /// How traffic reaches the proxy.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Capture {
     /// eBPF steers pod traffic to the listeners: the inbound destination is the local
     /// address of the accepted socket, and an HBONE `:authority` must name that address.
@@ -42,7 +42,7 @@ pub enum Capture {
 }
 
 /// Where and how the proxy listens.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ProxyConfig {
     /// This node's name: workloads with this `node` are local.
     pub node: String,
@@ -106,7 +106,7 @@ impl ProxyConfig {
 
 /// The proxy's timeouts and limits, each a flag of `zmesh proxy` and `zmesh agent`
 /// (README, "Limits and timeouts").
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Limits {
     /// How long open tunnels may take to finish after a drain starts.
     pub drain_deadline: Duration,

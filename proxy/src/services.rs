@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::time::Duration;
 
 /// One Service.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Service {
     pub name: String,
     pub namespace: String,
@@ -23,7 +23,7 @@ pub struct Service {
 }
 
 /// One port of a Service.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ServicePort {
     /// The port's name (EndpointSlices name their ports after it).
     pub name: Option<String>,
@@ -34,7 +34,7 @@ pub struct ServicePort {
 }
 
 /// A Service port's `targetPort`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum TargetPort {
     Number(u16),
     /// A container port name, resolved per endpoint pod (pods may use different numbers).
@@ -42,7 +42,7 @@ pub enum TargetPort {
 }
 
 /// One endpoint of a Service: an address, and its port for each service port it serves.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Endpoint {
     pub ip: IpAddr,
     /// Service port -> this endpoint's port for it. A service port missing here is not

@@ -100,7 +100,7 @@ pub(crate) fn local_addr(stream: &TcpStream) -> io::Result<SocketAddr> {
 
 /// TCP keepalive on the proxy's sockets to and from applications, so that a peer that
 /// vanished (its node died, a NAT forgot the flow) is noticed on an idle connection.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct TcpKeepalive {
     /// Idle time before the first probe.
     pub time: Duration,

@@ -39,7 +39,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use zmesh_identity::{SpiffeIdError, TrustDomain, WorkloadId};
 
@@ -100,7 +100,7 @@ pub enum TableError {
 }
 
 /// Whether traffic to a workload goes through HBONE.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Protocol {
     /// Enrolled in the mesh: reached over HBONE with mTLS.
@@ -111,7 +111,7 @@ pub enum Protocol {
 }
 
 /// One pod.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Workload {
     pub name: String,
     /// The Deployment (StatefulSet, ...) the pod belongs to, Istio's `workload_name`; the
@@ -128,7 +128,7 @@ pub struct Workload {
 }
 
 /// One node, as far as the proxy cares.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Node {
     pub name: String,
     /// Where to dial this node's HBONE server instead of `<pod ip>:15008`
@@ -228,6 +228,47 @@ pub struct WorkloadTable {
     service_by_vip: HashMap<IpAddr, Arc<Service>>,
     /// `namespace/name` -> the service.
     service_by_key: HashMap<String, Arc<Service>>,
+}
+
+/// A table as it travels from the agent to a data path in another process: what
+/// [`WorkloadTable::new`] and [`WorkloadTable::with_services`] take, checked again on the
+/// way in.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TableWire {
+    trust_domain: TrustDomain,
+    nodes: Vec<Node>,
+    workloads: Vec<Arc<Workload>>,
+    services: Vec<Arc<Service>>,
+}
+
+impl Serialize for WorkloadTable {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut nodes: Vec<Node> = self.nodes.values().cloned().collect();
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
+        TableWire {
+            trust_domain: self.trust_domain.clone(),
+            nodes,
+            workloads: self.workloads.clone(),
+            services: self.services.clone(),
+        }
+        .serialize(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for WorkloadTable {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let wire = TableWire::deserialize(d)?;
+        let unwrap = |w: Arc<Workload>| Arc::try_unwrap(w).unwrap_or_else(|w| (*w).clone());
+        let unwrap_service = |s: Arc<Service>| Arc::try_unwrap(s).unwrap_or_else(|s| (*s).clone());
+        WorkloadTable::new(
+            wire.trust_domain,
+            wire.nodes,
+            wire.workloads.into_iter().map(unwrap),
+        )
+        .and_then(|table| table.with_services(wire.services.into_iter().map(unwrap_service)))
+        .map_err(serde::de::Error::custom)
+    }
 }
 
 impl WorkloadTable {
@@ -542,7 +583,12 @@ impl WorkloadStore {
 
     /// Replaces the table; new connections see it at once, open ones are re-checked.
     pub fn replace(&self, table: WorkloadTable) {
-        self.current.store(Arc::new(table));
+        self.replace_shared(Arc::new(table));
+    }
+
+    /// [`WorkloadStore::replace`] with a table already shared.
+    pub fn replace_shared(&self, table: Arc<WorkloadTable>) {
+        self.current.store(table);
         self.generation.send_modify(|g| *g = g.wrapping_add(1));
     }
 

@@ -65,6 +65,12 @@ pub struct AgentArgs {
         default_value = "/var/run/ztunnel/ztunnel.sock"
     )]
     zds_socket: PathBuf,
+    /// Run zmesh's proxy in the data path process serving PATH (`zmesh datapath
+    /// --socket PATH`) instead of on a thread of the agent: the connections it carries
+    /// then outlive the agent (a crash, an OOM kill, an upgrade), and a new agent takes
+    /// the data path over.
+    #[arg(long, value_name = "PATH")]
+    datapath_socket: Option<PathBuf>,
     /// Directory with this node's credential from `zmesh ca join` (node.pem, node.key,
     /// ca-bundle.pem).
     #[arg(long, value_name = "DIR", default_value = "/var/lib/zmesh/node")]
@@ -199,6 +205,12 @@ pub async fn run_agent(
         .with_context(|| format!("invalid trust domain {:?}", args.trust_domain))?;
     let ztunnel = args.data_plane == DataPlaneArg::Ztunnel;
     let spire = args.identity_source == IdentitySourceArg::Spire;
+    if ztunnel && args.datapath_socket.is_some() {
+        anyhow::bail!(
+            "--datapath-socket runs zmesh's own proxy in a process of its own; it does not \
+             apply with --data-plane ztunnel"
+        );
+    }
     if ztunnel && spire {
         anyhow::bail!(
             "--identity-source spire does not apply with --data-plane ztunnel: ztunnel asks \
@@ -287,12 +299,14 @@ pub async fn run_agent(
         } else {
             IdentitySource::ZmeshCa
         },
-        data_plane: if ztunnel {
-            DataPlane::Ztunnel {
+        data_plane: match (ztunnel, &args.datapath_socket) {
+            (true, _) => DataPlane::Ztunnel {
                 zds_socket: args.zds_socket.clone(),
-            }
-        } else {
-            DataPlane::Zmesh
+            },
+            (false, Some(socket)) => DataPlane::ZmeshProcess {
+                socket: socket.clone(),
+            },
+            (false, None) => DataPlane::Zmesh,
         },
         mode: args.mode.into(),
         proxy_limits: args.tuning.limits(),

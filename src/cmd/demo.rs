@@ -67,6 +67,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         // Every pod has an IPv4 and an IPv6 address; the agents steer both.
         dual_stack: true,
         ca_args: vec![],
+        datapath_process: false,
     });
     let mut lab = tokio::select! {
         lab = lab => lab?,

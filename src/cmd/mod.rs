@@ -7,6 +7,7 @@ pub mod check;
 pub mod compat;
 pub mod config;
 pub mod connectivity;
+pub mod datapath;
 #[cfg(feature = "demo")]
 pub mod demo;
 pub mod docs;

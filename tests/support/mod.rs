@@ -54,6 +54,7 @@ pub fn options(
         kubelet_cgroups: false,
         dual_stack: false,
         ca_args: vec![],
+        datapath_process: false,
     }
 }
 

@@ -152,7 +152,7 @@ impl fmt::Display for PolicyErrors {
 impl std::error::Error for PolicyErrors {}
 
 /// A string condition with Istio's wildcards.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 enum StringMatch {
     Exact(String),
     Prefix(String),
@@ -184,10 +184,25 @@ impl StringMatch {
 }
 
 /// An IP block, with the host bits cleared (as Envoy and ztunnel do).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// Read back through [`Cidr::new`], so a read CIDR is always masked and in range.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(into = "(IpAddr, u8)", from = "(IpAddr, u8)")]
 struct Cidr {
     addr: IpAddr,
     len: u8,
+}
+
+impl From<(IpAddr, u8)> for Cidr {
+    fn from((addr, len): (IpAddr, u8)) -> Self {
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        Self::new(addr, len.min(max))
+    }
+}
+
+impl From<Cidr> for (IpAddr, u8) {
+    fn from(cidr: Cidr) -> Self {
+        (cidr.addr, cidr.len)
+    }
 }
 
 impl Cidr {
@@ -213,7 +228,7 @@ impl Cidr {
 }
 
 /// `from[].source`: all present fields must hold.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Source {
     principals: Vec<StringMatch>,
     not_principals: Vec<StringMatch>,
@@ -235,20 +250,20 @@ impl Source {
 }
 
 /// `to[].operation`.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Operation {
     ports: Vec<u16>,
     not_ports: Vec<u16>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 struct Rule {
     from: Vec<Source>,
     to: Vec<Operation>,
 }
 
 /// One parsed, valid `AuthorizationPolicy`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Policy {
     id: PolicyRef,
     /// `None`: every workload of the namespace (or the mesh, in the root namespace).
@@ -474,11 +489,26 @@ impl Policy {
 }
 
 /// An immutable, valid set of policies and the root namespace they are read against.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Read back through [`PolicySet::new`]'s checks (sorted, no duplicates).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "PolicySetWire")]
 pub struct PolicySet {
     root_namespace: String,
     /// Sorted by namespace/name so verdicts are deterministic.
     policies: Vec<Policy>,
+}
+
+#[derive(Deserialize)]
+struct PolicySetWire {
+    root_namespace: String,
+    policies: Vec<Policy>,
+}
+
+impl TryFrom<PolicySetWire> for PolicySet {
+    type Error = PolicyErrors;
+    fn try_from(wire: PolicySetWire) -> Result<Self, PolicyErrors> {
+        Ok(Self::new(wire.policies)?.with_root_namespace(wire.root_namespace))
+    }
 }
 
 impl Default for PolicySet {

@@ -100,6 +100,7 @@ pub async fn run(only: &[String]) -> anyhow::Result<Vec<Outcome>> {
         kubelet_cgroups: false,
         dual_stack: false,
         ca_args: vec![],
+        datapath_process: false,
     })
     .await?;
     let results = matrix(&mut lab, only).await;

@@ -98,6 +98,9 @@ pub struct LabOptions {
     pub dual_stack: bool,
     /// More arguments for `zmesh ca serve` (e.g. `--bearer-tokens FILE`).
     pub ca_args: Vec<String>,
+    /// Run each node's proxy in a `zmesh datapath` process of its own (started with the
+    /// node's first agent, kept across agent restarts) instead of inside the agent.
+    pub datapath_process: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -113,6 +116,8 @@ pub struct Lab {
     options: LabOptions,
     /// Declared before `cluster` so that processes stop before namespaces go away.
     agents: BTreeMap<String, Child>,
+    /// With `datapath_process`: each node's data path process.
+    datapaths: BTreeMap<String, Child>,
     /// Replaced agents, draining their open connections.
     retired: Vec<Child>,
     ca: Option<Child>,
@@ -176,6 +181,7 @@ impl Lab {
         let mut lab = Lab {
             options,
             agents: BTreeMap::new(),
+            datapaths: BTreeMap::new(),
             retired: Vec::new(),
             ca: None,
             cluster: Some(cluster),
@@ -231,6 +237,33 @@ impl Lab {
 
     pub fn agent_log_path(&self, node: &str) -> PathBuf {
         self.node_dir(node).join("agent.log")
+    }
+
+    /// The log of `node`'s data path process (with `datapath_process`).
+    pub fn datapath_log(&self, node: &str) -> String {
+        std::fs::read_to_string(self.node_dir(node).join("datapath.log")).unwrap_or_default()
+    }
+
+    fn datapath_socket(&self, node: &str) -> PathBuf {
+        self.node_dir(node).join("datapath.sock")
+    }
+
+    /// Starts `node`'s data path process unless it runs.
+    fn ensure_datapath(&mut self, node: &str) -> Result<(), LabError> {
+        if let Some(child) = self.datapaths.get_mut(node) {
+            if child.try_wait().ok().flatten().is_none() {
+                return Ok(());
+            }
+        }
+        let cluster_node = self.cluster().node(node).expect("node of the spec");
+        let mut command = cluster_node.command(&self.options.zmesh_bin)?;
+        command
+            .args(["datapath", "--socket"])
+            .arg(self.datapath_socket(node));
+        let log = self.node_dir(node).join("datapath.log");
+        let child = spawn_logged(command, &log, "the data path")?;
+        self.datapaths.insert(node.to_owned(), child);
+        Ok(())
     }
 
     pub fn agent_log(&self, node: &str) -> String {
@@ -564,6 +597,12 @@ impl Lab {
             .arg("--cni-socket")
             .arg(self.cni_socket_path(node))
             .envs(self.options.agent_env.iter().map(|(k, v)| (k, v)));
+        if self.options.datapath_process {
+            command
+                .arg("--datapath-socket")
+                .arg(self.datapath_socket(node));
+            self.ensure_datapath(node)?;
+        }
         let child = spawn_logged(command, &self.agent_log_path(node), "the agent")?;
         self.agents.insert(node.to_owned(), child);
         Ok(())
@@ -743,6 +782,9 @@ impl Drop for Lab {
     fn drop(&mut self) {
         let agents = std::mem::take(&mut self.agents).into_values();
         for child in agents.chain(std::mem::take(&mut self.retired)) {
+            terminate(child, Duration::from_secs(5));
+        }
+        for child in std::mem::take(&mut self.datapaths).into_values() {
             terminate(child, Duration::from_secs(5));
         }
         if let Some(ca) = self.ca.take() {
