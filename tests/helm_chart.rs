@@ -261,6 +261,24 @@ impl Rendered {
         (spec, container)
     }
 
+    /// The container the proxy runs in: the data path's when it runs apart, else the
+    /// agent's. It has the ports and the probes.
+    fn proxy(&self) -> Container {
+        let ds: DaemonSet = self.get("DaemonSet", "zmesh-agent");
+        let containers = ds.spec.unwrap().template.spec.unwrap().containers;
+        let serving: Vec<Container> = containers
+            .into_iter()
+            .filter(|c| {
+                c.ports
+                    .iter()
+                    .flatten()
+                    .any(|p| p.name.as_deref() == Some("readiness"))
+            })
+            .collect();
+        assert_eq!(serving.len(), 1, "one container serves the proxy's ports");
+        serving.into_iter().next().unwrap()
+    }
+
     fn ca(&self) -> (PodSpec, Container, Container) {
         let deploy: Deployment = self.get("Deployment", "zmesh-ca");
         let spec = deploy.spec.unwrap().template.spec.unwrap();
@@ -374,12 +392,30 @@ fn check_agent_basics(rendered: &Rendered) -> Vec<String> {
         "the admin socket's directory is the node's {RUN_DIR}, for a node shell"
     );
     assert_eq!(spec.host_network, Some(true));
-    let readiness = container
-        .readiness_probe
-        .as_ref()
-        .expect("a readiness probe");
+    let proxy = rendered.proxy();
+    if proxy.name == "datapath" {
+        // The agent configures the data path over a socket both see on the node.
+        let proxy_args = expand_args(&proxy);
+        assert_eq!(proxy_args.first().map(String::as_str), Some("datapath"));
+        let socket = flag(&proxy_args, "socket").expect("--socket");
+        assert_eq!(flag(&args, "datapath-socket"), Some(socket));
+        let dir = socket.rsplit_once('/').unwrap().0;
+        for c in [&container, &proxy] {
+            assert_eq!(
+                host_dir(&spec, c, dir).as_deref(),
+                Some(RUN_DIR),
+                "{}",
+                c.name
+            );
+        }
+        let printed = zmesh(&[proxy_args.clone(), vec!["--dry-run".into()]].concat());
+        assert!(printed.contains(socket), "{printed}");
+    } else {
+        assert!(!has_flag(&args, "datapath-socket"));
+    }
+    let readiness = proxy.readiness_probe.as_ref().expect("a readiness probe");
     assert_eq!(
-        probe_port(readiness, &container),
+        probe_port(readiness, &proxy),
         (
             i32::from(zmesh_dataplane::READINESS_PORT),
             Some("/healthz/ready".to_owned())
@@ -387,11 +423,11 @@ fn check_agent_basics(rendered: &Rendered) -> Vec<String> {
         "readiness is the proxy's /healthz/ready"
     );
     assert_eq!(
-        container_port(&container, "metrics"),
+        container_port(&proxy, "metrics"),
         i32::from(zmesh_dataplane::METRICS_PORT)
     );
     assert_eq!(
-        container_port(&container, "hbone"),
+        container_port(&proxy, "hbone"),
         i32::from(zmesh_dataplane::HBONE_PORT)
     );
     args
@@ -469,7 +505,7 @@ fn default_values_render_the_example_deployment() {
         "TrustDomain(\n        \"cluster.local\"",
         "mode: Permissive",
         "tc_attach: Auto",
-        "data_plane: Zmesh",
+        "data_plane: ZmeshProcess",
         "admin_socket: \"/var/run/zmesh/agent.sock\"",
         "failure_policy: Closed",
     ] {
@@ -501,6 +537,10 @@ agent:
     failureThreshold: 5
   nodeSelector: {kubernetes.io/os: linux}
   terminationGracePeriodSeconds: 90
+datapath:
+  separate: true
+  resources:
+    requests: {cpu: 200m, memory: 32Mi}
 cni:
   install: false
 ca:
@@ -564,9 +604,15 @@ fn values_steer_the_rendered_deployment() {
         serde_json::to_value(&agent.resources).unwrap(),
         json!({"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}})
     );
-    let liveness = agent.liveness_probe.as_ref().expect("the liveness probe");
+    let proxy = rendered.proxy();
+    assert_eq!(proxy.image.as_deref(), Some(image));
     assert_eq!(
-        probe_port(liveness, &agent),
+        serde_json::to_value(&proxy.resources).unwrap(),
+        json!({"requests": {"cpu": "200m", "memory": "32Mi"}})
+    );
+    let liveness = proxy.liveness_probe.as_ref().expect("the liveness probe");
+    assert_eq!(
+        probe_port(liveness, &proxy),
         (
             i32::from(zmesh_dataplane::READINESS_PORT),
             Some("/healthz/ready".to_owned())
@@ -694,6 +740,24 @@ fn values_steer_the_rendered_deployment() {
     assert_eq!(endpoint["port"], json!(port.name.as_deref().unwrap()));
     assert_eq!(endpoint["path"], "/metrics");
     assert_eq!(endpoint["interval"], "15s");
+}
+
+#[test]
+fn the_proxy_runs_in_the_agent_without_a_separate_data_path() {
+    let Some(helm) = Helm::new() else { return };
+    let rendered = helm.render("zmesh-system", "datapath: {separate: false}\n");
+    let args = check_agent_basics(&rendered);
+    let ds: DaemonSet = rendered.get("DaemonSet", "zmesh-agent");
+    let containers = ds.spec.unwrap().template.spec.unwrap().containers;
+    assert_eq!(
+        containers
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect::<Vec<_>>(),
+        ["agent"]
+    );
+    assert_eq!(rendered.proxy().name, "agent");
+    assert!(dry_run(&args).contains("data_plane: Zmesh,"));
 }
 
 fn template_labels(rendered: &Rendered) -> BTreeMap<String, String> {

@@ -262,3 +262,37 @@ fn link_problem(
         )),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::link::LinkState;
+
+    #[test]
+    fn a_data_path_out_of_reach_is_a_problem_with_the_reason() {
+        let socket = std::path::Path::new("/var/run/zmesh/datapath.sock");
+        assert_eq!(
+            link_problem(
+                &LinkState::Connected {
+                    pid: 7,
+                    generation: 1
+                },
+                socket
+            ),
+            None
+        );
+        let problem = link_problem(
+            &LinkState::Connecting {
+                last_error: Some("cannot connect: No such file or directory".into()),
+            },
+            socket,
+        )
+        .expect("a problem");
+        assert!(
+            problem.contains("/var/run/zmesh/datapath.sock"),
+            "{problem}"
+        );
+        assert!(problem.contains("No such file or directory"), "{problem}");
+        assert!(problem.contains("not connected"), "{problem}");
+    }
+}

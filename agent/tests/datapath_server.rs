@@ -185,8 +185,7 @@ async fn a_new_agent_is_adopted_and_another_configuration_takes_over_the_same_so
         roots: vec![],
         certs: vec![WorkloadCredential {
             workload: WorkloadId::new(&td, "shop", "web").unwrap(),
-            chain_pem: "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n"
-                .into(),
+            chain_pem: "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into(),
             key_pem: "not a key".into(),
         }],
     };

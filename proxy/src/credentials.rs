@@ -176,7 +176,7 @@ impl StaticCredentials {
             .map(|e| e.key.clone())
             .ok_or_else(|| TlsError::NoCertificate {
                 workload: id.to_string(),
-                reason: "none in the certificate directory".into(),
+                reason: "none held for it".into(),
             })
     }
 }

@@ -669,6 +669,39 @@ workloads:
     protocol: tcp
 "#;
 
+    /// How the agent hands a table to a data path in another process: everything comes
+    /// back, and the checks run again on the way in.
+    #[test]
+    fn the_wire_form_round_trips_and_is_checked_on_the_way_in() {
+        let table = WorkloadTable::from_yaml(GOOD).unwrap();
+        let wire = serde_json::to_value(&table).unwrap();
+        let back: WorkloadTable = serde_json::from_value(wire.clone()).unwrap();
+        assert_eq!(serde_json::to_value(&back).unwrap(), wire);
+        let web = back.workload_by_ip("fd00::1".parse().unwrap()).unwrap();
+        assert_eq!(
+            web.identity.to_string(),
+            "spiffe://example.org/ns/default/sa/web-sa"
+        );
+        assert_eq!(
+            back.node("n1").unwrap().hbone,
+            table.node("n1").unwrap().hbone
+        );
+
+        // Two workloads on one IP: refused, as from a file.
+        let mut twice = wire.clone();
+        twice["workloads"][1]["ips"] = serde_json::json!(["10.0.0.1"]);
+        let err = serde_json::from_value::<WorkloadTable>(twice).unwrap_err();
+        assert!(err.to_string().contains("10.0.0.1"), "{err}");
+        // An identity that is not a SPIFFE ID: refused.
+        let mut bad_id = wire.clone();
+        bad_id["workloads"][0]["identity"] = serde_json::json!("https://example.org/x");
+        assert!(serde_json::from_value::<WorkloadTable>(bad_id).is_err());
+        // Unknown fields: refused.
+        let mut extra = wire;
+        extra["surprise"] = serde_json::json!(1);
+        assert!(serde_json::from_value::<WorkloadTable>(extra).is_err());
+    }
+
     #[test]
     fn parses_and_indexes_by_ip() {
         let t = WorkloadTable::from_yaml(GOOD).unwrap();

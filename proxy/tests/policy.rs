@@ -164,6 +164,35 @@ spec:
 status: {}
 "#;
 
+/// How the agent hands policies to a data path in another process: the same set comes
+/// back, and what the set's checks refuse is refused on the way in too.
+#[test]
+fn the_wire_form_round_trips_and_is_checked_on_the_way_in() {
+    let s = set(EVERY_FIELD).with_root_namespace("mesh-root");
+    let wire = serde_json::to_value(&s).unwrap();
+    let back: PolicySet = serde_json::from_value(wire.clone()).unwrap();
+    assert_eq!(back, s);
+
+    // The same policy twice: refused, as in manifests.
+    let mut twice = wire.clone();
+    let policy = twice["policies"][0].clone();
+    twice["policies"].as_array_mut().unwrap().push(policy);
+    let e = serde_json::from_value::<PolicySet>(twice).unwrap_err();
+    assert!(e.to_string().contains("defined twice"), "{e}");
+
+    // An IP block comes back masked and in range, whatever the wire says.
+    let mut wide = wire;
+    let blocks = &mut wide["policies"][0]["rules"][0]["from"][0]["ip_blocks"];
+    assert_eq!(blocks[0], serde_json::json!(["10.0.0.0", 8]), "{blocks}");
+    *blocks = serde_json::json!([["10.1.2.3", 99]]);
+    let back: PolicySet = serde_json::from_value(wide).unwrap();
+    let again = serde_json::to_value(&back).unwrap();
+    assert_eq!(
+        again["policies"][0]["rules"][0]["from"][0]["ip_blocks"],
+        serde_json::json!([["10.1.2.3", 32]])
+    );
+}
+
 #[test]
 fn parses_every_accepted_field() {
     let s = set(EVERY_FIELD);

@@ -16,9 +16,16 @@ pub struct DatapathArgs {
         default_value = "/var/run/zmesh/datapath.sock"
     )]
     pub socket: PathBuf,
+    /// Print the configuration and exit.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 pub async fn run(args: DatapathArgs) -> anyhow::Result<ExitCode> {
+    if args.dry_run {
+        println!("{args:#?}");
+        return Ok(ExitCode::SUCCESS);
+    }
     zmesh_proxy::runtime::tune_malloc();
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;

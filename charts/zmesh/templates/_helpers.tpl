@@ -20,3 +20,28 @@ imagePullPolicy: {{ . }}
 {{- define "zmesh.caHost" -}}
 zmesh-ca.{{ .Release.Namespace }}.svc
 {{- end }}
+
+{{/*
+The proxy's ports and the probes on them: on the agent's container, or on the data path's
+when it runs apart (datapath.separate).
+*/}}
+{{- define "zmesh.proxyPortsAndProbes" -}}
+ports:
+  - name: hbone
+    containerPort: 15008
+    protocol: TCP
+  - name: metrics
+    containerPort: 15020
+    protocol: TCP
+  - name: readiness
+    containerPort: 15021
+    protocol: TCP
+{{- with .Values.agent.readinessProbe }}
+readinessProbe:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- with .Values.agent.livenessProbe }}
+livenessProbe:
+  {{- toYaml . | nindent 2 }}
+{{- end }}
+{{- end }}
