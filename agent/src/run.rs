@@ -241,7 +241,18 @@ pub async fn run(
     // drains, so a restart refuses no connection.
     let handover_path = handover::socket_path(&config.admin_socket);
     let path = handover_path.clone();
-    deps.inherited_listeners = match blocking(move || handover::receive(&path)).await {
+    // (Not with a data path process: it holds the listeners, and sockets taken from an
+    // agent that ran the proxy itself would only keep the data path from binding them.)
+    let separate = matches!(config.data_plane, DataPlane::ZmeshProcess { .. });
+    deps.inherited_listeners = match blocking(move || {
+        if separate {
+            Ok(Vec::new())
+        } else {
+            handover::receive(&path)
+        }
+    })
+    .await
+    {
         Ok(Ok(listeners)) => {
             if !listeners.is_empty() {
                 tracing::info!(
