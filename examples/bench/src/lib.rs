@@ -2,5 +2,6 @@
 //! table, and the proxy processes they run and measure.
 
 pub mod certs;
+pub mod compare;
 pub mod load;
 pub mod procs;

@@ -73,8 +73,13 @@ impl Server {
     /// Listens on `ip` (ephemeral port) with `acceptors` threads; one-exchange
     /// connections are served on the acceptor, longer ones get a thread each.
     pub fn start(ip: IpAddr, acceptors: usize) -> Result<Self> {
-        let listener = TcpListener::bind(SocketAddr::new(ip, 0))
-            .with_context(|| format!("binding the benchmark server on {ip}"))?;
+        Self::start_on(SocketAddr::new(ip, 0), acceptors)
+    }
+
+    /// As [`Server::start`], on a given address.
+    pub fn start_on(addr: SocketAddr, acceptors: usize) -> Result<Self> {
+        let listener = TcpListener::bind(addr)
+            .with_context(|| format!("binding the benchmark server on {addr}"))?;
         let addr = listener.local_addr()?;
         let stop = Arc::new(AtomicBool::new(false));
         let mut handles = Vec::new();

@@ -98,6 +98,18 @@ struct Args {
     /// Internal: where the relay forwards to.
     #[arg(long, hide = true, value_name = "ADDR", requires = "relay_listen")]
     relay_to: Option<SocketAddr>,
+    /// Internal: the relay dials onwards in mutual TLS with the SVIDs in this directory.
+    #[arg(
+        long,
+        hide = true,
+        value_name = "DIR",
+        requires = "relay_listen",
+        conflicts_with = "relay_tls_in"
+    )]
+    relay_tls_out: Option<PathBuf>,
+    /// Internal: the relay accepts mutual TLS with the SVIDs in this directory.
+    #[arg(long, hide = true, value_name = "DIR", requires = "relay_listen")]
+    relay_tls_in: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
@@ -130,7 +142,14 @@ enum Test {
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
     let result = match (args.relay_listen, args.relay_to) {
-        (Some(listen), Some(to)) => relay::run(listen, to),
+        (Some(listen), Some(to)) => {
+            let tls = match (&args.relay_tls_out, &args.relay_tls_in) {
+                (Some(dir), _) => Some(relay::Tls::Out(dir.clone())),
+                (_, Some(dir)) => Some(relay::Tls::In(dir.clone())),
+                _ => None,
+            };
+            relay::run(listen, to, tls)
+        }
         _ => run(&args),
     };
     match result {

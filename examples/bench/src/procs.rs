@@ -115,9 +115,7 @@ impl ProxyProcess {
     }
 
     pub fn memory(&self) -> Result<Memory> {
-        let path = format!("/proc/{}/status", self.pid());
-        let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        parse_status(&text).with_context(|| format!("parsing {path}"))
+        process_memory(self.pid())
     }
 
     /// How many file descriptors the child holds (sockets included).
@@ -294,6 +292,13 @@ fn clock_ticks() -> u64 {
     } else {
         100
     }
+}
+
+/// Resident memory of a process, from /proc/<pid>/status.
+pub fn process_memory(pid: u32) -> Result<Memory> {
+    let path = format!("/proc/{pid}/status");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    parse_status(&text).with_context(|| format!("parsing {path}"))
 }
 
 /// User + system CPU time of a process, from /proc/<pid>/stat.

@@ -3,31 +3,139 @@
 //! relay A -> relay B -> server) are the floor that any two-process proxy chain pays on
 //! this machine: the wake-ups and socket hops, without the mesh's own work.
 //!
+//! With `--relay-tls-out DIR` (relay A) or `--relay-tls-in DIR` (relay B) the hop between
+//! the two relays is mutual TLS instead: the same rustls, aws-lc and SPIFFE verifiers as
+//! zmesh's proxies, one TLS connection per client connection, and still nothing else (no
+//! HTTP/2, no routing, no policy). Such a pair is the least work any pair of user-space
+//! mutual-TLS proxies can do per byte on a machine without kTLS: the side-by-side harness
+//! measures it as the floor that zmesh and ztunnel both stand on.
+//!
 //! The harness runs it as this same binary re-executed with the hidden arguments
-//! `--relay-listen IP:PORT --relay-to IP:PORT`, on a tokio current_thread runtime (as the
-//! proxies run by default).
+//! `--relay-listen IP:PORT --relay-to IP:PORT [--relay-tls-out DIR | --relay-tls-in DIR]`,
+//! on a tokio current_thread runtime (as the proxies run by default).
 
 use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsAcceptor, TlsConnector};
+use zmesh_bench::certs::{NAMESPACE, TRUST_DOMAIN};
+use zmesh_identity::{TrustDomain, WorkloadId};
+use zmesh_proxy::{StaticCredentials, TlsCredentials};
 
 /// Bound on connecting onwards (on loopback a refusal is immediate; this only catches a
 /// target that does not answer at all).
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Copy buffer per direction: as large as the proxies' reads (256 KiB), so that the floor
+/// is not held back by more, smaller syscalls than theirs.
+const COPY_BUFFER: usize = 256 * 1024;
+
+/// Which end of the TLS hop this relay is, with the certificate directory (the layout of
+/// `zmesh proxy --cert-dir`) holding its SVID: `bench/client` for A, `bench/server` for B.
+#[derive(Debug, Clone)]
+pub enum Tls {
+    /// Relay A: accepts plaintext, dials onwards in TLS and expects B's SVID.
+    Out(PathBuf),
+    /// Relay B: accepts TLS (a client SVID of the trust domain is mandatory).
+    In(PathBuf),
+}
+
 /// The relay process: binds `listen` (failing if it is taken) and relays to `to` until
-/// killed.
-pub fn run(listen: SocketAddr, to: SocketAddr) -> Result<()> {
+/// killed, plain or with one TLS side.
+pub fn run(listen: SocketAddr, to: SocketAddr, tls: Option<Tls>) -> Result<()> {
     let listener =
         std::net::TcpListener::bind(listen).with_context(|| format!("relay: binding {listen}"))?;
     listener.set_nonblocking(true)?;
+    let tls = tls.map(|t| TlsEnd::load(&t)).transpose()?;
     runtime()?.block_on(async move {
         let listener = TcpListener::from_std(listener)?;
-        serve(listener, to).await;
+        match tls {
+            None => serve(listener, to).await,
+            Some(tls) => serve_tls(listener, to, tls).await,
+        }
         Ok(())
     })
+}
+
+#[derive(Clone)]
+enum TlsEnd {
+    Connector(TlsConnector),
+    Acceptor(TlsAcceptor),
+}
+
+impl TlsEnd {
+    fn load(tls: &Tls) -> Result<Self> {
+        let dir: &Path = match tls {
+            Tls::Out(d) | Tls::In(d) => d,
+        };
+        let td = TrustDomain::new(TRUST_DOMAIN)?;
+        let creds = StaticCredentials::load_dir(dir, &td)
+            .with_context(|| format!("relay: loading {}", dir.display()))?;
+        let id = |sa: &str| WorkloadId::new(&td, NAMESPACE, sa);
+        Ok(match tls {
+            Tls::Out(_) => {
+                let server = id("server")?.spiffe_id().clone();
+                let config = creds.client_config(&id("client")?, &[server])?;
+                TlsEnd::Connector(TlsConnector::from(config))
+            }
+            Tls::In(_) => {
+                let config = creds.server_config(&id("server")?)?;
+                TlsEnd::Acceptor(TlsAcceptor::from(config))
+            }
+        })
+    }
+}
+
+/// As [`serve`], with TLS on one side.
+async fn serve_tls(listener: TcpListener, to: SocketAddr, tls: TlsEnd) {
+    loop {
+        match listener.accept().await {
+            Ok((inbound, _)) => {
+                let tls = tls.clone();
+                tokio::spawn(async move {
+                    let _ = relay_one_tls(inbound, to, tls).await;
+                });
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+async fn relay_one_tls(inbound: TcpStream, to: SocketAddr, tls: TlsEnd) -> std::io::Result<()> {
+    inbound.set_nodelay(true)?;
+    let outbound = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(to))
+        .await
+        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
+    outbound.set_nodelay(true)?;
+    match tls {
+        TlsEnd::Connector(c) => {
+            let name = zmesh_identity::tls::server_name(to.ip());
+            let mut outbound = c.connect(name, outbound).await?;
+            let mut inbound = inbound;
+            tokio::io::copy_bidirectional_with_sizes(
+                &mut inbound,
+                &mut outbound,
+                COPY_BUFFER,
+                COPY_BUFFER,
+            )
+            .await?;
+        }
+        TlsEnd::Acceptor(a) => {
+            let mut inbound = a.accept(inbound).await?;
+            let mut outbound = outbound;
+            tokio::io::copy_bidirectional_with_sizes(
+                &mut inbound,
+                &mut outbound,
+                COPY_BUFFER,
+                COPY_BUFFER,
+            )
+            .await?;
+        }
+    }
+    Ok(())
 }
 
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
@@ -62,7 +170,8 @@ async fn relay_one(mut inbound: TcpStream, to: SocketAddr) -> std::io::Result<()
     outbound.set_nodelay(true)?;
     // Copies both ways; on EOF from one side it shuts down writing to the other
     // (half-close) and keeps copying the other direction until that ends too.
-    tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await?;
+    tokio::io::copy_bidirectional_with_sizes(&mut inbound, &mut outbound, COPY_BUFFER, COPY_BUFFER)
+        .await?;
     Ok(())
 }
 
@@ -84,6 +193,11 @@ mod tests {
 
     impl InProcessRelay {
         fn start(ip: IpAddr, to: SocketAddr) -> Self {
+            Self::start_with(ip, to, None)
+        }
+
+        fn start_with(ip: IpAddr, to: SocketAddr, tls: Option<Tls>) -> Self {
+            let tls = tls.map(|t| TlsEnd::load(&t).unwrap());
             let listener = StdListener::bind(SocketAddr::new(ip, 0)).unwrap();
             listener.set_nonblocking(true).unwrap();
             let addr = listener.local_addr().unwrap();
@@ -91,8 +205,14 @@ mod tests {
             let thread = std::thread::spawn(move || {
                 runtime().unwrap().block_on(async move {
                     let listener = TcpListener::from_std(listener).unwrap();
+                    let serving = async move {
+                        match tls {
+                            None => serve(listener, to).await,
+                            Some(tls) => serve_tls(listener, to, tls).await,
+                        }
+                    };
                     tokio::select! {
-                        _ = serve(listener, to) => {}
+                        _ = serving => {}
                         _ = stopped => {}
                     }
                 })
@@ -147,6 +267,57 @@ mod tests {
         let c = load::conn_rate(&t, 2, Duration::from_millis(200));
         assert_eq!(c.errors, 0, "{:?}", c.first_error);
         assert!(c.conns > 0);
+    }
+
+    /// The floor's TLS pair: bytes cross intact both ways, the hop between the relays is
+    /// TLS (a plaintext client is not relayed by B), and A refuses to talk to a B whose
+    /// SVID comes from another root.
+    #[test]
+    fn tls_relays_carry_bytes_over_mutual_tls_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = zmesh_bench::certs::Ca::new().unwrap();
+        let (certs_a, certs_b) = (dir.path().join("a"), dir.path().join("b"));
+        ca.write_cert_dir(&certs_a, "client").unwrap();
+        ca.write_cert_dir(&certs_b, "server").unwrap();
+        let server = Server::start(ip(), 4).unwrap();
+        let b = InProcessRelay::start_with(ip(), server.addr(), Some(Tls::In(certs_b)));
+        let a = InProcessRelay::start_with(ip(), b.addr, Some(Tls::Out(certs_a.clone())));
+        let t = Target {
+            src: ip(),
+            dst: a.addr,
+        };
+        let rtts = load::ping_pong(&t, 5, 100, Duration::from_secs(30)).unwrap();
+        assert_eq!(rtts.len(), 100);
+        let r = load::throughput(&t, 2, Duration::from_millis(100)).unwrap();
+        assert!(r.bytes > 0);
+
+        // Plaintext straight to B: nothing is relayed; all that comes back is, at most, a
+        // TLS alert record (content type 21), then the connection ends.
+        let plain = Target {
+            src: ip(),
+            dst: b.addr,
+        };
+        let mut s = load::connect(&plain).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut msg = [0x45u8; MSG];
+        msg[0] = b'E';
+        let _ = s.write_all(&msg);
+        let mut back = Vec::new();
+        let _ = s.read_to_end(&mut back);
+        assert!(back.is_empty() || back[0] == 21, "B answered {back:?}");
+
+        // A B with an SVID from another root: A's handshake fails and the client gets no
+        // echo.
+        let other = zmesh_bench::certs::Ca::new().unwrap();
+        let certs_x = dir.path().join("x");
+        other.write_cert_dir(&certs_x, "server").unwrap();
+        let foreign = InProcessRelay::start_with(ip(), server.addr(), Some(Tls::In(certs_x)));
+        let a2 = InProcessRelay::start_with(ip(), foreign.addr, Some(Tls::Out(certs_a)));
+        let to_foreign = Target {
+            src: ip(),
+            dst: a2.addr,
+        };
+        assert!(load::ping_pong(&to_foreign, 0, 1, Duration::from_secs(10)).is_err());
     }
 
     #[test]

@@ -239,6 +239,12 @@ impl Lab {
         self.node_dir(node).join("agent.log")
     }
 
+    /// The process id of `node`'s data path process (with `datapath_process`), e.g. to
+    /// read its CPU time and memory.
+    pub fn datapath_pid(&self, node: &str) -> Option<u32> {
+        self.datapaths.get(node).map(Child::id)
+    }
+
     /// The log of `node`'s data path process (with `datapath_process`).
     pub fn datapath_log(&self, node: &str) -> String {
         std::fs::read_to_string(self.node_dir(node).join("datapath.log")).unwrap_or_default()

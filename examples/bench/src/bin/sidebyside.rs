@@ -7,11 +7,16 @@
 //!   client (ns C, 10.90.0.1) -> proxy A :15001 -> HBONE :15008 -> proxy B (ns S) -> server (10.90.0.2)
 //!
 //! Each round runs direct TCP (the same two namespaces, no capture: the denominator), then
-//! the zmesh pair (`zmesh proxy`, transparent listeners, original destination from
-//! conntrack), then the ztunnel pair (`PROXY_MODE=dedicated`, its fake CA and a static
-//! workload table), each pair started fresh for the round. The table shows medians of the
-//! rounds and zmesh/ztunnel ratios against the targets. Needs root; cleans up on exit, on
-//! error and on panic. See BENCHMARKS.md, "zmesh and ztunnel side by side".
+//! two floors on the same capture: a pair of plain TCP relays, and a pair of TLS relays
+//! (zmesh-bench re-executed, see its relay.rs: mutual TLS between them with the same
+//! rustls and aws-lc, no HTTP/2, nothing else), then the zmesh pair (`zmesh proxy`,
+//! transparent listeners, original destination from conntrack), then the ztunnel pair
+//! (`PROXY_MODE=dedicated`, its fake CA and a static workload table), each pair started
+//! fresh for the round. The table shows medians of the rounds, zmesh/ztunnel against the
+//! targets and, per target, the best ratio the floor pair reaches against the same
+//! ztunnel: where even the floor misses a target, no proxy pair of this kind can meet it
+//! on this machine. Needs root; cleans up on exit, on error and on panic. See
+//! BENCHMARKS.md, "zmesh and ztunnel side by side".
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::AsFd;
@@ -23,6 +28,7 @@ use anyhow::{bail, Context, Result};
 use clap::Parser;
 
 use zmesh_bench::certs::{Ca, NAMESPACE, TRUST_DOMAIN};
+use zmesh_bench::compare::{percentiles, table, Figures, Measured};
 use zmesh_bench::load::{self, Server, Target};
 use zmesh_bench::procs::ProxyProcess;
 
@@ -51,6 +57,12 @@ struct Args {
     /// `ZTUNNEL_WORKER_THREADS`.
     #[arg(long, default_value_t = 1)]
     proxy_threads: usize,
+    /// zmesh-bench, which runs the floors' relays (default: next to this binary).
+    #[arg(long, value_name = "PATH")]
+    bench: Option<PathBuf>,
+    /// Leave out the two relay floors.
+    #[arg(long)]
+    no_floors: bool,
 }
 
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 90, 0, 1);
@@ -157,20 +169,6 @@ fn capture(ns: &str, port: u16) -> Result<()> {
     Ok(())
 }
 
-/// A proxy pair's figures for one round.
-#[derive(Default, Clone, Copy)]
-struct Figures {
-    single_gbps: f64,
-    multi_gbps: f64,
-    p50_us: f64,
-    p99_us: f64,
-    conns_per_s: f64,
-    /// CPU seconds of both proxies per GB moved, single stream.
-    cpu_s_per_gb: f64,
-    /// Peak RSS of each proxy over the round, MB.
-    peak_rss_mb: [f64; 2],
-}
-
 struct Setup<'a> {
     args: &'a Args,
     ns: &'a Namespaces,
@@ -218,18 +216,6 @@ fn run_tests(s: &Setup, target: &Target, pair: &[&ProxyProcess]) -> Result<Figur
         f.peak_rss_mb[i] = p.memory()?.hwm_kib as f64 * 1024.0 / 1e6;
     }
     Ok(f)
-}
-
-fn percentiles(mut ns: Vec<u64>) -> (f64, f64) {
-    if ns.is_empty() {
-        return (f64::NAN, f64::NAN);
-    }
-    ns.sort_unstable();
-    let rank = |p: f64| {
-        let i = ((p / 100.0) * ns.len() as f64).ceil() as usize;
-        ns[i.clamp(1, ns.len()) - 1] as f64 / 1e3
-    };
-    (rank(50.0), rank(99.0))
 }
 
 /// The zmesh pair for one round: started, measured, stopped.
@@ -359,6 +345,61 @@ fn ztunnel_round(s: &Setup, ztunnel: &Path, dir: &Path) -> Result<Figures> {
     Ok(f)
 }
 
+/// The relays of a floor pair: A in the client's namespace on the capture's :15001, B on
+/// the server's HBONE port; plain TCP between them, or mutual TLS with SVIDs from a fresh
+/// throwaway CA.
+fn relay_round(s: &Setup, bench: &Path, dir: &Path, tls: bool) -> Result<Figures> {
+    let round = tempfile::tempdir_in(dir)?;
+    let hop = SocketAddr::new(SERVER_IP.into(), 15008);
+    let mut extra_a = Vec::new();
+    let mut extra_b = Vec::new();
+    if tls {
+        let ca = Ca::new()?;
+        let (certs_a, certs_b) = (round.path().join("relay-a"), round.path().join("relay-b"));
+        ca.write_cert_dir(&certs_a, "client")?;
+        ca.write_cert_dir(&certs_b, "server")?;
+        extra_a = vec!["--relay-tls-out".to_string(), certs_a.display().to_string()];
+        extra_b = vec!["--relay-tls-in".to_string(), certs_b.display().to_string()];
+    }
+    let spawn = |name, ns: &str, listen: SocketAddr, to: SocketAddr, extra: &[String]| {
+        let mut args: Vec<String> = vec![
+            "netns".into(),
+            "exec".into(),
+            ns.into(),
+            bench.display().to_string(),
+            "--relay-listen".into(),
+            listen.to_string(),
+            "--relay-to".into(),
+            to.to_string(),
+        ];
+        args.extend_from_slice(extra);
+        ProxyProcess::spawn(
+            name,
+            Path::new("ip"),
+            &args,
+            dir.join(format!("{}.log", name.replace(' ', "-"))),
+        )
+    };
+    let (name_a, name_b) = if tls {
+        ("TLS relay A", "TLS relay B")
+    } else {
+        ("relay A", "relay B")
+    };
+    let mut b = spawn(name_b, &s.ns.server, hop, s.mesh.dst, &extra_b)?;
+    let any = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 15001);
+    let mut a = spawn(name_a, &s.ns.client, any, hop, &extra_a)?;
+    let limit = Duration::from_secs(15);
+    in_ns(&s.ns.server, || b.wait_listening(hop, limit))??;
+    in_ns(&s.ns.client, || {
+        a.wait_listening(SocketAddr::new(Ipv4Addr::LOCALHOST.into(), 15001), limit)
+    })??;
+    first_exchange(s)?;
+    let f = run_tests(s, &s.mesh, &[&a, &b])?;
+    a.check_alive()?;
+    b.check_alive()?;
+    Ok(f)
+}
+
 /// One exchange through the pair: the pooled HBONE connection is open (as on a running
 /// node) before anything is measured, and the path works.
 fn first_exchange(s: &Setup) -> Result<()> {
@@ -367,20 +408,6 @@ fn first_exchange(s: &Setup) -> Result<()> {
     })?
     .context("the first exchange through the proxies")?;
     Ok(())
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.retain(|x| !x.is_nan());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v.sort_by(f64::total_cmp);
-    let m = v.len() / 2;
-    if v.len() % 2 == 1 {
-        v[m]
-    } else {
-        (v[m - 1] + v[m]) / 2.0
-    }
 }
 
 fn main() -> std::process::ExitCode {
@@ -407,6 +434,19 @@ fn run(args: &Args) -> Result<()> {
     if !zmesh.is_file() {
         bail!("{} not found: pass --zmesh", zmesh.display());
     }
+    let bench = match &args.bench {
+        Some(p) => p.clone(),
+        None => std::env::current_exe()?
+            .parent()
+            .context("this binary has no parent directory")?
+            .join("zmesh-bench"),
+    };
+    if !args.no_floors && !bench.is_file() {
+        bail!(
+            "{} not found: pass --bench, or --no-floors",
+            bench.display()
+        );
+    }
     if let Some(z) = &args.ztunnel {
         if !z.is_file() {
             bail!("{} not found (--ztunnel / ZTUNNEL_BIN)", z.display());
@@ -417,14 +457,20 @@ fn run(args: &Args) -> Result<()> {
     remove_leftovers();
     let ns = Namespaces::create()?;
     let dir = tempfile::Builder::new().prefix("zmesh-sbs").tempdir()?;
-    let table = measure_all(args, &ns, &zmesh, dir.path())?;
+    let table = measure_all(args, &ns, &zmesh, &bench, dir.path())?;
     print!("{table}");
     Ok(())
 }
 
 /// Runs the measurements; the servers are stopped from inside their namespace (their
 /// acceptors are woken by a connection, which only works from there), also on error.
-fn measure_all(args: &Args, ns: &Namespaces, zmesh: &Path, dir: &Path) -> Result<String> {
+fn measure_all(
+    args: &Args,
+    ns: &Namespaces,
+    zmesh: &Path,
+    bench: &Path,
+    dir: &Path,
+) -> Result<String> {
     let direct_server = in_ns(&ns.server, || Server::start(SERVER_IP.into(), 8))??;
     let mesh_server = in_ns(&ns.server, || Server::start(SERVER_IP.into(), 8))??;
     let result = (|| {
@@ -444,11 +490,19 @@ fn measure_all(args: &Args, ns: &Namespaces, zmesh: &Path, dir: &Path) -> Result
             duration: Duration::from_secs_f64(args.seconds),
         };
         let mut direct = Vec::new();
+        let mut plain = Vec::new();
+        let mut tls = Vec::new();
         let mut zm = Vec::new();
         let mut zt = Vec::new();
         for round in 1..=args.rounds {
             eprintln!("round {round}/{}: direct", args.rounds);
             direct.push(run_tests(&setup, &setup.direct, &[])?);
+            if !args.no_floors {
+                eprintln!("round {round}/{}: plain relays", args.rounds);
+                plain.push(relay_round(&setup, bench, dir, false)?);
+                eprintln!("round {round}/{}: TLS relays", args.rounds);
+                tls.push(relay_round(&setup, bench, dir, true)?);
+            }
             eprintln!("round {round}/{}: zmesh", args.rounds);
             zm.push(zmesh_round(&setup, zmesh, dir)?);
             if let Some(z) = &args.ztunnel {
@@ -456,7 +510,22 @@ fn measure_all(args: &Args, ns: &Namespaces, zmesh: &Path, dir: &Path) -> Result
                 zt.push(ztunnel_round(&setup, z, dir)?);
             }
         }
-        Ok(table(args, &direct, &zm, &zt))
+        let title = format!(
+            "zmesh and ztunnel side by side: netns + veth, nftables REDIRECT capture, {} s per \
+             test, N = {} streams, {} connection threads, {} proxy thread(s), medians of {} \
+             round(s)",
+            args.seconds, args.streams, args.conn_threads, args.proxy_threads, args.rounds
+        );
+        Ok(table(
+            &title,
+            &Measured {
+                direct,
+                plain,
+                tls,
+                zm,
+                zt,
+            },
+        ))
     })();
     in_ns(&ns.server, move || drop((direct_server, mesh_server)))?;
     result
@@ -479,92 +548,4 @@ fn remove_leftovers() {
             let _ = ip(&["netns", "delete", &name]);
         }
     }
-}
-
-/// The side-by-side table: medians of the rounds, zmesh/ztunnel, the targets.
-fn table(args: &Args, direct: &[Figures], zm: &[Figures], zt: &[Figures]) -> String {
-    let med = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
-    type Row = (&'static str, fn(&Figures) -> f64, bool, Option<(bool, f64)>);
-    // (name, figure, "added to direct", target: (higher is better, ratio bound))
-    let rows: [Row; 8] = [
-        (
-            "1 stream (Gb/s)",
-            |f| f.single_gbps,
-            false,
-            Some((true, 1.5)),
-        ),
-        (
-            "N streams (Gb/s)",
-            |f| f.multi_gbps,
-            false,
-            Some((true, 1.5)),
-        ),
-        (
-            "added RTT p50, 64 B (us)",
-            |f| f.p50_us,
-            true,
-            Some((false, 0.7)),
-        ),
-        ("added RTT p99 (us)", |f| f.p99_us, true, Some((false, 0.5))),
-        (
-            "new connections/s",
-            |f| f.conns_per_s,
-            false,
-            Some((true, 2.0)),
-        ),
-        (
-            "CPU s/GB, both proxies, 1 stream",
-            |f| f.cpu_s_per_gb,
-            false,
-            Some((false, 0.7)),
-        ),
-        (
-            "peak RSS proxy A (MB)",
-            |f| f.peak_rss_mb[0],
-            false,
-            Some((false, 0.5)),
-        ),
-        (
-            "peak RSS proxy B (MB)",
-            |f| f.peak_rss_mb[1],
-            false,
-            Some((false, 0.5)),
-        ),
-    ];
-    let mut out = format!(
-        "\nzmesh and ztunnel side by side: netns + veth, nftables REDIRECT capture, {} s per \
-         test, N = {} streams, {} connection threads, {} proxy thread(s), medians of {} round(s)\n\n\
-         | figure | direct | ztunnel | zmesh | zmesh/ztunnel | target | verdict |\n\
-         |---|---|---|---|---|---|---|\n",
-        args.seconds, args.streams, args.conn_threads, args.proxy_threads, args.rounds
-    );
-    for (name, f, added, target) in rows {
-        let d = med(direct, f);
-        let base = if added { d } else { 0.0 };
-        let (z, t) = (med(zm, f) - base, med(zt, f) - base);
-        let ratio = z / t;
-        let direct_cell = if name.contains("RSS") || name.contains("CPU") {
-            "-".to_string()
-        } else {
-            format!("{d:.1}")
-        };
-        let (target_cell, verdict) = match target {
-            Some((higher, bound)) if !ratio.is_nan() => {
-                let met = if higher {
-                    ratio >= bound
-                } else {
-                    ratio <= bound
-                };
-                (
-                    format!("{} {bound}", if higher { ">=" } else { "<=" }),
-                    if met { "MET" } else { "MISSED" },
-                )
-            }
-            _ => ("-".to_string(), "-"),
-        };
-        out += &format!(
-            "| {name} | {direct_cell} | {t:.2} | {z:.2} | {ratio:.2} | {target_cell} | {verdict} |\n"
-        );
-    }
-    out
 }

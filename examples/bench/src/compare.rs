@@ -1,0 +1,219 @@
+//! What both side-by-side harnesses (zmesh-sidebyside on netns + veth, zmesh-podbench on
+//! the product's own path) share: one round's figures, medians, and the table of
+//! zmesh/ztunnel ratios against issue 17's targets.
+
+/// A proxy pair's figures for one round.
+#[derive(Default, Clone, Copy)]
+pub struct Figures {
+    pub single_gbps: f64,
+    pub multi_gbps: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub conns_per_s: f64,
+    /// CPU seconds of both proxies per GB moved, single stream.
+    pub cpu_s_per_gb: f64,
+    /// Peak RSS of each proxy over the round, MB.
+    pub peak_rss_mb: [f64; 2],
+}
+
+/// p50 and p99 of round-trip times in ns, in us.
+pub fn percentiles(mut ns: Vec<u64>) -> (f64, f64) {
+    if ns.is_empty() {
+        return (f64::NAN, f64::NAN);
+    }
+    ns.sort_unstable();
+    let rank = |p: f64| {
+        let i = ((p / 100.0) * ns.len() as f64).ceil() as usize;
+        ns[i.clamp(1, ns.len()) - 1] as f64 / 1e3
+    };
+    (rank(50.0), rank(99.0))
+}
+
+pub fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| !x.is_nan());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v.sort_by(f64::total_cmp);
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+/// Every round's figures, per path (the floors are empty with --no-floors, ztunnel's
+/// without --ztunnel).
+pub struct Measured {
+    pub direct: Vec<Figures>,
+    pub plain: Vec<Figures>,
+    pub tls: Vec<Figures>,
+    pub zm: Vec<Figures>,
+    pub zt: Vec<Figures>,
+}
+
+/// Which floor bounds a figure: the TLS relays for everything the TLS hop carries per byte
+/// or per round trip; the plain relays for new connections, because HBONE carries a new
+/// connection as a stream on a pooled TLS connection, without a handshake of its own (the
+/// TLS relays do a full handshake per connection, so they bound nothing there).
+#[derive(Clone, Copy, PartialEq)]
+enum Floor {
+    Tls,
+    Plain,
+    None,
+}
+
+/// The side-by-side table: medians of the rounds, zmesh/ztunnel, the targets, and the floor
+/// pair's own ratio to ztunnel.
+pub fn table(title: &str, m: &Measured) -> String {
+    let med = |v: &[Figures], f: fn(&Figures) -> f64| median(v.iter().map(f).collect());
+    struct Row {
+        name: &'static str,
+        figure: fn(&Figures) -> f64,
+        /// Shown as added to direct (the direct column shows the direct figure itself).
+        added: bool,
+        /// Higher is better.
+        higher: bool,
+        bound: f64,
+        floor: Floor,
+    }
+    let row = |name, figure, added, higher, bound, floor| Row {
+        name,
+        figure,
+        added,
+        higher,
+        bound,
+        floor,
+    };
+    let rows = [
+        row(
+            "1 stream (Gb/s)",
+            (|f: &Figures| f.single_gbps) as fn(&Figures) -> f64,
+            false,
+            true,
+            1.5,
+            Floor::Tls,
+        ),
+        row(
+            "N streams (Gb/s)",
+            |f| f.multi_gbps,
+            false,
+            true,
+            1.5,
+            Floor::Tls,
+        ),
+        row(
+            "added RTT p50, 64 B (us)",
+            |f| f.p50_us,
+            true,
+            false,
+            0.7,
+            Floor::Tls,
+        ),
+        row(
+            "added RTT p99 (us)",
+            |f| f.p99_us,
+            true,
+            false,
+            0.5,
+            Floor::Tls,
+        ),
+        row(
+            "new connections/s",
+            |f| f.conns_per_s,
+            false,
+            true,
+            2.0,
+            Floor::Plain,
+        ),
+        row(
+            "CPU s/GB, both proxies, 1 stream",
+            |f| f.cpu_s_per_gb,
+            false,
+            false,
+            0.7,
+            Floor::Tls,
+        ),
+        row(
+            "peak RSS proxy A (MB)",
+            |f| f.peak_rss_mb[0],
+            false,
+            false,
+            0.5,
+            Floor::None,
+        ),
+        row(
+            "peak RSS proxy B (MB)",
+            |f| f.peak_rss_mb[1],
+            false,
+            false,
+            0.5,
+            Floor::None,
+        ),
+    ];
+    let floors = if m.plain.is_empty() && m.tls.is_empty() {
+        ""
+    } else {
+        "floor: the plain or TLS relay pair (no HTTP/2; see zmesh-bench's relay.rs); \
+         floor/ztunnel is the best ratio such a pair reaches here\n"
+    };
+    let mut out = format!(
+        "\n{title}\n{floors}\n\
+         | figure | direct | relays | TLS relays | ztunnel | zmesh | zmesh/ztunnel | target | verdict | floor/ztunnel |\n\
+         |---|---|---|---|---|---|---|---|---|---|\n"
+    );
+    let cell = |v: f64| {
+        if v.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{v:.2}")
+        }
+    };
+    for r in rows {
+        let d = med(&m.direct, r.figure);
+        let base = if r.added { d } else { 0.0 };
+        let of = |v: &[Figures]| med(v, r.figure) - base;
+        let (plain, tls, z, t) = (of(&m.plain), of(&m.tls), of(&m.zm), of(&m.zt));
+        let meets = |ratio: f64| {
+            if r.higher {
+                ratio >= r.bound
+            } else {
+                ratio <= r.bound
+            }
+        };
+        let ratio = z / t;
+        let floor_ratio = match r.floor {
+            Floor::Tls => tls / t,
+            Floor::Plain => plain / t,
+            Floor::None => f64::NAN,
+        };
+        let verdict = if ratio.is_nan() {
+            "-"
+        } else if meets(ratio) {
+            "MET"
+        } else if !floor_ratio.is_nan() && !meets(floor_ratio) {
+            "missed: out of reach (floor misses too)"
+        } else {
+            "MISSED"
+        };
+        let direct_cell = if r.name.contains("RSS") || r.name.contains("CPU") {
+            "-".to_string()
+        } else {
+            format!("{d:.1}")
+        };
+        out += &format!(
+            "| {} | {direct_cell} | {} | {} | {} | {} | {} | {} {} | {verdict} | {} |\n",
+            r.name,
+            cell(plain),
+            cell(tls),
+            cell(t),
+            cell(z),
+            cell(ratio),
+            if r.higher { ">=" } else { "<=" },
+            r.bound,
+            cell(floor_ratio),
+        );
+    }
+    out
+}
