@@ -6,8 +6,9 @@
 #   scripts/bench.sh --rounds 3 --seconds 5 --json /tmp/bench.json
 # With ZTUNNEL_BIN set (a stock ztunnel built with its `testing` feature; the project never
 # builds one) and as root, it then runs zmesh and that ztunnel side by side on one topology
-# (two network namespaces, nftables capture; zmesh-sidebyside, 3 rounds) and prints the
-# zmesh/ztunnel table.
+# (two network namespaces, nftables capture, plus the relay floors; zmesh-sidebyside, 3
+# rounds), then on their own paths (zmesh's agent with eBPF redirection against ztunnel in
+# in-pod mode on the lab's cluster; zmesh-podbench, 3 rounds), and prints both tables.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,4 +17,5 @@ cargo build --profile dist -p zmesh -p zmesh-bench
 target/dist/zmesh-bench --zmesh target/dist/zmesh "$@"
 if [ -n "${ZTUNNEL_BIN:-}" ]; then
   target/dist/zmesh-sidebyside --zmesh target/dist/zmesh --ztunnel "$ZTUNNEL_BIN" --rounds 3
+  target/dist/zmesh-podbench --zmesh target/dist/zmesh --ztunnel "$ZTUNNEL_BIN" --rounds 3
 fi

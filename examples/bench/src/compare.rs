@@ -14,6 +14,9 @@ pub struct Figures {
     pub cpu_s_per_gb: f64,
     /// Peak RSS of each proxy over the round, MB.
     pub peak_rss_mb: [f64; 2],
+    /// The anonymous part of each proxy's RSS at the end of the round (heap, buffers,
+    /// stacks: what load grows; the rest is the binary's mapped text), MB.
+    pub end_anon_mb: [f64; 2],
 }
 
 /// p50 and p99 of round-trip times in ns, in us.
@@ -151,6 +154,23 @@ pub fn table(title: &str, m: &Measured) -> String {
             0.5,
             Floor::None,
         ),
+        // No target: where the RSS above goes.
+        row(
+            "anonymous RSS at the end, proxy A (MB)",
+            |f| f.end_anon_mb[0],
+            false,
+            false,
+            f64::NAN,
+            Floor::None,
+        ),
+        row(
+            "anonymous RSS at the end, proxy B (MB)",
+            |f| f.end_anon_mb[1],
+            false,
+            false,
+            f64::NAN,
+            Floor::None,
+        ),
     ];
     let floors = if m.plain.is_empty() && m.tls.is_empty() {
         ""
@@ -175,45 +195,97 @@ pub fn table(title: &str, m: &Measured) -> String {
         let base = if r.added { d } else { 0.0 };
         let of = |v: &[Figures]| med(v, r.figure) - base;
         let (plain, tls, z, t) = (of(&m.plain), of(&m.tls), of(&m.zm), of(&m.zt));
-        let meets = |ratio: f64| {
-            if r.higher {
-                ratio >= r.bound
-            } else {
-                ratio <= r.bound
-            }
-        };
         let ratio = z / t;
         let floor_ratio = match r.floor {
             Floor::Tls => tls / t,
             Floor::Plain => plain / t,
             Floor::None => f64::NAN,
         };
-        let verdict = if ratio.is_nan() {
-            "-"
-        } else if meets(ratio) {
-            "MET"
-        } else if !floor_ratio.is_nan() && !meets(floor_ratio) {
-            "missed: out of reach (floor misses too)"
-        } else {
-            "MISSED"
-        };
+        let verdict = verdict(ratio, floor_ratio, r.higher, r.bound);
         let direct_cell = if r.name.contains("RSS") || r.name.contains("CPU") {
             "-".to_string()
         } else {
             format!("{d:.1}")
         };
+        let target = if r.bound.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{} {}", if r.higher { ">=" } else { "<=" }, r.bound)
+        };
         out += &format!(
-            "| {} | {direct_cell} | {} | {} | {} | {} | {} | {} {} | {verdict} | {} |\n",
+            "| {} | {direct_cell} | {} | {} | {} | {} | {} | {target} | {verdict} | {} |\n",
             r.name,
             cell(plain),
             cell(tls),
             cell(t),
             cell(z),
             cell(ratio),
-            if r.higher { ">=" } else { "<=" },
-            r.bound,
             cell(floor_ratio),
         );
     }
     out
+}
+
+/// A row's verdict: MET; missed, where the floor pair's own ratio misses the target too
+/// (no pair of user-space proxies of that kind reaches it here); or MISSED, where the
+/// floor shows it is reachable. "-" without a ratio or a target.
+fn verdict(ratio: f64, floor_ratio: f64, higher: bool, bound: f64) -> &'static str {
+    let meets = |r: f64| if higher { r >= bound } else { r <= bound };
+    if ratio.is_nan() || bound.is_nan() {
+        "-"
+    } else if meets(ratio) {
+        "MET"
+    } else if !floor_ratio.is_nan() && !meets(floor_ratio) {
+        "missed: out of reach (floor misses too)"
+    } else {
+        "MISSED"
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn verdicts_tell_missed_from_out_of_reach() {
+        // Throughput-like (higher is better, >= 1.5).
+        assert_eq!(verdict(1.6, 1.8, true, 1.5), "MET");
+        assert_eq!(verdict(1.1, 1.8, true, 1.5), "MISSED");
+        assert!(verdict(1.1, 1.2, true, 1.5).starts_with("missed: out of reach"));
+        assert_eq!(verdict(1.1, f64::NAN, true, 1.5), "MISSED");
+        // Cost-like (lower is better, <= 0.7).
+        assert_eq!(verdict(0.6, 0.9, false, 0.7), "MET");
+        assert_eq!(verdict(0.9, 0.6, false, 0.7), "MISSED");
+        assert!(verdict(0.9, 0.8, false, 0.7).starts_with("missed: out of reach"));
+        // No ztunnel, or no target.
+        assert_eq!(verdict(f64::NAN, 0.8, false, 0.7), "-");
+        assert_eq!(verdict(0.3, f64::NAN, false, f64::NAN), "-");
+    }
+
+    #[test]
+    fn the_table_subtracts_direct_only_from_added_latency() {
+        let fig = |gbps: f64, p50: f64| Figures {
+            single_gbps: gbps,
+            p50_us: p50,
+            ..Figures::default()
+        };
+        let m = Measured {
+            direct: vec![fig(20.0, 50.0)],
+            plain: vec![],
+            tls: vec![fig(6.0, 70.0)],
+            zm: vec![fig(6.0, 80.0)],
+            zt: vec![fig(5.0, 100.0)],
+        };
+        let t = table("t", &m);
+        let line = |name: &str| {
+            t.lines()
+                .find(|l| l.starts_with(&format!("| {name}")))
+                .unwrap()
+                .to_string()
+        };
+        // 6 / 5 = 1.20 for zmesh and for the floor: both miss >= 1.5.
+        assert!(line("1 stream").contains("| 5.00 | 6.00 | 1.20 | >= 1.5 | missed: out of reach"));
+        // Added: zmesh 30, ztunnel 50, floor 20: 0.60 meets <= 0.7.
+        assert!(line("added RTT p50").contains("| 50.00 | 30.00 | 0.60 | <= 0.7 | MET | 0.40 |"));
+    }
 }

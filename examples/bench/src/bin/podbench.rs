@@ -305,7 +305,9 @@ fn run_tests(
     }
     f.conns_per_s = per_sec;
     for (i, &pid) in proxies.iter().enumerate().take(2) {
-        f.peak_rss_mb[i] = procs::process_memory(pid)?.hwm_kib as f64 * 1024.0 / 1e6;
+        let memory = procs::process_memory(pid)?;
+        f.peak_rss_mb[i] = memory.hwm_kib as f64 * 1024.0 / 1e6;
+        f.end_anon_mb[i] = memory.rss_anon_kib as f64 * 1024.0 / 1e6;
     }
     Ok(f)
 }

@@ -93,6 +93,26 @@ impl Namespaces {
         for (name, dev, addr) in [(&ns.client, &vc, CLIENT_IP), (&ns.server, &vs, SERVER_IP)] {
             ip(&["-n", name, "addr", "add", &format!("{addr}/24"), "dev", dev])?;
             ip(&["-n", name, "link", "set", dev, "up"])?;
+            // No TIME_WAIT sockets in these two namespaces. Every pair's proxy A accepts on
+            // the same 127.0.0.1:15001 from the same client address, so the tens of
+            // thousands of connections one pair's connection-rate test leaves in TIME_WAIT
+            // (60 s) meet the next pair's SYNs on reused client ports: each such SYN waits
+            // a 1 s retransmission, and the pair measured later loses (seen: ztunnel,
+            // measured last, at 662 connections/s after the floors instead of ~4,000).
+            let sysctl = Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    name,
+                    "sysctl",
+                    "-qw",
+                    "net.ipv4.tcp_max_tw_buckets=0",
+                ])
+                .status()
+                .context("running sysctl")?;
+            if !sysctl.success() {
+                bail!("sysctl net.ipv4.tcp_max_tw_buckets=0 in {name} failed");
+            }
         }
         Ok(ns)
     }
@@ -213,7 +233,9 @@ fn run_tests(s: &Setup, target: &Target, pair: &[&ProxyProcess]) -> Result<Figur
     }
     f.conns_per_s = c.per_sec();
     for (i, p) in pair.iter().enumerate() {
-        f.peak_rss_mb[i] = p.memory()?.hwm_kib as f64 * 1024.0 / 1e6;
+        let memory = p.memory()?;
+        f.peak_rss_mb[i] = memory.hwm_kib as f64 * 1024.0 / 1e6;
+        f.end_anon_mb[i] = memory.rss_anon_kib as f64 * 1024.0 / 1e6;
     }
     Ok(f)
 }
