@@ -1,6 +1,7 @@
 # syntax=docker/dockerfile:1
-# The zmesh image: `zmesh` (the CA, the node agent and the CLI) and `zmesh-cni` (the CNI
-# plugin the agent copies onto its node), on Debian 12 slim.
+# The zmesh image: `zmesh` (the CA, the node agent and the CLI), `zmesh-datapath` (the node
+# proxy's process, the proxy alone) and `zmesh-cni` (the CNI plugin the agent copies onto
+# its node), on Debian 12 slim.
 #
 #   docker build -t ghcr.io/zmesh/zmesh:dev .
 #
@@ -36,6 +37,6 @@ ARG RUNTIME_PACKAGES="libc6 libgcc-s1 iproute2 nftables"
 RUN apt-get update \
     && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends ${RUNTIME_PACKAGES} \
     && rm -rf /var/lib/apt/lists/*
-COPY --from=build /out/zmesh /out/zmesh-cni /usr/local/bin/
+COPY --from=build /out/zmesh /out/zmesh-datapath /out/zmesh-cni /usr/local/bin/
 USER 65532:65532
 ENTRYPOINT ["/usr/local/bin/zmesh"]

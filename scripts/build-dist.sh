@@ -8,12 +8,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 out=${1:-dist}
 
-cargo build --locked --profile dist -p zmesh -p zmesh-cni --bin zmesh --bin zmesh-cni
+cargo build --locked --profile dist -p zmesh -p zmesh-cni --bin zmesh --bin zmesh-datapath --bin zmesh-cni
 
 target=${CARGO_TARGET_DIR:-target}
 mkdir -p "$out"
-install -m 0755 "$target/dist/zmesh" "$target/dist/zmesh-cni" "$out/"
+install -m 0755 "$target/dist/zmesh" "$target/dist/zmesh-datapath" "$target/dist/zmesh-cni" "$out/"
 # The profile keeps line tables (release's debug = 1) for local profiling; the image does
 # not need them (~120 MB of the binary's size). Symbols stay, for backtraces.
-strip --strip-debug "$out/zmesh" "$out/zmesh-cni"
-echo "$out/zmesh $out/zmesh-cni"
+strip --strip-debug "$out/zmesh" "$out/zmesh-datapath" "$out/zmesh-cni"
+echo "$out/zmesh $out/zmesh-datapath $out/zmesh-cni"

@@ -64,7 +64,7 @@ out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 started=$(date +%s)
 bash scripts/build-dist.sh "$out" >/dev/null
-say "scripts/build-dist.sh: $(($(date +%s) - started)) s; $(du -h "$out/zmesh" | cut -f1) zmesh, $(du -h "$out/zmesh-cni" | cut -f1) zmesh-cni"
+say "scripts/build-dist.sh: $(($(date +%s) - started)) s; $(du -h "$out/zmesh" | cut -f1) zmesh, $(du -h "$out/zmesh-datapath" | cut -f1) zmesh-datapath, $(du -h "$out/zmesh-cni" | cut -f1) zmesh-cni"
 
 # 3. Libraries and programs come from the runtime stage's packages.
 in_runtime() { [[ " $runtime_packages " == *" $1 "* ]]; }
@@ -79,7 +79,7 @@ package_of() { # the Debian package that ships FILE (merged /usr: /lib is /usr/l
   p=${p%%:*}
   echo "${p%%,*}"
 }
-for binary in zmesh zmesh-cni; do
+for binary in zmesh zmesh-datapath zmesh-cni; do
   ldd "$out/$binary" >"$out/ldd" || fail "ldd $binary failed"
   if grep -q 'not found' "$out/ldd"; then
     fail "$binary: $(grep 'not found' "$out/ldd")"
@@ -107,6 +107,8 @@ say "ip and nft come from $(package_of "$(command -v ip)") and $(package_of "$(c
 if "$out/zmesh" demo --help >/dev/null 2>&1; then
   fail "the image's zmesh has the demo harness (built with --features demo)"
 fi
+"$out/zmesh-datapath" --socket /var/run/zmesh/datapath.sock --dry-run >/dev/null ||
+  fail "zmesh-datapath --dry-run failed"
 version=$(CNI_COMMAND=VERSION "$out/zmesh-cni" </dev/null) || fail "zmesh-cni VERSION failed"
 grep -q '"supportedVersions"' <<<"$version" || fail "zmesh-cni VERSION answered: $version"
 chmod 0755 "$out" "$out/zmesh"
@@ -122,5 +124,5 @@ as_nonroot "$out/zmesh" ca serve --state-dir "$state/state" --kubernetes --beare
 owner=$(stat -c %u "$state/state")
 rm -rf "$state"
 [ "$owner" = 65532 ] || fail "the CA state was created by uid $owner, not 65532"
-say "zmesh runs without the demo harness, zmesh-cni answers VERSION, the CA inits, reads its keys and parses its flags as uid 65532"
+say "zmesh runs without the demo harness, zmesh-datapath parses its flags, zmesh-cni answers VERSION, the CA inits, reads its keys and parses its flags as uid 65532"
 say "ok (no image was built: no container builder on this machine)"

@@ -34,7 +34,7 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, Role, RoleBinding};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use pod_args::{expand_args, flag, zmesh};
+use pod_args::{expand_args, flag, zmesh, zmesh_datapath};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -396,7 +396,11 @@ fn check_agent_basics(rendered: &Rendered) -> Vec<String> {
     if proxy.name == "datapath" {
         // The agent configures the data path over a socket both see on the node.
         let proxy_args = expand_args(&proxy);
-        assert_eq!(proxy_args.first().map(String::as_str), Some("datapath"));
+        assert_eq!(
+            proxy.command.as_deref(),
+            Some(&["/usr/local/bin/zmesh-datapath".to_string()][..]),
+            "the data path runs the proxy-only binary the image ships"
+        );
         let socket = flag(&proxy_args, "socket").expect("--socket");
         assert_eq!(flag(&args, "datapath-socket"), Some(socket));
         let dir = socket.rsplit_once('/').unwrap().0;
@@ -408,7 +412,7 @@ fn check_agent_basics(rendered: &Rendered) -> Vec<String> {
                 c.name
             );
         }
-        let printed = zmesh(&[proxy_args.clone(), vec!["--dry-run".into()]].concat());
+        let printed = zmesh_datapath(&[proxy_args.clone(), vec!["--dry-run".into()]].concat());
         assert!(printed.contains(socket), "{printed}");
     } else {
         assert!(!has_flag(&args, "datapath-socket"));

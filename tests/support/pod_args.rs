@@ -65,7 +65,16 @@ pub fn expand_args(container: &Container) -> Vec<String> {
 
 /// Runs the real binary with `args`; returns stdout, failing with its stderr.
 pub fn zmesh(args: &[String]) -> String {
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_zmesh"))
+    run(env!("CARGO_BIN_EXE_zmesh"), args)
+}
+
+/// As [`zmesh`], for the data path's own binary.
+pub fn zmesh_datapath(args: &[String]) -> String {
+    run(env!("CARGO_BIN_EXE_zmesh-datapath"), args)
+}
+
+fn run(binary: &str, args: &[String]) -> String {
+    let output = std::process::Command::new(binary)
         .args(args)
         .env_remove("NODE_NAME")
         .env_remove("ZMESH_CA_STATE_DIR")
@@ -76,7 +85,7 @@ pub fn zmesh(args: &[String]) -> String {
     let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
     assert!(
         output.status.success(),
-        "zmesh {args:?} failed: {}\n{stdout}",
+        "{binary} {args:?} failed: {}\n{stdout}",
         String::from_utf8_lossy(&output.stderr)
     );
     stdout

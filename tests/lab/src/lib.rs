@@ -98,8 +98,8 @@ pub struct LabOptions {
     pub dual_stack: bool,
     /// More arguments for `zmesh ca serve` (e.g. `--bearer-tokens FILE`).
     pub ca_args: Vec<String>,
-    /// Run each node's proxy in a `zmesh datapath` process of its own (started with the
-    /// node's first agent, kept across agent restarts) instead of inside the agent.
+    /// Run each node's proxy in a data path process of its own (`zmesh-datapath`, started
+    /// with the node's first agent, kept across agent restarts) instead of inside the agent.
     pub datapath_process: bool,
 }
 
@@ -262,10 +262,17 @@ impl Lab {
             }
         }
         let cluster_node = self.cluster().node(node).expect("node of the spec");
-        let mut command = cluster_node.command(&self.options.zmesh_bin)?;
-        command
-            .args(["datapath", "--socket"])
-            .arg(self.datapath_socket(node));
+        // The proxy-only binary next to zmesh, as the chart runs it; `zmesh datapath` (the
+        // same process from the whole CLI) where it was not built.
+        let datapath_bin = self.options.zmesh_bin.with_file_name("zmesh-datapath");
+        let mut command = if datapath_bin.is_file() {
+            cluster_node.command(&datapath_bin)?
+        } else {
+            let mut command = cluster_node.command(&self.options.zmesh_bin)?;
+            command.arg("datapath");
+            command
+        };
+        command.arg("--socket").arg(self.datapath_socket(node));
         let log = self.node_dir(node).join("datapath.log");
         let child = spawn_logged(command, &log, "the data path")?;
         self.datapaths.insert(node.to_owned(), child);

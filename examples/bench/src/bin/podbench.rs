@@ -31,7 +31,7 @@ use serde::{Deserialize, Serialize};
 use zmesh_bench::compare::{percentiles, table, Figures, Measured};
 use zmesh_bench::load::{self, Server, Target};
 use zmesh_bench::procs;
-use zmesh_lab::{Lab, LabOptions};
+use zmesh_lab::{access_lines, Lab, LabOptions};
 use zmesh_testbed::{Cluster, ClusterSpec, Pod};
 
 #[derive(Parser)]
@@ -312,26 +312,45 @@ fn run_tests(
     Ok(f)
 }
 
-/// Retries one exchange from `client` to `dst` until it works (the mesh settles after
-/// start: certificates issued, listeners up), bounded by [`SETTLE`].
-fn settle(client: &Pod, me: &Path, dst: SocketAddr, what: &str) -> Result<()> {
+/// Retries one exchange from `client` to `dst` until it works and `carried` says the
+/// proxies carried it (the mesh settles after start: certificates issued, capture installed,
+/// listeners up; until the capture is in place an exchange may go straight to the server in
+/// plaintext), bounded by [`SETTLE`].
+fn settle(
+    client: &Pod,
+    me: &Path,
+    dst: SocketAddr,
+    what: &str,
+    carried: impl Fn() -> bool,
+) -> Result<()> {
     let deadline = Instant::now() + SETTLE;
     let quick = Args::parse_from(["zmesh-podbench", "--seconds", "5", "--pings", "1"]);
     loop {
-        match run_client(client, me, &quick, ClientTest::PingPong, dst) {
-            Ok(ClientResult::Rtts(r)) if !r.is_empty() => return Ok(()),
-            Ok(_) => {}
-            Err(e) if Instant::now() >= deadline => {
-                return Err(e.context(format!("{what}: the first exchange never worked")))
-            }
-            Err(_) => {}
+        let exchanged = matches!(
+            run_client(client, me, &quick, ClientTest::PingPong, dst),
+            Ok(ClientResult::Rtts(r)) if !r.is_empty()
+        );
+        if exchanged && carried() {
+            return Ok(());
         }
         if Instant::now() >= deadline {
-            bail!("{what}: the first exchange never worked");
+            bail!(
+                "{what}: no exchange through the proxies after {SETTLE:?} (last one {})",
+                if exchanged {
+                    "went around them"
+                } else {
+                    "failed"
+                }
+            );
         }
         // A fresh mesh has no event to wait on from here; retry a few times a second.
         std::thread::sleep(Duration::from_millis(250));
     }
+}
+
+/// The SPIFFE ID of a pod of the benchmark (trust domain cluster.local).
+fn spiffe_id(ns: &str, sa: &str) -> String {
+    format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")
 }
 
 fn write_manifests(dir: &Path, pods: &str) -> Result<PathBuf> {
@@ -415,7 +434,19 @@ fn zmesh_round(args: &Args, zmesh: &Path, me: &Path, dir: &Path) -> Result<(Figu
     );
     eprintln!("  direct");
     let direct = run_tests(plain_client, me, args, dst(plain_server), &[])?;
-    settle(mesh_client, me, dst(mesh_server), "zmesh")?;
+    // node2's data path logs the tunnel from the client's identity once it carried one.
+    let client_id = spiffe_id(MESH_NS, "client");
+    settle(mesh_client, me, dst(mesh_server), "zmesh", || {
+        access_lines(&lab.datapath_log("node2"))
+            .iter()
+            .any(|l| l.src_identity == client_id)
+    })
+    .with_context(|| {
+        format!(
+            "node2's data path log ends:\n{}",
+            tail(&lab.datapath_log("node2"))
+        )
+    })?;
     let pids = ["node1", "node2"]
         .iter()
         .map(|n| {
@@ -496,7 +527,16 @@ fn ztunnel_round(
         pod(&cluster, MESH_NS, "server")?,
     );
     let _server = start_server(server, me)?;
-    settle(client, me, dst(server), "ztunnel").with_context(|| {
+    // ztunnel's access log names both identities once it carried a connection.
+    let ztunnel_log =
+        || std::fs::read_to_string(work.path().join("node2/ztunnel.log")).unwrap_or_default();
+    let (src_id, dst_id) = (spiffe_id(MESH_NS, "client"), spiffe_id(MESH_NS, "server"));
+    settle(client, me, dst(server), "ztunnel", || {
+        ztunnel_log()
+            .lines()
+            .any(|l| l.contains(&src_id) && l.contains(&dst_id))
+    })
+    .with_context(|| {
         format!(
             "node1's ztunnel log ends:\n{}",
             tail(
