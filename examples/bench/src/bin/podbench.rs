@@ -219,10 +219,9 @@ fn run_client(
     command
         .arg("--client")
         .arg(
-            format!("{test:?}")
-                .to_lowercase()
-                .replace("pingpong", "ping-pong")
-                .replace("connrate", "conn-rate"),
+            clap::ValueEnum::to_possible_value(&test)
+                .context("every test has a name")?
+                .get_name(),
         )
         .arg("--src")
         .arg(pod.ip().to_string())
