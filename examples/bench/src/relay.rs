@@ -52,10 +52,7 @@ pub fn run(listen: SocketAddr, to: SocketAddr, tls: Option<Tls>) -> Result<()> {
     let tls = tls.map(|t| TlsEnd::load(&t)).transpose()?;
     runtime()?.block_on(async move {
         let listener = TcpListener::from_std(listener)?;
-        match tls {
-            None => serve(listener, to).await,
-            Some(tls) => serve_tls(listener, to, tls).await,
-        }
+        serve(listener, to, tls).await;
         Ok(())
     })
 }
@@ -89,55 +86,6 @@ impl TlsEnd {
     }
 }
 
-/// As [`serve`], with TLS on one side.
-async fn serve_tls(listener: TcpListener, to: SocketAddr, tls: TlsEnd) {
-    loop {
-        match listener.accept().await {
-            Ok((inbound, _)) => {
-                let tls = tls.clone();
-                tokio::spawn(async move {
-                    let _ = relay_one_tls(inbound, to, tls).await;
-                });
-            }
-            Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
-        }
-    }
-}
-
-async fn relay_one_tls(inbound: TcpStream, to: SocketAddr, tls: TlsEnd) -> std::io::Result<()> {
-    inbound.set_nodelay(true)?;
-    let outbound = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(to))
-        .await
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
-    outbound.set_nodelay(true)?;
-    match tls {
-        TlsEnd::Connector(c) => {
-            let name = zmesh_identity::tls::server_name(to.ip());
-            let mut outbound = c.connect(name, outbound).await?;
-            let mut inbound = inbound;
-            tokio::io::copy_bidirectional_with_sizes(
-                &mut inbound,
-                &mut outbound,
-                COPY_BUFFER,
-                COPY_BUFFER,
-            )
-            .await?;
-        }
-        TlsEnd::Acceptor(a) => {
-            let mut inbound = a.accept(inbound).await?;
-            let mut outbound = outbound;
-            tokio::io::copy_bidirectional_with_sizes(
-                &mut inbound,
-                &mut outbound,
-                COPY_BUFFER,
-                COPY_BUFFER,
-            )
-            .await?;
-        }
-    }
-    Ok(())
-}
-
 pub fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_io()
@@ -146,14 +94,16 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("relay: building the tokio runtime")
 }
 
-/// Accepts forever; each connection is relayed to `to` in its own task. A connection that
-/// fails (target refused, reset, ...) is dropped; nothing here panics or stops the loop.
-pub async fn serve(listener: TcpListener, to: SocketAddr) {
+/// Accepts forever; each connection is relayed to `to` in its own task, with TLS on one
+/// side if `tls` says so. A connection that fails (target refused, reset, handshake
+/// refused, ...) is dropped; nothing here panics or stops the loop.
+async fn serve(listener: TcpListener, to: SocketAddr, tls: Option<TlsEnd>) {
     loop {
         match listener.accept().await {
             Ok((inbound, _)) => {
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    let _ = relay_one(inbound, to).await;
+                    let _ = relay_one(inbound, to, tls).await;
                 });
             }
             // E.g. EMFILE: back off a little instead of spinning on the error.
@@ -162,16 +112,30 @@ pub async fn serve(listener: TcpListener, to: SocketAddr) {
     }
 }
 
-async fn relay_one(mut inbound: TcpStream, to: SocketAddr) -> std::io::Result<()> {
+async fn relay_one(inbound: TcpStream, to: SocketAddr, tls: Option<TlsEnd>) -> std::io::Result<()> {
     inbound.set_nodelay(true)?;
-    let mut outbound = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(to))
+    let outbound = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(to))
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     outbound.set_nodelay(true)?;
-    // Copies both ways; on EOF from one side it shuts down writing to the other
-    // (half-close) and keeps copying the other direction until that ends too.
-    tokio::io::copy_bidirectional_with_sizes(&mut inbound, &mut outbound, COPY_BUFFER, COPY_BUFFER)
-        .await?;
+    match tls {
+        None => copy(inbound, outbound).await,
+        Some(TlsEnd::Connector(c)) => {
+            let name = zmesh_identity::tls::server_name(to.ip());
+            copy(inbound, c.connect(name, outbound).await?).await
+        }
+        Some(TlsEnd::Acceptor(a)) => copy(a.accept(inbound).await?, outbound).await,
+    }
+}
+
+/// Copies both ways; on EOF from one side it shuts down writing to the other (half-close)
+/// and keeps copying the other direction until that ends too.
+async fn copy<A, B>(mut a: A, mut b: B) -> std::io::Result<()>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tokio::io::copy_bidirectional_with_sizes(&mut a, &mut b, COPY_BUFFER, COPY_BUFFER).await?;
     Ok(())
 }
 
@@ -205,14 +169,8 @@ mod tests {
             let thread = std::thread::spawn(move || {
                 runtime().unwrap().block_on(async move {
                     let listener = TcpListener::from_std(listener).unwrap();
-                    let serving = async move {
-                        match tls {
-                            None => serve(listener, to).await,
-                            Some(tls) => serve_tls(listener, to, tls).await,
-                        }
-                    };
                     tokio::select! {
-                        _ = serving => {}
+                        _ = serve(listener, to, tls) => {}
                         _ = stopped => {}
                     }
                 })
