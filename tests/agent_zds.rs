@@ -88,9 +88,11 @@ fn capture_rules(ns: &Netns) -> usize {
 }
 
 /// Waits until the capture is (or is not) in the namespace: it follows the ZDS exchange.
+/// The whole capture: the agent writes the nftables table before the policy route, so the
+/// table alone can be seen while the route is still being added.
 async fn wait_captured(ns: &Netns, want: bool) {
     let deadline = std::time::Instant::now() + WAIT;
-    while captured(ns) != want {
+    while captured(ns) != want || (capture_rules(ns) > 0) != want {
         assert!(
             std::time::Instant::now() < deadline,
             "{}: capture present={}, wanted {want}",
