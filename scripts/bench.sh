@@ -16,6 +16,6 @@ cd "$(dirname "$0")/.."
 cargo build --profile dist -p zmesh -p zmesh-bench
 target/dist/zmesh-bench --zmesh target/dist/zmesh "$@"
 if [ -n "${ZTUNNEL_BIN:-}" ]; then
-  target/dist/zmesh-sidebyside --zmesh target/dist/zmesh --ztunnel "$ZTUNNEL_BIN" --rounds 3
+  target/dist/zmesh-sidebyside --zmesh-datapath target/dist/zmesh-datapath --ztunnel "$ZTUNNEL_BIN" --rounds 3
   target/dist/zmesh-podbench --zmesh target/dist/zmesh --ztunnel "$ZTUNNEL_BIN" --rounds 3
 fi

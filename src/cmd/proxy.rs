@@ -1,8 +1,7 @@
 //! `zmesh proxy`: runs the node proxy alone, from a static workload table and certificates
 //! read from a directory (see zmesh_proxy::workloads and zmesh_proxy::StaticCredentials for
-//! the formats).
+//! the formats) or issued by the zmesh CA.
 
-use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -10,22 +9,15 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use super::ModeArg;
+use super::static_proxy::{serve, StaticProxyArgs};
 use zmesh_agent::ca::{zmesh_ca_certificates, CaSettings};
 use zmesh_agent::credentials::ManagedCredentials;
-use zmesh_proxy::{
-    Capture, Proxy, ProxyConfig, ProxyDeps, StaticCredentials, StaticOriginalDst, TlsCredentials,
-    WorkloadStore, WorkloadTable,
-};
+use zmesh_proxy::{StaticCredentials, TlsCredentials};
 
 #[derive(clap::Args)]
 pub struct ProxyArgs {
-    /// Workload table (YAML: trustDomain, nodes, workloads).
-    #[arg(long, value_name = "FILE")]
-    pub workloads: PathBuf,
-    /// This node's name, as used in the table's `node` fields.
-    #[arg(long, env = "NODE_NAME")]
-    pub node: String,
+    #[command(flatten)]
+    pub table: StaticProxyArgs,
     /// Directory with roots.pem and <namespace>/<service-account>.pem + .key.
     #[arg(long, value_name = "DIR", required_unless_present = "ca")]
     pub cert_dir: Option<PathBuf>,
@@ -44,27 +36,12 @@ pub struct ProxyArgs {
     /// Lifetime asked of the CA for workload certificates, with --ca.
     #[arg(long, default_value = "24h", value_parser = super::parse_duration)]
     pub cert_lifetime: std::time::Duration,
-    /// IP to listen on (ports 15001, 15006, 15008, 15020, 15021).
-    #[arg(long, default_value = "0.0.0.0")]
-    pub listen_ip: IpAddr,
-    /// What to do with plain TCP to local workloads.
-    #[arg(long, value_enum, default_value = "permissive")]
-    pub mode: ModeArg,
-    /// Run without eBPF capture: clients dial the listeners directly (benchmarks, tests).
-    #[arg(long)]
-    pub explicit: bool,
-    /// With --explicit: send every outbound connection from CLIENT_IP to DST (IP:port),
-    /// standing in for the original destination that eBPF capture would record
-    /// (benchmarks, tests). Repeatable, one per client IP.
-    #[arg(long, value_name = "CLIENT_IP=DST", requires = "explicit", value_parser = parse_static_dst)]
-    pub static_dst: Vec<(IpAddr, SocketAddr)>,
-    #[command(flatten)]
-    pub tuning: super::tuning::ProxyTuningArgs,
 }
 
 pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
     zmesh_proxy::runtime::tune_malloc();
-    let table = WorkloadTable::load(&args.workloads)?;
+    let table = args.table.load_table()?;
+    let node = &args.table.node;
     let credentials: Arc<dyn TlsCredentials> = match (&args.cert_dir, &args.ca) {
         (Some(cert_dir), _) => Arc::new(
             StaticCredentials::load_dir(cert_dir, table.trust_domain())
@@ -72,7 +49,7 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         ),
         (None, Some(ca)) => {
             let settings = CaSettings {
-                node: args.node.clone(),
+                node: node.clone(),
                 trust_domain: table.trust_domain().clone(),
                 ca_addr: ca.clone(),
                 credentials_dir: args.credentials.clone().unwrap_or_default(),
@@ -81,11 +58,11 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
             };
             let ca = zmesh_ca_certificates(&settings)?;
             let (certs, bundle) = (ca.certs, ca.bundle);
-            for w in table.workloads_on(&args.node) {
+            for w in table.workloads_on(node) {
                 certs.ensure(&w.identity);
             }
             // Serve once the first certificates are in (or the CA said why not).
-            for w in table.workloads_on(&args.node) {
+            for w in table.workloads_on(node) {
                 let issued =
                     tokio::time::timeout(Duration::from_secs(30), certs.certificate(&w.identity));
                 match issued.await {
@@ -104,111 +81,5 @@ pub async fn run(args: ProxyArgs) -> anyhow::Result<ExitCode> {
         }
         (None, None) => bail!("give certificates with --cert-dir or --ca"),
     };
-    let mut local = 0;
-    for w in table.workloads_on(&args.node) {
-        local += 1;
-        if credentials.server_config(&w.identity).is_err() {
-            tracing::warn!(
-                workload = %format!("{}/{}", w.namespace, w.name),
-                identity = %w.identity,
-                "no certificate for this local workload: its traffic will fail"
-            );
-        }
-    }
-    if local == 0 {
-        tracing::warn!(node = %args.node, "no workload of the table runs on this node");
-    }
-
-    let mut config = ProxyConfig::new(args.node, args.listen_ip);
-    if args.explicit {
-        config.capture = Capture::Explicit;
-        config.ip_transparent = false;
-    }
-    config.mode = args.mode.into();
-    config.limits = args.tuning.limits();
-    config.cluster_domain = args.tuning.cluster_domain.clone();
-    config.cluster_id = args.tuning.cluster_id.clone();
-    let mut deps = ProxyDeps::new(Arc::new(WorkloadStore::new(table)), credentials);
-    if !args.static_dst.is_empty() {
-        let mut seen = std::collections::HashSet::new();
-        for (client, _) in &args.static_dst {
-            if !seen.insert(*client) {
-                bail!("--static-dst gives client IP {client} twice");
-            }
-        }
-        deps.original_dst = Arc::new(StaticOriginalDst::new(args.static_dst));
-    }
-    let proxy = Proxy::bind(config, deps).await?;
-    let drain = proxy.drain_handle();
-    let mut running = tokio::spawn(proxy.run());
-
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    let stopped = tokio::select! {
-        _ = term.recv() => {
-            tracing::info!("SIGTERM: draining");
-            None
-        }
-        _ = tokio::signal::ctrl_c() => {
-            tracing::info!("interrupt: draining");
-            None
-        }
-        // A listener failed (the proxy drained on its own): exit non-zero with the reason.
-        stopped = &mut running => Some(stopped),
-    };
-    let stopped = match stopped {
-        Some(stopped) => stopped,
-        None => {
-            drain.drain();
-            running.await
-        }
-    };
-    stopped.context("the proxy task failed")??;
-    Ok(ExitCode::SUCCESS)
-}
-
-/// Parses `CLIENT_IP=IP:PORT` for --static-dst.
-fn parse_static_dst(s: &str) -> Result<(IpAddr, SocketAddr), String> {
-    let (client, dst) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?}: expected CLIENT_IP=DST_IP:PORT"))?;
-    let client = client
-        .parse()
-        .map_err(|_| format!("{client:?} is not an IP address"))?;
-    let dst: SocketAddr = dst
-        .parse()
-        .map_err(|_| format!("{dst:?} is not an IP:port"))?;
-    if dst.port() == 0 {
-        return Err(format!("{dst}: port 0 is not a destination"));
-    }
-    Ok((client, dst))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::parse_static_dst;
-
-    #[test]
-    fn static_dst_parses_and_rejects() {
-        assert_eq!(
-            parse_static_dst("127.0.0.11=127.0.0.12:5001").unwrap(),
-            (
-                "127.0.0.11".parse().unwrap(),
-                "127.0.0.12:5001".parse().unwrap()
-            )
-        );
-        assert_eq!(
-            parse_static_dst("fd00::1=[fd00::2]:80").unwrap().1,
-            "[fd00::2]:80".parse().unwrap()
-        );
-        for (bad, want) in [
-            ("127.0.0.11", "expected CLIENT_IP=DST"),
-            ("x=127.0.0.12:1", "not an IP address"),
-            ("127.0.0.11=127.0.0.12", "not an IP:port"),
-            ("127.0.0.11=127.0.0.12:0", "port 0"),
-        ] {
-            let err = parse_static_dst(bad).unwrap_err();
-            assert!(err.contains(want), "{bad}: {err}");
-        }
-    }
+    serve(args.table, table, credentials).await
 }

@@ -9,7 +9,7 @@
 //! Each round runs direct TCP (the same two namespaces, no capture: the denominator), then
 //! two floors on the same capture: a pair of plain TCP relays, and a pair of TLS relays
 //! (zmesh-bench re-executed, see its relay.rs: mutual TLS between them with the same
-//! rustls and aws-lc, no HTTP/2, nothing else), then the zmesh pair (`zmesh proxy`,
+//! rustls and aws-lc, no HTTP/2, nothing else), then the zmesh pair (`zmesh-datapath proxy`,
 //! transparent listeners, original destination from conntrack), then the ztunnel pair
 //! (`PROXY_MODE=dedicated`, its fake CA and a static workload table), each pair started
 //! fresh for the round. The table shows medians of the rounds, zmesh/ztunnel against the
@@ -35,9 +35,10 @@ use zmesh_bench::procs::ProxyProcess;
 #[derive(Parser)]
 #[command(name = "zmesh-sidebyside")]
 struct Args {
-    /// The zmesh binary (default: `zmesh` next to this binary).
+    /// zmesh's data path binary, run as `zmesh-datapath proxy` (default: `zmesh-datapath`
+    /// next to this binary).
     #[arg(long, value_name = "PATH")]
-    zmesh: Option<PathBuf>,
+    zmesh_datapath: Option<PathBuf>,
     /// A stock ztunnel (built with its `testing` feature, for the fake CA). Without it
     /// only direct and zmesh are measured.
     #[arg(long, value_name = "PATH", env = "ZTUNNEL_BIN")]
@@ -266,6 +267,8 @@ fn zmesh_round(s: &Setup, zmesh: &Path, dir: &Path) -> Result<Figures> {
             &zmesh.display().to_string(),
             "--log",
             "warn",
+            "--worker-threads",
+            &s.args.proxy_threads.to_string(),
             "proxy",
             "--node",
             node,
@@ -273,8 +276,6 @@ fn zmesh_round(s: &Setup, zmesh: &Path, dir: &Path) -> Result<Figures> {
             &table.display().to_string(),
             "--cert-dir",
             &certs.display().to_string(),
-            "--worker-threads",
-            &s.args.proxy_threads.to_string(),
             "--drain-seconds",
             "1",
         ]
@@ -446,15 +447,15 @@ fn run(args: &Args) -> Result<()> {
     if !((1..=20).contains(&args.rounds) && args.seconds > 0.0 && args.seconds <= 600.0) {
         bail!("--rounds must be 1..=20 and --seconds in (0, 600]");
     }
-    let zmesh = match &args.zmesh {
+    let zmesh = match &args.zmesh_datapath {
         Some(p) => p.clone(),
         None => std::env::current_exe()?
             .parent()
             .context("this binary has no parent directory")?
-            .join("zmesh"),
+            .join("zmesh-datapath"),
     };
     if !zmesh.is_file() {
-        bail!("{} not found: pass --zmesh", zmesh.display());
+        bail!("{} not found: pass --zmesh-datapath", zmesh.display());
     }
     let bench = match &args.bench {
         Some(p) => p.clone(),
