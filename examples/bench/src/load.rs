@@ -250,6 +250,9 @@ fn stream_upload(mut s: TcpStream, barrier: &Barrier, duration: Duration) -> Res
     Ok((received, secs))
 }
 
+/// Round trips a ping-pong makes before those it times (the harnesses' `warmup`).
+pub const WARMUP_PINGS: usize = 1000;
+
 /// Round-trip times of 64-byte ping-pong on one connection, in nanoseconds: `warmup`
 /// unrecorded exchanges, then up to `max` recorded ones or until `duration` passed.
 pub fn ping_pong(t: &Target, warmup: usize, max: usize, duration: Duration) -> Result<Vec<u64>> {

@@ -6,6 +6,7 @@
 //! floor that any two-process chain costs on this machine. All traffic stays on
 //! 127.0.0.0/8. See BENCHMARKS.md.
 
+mod hbone_relay;
 mod memory;
 mod relay;
 mod report;
@@ -110,6 +111,10 @@ struct Args {
     /// Internal: the relay accepts mutual TLS with the SVIDs in this directory.
     #[arg(long, hide = true, value_name = "DIR", requires = "relay_listen")]
     relay_tls_in: Option<PathBuf>,
+    /// Internal: the TLS hop carries HTTP/2 CONNECT streams, one per client connection on
+    /// one connection between the relays (HBONE's framing; see hbone_relay.rs).
+    #[arg(long, hide = true)]
+    relay_hbone: bool,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug, clap::ValueEnum)]
@@ -148,7 +153,7 @@ fn main() -> std::process::ExitCode {
                 (_, Some(dir)) => Some(relay::Tls::In(dir.clone())),
                 _ => None,
             };
-            relay::run(listen, to, tls)
+            relay::run(listen, to, tls, args.relay_hbone)
         }
         _ => run(&args),
     };

@@ -44,21 +44,35 @@ pub enum Tls {
 }
 
 /// The relay process: binds `listen` (failing if it is taken) and relays to `to` until
-/// killed, plain or with one TLS side.
-pub fn run(listen: SocketAddr, to: SocketAddr, tls: Option<Tls>) -> Result<()> {
+/// killed, plain or with one TLS side; with `hbone`, that TLS side carries HTTP/2 CONNECT
+/// streams (hbone_relay.rs).
+pub fn run(listen: SocketAddr, to: SocketAddr, tls: Option<Tls>, hbone: bool) -> Result<()> {
     let listener =
         std::net::TcpListener::bind(listen).with_context(|| format!("relay: binding {listen}"))?;
     listener.set_nonblocking(true)?;
     let tls = tls.map(|t| TlsEnd::load(&t)).transpose()?;
     runtime()?.block_on(async move {
         let listener = TcpListener::from_std(listener)?;
-        serve(listener, to, tls).await;
-        Ok(())
+        serve_any(listener, to, tls, hbone).await
     })
 }
 
+async fn serve_any(
+    listener: TcpListener,
+    to: SocketAddr,
+    tls: Option<TlsEnd>,
+    hbone: bool,
+) -> Result<()> {
+    match (tls, hbone) {
+        (Some(tls), true) => crate::hbone_relay::serve(listener, to, tls).await,
+        (None, true) => anyhow::bail!("relay: HBONE needs a TLS side"),
+        (tls, false) => serve(listener, to, tls).await,
+    }
+    Ok(())
+}
+
 #[derive(Clone)]
-enum TlsEnd {
+pub(crate) enum TlsEnd {
     Connector(TlsConnector),
     Acceptor(TlsAcceptor),
 }
@@ -98,12 +112,26 @@ pub fn runtime() -> Result<tokio::runtime::Runtime> {
 /// side if `tls` says so. A connection that fails (target refused, reset, handshake
 /// refused, ...) is dropped; nothing here panics or stops the loop.
 async fn serve(listener: TcpListener, to: SocketAddr, tls: Option<TlsEnd>) {
+    accept_each(listener, move |inbound| {
+        let tls = tls.clone();
+        async move { relay_one(inbound, to, tls).await }
+    })
+    .await
+}
+
+/// Accepts forever, handing each connection to `handle` in a task of its own; a failed
+/// connection is dropped.
+pub(crate) async fn accept_each<F, Fut, E>(listener: TcpListener, handle: F)
+where
+    F: Fn(TcpStream) -> Fut,
+    Fut: std::future::Future<Output = Result<(), E>> + Send + 'static,
+{
     loop {
         match listener.accept().await {
             Ok((inbound, _)) => {
-                let tls = tls.clone();
+                let relayed = handle(inbound);
                 tokio::spawn(async move {
-                    let _ = relay_one(inbound, to, tls).await;
+                    let _ = relayed.await;
                 });
             }
             // E.g. EMFILE: back off a little instead of spinning on the error.
@@ -112,12 +140,18 @@ async fn serve(listener: TcpListener, to: SocketAddr, tls: Option<TlsEnd>) {
     }
 }
 
-async fn relay_one(inbound: TcpStream, to: SocketAddr, tls: Option<TlsEnd>) -> std::io::Result<()> {
-    inbound.set_nodelay(true)?;
+/// Connects onwards (bounded by CONNECT_TIMEOUT), without Nagle.
+pub(crate) async fn connect(to: SocketAddr) -> std::io::Result<TcpStream> {
     let outbound = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(to))
         .await
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))??;
     outbound.set_nodelay(true)?;
+    Ok(outbound)
+}
+
+async fn relay_one(inbound: TcpStream, to: SocketAddr, tls: Option<TlsEnd>) -> std::io::Result<()> {
+    inbound.set_nodelay(true)?;
+    let outbound = connect(to).await?;
     match tls {
         None => copy(inbound, outbound).await,
         Some(TlsEnd::Connector(c)) => {
@@ -161,6 +195,10 @@ mod tests {
         }
 
         fn start_with(ip: IpAddr, to: SocketAddr, tls: Option<Tls>) -> Self {
+            Self::start_framed(ip, to, tls, false)
+        }
+
+        fn start_framed(ip: IpAddr, to: SocketAddr, tls: Option<Tls>, hbone: bool) -> Self {
             let tls = tls.map(|t| TlsEnd::load(&t).unwrap());
             let listener = StdListener::bind(SocketAddr::new(ip, 0)).unwrap();
             listener.set_nonblocking(true).unwrap();
@@ -170,7 +208,7 @@ mod tests {
                 runtime().unwrap().block_on(async move {
                     let listener = TcpListener::from_std(listener).unwrap();
                     tokio::select! {
-                        _ = serve(listener, to, tls) => {}
+                        r = serve_any(listener, to, tls, hbone) => r.unwrap(),
                         _ = stopped => {}
                     }
                 })
@@ -271,6 +309,54 @@ mod tests {
         other.write_cert_dir(&certs_x, "server").unwrap();
         let foreign = InProcessRelay::start_with(ip(), server.addr(), Some(Tls::In(certs_x)));
         let a2 = InProcessRelay::start_with(ip(), foreign.addr, Some(Tls::Out(certs_a)));
+        let to_foreign = Target {
+            src: ip(),
+            dst: a2.addr,
+        };
+        assert!(load::ping_pong(&to_foreign, 0, 1, Duration::from_secs(10)).is_err());
+    }
+
+    /// The HBONE pair: every client connection is a CONNECT stream on one TLS connection
+    /// between the relays; bytes, half-closes and many short connections cross, and a B
+    /// from another root is refused.
+    #[test]
+    fn hbone_relays_tunnel_connections_as_connect_streams() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = zmesh_bench::certs::Ca::new().unwrap();
+        let (certs_a, certs_b) = (dir.path().join("a"), dir.path().join("b"));
+        ca.write_cert_dir(&certs_a, "client").unwrap();
+        ca.write_cert_dir(&certs_b, "server").unwrap();
+        let server = Server::start(ip(), 4).unwrap();
+        let b = InProcessRelay::start_framed(ip(), server.addr(), Some(Tls::In(certs_b)), true);
+        let a = InProcessRelay::start_framed(ip(), b.addr, Some(Tls::Out(certs_a.clone())), true);
+        let t = Target {
+            src: ip(),
+            dst: a.addr,
+        };
+        let rtts = load::ping_pong(&t, 5, 100, Duration::from_secs(30)).unwrap();
+        assert_eq!(rtts.len(), 100);
+        // The throughput client half-closes and waits for the server's byte count.
+        let r = load::throughput(&t, 2, Duration::from_millis(100)).unwrap();
+        assert!(r.bytes > 0);
+        let c = load::conn_rate(&t, 2, Duration::from_millis(200));
+        assert_eq!(c.errors, 0, "{:?}", c.first_error);
+        assert!(c.conns > 0);
+
+        // B speaks HTTP/2 only (so A, which it just served, does too): a TLS relay A that
+        // sends the client's bytes as they are gets nothing through.
+        let unframed = InProcessRelay::start_with(ip(), b.addr, Some(Tls::Out(certs_a.clone())));
+        let to_unframed = Target {
+            src: ip(),
+            dst: unframed.addr,
+        };
+        assert!(load::ping_pong(&to_unframed, 0, 1, Duration::from_secs(10)).is_err());
+
+        let other = zmesh_bench::certs::Ca::new().unwrap();
+        let certs_x = dir.path().join("x");
+        other.write_cert_dir(&certs_x, "server").unwrap();
+        let foreign =
+            InProcessRelay::start_framed(ip(), server.addr(), Some(Tls::In(certs_x)), true);
+        let a2 = InProcessRelay::start_framed(ip(), foreign.addr, Some(Tls::Out(certs_a)), true);
         let to_foreign = Target {
             src: ip(),
             dst: a2.addr,

@@ -145,9 +145,12 @@ fn client(args: &Args, test: ClientTest) -> Result<()> {
                 secs: r.secs,
             }
         }
-        ClientTest::PingPong => {
-            ClientResult::Rtts(load::ping_pong(&t, 1000, args.pings, duration)?)
-        }
+        ClientTest::PingPong => ClientResult::Rtts(load::ping_pong(
+            &t,
+            load::WARMUP_PINGS,
+            args.pings,
+            duration,
+        )?),
         ClientTest::ConnRate => {
             let c = load::conn_rate(&t, args.conn_threads, duration);
             ClientResult::Conns {
@@ -284,9 +287,11 @@ fn run_tests(
         bail!("unexpected result of the multi-stream test");
     };
     f.multi_gbps = bytes as f64 * 8.0 / secs / 1e9;
+    let before = cpu()?;
     let ClientResult::Rtts(rtts) = run_client(client, me, args, ClientTest::PingPong, dst)? else {
         bail!("unexpected result of the ping-pong test");
     };
+    f.cpu_us_per_rtt = (cpu()? - before) * 1e6 / (load::WARMUP_PINGS + rtts.len()) as f64;
     (f.p50_us, f.p99_us) = percentiles(rtts);
     let ClientResult::Conns {
         per_sec,
@@ -631,6 +636,7 @@ fn run(args: &Args) -> Result<()> {
         direct: Vec::new(),
         plain: Vec::new(),
         tls: Vec::new(),
+        hbone: Vec::new(),
         zm: Vec::new(),
         zt: Vec::new(),
     };

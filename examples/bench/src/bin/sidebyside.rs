@@ -7,9 +7,11 @@
 //!   client (ns C, 10.90.0.1) -> proxy A :15001 -> HBONE :15008 -> proxy B (ns S) -> server (10.90.0.2)
 //!
 //! Each round runs direct TCP (the same two namespaces, no capture: the denominator), then
-//! two floors on the same capture: a pair of plain TCP relays, and a pair of TLS relays
+//! three floors on the same capture: a pair of plain TCP relays, a pair of TLS relays
 //! (zmesh-bench re-executed, see its relay.rs: mutual TLS between them with the same
-//! rustls and aws-lc, no HTTP/2, nothing else), then the zmesh pair (`zmesh-datapath proxy`,
+//! rustls and aws-lc, no HTTP/2, nothing else) and a pair of HBONE relays (the same with
+//! HTTP/2 CONNECT streams on one connection, the h2 crate and nothing else: its
+//! hbone_relay.rs), then the zmesh pair (`zmesh-datapath proxy`,
 //! transparent listeners, original destination from conntrack), then the ztunnel pair
 //! (`PROXY_MODE=dedicated`, its fake CA and a static workload table), each pair started
 //! fresh for the round. The table shows medians of the rounds, zmesh/ztunnel against the
@@ -61,7 +63,7 @@ struct Args {
     /// zmesh-bench, which runs the floors' relays (default: next to this binary).
     #[arg(long, value_name = "PATH")]
     bench: Option<PathBuf>,
-    /// Leave out the two relay floors.
+    /// Leave out the three relay floors.
     #[arg(long)]
     no_floors: bool,
 }
@@ -216,9 +218,11 @@ fn run_tests(s: &Setup, target: &Target, pair: &[&ProxyProcess]) -> Result<Figur
         load::throughput(target, a.streams, s.duration)
     })??;
     f.multi_gbps = t.gbit_per_s();
+    let before = cpu()?;
     let rtts = in_ns(&s.ns.client, || {
-        load::ping_pong(target, 1000, a.pings, s.duration)
+        load::ping_pong(target, load::WARMUP_PINGS, a.pings, s.duration)
     })??;
+    f.cpu_us_per_rtt = (cpu()? - before) * 1e6 / (load::WARMUP_PINGS + rtts.len()) as f64;
     let (p50, p99) = percentiles(rtts);
     (f.p50_us, f.p99_us) = (p50, p99);
     let c = in_ns(&s.ns.client, || {
@@ -368,21 +372,35 @@ fn ztunnel_round(s: &Setup, ztunnel: &Path, dir: &Path) -> Result<Figures> {
     Ok(f)
 }
 
+/// The relay pairs measured as floors.
+#[derive(Clone, Copy, PartialEq)]
+enum FloorPair {
+    /// Plain TCP between the relays.
+    Plain,
+    /// Mutual TLS between them, one TLS connection per client connection.
+    Tls,
+    /// Mutual TLS with HTTP/2 CONNECT streams on one connection (HBONE's framing).
+    Hbone,
+}
+
 /// The relays of a floor pair: A in the client's namespace on the capture's :15001, B on
-/// the server's HBONE port; plain TCP between them, or mutual TLS with SVIDs from a fresh
-/// throwaway CA.
-fn relay_round(s: &Setup, bench: &Path, dir: &Path, tls: bool) -> Result<Figures> {
+/// the server's HBONE port; with TLS, SVIDs from a fresh throwaway CA.
+fn relay_round(s: &Setup, bench: &Path, dir: &Path, pair: FloorPair) -> Result<Figures> {
     let round = tempfile::tempdir_in(dir)?;
     let hop = SocketAddr::new(SERVER_IP.into(), 15008);
     let mut extra_a = Vec::new();
     let mut extra_b = Vec::new();
-    if tls {
+    if pair != FloorPair::Plain {
         let ca = Ca::new()?;
         let (certs_a, certs_b) = (round.path().join("relay-a"), round.path().join("relay-b"));
         ca.write_cert_dir(&certs_a, "client")?;
         ca.write_cert_dir(&certs_b, "server")?;
         extra_a = vec!["--relay-tls-out".to_string(), certs_a.display().to_string()];
         extra_b = vec!["--relay-tls-in".to_string(), certs_b.display().to_string()];
+    }
+    if pair == FloorPair::Hbone {
+        extra_a.push("--relay-hbone".into());
+        extra_b.push("--relay-hbone".into());
     }
     let spawn = |name, ns: &str, listen: SocketAddr, to: SocketAddr, extra: &[String]| {
         let mut args: Vec<String> = vec![
@@ -403,10 +421,10 @@ fn relay_round(s: &Setup, bench: &Path, dir: &Path, tls: bool) -> Result<Figures
             dir.join(format!("{}.log", name.replace(' ', "-"))),
         )
     };
-    let (name_a, name_b) = if tls {
-        ("TLS relay A", "TLS relay B")
-    } else {
-        ("relay A", "relay B")
+    let (name_a, name_b) = match pair {
+        FloorPair::Plain => ("relay A", "relay B"),
+        FloorPair::Tls => ("TLS relay A", "TLS relay B"),
+        FloorPair::Hbone => ("HBONE relay A", "HBONE relay B"),
     };
     let mut b = spawn(name_b, &s.ns.server, hop, s.mesh.dst, &extra_b)?;
     let any = SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), 15001);
@@ -515,6 +533,7 @@ fn measure_all(
         let mut direct = Vec::new();
         let mut plain = Vec::new();
         let mut tls = Vec::new();
+        let mut hbone = Vec::new();
         let mut zm = Vec::new();
         let mut zt = Vec::new();
         for round in 1..=args.rounds {
@@ -522,9 +541,11 @@ fn measure_all(
             direct.push(run_tests(&setup, &setup.direct, &[])?);
             if !args.no_floors {
                 eprintln!("round {round}/{}: plain relays", args.rounds);
-                plain.push(relay_round(&setup, bench, dir, false)?);
+                plain.push(relay_round(&setup, bench, dir, FloorPair::Plain)?);
                 eprintln!("round {round}/{}: TLS relays", args.rounds);
-                tls.push(relay_round(&setup, bench, dir, true)?);
+                tls.push(relay_round(&setup, bench, dir, FloorPair::Tls)?);
+                eprintln!("round {round}/{}: HBONE relays", args.rounds);
+                hbone.push(relay_round(&setup, bench, dir, FloorPair::Hbone)?);
             }
             eprintln!("round {round}/{}: zmesh", args.rounds);
             zm.push(zmesh_round(&setup, zmesh, dir)?);
@@ -545,6 +566,7 @@ fn measure_all(
                 direct,
                 plain,
                 tls,
+                hbone,
                 zm,
                 zt,
             },
