@@ -1,8 +1,9 @@
 //! The HBONE relays: the TLS relays of relay.rs with HTTP/2 CONNECT on their TLS hop, as
 //! HBONE has it. Relay A keeps one HTTP/2 connection to B (in mutual TLS) and opens a
 //! CONNECT stream on it for each client connection; relay B answers each stream with 200,
-//! connects to its target and copies. The h2 crate with zmesh's window and frame sizes,
-//! and nothing else: no routing, policy, pool management, access log or metrics. A pair
+//! connects to its target and copies. The h2 crate with zmesh's window, frame and read
+//! sizes and its malloc tuning, and nothing else: no routing, policy, pool management,
+//! access log or metrics. A pair
 //! of them is the least work an HBONE proxy pair built on these libraries does per byte
 //! and per round trip, which is what the side-by-side harness measures it for.
 
@@ -27,12 +28,28 @@ const STREAM_WINDOW: u32 = 4 * 1024 * 1024;
 const CONN_WINDOW: u32 = 16 * 1024 * 1024;
 const MAX_FRAME: u32 = 1024 * 1024;
 const MAX_SEND_BUFFER: usize = 128 * 1024;
-/// As zmesh's proxy reads from TCP at most (copy.rs).
+/// zmesh's read sizes from TCP (proxy/src/copy.rs): each read takes a fresh buffer (its
+/// bytes go to h2 as they are), so a chatty tunnel must not allocate a bulk-sized one per
+/// 64-byte message; reads that fill the buffer grow the next one, short ones shrink it.
+const MIN_READ: usize = 4 * 1024;
 const MAX_READ: usize = 256 * 1024;
+
+fn next_read_size(size: usize, read: usize) -> usize {
+    if read >= size {
+        (size * 4).min(MAX_READ)
+    } else if read < size / 16 {
+        (size / 4).max(MIN_READ)
+    } else {
+        size
+    }
+}
 
 /// Accepts forever on `listener`: relay A (TLS connector) tunnels each connection to B at
 /// `to`; relay B (TLS acceptor) serves the tunnels of each connection A opens to `to`.
 pub async fn serve(listener: TcpListener, to: SocketAddr, tls: TlsEnd) {
+    // Each read hands its buffer to h2: keep freed buffers instead of returning them to
+    // the kernel after every read, as zmesh's proxy does.
+    zmesh_proxy::runtime::tune_malloc();
     match tls {
         TlsEnd::Connector(connector) => {
             let pool = Arc::new(Mutex::new(None));
@@ -154,9 +171,10 @@ async fn tcp_to_h2(
     tcp: &mut tokio::net::tcp::ReadHalf<'_>,
     send: &mut SendStream<Bytes>,
 ) -> Result<()> {
+    let mut size = MIN_READ;
     loop {
         tcp.readable().await?;
-        let mut buf = BytesMut::with_capacity(MAX_READ);
+        let mut buf = BytesMut::with_capacity(size);
         let n = match tcp.try_read_buf(&mut buf) {
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
@@ -166,6 +184,7 @@ async fn tcp_to_h2(
             send.send_data(Bytes::new(), true)?;
             return Ok(());
         }
+        size = next_read_size(size, n);
         let mut data = buf.freeze();
         while !data.is_empty() {
             send.reserve_capacity(data.len());
