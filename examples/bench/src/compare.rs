@@ -16,6 +16,9 @@ pub struct Figures {
     /// connection's set-up and warm-up included): what a round trip costs them in work,
     /// which the machine's noise moves far less than the round trip's time.
     pub cpu_us_per_rtt: f64,
+    /// CPU microseconds of both proxies per connection of the connection-rate test
+    /// (connect, one 64-byte exchange, close).
+    pub cpu_us_per_conn: f64,
     /// Peak RSS of each proxy over the round, MB.
     pub peak_rss_mb: [f64; 2],
     /// The anonymous part of each proxy's RSS at the end of the round (heap, buffers,
@@ -144,6 +147,15 @@ pub fn table(title: &str, m: &Measured) -> String {
             false,
             true,
             2.0,
+            Floor::Plain,
+        ),
+        // No target: the work behind the one above.
+        row(
+            "CPU us per connection, both proxies",
+            |f| f.cpu_us_per_conn,
+            false,
+            false,
+            f64::NAN,
             Floor::Plain,
         ),
         row(

@@ -85,6 +85,7 @@ enum ClientResult {
     Rtts(Vec<u64>),
     Conns {
         per_sec: f64,
+        conns: u64,
         errors: u64,
         first_error: Option<String>,
     },
@@ -155,6 +156,7 @@ fn client(args: &Args, test: ClientTest) -> Result<()> {
             let c = load::conn_rate(&t, args.conn_threads, duration);
             ClientResult::Conns {
                 per_sec: c.per_sec(),
+                conns: c.conns,
                 errors: c.errors,
                 first_error: c.first_error,
             }
@@ -293,8 +295,10 @@ fn run_tests(
     };
     f.cpu_us_per_rtt = (cpu()? - before) * 1e6 / (load::WARMUP_PINGS + rtts.len()) as f64;
     (f.p50_us, f.p99_us) = percentiles(rtts);
+    let before = cpu()?;
     let ClientResult::Conns {
         per_sec,
+        conns,
         errors,
         first_error,
     } = run_client(client, me, args, ClientTest::ConnRate, dst)?
@@ -308,6 +312,7 @@ fn run_tests(
         );
     }
     f.conns_per_s = per_sec;
+    f.cpu_us_per_conn = (cpu()? - before) * 1e6 / conns.max(1) as f64;
     for (i, &pid) in proxies.iter().enumerate().take(2) {
         let memory = procs::process_memory(pid)?;
         f.peak_rss_mb[i] = memory.hwm_kib as f64 * 1024.0 / 1e6;

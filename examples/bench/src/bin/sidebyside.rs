@@ -225,9 +225,11 @@ fn run_tests(s: &Setup, target: &Target, pair: &[&ProxyProcess]) -> Result<Figur
     f.cpu_us_per_rtt = (cpu()? - before) * 1e6 / (load::WARMUP_PINGS + rtts.len()) as f64;
     let (p50, p99) = percentiles(rtts);
     (f.p50_us, f.p99_us) = (p50, p99);
+    let before = cpu()?;
     let c = in_ns(&s.ns.client, || {
         load::conn_rate(target, a.conn_threads, s.duration)
     })?;
+    f.cpu_us_per_conn = (cpu()? - before) * 1e6 / c.conns.max(1) as f64;
     if c.errors > 0 {
         bail!(
             "{} of {} connections failed; first: {}",
