@@ -140,11 +140,7 @@ fn standalone_proxies_with_certificates_from_the_ca() {
     let server_addr = echo_server(server_ip);
     std::fs::write(
         d("workloads.yaml"),
-        format!(
-            "nodes:\n- {{name: node-a, hbone: \"{proxy_a}:15008\"}}\n- {{name: node-b, hbone: \"{proxy_b}:15008\"}}\n\
-             workloads:\n- {{name: client, namespace: bench, serviceAccount: client, node: node-a, ips: [{client_ip}]}}\n\
-             - {{name: server, namespace: bench, serviceAccount: server, node: node-b, ips: [{server_ip}]}}\n"
-        ),
+        workload_table(client_ip, server_ip, proxy_a, proxy_b),
     )
     .unwrap();
     let static_dst = format!("{client_ip}={server_addr}");
@@ -193,6 +189,16 @@ fn standalone_proxies_with_certificates_from_the_ca() {
             "{id} not issued:\n{audit}"
         );
     }
+}
+
+/// `bench/client` on node-a and `bench/server` on node-b, each node's HBONE on `:15008` of
+/// its proxy's IP.
+fn workload_table(client_ip: &str, server_ip: &str, proxy_a: &str, proxy_b: &str) -> String {
+    format!(
+        "nodes:\n- {{name: node-a, hbone: \"{proxy_a}:15008\"}}\n- {{name: node-b, hbone: \"{proxy_b}:15008\"}}\n\
+         workloads:\n- {{name: client, namespace: bench, serviceAccount: client, node: node-a, ips: [{client_ip}]}}\n\
+         - {{name: server, namespace: bench, serviceAccount: server, node: node-b, ips: [{server_ip}]}}\n"
+    )
 }
 
 /// Sends `message` from `client_ip` to proxy A's outbound listener (standing in for a
@@ -296,13 +302,7 @@ fn the_datapath_binary_serves_a_static_table_with_certificates_from_files() {
         "127.0.78.53",
     );
     let server_addr = echo_server(server_ip);
-    let table = |hbone_b: &str| {
-        format!(
-            "nodes:\n- {{name: node-a, hbone: \"{proxy_a}:15008\"}}\n- {{name: node-b, hbone: \"{hbone_b}:15008\"}}\n\
-             workloads:\n- {{name: client, namespace: bench, serviceAccount: client, node: node-a, ips: [{client_ip}]}}\n\
-             - {{name: server, namespace: bench, serviceAccount: server, node: node-b, ips: [{server_ip}]}}\n"
-        )
-    };
+    let table = |hbone_b: &str| workload_table(client_ip, server_ip, proxy_a, hbone_b);
     let (ours, foreign) = (root("zmesh test root"), root("another root"));
     write_cert_dir(&dir.path().join("a"), &ours, "client");
     write_cert_dir(&dir.path().join("b"), &ours, "server");

@@ -253,16 +253,80 @@ mod tests {
     #[test]
     fn relays_bytes_both_ways() {
         let (_server, _b, _a, t) = chain(ip());
-        // Echo: every message goes client -> server and back, and must come back intact.
-        let rtts = load::ping_pong(&t, 5, 100, Duration::from_secs(30)).unwrap();
-        assert_eq!(rtts.len(), 100);
-        // Bulk upload: the server's byte count must match what was sent.
-        let r = load::throughput(&t, 2, Duration::from_millis(100)).unwrap();
-        assert!(r.bytes > 0);
+        assert_carries_bytes(&t);
         // Many short connections.
         let c = load::conn_rate(&t, 2, Duration::from_millis(200));
         assert_eq!(c.errors, 0, "{:?}", c.first_error);
         assert!(c.conns > 0);
+    }
+
+    /// Echo: every message goes client -> server and back, and must come back intact.
+    /// Bulk upload (the client half-closes, then waits for the server's byte count, which
+    /// must match what was sent).
+    fn assert_carries_bytes(t: &Target) {
+        let rtts = load::ping_pong(t, 5, 100, Duration::from_secs(30)).unwrap();
+        assert_eq!(rtts.len(), 100);
+        let r = load::throughput(t, 2, Duration::from_millis(100)).unwrap();
+        assert!(r.bytes > 0);
+    }
+
+    /// A TLS (or, with `hbone`, HBONE) relay pair in front of an echo server, with SVIDs
+    /// from one throwaway CA, as in the harness. Fields drop in order: relays first.
+    struct TlsChain {
+        a: InProcessRelay,
+        b: InProcessRelay,
+        server: Server,
+        certs_a: PathBuf,
+        hbone: bool,
+        dir: tempfile::TempDir,
+    }
+
+    impl TlsChain {
+        fn start(hbone: bool) -> Self {
+            let dir = tempfile::tempdir().unwrap();
+            let ca = zmesh_bench::certs::Ca::new().unwrap();
+            let (certs_a, certs_b) = (dir.path().join("a"), dir.path().join("b"));
+            ca.write_cert_dir(&certs_a, "client").unwrap();
+            ca.write_cert_dir(&certs_b, "server").unwrap();
+            let server = Server::start(ip(), 4).unwrap();
+            let b =
+                InProcessRelay::start_framed(ip(), server.addr(), Some(Tls::In(certs_b)), hbone);
+            let a =
+                InProcessRelay::start_framed(ip(), b.addr, Some(Tls::Out(certs_a.clone())), hbone);
+            Self {
+                a,
+                b,
+                server,
+                certs_a,
+                hbone,
+                dir,
+            }
+        }
+
+        fn target(&self) -> Target {
+            Target {
+                src: ip(),
+                dst: self.a.addr,
+            }
+        }
+
+        /// A fresh A towards a B whose SVID comes from another root: A's handshake fails
+        /// and the client gets no echo.
+        fn assert_foreign_root_refused(&self) {
+            let other = zmesh_bench::certs::Ca::new().unwrap();
+            let certs_x = self.dir.path().join("x");
+            other.write_cert_dir(&certs_x, "server").unwrap();
+            let tls_in = Some(Tls::In(certs_x));
+            let foreign =
+                InProcessRelay::start_framed(ip(), self.server.addr(), tls_in, self.hbone);
+            let tls_out = Some(Tls::Out(self.certs_a.clone()));
+            let a = InProcessRelay::start_framed(ip(), foreign.addr, tls_out, self.hbone);
+            let to_foreign = Target {
+                src: ip(),
+                dst: a.addr,
+            };
+            assert!(load::ping_pong(&to_foreign, 0, 1, Duration::from_secs(10)).is_err());
+        }
     }
 
     /// The floor's TLS pair: bytes cross intact both ways, the hop between the relays is
@@ -270,28 +334,14 @@ mod tests {
     /// SVID comes from another root.
     #[test]
     fn tls_relays_carry_bytes_over_mutual_tls_only() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = zmesh_bench::certs::Ca::new().unwrap();
-        let (certs_a, certs_b) = (dir.path().join("a"), dir.path().join("b"));
-        ca.write_cert_dir(&certs_a, "client").unwrap();
-        ca.write_cert_dir(&certs_b, "server").unwrap();
-        let server = Server::start(ip(), 4).unwrap();
-        let b = InProcessRelay::start_with(ip(), server.addr(), Some(Tls::In(certs_b)));
-        let a = InProcessRelay::start_with(ip(), b.addr, Some(Tls::Out(certs_a.clone())));
-        let t = Target {
-            src: ip(),
-            dst: a.addr,
-        };
-        let rtts = load::ping_pong(&t, 5, 100, Duration::from_secs(30)).unwrap();
-        assert_eq!(rtts.len(), 100);
-        let r = load::throughput(&t, 2, Duration::from_millis(100)).unwrap();
-        assert!(r.bytes > 0);
+        let chain = TlsChain::start(false);
+        assert_carries_bytes(&chain.target());
 
         // Plaintext straight to B: nothing is relayed; all that comes back is, at most, a
         // TLS alert record (content type 21), then the connection ends.
         let plain = Target {
             src: ip(),
-            dst: b.addr,
+            dst: chain.b.addr,
         };
         let mut s = load::connect(&plain).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
@@ -302,18 +352,7 @@ mod tests {
         let _ = s.read_to_end(&mut back);
         assert!(back.is_empty() || back[0] == 21, "B answered {back:?}");
 
-        // A B with an SVID from another root: A's handshake fails and the client gets no
-        // echo.
-        let other = zmesh_bench::certs::Ca::new().unwrap();
-        let certs_x = dir.path().join("x");
-        other.write_cert_dir(&certs_x, "server").unwrap();
-        let foreign = InProcessRelay::start_with(ip(), server.addr(), Some(Tls::In(certs_x)));
-        let a2 = InProcessRelay::start_with(ip(), foreign.addr, Some(Tls::Out(certs_a)));
-        let to_foreign = Target {
-            src: ip(),
-            dst: a2.addr,
-        };
-        assert!(load::ping_pong(&to_foreign, 0, 1, Duration::from_secs(10)).is_err());
+        chain.assert_foreign_root_refused();
     }
 
     /// The HBONE pair: every client connection is a CONNECT stream on one TLS connection
@@ -321,47 +360,24 @@ mod tests {
     /// from another root is refused.
     #[test]
     fn hbone_relays_tunnel_connections_as_connect_streams() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = zmesh_bench::certs::Ca::new().unwrap();
-        let (certs_a, certs_b) = (dir.path().join("a"), dir.path().join("b"));
-        ca.write_cert_dir(&certs_a, "client").unwrap();
-        ca.write_cert_dir(&certs_b, "server").unwrap();
-        let server = Server::start(ip(), 4).unwrap();
-        let b = InProcessRelay::start_framed(ip(), server.addr(), Some(Tls::In(certs_b)), true);
-        let a = InProcessRelay::start_framed(ip(), b.addr, Some(Tls::Out(certs_a.clone())), true);
-        let t = Target {
-            src: ip(),
-            dst: a.addr,
-        };
-        let rtts = load::ping_pong(&t, 5, 100, Duration::from_secs(30)).unwrap();
-        assert_eq!(rtts.len(), 100);
-        // The throughput client half-closes and waits for the server's byte count.
-        let r = load::throughput(&t, 2, Duration::from_millis(100)).unwrap();
-        assert!(r.bytes > 0);
+        let chain = TlsChain::start(true);
+        let t = chain.target();
+        assert_carries_bytes(&t);
         let c = load::conn_rate(&t, 2, Duration::from_millis(200));
         assert_eq!(c.errors, 0, "{:?}", c.first_error);
         assert!(c.conns > 0);
 
         // B speaks HTTP/2 only (so A, which it just served, does too): a TLS relay A that
         // sends the client's bytes as they are gets nothing through.
-        let unframed = InProcessRelay::start_with(ip(), b.addr, Some(Tls::Out(certs_a.clone())));
+        let tls_out = Some(Tls::Out(chain.certs_a.clone()));
+        let unframed = InProcessRelay::start_with(ip(), chain.b.addr, tls_out);
         let to_unframed = Target {
             src: ip(),
             dst: unframed.addr,
         };
         assert!(load::ping_pong(&to_unframed, 0, 1, Duration::from_secs(10)).is_err());
 
-        let other = zmesh_bench::certs::Ca::new().unwrap();
-        let certs_x = dir.path().join("x");
-        other.write_cert_dir(&certs_x, "server").unwrap();
-        let foreign =
-            InProcessRelay::start_framed(ip(), server.addr(), Some(Tls::In(certs_x)), true);
-        let a2 = InProcessRelay::start_framed(ip(), foreign.addr, Some(Tls::Out(certs_a)), true);
-        let to_foreign = Target {
-            src: ip(),
-            dst: a2.addr,
-        };
-        assert!(load::ping_pong(&to_foreign, 0, 1, Duration::from_secs(10)).is_err());
+        chain.assert_foreign_root_refused();
     }
 
     #[test]
