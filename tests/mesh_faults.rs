@@ -224,16 +224,8 @@ fn now_epoch() -> u64 {
 async fn ca_down_past_certificate_expiry_fails_closed_with_the_reason_and_recovers() {
     const LIFETIME: Duration = Duration::from_secs(20);
     let mut lab = Lab::start(LabOptions {
-        manifests: manifests(),
-        zmesh_bin: PathBuf::from(env!("CARGO_BIN_EXE_zmesh")),
         cert_lifetime: LIFETIME,
-        strict_nodes: vec![],
-        reserved_pods: vec![],
-        agent_env: vec![],
-        kubelet_cgroups: false,
-        dual_stack: false,
-        ca_args: vec![],
-        datapath_process: false,
+        ..LabOptions::new(manifests(), PathBuf::from(env!("CARGO_BIN_EXE_zmesh")))
     })
     .await
     .expect("the lab starts");

@@ -58,54 +58,6 @@ impl Drop for Procs {
 
 const NAMESPACES: &str = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels:\n    io.cilium/mtls-enabled: \"true\"\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: legacy\n";
 
-fn pods_yaml(cluster: &Cluster) -> String {
-    let mut out = String::new();
-    for pod in cluster.pods() {
-        write!(
-            out,
-            "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  \
-             annotations:\n    zmesh.io/netns: {netns}\n    zmesh.io/cgroup: {cgroup}\n\
-             spec:\n  nodeName: {node}\n  serviceAccountName: {sa}\n  containers: [{{name: app, image: x}}]\n\
-             status:\n  phase: Running\n  podIP: {ip}\n",
-            name = pod.name(),
-            ns = pod.namespace(),
-            netns = pod.netns().path().display(),
-            cgroup = pod.cgroup_path().display(),
-            node = pod.node_name(),
-            sa = pod.service_account(),
-            ip = pod.ip(),
-        )
-        .unwrap();
-    }
-    out
-}
-
-/// ztunnel's static workload table (its LOCAL_XDS_PATH format): every pod, HBONE for the
-/// enrolled namespace, with the uid the agent uses over ZDS (`<namespace>/<name>`).
-fn local_xds(cluster: &Cluster) -> String {
-    let mut out = String::from("workloads:\n");
-    for pod in cluster.pods() {
-        let protocol = if pod.namespace() == "shop" {
-            "HBONE"
-        } else {
-            "TCP"
-        };
-        write!(
-            out,
-            "- uid: {ns}/{name}\n  name: {name}\n  namespace: {ns}\n  serviceAccount: {sa}\n  trustDomain: cluster.local\n  \
-             workloadIps: [\"{ip}\"]\n  protocol: {protocol}\n  node: {node}\n  network: \"\"\n  \
-             services: {{}}\n",
-            ns = pod.namespace(),
-            name = pod.name(),
-            sa = pod.service_account(),
-            ip = pod.ip(),
-            node = pod.node_name(),
-        )
-        .unwrap();
-    }
-    out
-}
-
 struct Mesh {
     cluster: Cluster,
     dir: tempfile::TempDir,
@@ -128,8 +80,16 @@ impl Mesh {
         let manifests = dir.path().join("manifests");
         std::fs::create_dir(&manifests).unwrap();
         std::fs::write(manifests.join("namespaces.yaml"), NAMESPACES).unwrap();
-        std::fs::write(manifests.join("pods.yaml"), pods_yaml(&cluster)).unwrap();
-        std::fs::write(dir.path().join("xds.yaml"), local_xds(&cluster)).unwrap();
+        std::fs::write(
+            manifests.join("pods.yaml"),
+            zmesh_lab::ztunnel::annotated_pods(&cluster),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("xds.yaml"),
+            zmesh_lab::ztunnel::local_xds(&cluster, "shop"),
+        )
+        .unwrap();
         let mut mesh = Mesh {
             cluster,
             dir,

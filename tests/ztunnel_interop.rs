@@ -12,7 +12,6 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -57,30 +56,6 @@ fn sha256_hex(text: &str) -> String {
         .next()
         .unwrap()
         .to_owned()
-}
-
-fn local_xds(lab: &Lab) -> String {
-    let mut out = String::from("workloads:\n");
-    for pod in lab.cluster().pods() {
-        let protocol = if pod.namespace() == "shop" {
-            "HBONE"
-        } else {
-            "TCP"
-        };
-        write!(
-            out,
-            "- uid: {ns}/{name}\n  name: {name}\n  namespace: {ns}\n  serviceAccount: {sa}\n  \
-             trustDomain: cluster.local\n  workloadIps: [\"{ip}\"]\n  protocol: {protocol}\n  \
-             node: {node}\n  network: \"\"\n  services: {{}}\n",
-            ns = pod.namespace(),
-            name = pod.name(),
-            sa = pod.service_account(),
-            ip = pod.ip(),
-            node = pod.node_name(),
-        )
-        .unwrap();
-    }
-    out
 }
 
 fn eventually_echo(
@@ -180,7 +155,7 @@ async fn zmesh_and_stock_ztunnel_nodes_carry_hbone_both_ways_with_the_zmesh_ca()
         .unwrap();
     procs.0.push(child);
     let xds = work.path().join("xds.yaml");
-    std::fs::write(&xds, local_xds(&lab)).unwrap();
+    std::fs::write(&xds, zmesh_lab::ztunnel::local_xds(lab.cluster(), "shop")).unwrap();
     let roots = work.path().join("ca-roots.pem");
     let bundle = Command::new(&zmesh)
         .args(["ca", "bundle", "--state-dir"])

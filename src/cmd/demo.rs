@@ -57,17 +57,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         args.manifests.display()
     );
     let lab = Lab::start(LabOptions {
-        manifests: args.manifests.clone(),
-        zmesh_bin,
         cert_lifetime: args.cert_lifetime,
-        strict_nodes: vec![],
-        reserved_pods: vec![],
-        agent_env: vec![],
-        kubelet_cgroups: false,
         // Every pod has an IPv4 and an IPv6 address; the agents steer both.
         dual_stack: true,
-        ca_args: vec![],
-        datapath_process: false,
+        ..LabOptions::new(args.manifests.clone(), zmesh_bin)
     });
     let mut lab = tokio::select! {
         lab = lab => lab?,

@@ -45,16 +45,9 @@ pub fn options(
     reserved_pods: Vec<ReservedPod>,
 ) -> LabOptions {
     LabOptions {
-        manifests,
-        zmesh_bin: PathBuf::from(env!("CARGO_BIN_EXE_zmesh")),
-        cert_lifetime: Duration::from_secs(3600),
         strict_nodes: strict_nodes.iter().map(|s| s.to_string()).collect(),
         reserved_pods,
-        agent_env: vec![],
-        kubelet_cgroups: false,
-        dual_stack: false,
-        ca_args: vec![],
-        datapath_process: false,
+        ..LabOptions::new(manifests, PathBuf::from(env!("CARGO_BIN_EXE_zmesh")))
     }
 }
 

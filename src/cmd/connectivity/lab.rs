@@ -90,19 +90,8 @@ pub async fn run(only: &[String]) -> anyhow::Result<Vec<Outcome>> {
     std::fs::write(dir.path().join("connectivity.yaml"), MANIFESTS)
         .context("cannot write the test manifests")?;
     println!("Deploying the test pods into a lab (2 nodes, the CA, one agent per node) ...");
-    let mut lab = Lab::start(LabOptions {
-        manifests: dir.path().to_owned(),
-        zmesh_bin: std::env::current_exe().context("cannot find the zmesh binary")?,
-        cert_lifetime: Duration::from_secs(3600),
-        strict_nodes: vec![],
-        reserved_pods: vec![],
-        agent_env: vec![],
-        kubelet_cgroups: false,
-        dual_stack: false,
-        ca_args: vec![],
-        datapath_process: false,
-    })
-    .await?;
+    let zmesh_bin = std::env::current_exe().context("cannot find the zmesh binary")?;
+    let mut lab = Lab::start(LabOptions::new(dir.path().to_owned(), zmesh_bin)).await?;
     let results = matrix(&mut lab, only).await;
     drop(lab);
     results

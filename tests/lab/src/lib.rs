@@ -15,6 +15,8 @@
 //! a ClusterIP's connections over the Service's ready endpoints, as kube-proxy would. The
 //! mesh never relies on it: enrolled pods' connections to a ClusterIP reach the proxy first.
 
+pub mod ztunnel;
+
 use std::collections::BTreeMap;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -101,6 +103,25 @@ pub struct LabOptions {
     /// Run each node's proxy in a data path process of its own (`zmesh-datapath`, started
     /// with the node's first agent, kept across agent restarts) instead of inside the agent.
     pub datapath_process: bool,
+}
+
+impl LabOptions {
+    /// A lab of `manifests` run with `zmesh_bin`: one-hour certificates, every node
+    /// permissive, IPv4 only, agents with the proxy inside, nothing reserved or extra.
+    pub fn new(manifests: PathBuf, zmesh_bin: PathBuf) -> Self {
+        Self {
+            manifests,
+            zmesh_bin,
+            cert_lifetime: Duration::from_secs(3600),
+            strict_nodes: vec![],
+            reserved_pods: vec![],
+            agent_env: vec![],
+            kubelet_cgroups: false,
+            dual_stack: false,
+            ca_args: vec![],
+            datapath_process: false,
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

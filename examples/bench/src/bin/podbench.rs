@@ -411,16 +411,8 @@ fn zmesh_round(args: &Args, zmesh: &Path, me: &Path, dir: &Path) -> Result<(Figu
     let work = tempfile::tempdir_in(dir)?;
     let manifests = write_manifests(work.path(), &scheduled_pods())?;
     let options = LabOptions {
-        manifests,
-        zmesh_bin: zmesh.to_owned(),
-        cert_lifetime: Duration::from_secs(3600),
-        strict_nodes: vec![],
-        reserved_pods: vec![],
-        agent_env: vec![],
-        kubelet_cgroups: false,
-        dual_stack: false,
-        ca_args: vec![],
         datapath_process: true,
+        ..LabOptions::new(manifests, zmesh.to_owned())
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -483,9 +475,9 @@ fn ztunnel_round(
 ) -> Result<Figures> {
     let cluster = Cluster::build(&spec())?;
     let work = tempfile::tempdir_in(dir)?;
-    let manifests = write_manifests(work.path(), &annotated_pods(&cluster))?;
+    let manifests = write_manifests(work.path(), &zmesh_lab::ztunnel::annotated_pods(&cluster))?;
     let xds = work.path().join("xds.yaml");
-    std::fs::write(&xds, local_xds(&cluster))?;
+    std::fs::write(&xds, zmesh_lab::ztunnel::local_xds(&cluster, MESH_NS))?;
     // Declared after the cluster: dropped (killed) before its namespaces go.
     let mut procs = Vec::new();
     let mut pids = Vec::new();
@@ -557,54 +549,6 @@ fn ztunnel_round(
     let f = run_tests(client, me, args, dst(server), &pids)?;
     drop(procs);
     Ok(f)
-}
-
-/// The pods with what the agent needs to find them (no lab here: the agent runs with
-/// `--data-plane ztunnel` and reads the manifests directly).
-fn annotated_pods(cluster: &Cluster) -> String {
-    cluster
-        .pods()
-        .map(|p| {
-            format!(
-                "---\napiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {ns}\n  \
-                 annotations:\n    zmesh.io/netns: {netns}\n    zmesh.io/cgroup: {cgroup}\n\
-                 spec:\n  nodeName: {node}\n  serviceAccountName: {sa}\n  \
-                 containers: [{{name: app, image: x}}]\n\
-                 status:\n  phase: Running\n  podIP: {ip}\n",
-                name = p.name(),
-                ns = p.namespace(),
-                netns = p.netns().path().display(),
-                cgroup = p.cgroup_path().display(),
-                node = p.node_name(),
-                sa = p.service_account(),
-                ip = p.ip(),
-            )
-        })
-        .collect()
-}
-
-/// ztunnel's static workload table (LOCAL_XDS_PATH): every pod, HBONE for the enrolled
-/// namespace, with the uid the agent uses over ZDS (`<namespace>/<name>`).
-fn local_xds(cluster: &Cluster) -> String {
-    let mut out = String::from("workloads:\n");
-    for p in cluster.pods() {
-        let protocol = if p.namespace() == MESH_NS {
-            "HBONE"
-        } else {
-            "TCP"
-        };
-        out += &format!(
-            "- uid: {ns}/{name}\n  name: {name}\n  namespace: {ns}\n  serviceAccount: {sa}\n  \
-             trustDomain: cluster.local\n  workloadIps: [\"{ip}\"]\n  protocol: {protocol}\n  \
-             node: {node}\n  network: \"\"\n  services: {{}}\n",
-            ns = p.namespace(),
-            name = p.name(),
-            sa = p.service_account(),
-            ip = p.ip(),
-            node = p.node_name(),
-        );
-    }
-    out
 }
 
 fn tail(log: &str) -> String {
