@@ -376,7 +376,7 @@ async fn tunnel(
             );
         }
     }
-    if shared.is_proxy_port(target.port()) {
+    if shared.is_proxy_target(target) {
         let why = "target port belongs to the proxy";
         return reject(
             log,

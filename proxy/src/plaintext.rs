@@ -50,7 +50,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketA
             return log.finish(Outcome::NoOriginalDst);
         }
     };
-    if shared.is_own_listener(dst) || shared.is_proxy_port(dst.port()) {
+    if shared.is_proxy_target(dst) {
         return log.finish(Outcome::ProxyPort);
     }
     let Some(dest) = table.local_workload(dst.ip(), &shared.config.node).cloned() else {

@@ -254,13 +254,21 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
-    /// True if `port` is one of the proxy's own (never a tunnel target).
-    pub fn is_proxy_port(&self, port: u16) -> bool {
+    /// True if `target` would reach the proxy itself (never a tunnel target): one of the
+    /// mesh's fixed proxy ports on any address, or the address of one of our listeners (a
+    /// wildcard listener's port on any address). A workload's port that merely has the
+    /// number of a listener bound to another address is not ours.
+    pub fn is_proxy_target(&self, target: SocketAddr) -> bool {
         let a = &self.addrs;
-        crate::PROXY_PORTS.contains(&port)
+        let target = crate::socket::canonical(target);
+        crate::PROXY_PORTS.contains(&target.port())
             || [a.inbound, a.outbound, a.plaintext, a.metrics, a.readiness]
                 .iter()
-                .any(|addr| addr.port() == port)
+                .any(|listener| {
+                    let listener = crate::socket::canonical(*listener);
+                    listener.port() == target.port()
+                        && (listener.ip().is_unspecified() || listener.ip() == target.ip())
+                })
     }
 
     /// Settings for a socket to or from an application: no Nagle delay, TCP keepalive.

@@ -205,6 +205,35 @@ fn connect(authority: &str) -> Request<()> {
         .unwrap()
 }
 
+/// A workload's port that has the number of one of the proxy's listeners, bound to
+/// another address, is the workload's: tunnels reach it. (Seen flaking: with ephemeral
+/// ports, a test server sometimes drew the port of the proxy's HBONE listener, and the
+/// proxy refused it as its own.)
+#[tokio::test]
+async fn a_workload_port_numbered_like_a_proxy_listener_on_another_address_is_reachable() {
+    let s = start(113, None).await;
+    let send = s.h2(Some(s.good_cert())).await.unwrap();
+    for (what, port) in [
+        ("HBONE", s.proxy.addrs.inbound.port()),
+        ("metrics", s.proxy.addrs.metrics.port()),
+    ] {
+        let listener = TcpListener::bind(SocketAddr::new(s.server_ip, port))
+            .await
+            .unwrap();
+        let accepted = tokio::spawn(async move { listener.accept().await.is_ok() });
+        let target = SocketAddr::new(s.server_ip, port);
+        assert_eq!(
+            status_of(&send, connect(&target.to_string())).await,
+            StatusCode::OK,
+            "{what} port {port} on the workload's address"
+        );
+        assert!(
+            tokio::time::timeout(T, accepted).await.unwrap().unwrap(),
+            "{what}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn bad_requests_get_ztunnels_status_and_spare_other_tunnels() {
     let s = start(101, None).await;
