@@ -264,9 +264,10 @@ pub fn table(title: &str, m: &Measured) -> String {
 
 /// A row's verdict: MET; missed, where the floor pairs' own ratios miss the target too
 /// (no pair of user-space proxies of that kind reaches it here); missed where only the
-/// HBONE floor misses it (no HBONE pair on these libraries reaches it here, though a pair
-/// without HTTP/2 would); or MISSED, where a floor shows it is reachable. "-" without a
-/// ratio or a target.
+/// HBONE floor misses it (the simplest HBONE pair on these libraries does not reach it
+/// here, though a pair without HTTP/2 does: evidence, not proof, since another HTTP/2
+/// design could do better); or MISSED, where a floor shows it is reachable. "-" without
+/// a ratio or a target.
 fn verdict(
     ratio: f64,
     floor_ratio: f64,
@@ -283,7 +284,7 @@ fn verdict(
     } else if misses(floor_ratio) && !meets(hbone_ratio) {
         "missed: out of reach (floor misses too)"
     } else if misses(hbone_ratio) {
-        "missed: out of reach for HBONE on h2 (HBONE floor misses too)"
+        "missed: the HBONE floor misses too (h2's framing)"
     } else {
         "MISSED"
     }
