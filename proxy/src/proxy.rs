@@ -23,7 +23,9 @@ use crate::keepalive::Keepalive;
 use crate::limits::IdentityLimit;
 use crate::metrics::{Direction, Metrics};
 use crate::pool::{Pool, PoolConfig};
-use crate::socket::{listener, set_tcp_keepalive, OriginalDst, SoOriginalDst, TcpKeepalive};
+use crate::socket::{
+    listener, set_tcp_keepalive, tune_listener, OriginalDst, SoOriginalDst, TcpKeepalive,
+};
 use crate::tls::TlsCredentials;
 use crate::tunnels::Tunnels;
 use crate::workloads::{WorkloadStore, WorkloadTable};
@@ -316,6 +318,21 @@ impl Proxy {
         let plaintext = bind(PLAINTEXT, config.plaintext_addr, t)?;
         let metrics_l = bind(METRICS, config.metrics_addr, false)?;
         let readiness = bind(READINESS, config.readiness_addr, false)?;
+        // Accepted sockets inherit these from their listener: set once here instead of with
+        // several system calls per connection. HBONE peers are proxies, watched by HTTP/2
+        // PINGs; applications get TCP keepalive.
+        let keepalive = config.limits.tcp_keepalive;
+        for (what, l, addr, app_keepalive) in [
+            (INBOUND, &inbound, config.inbound_addr, None),
+            (OUTBOUND, &outbound, config.outbound_addr, keepalive),
+            (PLAINTEXT, &plaintext, config.plaintext_addr, keepalive),
+        ] {
+            tune_listener(l, app_keepalive).map_err(|source| ProxyError::Bind {
+                what,
+                addr,
+                source,
+            })?;
+        }
         let local = |l: &TcpListener, what, addr| {
             l.local_addr()
                 .map_err(|source| ProxyError::Bind { what, addr, source })
@@ -719,14 +736,8 @@ async fn accept_loop(
     direction: Direction,
     name: (&'static str, SocketAddr),
 ) -> Result<(), ProxyError> {
+    // No per-connection socket options: the stream has its listener's (Proxy::bind).
     while let Some((stream, peer)) = accept(&listener, name, &shared.drain).await? {
-        match direction {
-            // HBONE peers are proxies: HTTP/2 PINGs watch them.
-            Direction::Inbound => {
-                let _ = stream.set_nodelay(true);
-            }
-            Direction::Outbound | Direction::InboundPlaintext => shared.tune_app_socket(&stream),
-        }
         let s = shared.clone();
         let force = shared.force.clone();
         shared.tracker.spawn(async move {

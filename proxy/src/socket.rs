@@ -123,7 +123,7 @@ impl Default for TcpKeepalive {
 
 /// Applies `keepalive` (none: leaves the socket as it is).
 pub(crate) fn set_tcp_keepalive(
-    stream: &TcpStream,
+    stream: &impl std::os::fd::AsFd,
     keepalive: Option<TcpKeepalive>,
 ) -> io::Result<()> {
     let Some(k) = keepalive else {
@@ -134,6 +134,21 @@ pub(crate) fn set_tcp_keepalive(
         .with_interval(k.interval)
         .with_retries(k.retries);
     socket2::SockRef::from(stream).set_tcp_keepalive(&params)
+}
+
+/// No Nagle delay and `keepalive` (or none) on a listener, for every socket it accepts:
+/// Linux copies both into the accepted socket. A listener inherited from a predecessor is
+/// set to this configuration too.
+pub(crate) fn tune_listener(
+    listener: &TcpListener,
+    keepalive: Option<TcpKeepalive>,
+) -> io::Result<()> {
+    let socket = socket2::SockRef::from(listener);
+    socket.set_tcp_nodelay(true)?;
+    match keepalive {
+        Some(_) => set_tcp_keepalive(listener, keepalive),
+        None => socket.set_keepalive(false),
+    }
 }
 
 /// Finds where a captured outbound connection was headed.

@@ -1,4 +1,4 @@
-//! TCP keepalive on the proxy's application-side sockets, read back from the sockets
+//! TCP keepalive (and no Nagle delay) on the proxy's sockets, read back from the sockets
 //! themselves: the proxy runs in this process, so its sockets are among our own fds (this
 //! file is its own test binary, so no other test's sockets are there).
 
@@ -14,8 +14,9 @@ use zmesh_proxy::TcpKeepalive;
 
 const T: Duration = Duration::from_secs(30);
 
-/// Our process's socket whose local and peer addresses are these, if any.
-fn socket_fd(local: SocketAddr, peer: SocketAddr) -> Option<RawFd> {
+/// Our process's socket whose local and peer addresses are these (any peer: None), if any.
+fn socket_fd(local: SocketAddr, peer: impl Into<Option<SocketAddr>>) -> Option<RawFd> {
+    let peer = peer.into();
     for entry in std::fs::read_dir("/proc/self/fd").unwrap() {
         let Ok(fd) = entry
             .unwrap()
@@ -32,7 +33,7 @@ fn socket_fd(local: SocketAddr, peer: SocketAddr) -> Option<RawFd> {
         let (Ok(l), Ok(p)) = (sock.local_addr(), sock.peer_addr()) else {
             continue;
         };
-        if l.as_socket() == Some(local) && p.as_socket() == Some(peer) {
+        if l.as_socket() == Some(local) && peer.is_none_or(|peer| p.as_socket() == Some(peer)) {
             return Some(fd);
         }
     }
@@ -42,6 +43,7 @@ fn socket_fd(local: SocketAddr, peer: SocketAddr) -> Option<RawFd> {
 fn keepalive_of(what: &str, local: SocketAddr, peer: SocketAddr) -> Option<TcpKeepalive> {
     let fd =
         socket_fd(local, peer).unwrap_or_else(|| panic!("{what}: no socket {local} -> {peer}"));
+    assert!(nodelay_of(fd), "{what}: Nagle's delay is on");
     // SAFETY: as in socket_fd.
     let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
     let sock = SockRef::from(&borrowed);
@@ -53,6 +55,12 @@ fn keepalive_of(what: &str, local: SocketAddr, peer: SocketAddr) -> Option<TcpKe
         interval: sock.tcp_keepalive_interval().unwrap(),
         retries: sock.tcp_keepalive_retries().unwrap(),
     })
+}
+
+fn nodelay_of(fd: RawFd) -> bool {
+    // SAFETY: as in socket_fd.
+    let borrowed = unsafe { BorrowedFd::borrow_raw(fd) };
+    SockRef::from(&borrowed).tcp_nodelay().unwrap()
 }
 
 #[tokio::test]
@@ -99,6 +107,17 @@ async fn app_side_sockets_have_tcp_keepalive() {
         "inbound HBONE's socket to the workload"
     );
 
+    // B's end of the HBONE connection: no Nagle delay, and no TCP keepalive (HTTP/2 PINGs
+    // watch proxies).
+    let hbone = socket_fd(mesh.b.addrs.inbound, None).expect("B's accepted HBONE socket");
+    assert!(
+        nodelay_of(hbone),
+        "B's accepted HBONE socket has Nagle's delay on"
+    );
+    // SAFETY: as in socket_fd.
+    let hbone = unsafe { BorrowedFd::borrow_raw(hbone) };
+    assert!(!SockRef::from(&hbone).keepalive().unwrap());
+
     // Plain TCP from outside the mesh: ip(net, 9) -> B (plaintext) -> server.
     let mut outsider = connect_from(ip(120, 9), mesh.b.addrs.plaintext).await;
     let (mut server2, b_dialed_from2) = tokio::time::timeout(T, async {
@@ -122,4 +141,35 @@ async fn app_side_sockets_have_tcp_keepalive() {
     assert_eq!(upstream, Some(want), "plaintext's socket to the workload");
     // Our own test sockets were never touched: the option is the proxy's doing.
     assert!(!SockRef::from(&client).keepalive().unwrap());
+}
+
+#[tokio::test]
+async fn without_tcp_keepalive_accepted_sockets_have_none() {
+    let mesh = Mesh::with(
+        131,
+        MeshOptions {
+            config: Box::new(|c| c.limits.tcp_keepalive = None),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut client = mesh.connect().await;
+    let (mut server, _) = tokio::time::timeout(T, async {
+        tokio::io::AsyncWriteExt::write_all(&mut client, b"x")
+            .await
+            .unwrap();
+        mesh.server.accept().await.unwrap()
+    })
+    .await
+    .unwrap();
+    let mut one = [0u8; 1];
+    tokio::io::AsyncReadExt::read_exact(&mut server, &mut one)
+        .await
+        .unwrap();
+    let accepted = keepalive_of(
+        "outbound accepted",
+        mesh.a.addrs.outbound,
+        client.local_addr().unwrap(),
+    );
+    assert_eq!(accepted, None, "outbound listener's accepted socket");
 }
