@@ -16,6 +16,7 @@ use h2::{Reason, RecvStream, SendStream};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::tcp::ReadHalf;
 use tokio::net::TcpStream;
+use tokio_util::io::poll_read_buf;
 
 use crate::access::{ByteCount, ByteCounts};
 
@@ -73,7 +74,7 @@ pub(crate) enum Ended {
 
 /// TCP -> HTTP/2, ending with END_STREAM on TCP EOF; true if the peer reset the stream.
 async fn tcp_to_h2(
-    tcp: ReadHalf<'_>,
+    mut tcp: ReadHalf<'_>,
     send: &mut SendStream<Bytes>,
     counter: &ByteCount,
 ) -> Result<bool, CopyError> {
@@ -94,10 +95,14 @@ async fn tcp_to_h2(
             }
         };
         let mut buf = BytesMut::with_capacity(size.get());
-        let n = match tcp.try_read_buf(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e.into()),
+        // Read through `AsyncRead`, not `try_read_buf`: a short read tells tokio that the
+        // socket is drained, so the next wait goes straight to epoll instead of through a
+        // read that fails with EAGAIN (one syscall and one buffer fewer per message).
+        let read = poll_fn(|cx| Poll::Ready(poll_read_buf(Pin::new(&mut tcp), cx, &mut buf)));
+        let n = match read.await {
+            Poll::Ready(n) => n?,
+            // The readiness was stale: wait again, holding no buffer.
+            Poll::Pending => continue,
         };
         if n == 0 {
             send.send_data(Bytes::new(), true)?;

@@ -9,8 +9,10 @@
 
 use std::future::poll_fn;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 
 use anyhow::{bail, Context, Result};
 use bytes::{Bytes, BytesMut};
@@ -19,6 +21,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
 use tokio_rustls::{TlsAcceptor, TlsConnector};
+use tokio_util::io::poll_read_buf;
 
 use crate::relay::{connect, TlsEnd};
 
@@ -175,10 +178,11 @@ async fn tcp_to_h2(
     loop {
         tcp.readable().await?;
         let mut buf = BytesMut::with_capacity(size);
-        let n = match tcp.try_read_buf(&mut buf) {
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
-            Err(e) => return Err(e.into()),
+        // Through AsyncRead, as copy.rs: a short read spares the EAGAIN read after it.
+        let read = poll_fn(|cx| Poll::Ready(poll_read_buf(Pin::new(&mut *tcp), cx, &mut buf)));
+        let n = match read.await {
+            Poll::Ready(n) => n?,
+            Poll::Pending => continue,
         };
         if n == 0 {
             send.send_data(Bytes::new(), true)?;
