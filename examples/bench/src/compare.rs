@@ -16,6 +16,12 @@ pub struct Figures {
     /// connection's set-up and warm-up included): what a round trip costs them in work,
     /// which the machine's noise moves far less than the round trip's time.
     pub cpu_us_per_rtt: f64,
+    /// The part of `cpu_us_per_rtt` spent in user space (the rest is the kernel's: syscalls,
+    /// TCP, the switches below).
+    pub user_us_per_rtt: f64,
+    /// Context switches of both proxies' threads per round trip: each is a wait for data
+    /// (or a preemption), the dearest thing a round trip does on this machine.
+    pub switches_per_rtt: f64,
     /// CPU microseconds of both proxies per connection of the connection-rate test
     /// (connect, one 64-byte exchange, close).
     pub cpu_us_per_conn: f64,
@@ -24,6 +30,16 @@ pub struct Figures {
     /// The anonymous part of each proxy's RSS at the end of the round (heap, buffers,
     /// stacks: what load grows; the rest is the binary's mapped text), MB.
     pub end_anon_mb: [f64; 2],
+}
+
+impl Figures {
+    /// The ping-pong's work figures from what both proxies did over `rtts` round trips.
+    pub fn per_rtt(&mut self, work: crate::procs::Work, rtts: usize) {
+        let per = |x: f64| x / rtts.max(1) as f64;
+        self.cpu_us_per_rtt = per((work.user + work.system).as_secs_f64() * 1e6);
+        self.user_us_per_rtt = per(work.user.as_secs_f64() * 1e6);
+        self.switches_per_rtt = per(work.switches as f64);
+    }
 }
 
 /// p50 and p99 of round-trip times in ns, in us.
@@ -136,6 +152,22 @@ pub fn table(title: &str, m: &Measured) -> String {
         row(
             "CPU us per round trip, both proxies",
             |f| f.cpu_us_per_rtt,
+            false,
+            false,
+            f64::NAN,
+            Floor::Tls,
+        ),
+        row(
+            "of which in user space (us)",
+            |f| f.user_us_per_rtt,
+            false,
+            false,
+            f64::NAN,
+            Floor::Tls,
+        ),
+        row(
+            "context switches per round trip, both proxies",
+            |f| f.switches_per_rtt,
             false,
             false,
             f64::NAN,

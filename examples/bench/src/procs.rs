@@ -107,6 +107,10 @@ impl ProxyProcess {
         process_cpu(self.pid())
     }
 
+    pub fn work(&self) -> Result<Work> {
+        process_work(self.pid())
+    }
+
     /// Restarts the peak-RSS count (VmHWM), so that the next reading is the peak of
     /// what follows (Linux: writing 5 to /proc/<pid>/clear_refs).
     pub fn reset_peak(&self) -> Result<()> {
@@ -303,15 +307,82 @@ pub fn process_memory(pid: u32) -> Result<Memory> {
 
 /// User + system CPU time of a process, from /proc/<pid>/stat.
 pub fn process_cpu(pid: u32) -> Result<Duration> {
-    let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    let ticks = parse_stat_cpu_ticks(&text).with_context(|| format!("parsing {path}"))?;
-    Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks() as f64))
+    let work = process_work(pid)?;
+    Ok(work.user + work.system)
 }
 
-/// utime + stime (fields 14 and 15); the command name in field 2 may contain spaces and
-/// parentheses, so fields are counted after the last ')'.
-fn parse_stat_cpu_ticks(text: &str) -> Result<u64> {
+/// What a process has done so far: CPU time in user space and in the kernel, and how often
+/// its threads were switched out (voluntarily, to wait, or preempted).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Work {
+    pub user: Duration,
+    pub system: Duration,
+    pub switches: u64,
+}
+
+impl Work {
+    /// The work done between `earlier` and `self`.
+    pub fn since(self, earlier: Work) -> Work {
+        Work {
+            user: self.user.saturating_sub(earlier.user),
+            system: self.system.saturating_sub(earlier.system),
+            switches: self.switches.saturating_sub(earlier.switches),
+        }
+    }
+}
+
+impl std::ops::Add for Work {
+    type Output = Work;
+    fn add(self, other: Work) -> Work {
+        Work {
+            user: self.user + other.user,
+            system: self.system + other.system,
+            switches: self.switches + other.switches,
+        }
+    }
+}
+
+/// [`Work`] of a process: CPU times from /proc/<pid>/stat, context switches summed over
+/// its threads' /proc/<pid>/task/<tid>/status (the process's own status counts only its
+/// first thread). Threads that have ended are no longer counted.
+pub fn process_work(pid: u32) -> Result<Work> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let (user, system) = parse_stat_cpu_ticks(&text).with_context(|| format!("parsing {path}"))?;
+    let tick = |t: u64| Duration::from_secs_f64(t as f64 / clock_ticks() as f64);
+    let tasks = format!("/proc/{pid}/task");
+    let mut switches = 0;
+    for task in std::fs::read_dir(&tasks).with_context(|| format!("listing {tasks}"))? {
+        let status = task?.path().join("status");
+        // A thread that ended since the listing has nothing more to add.
+        let Ok(text) = std::fs::read_to_string(&status) else {
+            continue;
+        };
+        switches += parse_context_switches(&text)
+            .with_context(|| format!("parsing {}", status.display()))?;
+    }
+    Ok(Work {
+        user: tick(user),
+        system: tick(system),
+        switches,
+    })
+}
+
+/// voluntary_ctxt_switches + nonvoluntary_ctxt_switches of a status file.
+fn parse_context_switches(status: &str) -> Result<u64> {
+    let field = |name: &str| -> Result<u64> {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse().ok())
+            .with_context(|| format!("no {name}"))
+    };
+    Ok(field("voluntary_ctxt_switches:")? + field("nonvoluntary_ctxt_switches:")?)
+}
+
+/// utime and stime in clock ticks (fields 14 and 15); the command name in field 2 may
+/// contain spaces and parentheses, so fields are counted after the last ')'.
+fn parse_stat_cpu_ticks(text: &str) -> Result<(u64, u64)> {
     let (_, rest) = text.rsplit_once(')').context("no ')' in stat")?;
     let fields: Vec<&str> = rest.split_whitespace().collect();
     // rest starts at field 3 (state): utime is field 14 -> index 11.
@@ -321,7 +392,7 @@ fn parse_stat_cpu_ticks(text: &str) -> Result<u64> {
             .and_then(|v| v.parse().ok())
             .with_context(|| format!("field {} missing or not a number", i + 3))
     };
-    Ok(get(11)? + get(12)?)
+    Ok((get(11)?, get(12)?))
 }
 
 /// User + system CPU time of this process (the load generator: client and server).
@@ -454,7 +525,7 @@ mod tests {
     #[test]
     fn stat_fields_counted_after_the_command_name() {
         let stat = "1234 (tricky) name) S 1 2 3 4 5 6 7 8 9 10 250 50 0 0 20 0";
-        assert_eq!(parse_stat_cpu_ticks(stat).unwrap(), 300);
+        assert_eq!(parse_stat_cpu_ticks(stat).unwrap(), (250, 50));
         assert!(parse_stat_cpu_ticks("1234 (x) S 1 2").is_err());
         assert!(parse_stat_cpu_ticks("no parens").is_err());
         // Our own process parses, and burning CPU makes it grow.
@@ -466,6 +537,36 @@ mod tests {
         }
         assert!(process_cpu(std::process::id()).unwrap() > before);
         assert!(self_cpu() > Duration::ZERO);
+    }
+
+    #[test]
+    fn work_splits_user_from_kernel_time_and_counts_every_threads_switches() {
+        let status = "Name:\tx\nvoluntary_ctxt_switches:\t7\nnonvoluntary_ctxt_switches:\t2\n";
+        assert_eq!(parse_context_switches(status).unwrap(), 9);
+        assert!(parse_context_switches("Name:\tx\nvoluntary_ctxt_switches:\t7\n").is_err());
+        let me = std::process::id();
+        let before = process_work(me).unwrap();
+        // A thread other than the first one waits 20 times (each wait is a switch), and
+        // lives on until it has been counted.
+        let (waited, exit) = (std::sync::mpsc::channel(), std::sync::mpsc::channel::<()>());
+        let waiter = std::thread::spawn(move || {
+            for _ in 0..20 {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            waited.0.send(()).unwrap();
+            let _ = exit.1.recv();
+        });
+        waited.1.recv().unwrap();
+        let start = Instant::now();
+        let mut x = 0u64;
+        while start.elapsed() < Duration::from_millis(60) {
+            x = std::hint::black_box(x.wrapping_mul(6364136223846793005).wrapping_add(1));
+        }
+        let done = process_work(me).unwrap().since(before);
+        exit.0.send(()).unwrap();
+        waiter.join().unwrap();
+        assert!(done.user > Duration::ZERO, "{done:?}");
+        assert!(done.switches >= 20, "{done:?}");
     }
 
     #[test]

@@ -31,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use zmesh_bench::compare::{percentiles, table, Figures, Measured};
 use zmesh_bench::load::{self, Server, Target};
 use zmesh_bench::procs;
+use zmesh_bench::procs::Work;
 use zmesh_lab::{access_lines, Lab, LabOptions};
 use zmesh_testbed::{Cluster, ClusterSpec, Pod};
 
@@ -260,11 +261,15 @@ fn run_tests(
     dst: SocketAddr,
     proxies: &[u32],
 ) -> Result<Figures> {
-    let cpu = || -> Result<f64> {
+    let work = || -> Result<Work> {
         proxies
             .iter()
-            .map(|&pid| procs::process_cpu(pid).map(|d| d.as_secs_f64()))
-            .sum()
+            .map(|&pid| procs::process_work(pid))
+            .try_fold(Work::default(), |sum, w| Ok(sum + w?))
+    };
+    let cpu = || -> Result<f64> {
+        let w = work()?;
+        Ok((w.user + w.system).as_secs_f64())
     };
     let mut f = Figures::default();
     let before = cpu()?;
@@ -289,11 +294,11 @@ fn run_tests(
         bail!("unexpected result of the multi-stream test");
     };
     f.multi_gbps = bytes as f64 * 8.0 / secs / 1e9;
-    let before = cpu()?;
+    let before = work()?;
     let ClientResult::Rtts(rtts) = run_client(client, me, args, ClientTest::PingPong, dst)? else {
         bail!("unexpected result of the ping-pong test");
     };
-    f.cpu_us_per_rtt = (cpu()? - before) * 1e6 / (load::WARMUP_PINGS + rtts.len()) as f64;
+    f.per_rtt(work()?.since(before), load::WARMUP_PINGS + rtts.len());
     (f.p50_us, f.p99_us) = percentiles(rtts);
     let before = cpu()?;
     let ClientResult::Conns {

@@ -32,7 +32,7 @@ use clap::Parser;
 use zmesh_bench::certs::{Ca, NAMESPACE, TRUST_DOMAIN};
 use zmesh_bench::compare::{percentiles, table, Figures, Measured};
 use zmesh_bench::load::{self, Server, Target};
-use zmesh_bench::procs::ProxyProcess;
+use zmesh_bench::procs::{ProxyProcess, Work};
 
 #[derive(Parser)]
 #[command(name = "zmesh-sidebyside")]
@@ -204,10 +204,14 @@ struct Setup<'a> {
 /// proxies whose CPU and memory are counted (none for direct).
 fn run_tests(s: &Setup, target: &Target, pair: &[&ProxyProcess]) -> Result<Figures> {
     let a = s.args;
-    let cpu = || -> Result<f64> {
+    let work = || -> Result<Work> {
         pair.iter()
-            .map(|p| p.cpu().map(|d| d.as_secs_f64()))
-            .sum::<Result<f64>>()
+            .map(|p| p.work())
+            .try_fold(Work::default(), |sum, w| Ok(sum + w?))
+    };
+    let cpu = || -> Result<f64> {
+        let w = work()?;
+        Ok((w.user + w.system).as_secs_f64())
     };
     let mut f = Figures::default();
     let before = cpu()?;
@@ -218,11 +222,11 @@ fn run_tests(s: &Setup, target: &Target, pair: &[&ProxyProcess]) -> Result<Figur
         load::throughput(target, a.streams, s.duration)
     })??;
     f.multi_gbps = t.gbit_per_s();
-    let before = cpu()?;
+    let before = work()?;
     let rtts = in_ns(&s.ns.client, || {
         load::ping_pong(target, load::WARMUP_PINGS, a.pings, s.duration)
     })??;
-    f.cpu_us_per_rtt = (cpu()? - before) * 1e6 / (load::WARMUP_PINGS + rtts.len()) as f64;
+    f.per_rtt(work()?.since(before), load::WARMUP_PINGS + rtts.len());
     let (p50, p99) = percentiles(rtts);
     (f.p50_us, f.p99_us) = (p50, p99);
     let before = cpu()?;
