@@ -158,7 +158,7 @@ pub fn table(title: &str, m: &Measured) -> String {
             Floor::Tls,
         ),
         row(
-            "of which in user space (us)",
+            "of it, user-space CPU (us)",
             |f| f.user_us_per_rtt,
             false,
             false,
@@ -268,7 +268,11 @@ pub fn table(title: &str, m: &Measured) -> String {
             Floor::None => (f64::NAN, f64::NAN),
         };
         let verdict = verdict(ratio, floor_ratio, hbone_ratio, r.higher, r.bound);
-        let direct_cell = if r.name.contains("RSS") || r.name.contains("CPU") {
+        // Figures of the proxies themselves: direct has none.
+        let direct_cell = if ["RSS", "CPU", "switches"]
+            .iter()
+            .any(|w| r.name.contains(w))
+        {
             "-".to_string()
         } else {
             format!("{d:.1}")
@@ -373,6 +377,14 @@ mod tests {
         };
         // 6 / 5 = 1.20 for zmesh and for the floor: both miss >= 1.5.
         assert!(line("1 stream").contains("| 5.00 | 6.00 | 1.20 | >= 1.5 | missed: out of reach"));
+        // The proxies' own figures have no direct value.
+        for row in [
+            "of it, user-space CPU",
+            "context switches",
+            "CPU us per round trip",
+        ] {
+            assert!(line(row).contains(" | - | "), "{}", line(row));
+        }
         // Added: zmesh 30, ztunnel 50, floor 20, HBONE floor 25: 0.60 meets <= 0.7.
         assert!(line("added RTT p50")
             .contains("| 25.00 | 50.00 | 30.00 | 0.60 | <= 0.7 | MET | 0.40 | 0.50 |"));
