@@ -9,6 +9,11 @@ pub struct Figures {
     pub multi_gbps: f64,
     pub p50_us: f64,
     pub p99_us: f64,
+    /// The same ping-pong with the client, the server and both proxies held to one CPU
+    /// (NaN where not measured): no wake-up crosses to the other vCPU, which on this
+    /// machine costs ~20 us and lands on different hops from run to run.
+    pub p50_one_cpu_us: f64,
+    pub p99_one_cpu_us: f64,
     pub conns_per_s: f64,
     /// CPU seconds of both proxies per GB moved, single stream.
     pub cpu_s_per_gb: f64,
@@ -148,7 +153,23 @@ pub fn table(title: &str, m: &Measured) -> String {
             0.5,
             Floor::Tls,
         ),
-        // No target: the work behind the two above.
+        row(
+            "added RTT p50, one CPU (us)",
+            |f| f.p50_one_cpu_us,
+            true,
+            false,
+            0.7,
+            Floor::Tls,
+        ),
+        row(
+            "added RTT p99, one CPU (us)",
+            |f| f.p99_one_cpu_us,
+            true,
+            false,
+            0.5,
+            Floor::Tls,
+        ),
+        // No target: the work behind the four above.
         row(
             "CPU us per round trip, both proxies",
             |f| f.cpu_us_per_rtt,

@@ -477,6 +477,16 @@ pub fn parse_cpus(list: &str, online: usize) -> Result<Vec<usize>> {
 /// `cpus` (sched_setaffinity(0, ..)); fails unless the kernel applied exactly that set
 /// (e.g. a cgroup cpuset that excludes some of them).
 pub fn set_affinity(cpus: &[usize]) -> Result<()> {
+    set_thread_affinity(0, cpus)?;
+    let applied = affinity()?;
+    if applied != cpus {
+        bail!("asked for CPUs {cpus:?} but the kernel allows this process only {applied:?}");
+    }
+    Ok(())
+}
+
+/// sched_setaffinity of one thread (`tid` 0: the calling one).
+fn set_thread_affinity(tid: libc::pid_t, cpus: &[usize]) -> Result<()> {
     if cpus.is_empty() {
         bail!("empty CPU set");
     }
@@ -489,15 +499,60 @@ pub fn set_affinity(cpus: &[usize]) -> Result<()> {
         // SAFETY: cpu < CPU_SETSIZE, checked above.
         unsafe { libc::CPU_SET(cpu, &mut set) };
     }
-    // SAFETY: pid 0 is the calling thread; the set outlives the call.
-    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    // SAFETY: plain syscall; the set outlives the call.
+    let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) };
     if rc != 0 {
         return Err(std::io::Error::last_os_error())
-            .with_context(|| format!("sched_setaffinity to CPUs {cpus:?}"));
+            .with_context(|| format!("sched_setaffinity of thread {tid} to CPUs {cpus:?}"));
     }
-    let applied = affinity()?;
-    if applied != cpus {
-        bail!("asked for CPUs {cpus:?} but the kernel allows this process only {applied:?}");
+    Ok(())
+}
+
+/// Every thread of some processes held to a set of CPUs (threads they start meanwhile
+/// inherit it) until dropped, which lets them run on every online CPU again.
+pub struct Pinned {
+    pids: Vec<u32>,
+}
+
+impl Pinned {
+    pub fn new(pids: &[u32], cpus: &[usize]) -> Result<Self> {
+        let pinned = Self {
+            pids: pids.to_vec(),
+        };
+        for &pid in pids {
+            set_process_affinity(pid, cpus)?;
+        }
+        Ok(pinned)
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        let all: Vec<usize> = (0..online_cpus()).collect();
+        for &pid in &self.pids {
+            if let Err(e) = set_process_affinity(pid, &all) {
+                eprintln!("warning: could not unpin process {pid}: {e:#}");
+            }
+        }
+    }
+}
+
+/// sched_setaffinity of every thread of `pid` (a thread that ends meanwhile is skipped).
+fn set_process_affinity(pid: u32, cpus: &[usize]) -> Result<()> {
+    let tasks = format!("/proc/{pid}/task");
+    for task in std::fs::read_dir(&tasks).with_context(|| format!("listing {tasks}"))? {
+        let name = task?.file_name();
+        let Some(tid) = name.to_str().and_then(|t| t.parse::<libc::pid_t>().ok()) else {
+            continue;
+        };
+        if let Err(e) = set_thread_affinity(tid, cpus) {
+            let gone = e
+                .downcast_ref::<std::io::Error>()
+                .is_some_and(|e| e.raw_os_error() == Some(libc::ESRCH));
+            if !gone {
+                return Err(e);
+            }
+        }
     }
     Ok(())
 }
@@ -537,6 +592,37 @@ mod tests {
         }
         assert!(process_cpu(std::process::id()).unwrap() > before);
         assert!(self_cpu() > Duration::ZERO);
+    }
+
+    /// Tests that change this process's CPU affinity, one at a time: pinning the process
+    /// changes every test's threads.
+    static AFFINITY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    #[test]
+    fn pinning_holds_every_thread_and_new_ones_until_dropped() {
+        let _one = AFFINITY.lock().unwrap_or_else(|e| e.into_inner());
+        let me = std::process::id();
+        // A thread that exists before the pinning, asked for its CPUs after it.
+        let (ask, answer) = (std::sync::mpsc::channel::<()>(), std::sync::mpsc::channel());
+        let before = std::thread::spawn(move || {
+            while ask.1.recv().is_ok() {
+                answer.0.send(affinity().unwrap()).unwrap();
+            }
+        });
+        let pinned = Pinned::new(&[me], &[0]).unwrap();
+        ask.0.send(()).unwrap();
+        assert_eq!(answer.1.recv().unwrap(), [0]);
+        assert_eq!(affinity().unwrap(), [0]);
+        let started = std::thread::spawn(|| affinity().unwrap()).join().unwrap();
+        assert_eq!(started, [0]);
+        drop(pinned);
+        let all: Vec<usize> = (0..online_cpus()).collect();
+        assert_eq!(affinity().unwrap(), all);
+        ask.0.send(()).unwrap();
+        assert_eq!(answer.1.recv().unwrap(), all);
+        drop(ask.0);
+        before.join().unwrap();
+        assert!(Pinned::new(&[me], &[]).is_err());
     }
 
     #[test]
@@ -698,6 +784,7 @@ mod tests {
     /// Pinning applies to the calling thread (a scratch thread here) and reads back.
     #[test]
     fn affinity_is_set_and_read_back() {
+        let _one = AFFINITY.lock().unwrap_or_else(|e| e.into_inner());
         std::thread::spawn(|| {
             let all = affinity().unwrap();
             assert!(!all.is_empty());

@@ -17,7 +17,10 @@
 //! fresh for the round. The table shows medians of the rounds, zmesh/ztunnel against the
 //! targets and, per target, the best ratio the floor pair reaches against the same
 //! ztunnel: where even the floor misses a target, no proxy pair of this kind can meet it
-//! on this machine. Needs root; cleans up on exit, on error and on panic. See
+//! on this machine. The ping-pong runs twice per path: as the machine schedules it, and
+//! with the client, the server and both proxies held to one CPU, where no wake-up crosses
+//! to the other vCPU (see [`Figures::p50_one_cpu_us`]).
+//! Needs root; cleans up on exit, on error and on panic. See
 //! BENCHMARKS.md, "zmesh and ztunnel side by side".
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -32,7 +35,7 @@ use clap::Parser;
 use zmesh_bench::certs::{Ca, NAMESPACE, TRUST_DOMAIN};
 use zmesh_bench::compare::{percentiles, table, Figures, Measured};
 use zmesh_bench::load::{self, Server, Target};
-use zmesh_bench::procs::{ProxyProcess, Work};
+use zmesh_bench::procs::{Pinned, ProxyProcess, Work};
 
 #[derive(Parser)]
 #[command(name = "zmesh-sidebyside")]
@@ -67,6 +70,9 @@ struct Args {
     #[arg(long)]
     no_floors: bool,
 }
+
+/// The CPU of the one-CPU ping-pong.
+const ONE_CPU: usize = 0;
 
 const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(10, 90, 0, 1);
 const SERVER_IP: Ipv4Addr = Ipv4Addr::new(10, 90, 0, 2);
@@ -229,6 +235,15 @@ fn run_tests(s: &Setup, target: &Target, pair: &[&ProxyProcess]) -> Result<Figur
     f.per_rtt(work()?.since(before), load::WARMUP_PINGS + rtts.len());
     let (p50, p99) = percentiles(rtts);
     (f.p50_us, f.p99_us) = (p50, p99);
+    // Again with everything on one CPU (this process's client and server included).
+    let mut pids: Vec<u32> = pair.iter().map(|p| p.pid()).collect();
+    pids.push(std::process::id());
+    let pinned = Pinned::new(&pids, &[ONE_CPU])?;
+    let rtts = in_ns(&s.ns.client, || {
+        load::ping_pong(target, load::WARMUP_PINGS, a.pings, s.duration)
+    })??;
+    drop(pinned);
+    (f.p50_one_cpu_us, f.p99_one_cpu_us) = percentiles(rtts);
     let before = cpu()?;
     let c = in_ns(&s.ns.client, || {
         load::conn_rate(target, a.conn_threads, s.duration)
