@@ -290,10 +290,14 @@ pub fn table(title: &str, m: &Measured) -> String {
         };
         let verdict = verdict(ratio, floor_ratio, hbone_ratio, r.higher, r.bound);
         // Figures of the proxies themselves: direct has none.
-        let direct_cell = if ["RSS", "CPU", "switches"]
-            .iter()
-            .any(|w| r.name.contains(w))
-        {
+        let own = [
+            "CPU",
+            "of it",
+            "context switches",
+            "peak RSS",
+            "anonymous RSS",
+        ];
+        let direct_cell = if own.iter().any(|w| r.name.starts_with(w)) {
             "-".to_string()
         } else {
             format!("{d:.1}")
@@ -406,6 +410,11 @@ mod tests {
         ] {
             assert!(line(row).contains(" | - | "), "{}", line(row));
         }
+        let one_cpu = line("added RTT p50, one CPU");
+        assert!(
+            one_cpu.starts_with("| added RTT p50, one CPU (us) | 0.0 |"),
+            "{one_cpu}"
+        );
         // Added: zmesh 30, ztunnel 50, floor 20, HBONE floor 25: 0.60 meets <= 0.7.
         assert!(line("added RTT p50")
             .contains("| 25.00 | 50.00 | 30.00 | 0.60 | <= 0.7 | MET | 0.40 | 0.50 |"));
