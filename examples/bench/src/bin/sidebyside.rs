@@ -559,20 +559,29 @@ fn measure_all(
         let mut zt = Vec::new();
         for round in 1..=args.rounds {
             eprintln!("round {round}/{}: direct", args.rounds);
-            direct.push(run_tests(&setup, &setup.direct, &[])?);
+            direct.push(brief("direct", run_tests(&setup, &setup.direct, &[])?));
             if !args.no_floors {
                 eprintln!("round {round}/{}: plain relays", args.rounds);
-                plain.push(relay_round(&setup, bench, dir, FloorPair::Plain)?);
+                plain.push(brief(
+                    "relays",
+                    relay_round(&setup, bench, dir, FloorPair::Plain)?,
+                ));
                 eprintln!("round {round}/{}: TLS relays", args.rounds);
-                tls.push(relay_round(&setup, bench, dir, FloorPair::Tls)?);
+                tls.push(brief(
+                    "TLS relays",
+                    relay_round(&setup, bench, dir, FloorPair::Tls)?,
+                ));
                 eprintln!("round {round}/{}: HBONE relays", args.rounds);
-                hbone.push(relay_round(&setup, bench, dir, FloorPair::Hbone)?);
+                hbone.push(brief(
+                    "HBONE relays",
+                    relay_round(&setup, bench, dir, FloorPair::Hbone)?,
+                ));
             }
             eprintln!("round {round}/{}: zmesh", args.rounds);
-            zm.push(zmesh_round(&setup, zmesh, dir)?);
+            zm.push(brief("zmesh", zmesh_round(&setup, zmesh, dir)?));
             if let Some(z) = &args.ztunnel {
                 eprintln!("round {round}/{}: ztunnel", args.rounds);
-                zt.push(ztunnel_round(&setup, z, dir)?);
+                zt.push(brief("ztunnel", ztunnel_round(&setup, z, dir)?));
             }
         }
         let title = format!(
@@ -595,6 +604,17 @@ fn measure_all(
     })();
     in_ns(&ns.server, move || drop((direct_server, mesh_server)))?;
     result
+}
+
+/// Prints one round's latency and work figures (the table has only medians), so that a
+/// bad round can be told from a bad run.
+fn brief(path: &str, f: Figures) -> Figures {
+    eprintln!(
+        "  {path}: RTT p50 {:.1} us, one CPU {:.1} us; CPU per round trip {:.1} us ({:.1} in \
+         user space), {:.2} switches",
+        f.p50_us, f.p50_one_cpu_us, f.cpu_us_per_rtt, f.user_us_per_rtt, f.switches_per_rtt
+    );
+    f
 }
 
 /// Namespaces of earlier runs whose process is gone (killed before it could clean up).
