@@ -297,7 +297,7 @@ pub fn table(title: &str, m: &Measured) -> String {
             "peak RSS",
             "anonymous RSS",
         ];
-        let direct_cell = if own.iter().any(|w| r.name.starts_with(w)) {
+        let direct_cell = if own.iter().any(|w| r.name.starts_with(w)) || d.is_nan() {
             "-".to_string()
         } else {
             format!("{d:.1}")
@@ -415,6 +415,24 @@ mod tests {
             one_cpu.starts_with("| added RTT p50, one CPU (us) | 0.0 |"),
             "{one_cpu}"
         );
+        // Not measured (zmesh-podbench has no one-CPU ping-pong): "-", never "NaN".
+        let unmeasured = Figures {
+            p50_one_cpu_us: f64::NAN,
+            p99_one_cpu_us: f64::NAN,
+            ..fig(20.0, 50.0)
+        };
+        let t2 = table(
+            "t",
+            &Measured {
+                direct: vec![unmeasured],
+                plain: vec![],
+                tls: vec![],
+                hbone: vec![],
+                zm: vec![unmeasured],
+                zt: vec![],
+            },
+        );
+        assert!(!t2.contains("NaN"), "{t2}");
         // Added: zmesh 30, ztunnel 50, floor 20, HBONE floor 25: 0.60 meets <= 0.7.
         assert!(line("added RTT p50")
             .contains("| 25.00 | 50.00 | 30.00 | 0.60 | <= 0.7 | MET | 0.40 | 0.50 |"));
