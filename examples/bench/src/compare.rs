@@ -15,6 +15,9 @@ pub struct Figures {
     pub p50_one_cpu_us: f64,
     pub p99_one_cpu_us: f64,
     pub conns_per_s: f64,
+    /// Median time of one connection of the connection-rate test, from connect() to the
+    /// reply (what a client waits for its first answer on a new connection), us.
+    pub conn_p50_us: f64,
     /// CPU seconds of both proxies per GB moved, single stream.
     pub cpu_s_per_gb: f64,
     /// CPU microseconds of both proxies per 64-byte round trip of the ping-pong (its
@@ -30,6 +33,8 @@ pub struct Figures {
     /// CPU microseconds of both proxies per connection of the connection-rate test
     /// (connect, one 64-byte exchange, close).
     pub cpu_us_per_conn: f64,
+    /// The part of `cpu_us_per_conn` spent in user space.
+    pub user_us_per_conn: f64,
     /// Peak RSS of each proxy over the round, MB.
     pub peak_rss_mb: [f64; 2],
     /// The anonymous part of each proxy's RSS at the end of the round (heap, buffers,
@@ -38,12 +43,43 @@ pub struct Figures {
 }
 
 impl Figures {
+    /// Every figure NaN ("-" in the table) until a test measures it.
+    pub fn not_measured() -> Self {
+        let nan = f64::NAN;
+        Self {
+            single_gbps: nan,
+            multi_gbps: nan,
+            p50_us: nan,
+            p99_us: nan,
+            p50_one_cpu_us: nan,
+            p99_one_cpu_us: nan,
+            conns_per_s: nan,
+            conn_p50_us: nan,
+            cpu_s_per_gb: nan,
+            cpu_us_per_rtt: nan,
+            user_us_per_rtt: nan,
+            switches_per_rtt: nan,
+            cpu_us_per_conn: nan,
+            user_us_per_conn: nan,
+            peak_rss_mb: [nan; 2],
+            end_anon_mb: [nan; 2],
+        }
+    }
+
     /// The ping-pong's work figures from what both proxies did over `rtts` round trips.
     pub fn per_rtt(&mut self, work: crate::procs::Work, rtts: usize) {
         let per = |x: f64| x / rtts.max(1) as f64;
         self.cpu_us_per_rtt = per((work.user + work.system).as_secs_f64() * 1e6);
         self.user_us_per_rtt = per(work.user.as_secs_f64() * 1e6);
         self.switches_per_rtt = per(work.switches as f64);
+    }
+
+    /// The connection-rate test's work figures from what both proxies did over `conns`
+    /// connections.
+    pub fn per_conn(&mut self, work: crate::procs::Work, conns: u64) {
+        let per = |x: f64| x * 1e6 / conns.max(1) as f64;
+        self.cpu_us_per_conn = per((work.user + work.system).as_secs_f64());
+        self.user_us_per_conn = per(work.user.as_secs_f64());
     }
 }
 
@@ -202,10 +238,27 @@ pub fn table(title: &str, m: &Measured) -> String {
             2.0,
             Floor::Plain,
         ),
-        // No target: the work behind the one above.
+        // No target: what a client waits for on a new connection, and the work behind
+        // the rate.
+        row(
+            "added set-up time of a new connection, p50 (us)",
+            |f| f.conn_p50_us,
+            true,
+            false,
+            f64::NAN,
+            Floor::Plain,
+        ),
         row(
             "CPU us per connection, both proxies",
             |f| f.cpu_us_per_conn,
+            false,
+            false,
+            f64::NAN,
+            Floor::Plain,
+        ),
+        row(
+            "of it, user-space CPU per connection (us)",
+            |f| f.user_us_per_conn,
             false,
             false,
             f64::NAN,
@@ -436,5 +489,39 @@ mod tests {
         // Added: zmesh 30, ztunnel 50, floor 20, HBONE floor 25: 0.60 meets <= 0.7.
         assert!(line("added RTT p50")
             .contains("| 25.00 | 50.00 | 30.00 | 0.60 | <= 0.7 | MET | 0.40 | 0.50 |"));
+    }
+
+    #[test]
+    fn connection_figures_are_per_connection_and_set_up_time_is_added_to_direct() {
+        let work = crate::procs::Work {
+            user: std::time::Duration::from_millis(30),
+            system: std::time::Duration::from_millis(70),
+            switches: 0,
+        };
+        let mut zm = Figures::not_measured();
+        zm.per_conn(work, 1000);
+        assert_eq!((zm.cpu_us_per_conn, zm.user_us_per_conn), (100.0, 30.0));
+        let with_setup = |us: f64| Figures {
+            conn_p50_us: us,
+            ..zm
+        };
+        let t = table(
+            "t",
+            &Measured {
+                direct: vec![with_setup(100.0)],
+                plain: vec![with_setup(900.0)],
+                tls: vec![],
+                hbone: vec![with_setup(500.0)],
+                zm: vec![with_setup(600.0)],
+                zt: vec![with_setup(1100.0)],
+            },
+        );
+        let row = |name: &str| t.lines().find(|l| l.starts_with(name)).unwrap().to_string();
+        // Added: zmesh 500, ztunnel 1000.
+        let setup = row("| added set-up time");
+        assert!(setup.contains("| 1000.00 | 500.00 | 0.50 |"), "{setup}");
+        assert!(row("| of it, user-space CPU per connection").contains("| 30.00 | 30.00 | 1.00 |"));
+        // Tests not run show "-", not 0 or NaN.
+        assert!(row("| 1 stream").starts_with("| 1 stream (Gb/s) | - | - | - | - | - | - | - |"));
     }
 }

@@ -86,6 +86,8 @@ enum ClientResult {
     Rtts(Vec<u64>),
     Conns {
         per_sec: f64,
+        /// None without a completed connection (JSON has no NaN).
+        setup_p50_us: Option<f64>,
         conns: u64,
         errors: u64,
         first_error: Option<String>,
@@ -157,6 +159,7 @@ fn client(args: &Args, test: ClientTest) -> Result<()> {
             let c = load::conn_rate(&t, args.conn_threads, duration);
             ClientResult::Conns {
                 per_sec: c.per_sec(),
+                setup_p50_us: Some(percentiles(c.latencies).0).filter(|v| !v.is_nan()),
                 conns: c.conns,
                 errors: c.errors,
                 first_error: c.first_error,
@@ -302,9 +305,10 @@ fn run_tests(
     (f.p50_us, f.p99_us) = percentiles(rtts);
     // Not measured here: the pods' processes are not held to one CPU.
     (f.p50_one_cpu_us, f.p99_one_cpu_us) = (f64::NAN, f64::NAN);
-    let before = cpu()?;
+    let before = work()?;
     let ClientResult::Conns {
         per_sec,
+        setup_p50_us,
         conns,
         errors,
         first_error,
@@ -319,7 +323,8 @@ fn run_tests(
         );
     }
     f.conns_per_s = per_sec;
-    f.cpu_us_per_conn = (cpu()? - before) * 1e6 / conns.max(1) as f64;
+    f.conn_p50_us = setup_p50_us.unwrap_or(f64::NAN);
+    f.per_conn(work()?.since(before), conns);
     for (i, &pid) in proxies.iter().enumerate().take(2) {
         let memory = procs::process_memory(pid)?;
         f.peak_rss_mb[i] = memory.hwm_kib as f64 * 1024.0 / 1e6;

@@ -69,6 +69,26 @@ struct Args {
     /// Leave out the three relay floors.
     #[arg(long)]
     no_floors: bool,
+    /// Which tests to run (all by default; the figures of the others show as "-").
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "single,multi,ping-pong,conn-rate"
+    )]
+    tests: Vec<Test>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Test {
+    /// Single-stream throughput (and CPU per GB).
+    Single,
+    /// Multi-stream throughput.
+    Multi,
+    /// 64-byte ping-pong latency, unpinned and on one CPU, and the work per round trip.
+    PingPong,
+    /// New connections per second, their set-up time and CPU.
+    ConnRate,
 }
 
 /// The CPU of the one-CPU ping-pong.
@@ -219,45 +239,54 @@ fn run_tests(s: &Setup, target: &Target, pair: &[&ProxyProcess]) -> Result<Figur
         let w = work()?;
         Ok((w.user + w.system).as_secs_f64())
     };
-    let mut f = Figures::default();
-    let before = cpu()?;
-    let t = in_ns(&s.ns.client, || load::throughput(target, 1, s.duration))??;
-    f.single_gbps = t.gbit_per_s();
-    f.cpu_s_per_gb = (cpu()? - before) / (t.bytes as f64 / 1e9);
-    let t = in_ns(&s.ns.client, || {
-        load::throughput(target, a.streams, s.duration)
-    })??;
-    f.multi_gbps = t.gbit_per_s();
-    let before = work()?;
-    let rtts = in_ns(&s.ns.client, || {
-        load::ping_pong(target, load::WARMUP_PINGS, a.pings, s.duration)
-    })??;
-    f.per_rtt(work()?.since(before), load::WARMUP_PINGS + rtts.len());
-    let (p50, p99) = percentiles(rtts);
-    (f.p50_us, f.p99_us) = (p50, p99);
-    // Again with everything on one CPU (this process's client and server included).
-    let mut pids: Vec<u32> = pair.iter().map(|p| p.pid()).collect();
-    pids.push(std::process::id());
-    let pinned = Pinned::new(&pids, &[ONE_CPU])?;
-    let rtts = in_ns(&s.ns.client, || {
-        load::ping_pong(target, load::WARMUP_PINGS, a.pings, s.duration)
-    })??;
-    drop(pinned);
-    (f.p50_one_cpu_us, f.p99_one_cpu_us) = percentiles(rtts);
-    let before = cpu()?;
-    let c = in_ns(&s.ns.client, || {
-        load::conn_rate(target, a.conn_threads, s.duration)
-    })?;
-    f.cpu_us_per_conn = (cpu()? - before) * 1e6 / c.conns.max(1) as f64;
-    if c.errors > 0 {
-        bail!(
-            "{} of {} connections failed; first: {}",
-            c.errors,
-            c.errors + c.conns,
-            c.first_error.as_deref().unwrap_or("?")
-        );
+    let run = |t: Test| a.tests.contains(&t);
+    let mut f = Figures::not_measured();
+    if run(Test::Single) {
+        let before = cpu()?;
+        let t = in_ns(&s.ns.client, || load::throughput(target, 1, s.duration))??;
+        f.single_gbps = t.gbit_per_s();
+        f.cpu_s_per_gb = (cpu()? - before) / (t.bytes as f64 / 1e9);
     }
-    f.conns_per_s = c.per_sec();
+    if run(Test::Multi) {
+        let t = in_ns(&s.ns.client, || {
+            load::throughput(target, a.streams, s.duration)
+        })??;
+        f.multi_gbps = t.gbit_per_s();
+    }
+    if run(Test::PingPong) {
+        let before = work()?;
+        let rtts = in_ns(&s.ns.client, || {
+            load::ping_pong(target, load::WARMUP_PINGS, a.pings, s.duration)
+        })??;
+        f.per_rtt(work()?.since(before), load::WARMUP_PINGS + rtts.len());
+        (f.p50_us, f.p99_us) = percentiles(rtts);
+        // Again with everything on one CPU (this process's client and server included).
+        let mut pids: Vec<u32> = pair.iter().map(|p| p.pid()).collect();
+        pids.push(std::process::id());
+        let pinned = Pinned::new(&pids, &[ONE_CPU])?;
+        let rtts = in_ns(&s.ns.client, || {
+            load::ping_pong(target, load::WARMUP_PINGS, a.pings, s.duration)
+        })??;
+        drop(pinned);
+        (f.p50_one_cpu_us, f.p99_one_cpu_us) = percentiles(rtts);
+    }
+    if run(Test::ConnRate) {
+        let before = work()?;
+        let c = in_ns(&s.ns.client, || {
+            load::conn_rate(target, a.conn_threads, s.duration)
+        })?;
+        f.per_conn(work()?.since(before), c.conns);
+        if c.errors > 0 {
+            bail!(
+                "{} of {} connections failed; first: {}",
+                c.errors,
+                c.errors + c.conns,
+                c.first_error.as_deref().unwrap_or("?")
+            );
+        }
+        f.conns_per_s = c.per_sec();
+        f.conn_p50_us = percentiles(c.latencies).0;
+    }
     for (i, p) in pair.iter().enumerate() {
         let memory = p.memory()?;
         f.peak_rss_mb[i] = memory.hwm_kib as f64 * 1024.0 / 1e6;
@@ -611,8 +640,17 @@ fn measure_all(
 fn brief(path: &str, f: Figures) -> Figures {
     eprintln!(
         "  {path}: RTT p50 {:.1} us, one CPU {:.1} us; CPU per round trip {:.1} us ({:.1} in \
-         user space), {:.2} switches",
-        f.p50_us, f.p50_one_cpu_us, f.cpu_us_per_rtt, f.user_us_per_rtt, f.switches_per_rtt
+         user space), {:.2} switches; {:.0} connections/s, set-up p50 {:.1} us, {:.1} us CPU \
+         each ({:.1} in user space)",
+        f.p50_us,
+        f.p50_one_cpu_us,
+        f.cpu_us_per_rtt,
+        f.user_us_per_rtt,
+        f.switches_per_rtt,
+        f.conns_per_s,
+        f.conn_p50_us,
+        f.cpu_us_per_conn,
+        f.user_us_per_conn
     );
     f
 }
