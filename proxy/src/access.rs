@@ -12,7 +12,7 @@ use crate::metrics::Direction;
 use crate::outcome::Outcome;
 use crate::policy::Verdict;
 use crate::proxy::Shared;
-use crate::telemetry::{Connection, TcpLabels};
+use crate::telemetry::{Connection, TcpLabels, TcpSeries};
 use crate::workloads::Workload;
 
 /// Bytes moved so far, added to as the data flows: a connection cut short (e.g. at the
@@ -67,7 +67,7 @@ pub(crate) struct AccessLog {
     dst_workload: Option<Arc<Workload>>,
     /// Its `istio_tcp_*` series, once it was counted as opened (set through a shared
     /// reference: the tunnel's copy loop borrows the byte counters meanwhile).
-    istio: OnceLock<TcpLabels>,
+    istio: OnceLock<Arc<TcpSeries>>,
     /// The Service the client addressed (`namespace/name`), if it addressed one.
     pub service: Option<String>,
     /// Whether the flow crossed the network inside mTLS (set once the tunnel is up or
@@ -191,11 +191,11 @@ impl AccessLog {
     }
 
     fn count_istio_open(&self) {
-        let labels = self.istio_labels();
-        let (received, sent) = self.shared.metrics.istio.opened(&labels);
+        let series = self.shared.metrics.istio.opened(self.istio_labels());
+        let (received, sent) = series.byte_counters();
         self.bytes.received.feed(received);
         self.bytes.sent.feed(sent);
-        let _ = self.istio.set(labels);
+        let _ = self.istio.set(series);
     }
 
     /// The destination as flows show it: the workload, at the address actually dialed.
@@ -242,8 +242,8 @@ impl AccessLog {
         {
             self.count_istio_open();
         }
-        if let Some(labels) = self.istio.get() {
-            self.shared.metrics.istio.closed(labels, outcome);
+        if let Some(series) = self.istio.get() {
+            series.closed(outcome);
         }
         let shared = &*self.shared;
         let duration = self.start.elapsed();

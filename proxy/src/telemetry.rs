@@ -6,10 +6,20 @@
 //! Bytes follow Istio's definitions, for both reporters: `received` is what the client
 //! (the side that opened the connection) sent, `sent` is what went back to it. They are
 //! counted as they flow, so a long-lived connection shows up in rates while it runs.
+//!
+//! A connection looks its series up once, when it opens ([`IstioTcp::opened`]), and keeps
+//! them ([`TcpSeries`]): closing it or moving its bytes looks nothing up. The series are
+//! ztunnel's five families, exported by one collector.
 
-use prometheus_client::encoding::EncodeLabelSet;
+use std::collections::HashMap;
+use std::sync::{Arc, PoisonError, RwLock};
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{
+    DescriptorEncoder, EncodeLabelSet, EncodeMetric, LabelSetEncoder,
+};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
 use crate::metrics::Direction;
@@ -42,7 +52,6 @@ pub(crate) struct TcpLabels {
     destination_version: String,
     destination_cluster: String,
     request_protocol: &'static str,
-    response_flags: &'static str,
     connection_security_policy: &'static str,
     /// Locality (ztunnel has them from istiod; zmesh does not know nodes' topology labels).
     source_region: &'static str,
@@ -107,20 +116,11 @@ impl TcpLabels {
             destination_version: known(dst.map(Workload::canonical_revision)),
             destination_cluster: cluster(dst),
             request_protocol: "tcp",
-            response_flags: "-",
             connection_security_policy: if c.mutual_tls { "mutual_tls" } else { UNKNOWN },
             source_region: UNKNOWN,
             source_zone: UNKNOWN,
             destination_region: UNKNOWN,
             destination_zone: UNKNOWN,
-        }
-    }
-
-    /// The same series with the flags `outcome` gives it (how a closed connection is counted).
-    fn closed_as(&self, outcome: Outcome) -> Self {
-        Self {
-            response_flags: response_flags(outcome),
-            ..self.clone()
         }
     }
 }
@@ -138,63 +138,173 @@ fn response_flags(outcome: Outcome) -> &'static str {
     }
 }
 
-/// The `istio_tcp_*` families.
+/// The response flags a series may carry, in [`TcpSeries`]' order.
+const FLAGS: [&str; 3] = ["-", "DENY", "CONNECT"];
+
+fn flag_index(outcome: Outcome) -> usize {
+    let flags = response_flags(outcome);
+    // Every flag is one of FLAGS (tested).
+    FLAGS.iter().position(|f| *f == flags).unwrap_or(0)
+}
+
+/// The counters of one label set: the opened connections and their bytes (flags "-"),
+/// and the closed and failed ones by response flags. Held by each connection counted in
+/// them.
 #[derive(Debug, Default)]
+pub(crate) struct TcpSeries {
+    opened: Counter,
+    received_bytes: Counter,
+    sent_bytes: Counter,
+    /// Exported once non-zero, as a family exports a series once created.
+    closed: [Counter; FLAGS.len()],
+    failed: [Counter; FLAGS.len()],
+}
+
+impl TcpSeries {
+    /// `istio_tcp_received_bytes` (what the client sent) and `istio_tcp_sent_bytes`.
+    pub(crate) fn byte_counters(&self) -> (Counter, Counter) {
+        (self.received_bytes.clone(), self.sent_bytes.clone())
+    }
+
+    /// Counts the connection closed with `outcome`.
+    pub(crate) fn closed(&self, outcome: Outcome) {
+        let flags = flag_index(outcome);
+        self.closed[flags].inc();
+        // As ztunnel counts them: a refusal by policy is a failure to establish too.
+        if FLAGS[flags] != "-" {
+            self.failed[flags].inc();
+        }
+    }
+}
+
+type SeriesMap = HashMap<TcpLabels, Arc<TcpSeries>>;
+
+/// Every `istio_tcp_*` series of the proxy (cheap to clone: the clones share them).
+#[derive(Debug, Default, Clone)]
 pub(crate) struct IstioTcp {
-    opened: Family<TcpLabels, Counter>,
-    closed: Family<TcpLabels, Counter>,
-    failed: Family<TcpLabels, Counter>,
-    sent_bytes: Family<TcpLabels, Counter>,
-    received_bytes: Family<TcpLabels, Counter>,
+    series: Arc<RwLock<SeriesMap>>,
 }
 
 impl IstioTcp {
-    /// Counts an opened connection; returns its (received, sent) byte counters.
-    pub(crate) fn opened(&self, labels: &TcpLabels) -> (Counter, Counter) {
-        self.opened.get_or_create(labels).inc();
-        (
-            self.received_bytes.get_or_create(labels).clone(),
-            self.sent_bytes.get_or_create(labels).clone(),
-        )
-    }
-
-    /// Counts a closed connection (opened earlier with `labels`).
-    pub(crate) fn closed(&self, labels: &TcpLabels, outcome: Outcome) {
-        let closed = labels.closed_as(outcome);
-        self.closed.get_or_create(&closed).inc();
-        // As ztunnel counts them: a refusal by policy is a failure to establish too.
-        if closed.response_flags != "-" {
-            self.failed.get_or_create(&closed).inc();
-        }
+    /// Counts a connection opened with `labels`; returns its series.
+    pub(crate) fn opened(&self, labels: TcpLabels) -> Arc<TcpSeries> {
+        // Series are only ever added: a poisoned lock still holds a consistent map.
+        let known = self
+            .series
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&labels)
+            .cloned();
+        let series = match known {
+            Some(series) => series,
+            None => self
+                .series
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(labels)
+                .or_default()
+                .clone(),
+        };
+        series.opened.inc();
+        series
     }
 
     /// Adds the families to `registry` (whose prefix should be `istio`).
     pub(crate) fn register(&self, registry: &mut Registry) {
-        registry.register(
-            "tcp_connections_opened",
-            "The total number of TCP connections opened",
-            self.opened.clone(),
-        );
-        registry.register(
-            "tcp_connections_closed",
-            "The total number of TCP connections closed",
-            self.closed.clone(),
-        );
-        registry.register(
-            "tcp_connections_failed",
-            "The total number of TCP connections that failed to establish",
-            self.failed.clone(),
-        );
-        registry.register(
-            "tcp_received_bytes",
-            "The size of total bytes received during request in case of a TCP connection",
-            self.received_bytes.clone(),
-        );
-        registry.register(
-            "tcp_sent_bytes",
-            "The size of total bytes sent during response in case of a TCP connection",
-            self.sent_bytes.clone(),
-        );
+        registry.register_collector(Box::new(self.clone()));
+    }
+}
+
+/// A series' labels with its response flags.
+struct WithFlags<'a>(&'a TcpLabels, &'static str);
+
+impl EncodeLabelSet for WithFlags<'_> {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)?;
+        [("response_flags", self.1)].encode(encoder)
+    }
+}
+
+/// ztunnel's five `istio_tcp_*` families.
+#[derive(Debug, Clone, Copy)]
+enum Family {
+    Opened,
+    Closed,
+    Failed,
+    ReceivedBytes,
+    SentBytes,
+}
+
+impl Family {
+    const ALL: [Family; 5] = [
+        Family::Opened,
+        Family::Closed,
+        Family::Failed,
+        Family::ReceivedBytes,
+        Family::SentBytes,
+    ];
+
+    fn name_and_help(self) -> (&'static str, &'static str) {
+        match self {
+            Family::Opened => (
+                "tcp_connections_opened",
+                "The total number of TCP connections opened",
+            ),
+            Family::Closed => (
+                "tcp_connections_closed",
+                "The total number of TCP connections closed",
+            ),
+            Family::Failed => (
+                "tcp_connections_failed",
+                "The total number of TCP connections that failed to establish",
+            ),
+            Family::ReceivedBytes => (
+                "tcp_received_bytes",
+                "The size of total bytes received during request in case of a TCP connection",
+            ),
+            Family::SentBytes => (
+                "tcp_sent_bytes",
+                "The size of total bytes sent during response in case of a TCP connection",
+            ),
+        }
+    }
+
+    /// The counter of `s` with `FLAGS[flags]` in this family, if it is exported: opened
+    /// connections and bytes have flags "-" only and exist with their series; closed and
+    /// failed ones exist once they counted one.
+    fn counter(self, s: &TcpSeries, flags: usize) -> Option<&Counter> {
+        match self {
+            Family::Opened => (flags == 0).then_some(&s.opened),
+            Family::ReceivedBytes => (flags == 0).then_some(&s.received_bytes),
+            Family::SentBytes => (flags == 0).then_some(&s.sent_bytes),
+            Family::Closed => Some(&s.closed[flags]).filter(|c| c.get() > 0),
+            Family::Failed => Some(&s.failed[flags]).filter(|c| c.get() > 0),
+        }
+    }
+}
+
+impl Collector for IstioTcp {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let series = self.series.read().unwrap_or_else(PoisonError::into_inner);
+        for family in Family::ALL {
+            let counters = || {
+                series.iter().flat_map(move |(labels, s)| {
+                    FLAGS.iter().enumerate().filter_map(move |(f, flags)| {
+                        family.counter(s, f).map(|c| (labels, *flags, c))
+                    })
+                })
+            };
+            // As a registry leaves out an empty family.
+            if counters().next().is_none() {
+                continue;
+            }
+            let (name, help) = family.name_and_help();
+            let mut metric = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            for (labels, flags, counter) in counters() {
+                counter.encode(metric.encode_family(&WithFlags(labels, flags))?)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -294,7 +404,58 @@ mod tests {
         assert_eq!(response_flags(Outcome::ClientReset), "-");
         // Every outcome has a flag Istio knows.
         for o in Outcome::ALL {
-            assert!(["-", "DENY", "CONNECT"].contains(&response_flags(o)), "{o}");
+            assert!(FLAGS.contains(&response_flags(o)), "{o}");
         }
+    }
+
+    #[test]
+    fn a_connection_counts_in_its_series_once_opened_and_each_family_shows_what_it_counted() {
+        let page = |istio: &IstioTcp| {
+            let mut registry = Registry::default();
+            istio.register(registry.sub_registry_with_prefix("istio"));
+            let mut out = String::new();
+            prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+            out
+        };
+        let istio = IstioTcp::default();
+        // Nothing opened: no family at all.
+        assert!(!page(&istio).contains("istio_tcp"), "{}", page(&istio));
+        let dst = workload("shop", &[]);
+        let labels = || TcpLabels::new(&connection(Some(&dst), None, true));
+        let first = istio.opened(labels());
+        let second = istio.opened(labels());
+        // One label set, one series: both connections hold it.
+        assert!(Arc::ptr_eq(&first, &second));
+        let (received, _) = first.byte_counters();
+        received.inc_by(64);
+        first.closed(Outcome::Ok);
+        second.closed(Outcome::Denied);
+        let text = page(&istio);
+        let value = |family: &str, flags: &str| -> Option<u64> {
+            text.lines()
+                .filter(|l| l.starts_with(&format!("{family}{{")))
+                .find(|l| l.contains(&format!("response_flags=\"{flags}\"")))
+                .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
+        };
+        assert_eq!(value("istio_tcp_connections_opened_total", "-"), Some(2));
+        assert_eq!(value("istio_tcp_received_bytes_total", "-"), Some(64));
+        // Created with the series, though nothing was sent back.
+        assert_eq!(value("istio_tcp_sent_bytes_total", "-"), Some(0));
+        assert_eq!(value("istio_tcp_connections_closed_total", "-"), Some(1));
+        assert_eq!(value("istio_tcp_connections_closed_total", "DENY"), Some(1));
+        // A policy refusal failed to establish; the finished connection did not.
+        assert_eq!(value("istio_tcp_connections_failed_total", "DENY"), Some(1));
+        assert_eq!(value("istio_tcp_connections_failed_total", "-"), None);
+        assert_eq!(value("istio_tcp_connections_closed_total", "CONNECT"), None);
+        // Every line names its flags once, with Istio's label names.
+        for line in text.lines().filter(|l| l.starts_with("istio_tcp_")) {
+            assert_eq!(line.matches("response_flags=").count(), 1, "{line}");
+            assert!(line.contains("destination_principal=\"spiffe://"), "{line}");
+        }
+        assert_eq!(
+            text.matches("# TYPE istio_tcp_connections_failed counter")
+                .count(),
+            1
+        );
     }
 }
