@@ -209,7 +209,7 @@ impl AccessLog {
         }
     }
 
-    fn istio_labels(&self) -> TcpLabels {
+    fn istio_labels(&self) -> TcpLabels<'_> {
         let config = &self.shared.config;
         TcpLabels::new(&Connection {
             direction: self.direction,

@@ -20,7 +20,24 @@ pub fn traceparent() -> HeaderValue {
     let span = rand::random::<u64>().max(1);
     let value = format!("00-{trace:032x}-{span:016x}-00");
     // Only hex digits and dashes.
-    HeaderValue::try_from(value).expect("traceparent is ASCII")
+    let mut value = HeaderValue::try_from(value).expect("traceparent is ASCII");
+    never_indexed(&mut value);
+    value
+}
+
+/// The `forwarded` header naming the client (`for="<ip:port>"`) on a CONNECT we send.
+pub fn forwarded(client: SocketAddr) -> HeaderValue {
+    let mut value =
+        HeaderValue::try_from(format!("for=\"{client}\"")).expect("an address is ASCII");
+    never_indexed(&mut value);
+    value
+}
+
+/// Marks a value that is new on every CONNECT (a trace ID, a client port) as never to be
+/// put in HPACK's table: it would never be referenced again, and each insertion would evict
+/// the entries that are (`:authority`, `baggage`), which then go over the wire in full.
+fn never_indexed(value: &mut HeaderValue) {
+    value.set_sensitive(true);
 }
 
 /// The W3C `baggage` ztunnel sends about a workload (the source on a CONNECT, the
@@ -272,5 +289,22 @@ mod tests {
         assert_eq!(with("for=unknown"), None);
         assert_eq!(with("by=10.1.2.3"), None);
         assert_eq!(forwarded_for(&connect("10.0.0.1:80")), None);
+    }
+
+    #[test]
+    fn the_per_connection_headers_we_send_read_back_and_stay_out_of_the_hpack_table() {
+        for client in ["10.1.2.3:4567", "[fd00::1]:80"] {
+            let client: SocketAddr = client.parse().unwrap();
+            let mut req = connect("10.0.0.1:80");
+            req.headers_mut().insert("forwarded", forwarded(client));
+            assert_eq!(forwarded_for(&req), Some(client));
+            assert!(req.headers()["forwarded"].is_sensitive());
+        }
+        let (a, b) = (traceparent(), traceparent());
+        assert_ne!(a, b);
+        assert!(a.is_sensitive() && b.is_sensitive());
+        // version-trace-span-flags, W3C's lengths.
+        let parts: Vec<usize> = a.to_str().unwrap().split('-').map(str::len).collect();
+        assert_eq!(parts, [2, 32, 16, 2]);
     }
 }

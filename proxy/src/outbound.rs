@@ -253,7 +253,7 @@ async fn connect(
         let request = Request::builder()
             .method(Method::CONNECT)
             .uri(dst.to_string())
-            .header("forwarded", format!("for=\"{peer}\""))
+            .header("forwarded", hbone::forwarded(peer))
             .header("traceparent", hbone::traceparent())
             .body(());
         let Ok(mut request) = request else {

@@ -11,8 +11,11 @@
 //! them ([`TcpSeries`]): closing it or moving its bytes looks nothing up. The series are
 //! ztunnel's five families, exported by one collector.
 
-use std::collections::HashMap;
+use std::borrow::Cow;
+use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, PoisonError, RwLock};
+
+use hashbrown::HashTable;
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{
@@ -28,29 +31,31 @@ use crate::workloads::Workload;
 
 const UNKNOWN: &str = "unknown";
 
-/// The labels of every `istio_tcp_*` series, named as Istio names them.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, EncodeLabelSet)]
-pub(crate) struct TcpLabels {
+/// The labels of every `istio_tcp_*` series, named as Istio names them. A connection's
+/// labels borrow from its workloads (`TcpLabels<'_>`): the series it belongs to is looked
+/// up with them as they are, and only a new series owns a copy (`TcpLabels<'static>`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) struct TcpLabels<'a> {
     reporter: &'static str,
-    source_workload: String,
-    source_canonical_service: String,
-    source_canonical_revision: String,
-    source_workload_namespace: String,
-    source_principal: String,
-    source_app: String,
-    source_version: String,
-    source_cluster: String,
-    destination_service: String,
-    destination_service_namespace: String,
-    destination_service_name: String,
-    destination_workload: String,
-    destination_canonical_service: String,
-    destination_canonical_revision: String,
-    destination_workload_namespace: String,
-    destination_principal: String,
-    destination_app: String,
-    destination_version: String,
-    destination_cluster: String,
+    source_workload: Cow<'a, str>,
+    source_canonical_service: Cow<'a, str>,
+    source_canonical_revision: Cow<'a, str>,
+    source_workload_namespace: Cow<'a, str>,
+    source_principal: Cow<'a, str>,
+    source_app: Cow<'a, str>,
+    source_version: Cow<'a, str>,
+    source_cluster: Cow<'a, str>,
+    destination_service: Cow<'a, str>,
+    destination_service_namespace: Cow<'a, str>,
+    destination_service_name: Cow<'a, str>,
+    destination_workload: Cow<'a, str>,
+    destination_canonical_service: Cow<'a, str>,
+    destination_canonical_revision: Cow<'a, str>,
+    destination_workload_namespace: Cow<'a, str>,
+    destination_principal: Cow<'a, str>,
+    destination_app: Cow<'a, str>,
+    destination_version: Cow<'a, str>,
+    destination_cluster: Cow<'a, str>,
     request_protocol: &'static str,
     connection_security_policy: &'static str,
     /// Locality (ztunnel has them from istiod; zmesh does not know nodes' topology labels).
@@ -58,6 +63,55 @@ pub(crate) struct TcpLabels {
     source_zone: &'static str,
     destination_region: &'static str,
     destination_zone: &'static str,
+}
+
+impl EncodeLabelSet for TcpLabels<'_> {
+    fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
+        let labels: [(&str, &str); 26] = [
+            ("reporter", self.reporter),
+            ("source_workload", &self.source_workload),
+            ("source_canonical_service", &self.source_canonical_service),
+            ("source_canonical_revision", &self.source_canonical_revision),
+            ("source_workload_namespace", &self.source_workload_namespace),
+            ("source_principal", &self.source_principal),
+            ("source_app", &self.source_app),
+            ("source_version", &self.source_version),
+            ("source_cluster", &self.source_cluster),
+            ("destination_service", &self.destination_service),
+            (
+                "destination_service_namespace",
+                &self.destination_service_namespace,
+            ),
+            ("destination_service_name", &self.destination_service_name),
+            ("destination_workload", &self.destination_workload),
+            (
+                "destination_canonical_service",
+                &self.destination_canonical_service,
+            ),
+            (
+                "destination_canonical_revision",
+                &self.destination_canonical_revision,
+            ),
+            (
+                "destination_workload_namespace",
+                &self.destination_workload_namespace,
+            ),
+            ("destination_principal", &self.destination_principal),
+            ("destination_app", &self.destination_app),
+            ("destination_version", &self.destination_version),
+            ("destination_cluster", &self.destination_cluster),
+            ("request_protocol", self.request_protocol),
+            (
+                "connection_security_policy",
+                self.connection_security_policy,
+            ),
+            ("source_region", self.source_region),
+            ("source_zone", self.source_zone),
+            ("destination_region", self.destination_region),
+            ("destination_zone", self.destination_zone),
+        ];
+        labels.encode(encoder)
+    }
 }
 
 /// What one connection is known to be when it opens.
@@ -75,17 +129,17 @@ pub(crate) struct Connection<'a> {
     pub cluster_domain: &'a str,
 }
 
-impl TcpLabels {
-    pub(crate) fn new(c: &Connection<'_>) -> Self {
-        let known = |v: Option<&str>| v.unwrap_or(UNKNOWN).to_owned();
+impl<'a> TcpLabels<'a> {
+    pub(crate) fn new(c: &Connection<'a>) -> Self {
+        let known = |v: Option<&'a str>| Cow::Borrowed(v.unwrap_or(UNKNOWN));
         let src = c.source;
         let dst = c.destination;
         let (service, service_namespace, service_name) =
             match c.service.and_then(|s| s.split_once('/')) {
                 Some((ns, name)) => (
-                    format!("{name}.{ns}.svc.{}", c.cluster_domain),
-                    ns.to_owned(),
-                    name.to_owned(),
+                    Cow::Owned(format!("{name}.{ns}.svc.{}", c.cluster_domain)),
+                    Cow::Borrowed(ns),
+                    Cow::Borrowed(name),
                 ),
                 None => (UNKNOWN.into(), UNKNOWN.into(), UNKNOWN.into()),
             };
@@ -111,7 +165,7 @@ impl TcpLabels {
             destination_canonical_service: known(dst.map(Workload::canonical_service)),
             destination_canonical_revision: known(dst.map(Workload::canonical_revision)),
             destination_workload_namespace: known(dst.map(|w| w.namespace.as_str())),
-            destination_principal: dst.map_or_else(|| UNKNOWN.into(), |w| w.identity.to_string()),
+            destination_principal: dst.map_or(UNKNOWN.into(), |w| w.identity.to_string().into()),
             destination_app: known(dst.map(Workload::canonical_service)),
             destination_version: known(dst.map(Workload::canonical_revision)),
             destination_cluster: cluster(dst),
@@ -121,6 +175,39 @@ impl TcpLabels {
             source_zone: UNKNOWN,
             destination_region: UNKNOWN,
             destination_zone: UNKNOWN,
+        }
+    }
+
+    /// The same labels, owning their values (for a new series).
+    fn into_owned(self) -> TcpLabels<'static> {
+        let own = |v: Cow<'a, str>| Cow::Owned(v.into_owned());
+        TcpLabels {
+            reporter: self.reporter,
+            source_workload: own(self.source_workload),
+            source_canonical_service: own(self.source_canonical_service),
+            source_canonical_revision: own(self.source_canonical_revision),
+            source_workload_namespace: own(self.source_workload_namespace),
+            source_principal: own(self.source_principal),
+            source_app: own(self.source_app),
+            source_version: own(self.source_version),
+            source_cluster: own(self.source_cluster),
+            destination_service: own(self.destination_service),
+            destination_service_namespace: own(self.destination_service_namespace),
+            destination_service_name: own(self.destination_service_name),
+            destination_workload: own(self.destination_workload),
+            destination_canonical_service: own(self.destination_canonical_service),
+            destination_canonical_revision: own(self.destination_canonical_revision),
+            destination_workload_namespace: own(self.destination_workload_namespace),
+            destination_principal: own(self.destination_principal),
+            destination_app: own(self.destination_app),
+            destination_version: own(self.destination_version),
+            destination_cluster: own(self.destination_cluster),
+            request_protocol: self.request_protocol,
+            connection_security_policy: self.connection_security_policy,
+            source_region: self.source_region,
+            source_zone: self.source_zone,
+            destination_region: self.destination_region,
+            destination_zone: self.destination_zone,
         }
     }
 }
@@ -177,7 +264,19 @@ impl TcpSeries {
     }
 }
 
-type SeriesMap = HashMap<TcpLabels, Arc<TcpSeries>>;
+/// The series by their labels. A hash table of our own hashing, so that a connection's
+/// borrowed labels find their series without a copy (a `HashMap` would need an owned key).
+#[derive(Debug, Default)]
+struct SeriesMap {
+    hasher: RandomState,
+    series: HashTable<(TcpLabels<'static>, Arc<TcpSeries>)>,
+}
+
+impl SeriesMap {
+    fn get(&self, hash: u64, labels: &TcpLabels<'_>) -> Option<&Arc<TcpSeries>> {
+        self.series.find(hash, |(l, _)| l == labels).map(|(_, s)| s)
+    }
+}
 
 /// Every `istio_tcp_*` series of the proxy (cheap to clone: the clones share them).
 #[derive(Debug, Default, Clone)]
@@ -187,23 +286,34 @@ pub(crate) struct IstioTcp {
 
 impl IstioTcp {
     /// Counts a connection opened with `labels`; returns its series.
-    pub(crate) fn opened(&self, labels: TcpLabels) -> Arc<TcpSeries> {
+    pub(crate) fn opened(&self, labels: TcpLabels<'_>) -> Arc<TcpSeries> {
         // Series are only ever added: a poisoned lock still holds a consistent map.
-        let known = self
-            .series
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(&labels)
-            .cloned();
+        let read = self.series.read().unwrap_or_else(PoisonError::into_inner);
+        let hash = read.hasher.hash_one(&labels);
+        let known = read.get(hash, &labels).cloned();
+        drop(read);
         let series = match known {
             Some(series) => series,
-            None => self
-                .series
-                .write()
-                .unwrap_or_else(PoisonError::into_inner)
-                .entry(labels)
-                .or_default()
-                .clone(),
+            None => {
+                let mut map = self.series.write().unwrap_or_else(PoisonError::into_inner);
+                match map.get(hash, &labels) {
+                    // Added meanwhile by another thread.
+                    Some(series) => series.clone(),
+                    None => {
+                        let series = Arc::new(TcpSeries::default());
+                        let SeriesMap {
+                            hasher,
+                            series: table,
+                        } = &mut *map;
+                        table.insert_unique(
+                            hash,
+                            (labels.into_owned(), series.clone()),
+                            |(l, _)| hasher.hash_one(l),
+                        );
+                        series
+                    }
+                }
+            }
         };
         series.opened.inc();
         series
@@ -216,7 +326,7 @@ impl IstioTcp {
 }
 
 /// A series' labels with its response flags.
-struct WithFlags<'a>(&'a TcpLabels, &'static str);
+struct WithFlags<'a>(&'a TcpLabels<'static>, &'static str);
 
 impl EncodeLabelSet for WithFlags<'_> {
     fn encode(&self, encoder: &mut LabelSetEncoder) -> Result<(), std::fmt::Error> {
@@ -288,7 +398,7 @@ impl Collector for IstioTcp {
         let series = self.series.read().unwrap_or_else(PoisonError::into_inner);
         for family in Family::ALL {
             let counters = || {
-                series.iter().flat_map(move |(labels, s)| {
+                series.series.iter().flat_map(move |(labels, s)| {
                     FLAGS.iter().enumerate().filter_map(move |(f, flags)| {
                         family.counter(s, f).map(|c| (labels, *flags, c))
                     })
@@ -426,6 +536,9 @@ mod tests {
         let second = istio.opened(labels());
         // One label set, one series: both connections hold it.
         assert!(Arc::ptr_eq(&first, &second));
+        let plaintext = istio.opened(TcpLabels::new(&connection(Some(&dst), None, false)));
+        assert!(!Arc::ptr_eq(&first, &plaintext));
+        plaintext.closed(Outcome::Ok);
         let (received, _) = first.byte_counters();
         received.inc_by(64);
         first.closed(Outcome::Ok);
@@ -434,9 +547,25 @@ mod tests {
         let value = |family: &str, flags: &str| -> Option<u64> {
             text.lines()
                 .filter(|l| l.starts_with(&format!("{family}{{")))
+                .filter(|l| l.contains("connection_security_policy=\"mutual_tls\""))
                 .find(|l| l.contains(&format!("response_flags=\"{flags}\"")))
                 .map(|l| l.rsplit(' ').next().unwrap().parse().unwrap())
         };
+        let mtls = |family: &str| {
+            text.lines()
+                .filter(|l| l.starts_with(&format!("{family}{{")))
+                .filter(|l| l.contains("connection_security_policy=\"mutual_tls\""))
+                .count()
+        };
+        // The plaintext connection has series of its own.
+        assert_eq!(mtls("istio_tcp_connections_opened_total"), 1);
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+                .count(),
+            2
+        );
+        assert_eq!(mtls("istio_tcp_connections_closed_total"), 2);
         assert_eq!(value("istio_tcp_connections_opened_total", "-"), Some(2));
         assert_eq!(value("istio_tcp_received_bytes_total", "-"), Some(64));
         // Created with the series, though nothing was sent back.
