@@ -91,6 +91,9 @@ pub struct SpiffeId {
     trust_domain: TrustDomain,
     /// Either empty or starting with '/'.
     path: String,
+    /// The whole ID, `spiffe://<trust domain><path>`: kept because every connection shows
+    /// its peers' IDs (logs, flows, metrics), which would format them again and again.
+    uri: String,
 }
 
 impl SpiffeId {
@@ -111,6 +114,7 @@ impl SpiffeId {
         Ok(Self {
             trust_domain: TrustDomain(td.to_owned()),
             path: path.to_owned(),
+            uri: id.to_owned(),
         })
     }
 
@@ -132,6 +136,11 @@ impl SpiffeId {
         &self.trust_domain
     }
 
+    /// The whole ID, as [`fmt::Display`] shows it.
+    pub fn as_str(&self) -> &str {
+        &self.uri
+    }
+
     /// The path, empty or starting with '/'.
     pub fn path(&self) -> &str {
         &self.path
@@ -144,7 +153,7 @@ impl SpiffeId {
 
 impl fmt::Display for SpiffeId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{SCHEME}{}{}", self.trust_domain.as_str(), self.path)
+        f.write_str(&self.uri)
     }
 }
 
@@ -270,12 +279,15 @@ mod tests {
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/web");
         let built = WorkloadId::new(&TrustDomain::default(), "default", "web").unwrap();
         assert_eq!(built, id);
+        assert_eq!(built.spiffe_id().as_str(), id.to_string());
+        assert_eq!(built.spiffe_id().path(), "/ns/default/sa/web");
     }
 
     #[test]
     fn trust_domain_only_ids_have_empty_path() {
         let id = SpiffeId::parse("spiffe://example.org").unwrap();
         assert_eq!(id.path(), "");
+        assert_eq!(id.as_str(), "spiffe://example.org");
         assert_eq!(id.segments().count(), 0);
     }
 

@@ -165,7 +165,7 @@ impl<'a> TcpLabels<'a> {
             destination_canonical_service: known(dst.map(Workload::canonical_service)),
             destination_canonical_revision: known(dst.map(Workload::canonical_revision)),
             destination_workload_namespace: known(dst.map(|w| w.namespace.as_str())),
-            destination_principal: dst.map_or(UNKNOWN.into(), |w| w.identity.to_string().into()),
+            destination_principal: known(dst.map(|w| w.identity.spiffe_id().as_str())),
             destination_app: known(dst.map(Workload::canonical_service)),
             destination_version: known(dst.map(Workload::canonical_revision)),
             destination_cluster: cluster(dst),
