@@ -89,10 +89,9 @@ impl Default for TrustDomain {
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct SpiffeId {
     trust_domain: TrustDomain,
-    /// Either empty or starting with '/'.
-    path: String,
-    /// The whole ID, `spiffe://<trust domain><path>`: kept because every connection shows
-    /// its peers' IDs (logs, flows, metrics), which would format them again and again.
+    /// The whole ID, `spiffe://<trust domain><path>`, the path either empty or starting
+    /// with '/'. Whole because every connection shows its peers' IDs (logs, flows,
+    /// metrics), which would otherwise format them again and again.
     uri: String,
 }
 
@@ -113,7 +112,6 @@ impl SpiffeId {
         validate_path(path)?;
         Ok(Self {
             trust_domain: TrustDomain(td.to_owned()),
-            path: path.to_owned(),
             uri: id.to_owned(),
         })
     }
@@ -143,11 +141,11 @@ impl SpiffeId {
 
     /// The path, empty or starting with '/'.
     pub fn path(&self) -> &str {
-        &self.path
+        &self.uri[SCHEME.len() + self.trust_domain.as_str().len()..]
     }
 
     pub fn segments(&self) -> impl Iterator<Item = &str> {
-        self.path.split('/').skip(1)
+        self.path().split('/').skip(1)
     }
 }
 
