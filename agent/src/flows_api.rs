@@ -181,14 +181,14 @@ fn drop_reason(reason: DropReason) -> String {
 pub fn drop_flow(event: &DropEvent, table: &WorkloadTable) -> FlowEvent {
     let mut source = FlowEndpoint::addr(event.src);
     if let Some(w) = table.workload_by_ip(event.src.ip()) {
-        source.namespace = Some(w.namespace.clone());
-        source.pod = Some(w.name.clone());
+        source.namespace = Some(w.namespace.as_str().into());
+        source.pod = Some(w.name.as_str().into());
     }
     let mut destination = FlowEndpoint::addr(event.dst);
     if let Some(w) = table.workload_by_ip(event.dst.ip()) {
-        destination.namespace = Some(w.namespace.clone());
-        destination.pod = Some(w.name.clone());
-        destination.identity = Some(w.identity.to_string());
+        destination.namespace = Some(w.namespace.as_str().into());
+        destination.pod = Some(w.name.as_str().into());
+        destination.identity = Some(w.identity.spiffe_id().as_str().into());
     }
     FlowEvent {
         time: event.time,

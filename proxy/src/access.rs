@@ -83,9 +83,9 @@ pub(crate) struct AccessLog {
 
 fn endpoint_of(w: &Workload, addr: SocketAddr) -> FlowEndpoint {
     FlowEndpoint {
-        namespace: Some(w.namespace.clone()),
-        pod: Some(w.name.clone()),
-        identity: Some(w.identity.to_string()),
+        namespace: Some(w.namespace.as_str().into()),
+        pod: Some(w.name.as_str().into()),
+        identity: Some(w.identity.spiffe_id().as_str().into()),
         addr,
     }
 }
@@ -123,8 +123,8 @@ impl AccessLog {
     /// certificate proved (or none).
     pub fn source_by_address(&mut self, w: &Arc<Workload>, addr: SocketAddr) {
         self.src.addr = addr;
-        self.src.namespace = Some(w.namespace.clone());
-        self.src.pod = Some(w.name.clone());
+        self.src.namespace = Some(w.namespace.as_str().into());
+        self.src.pod = Some(w.name.as_str().into());
         self.src_workload = Some(w.clone());
     }
 

@@ -102,19 +102,20 @@ impl std::str::FromStr for FlowDirection {
     }
 }
 
-/// One end of a flow.
+/// One end of a flow. Its names are shared (`Arc<str>`): one connection's endpoints go
+/// into its open and close events and its entry among the open connections.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FlowEndpoint {
     /// The pod's namespace, if the address belongs to a known workload.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub namespace: Option<String>,
+    pub namespace: Option<Arc<str>>,
     /// The pod's name, if known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub pod: Option<String>,
+    pub pod: Option<Arc<str>>,
     /// SPIFFE ID: for the source, only one verified from its certificate (`None` for
     /// plaintext); for the destination, the identity it holds in the workload table.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub identity: Option<String>,
+    pub identity: Option<Arc<str>>,
     pub addr: SocketAddr,
 }
 

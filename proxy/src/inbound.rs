@@ -308,7 +308,7 @@ async fn tunnel(
     limits: &ConnLimits,
 ) {
     let mut log = AccessLog::start(Direction::Inbound, peer, shared);
-    log.src.identity = Some(peer_id.to_string());
+    log.src.identity = Some(peer_id.as_str().into());
     log.encrypted = true;
     let reject = |log: AccessLog, respond, status: StatusCode, why: &str, outcome| {
         tracing::debug!(%peer, %status, "refusing tunnel: {why}");

@@ -240,13 +240,16 @@ async fn allow_by_principal_admits_one_identity_and_refuses_the_other() {
     let opened = next(&mut sub).await;
     assert_eq!(opened.phase, FlowPhase::Open, "{opened}");
     assert_eq!(opened.direction, Some(FlowDirection::Inbound));
-    assert_eq!(opened.source.identity, Some(sid(FRONTEND)));
+    assert_eq!(
+        opened.source.identity.as_deref(),
+        Some(sid(FRONTEND).as_str())
+    );
     assert_eq!(opened.destination.addr, node.echo_addr);
     let ok = next(&mut sub).await;
     assert_eq!(ok.phase, FlowPhase::Close, "{ok}");
     assert_eq!(ok.verdict, FlowVerdict::Forwarded, "{ok}");
     assert!(ok.encrypted);
-    assert_eq!(ok.source.identity, Some(sid(FRONTEND)));
+    assert_eq!(ok.source.identity.as_deref(), Some(sid(FRONTEND).as_str()));
     assert_eq!(ok.source.pod.as_deref(), Some("frontend-1"));
     assert_eq!(ok.source.addr, src);
     assert_eq!(ok.destination.pod.as_deref(), Some("server"));
@@ -266,7 +269,7 @@ async fn allow_by_principal_admits_one_identity_and_refuses_the_other() {
     let denied = next(&mut sub).await;
     assert_eq!(denied.verdict, FlowVerdict::Denied);
     assert!(denied.encrypted);
-    assert_eq!(denied.source.identity, Some(sid(BATCH)));
+    assert_eq!(denied.source.identity.as_deref(), Some(sid(BATCH).as_str()));
     assert_eq!(denied.source.pod, None, "no pod holds the batch identity");
     assert_eq!(
         denied.denial(),
@@ -327,7 +330,7 @@ async fn deny_by_namespace_wins_over_allow_and_selects_by_labels() {
             rule: 0
         })
     );
-    assert_eq!(denied.source.identity, Some(sid(BATCH)));
+    assert_eq!(denied.source.identity.as_deref(), Some(sid(BATCH).as_str()));
 
     // A selector that does not match the pod's labels leaves it alone.
     node.store.replace(policies(&[policy(
@@ -394,7 +397,7 @@ async fn a_new_deny_policy_closes_open_tunnels_it_denies_and_spares_the_others()
     let closed = next(&mut sub).await;
     assert_eq!(closed.verdict, FlowVerdict::Denied, "{closed}");
     assert_eq!(closed.reason.as_deref(), Some("policy changed"));
-    assert_eq!(closed.source.identity, Some(sid(BATCH)));
+    assert_eq!(closed.source.identity.as_deref(), Some(sid(BATCH).as_str()));
     assert_eq!(
         closed.denial(),
         Some(&Denial::DenyPolicy {

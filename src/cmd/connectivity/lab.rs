@@ -158,7 +158,9 @@ async fn flow_is(
         return Ok(Err(format!("{node} recorded no flow for {query}")));
     };
     let want_source = source.map(|s| format!("spiffe://cluster.local/ns/{s}"));
-    if last.verdict != verdict || last.encrypted != encrypted || last.source.identity != want_source
+    if last.verdict != verdict
+        || last.encrypted != encrypted
+        || last.source.identity.as_deref() != want_source.as_deref()
     {
         return Ok(Err(format!("{node} saw: {last}")));
     }
@@ -236,7 +238,7 @@ async fn matrix(lab: &mut Lab, only: &[String]) -> anyhow::Result<Vec<Outcome>> 
         let mut endpoints: Vec<String> = flows
             .iter()
             .filter(|f| f.service.as_deref() == Some("cx-mesh/echo") && f.encrypted)
-            .filter_map(|f| f.destination.pod.clone())
+            .filter_map(|f| f.destination.pod.as_deref().map(str::to_owned))
             .collect();
         endpoints.sort();
         endpoints.dedup();
