@@ -8,7 +8,9 @@ mod support;
 use std::path::PathBuf;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use support::{certs, lab, manifests, observe, secret, serve_echo, LongLivedClient, Roundtrip};
+use support::{
+    certs, lab, manifests, observe, secret, serve_echo, wait_flows, LongLivedClient, Roundtrip,
+};
 use zmesh_lab::{Lab, LabOptions};
 use zmesh_proxy::flows::FlowVerdict;
 
@@ -118,6 +120,7 @@ async fn agents_killed_while_the_proxies_run_apart_keep_connections_and_new_agen
     let mut client = LongLivedClient::open(&lab, "shop", "frontend", web);
     client.roundtrip("before the kill");
 
+    let killed_at = SystemTime::now();
     lab.kill_agent("node1").unwrap();
     lab.kill_agent("node2").unwrap();
     // The open connection carries on through both proxies.
@@ -153,6 +156,17 @@ async fn agents_killed_while_the_proxies_run_apart_keep_connections_and_new_agen
         .await
         .unwrap();
     client.roundtrip("after the new agents started");
+    // The data paths keep their flow history: the new agents show the connection made
+    // while no agent ran.
+    let while_dead = |flows: &[zmesh_proxy::flows::FlowEvent]| {
+        flows.iter().any(|f| {
+            f.time >= killed_at
+                && f.source.pod.as_deref() == Some("frontend")
+                && f.verdict == FlowVerdict::Forwarded
+        })
+    };
+    wait_flows(&lab, "node1", &["--to-port", "8080"], while_dead);
+    wait_flows(&lab, "node2", &["--to-port", "8080"], while_dead);
     for node in ["node1", "node2"] {
         let log = lab.datapath_log(node);
         assert_eq!(

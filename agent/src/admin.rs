@@ -272,7 +272,20 @@ async fn route(req: Request<Incoming>, state: AdminState) -> Response<Body> {
         (&Method::PUT, "/log") => set_log(&state, &query),
         (&Method::GET, "/flows") => {
             match crate::flows_api::parse_query(&query, SystemTime::now()) {
-                Ok(q) => crate::flows_api::flows_response(&state.flows, q),
+                Ok(q) => {
+                    // The proxy's flows are in the data path process when it runs apart.
+                    let data_path = match &state.data_path {
+                        Some(DataPathView {
+                            connections: ConnectionsSource::Process(link),
+                            ..
+                        }) => match link.flows(q.clone()).await {
+                            Ok(stream) => Some(stream),
+                            Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e),
+                        },
+                        _ => None,
+                    };
+                    crate::flows_api::flows_response(&state.flows, data_path, q).await
+                }
                 Err(e) => error(StatusCode::BAD_REQUEST, &e),
             }
         }

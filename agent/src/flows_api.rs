@@ -30,8 +30,9 @@ use zmesh_cluster::ClusterState;
 /// How many recent flow events the agent keeps for `--since` queries.
 pub const FLOW_HISTORY: usize = 4096;
 
-/// What the query asks for.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What the query asks for (also what the agent asks a data path process for).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct FlowQuery {
     pub filter: FlowFilter,
     pub follow: bool,
@@ -139,24 +140,68 @@ fn line(event: &FlowEvent) -> Result<Frame<Bytes>, Infallible> {
     Ok(Frame::data(Bytes::from(bytes)))
 }
 
-/// The `/flows` response body: NDJSON, one [`FlowEvent`] per line.
-pub fn flows_response(hub: &FlowHub, query: FlowQuery) -> Response<BoxBody<Bytes, Infallible>> {
-    let body = if query.follow {
+/// A stream of flow events, oldest first (`Sync` for a response body).
+pub type FlowStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Arc<FlowEvent>> + Send + Sync + 'static>>;
+
+/// What `query` gets from one hub: the matching retained events (the last N, or those
+/// since a time), then with `follow` the live ones; without it the stream ends after the
+/// history.
+pub fn query_hub(hub: &FlowHub, query: &FlowQuery) -> FlowStream {
+    if query.follow {
         let subscription = match query.last {
-            Some(n) => hub.subscribe_last(query.filter, n),
-            None => hub.subscribe(query.filter),
+            Some(n) => hub.subscribe_last(query.filter.clone(), n),
+            None => hub.subscribe(query.filter.clone()),
         };
-        let stream = futures::stream::unfold(subscription, |mut sub| async move {
-            let event = sub.recv().await?;
-            if sub.missed() > 0 {
-                tracing::debug!(missed = sub.missed(), "a flow subscriber fell behind");
-            }
-            Some((line(&event), sub))
-        });
-        StreamBody::new(stream).boxed()
+        Box::pin(futures::stream::unfold(
+            subscription,
+            |mut sub| async move {
+                let event = sub.recv().await?;
+                if sub.missed() > 0 {
+                    tracing::debug!(missed = sub.missed(), "a flow subscriber fell behind");
+                }
+                Some((event, sub))
+            },
+        ))
     } else {
         let events = hub.recent(&query.filter, query.last.unwrap_or(usize::MAX));
-        StreamBody::new(futures::stream::iter(events.into_iter().map(|e| line(&e)))).boxed()
+        Box::pin(futures::stream::iter(events))
+    }
+}
+
+/// The `/flows` response body: NDJSON, one [`FlowEvent`] per line, from the agent's hub
+/// and, when the proxy runs in a data path process, from its (`data_path`: the same
+/// query's answer from there). The history of both comes in time order; live events as
+/// they come; a follow ends when the data path's part ends (the data path went away).
+pub async fn flows_response(
+    hub: &FlowHub,
+    data_path: Option<FlowStream>,
+    query: FlowQuery,
+) -> Response<BoxBody<Bytes, Infallible>> {
+    use futures::StreamExt;
+    let local = query_hub(hub, &query);
+    let body = match (data_path, query.follow) {
+        (None, _) => BodyExt::boxed(StreamBody::new(local.map(|e| line(&e)))),
+        (Some(remote), true) => {
+            // Ends with the data path's part: a follow must not go on silently with the
+            // agent's drop reports only.
+            let remote = remote.map(Some).chain(futures::stream::iter([None]));
+            let merged = futures::stream::select(local.map(Some), remote)
+                .take_while(|e| std::future::ready(e.is_some()))
+                .filter_map(std::future::ready);
+            BodyExt::boxed(StreamBody::new(merged.map(|e| line(&e))))
+        }
+        (Some(remote), false) => {
+            let mut events: Vec<Arc<FlowEvent>> = local.collect().await;
+            events.extend(remote.collect::<Vec<_>>().await);
+            // Stable: each side's order is kept among equal times.
+            events.sort_by_key(|e| e.time);
+            let keep = query.last.unwrap_or(usize::MAX).min(events.len());
+            let events = events.split_off(events.len() - keep);
+            BodyExt::boxed(StreamBody::new(
+                futures::stream::iter(events).map(|e| line(&e)),
+            ))
+        }
     };
     let mut response = Response::new(body);
     response.headers_mut().insert(
@@ -384,7 +429,9 @@ mod tests {
         let query = |pairs: &[(&str, &str)]| parse_query(&q(pairs), now).unwrap();
 
         // History only: the matching retained events, then the end.
-        let body = flows_response(&hub, query(&[("pod", "db")])).into_body();
+        let body = flows_response(&hub, None, query(&[("pod", "db")]))
+            .await
+            .into_body();
         let bytes = body.collect().await.unwrap().to_bytes();
         let lines: Vec<FlowEvent> = bytes
             .split(|b| *b == b'\n')
@@ -397,6 +444,7 @@ mod tests {
         // Follow: history since, then live, filtered.
         let body = flows_response(
             &hub,
+            None,
             query(&[
                 ("since", "1m"),
                 ("follow", "true"),
@@ -404,6 +452,7 @@ mod tests {
                 ("pod", "db"),
             ]),
         )
+        .await
         .into_body();
         let mut frames = body.into_data_stream();
         let first = frames.next().await.unwrap().unwrap();
@@ -417,6 +466,67 @@ mod tests {
             .unwrap();
         let live: FlowEvent = serde_json::from_slice(&live).unwrap();
         assert_eq!(live.destination.pod.as_deref(), Some("db-2"));
+    }
+
+    /// With the proxy in a data path process: its history and the agent's merge in time
+    /// order (the last N of both); a follow ends when the data path's part ends.
+    #[tokio::test]
+    async fn the_data_paths_flows_merge_with_the_agents_in_time_order() {
+        let t0 = SystemTime::now();
+        let at = |secs: u64, pod: &str| {
+            let mut e = drop_flow(
+                &DropEvent {
+                    time: t0 + Duration::from_secs(secs),
+                    src: "10.9.9.9:1".parse().unwrap(),
+                    dst: "10.0.0.2:80".parse().unwrap(),
+                    reason: DropReason::StrictPlaintext,
+                },
+                &table(),
+            );
+            e.destination.pod = Some(pod.into());
+            Arc::new(e)
+        };
+        let hub = FlowHub::new(8);
+        hub.publish((*at(1, "agent-1")).clone());
+        hub.publish((*at(3, "agent-3")).clone());
+        let remote =
+            |events: Vec<Arc<FlowEvent>>| -> FlowStream { Box::pin(futures::stream::iter(events)) };
+        let pods = |bytes: &[u8]| -> Vec<String> {
+            bytes
+                .split(|b| *b == b'\n')
+                .filter(|l| !l.is_empty())
+                .map(|l| serde_json::from_slice::<FlowEvent>(l).unwrap())
+                .map(|e| e.destination.pod.unwrap().to_string())
+                .collect()
+        };
+        let query = |pairs: &[(&str, &str)]| parse_query(&q(pairs), t0).unwrap();
+
+        let body = flows_response(
+            &hub,
+            Some(remote(vec![at(2, "dp-2"), at(4, "dp-4")])),
+            query(&[("last", "3")]),
+        )
+        .await
+        .into_body();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        assert_eq!(pods(&bytes), ["dp-2", "agent-3", "dp-4"]);
+
+        // Follow: the agent's part would go on forever; the data path's end ends it.
+        let body = flows_response(
+            &hub,
+            Some(remote(vec![at(5, "dp-5")])),
+            query(&[("follow", "true"), ("last", "1")]),
+        )
+        .await
+        .into_body();
+        let bytes = tokio::time::timeout(Duration::from_secs(10), body.collect())
+            .await
+            .expect("the follow ends with the data path's part")
+            .unwrap()
+            .to_bytes();
+        let mut got = pods(&bytes);
+        got.sort();
+        assert_eq!(got, ["agent-3", "dp-5"]);
     }
 
     #[test]

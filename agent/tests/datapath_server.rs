@@ -13,8 +13,10 @@ use zmesh_agent::datapath::protocol::{
     read_message, write_message, Credentials, FromDataPath, ToDataPath, WorkloadCredential,
     PROTOCOL_VERSION,
 };
+use zmesh_agent::flows_api::FlowQuery;
 use zmesh_dataplane::Mode;
 use zmesh_identity::{TrustDomain, WorkloadId};
+use zmesh_proxy::flows::{FlowEvent, FlowFilter, FlowPhase};
 use zmesh_proxy::{Capture, ProxyConfig};
 
 fn free_port() -> u16 {
@@ -92,18 +94,12 @@ async fn say(stream: &mut UnixStream, message: &ToDataPath) -> FromDataPath {
     next(stream).await
 }
 
-/// The next message that is not a flow event.
+/// The next message (flow events come only when asked for).
 async fn next(stream: &mut UnixStream) -> FromDataPath {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(10), read_message(stream))
-            .await
-            .expect("an answer")
-            .unwrap()
-        {
-            FromDataPath::Flow(_) => continue,
-            other => return other,
-        }
-    }
+    tokio::time::timeout(Duration::from_secs(10), read_message(stream))
+        .await
+        .expect("an answer")
+        .unwrap()
 }
 
 fn generation(answer: FromDataPath) -> u64 {
@@ -162,6 +158,97 @@ async fn another_protocol_or_no_hello_first_is_refused_with_the_reason() {
     match answer {
         FromDataPath::Refused { reason } => assert!(reason.contains("eBPF pins"), "{reason}"),
         other => panic!("{other:?}"),
+    }
+    server.stop().await;
+}
+
+/// A plaintext connection to the proxy, which it closes (no original destination without
+/// a capture): one flow event, published before the client sees the end.
+async fn refused_plaintext(config: &ProxyConfig) {
+    use tokio::io::AsyncReadExt;
+    let mut tcp = tokio::net::TcpStream::connect(config.plaintext_addr)
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut rest))
+        .await
+        .expect("the proxy closes it");
+}
+
+/// The flow events answering request `id`, up to its end (or `count` of them).
+async fn flows(agent: &mut UnixStream, want: u64, count: Option<usize>) -> Vec<FlowEvent> {
+    let mut events = Vec::new();
+    while count.is_none_or(|n| events.len() < n) {
+        match next(agent).await {
+            FromDataPath::Flow { id, event } if id == want => events.push(*event),
+            FromDataPath::FlowsEnd { id } if id == want && count.is_none() => break,
+            other => panic!("expected flows of request {want}, got {other:?}"),
+        }
+    }
+    events
+}
+
+fn query(follow: bool, last: Option<usize>) -> FlowQuery {
+    FlowQuery {
+        filter: FlowFilter::default(),
+        follow,
+        last,
+    }
+}
+
+/// Flow events cross the socket only when the agent asks (nobody observing costs nothing
+/// per connection): a history ends with its end; a follow gets the last N, then live ones
+/// until it is stopped.
+#[tokio::test(flavor = "multi_thread")]
+async fn flow_events_cross_only_when_asked_history_then_live_until_stopped() {
+    let server = Server::start().await;
+    let config = config();
+    let mut agent = server.connect().await;
+    assert_eq!(generation(say(&mut agent, &hello(&config)).await), 1);
+    for _ in 0..3 {
+        refused_plaintext(&config).await;
+    }
+    // Nothing was sent unasked: the next message is the answer to this request.
+    match say(&mut agent, &ToDataPath::Connections).await {
+        FromDataPath::Connections(_) => {}
+        other => panic!("expected the connections, got {other:?}"),
+    }
+
+    let ask = ToDataPath::Flows {
+        id: 7,
+        query: Box::new(query(false, None)),
+    };
+    write_message(&mut agent, &ask).await.unwrap();
+    let history = flows(&mut agent, 7, None).await;
+    assert_eq!(history.len(), 3, "{history:#?}");
+    assert!(history
+        .iter()
+        .all(|e| e.phase == FlowPhase::Close && !e.encrypted));
+
+    let follow = ToDataPath::Flows {
+        id: 8,
+        query: Box::new(query(true, Some(1))),
+    };
+    write_message(&mut agent, &follow).await.unwrap();
+    let last = flows(&mut agent, 8, Some(1)).await;
+    assert_eq!(last, history[2..], "the last one of the history first");
+    refused_plaintext(&config).await;
+    let live = flows(&mut agent, 8, Some(1)).await;
+    assert!(live[0].time >= history[2].time, "{live:#?}");
+
+    // Stopped: later connections send nothing (the answer to Connections comes after the
+    // stop was read, in order).
+    write_message(&mut agent, &ToDataPath::StopFlows { id: 8 })
+        .await
+        .unwrap();
+    assert!(matches!(
+        say(&mut agent, &ToDataPath::Connections).await,
+        FromDataPath::Connections(_)
+    ));
+    refused_plaintext(&config).await;
+    match say(&mut agent, &ToDataPath::Connections).await {
+        FromDataPath::Connections(_) => {}
+        other => panic!("a stopped follow sent {other:?}"),
     }
     server.stop().await;
 }

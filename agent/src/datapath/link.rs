@@ -1,12 +1,14 @@
 //! The agent's side of a data path in another process (`--datapath-socket`): it connects,
 //! says which proxy it wants, and keeps the data path in step with the agent: the workload
 //! table, the authorization policies and the certificates, each sent whole whenever it
-//! changed. The data path's flow events are published to the agent's own hub, so `zmesh
-//! flows` works as with the proxy in-process.
+//! changed. The agent's `GET /flows` asks the data path for its flow events (history, and
+//! live ones while a client follows), so `zmesh observe` works as with the proxy
+//! in-process, and flow events cost nothing on the socket while nobody observes.
 //!
 //! If the data path goes away (restarted, upgraded), the link connects again and sends
 //! everything anew; meanwhile the status report says so.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,7 +17,7 @@ use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use zmesh_identity::{SharedBundle, TrustDomain};
 use zmesh_proxy::connections::OpenConnection;
-use zmesh_proxy::flows::FlowHub;
+use zmesh_proxy::flows::FlowEvent;
 use zmesh_proxy::policy::PolicyStore;
 use zmesh_proxy::{ProxyConfig, WorkloadStore};
 
@@ -24,6 +26,7 @@ use super::protocol::{
     PROTOCOL_VERSION,
 };
 use crate::credentials::WorkloadCertificates;
+use crate::flows_api::{FlowQuery, FlowStream, FLOW_HISTORY};
 
 /// What the link keeps the data path in step with.
 pub(crate) struct LinkSources {
@@ -35,7 +38,6 @@ pub(crate) struct LinkSources {
     pub certs: Arc<dyn WorkloadCertificates>,
     pub bundle: SharedBundle,
     pub trust_domain: TrustDomain,
-    pub flows: Arc<FlowHub>,
 }
 
 /// Whether the data path is connected, and why not.
@@ -55,9 +57,21 @@ pub enum LinkState {
 #[derive(Clone)]
 pub struct DataPathLink {
     state: watch::Receiver<LinkState>,
-    requests: mpsc::Sender<oneshot::Sender<Vec<OpenConnection>>>,
+    requests: mpsc::Sender<Request>,
     socket: PathBuf,
 }
+
+/// What the agent asks the data path, with where the answer goes.
+enum Request {
+    Connections(oneshot::Sender<Vec<OpenConnection>>),
+    Flows {
+        query: Box<FlowQuery>,
+        events: mpsc::Sender<Arc<FlowEvent>>,
+    },
+}
+
+/// The open flow requests of one session, by id: where their events go.
+type FlowReaders = Arc<std::sync::Mutex<HashMap<u64, mpsc::Sender<Arc<FlowEvent>>>>>;
 
 /// How often the link looks for a change nobody announced (a certificate that expired),
 /// and how long it waits between connection attempts.
@@ -144,7 +158,7 @@ impl DataPathLink {
     pub async fn connections(&self) -> Result<Vec<OpenConnection>, String> {
         let (tx, rx) = oneshot::channel();
         self.requests
-            .send(tx)
+            .send(Request::Connections(tx))
             .await
             .map_err(|_| "the link stopped".to_owned())?;
         match tokio::time::timeout(ASK_TIMEOUT, rx).await {
@@ -156,6 +170,52 @@ impl DataPathLink {
             Err(_) => Err("the data path did not answer within 5 s".into()),
         }
     }
+
+    /// The data path's answer to `query` (see `flows_api::query_hub`): it ends after the
+    /// history, or for a follow when the data path goes away. An error if the data path is
+    /// not connected now. A reader more than [`FLOW_HISTORY`] events behind loses the
+    /// newest (logged), as a subscriber of the agent's own hub loses the oldest.
+    pub async fn flows(&self, query: FlowQuery) -> Result<FlowStream, String> {
+        if let LinkState::Connecting { last_error } = self.state() {
+            return Err(format!(
+                "the data path at {} is not connected{}",
+                self.socket.display(),
+                last_error.map(|e| format!(": {e}")).unwrap_or_default()
+            ));
+        }
+        let (events, rx) = mpsc::channel(FLOW_HISTORY);
+        self.requests
+            .send(Request::Flows {
+                query: Box::new(query),
+                events,
+            })
+            .await
+            .map_err(|_| "the link stopped".to_owned())?;
+        Ok(Box::pin(futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|e| (e, rx))
+        })))
+    }
+}
+
+/// Hands one flow event to its reader; false when the reader is gone (the request is then
+/// forgotten, and the caller tells the data path to stop it).
+fn deliver(readers: &FlowReaders, id: u64, event: FlowEvent) -> bool {
+    let mut readers = readers.lock().unwrap_or_else(|p| p.into_inner());
+    let Some(reader) = readers.get(&id) else {
+        // Already stopped; events in flight still arrive.
+        return true;
+    };
+    match reader.try_send(Arc::new(event)) {
+        Ok(()) => true,
+        Err(mpsc::error::TrySendError::Full(_)) => {
+            tracing::debug!(id, "a flow reader fell behind; an event was left out");
+            true
+        }
+        Err(mpsc::error::TrySendError::Closed(_)) => {
+            readers.remove(&id);
+            false
+        }
+    }
 }
 
 /// One connection: hello, everything once, then changes as they come. Returns why it
@@ -163,7 +223,7 @@ impl DataPathLink {
 async fn session(
     sources: &LinkSources,
     state: &watch::Sender<LinkState>,
-    requests: Arc<Mutex<mpsc::Receiver<oneshot::Sender<Vec<OpenConnection>>>>>,
+    requests: Arc<Mutex<mpsc::Receiver<Request>>>,
 ) -> Result<(), String> {
     let stream = UnixStream::connect(&sources.socket)
         .await
@@ -195,13 +255,27 @@ async fn session(
         Err(e) => return Err(format!("reading the data path's answer: {e}")),
     }
 
-    // Answers to our requests, in the order asked.
+    // Answers to our requests for connections, in the order asked; flow events by their
+    // request's id. The session's flow readers end with it (their streams end).
     let (asked_tx, mut asked_rx) = mpsc::channel::<oneshot::Sender<Vec<OpenConnection>>>(16);
-    let flows = sources.flows.clone();
+    let flow_readers = FlowReaders::default();
+    // Flow requests whose reader went away, for the writer to stop.
+    let (gone_tx, mut gone_rx) = mpsc::unbounded_channel::<u64>();
+    let readers = flow_readers.clone();
     let reading = async move {
         loop {
             match read_message::<_, FromDataPath>(&mut reader).await {
-                Ok(FromDataPath::Flow(event)) => flows.publish(*event),
+                Ok(FromDataPath::Flow { id, event }) => {
+                    if !deliver(&readers, id, *event) {
+                        let _ = gone_tx.send(id);
+                    }
+                }
+                Ok(FromDataPath::FlowsEnd { id }) => {
+                    readers
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .remove(&id);
+                }
                 Ok(FromDataPath::Connections(open)) => {
                     if let Ok(reply) = asked_rx.try_recv() {
                         let _ = reply.send(open);
@@ -220,6 +294,7 @@ async fn session(
     let mut requests = requests.lock().await;
     let writing = async {
         let mut sent_credentials: Option<Credentials> = None;
+        let mut next_flow_id = 0u64;
         let mut recheck = tokio::time::interval(RECHECK);
         let mut first = true;
         loop {
@@ -233,12 +308,31 @@ async fn session(
                     _ = policies_changed.changed() => (false, true),
                     _ = changed_or_never(certs_changed.as_mut()) => (false, false),
                     _ = recheck.tick() => (false, false),
-                    reply = requests.recv() => {
-                        let Some(reply) = reply else { return "the agent is stopping".into() };
-                        if asked_tx.send(reply).await.is_err() {
-                            return "the reader stopped".into();
+                    request = requests.recv() => {
+                        let message = match request {
+                            None => return "the agent is stopping".into(),
+                            Some(Request::Connections(reply)) => {
+                                if asked_tx.send(reply).await.is_err() {
+                                    return "the reader stopped".into();
+                                }
+                                ToDataPath::Connections
+                            }
+                            Some(Request::Flows { query, events }) => {
+                                next_flow_id += 1;
+                                flow_readers
+                                    .lock()
+                                    .unwrap_or_else(|p| p.into_inner())
+                                    .insert(next_flow_id, events);
+                                ToDataPath::Flows { id: next_flow_id, query }
+                            }
+                        };
+                        if let Err(e) = write_message(&mut writer, &message).await {
+                            return e.to_string();
                         }
-                        if let Err(e) = write_message(&mut writer, &ToDataPath::Connections).await {
+                        continue;
+                    }
+                    Some(id) = gone_rx.recv() => {
+                        if let Err(e) = write_message(&mut writer, &ToDataPath::StopFlows { id }).await {
                             return e.to_string();
                         }
                         continue;

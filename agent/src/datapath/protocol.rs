@@ -5,8 +5,9 @@
 //! The agent speaks first ([`ToDataPath::Hello`]: the proxy it wants and where the eBPF
 //! pins are), then sends whole snapshots whenever they change: the workload table, the
 //! authorization policies and the workload certificates with their keys. The data path
-//! answers the hello, streams its flow events and answers requests for its open
-//! connections. Nothing here is incremental, so an agent that starts over (a crash, an
+//! answers the hello and then requests: for its open connections, and for its flow
+//! events (the history a query asks for, then live ones while the agent follows). Flow
+//! events cross only when asked for: a node nobody observes pays nothing for them here. Nothing here is incremental, so an agent that starts over (a crash, an
 //! upgrade) brings the data path in step by sending what it has.
 //!
 //! The socket is the trust boundary: it carries private keys, so it is created 0600 in a
@@ -25,8 +26,10 @@ use zmesh_proxy::flows::FlowEvent;
 use zmesh_proxy::policy::PolicySet;
 use zmesh_proxy::{ProxyConfig, WorkloadTable};
 
+use crate::flows_api::FlowQuery;
+
 /// Bumped on any incompatible change; both sides refuse another version.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The largest message either side accepts (a table of many thousand workloads fits).
 pub const MAX_MESSAGE: usize = 64 << 20;
@@ -50,6 +53,18 @@ pub enum ToDataPath {
     Credentials(Credentials),
     /// Asks for [`FromDataPath::Connections`].
     Connections,
+    /// Asks for the flow events `query` selects, as [`FromDataPath::Flow`]s tagged `id`:
+    /// the retained history it asks for and, with `follow`, live events until
+    /// [`ToDataPath::StopFlows`]; without `follow`, [`FromDataPath::FlowsEnd`] after the
+    /// history.
+    Flows {
+        id: u64,
+        query: Box<FlowQuery>,
+    },
+    /// Ends the flow request `id` (its reader went away); unknown ids are ignored.
+    StopFlows {
+        id: u64,
+    },
 }
 
 /// From the data path.
@@ -69,7 +84,15 @@ pub enum FromDataPath {
     Refused {
         reason: String,
     },
-    Flow(Box<FlowEvent>),
+    /// One event for the flow request `id`.
+    Flow {
+        id: u64,
+        event: Box<FlowEvent>,
+    },
+    /// The flow request `id` has all it gets.
+    FlowsEnd {
+        id: u64,
+    },
     Connections(Vec<OpenConnection>),
 }
 

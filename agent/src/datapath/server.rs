@@ -9,6 +9,7 @@
 //! the old one, as an agent restart does in-process. One agent at a time: a new
 //! connection replaces the previous one.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -20,7 +21,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use zmesh_identity::{SpiffeId, TrustBundle, TrustDomain, WorkloadId};
 use zmesh_proxy::connections::OpenConnections;
-use zmesh_proxy::flows::{FlowFilter, FlowHub};
+use zmesh_proxy::flows::FlowHub;
 use zmesh_proxy::policy::{PolicyAuthorizer, PolicyStore, TableLabels};
 use zmesh_proxy::{
     DrainHandle, Proxy, ProxyConfig, ProxyDeps, ProxyError, StaticCredentials, TlsCredentials,
@@ -31,6 +32,7 @@ use super::protocol::{
     read_message, write_message, Credentials, FrameError, FromDataPath, ToDataPath,
     PROTOCOL_VERSION,
 };
+use crate::flows_api::{query_hub, FlowStream};
 use crate::local_socket::bind_private;
 use crate::steering::MapOriginalDst;
 
@@ -196,18 +198,8 @@ async fn serve_agent(stream: UnixStream, shared: Arc<Shared>, replaced: Cancella
             }
         }
     });
-    let mut flows = shared.flows.subscribe(FlowFilter::default());
-    let flow_tx = out_tx.clone();
-    let forwarding = tokio::spawn(async move {
-        while let Some(event) = flows.recv().await {
-            // A slow agent loses flow events (it keeps its own history), never stalls us.
-            if let Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) =
-                flow_tx.try_send(FromDataPath::Flow(Box::new((*event).clone())))
-            {
-                return;
-            }
-        }
-    });
+    // The agent's flow requests, each answered by a task of its own.
+    let mut flow_requests: HashMap<u64, tokio::task::AbortHandle> = HashMap::new();
     loop {
         let message = tokio::select! {
             message = read_message::<_, ToDataPath>(&mut reader) => message,
@@ -239,6 +231,19 @@ async fn serve_agent(stream: UnixStream, shared: Arc<Shared>, replaced: Cancella
                     break;
                 }
             }
+            Ok(ToDataPath::Flows { id, query }) => {
+                flow_requests.retain(|_, task| !task.is_finished());
+                let events = query_hub(&shared.flows, &query);
+                let task = tokio::spawn(send_flows(id, events, query.follow, out_tx.clone()));
+                if let Some(earlier) = flow_requests.insert(id, task.abort_handle()) {
+                    earlier.abort();
+                }
+            }
+            Ok(ToDataPath::StopFlows { id }) => {
+                if let Some(task) = flow_requests.remove(&id) {
+                    task.abort();
+                }
+            }
             Ok(ToDataPath::Hello { .. }) => {
                 tracing::warn!("agent connection: a second hello; closing it");
                 break;
@@ -255,7 +260,9 @@ async fn serve_agent(stream: UnixStream, shared: Arc<Shared>, replaced: Cancella
             }
         }
     }
-    forwarding.abort();
+    for task in flow_requests.values() {
+        task.abort();
+    }
     drop(out_tx);
     let _ = writing.await;
 }
@@ -357,6 +364,27 @@ async fn first_failure(failed: &mut watch::Receiver<Option<String>>) -> String {
     }
 }
 
+/// Answers one flow request: its events, then (after a history) the end. A follow that
+/// falls behind loses events in its subscription (counted there), never holds up the
+/// proxy; the agent's other answers wait behind at most the queue's length.
+async fn send_flows(
+    id: u64,
+    mut events: FlowStream,
+    follow: bool,
+    out: tokio::sync::mpsc::Sender<FromDataPath>,
+) {
+    use futures::StreamExt;
+    while let Some(event) = events.next().await {
+        let event = Box::new(Arc::unwrap_or_clone(event));
+        if out.send(FromDataPath::Flow { id, event }).await.is_err() {
+            return;
+        }
+    }
+    if !follow {
+        let _ = out.send(FromDataPath::FlowsEnd { id }).await;
+    }
+}
+
 fn message_kind(message: &ToDataPath) -> &'static str {
     match message {
         ToDataPath::Hello { .. } => "hello",
@@ -364,6 +392,8 @@ fn message_kind(message: &ToDataPath) -> &'static str {
         ToDataPath::Policies(_) => "policies",
         ToDataPath::Credentials(_) => "credentials",
         ToDataPath::Connections => "connections",
+        ToDataPath::Flows { .. } => "flows",
+        ToDataPath::StopFlows { .. } => "stop flows",
     }
 }
 
