@@ -266,6 +266,11 @@ impl Lab {
         self.datapaths.get(node).map(Child::id)
     }
 
+    /// The process id of `node`'s running agent.
+    pub fn agent_pid(&self, node: &str) -> Option<u32> {
+        self.agents.get(node).map(Child::id)
+    }
+
     /// The log of `node`'s data path process (with `datapath_process`).
     pub fn datapath_log(&self, node: &str) -> String {
         std::fs::read_to_string(self.node_dir(node).join("datapath.log")).unwrap_or_default()

@@ -14,8 +14,9 @@
 //!
 //! The client and the server run as processes inside their pods (netns and cgroup: the
 //! eBPF capture only sees pod processes): this binary re-executed with hidden arguments.
-//! CPU and peak RSS are those of the two proxy processes (zmesh's data paths, the two
-//! ztunnels). Needs root; everything it makes is removed on exit, on error and on panic.
+//! CPU is that of the two proxy processes (zmesh's data paths, the two ztunnels) and the
+//! two node agents (zmesh's; for ztunnel the zmesh agents that feed it over ZDS); peak RSS
+//! that of the proxies. Needs root; everything it makes is removed on exit, on error and on panic.
 //! See BENCHMARKS.md, "The product's own path".
 
 use std::io::{BufRead, BufReader, Write as _};
@@ -256,17 +257,20 @@ fn run_client(
 }
 
 /// The four tests from `client` to `dst`; `proxies` are the processes whose CPU and memory
-/// are counted (none for direct).
+/// are counted (none for direct), `agents` those whose CPU is counted too (the node agents:
+/// work they do per connection, such as flow events, is the mesh's).
 fn run_tests(
     client: &Pod,
     me: &Path,
     args: &Args,
     dst: SocketAddr,
     proxies: &[u32],
+    agents: &[u32],
 ) -> Result<Figures> {
     let work = || -> Result<Work> {
         proxies
             .iter()
+            .chain(agents)
             .map(|&pid| procs::process_work(pid))
             .try_fold(Work::default(), |sum, w| Ok(sum + w?))
     };
@@ -446,7 +450,7 @@ fn zmesh_round(args: &Args, zmesh: &Path, me: &Path, dir: &Path) -> Result<(Figu
         start_server(plain_server, me)?,
     );
     eprintln!("  direct");
-    let direct = run_tests(plain_client, me, args, dst(plain_server), &[])?;
+    let direct = run_tests(plain_client, me, args, dst(plain_server), &[], &[])?;
     // node2's data path logs the tunnel from the client's identity once it carried one.
     let client_id = spiffe_id(MESH_NS, "client");
     settle(mesh_client, me, dst(mesh_server), "zmesh", || {
@@ -467,13 +471,18 @@ fn zmesh_round(args: &Args, zmesh: &Path, me: &Path, dir: &Path) -> Result<(Figu
                 .with_context(|| format!("no data path on {n}"))
         })
         .collect::<Result<Vec<_>>>()?;
+    let agents = ["node1", "node2"]
+        .iter()
+        .map(|n| lab.agent_pid(n).with_context(|| format!("no agent on {n}")))
+        .collect::<Result<Vec<_>>>()?;
     eprintln!("  zmesh");
-    let mesh = run_tests(mesh_client, me, args, dst(mesh_server), &pids).with_context(|| {
-        format!(
-            "zmesh; node1's data path log ends:\n{}",
-            tail(&lab.datapath_log("node1"))
-        )
-    })?;
+    let mesh =
+        run_tests(mesh_client, me, args, dst(mesh_server), &pids, &agents).with_context(|| {
+            format!(
+                "zmesh; node1's data path log ends:\n{}",
+                tail(&lab.datapath_log("node1"))
+            )
+        })?;
     Ok((direct, mesh))
 }
 
@@ -493,6 +502,7 @@ fn ztunnel_round(
     // Declared after the cluster: dropped (killed) before its namespaces go.
     let mut procs = Vec::new();
     let mut pids = Vec::new();
+    let mut agents = Vec::new();
     for node in ["node1", "node2"] {
         let node_dir = work.path().join(node);
         std::fs::create_dir(&node_dir)?;
@@ -517,7 +527,9 @@ fn ztunnel_round(
             .args(["--cni-socket", "none", "--cni-state-file", "none"])
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(node_dir.join("agent.log"))?);
-        procs.push(PodProcess(agent.spawn().context("starting the agent")?));
+        let agent = agent.spawn().context("starting the agent")?;
+        agents.push(agent.id());
+        procs.push(PodProcess(agent));
         let log = std::fs::File::create(node_dir.join("ztunnel.log"))?;
         let mut zt = n.command(ztunnel)?;
         zt.env_clear()
@@ -558,7 +570,7 @@ fn ztunnel_round(
         )
     })?;
     eprintln!("  ztunnel");
-    let f = run_tests(client, me, args, dst(server), &pids)?;
+    let f = run_tests(client, me, args, dst(server), &pids, &agents)?;
     drop(procs);
     Ok(f)
 }
@@ -613,8 +625,9 @@ fn run(args: &Args) -> Result<()> {
     let title = format!(
         "zmesh and ztunnel on their own paths: lab cluster (pods as netns + veth, nodes on a \
          bridge); zmesh: agent with eBPF redirection, proxy in a zmesh datapath process per \
-         node; ztunnel: in-pod mode, one per node; {} s per test, N = {} streams, {} \
-         connection threads, 1 proxy thread each, medians of {} round(s)",
+         node; ztunnel: in-pod mode, one per node; CPU rows: both proxies and both node \
+         agents; {} s per test, N = {} streams, {} connection threads, 1 proxy thread each, \
+         medians of {} round(s)",
         args.seconds, args.streams, args.conn_threads, args.rounds
     );
     print!("{}", table(&title, &m));
