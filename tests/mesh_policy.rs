@@ -174,6 +174,27 @@ spec:
     );
 }
 
+/// With the proxy in a `zmesh datapath` process (as the chart runs it), the agent hands
+/// its eBPF drop reports to the data path, whose history `zmesh observe` shows.
+#[tokio::test(flavor = "multi_thread")]
+async fn observe_shows_strict_drops_with_the_data_path_apart() {
+    let mut options = support::options(support::manifests(), &["node1"], vec![]);
+    options.datapath_process = true;
+    let lab = zmesh_lab::Lab::start(options)
+        .await
+        .expect("the lab starts");
+    let (web, _server) = serve_echo(&lab, "shop", "web", 8080);
+    let refused = lab.pod_client("legacy", "batch", web, b"x").unwrap();
+    assert!(!refused.success);
+    let flows = wait_flows(&lab, "node1", &["--verdict", "dropped"], |f| !f.is_empty());
+    assert!(
+        flows
+            .iter()
+            .any(|f| f.reason.as_deref() == Some("plaintext_strict") && f.destination.addr == web),
+        "{flows:#?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn observe_shows_strict_drops_and_plaintext_flows() {
     // node1 strict: plaintext to shop/web is dropped in eBPF and reported.

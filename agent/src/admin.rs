@@ -273,18 +273,18 @@ async fn route(req: Request<Incoming>, state: AdminState) -> Response<Body> {
         (&Method::GET, "/flows") => {
             match crate::flows_api::parse_query(&query, SystemTime::now()) {
                 Ok(q) => {
-                    // The proxy's flows are in the data path process when it runs apart.
-                    let data_path = match &state.data_path {
+                    // The node's flows are in the data path process when it runs apart.
+                    let events = match &state.data_path {
                         Some(DataPathView {
                             connections: ConnectionsSource::Process(link),
                             ..
-                        }) => match link.flows(q.clone()).await {
-                            Ok(stream) => Some(stream),
+                        }) => match link.flows(q).await {
+                            Ok(events) => events,
                             Err(e) => return error(StatusCode::SERVICE_UNAVAILABLE, &e),
                         },
-                        _ => None,
+                        _ => crate::flows_api::query_hub(&state.flows, &q),
                     };
-                    crate::flows_api::flows_response(&state.flows, data_path, q).await
+                    crate::flows_api::flows_response(events)
                 }
                 Err(e) => error(StatusCode::BAD_REQUEST, &e),
             }

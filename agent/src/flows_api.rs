@@ -169,41 +169,11 @@ pub fn query_hub(hub: &FlowHub, query: &FlowQuery) -> FlowStream {
     }
 }
 
-/// The `/flows` response body: NDJSON, one [`FlowEvent`] per line, from the agent's hub
-/// and, when the proxy runs in a data path process, from its (`data_path`: the same
-/// query's answer from there). The history of both comes in time order; live events as
-/// they come; a follow ends when the data path's part ends (the data path went away).
-pub async fn flows_response(
-    hub: &FlowHub,
-    data_path: Option<FlowStream>,
-    query: FlowQuery,
-) -> Response<BoxBody<Bytes, Infallible>> {
+/// The `/flows` response body: NDJSON, one [`FlowEvent`] per line, from `events` (the
+/// agent's hub's answer, or the data path's when it runs apart: its hub is the node's).
+pub fn flows_response(events: FlowStream) -> Response<BoxBody<Bytes, Infallible>> {
     use futures::StreamExt;
-    let local = query_hub(hub, &query);
-    let body = match (data_path, query.follow) {
-        (None, _) => BodyExt::boxed(StreamBody::new(local.map(|e| line(&e)))),
-        (Some(remote), true) => {
-            // Ends with the data path's part: a follow must not go on silently with the
-            // agent's drop reports only.
-            let remote = remote.map(Some).chain(futures::stream::iter([None]));
-            let merged = futures::stream::select(local.map(Some), remote)
-                .take_while(|e| std::future::ready(e.is_some()))
-                .filter_map(std::future::ready);
-            BodyExt::boxed(StreamBody::new(merged.map(|e| line(&e))))
-        }
-        (Some(remote), false) => {
-            let mut events: Vec<Arc<FlowEvent>> = local.collect().await;
-            events.extend(remote.collect::<Vec<_>>().await);
-            // Stable: each side's order is kept among equal times.
-            events.sort_by_key(|e| e.time);
-            let keep = query.last.unwrap_or(usize::MAX).min(events.len());
-            let events = events.split_off(events.len() - keep);
-            BodyExt::boxed(StreamBody::new(
-                futures::stream::iter(events).map(|e| line(&e)),
-            ))
-        }
-    };
-    let mut response = Response::new(body);
+    let mut response = Response::new(BodyExt::boxed(StreamBody::new(events.map(|e| line(&e)))));
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/x-ndjson"),
@@ -429,9 +399,7 @@ mod tests {
         let query = |pairs: &[(&str, &str)]| parse_query(&q(pairs), now).unwrap();
 
         // History only: the matching retained events, then the end.
-        let body = flows_response(&hub, None, query(&[("pod", "db")]))
-            .await
-            .into_body();
+        let body = flows_response(query_hub(&hub, &query(&[("pod", "db")]))).into_body();
         let bytes = body.collect().await.unwrap().to_bytes();
         let lines: Vec<FlowEvent> = bytes
             .split(|b| *b == b'\n')
@@ -442,17 +410,15 @@ mod tests {
         assert_eq!(lines[0].destination.pod.as_deref(), Some("db-0"));
 
         // Follow: history since, then live, filtered.
-        let body = flows_response(
+        let body = flows_response(query_hub(
             &hub,
-            None,
-            query(&[
+            &query(&[
                 ("since", "1m"),
                 ("follow", "true"),
                 ("verdict", "dropped"),
                 ("pod", "db"),
             ]),
-        )
-        .await
+        ))
         .into_body();
         let mut frames = body.into_data_stream();
         let first = frames.next().await.unwrap().unwrap();
@@ -466,67 +432,6 @@ mod tests {
             .unwrap();
         let live: FlowEvent = serde_json::from_slice(&live).unwrap();
         assert_eq!(live.destination.pod.as_deref(), Some("db-2"));
-    }
-
-    /// With the proxy in a data path process: its history and the agent's merge in time
-    /// order (the last N of both); a follow ends when the data path's part ends.
-    #[tokio::test]
-    async fn the_data_paths_flows_merge_with_the_agents_in_time_order() {
-        let t0 = SystemTime::now();
-        let at = |secs: u64, pod: &str| {
-            let mut e = drop_flow(
-                &DropEvent {
-                    time: t0 + Duration::from_secs(secs),
-                    src: "10.9.9.9:1".parse().unwrap(),
-                    dst: "10.0.0.2:80".parse().unwrap(),
-                    reason: DropReason::StrictPlaintext,
-                },
-                &table(),
-            );
-            e.destination.pod = Some(pod.into());
-            Arc::new(e)
-        };
-        let hub = FlowHub::new(8);
-        hub.publish((*at(1, "agent-1")).clone());
-        hub.publish((*at(3, "agent-3")).clone());
-        let remote =
-            |events: Vec<Arc<FlowEvent>>| -> FlowStream { Box::pin(futures::stream::iter(events)) };
-        let pods = |bytes: &[u8]| -> Vec<String> {
-            bytes
-                .split(|b| *b == b'\n')
-                .filter(|l| !l.is_empty())
-                .map(|l| serde_json::from_slice::<FlowEvent>(l).unwrap())
-                .map(|e| e.destination.pod.unwrap().to_string())
-                .collect()
-        };
-        let query = |pairs: &[(&str, &str)]| parse_query(&q(pairs), t0).unwrap();
-
-        let body = flows_response(
-            &hub,
-            Some(remote(vec![at(2, "dp-2"), at(4, "dp-4")])),
-            query(&[("last", "3")]),
-        )
-        .await
-        .into_body();
-        let bytes = body.collect().await.unwrap().to_bytes();
-        assert_eq!(pods(&bytes), ["dp-2", "agent-3", "dp-4"]);
-
-        // Follow: the agent's part would go on forever; the data path's end ends it.
-        let body = flows_response(
-            &hub,
-            Some(remote(vec![at(5, "dp-5")])),
-            query(&[("follow", "true"), ("last", "1")]),
-        )
-        .await
-        .into_body();
-        let bytes = tokio::time::timeout(Duration::from_secs(10), body.collect())
-            .await
-            .expect("the follow ends with the data path's part")
-            .unwrap()
-            .to_bytes();
-        let mut got = pods(&bytes);
-        got.sort();
-        assert_eq!(got, ["agent-3", "dp-5"]);
     }
 
     #[test]

@@ -286,6 +286,7 @@ pub async fn run(
                     certs: certs.clone(),
                     bundle: bundle.clone(),
                     trust_domain: config.trust_domain.clone(),
+                    flows: flows.clone(),
                 },
                 link_stop.clone(),
             );

@@ -16,8 +16,9 @@ use zmesh_agent::datapath::protocol::{
 use zmesh_agent::flows_api::FlowQuery;
 use zmesh_dataplane::Mode;
 use zmesh_identity::{TrustDomain, WorkloadId};
-use zmesh_proxy::flows::{FlowEvent, FlowFilter, FlowPhase};
-use zmesh_proxy::{Capture, ProxyConfig};
+use zmesh_proxy::flows::{FlowEvent, FlowFilter, FlowPhase, FlowVerdict};
+use zmesh_proxy::{Capture, ProxyConfig, WorkloadTable};
+use zmesh_redirect::{DropEvent, DropReason};
 
 fn free_port() -> u16 {
     TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
@@ -175,6 +176,23 @@ async fn refused_plaintext(config: &ProxyConfig) {
         .expect("the proxy closes it");
 }
 
+/// The data path's `/metrics` page.
+async fn get_metrics(config: &ProxyConfig) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut tcp = tokio::net::TcpStream::connect(config.metrics_addr)
+        .await
+        .unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut page = String::new();
+    tokio::time::timeout(Duration::from_secs(10), tcp.read_to_string(&mut page))
+        .await
+        .expect("the metrics page")
+        .unwrap();
+    page
+}
+
 /// The flow events answering request `id`, up to its end (or `count` of them).
 async fn flows(agent: &mut UnixStream, want: u64, count: Option<usize>) -> Vec<FlowEvent> {
     let mut events = Vec::new();
@@ -196,15 +214,35 @@ fn query(follow: bool, last: Option<usize>) -> FlowQuery {
     }
 }
 
-/// Flow events cross the socket only when the agent asks (nobody observing costs nothing
-/// per connection): a history ends with its end; a follow gets the last N, then live ones
-/// until it is stopped.
+/// The data path's hub is the node's: the agent's drop reports go into it (and its
+/// metrics). Flow events cross to the agent only when it asks (nobody observing costs
+/// nothing per connection): a history ends with its end; a follow gets the last N, then
+/// live ones until it is stopped.
 #[tokio::test(flavor = "multi_thread")]
 async fn flow_events_cross_only_when_asked_history_then_live_until_stopped() {
     let server = Server::start().await;
     let config = config();
     let mut agent = server.connect().await;
     assert_eq!(generation(say(&mut agent, &hello(&config)).await), 1);
+    // The agent hands over what its eBPF programs dropped: the data path's hub is the
+    // node's.
+    let dropped = zmesh_agent::flows_api::drop_flow(
+        &DropEvent {
+            time: std::time::SystemTime::now(),
+            src: "10.9.9.9:40000".parse().unwrap(),
+            dst: "10.0.0.2:8080".parse().unwrap(),
+            reason: DropReason::StrictPlaintext,
+        },
+        &WorkloadTable::default(),
+    );
+    write_message(&mut agent, &ToDataPath::Flow(Box::new(dropped.clone())))
+        .await
+        .unwrap();
+    // Messages are handled in order: once this is answered, the drop is in the hub.
+    assert!(matches!(
+        say(&mut agent, &ToDataPath::Connections).await,
+        FromDataPath::Connections(_)
+    ));
     for _ in 0..3 {
         refused_plaintext(&config).await;
     }
@@ -220,10 +258,17 @@ async fn flow_events_cross_only_when_asked_history_then_live_until_stopped() {
     };
     write_message(&mut agent, &ask).await.unwrap();
     let history = flows(&mut agent, 7, None).await;
-    assert_eq!(history.len(), 3, "{history:#?}");
-    assert!(history
+    assert_eq!(history.len(), 4, "{history:#?}");
+    assert_eq!(history[0], dropped);
+    assert!(history[1..]
         .iter()
-        .all(|e| e.phase == FlowPhase::Close && !e.encrypted));
+        .all(|e| e.phase == FlowPhase::Close && e.verdict == FlowVerdict::Error));
+    // ... and counts it on the node's /metrics.
+    let metrics = get_metrics(&config).await;
+    assert!(
+        metrics.contains(r#"zmesh_flow_drops_total{reason="plaintext_strict"} 1"#),
+        "{metrics}"
+    );
 
     let follow = ToDataPath::Flows {
         id: 8,
@@ -231,10 +276,10 @@ async fn flow_events_cross_only_when_asked_history_then_live_until_stopped() {
     };
     write_message(&mut agent, &follow).await.unwrap();
     let last = flows(&mut agent, 8, Some(1)).await;
-    assert_eq!(last, history[2..], "the last one of the history first");
+    assert_eq!(last, history[3..], "the last one of the history first");
     refused_plaintext(&config).await;
     let live = flows(&mut agent, 8, Some(1)).await;
-    assert!(live[0].time >= history[2].time, "{live:#?}");
+    assert!(live[0].time >= history[3].time, "{live:#?}");
 
     // Stopped: later connections send nothing (the answer to Connections comes after the
     // stop was read, in order).

@@ -1,9 +1,11 @@
 //! The agent's side of a data path in another process (`--datapath-socket`): it connects,
 //! says which proxy it wants, and keeps the data path in step with the agent: the workload
 //! table, the authorization policies and the certificates, each sent whole whenever it
-//! changed. The agent's `GET /flows` asks the data path for its flow events (history, and
-//! live ones while a client follows), so `zmesh observe` works as with the proxy
-//! in-process, and flow events cost nothing on the socket while nobody observes.
+//! changed. The data path's flow hub is the node's: the link hands it the agent's eBPF
+//! drop reports (counted on its `/metrics`, kept in its history), and the agent's `GET
+//! /flows` asks it for its flow events (history, and live ones while a client follows), so
+//! `zmesh observe` works as with the proxy in-process, and flow events cost nothing on the
+//! socket while nobody observes.
 //!
 //! If the data path goes away (restarted, upgraded), the link connects again and sends
 //! everything anew; meanwhile the status report says so.
@@ -17,7 +19,7 @@ use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, watch, Mutex};
 use zmesh_identity::{SharedBundle, TrustDomain};
 use zmesh_proxy::connections::OpenConnection;
-use zmesh_proxy::flows::FlowEvent;
+use zmesh_proxy::flows::{FlowEvent, FlowFilter, FlowHub, FlowSubscription};
 use zmesh_proxy::policy::PolicyStore;
 use zmesh_proxy::{ProxyConfig, WorkloadStore};
 
@@ -38,6 +40,8 @@ pub(crate) struct LinkSources {
     pub certs: Arc<dyn WorkloadCertificates>,
     pub bundle: SharedBundle,
     pub trust_domain: TrustDomain,
+    /// The agent's own flow events (its eBPF drop reports), handed to the data path.
+    pub flows: Arc<FlowHub>,
 }
 
 /// Whether the data path is connected, and why not.
@@ -88,11 +92,18 @@ impl DataPathLink {
         let (state_tx, state) = watch::channel(LinkState::Connecting { last_error: None });
         let (requests, requests_rx) = mpsc::channel(16);
         let socket = sources.socket.clone();
+        // From the start, and across sessions: reports made while the data path is away
+        // wait here (up to the hub's capacity) for the next one.
+        let mut agent_flows = sources.flows.subscribe(FlowFilter {
+            since: Some(std::time::SystemTime::UNIX_EPOCH),
+            ..FlowFilter::default()
+        });
         let task = tokio::spawn(async move {
             let requests_rx = Arc::new(Mutex::new(requests_rx));
             loop {
+                let session = session(&sources, &state_tx, requests_rx.clone(), &mut agent_flows);
                 let outcome = tokio::select! {
-                    outcome = session(&sources, &state_tx, requests_rx.clone()) => outcome,
+                    outcome = session => outcome,
                     () = stop.cancelled() => return,
                 };
                 let reason = match outcome {
@@ -224,6 +235,7 @@ async fn session(
     sources: &LinkSources,
     state: &watch::Sender<LinkState>,
     requests: Arc<Mutex<mpsc::Receiver<Request>>>,
+    agent_flows: &mut FlowSubscription,
 ) -> Result<(), String> {
     let stream = UnixStream::connect(&sources.socket)
         .await
@@ -327,6 +339,13 @@ async fn session(
                             }
                         };
                         if let Err(e) = write_message(&mut writer, &message).await {
+                            return e.to_string();
+                        }
+                        continue;
+                    }
+                    Some(event) = agent_flows.recv() => {
+                        let event = Box::new(Arc::unwrap_or_clone(event));
+                        if let Err(e) = write_message(&mut writer, &ToDataPath::Flow(event)).await {
                             return e.to_string();
                         }
                         continue;

@@ -6,8 +6,10 @@
 //! pins are), then sends whole snapshots whenever they change: the workload table, the
 //! authorization policies and the workload certificates with their keys. The data path
 //! answers the hello and then requests: for its open connections, and for its flow
-//! events (the history a query asks for, then live ones while the agent follows). Flow
-//! events cross only when asked for: a node nobody observes pays nothing for them here. Nothing here is incremental, so an agent that starts over (a crash, an
+//! events (the history a query asks for, then live ones while the agent follows). The
+//! data path's hub is the node's: the agent hands it the eBPF drop reports it reads. Flow
+//! events cross to the agent only when asked for: a node nobody observes pays nothing for
+//! them here. Nothing here is incremental, so an agent that starts over (a crash, an
 //! upgrade) brings the data path in step by sending what it has.
 //!
 //! The socket is the trust boundary: it carries private keys, so it is created 0600 in a
@@ -65,6 +67,9 @@ pub enum ToDataPath {
     StopFlows {
         id: u64,
     },
+    /// A flow event the agent saw (the eBPF programs' drop reports), for the data path's
+    /// history and its `/metrics` (`zmesh_flow_drops_total`), which serve the node.
+    Flow(Box<FlowEvent>),
 }
 
 /// From the data path.

@@ -239,6 +239,7 @@ async fn serve_agent(stream: UnixStream, shared: Arc<Shared>, replaced: Cancella
                     earlier.abort();
                 }
             }
+            Ok(ToDataPath::Flow(event)) => shared.flows.publish(*event),
             Ok(ToDataPath::StopFlows { id }) => {
                 if let Some(task) = flow_requests.remove(&id) {
                     task.abort();
@@ -394,6 +395,7 @@ fn message_kind(message: &ToDataPath) -> &'static str {
         ToDataPath::Connections => "connections",
         ToDataPath::Flows { .. } => "flows",
         ToDataPath::StopFlows { .. } => "stop flows",
+        ToDataPath::Flow(_) => "flow",
     }
 }
 
