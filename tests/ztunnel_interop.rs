@@ -324,6 +324,32 @@ async fn zmesh_and_stock_ztunnel_nodes_carry_hbone_both_ways_with_the_zmesh_ca()
         );
     }
 
+    // zmesh sends a client's first bytes right behind its CONNECT (README, "Istio /
+    // ztunnel users"); ztunnel must buffer them until it answers. Whether a client's bytes
+    // were there when zmesh opened the tunnel depends on timing: exchange until one that
+    // carried them is seen, each one intact.
+    let with_first_bytes = |page: &str| -> u64 {
+        page.lines()
+            .find_map(|l| l.strip_prefix("zmesh_hbone_connects_with_first_bytes_total "))
+            .map(|v| v.trim().parse().unwrap())
+            .unwrap_or_else(|| panic!("no first-bytes counter:\n{page}"))
+    };
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let before = with_first_bytes(&scrape("node1"));
+        let payload = secret("first-bytes");
+        let run = lab.pod_client("shop", "cart", web2, &payload).unwrap();
+        assert_eq!(run.output, payload, "zmesh -> ztunnel\n{}", logs());
+        if with_first_bytes(&scrape("node1")) > before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no exchange carried its first bytes with the CONNECT\n{}",
+            logs()
+        );
+    }
+
     // The same ztunnel with certificates from another root (its fake CA): refused both
     // ways, nothing in clear.
     if let Some(mut old) = procs.0.pop() {

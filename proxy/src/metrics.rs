@@ -65,6 +65,7 @@ pub struct Metrics {
     pub(crate) keepalive_failures: Family<DirLabels, Counter>,
     pub(crate) refused_streams: Family<ReasonLabels, Counter>,
     pub(crate) reset_floods: Counter,
+    pub(crate) connects_with_first_bytes: Counter,
     /// Istio's `istio_tcp_*` telemetry, with workload labels.
     pub(crate) istio: IstioTcp,
 }
@@ -178,6 +179,11 @@ impl Metrics {
         self.pool_connections.get()
     }
 
+    /// Outbound CONNECTs sent with the client's first bytes behind them so far.
+    pub fn connects_with_first_bytes(&self) -> u64 {
+        self.connects_with_first_bytes.get()
+    }
+
     /// Inbound HBONE TLS connections accepted (handshake done) so far.
     pub fn inbound_tls_connections(&self) -> u64 {
         self.inbound_tls_connections.get()
@@ -253,6 +259,11 @@ impl Metrics {
             "hbone_reset_floods",
             "Inbound HBONE connections closed with GOAWAY ENHANCE_YOUR_CALM for resetting too many tunnels",
             self.reset_floods.clone(),
+        );
+        r.register(
+            "hbone_connects_with_first_bytes",
+            "Outbound HBONE CONNECTs sent with the client's first bytes right behind them",
+            self.connects_with_first_bytes.clone(),
         );
         r.register_collector(Box::new(CertExpiry(expiry)));
         root

@@ -5,12 +5,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use h2::{RecvStream, SendStream};
 use http::{Method, Request, StatusCode};
 use rustls_pki_types::ServerName;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::access::AccessLog;
@@ -58,9 +59,15 @@ pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr)
     if let Route::Hbone { dest, .. } = &route {
         log.destination(dest);
     }
-    match dial(&shared, &source, peer, dst, route, &mut log).await {
-        Ok(upstream) => forward(upstream, tcp, peer, dst, log).await,
-        Err(outcome) => log.finish(outcome),
+    let mut client = Client::new(&tcp, peer);
+    let dialed = dial(&shared, &source, &mut client, dst, route, &mut log).await;
+    let first = client.first;
+    match dialed {
+        Ok(upstream) => forward(upstream, first, tcp, peer, dst, log).await,
+        Err(outcome) => {
+            first.lost(&tcp);
+            log.finish(outcome)
+        }
     }
 }
 
@@ -110,6 +117,8 @@ enum Upstream {
         lease: Lease,
         send: SendStream<Bytes>,
         recv: RecvStream,
+        /// The client's first bytes went with the CONNECT.
+        first_sent: bool,
     },
     Plain(TcpStream),
 }
@@ -139,6 +148,7 @@ async fn to_service(
         return log.finish(Outcome::NoEndpoints);
     }
     let mut tried = Vec::new();
+    let mut client = Client::new(&tcp, peer);
     // Replaced by the first attempt's: there is at least one candidate.
     let mut outcome = Outcome::InternalError;
     while tried.len() < candidates.len().min(MAX_ATTEMPTS) {
@@ -173,11 +183,12 @@ async fn to_service(
                 }
             }
         }
-        match dial(shared, source, peer, endpoint, route, &mut log).await {
+        match dial(shared, source, &mut client, endpoint, route, &mut log).await {
             Ok(upstream) => {
                 // Like any connection, it does not keep an old table alive while it runs.
                 drop(table);
-                return forward(upstream, tcp, peer, endpoint, log).await;
+                let first = client.first;
+                return forward(upstream, first, tcp, peer, endpoint, log).await;
             }
             Err(o) => {
                 tracing::debug!(%peer, service = %key, %endpoint, result = %o, "service endpoint failed");
@@ -186,15 +197,34 @@ async fn to_service(
         }
     }
     tracing::info!(%peer, %vip, service = %key, ?tried, result = %outcome, "no endpoint of the service could be reached");
+    client.first.lost(&tcp);
     log.finish(outcome);
 }
 
-/// Opens the way to `dst` along `route`. The client's connection is not touched, so after a
-/// failure (its outcome) another destination may still be tried.
+/// The client's side of a connection being dialed.
+struct Client<'a> {
+    tcp: &'a TcpStream,
+    peer: SocketAddr,
+    first: FirstBytes,
+}
+
+impl<'a> Client<'a> {
+    fn new(tcp: &'a TcpStream, peer: SocketAddr) -> Self {
+        Self {
+            tcp,
+            peer,
+            first: FirstBytes::default(),
+        }
+    }
+}
+
+/// Opens the way to `dst` along `route`. Of the client's connection only its first bytes
+/// may be read (kept in `client.first`), so after a failure (its outcome) another
+/// destination may still be tried.
 async fn dial(
     shared: &Shared,
     source: &Workload,
-    peer: SocketAddr,
+    client: &mut Client<'_>,
     dst: SocketAddr,
     route: Route,
     log: &mut AccessLog,
@@ -223,24 +253,26 @@ async fn dial(
                 source: source.identity.clone(),
                 expected: vec![dest.identity.spiffe_id().clone()],
                 dst: hbone,
-                downstream_ip: peer.ip(),
+                downstream_ip: client.peer.ip(),
             };
-            connect(shared, source, &key, &sni, peer, dst, log).await
+            connect(shared, source, &key, &sni, client, dst, log).await
         }
     }
 }
 
-/// An HBONE tunnel to `dst` through the node `key` names, answered 200.
+/// An HBONE tunnel to `dst` through the node `key` names, answered 200. What the client
+/// has sent by the time the CONNECT goes out goes with it, in the same flight (see
+/// [`FirstBytes`]).
 async fn connect(
     shared: &Shared,
     source: &Workload,
     key: &PoolKey,
     sni: &ServerName<'static>,
-    peer: SocketAddr,
+    client: &mut Client<'_>,
     dst: SocketAddr,
     log: &mut AccessLog,
 ) -> Result<Upstream, Outcome> {
-    let hbone = key.dst;
+    let (hbone, peer) = (key.dst, client.peer);
     // One retry: a pooled connection may have failed or received GOAWAY since it was leased.
     for attempt in 0..2 {
         let lease = match shared.pool.lease(key, sni).await {
@@ -267,7 +299,7 @@ async fn connect(
             Ok::<_, h2::Error>((response, stream))
         }
         .await;
-        let (response, send) = match sent {
+        let (response, mut send) = match sent {
             Ok(x) => x,
             Err(e) if attempt == 0 => {
                 tracing::debug!(%hbone, "pooled connection unusable, retrying: {e}");
@@ -279,11 +311,38 @@ async fn connect(
                 return Err(Outcome::HboneStreamFailed);
             }
         };
+        let early = if lease.answered_within(shared.config.pool.first_bytes_within) {
+            client.first.read_once(client.tcp)
+        } else {
+            Bytes::new()
+        };
+        let sent_early = !early.is_empty();
+        if sent_early {
+            // h2 queues it behind the HEADERS, sent as the stream's window allows.
+            send.reserve_capacity(early.len());
+            match send.send_data(early, false) {
+                Ok(()) => {
+                    shared.metrics.connects_with_first_bytes.inc();
+                }
+                // The bytes did not go: as if only the CONNECT had been sent.
+                Err(e) if attempt == 0 && retry_allowed(&e, false) => {
+                    tracing::debug!(%hbone, "pooled connection failed, retrying: {e}");
+                    lease.mark_dead();
+                    continue;
+                }
+                Err(e) => {
+                    tracing::warn!(%hbone, %dst, "HBONE CONNECT failed: {e}");
+                    return Err(Outcome::HboneStreamFailed);
+                }
+            }
+        }
         let response = match response.await {
             Ok(r) => r,
-            // Nothing was sent before the 200, so a new connection may try again when this
-            // one was refused or died under the CONNECT (peer gone while idle in the pool).
-            Err(e) if attempt == 0 && connection_failed(&e) => {
+            // A new connection may try again when nothing reached the destination: the
+            // peer refused the stream unprocessed, or (when only the CONNECT was sent) this
+            // connection died under it (peer gone while idle in the pool). Once the
+            // client's bytes went too, only a refusal proves they were not delivered.
+            Err(e) if attempt == 0 && retry_allowed(&e, sent_early) => {
                 tracing::debug!(%hbone, "pooled connection failed, retrying: {e}");
                 lease.mark_dead();
                 continue;
@@ -293,6 +352,7 @@ async fn connect(
                 return Err(Outcome::HboneStreamFailed);
             }
         };
+        lease.answered();
         // The destination answered over mTLS, whatever it said.
         log.encrypted = true;
         if response.status() != StatusCode::OK {
@@ -303,15 +363,84 @@ async fn connect(
             lease,
             send,
             recv: response.into_body(),
+            first_sent: sent_early,
         });
     }
     // Unreachable: the second attempt returns on every path.
     Err(Outcome::InternalError)
 }
 
+/// Plain TCP both ways, after what an earlier HBONE attempt read of the client's bytes.
+async fn pass_through(
+    first: FirstBytes,
+    tcp: &mut TcpStream,
+    upstream: &mut TcpStream,
+    log: &AccessLog,
+) -> std::io::Result<()> {
+    if !first.bytes.is_empty() {
+        upstream.write_all(&first.bytes).await?;
+        log.bytes.received.add(first.bytes.len() as u64);
+    }
+    splice(tcp, upstream, &log.bytes).await
+}
+
+/// What the client sent before its tunnel was asked for, read once without waiting. HBONE
+/// sends it right behind the CONNECT instead of after the 200: the destination's node gets
+/// it with the request and hands it to the application as soon as it has connected, one
+/// round trip between the nodes sooner (most protocols speak first from the client: HTTP,
+/// TLS). Kept until the connection is established: a refused or retried CONNECT, or
+/// another endpoint of a Service, gets the same bytes.
+#[derive(Default)]
+struct FirstBytes {
+    read: bool,
+    bytes: Bytes,
+}
+
+/// At most this much is read ahead of the tunnel; the rest follows by the usual copy.
+const FIRST_BYTES_MAX: usize = 16 * 1024;
+
+impl FirstBytes {
+    fn read_once(&mut self, client: &TcpStream) -> Bytes {
+        if !self.read {
+            self.read = true;
+            self.bytes = read_now(client);
+        }
+        self.bytes.clone()
+    }
+
+    /// No destination took the connection: if its first bytes were read, the client is
+    /// reset, as it would be by closing the socket with them unread (an EOF would tell it
+    /// they were taken).
+    fn lost(&self, client: &TcpStream) {
+        if !self.bytes.is_empty() {
+            reset(client);
+        }
+    }
+}
+
+/// Whatever the socket holds now; empty when nothing yet (or at EOF or on an error, which
+/// the copy finds again). A plain `read(2)`: tokio's own would wait for the reactor to have
+/// seen the socket readable, which it has not so soon after the accept.
+fn read_now(client: &TcpStream) -> Bytes {
+    use std::io::Read;
+    let mut buf = [0u8; FIRST_BYTES_MAX];
+    let socket = socket2::SockRef::from(client);
+    match (&*socket).read(&mut buf) {
+        Ok(n) => Bytes::copy_from_slice(&buf[..n]),
+        Err(_) => Bytes::new(),
+    }
+}
+
+/// Whether a CONNECT that failed with `e` may be tried again on a new connection.
+fn retry_allowed(e: &h2::Error, sent_first_bytes: bool) -> bool {
+    let refused = e.reason() == Some(h2::Reason::REFUSED_STREAM);
+    refused || (!sent_first_bytes && (e.is_io() || e.is_go_away()))
+}
+
 /// Carries the client's connection through `upstream` until both directions end.
 async fn forward(
     upstream: Upstream,
+    first: FirstBytes,
     mut tcp: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
@@ -319,7 +448,24 @@ async fn forward(
 ) {
     log.established();
     let outcome = match upstream {
-        Upstream::Hbone { lease, send, recv } => {
+        Upstream::Hbone {
+            lease,
+            mut send,
+            recv,
+            first_sent,
+        } => {
+            // Read for an earlier attempt that could carry them, they go first now.
+            if !first_sent && !first.bytes.is_empty() {
+                send.reserve_capacity(first.bytes.len());
+                if let Err(e) = send.send_data(first.bytes.clone(), false) {
+                    tracing::debug!(%peer, %dst, "tunnel failed: {e}");
+                    // A broken tunnel resets the client, as the copy would.
+                    let _ = socket2::SockRef::from(&tcp).set_linger(Some(Duration::ZERO));
+                    drop(lease);
+                    return log.finish(Outcome::Error);
+                }
+            }
+            log.bytes.received.add(first.bytes.len() as u64);
             // The client is on the TCP side: it receives what comes from HTTP/2.
             let (sent, received) = (&log.bytes.sent, &log.bytes.received);
             let outcome = match bridge(tcp, send, recv, received, sent).await {
@@ -332,20 +478,17 @@ async fn forward(
             drop(lease);
             outcome
         }
-        Upstream::Plain(mut upstream) => match splice(&mut tcp, &mut upstream, &log.bytes).await {
-            Ok(()) => Outcome::Passthrough,
-            Err(e) => {
-                tracing::debug!(%dst, "passthrough failed: {e}");
-                Outcome::Error
+        Upstream::Plain(mut upstream) => {
+            match pass_through(first, &mut tcp, &mut upstream, &log).await {
+                Ok(()) => Outcome::Passthrough,
+                Err(e) => {
+                    tracing::debug!(%dst, "passthrough failed: {e}");
+                    Outcome::Error
+                }
             }
-        },
+        }
     };
     log.finish(outcome);
-}
-
-/// The CONNECT failed because of its connection, not because the peer answered it.
-fn connection_failed(e: &h2::Error) -> bool {
-    e.reason() == Some(h2::Reason::REFUSED_STREAM) || e.is_io() || e.is_go_away()
 }
 
 fn status_outcome(status: StatusCode) -> Outcome {

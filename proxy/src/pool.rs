@@ -35,6 +35,16 @@ pub struct PoolConfig {
     pub max_streams: usize,
     /// TCP connect and TLS handshake timeout.
     pub connect_timeout: Duration,
+    /// A client's first bytes go with its CONNECT only on a connection whose peer answered
+    /// within this long (zero: never). A CONNECT that carried them is not tried again when
+    /// its connection dies (the destination may have delivered them), so a connection that
+    /// has been quiet, whose peer may have vanished unnoticed, sends the CONNECT alone.
+    #[serde(default = "default_first_bytes_within")]
+    pub first_bytes_within: Duration,
+}
+
+fn default_first_bytes_within() -> Duration {
+    Duration::from_secs(1)
 }
 
 impl PoolConfig {
@@ -50,6 +60,7 @@ impl Default for PoolConfig {
             idle_timeout: Duration::from_secs(300),
             max_streams: 100,
             connect_timeout: Duration::from_secs(10),
+            first_bytes_within: default_first_bytes_within(),
         }
     }
 }
@@ -92,6 +103,10 @@ struct Conn {
     idle_since: Mutex<Instant>,
     /// When the peer's certificate chain expires: no new tunnels after that.
     peer_valid_until: SystemTime,
+    /// When the handshake finished, and when the peer last answered a CONNECT after that
+    /// (in microseconds since).
+    born: Instant,
+    answered_us: AtomicU64,
 }
 
 impl Conn {
@@ -119,6 +134,18 @@ impl Lease {
     /// The connection failed us (e.g. GOAWAY): don't hand it out again.
     pub fn mark_dead(&self) {
         self.conn.dead.store(true, Ordering::Relaxed);
+    }
+
+    /// The peer answered a CONNECT on this connection.
+    pub fn answered(&self) {
+        let us = self.conn.born.elapsed().as_micros() as u64;
+        self.conn.answered_us.fetch_max(us, Ordering::Relaxed);
+    }
+
+    /// Whether the peer answered (or the handshake finished) less than `window` ago.
+    pub fn answered_within(&self, window: Duration) -> bool {
+        let answered = Duration::from_micros(self.conn.answered_us.load(Ordering::Relaxed));
+        self.conn.born.elapsed().saturating_sub(answered) < window
     }
 }
 
@@ -337,6 +364,8 @@ impl Pool {
             dead: AtomicBool::new(false),
             idle_since: Mutex::new(Instant::now()),
             peer_valid_until,
+            born: Instant::now(),
+            answered_us: AtomicU64::new(0),
         });
         self.metrics.pool_connections_created.inc();
         self.metrics.pool_connections.inc();

@@ -138,6 +138,70 @@ async fn half_close_client_first() {
         .unwrap();
 }
 
+/// A client that wrote its request and half-closed before the proxy accepted it (its bytes
+/// and FIN already queued): the bytes go with the CONNECT, the end after them, and both
+/// proxies count them.
+#[tokio::test]
+async fn request_and_half_close_queued_before_the_accept() {
+    let mesh = Mesh::new(12).await;
+    let mut a_flows = mesh
+        .a
+        .flows
+        .subscribe(zmesh_proxy::flows::FlowFilter::default());
+    let mut b_flows = mesh
+        .b
+        .flows
+        .subscribe(zmesh_proxy::flows::FlowFilter::default());
+    // Connected, written and shut down without yielding to the runtime the proxies run on.
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&std::net::SocketAddr::new(mesh.client_ip, 0).into())
+        .unwrap();
+    sock.connect(&mesh.a.addrs.outbound.into()).unwrap();
+    let mut c: std::net::TcpStream = sock.into();
+    std::io::Write::write_all(&mut c, b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    c.shutdown(std::net::Shutdown::Write).unwrap();
+    c.set_nonblocking(true).unwrap();
+    let mut c = TcpStream::from_std(c).unwrap();
+
+    let server = async {
+        let (mut s, _) = mesh.server.accept().await.unwrap();
+        let mut got = Vec::new();
+        s.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"GET / HTTP/1.0\r\n\r\n");
+        s.write_all(b"200").await.unwrap();
+        s.shutdown().await.unwrap();
+    };
+    let client = async {
+        let mut got = Vec::new();
+        c.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"200");
+    };
+    tokio::time::timeout(T, async { tokio::join!(server, client) })
+        .await
+        .unwrap();
+    for (proxy, flows) in [("A", &mut a_flows), ("B", &mut b_flows)] {
+        let closed = loop {
+            let event = tokio::time::timeout(T, flows.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            if event.phase == zmesh_proxy::flows::FlowPhase::Close {
+                break event;
+            }
+        };
+        assert_eq!(
+            closed.verdict,
+            zmesh_proxy::flows::FlowVerdict::Forwarded,
+            "{proxy}: {closed}"
+        );
+        assert_eq!(
+            (closed.bytes_sent, closed.bytes_received),
+            (18, 3),
+            "{proxy}: {closed}"
+        );
+    }
+}
+
 #[tokio::test]
 async fn half_close_server_first() {
     let mesh = Mesh::new(3).await;

@@ -38,6 +38,16 @@ enum Cmd {
     Reset(oneshot::Sender<()>),
 }
 
+/// What the server does with the next CONNECT it receives (then it answers as usual).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Next {
+    Answer,
+    /// RST_STREAM(REFUSED_STREAM): not processed, so the client may try it again.
+    Refuse,
+    /// Reset the whole connection instead of answering (a node that died mid-request).
+    ResetConnection,
+}
+
 /// What the test server knows of one accepted connection.
 struct ConnState {
     cmd: mpsc::UnboundedSender<Cmd>,
@@ -45,6 +55,9 @@ struct ConnState {
     tunnels: AtomicUsize,
     /// The header blocks of those requests, in arrival order.
     requests: Mutex<Vec<http::HeaderMap>>,
+    /// Per CONNECT received (answered or not), the bytes that had arrived with it, before
+    /// any answer.
+    early: Mutex<Vec<Bytes>>,
     /// How its h2 connection future ended; `None` while it runs.
     end: Mutex<Option<Result<(), String>>>,
 }
@@ -55,6 +68,7 @@ struct HboneServer {
     addr: SocketAddr,
     /// In accept order (TLS and h2 handshakes done).
     conns: Arc<Mutex<Vec<Arc<ConnState>>>>,
+    next: Arc<Mutex<Next>>,
 }
 
 impl HboneServer {
@@ -67,13 +81,29 @@ impl HboneServer {
         let listener = TcpListener::bind(SocketAddr::new(bind, 0)).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let conns: Arc<Mutex<Vec<Arc<ConnState>>>> = Arc::default();
-        let list = conns.clone();
+        let next = Arc::new(Mutex::new(Next::Answer));
+        let (list, then) = (conns.clone(), next.clone());
         tokio::spawn(async move {
             while let Ok((tcp, _)) = listener.accept().await {
-                tokio::spawn(serve_conn(tcp, acceptor.clone(), list.clone()));
+                tokio::spawn(serve_conn(
+                    tcp,
+                    acceptor.clone(),
+                    list.clone(),
+                    then.clone(),
+                ));
             }
         });
-        Self { addr, conns }
+        Self { addr, conns, next }
+    }
+
+    /// Sets what happens to the next CONNECT (on any connection).
+    fn on_next_connect(&self, next: Next) {
+        *self.next.lock().unwrap() = next;
+    }
+
+    /// The bytes that came with each CONNECT on connection `i`, before it was answered.
+    fn early(&self, i: usize) -> Vec<Bytes> {
+        self.conn(i).early.lock().unwrap().clone()
     }
 
     fn conn(&self, i: usize) -> Arc<ConnState> {
@@ -110,7 +140,12 @@ impl HboneServer {
     }
 }
 
-async fn serve_conn(tcp: TcpStream, acceptor: TlsAcceptor, conns: Arc<Mutex<Vec<Arc<ConnState>>>>) {
+async fn serve_conn(
+    tcp: TcpStream,
+    acceptor: TlsAcceptor,
+    conns: Arc<Mutex<Vec<Arc<ConnState>>>>,
+    next: Arc<Mutex<Next>>,
+) {
     // A second handle on the socket, to reset it while h2 owns the stream.
     let raw = tcp.as_fd().try_clone_to_owned().unwrap();
     let Ok(tls) = acceptor.accept(tcp).await else {
@@ -124,16 +159,33 @@ async fn serve_conn(tcp: TcpStream, acceptor: TlsAcceptor, conns: Arc<Mutex<Vec<
         cmd,
         tunnels: AtomicUsize::new(0),
         requests: Mutex::default(),
+        early: Mutex::default(),
         end: Mutex::new(None),
     });
     conns.lock().unwrap().push(state.clone());
     let end = loop {
         tokio::select! {
             req = conn.accept() => match req {
-                Some(Ok((req, respond))) => {
+                Some(Ok((mut req, mut respond))) => {
                     state.requests.lock().unwrap().push(req.headers().clone());
-                    state.tunnels.fetch_add(1, Ordering::SeqCst);
-                    tokio::spawn(echo(req, respond));
+                    let early = arrived(req.body_mut());
+                    state.early.lock().unwrap().push(early.clone());
+                    match std::mem::replace(&mut *next.lock().unwrap(), Next::Answer) {
+                        Next::Answer => {
+                            state.tunnels.fetch_add(1, Ordering::SeqCst);
+                            tokio::spawn(echo(req, respond, early));
+                        }
+                        Next::Refuse => respond.send_reset(h2::Reason::REFUSED_STREAM),
+                        Next::ResetConnection => {
+                            socket2::SockRef::from(&raw)
+                                .set_linger(Some(Duration::ZERO))
+                                .unwrap();
+                            drop(conn);
+                            drop(raw);
+                            *state.end.lock().unwrap() = Some(Err("reset by the test".into()));
+                            return;
+                        }
+                    }
                 }
                 Some(Err(e)) => break Err(e.to_string()),
                 None => break Ok(()),
@@ -160,7 +212,20 @@ async fn serve_conn(tcp: TcpStream, acceptor: TlsAcceptor, conns: Arc<Mutex<Vec<
     *state.end.lock().unwrap() = Some(end);
 }
 
-async fn echo(req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
+/// What the stream has received so far (h2 read it with the request), without waiting. The
+/// bytes stay counted against the stream's window: the echo releases them when it reads.
+fn arrived(body: &mut RecvStream) -> Bytes {
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut got = Vec::new();
+    while let std::task::Poll::Ready(Some(Ok(chunk))) = body.poll_data(&mut cx) {
+        got.extend_from_slice(&chunk);
+        let _ = body.flow_control().release_capacity(chunk.len());
+    }
+    Bytes::from(got)
+}
+
+/// Answers 200 and echoes the stream, starting with what arrived with the CONNECT.
+async fn echo(req: Request<RecvStream>, mut respond: SendResponse<Bytes>, early: Bytes) {
     if req.method() != Method::CONNECT {
         let mut bad = Response::new(());
         *bad.status_mut() = StatusCode::BAD_REQUEST;
@@ -170,6 +235,9 @@ async fn echo(req: Request<RecvStream>, mut respond: SendResponse<Bytes>) {
     let Ok(mut send) = respond.send_response(Response::new(()), false) else {
         return;
     };
+    if !early.is_empty() && send.send_data(early, false).is_err() {
+        return;
+    }
     let mut body = req.into_body();
     while let Some(chunk) = body.data().await {
         let Ok(chunk) = chunk else {
@@ -270,6 +338,21 @@ impl Setup {
         connect_from(self.client.ips[0], self.proxy.addrs.outbound).await
     }
 
+    /// A client that speaks first: `first` is in the socket before the proxy can accept it
+    /// (connected and written without yielding to the runtime the proxy runs on).
+    fn tunnel_sending(&self, first: &[u8]) -> TcpStream {
+        use std::io::Write;
+        let sock =
+            socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        sock.bind(&SocketAddr::new(self.client.ips[0], 0).into())
+            .unwrap();
+        sock.connect(&self.proxy.addrs.outbound.into()).unwrap();
+        let mut std_stream: std::net::TcpStream = sock.into();
+        std_stream.write_all(first).unwrap();
+        std_stream.set_nonblocking(true).unwrap();
+        TcpStream::from_std(std_stream).unwrap()
+    }
+
     fn outbound(&self, outcome: Outcome) -> u64 {
         self.proxy
             .metrics
@@ -316,6 +399,11 @@ fn table(client: &Workload, server: &Workload, hbone: SocketAddr) -> WorkloadTab
 /// Sends `msg` and reads back its echo.
 async fn try_echo(t: &mut TcpStream, msg: &[u8]) -> Result<(), String> {
     t.write_all(msg).await.map_err(|e| format!("write: {e}"))?;
+    try_read_echo(t, msg).await
+}
+
+/// Reads back the echo of `msg`, sent already.
+async fn try_read_echo(t: &mut TcpStream, msg: &[u8]) -> Result<(), String> {
     let mut buf = vec![0u8; msg.len()];
     tokio::time::timeout(T, t.read_exact(&mut buf))
         .await
@@ -329,6 +417,16 @@ async fn try_echo(t: &mut TcpStream, msg: &[u8]) -> Result<(), String> {
 
 async fn echo_ok(s: &Setup, t: &mut TcpStream, msg: &[u8]) {
     if let Err(e) = try_echo(t, msg).await {
+        panic!(
+            "tunnel failed on {:?}: {e} (outbound results: {})",
+            String::from_utf8_lossy(msg),
+            s.results()
+        );
+    }
+}
+
+async fn read_echo_ok(s: &Setup, t: &mut TcpStream, msg: &[u8]) {
+    if let Err(e) = try_read_echo(t, msg).await {
         panic!(
             "tunnel failed on {:?}: {e} (outbound results: {})",
             String::from_utf8_lossy(msg),
@@ -491,7 +589,12 @@ async fn reset_idle_connection_is_replaced() {
 /// fails only when the next tunnel's CONNECT is written to it.
 #[tokio::test]
 async fn idle_connection_whose_peer_vanished_is_retried_on_a_new_one() {
-    let s = Setup::new(73, PoolConfig::default()).await;
+    // The CONNECT goes alone (see the first-bytes tests for when the client's bytes go too).
+    let pool = PoolConfig {
+        first_bytes_within: Duration::ZERO,
+        ..PoolConfig::default()
+    };
+    let s = Setup::new(73, pool).await;
     let relay = Relay::start(ip(73, 21), s.server.addr).await;
     s.route_via(relay.addr);
     let mut t1 = s.tunnel().await;
@@ -562,4 +665,122 @@ async fn goaway_on_two_pooled_connections_still_lets_new_tunnels_through() {
     finish(t0).await;
     finish(t2).await;
     s.wait_ok(5).await;
+}
+
+/// A client that speaks first (HTTP, TLS) has its first bytes sent with the CONNECT on a
+/// connection whose peer has just answered: the destination has them before it answers,
+/// one round trip sooner. They arrive once, before anything sent later. A client that
+/// sends nothing first gets the CONNECT alone.
+#[tokio::test]
+async fn first_bytes_go_with_the_connect_on_a_connection_that_just_answered() {
+    let s = Setup::new(75, PoolConfig::default()).await;
+    // The first tunnel opens the connection: its handshake counts as an answer.
+    let mut t1 = s.tunnel_sending(b"GET / HTTP/1.1");
+    read_echo_ok(&s, &mut t1, b"GET / HTTP/1.1").await;
+    echo_ok(&s, &mut t1, b" and the rest").await;
+    finish(t1).await;
+    let mut t2 = s.tunnel_sending(b"second");
+    read_echo_ok(&s, &mut t2, b"second").await;
+    finish(t2).await;
+    s.wait_ok(2).await;
+
+    // A server-first protocol: the client waits for the tunnel before it writes.
+    let mut t3 = s.tunnel().await;
+    wait_for("the third CONNECT", T, || s.server.tunnels(0) == 3).await;
+    echo_ok(&s, &mut t3, b"third").await;
+    finish(t3).await;
+    s.wait_ok(3).await;
+
+    assert_eq!(s.server.accepted(), 1);
+    let early = s.server.early(0);
+    assert_eq!(early, [&b"GET / HTTP/1.1"[..], b"second", b""], "{early:?}");
+}
+
+/// A refused stream was not processed (RFC 9113, 8.7): its CONNECT and the bytes that went
+/// with it are sent again on a new connection, and the server gets them once.
+#[tokio::test]
+async fn first_bytes_refused_with_their_connect_go_again_on_a_new_connection() {
+    let s = Setup::new(76, PoolConfig::default()).await;
+    let mut t1 = s.tunnel_sending(b"t1");
+    read_echo_ok(&s, &mut t1, b"t1").await;
+    finish(t1).await;
+    s.wait_ok(1).await;
+
+    s.server.on_next_connect(Next::Refuse);
+    let mut t2 = s.tunnel_sending(b"t2 once");
+    read_echo_ok(&s, &mut t2, b"t2 once").await;
+    echo_ok(&s, &mut t2, b" then more").await;
+    finish(t2).await;
+    s.wait_ok(2).await;
+    assert_eq!(s.server.accepted(), 2, "{}", s.results());
+    assert_eq!(s.server.early(0), [&b"t1"[..], b"t2 once"], "refused");
+    assert_eq!(s.server.tunnels(0), 1, "refused, not answered");
+    assert_eq!(s.server.early(1), [&b"t2 once"[..]], "sent again");
+}
+
+/// A connection that dies under a CONNECT may have delivered the client's bytes that went
+/// with it: the tunnel fails (the client is reset) instead of sending them again elsewhere.
+#[tokio::test]
+async fn first_bytes_are_not_sent_twice_when_their_connection_dies_unanswered() {
+    let s = Setup::new(77, PoolConfig::default()).await;
+    let mut t1 = s.tunnel_sending(b"t1");
+    read_echo_ok(&s, &mut t1, b"t1").await;
+    finish(t1).await;
+    s.wait_ok(1).await;
+
+    s.server.on_next_connect(Next::ResetConnection);
+    let mut t2 = s.tunnel_sending(b"t2 at most once");
+    let mut buf = [0u8; 32];
+    let read = tokio::time::timeout(T, t2.read(&mut buf)).await.unwrap();
+    assert_eq!(
+        read.map_err(|e| e.kind()),
+        Err(std::io::ErrorKind::ConnectionReset),
+        "the client must see its tunnel fail ({})",
+        s.results()
+    );
+    wait_for("the failed tunnel to be logged", T, || {
+        s.outbound(Outcome::HboneStreamFailed) == 1
+    })
+    .await;
+    assert_eq!(s.server.accepted(), 1, "not retried: {}", s.results());
+    assert_eq!(s.server.early(0), [&b"t1"[..], b"t2 at most once"]);
+}
+
+/// A connection whose peer has been quiet for longer than `first_bytes_within` sends the
+/// CONNECT alone, so that a peer that vanished meanwhile costs the client nothing: the
+/// CONNECT is retried on a new connection (where the bytes go with it: its handshake has
+/// just finished).
+#[tokio::test]
+async fn quiet_connection_sends_the_connect_alone_and_a_vanished_peer_is_retried() {
+    let window = Duration::from_millis(100);
+    let pool = PoolConfig {
+        first_bytes_within: window,
+        ..PoolConfig::default()
+    };
+    let s = Setup::new(78, pool).await;
+    let relay = Relay::start(ip(78, 21), s.server.addr).await;
+    s.route_via(relay.addr);
+    let mut t1 = s.tunnel_sending(b"t1");
+    read_echo_ok(&s, &mut t1, b"t1").await;
+    finish(t1).await;
+    s.wait_ok(1).await;
+
+    relay.vanish();
+    wait_for("the server side of the relay to close", T, || {
+        s.server.end(0).is_some()
+    })
+    .await;
+    // What this test is about: the connection's peer has been quiet for the window.
+    tokio::time::sleep(window).await;
+    let mut t2 = s.tunnel_sending(b"t2");
+    read_echo_ok(&s, &mut t2, b"t2").await;
+    finish(t2).await;
+    s.wait_ok(2).await;
+    assert_eq!(s.server.accepted(), 2);
+    assert_eq!(s.server.early(0), [&b"t1"[..]]);
+    assert_eq!(
+        s.server.early(1),
+        [&b"t2"[..]],
+        "once, on the new connection"
+    );
 }

@@ -157,6 +157,30 @@ async fn who(c: &Cluster, src: IpAddr) -> String {
     name
 }
 
+/// Which endpoint a connection reached whose client wrote "ping" before proxy A accepted
+/// it (connected and written without yielding to the runtime the proxies run on); the
+/// echo must come back once, after the endpoint's name.
+async fn who_speaking_first(c: &Cluster, src: IpAddr) -> String {
+    let sock = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    sock.bind(&SocketAddr::new(src, 0).into()).unwrap();
+    sock.connect(&c.a.addrs.outbound.into()).unwrap();
+    let mut s: std::net::TcpStream = sock.into();
+    std::io::Write::write_all(&mut s, b"ping").unwrap();
+    s.shutdown(std::net::Shutdown::Write).unwrap();
+    s.set_nonblocking(true).unwrap();
+    let mut s = TcpStream::from_std(s).unwrap();
+    let mut got = Vec::new();
+    tokio::time::timeout(T, s.read_to_end(&mut got))
+        .await
+        .unwrap()
+        .unwrap();
+    let got = String::from_utf8(got).unwrap();
+    let Some(name) = got.strip_suffix("\nping") else {
+        panic!("got {got:?}");
+    };
+    name.to_string()
+}
+
 async fn next(sub: &mut FlowSubscription) -> Arc<FlowEvent> {
     tokio::time::timeout(T, sub.recv())
         .await
@@ -381,7 +405,14 @@ services:
     .await;
     let mut flows = c.a.flows.subscribe(closed());
     for i in 0..40 {
-        assert_eq!(who(&c, ip(net, 1)).await, "web-1", "connection {i}");
+        // Every other client speaks first: its bytes, sent with a CONNECT that web-2's
+        // node refused, reach web-1 once.
+        let name = if i % 2 == 0 {
+            who(&c, ip(net, 1)).await
+        } else {
+            who_speaking_first(&c, ip(net, 1)).await
+        };
+        assert_eq!(name, "web-1", "connection {i}");
         let f = next(&mut flows).await;
         assert_eq!(f.verdict, FlowVerdict::Forwarded, "{f}");
         assert_eq!(f.destination.pod.as_deref(), Some("web-1"), "{f}");
