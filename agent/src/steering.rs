@@ -48,8 +48,11 @@ pub(crate) fn listeners_of(
 pub(crate) struct MapOriginalDst(pub Arc<Mutex<Redirector>>);
 
 impl OriginalDst for MapOriginalDst {
-    fn original_dst(&self, stream: &tokio::net::TcpStream) -> std::io::Result<SocketAddr> {
-        let peer = stream.peer_addr()?;
+    fn original_dst(
+        &self,
+        _stream: &tokio::net::TcpStream,
+        peer: SocketAddr,
+    ) -> std::io::Result<SocketAddr> {
         let mut redirector = self.0.lock().unwrap_or_else(|p| p.into_inner());
         match redirector.original_dst(peer) {
             Ok(Some(dst)) => Ok(dst),

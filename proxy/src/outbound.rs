@@ -31,7 +31,7 @@ use zmesh_dataplane::HBONE_PORT;
 
 pub(crate) async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
     let mut log = AccessLog::start(Direction::Outbound, peer, &shared);
-    let dst = match shared.original_dst.original_dst(&tcp) {
+    let dst = match shared.original_dst.original_dst(&tcp, peer) {
         Ok(dst) => dst,
         Err(e) => {
             tracing::warn!(%peer, "no original destination: {e}");

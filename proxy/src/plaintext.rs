@@ -31,7 +31,7 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketA
     let dst = match shared.config.capture {
         // sk_assign delivered it here: the address the client dialed is our local address.
         Capture::Transparent => crate::socket::local_addr(&tcp),
-        Capture::Explicit => shared.original_dst.original_dst(&tcp),
+        Capture::Explicit => shared.original_dst.original_dst(&tcp, peer),
     };
     if let Ok(d) = &dst {
         log.dst_addr = Some(*d);

@@ -153,7 +153,9 @@ pub(crate) fn tune_listener(
 
 /// Finds where a captured outbound connection was headed.
 pub trait OriginalDst: Send + Sync + 'static {
-    fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr>;
+    /// `peer` is the client's address as the listener accepted it (no need to ask the
+    /// socket again: one syscall per connection).
+    fn original_dst(&self, stream: &TcpStream, peer: SocketAddr) -> io::Result<SocketAddr>;
 }
 
 /// `getsockopt(SO_ORIGINAL_DST)`, which zmesh's eBPF cgroup/getsockopt program answers
@@ -165,7 +167,7 @@ const SO_ORIGINAL_DST: libc::c_int = 80;
 const IP6T_SO_ORIGINAL_DST: libc::c_int = 80;
 
 impl OriginalDst for SoOriginalDst {
-    fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
+    fn original_dst(&self, stream: &TcpStream, _peer: SocketAddr) -> io::Result<SocketAddr> {
         let fd = stream.as_raw_fd();
         match stream.local_addr()? {
             SocketAddr::V4(_) => {
@@ -225,8 +227,8 @@ impl StaticOriginalDst {
 }
 
 impl OriginalDst for StaticOriginalDst {
-    fn original_dst(&self, stream: &TcpStream) -> io::Result<SocketAddr> {
-        let peer = canonical(stream.peer_addr()?);
+    fn original_dst(&self, _stream: &TcpStream, peer: SocketAddr) -> io::Result<SocketAddr> {
+        let peer = canonical(peer);
         self.0.get(&peer.ip()).copied().ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::NotFound,
@@ -245,9 +247,9 @@ mod tests {
         let l = bind_listener("127.0.0.1:0".parse().unwrap(), false).unwrap();
         let addr = l.local_addr().unwrap();
         let c = TcpStream::connect(addr).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
+        let (s, peer) = l.accept().await.unwrap();
         // No netfilter/eBPF redirect: the kernel has no original destination to report.
-        assert!(SoOriginalDst.original_dst(&s).is_err());
+        assert!(SoOriginalDst.original_dst(&s, peer).is_err());
         drop(c);
     }
 
@@ -283,11 +285,11 @@ mod tests {
         let dst: SocketAddr = "10.0.0.1:80".parse().unwrap();
         let table = StaticOriginalDst::new([("127.0.0.1".parse().unwrap(), dst)]);
         let _c = TcpStream::connect(addr).await.unwrap();
-        let (s, _) = l.accept().await.unwrap();
-        assert_eq!(table.original_dst(&s).unwrap(), dst);
+        let (s, peer) = l.accept().await.unwrap();
+        assert_eq!(table.original_dst(&s, peer).unwrap(), dst);
         let empty = StaticOriginalDst::default();
         assert_eq!(
-            empty.original_dst(&s).unwrap_err().kind(),
+            empty.original_dst(&s, peer).unwrap_err().kind(),
             io::ErrorKind::NotFound
         );
     }
