@@ -30,6 +30,10 @@ struct Uninstall(std::path::PathBuf);
 impl Drop for Uninstall {
     fn drop(&mut self) {
         let _ = Redirector::uninstall(&self.0);
+        // The shared parent, unless another test's pins are still in it.
+        if let Some(parent) = self.0.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
     }
 }
 

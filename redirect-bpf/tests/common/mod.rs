@@ -196,9 +196,12 @@ pub struct Installed {
     pub netns: String,
 }
 
+/// Where the tests' pin directories go, one each.
+pub const PIN_PARENT: &str = "/sys/fs/bpf/zmesh-test";
+
 impl Installed {
     pub fn pin_dir(tag: &str) -> PathBuf {
-        Path::new("/sys/fs/bpf/zmesh-test").join(unique(tag))
+        Path::new(PIN_PARENT).join(unique(tag))
     }
 }
 
@@ -217,6 +220,8 @@ impl Drop for Installed {
             let _ = zmesh_redirect::Redirector::uninstall(&pin);
         })
         .join();
+        // The shared parent goes with the last test's directory (not while another holds one).
+        let _ = fs::remove_dir(PIN_PARENT);
     }
 }
 
