@@ -4,8 +4,10 @@
 //! Why not tokio's timers: while one is armed, every park of the runtime arms a kernel
 //! timer too (epoll_wait with a timeout), and on the data path the runtime parks twice per
 //! round trip. Measured with the benchmark (pinned ping-pong, same binary): +2.6-3.3 us per
-//! round trip and +3 us of CPU across two proxies. Short timeouts that only exist during a
-//! handshake or a connect still use tokio's timers.
+//! round trip and +3 us of CPU across two proxies. The connect timeout of a dial to a
+//! workload, one per tunnel, is ticked here too (arming a tokio timer also wakes the
+//! runtime through its eventfd); timeouts that exist only while an HBONE connection does its
+//! handshakes still use tokio's timers.
 
 use std::time::Duration;
 

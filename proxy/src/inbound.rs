@@ -424,10 +424,7 @@ async fn tunnel(
     let (sent, received) = (&log.bytes.sent, &log.bytes.received);
     let work = async {
         let mut respond = respond;
-        let dial = tokio::time::timeout(
-            shared.config.limits.connect_timeout,
-            TcpStream::connect(target),
-        );
+        let dial = shared.connect_upstream(target);
         // A client that resets the stream while we dial gets no dial: it is abandoned at
         // once (rapid reset would otherwise cost one upstream connection per stream).
         let dialed = tokio::select! {
@@ -440,14 +437,9 @@ async fn tunnel(
             dialed = dial => dialed,
         };
         let upstream = match dialed {
-            Ok(Ok(s)) => s,
-            Ok(Err(e)) => {
+            Ok(s) => s,
+            Err(e) => {
                 tracing::debug!(%peer, %target, "upstream connect failed: {e}");
-                respond_error(respond, StatusCode::SERVICE_UNAVAILABLE);
-                return Outcome::ConnectFailed;
-            }
-            Err(_) => {
-                tracing::debug!(%peer, %target, "upstream connect timed out");
                 respond_error(respond, StatusCode::SERVICE_UNAVAILABLE);
                 return Outcome::ConnectFailed;
             }

@@ -230,24 +230,16 @@ async fn dial(
     log: &mut AccessLog,
 ) -> Result<Upstream, Outcome> {
     match route {
-        Route::Plain => {
-            match tokio::time::timeout(
-                shared.config.limits.connect_timeout,
-                TcpStream::connect(dst),
-            )
-            .await
-            {
-                Ok(Ok(s)) => {
-                    shared.tune_app_socket(&s);
-                    Ok(Upstream::Plain(s))
-                }
-                Ok(Err(e)) => {
-                    tracing::debug!(%dst, "passthrough connect failed: {e}");
-                    Err(Outcome::ConnectFailed)
-                }
-                Err(_) => Err(Outcome::ConnectFailed),
+        Route::Plain => match shared.connect_upstream(dst).await {
+            Ok(s) => {
+                shared.tune_app_socket(&s);
+                Ok(Upstream::Plain(s))
             }
-        }
+            Err(e) => {
+                tracing::debug!(%dst, "passthrough connect failed: {e}");
+                Err(Outcome::ConnectFailed)
+            }
+        },
         Route::Hbone { dest, hbone, sni } => {
             let key = PoolKey {
                 source: source.identity.clone(),

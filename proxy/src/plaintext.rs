@@ -70,14 +70,8 @@ pub(crate) async fn serve(shared: Arc<Shared>, mut tcp: TcpStream, peer: SocketA
         reset(&tcp);
         return log.finish(Outcome::Denied);
     }
-    let mut upstream = match tokio::time::timeout(
-        shared.config.limits.connect_timeout,
-        TcpStream::connect(dst),
-    )
-    .await
-    {
-        Ok(Ok(s)) => s,
-        _ => return log.finish(Outcome::ConnectFailed),
+    let Ok(mut upstream) = shared.connect_upstream(dst).await else {
+        return log.finish(Outcome::ConnectFailed);
     };
     shared.tune_app_socket(&upstream);
     log.established();

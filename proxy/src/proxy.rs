@@ -256,6 +256,22 @@ pub(crate) struct Shared {
 }
 
 impl Shared {
+    /// TCP connect to a workload or passthrough destination, given up after the connect
+    /// timeout. Timed by the coarse clock (clock.rs), up to two ticks late: a tokio timer
+    /// per connection would cost the runtime an eventfd wake-up when it is armed and a
+    /// kernel timer in every park while any dial is pending.
+    pub(crate) async fn connect_upstream(&self, dst: SocketAddr) -> std::io::Result<TcpStream> {
+        let mut deadline = self.clock.clone();
+        tokio::select! {
+            biased;
+            connected = TcpStream::connect(dst) => connected,
+            _ = deadline.sleep(self.config.limits.connect_timeout) => Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("connecting to {dst}: timed out"),
+            )),
+        }
+    }
+
     /// True if `target` would reach the proxy itself (never a tunnel target): one of the
     /// mesh's fixed proxy ports on any address, or the address of one of our listeners (a
     /// wildcard listener's port on any address). A workload's port that merely has the
@@ -348,11 +364,12 @@ impl Proxy {
         zmesh_identity::tls::warm_up();
         let metrics = Arc::new(Metrics::default());
         let force = CancellationToken::new();
-        // Fine enough for every long timer the proxy keeps (at most one period late).
+        // Fine enough for every long timer the proxy keeps (at most two periods late).
         let tick = [
             config.keepalive.interval,
             config.keepalive.timeout,
             config.pool.idle_check_every(),
+            config.limits.connect_timeout,
         ]
         .into_iter()
         .min()

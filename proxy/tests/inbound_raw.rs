@@ -764,6 +764,43 @@ async fn rapid_reset_after_accept_gets_goaway_and_dials_stay_bounded() {
     assert_eq!(got, b"calm");
 }
 
+/// A dial that hangs (its SYNs dropped) ends at the connect timeout with 503, as a refused
+/// one does, and counts as a failed connect.
+#[tokio::test]
+async fn a_dial_that_hangs_gets_503_after_the_connect_timeout() {
+    let timeout = Duration::from_millis(300);
+    let s = start_with(114, None, |c| c.limits.connect_timeout = timeout).await;
+    // An upstream whose accept queue is full: the kernel drops further SYNs.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::new(s.server_ip, 0)).unwrap();
+    let full = sock.listen(0).unwrap();
+    let hang = full.local_addr().unwrap();
+    let _queued = TcpStream::connect(hang).await.unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(hang))
+            .await
+            .is_err(),
+        "precondition: dials to {hang} hang"
+    );
+
+    let send = s.h2(Some(s.good_cert())).await.unwrap();
+    let asked = std::time::Instant::now();
+    let status = status_of(&send, connect(&hang.to_string())).await;
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        asked.elapsed() >= timeout,
+        "answered after {:?}, before the timeout",
+        asked.elapsed()
+    );
+    wait_for("the failed connect counted", T, || {
+        s.proxy
+            .metrics
+            .closed_count(Direction::Inbound, Outcome::ConnectFailed)
+            == 1
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_stream_reset_while_dialing_abandons_the_dial() {
     let s = start_with(109, None, |c| {
