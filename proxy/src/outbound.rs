@@ -308,38 +308,36 @@ async fn connect(
         } else {
             Bytes::new()
         };
-        let sent_early = !early.is_empty();
-        if sent_early {
-            // h2 queues it behind the HEADERS, sent as the stream's window allows.
+        // h2 queues the bytes behind the HEADERS, sent as the stream's window allows.
+        let sent = if early.is_empty() {
+            Ok(false)
+        } else {
             send.reserve_capacity(early.len());
-            match send.send_data(early, false) {
-                Ok(()) => {
-                    shared.metrics.connects_with_first_bytes.inc();
-                }
-                // The bytes did not go: as if only the CONNECT had been sent.
-                Err(e) if attempt == 0 && retry_allowed(&e, false) => {
-                    tracing::debug!(%hbone, "pooled connection failed, retrying: {e}");
-                    lease.mark_dead();
-                    continue;
-                }
-                Err(e) => {
-                    tracing::warn!(%hbone, %dst, "HBONE CONNECT failed: {e}");
-                    return Err(Outcome::HboneStreamFailed);
-                }
-            }
+            send.send_data(early, false).map(|()| true)
+        };
+        if let Ok(true) = sent {
+            shared.metrics.connects_with_first_bytes.inc();
         }
-        let response = match response.await {
-            Ok(r) => r,
+        // The answer, or the failure with whether the client's bytes had gone too.
+        let answer = match sent {
+            Ok(carried) => response
+                .await
+                .map(|r| (r, carried))
+                .map_err(|e| (e, carried)),
+            Err(e) => Err((e, false)),
+        };
+        let (response, sent_early) = match answer {
+            Ok(answered) => answered,
             // A new connection may try again when nothing reached the destination: the
             // peer refused the stream unprocessed, or (when only the CONNECT was sent) this
             // connection died under it (peer gone while idle in the pool). Once the
             // client's bytes went too, only a refusal proves they were not delivered.
-            Err(e) if attempt == 0 && retry_allowed(&e, sent_early) => {
+            Err((e, carried)) if attempt == 0 && retry_allowed(&e, carried) => {
                 tracing::debug!(%hbone, "pooled connection failed, retrying: {e}");
                 lease.mark_dead();
                 continue;
             }
-            Err(e) => {
+            Err((e, _)) => {
                 tracing::warn!(%hbone, %dst, "HBONE CONNECT failed: {e}");
                 return Err(Outcome::HboneStreamFailed);
             }

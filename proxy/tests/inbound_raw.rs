@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -764,24 +764,30 @@ async fn rapid_reset_after_accept_gets_goaway_and_dials_stay_bounded() {
     assert_eq!(got, b"calm");
 }
 
-/// A dial that hangs (its SYNs dropped) ends at the connect timeout with 503, as a refused
-/// one does, and counts as a failed connect.
-#[tokio::test]
-async fn a_dial_that_hangs_gets_503_after_the_connect_timeout() {
-    let timeout = Duration::from_millis(300);
-    let s = start_with(114, None, |c| c.limits.connect_timeout = timeout).await;
-    // An upstream whose accept queue is full: the kernel drops further SYNs.
+/// An upstream on `ip` whose accept queue is full: the kernel drops further SYNs, so a
+/// dial to it hangs (until connect_timeout). Keep the listener and its queued connection.
+async fn hanging_upstream(ip: IpAddr) -> (SocketAddr, (tokio::net::TcpListener, TcpStream)) {
     let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind(SocketAddr::new(s.server_ip, 0)).unwrap();
+    sock.bind(SocketAddr::new(ip, 0)).unwrap();
     let full = sock.listen(0).unwrap();
     let hang = full.local_addr().unwrap();
-    let _queued = TcpStream::connect(hang).await.unwrap();
+    let queued = TcpStream::connect(hang).await.unwrap();
     assert!(
         tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(hang))
             .await
             .is_err(),
         "precondition: dials to {hang} hang"
     );
+    (hang, (full, queued))
+}
+
+/// A dial that hangs (its SYNs dropped) ends at the connect timeout with 503, as a refused
+/// one does, and counts as a failed connect.
+#[tokio::test]
+async fn a_dial_that_hangs_gets_503_after_the_connect_timeout() {
+    let timeout = Duration::from_millis(300);
+    let s = start_with(114, None, |c| c.limits.connect_timeout = timeout).await;
+    let (hang, _full) = hanging_upstream(s.server_ip).await;
 
     let send = s.h2(Some(s.good_cert())).await.unwrap();
     let asked = std::time::Instant::now();
@@ -807,19 +813,7 @@ async fn a_stream_reset_while_dialing_abandons_the_dial() {
         c.limits.connect_timeout = Duration::from_secs(120);
     })
     .await;
-    // An upstream whose accept queue is full: the kernel drops further SYNs, so a dial
-    // to it hangs (until connect_timeout).
-    let sock = tokio::net::TcpSocket::new_v4().unwrap();
-    sock.bind(SocketAddr::new(s.server_ip, 0)).unwrap();
-    let full = sock.listen(0).unwrap();
-    let hang = full.local_addr().unwrap();
-    let _queued = TcpStream::connect(hang).await.unwrap();
-    assert!(
-        tokio::time::timeout(Duration::from_millis(200), TcpStream::connect(hang))
-            .await
-            .is_err(),
-        "precondition: dials to {hang} hang"
-    );
+    let (hang, _full) = hanging_upstream(s.server_ip).await;
 
     let mut tls = s.raw_tls().await;
     tls.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")

@@ -375,6 +375,14 @@ impl Setup {
             )
     }
 
+    /// One whole tunnel whose client speaks first ("t1"): it opens the pooled connection.
+    async fn first_tunnel(&self) {
+        let mut t1 = self.tunnel_sending(b"t1");
+        read_echo_ok(self, &mut t1, b"t1").await;
+        finish(t1).await;
+        self.wait_ok(1).await;
+    }
+
     async fn wait_ok(&self, n: u64) {
         wait_for(&format!("{n} tunnels logged ok"), T, || {
             self.outbound(Outcome::Ok) == n
@@ -694,6 +702,7 @@ async fn first_bytes_go_with_the_connect_on_a_connection_that_just_answered() {
     assert_eq!(s.server.accepted(), 1);
     let early = s.server.early(0);
     assert_eq!(early, [&b"GET / HTTP/1.1"[..], b"second", b""], "{early:?}");
+    assert_eq!(s.proxy.metrics.connects_with_first_bytes(), 2);
 }
 
 /// A refused stream was not processed (RFC 9113, 8.7): its CONNECT and the bytes that went
@@ -701,10 +710,7 @@ async fn first_bytes_go_with_the_connect_on_a_connection_that_just_answered() {
 #[tokio::test]
 async fn first_bytes_refused_with_their_connect_go_again_on_a_new_connection() {
     let s = Setup::new(76, PoolConfig::default()).await;
-    let mut t1 = s.tunnel_sending(b"t1");
-    read_echo_ok(&s, &mut t1, b"t1").await;
-    finish(t1).await;
-    s.wait_ok(1).await;
+    s.first_tunnel().await;
 
     s.server.on_next_connect(Next::Refuse);
     let mut t2 = s.tunnel_sending(b"t2 once");
@@ -723,10 +729,7 @@ async fn first_bytes_refused_with_their_connect_go_again_on_a_new_connection() {
 #[tokio::test]
 async fn first_bytes_are_not_sent_twice_when_their_connection_dies_unanswered() {
     let s = Setup::new(77, PoolConfig::default()).await;
-    let mut t1 = s.tunnel_sending(b"t1");
-    read_echo_ok(&s, &mut t1, b"t1").await;
-    finish(t1).await;
-    s.wait_ok(1).await;
+    s.first_tunnel().await;
 
     s.server.on_next_connect(Next::ResetConnection);
     let mut t2 = s.tunnel_sending(b"t2 at most once");
@@ -760,10 +763,7 @@ async fn quiet_connection_sends_the_connect_alone_and_a_vanished_peer_is_retried
     let s = Setup::new(78, pool).await;
     let relay = Relay::start(ip(78, 21), s.server.addr).await;
     s.route_via(relay.addr);
-    let mut t1 = s.tunnel_sending(b"t1");
-    read_echo_ok(&s, &mut t1, b"t1").await;
-    finish(t1).await;
-    s.wait_ok(1).await;
+    s.first_tunnel().await;
 
     relay.vanish();
     wait_for("the server side of the relay to close", T, || {
